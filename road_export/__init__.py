@@ -1,0 +1,39 @@
+"""road-export: RoAd-adapted models to ONNX Runtime, merged or as swappable rotations."""
+
+from road_export.adapters import from_peft, load_adapter, read_adapter, save_adapter
+from road_export.config import RoadConfig, RoadVariant
+from road_export.errors import RoadError
+from road_export.layers import RoadLayer
+from road_export.model import (
+    disable_adapters,
+    get_road_model,
+    merge_adapter,
+    merge_and_unload,
+    mixed_batch,
+    road_layers,
+    set_adapter,
+    unload,
+    unmerge_adapter,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RoadConfig",
+    "RoadError",
+    "RoadLayer",
+    "RoadVariant",
+    "disable_adapters",
+    "from_peft",
+    "get_road_model",
+    "load_adapter",
+    "merge_adapter",
+    "merge_and_unload",
+    "mixed_batch",
+    "read_adapter",
+    "road_layers",
+    "save_adapter",
+    "set_adapter",
+    "unload",
+    "unmerge_adapter",
+]

@@ -1,0 +1,242 @@
+"""peft RoAd adapter directories in and out, and adopting a live peft model.
+
+On disk (peft's layout): `adapter_config.json` and `adapter_model.safetensors` with keys
+`base_model.model.<module>.road_theta` / `.road_alpha`, and `base_model.model.<module>.<param>` for
+modules_to_save. Everything is checked before the model is touched, so a bad adapter leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from road_export import model as road_model
+from road_export.config import CONFIG_NAME, RoadConfig
+from road_export.errors import RoadError
+from road_export.layers import RoadLayer, output_axis
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+ROAD_PARAMS = ("road_theta", "road_alpha")
+
+
+@dataclass
+class AdapterFile:
+    """A parsed adapter directory: its config, RoAd tensors per module, and modules_to_save tensors."""
+
+    path: Path
+    config: RoadConfig
+    road: dict[str, dict[str, torch.Tensor]]  # module path -> {"road_theta": t, "road_alpha": t}
+    extra: dict[str, torch.Tensor]  # parameter path -> tensor (modules_to_save)
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read and check an adapter directory without touching any model."""
+    path = Path(path)
+    if not path.exists():
+        raise RoadError(f"{path}: no such adapter directory")
+    if not path.is_dir():
+        raise RoadError(f"{path}: an adapter is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = RoadConfig.from_pretrained(path)
+    tensors = _load_tensors(path)
+    road: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PREFIX)
+        module, _, param = name.rpartition(".")
+        if param not in ROAD_PARAMS and module.rpartition(".")[2] in ROAD_PARAMS:
+            module, _, param = module.rpartition(".")  # `<module>.road_theta.<adapter name>`
+        if param in ROAD_PARAMS:
+            road.setdefault(module, {})[param] = tensor
+        else:
+            extra[name] = tensor
+    for module, params in road.items():
+        missing = [p for p in ROAD_PARAMS if p not in params]
+        if missing:
+            raise RoadError(f"{path / WEIGHTS_NAME}: module {module} has no {missing[0]} tensor")
+    for key, tensor in [*((f"{m}.{p}", t) for m, ps in road.items() for p, t in ps.items()), *extra.items()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RoadError(f"{path / WEIGHTS_NAME}: tensor {key} holds NaN or Inf; the adapter is broken")
+    if not road:
+        raise RoadError(f"{path / WEIGHTS_NAME}: no road_theta/road_alpha tensors; is this a RoAd adapter?")
+    return AdapterFile(path, config, road, extra)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_NAME
+    if file.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise RoadError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from e
+    legacy = path / "adapter_model.bin"
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RoadError(f"{legacy}: cannot read ({e})") from e
+    raise RoadError(f"{file}: no such file; an adapter directory holds {WEIGHTS_NAME}")
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
+    """Put the peft RoAd adapter at `path` onto `model` (a plain transformers model); returns it."""
+    return apply_adapter(model, read_adapter(path), adapter_name)
+
+
+def apply_adapter(model: nn.Module, adapter: AdapterFile, adapter_name: str = "default") -> nn.Module:
+    if adapter_name in road_model.adapter_names(model):
+        raise RoadError(f"adapter {adapter_name!r} already exists on this model; pick another name")
+    where = adapter.path / WEIGHTS_NAME
+    _check_placement(model, adapter)
+    for module_name, params in adapter.road.items():
+        module = model.get_submodule(module_name)
+        base = module.base_layer if isinstance(module, RoadLayer) else module
+        out = int(base.weight.shape[output_axis(base)])
+        expected = adapter.config.params_per_layer(out)
+        if out % adapter.config.group_size:
+            raise RoadError(
+                f"{adapter.path}: module {module_name} has {out} outputs, not divisible by group_size "
+                f"{adapter.config.group_size}; this adapter was made for another model"
+            )
+        for pname, tensor in params.items():
+            if tuple(tensor.shape) != (expected,):
+                raise RoadError(
+                    f"{where}: tensor {module_name}.{pname} has shape {tuple(tensor.shape)}, expected "
+                    f"({expected},) for {adapter.config.variant} on a layer with {out} outputs"
+                )
+    for key, tensor in adapter.extra.items():
+        try:
+            target = model.get_parameter(key)
+        except AttributeError:
+            try:
+                target = model.get_buffer(key)
+            except AttributeError:
+                raise RoadError(f"{where}: tensor {key} has no place in this {type(model).__name__}") from None
+        if target.shape != tensor.shape:
+            raise RoadError(
+                f"{where}: tensor {key} has shape {tuple(tensor.shape)}, the model's is {tuple(target.shape)}"
+            )
+    config = dataclasses.replace(adapter.config, init_weights=True, inference_mode=True)
+    road_model.inject(model, list(adapter.road), config, adapter_name)
+    model.road_config[adapter_name] = adapter.config
+    layers = road_model.road_layers(model)
+    with torch.no_grad():
+        for module_name, params in adapter.road.items():
+            layer = layers[module_name]
+            layer.road_theta[adapter_name].copy_(params["road_theta"])
+            layer.road_alpha[adapter_name].copy_(params["road_alpha"])
+        for key, tensor in adapter.extra.items():
+            _get_tensor(model, key).copy_(tensor)
+    return model
+
+
+def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(key)
+    except AttributeError:
+        return model.get_buffer(key)
+
+
+def _check_placement(model: nn.Module, adapter: AdapterFile) -> None:
+    """Every module of the file must exist and be one the config targets, and vice versa."""
+    present = {name for name, _ in model.named_modules()}
+    unplaced = sorted(m for m in adapter.road if m not in present)
+    if unplaced:
+        shown = ", ".join(unplaced[:5]) + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else "")
+        raise RoadError(
+            f"{adapter.path}: {len(unplaced)} adapted module(s) do not exist in this {type(model).__name__}: "
+            f"{shown}; the adapter was made for another architecture"
+        )
+    try:
+        targeted = set(road_model.resolve_targets(model, adapter.config))
+    except RoadError as e:
+        raise RoadError(f"{adapter.path}: {e}") from None
+    missing = sorted(targeted - set(adapter.road))
+    if missing:
+        raise RoadError(
+            f"{adapter.path}: the config targets {len(missing)} module(s) that have no tensors in "
+            f"{WEIGHTS_NAME}, e.g. {missing[0]}; the file is incomplete"
+        )
+
+
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
+    """Write adapter `adapter_name` as a directory that `peft.PeftModel.from_pretrained` loads."""
+    from safetensors.torch import save_file
+
+    configs = getattr(model, "road_config", None) or {}
+    if adapter_name not in configs:
+        raise RoadError(f"no adapter named {adapter_name!r}; this model has {list(configs) or 'none'}")
+    config: RoadConfig = configs[adapter_name]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in road_model.road_layers(model).items():
+        if adapter_name in layer.road_theta:
+            tensors[f"{PREFIX}{name}.road_theta"] = layer.road_theta[adapter_name].detach().cpu().contiguous()
+            tensors[f"{PREFIX}{name}.road_alpha"] = layer.road_alpha[adapter_name].detach().cpu().contiguous()
+    for name in road_model.module_to_save_names(model, config):
+        for key, tensor in model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = tensor.detach().cpu().contiguous().clone()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Adopt a live peft RoAd model: returns its transformers model with our RoadLayers, sharing tensors.
+
+    The peft wrapper is taken apart in the process (its layers are replaced); use the returned model.
+    """
+    try:
+        from peft.tuners.road.layer import RoadLayer as PeftRoadLayer
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError as e:
+        raise RoadError("from_peft needs peft installed: pip install 'road-export[peft]'") from e
+    peft_configs = getattr(peft_model, "peft_config", None)
+    if not peft_configs:
+        raise RoadError(f"{type(peft_model).__name__} is not a peft model (no peft_config)")
+    configs: dict[str, RoadConfig] = {}
+    for name, cfg in peft_configs.items():
+        configs[name] = RoadConfig.from_dict(cfg.to_dict(), source=f"peft adapter {name!r}")
+    base = peft_model.get_base_model()
+    active = peft_model.active_adapter
+    active = active[0] if isinstance(active, list | tuple) else active
+    for name, module in list(base.named_modules()):
+        if isinstance(module, PeftRoadLayer):
+            layer = RoadLayer(module.get_base_layer(), name)
+            for adapter in module.road_theta:
+                layer.road_theta[adapter] = module.road_theta[adapter]
+                layer.road_alpha[adapter] = module.road_alpha[adapter]
+                layer.variant[adapter] = module.variant[adapter]
+                layer.group_size[adapter] = module.group_size[adapter]
+            layer.active_adapter = active if active in layer.road_theta else None
+            layer.merged_adapters = list(module.merged_adapters)
+            road_model._replace(base, name, layer)
+        elif isinstance(module, ModulesToSaveWrapper):
+            chosen = module.modules_to_save[active] if active in module.modules_to_save else module.original_module
+            road_model._replace(base, name, chosen)
+    base.road_config = configs
+    if hasattr(base, "peft_config"):
+        try:
+            del base.peft_config
+        except AttributeError:
+            pass
+    return base

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny models from models/ built with fixed seeds; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from road_export import zoo
+
+
+def tiny(name: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny model from models/<name>, weights from `seed`."""
+    return zoo.load_model(name, seed=seed)
+
+
+def token_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 5, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def first_output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        if key in out:
+            return out[key]
+    return out[0]
+
+
+@pytest.fixture
+def tmp_dir(tmp_path):
+    return tmp_path

@@ -1,0 +1,62 @@
+"""Shared benchmark helpers: interleaved A/B timing, medians and the median of paired ratios.
+
+Benchmarks time A and B alternately in one process (A B A B ...) so that drift hits both sides equally.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Comparison:
+    name_a: str
+    name_b: str
+    times_a: list[float]
+    times_b: list[float]
+
+    @property
+    def median_a(self) -> float:
+        return statistics.median(self.times_a)
+
+    @property
+    def median_b(self) -> float:
+        return statistics.median(self.times_b)
+
+    @property
+    def ratio(self) -> float:
+        """Median of paired ratios A/B."""
+        return statistics.median(a / b for a, b in zip(self.times_a, self.times_b, strict=True))
+
+    def line(self, unit: str = "ms") -> str:
+        scale = 1000.0 if unit == "ms" else 1.0
+        return (
+            f"{self.name_a:>28}: {self.median_a * scale:10.3f} {unit}   {self.name_b:>22}: "
+            f"{self.median_b * scale:10.3f} {unit}   ratio {self.name_a}/{self.name_b} = {self.ratio:.3f}x"
+        )
+
+
+def interleave(
+    a: Callable[[], object],
+    b: Callable[[], object],
+    *,
+    rounds: int,
+    names: tuple[str, str] = ("A", "B"),
+    inner: int = 1,
+    setup: Callable[[], None] | None = None,
+) -> Comparison:
+    """Time `a` and `b` alternately `rounds` times; each sample is the mean of `inner` calls."""
+    ta: list[float] = []
+    tb: list[float] = []
+    for _ in range(rounds):
+        for fn, out in ((a, ta), (b, tb)):
+            if setup is not None:
+                setup()
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            out.append((time.perf_counter() - start) / inner)
+    return Comparison(names[0], names[1], ta, tb)
