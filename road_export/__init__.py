@@ -3,6 +3,7 @@
 from road_export.adapters import from_peft, load_adapter, read_adapter, save_adapter
 from road_export.config import RoadConfig, RoadVariant
 from road_export.errors import RoadError
+from road_export.export import ExportResult, export
 from road_export.layers import RoadLayer
 from road_export.model import (
     disable_adapters,
@@ -23,7 +24,9 @@ __all__ = [
     "RoadError",
     "RoadLayer",
     "RoadVariant",
+    "ExportResult",
     "disable_adapters",
+    "export",
     "from_peft",
     "get_road_model",
     "load_adapter",

@@ -58,6 +58,7 @@ class RoadLayer(nn.Module):
         self.disabled = False
         self.row_adapters: Sequence[str] | None = None  # set by model.mixed_batch()
         self.rotate_fn: RotateFn = rotation.rotate  # the exporter swaps in the torch custom op
+        self.frozen: dict[str, tuple[str, str]] = {}  # adapter -> (c1, c2) buffer names, set by the exporter
         self.module_name = name
 
     # --- shapes -------------------------------------------------------------------------------------------
@@ -124,6 +125,9 @@ class RoadLayer(nn.Module):
 
     def coefficients(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(c1, c2) of one adapter, each of length out_features, in the parameters' dtype."""
+        if adapter_name in self.frozen:
+            n1, n2 = self.frozen[adapter_name]
+            return getattr(self, n1), getattr(self, n2)
         return rotation.coefficients(
             self.variant[adapter_name],
             self.group_size[adapter_name],
@@ -143,9 +147,9 @@ class RoadLayer(nn.Module):
         name = self.active_adapter
         if name is None or name not in self.road_theta:
             return result
-        return self._apply(result, name)
+        return self._rotate_output(result, name)
 
-    def _apply(self, result: torch.Tensor, name: str) -> torch.Tensor:
+    def _rotate_output(self, result: torch.Tensor, name: str) -> torch.Tensor:
         dtype = result.dtype
         c1, c2 = self.coefficients(name)
         out = self.rotate_fn(result.to(c1.dtype), c1, c2, self.group_size[name])
@@ -162,7 +166,7 @@ class RoadLayer(nn.Module):
             if name == BASE_NAME or name not in self.road_theta:
                 continue
             rows = [i for i, n in enumerate(row_adapters) if n == name]
-            out[rows] = self._apply(result[rows], name)
+            out[rows] = self._rotate_output(result[rows], name)
         return out
 
     # --- merge --------------------------------------------------------------------------------------------

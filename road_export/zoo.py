@@ -63,11 +63,11 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> nn
     cls = model_class(config)
     try:
         if has_weights(path):
-            model = cls.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = cls._from_config(config, torch_dtype=torch.float32)
+                model = cls._from_config(config, dtype=torch.float32)
     except RoadError:
         raise
     except Exception as e:

@@ -1,0 +1,158 @@
+"""The parity harness: onnxruntime against the torch model on several input shapes, per output.
+
+Unlike a single-shape check that only warns, this runs batch 1 and > 1, sequence 1 and longer, attention
+masks with left padding, and fails for real. Padded positions are left out of the comparison: their values
+are undefined in both runtimes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from road_export.errors import RoadError
+from road_export.export.tasks import TaskModule, infer_task, sample_inputs, task_spec
+
+DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (3, 7, 2), (2, 33, 5))  # (batch, seq, padding)
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+
+
+@dataclass
+class OutputParity:
+    """One output on one input shape."""
+
+    output: str
+    case: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1: float | None
+    top1_flips: int
+    ok: bool
+
+
+@dataclass
+class ParityReport:
+    onnx_path: str
+    dtype: str
+    atol: float
+    rows: list[OutputParity] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows)
+
+    def to_json(self) -> str:
+        return json.dumps({"onnx_path": self.onnx_path, "dtype": self.dtype, "atol": self.atol,
+                           "passed": self.passed, "rows": [asdict(r) for r in self.rows]}, indent=2)
+
+    def table(self, color: bool = False) -> str:
+        """The report as a terminal table."""
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"parity: {Path(self.onnx_path).name} ({self.dtype}, atol {self.atol:g})")
+        for col in ("output", "input", "max abs", "max rel", "cosine", "top-1", "result"):
+            table.add_column(col, justify="left" if col in ("output", "input") else "right")
+        for r in self.rows:
+            top1 = "-" if r.top1 is None else f"{r.top1:.4f}"
+            table.add_row(r.output, r.case, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.6f}", top1,
+                          "ok" if r.ok else "FAIL")
+        buf = io.StringIO()
+        Console(file=buf, width=110, force_terminal=color, color_system="auto" if color else None).print(table)
+        verdict = "PASSED" if self.passed else "FAILED"
+        return buf.getvalue() + f"parity {verdict}: {sum(r.ok for r in self.rows)}/{len(self.rows)} checks\n"
+
+
+def onnx_dtype(path: str | Path) -> str:
+    """float16 when the model's first float output is float16, else float32."""
+    model = onnx.load(str(path), load_external_data=False)
+    for out in model.graph.output:
+        if out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            return "float16"
+    return "float32"
+
+
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def verify(
+    onnx_path: str | Path,
+    torch_model: nn.Module,
+    *,
+    task: str | None = None,
+    shapes: tuple[tuple[int, int, int], ...] = DEFAULT_SHAPES,
+    atol: float | None = None,
+    seed: int = 0,
+    session_options=None,
+) -> ParityReport:
+    """Compare the ONNX file with `torch_model` (float32 reference) on each shape in `shapes`."""
+    import onnxruntime as ort
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise RoadError(f"{onnx_path}: no such ONNX file")
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=session_options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise RoadError(f"{onnx_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
+    dtype = onnx_dtype(onnx_path)
+    atol = TOLERANCE[dtype] if atol is None else atol
+    task = task or onnx_metadata(onnx_path).get("road_export.task") or infer_task(torch_model)
+    spec = task_spec(torch_model, task)
+    feeds_needed = [i.name for i in session.get_inputs()]
+    missing = [n for n in feeds_needed if n not in spec.input_names]
+    if missing:
+        raise RoadError(f"{onnx_path}: inputs {missing} are not inputs of task {spec.task}")
+    reference = TaskModule(torch_model, spec).eval()
+    output_names = [o.name for o in session.get_outputs()]
+    report = ParityReport(str(onnx_path), dtype, atol)
+    for batch, seq, pad in shapes:
+        inputs = sample_inputs(torch_model, spec, batch=batch, seq=seq, seed=seed, pad=min(pad, seq - 1))
+        with torch.no_grad():
+            expected = reference(**{k: v for k, v in inputs.items() if k in spec.input_names}).float().numpy()
+        got = session.run(output_names, {n: inputs[n].numpy() for n in feeds_needed})
+        mask = inputs["attention_mask"].numpy().astype(bool)
+        case = f"batch {batch}, seq {seq}" + (f", pad {pad}" if pad else "")
+        report.rows.append(compare(output_names[0], case, got[0], expected, mask, atol,
+                                   logits=spec.output_name == "logits"))
+    return report
+
+
+def compare(name: str, case: str, got: np.ndarray, expected: np.ndarray, mask: np.ndarray | None, atol: float,
+            logits: bool) -> OutputParity:
+    """Errors of `got` against `expected`; a top-1 flip counts as a failure only where the reference's two best
+    logits are further apart than 2 * atol (closer than that, either answer is within tolerance)."""
+    got = got.astype(np.float32)
+    if got.shape != expected.shape:
+        return OutputParity(name, case, list(got.shape), math.inf, math.inf, 0.0, None, 0, False)
+    if mask is not None and got.ndim == 3 and mask.shape == got.shape[:2]:
+        got, expected = got[mask], expected[mask]
+    diff = np.abs(got - expected)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / np.maximum(np.abs(expected), 1e-6)).max()) if diff.size else 0.0
+    denom = float(np.linalg.norm(got) * np.linalg.norm(expected))
+    cosine = float((got.ravel() @ expected.ravel()) / denom) if denom else 1.0
+    top1, flips = None, 0
+    if logits and got.size:
+        g2, e2 = got.reshape(-1, got.shape[-1]), expected.reshape(-1, expected.shape[-1])
+        agree = g2.argmax(-1) == e2.argmax(-1)
+        top1 = float(agree.mean())
+        part = np.sort(e2, axis=-1)
+        margin = part[:, -1] - part[:, -2] if e2.shape[-1] > 1 else np.full(len(e2), np.inf)
+        flips = int((~agree & (margin > 2 * atol)).sum())
+    finite = bool(np.isfinite(got).all())
+    ok = finite and max_abs <= atol and flips == 0
+    return OutputParity(name, case, list(got.shape), max_abs, max_rel, cosine, top1, flips, ok)
