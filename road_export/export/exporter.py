@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,21 +67,23 @@ def export(
     external_data: bool | None = None,
     optimize: bool = True,
     require_adapter: bool = True,
+    on_step: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a RoAd-adapted model (ours, or a live peft model) to ONNX at `path`.
 
     `task` defaults to the one the transformers class implies; other modules need `example_inputs`.
     `external_data=None` writes `<path>.data` only for models over 2 GB. On failure no file is left behind.
     `require_adapter=False` lets a model without adapter through in merge mode (the base model's export).
+    `on_step` is called with the name of each long step as it starts (tracing, optimizing, writing).
     """
+    step = on_step or (lambda _name: None)
     if mode not in MODES:
         raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
     dtype = _parse_dtype(dtype)
     path = Path(path)
     if path.suffix != ".onnx":
         raise RoadError(f"{path}: the output file name must end in .onnx")
-    if path.is_dir():
-        raise RoadError(f"{path}: is a directory; give a file name ending in .onnx")
+    check_writable(path)
     with _adopted(model) as adapted:
         adapters = describe_adapters(adapted)
         if not adapters and (require_adapter or mode == "rotate"):
@@ -90,17 +92,31 @@ def export(
             )
         with _prepared(adapted, mode, dtype) as prepared:
             module, args, names, spec, dynamic = _trace_plan(prepared, task, example_inputs, dtype)
+            step("tracing")
             ir_model = _torch_export(module, args, names, dynamic, opset)
     road_nodes = road_op.attach_functions(ir_model) if mode == "rotate" else 0
     if optimize:
+        step("optimizing")
         _optimize(ir_model)
     outputs = [v.name for v in ir_model.graph.outputs]
     if spec is not None and len(outputs) == 1:
         ir_model.graph.outputs[0].name = spec.output_name
         outputs = [spec.output_name]
     _set_metadata(ir_model, mode, spec.task if spec else None, adapters)
+    step("writing")
     data = _save_atomic(ir_model, path, external_data)
     return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, road_nodes, adapters, data)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the long work when `path` cannot be written."""
+    if path.is_dir():
+        raise RoadError(f"{path}: is a directory; give a file name ending in .onnx")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise RoadError(f"{path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise RoadError(f"{path}: directory {parent} is not writable; choose another output path")
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -322,11 +338,8 @@ def _set_metadata(model: ir.Model, mode: str, task: str | None, adapters: list[d
 
 def _save_atomic(model: ir.Model, path: Path, external_data: bool | None) -> Path | None:
     """Write into a temporary directory beside `path`, then rename: no half-written file is ever visible."""
+    check_writable(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise RoadError(f"{path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise RoadError(f"{path}: directory {parent} is not writable")
     if external_data is None:
         external_data = _tensor_bytes(model) > TWO_GB - 64 * 2**20
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))

@@ -65,14 +65,18 @@ def translation_table() -> dict:
 
 @onnxscript.script(road_opset, default_opset=op)
 def Rotate(X, C1, C2, group_size: int):
-    # Portable body: view X as [-1, 2, g/2], swap the halves with a sign, view back.
+    # Y = X * C1 + X[..., perm] * S, with perm swapping the two halves of each group and S = C2 with the sign
+    # of rot() folded in (-C2 on first halves). perm and S depend only on C1/C2's shape and values, so when
+    # they are initializers onnxruntime constant-folds everything but Gather, Mul, Mul, Add.
     g = op.Constant(value_int=group_size)
     half = op.Div(g, op.Constant(value_int=2))
-    grouped_shape = op.Concat(op.Constant(value_ints=[-1, 2]), op.Reshape(half, op.Constant(value_ints=[1])), axis=0)
-    grouped = op.Reshape(X, grouped_shape)
-    x1, x2 = op.Split(grouped, axis=1, num_outputs=2)
-    rot = op.Reshape(op.Concat(op.Neg(x2), x1, axis=1), op.Shape(X))
-    return op.Add(op.Mul(X, C1), op.Mul(rot, C2))
+    d = op.Squeeze(op.Shape(C1, start=-1))
+    idx = op.Range(op.Constant(value_int=0), d, op.Constant(value_int=1))
+    pos = op.Mod(idx, g)
+    perm = op.Add(op.Sub(idx, pos), op.Mod(op.Add(pos, half), g))
+    first = op.Less(pos, half)
+    signed = op.Where(first, op.Neg(C2), C2)
+    return op.Add(op.Mul(X, C1), op.Mul(op.Gather(X, perm, axis=-1), signed))
 
 
 def function_definition(opset: int) -> ir.Function:

@@ -1,0 +1,97 @@
+"""What an exported file holds: mode, adapters, road nodes, inputs and outputs, metadata."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from road_export.errors import RoadError
+
+_DTYPES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
+
+
+@dataclass
+class Inspection:
+    path: str
+    mode: str | None
+    task: str | None
+    version: str | None
+    adapters: list[dict]
+    road_nodes: int
+    road_functions: list[str]
+    inputs: list[dict]
+    outputs: list[dict]
+    opsets: dict[str, int]
+    nodes: int
+    op_counts: dict[str, int]
+    external_data: bool
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def text(self) -> str:
+        lines = [f"{self.path}", f"  mode:      {self.mode or 'unknown (not written by road-export)'}"]
+        if self.task:
+            lines.append(f"  task:      {self.task}")
+        opsets = ", ".join(f"{domain or 'ai.onnx'} {version}" for domain, version in sorted(self.opsets.items()))
+        lines.append(f"  opsets:    {opsets}")
+        lines.append(f"  nodes:     {self.nodes}, of which road: {self.road_nodes}"
+                     + (f" (functions: {', '.join(self.road_functions)})" if self.road_functions else ""))
+        lines.append(f"  adapters:  {len(self.adapters) or 'none recorded'}")
+        for a in self.adapters:
+            lines.append(f"    {a['name']}: {a['variant']}, group size {a['group_size']}, {len(a['layers'])} layers")
+        for title, values in (("inputs", self.inputs), ("outputs", self.outputs)):
+            lines.append(f"  {title}:")
+            for v in values:
+                lines.append(f"    {v['name']}: {v['dtype']}[{', '.join(map(str, v['shape']))}]")
+        extra = {k: v for k, v in self.metadata.items() if not k.startswith("road_export.")}
+        if extra:
+            lines.append("  metadata:  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        if self.external_data:
+            lines.append("  weights:   external data file")
+        return "\n".join(lines)
+
+
+def _value_info(v: onnx.ValueInfoProto) -> dict:
+    t = v.type.tensor_type
+    shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
+    return {"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+
+
+def inspect_model(path: str | Path) -> Inspection:
+    path = Path(path)
+    if not path.is_file():
+        raise RoadError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise RoadError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0]})") from e
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        adapters = json.loads(meta.get("road_export.adapters", "[]"))
+    except json.JSONDecodeError:
+        adapters = []
+    nodes = list(model.graph.node)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    initializers = {t.name for t in model.graph.initializer}
+    return Inspection(
+        path=str(path),
+        mode=meta.get("road_export.mode"),
+        task=meta.get("road_export.task"),
+        version=meta.get("road_export.version"),
+        adapters=adapters,
+        road_nodes=sum(n.domain == "road" for n in nodes),
+        road_functions=[f.name for f in model.functions if f.domain == "road"],
+        inputs=[_value_info(v) for v in model.graph.input if v.name not in initializers],
+        outputs=[_value_info(v) for v in model.graph.output],
+        opsets={o.domain: o.version for o in model.opset_import},
+        nodes=len(nodes),
+        op_counts=dict(Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in nodes).most_common()),
+        external_data=external,
+        metadata=meta,
+    )

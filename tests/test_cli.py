@@ -1,0 +1,136 @@
+"""The road-export command end to end, through a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from conftest import tiny
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+
+
+def road_export(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "road_export.cli", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=cwd, timeout=600)
+    return proc
+
+
+def assert_bad_input(proc, *, says):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("road-export: error: "), proc.stderr
+    assert says in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.fixture(scope="session")
+def llama_dirs(tmp_path_factory):
+    """A saved tiny Llama base directory and two peft RoAd adapters for it (different parameters)."""
+    root = tmp_path_factory.mktemp("cli")
+    base = tiny("tiny-llama")
+    base.save_pretrained(root / "base")
+    for name, seed, variant in (("road", 0, "road_4"), ("other", 1, "road_2")):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(tiny("tiny-llama"), peft.RoadConfig(variant=variant, group_size=8,
+                                                                         init_weights=False))
+        model.save_pretrained(str(root / name))
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported(llama_dirs):
+    out = {}
+    for mode in ("merge", "rotate"):
+        path = llama_dirs / f"{mode}.onnx"
+        proc = road_export("--base", llama_dirs / "base", "--adapter", llama_dirs / "road", "--mode", mode, path)
+        out[mode] = (path, proc)
+    return out
+
+
+def test_default_run(tmp_path):
+    proc = road_export("model.onnx", "--report", "parity.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "parity PASSED" in proc.stdout and "logits" in proc.stdout
+    assert (tmp_path / "model.onnx").is_file()
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert report["passed"] and len(report["rows"]) >= 3 and report["atol"] == 1e-4
+    assert "from the embedded config" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["merge", "rotate"])
+def test_base_and_peft_adapter(exported, mode):
+    path, proc = exported[mode]
+    assert proc.returncode == 0, proc.stderr
+    assert "parity PASSED: 3/3" in proc.stdout
+    info = json.loads(road_export("inspect", path, "--json").stdout)
+    assert info["mode"] == mode
+    assert info["road_nodes"] == (2 * 2 if mode == "rotate" else 0)  # q_proj, v_proj in 2 layers
+    assert info["adapters"][0]["variant"] == "road_4"
+
+
+def test_verify_passes_against_its_source_and_fails_against_another(exported, llama_dirs):
+    path, _ = exported["rotate"]
+    good = road_export("verify", path, "--base", llama_dirs / "base", "--adapter", llama_dirs / "road")
+    assert good.returncode == 0 and "parity PASSED" in good.stdout, good.stderr
+    bad = road_export("verify", path, "--base", llama_dirs / "base", "--adapter", llama_dirs / "other",
+                      "--report", llama_dirs / "bad.json")
+    assert bad.returncode == 1 and "parity FAILED" in bad.stdout and "FAIL" in bad.stdout
+    assert json.loads((llama_dirs / "bad.json").read_text())["passed"] is False
+
+
+def test_inspect_text(exported):
+    path, _ = exported["rotate"]
+    proc = road_export("inspect", path)
+    assert proc.returncode == 0
+    for text in ("mode:      rotate", "road: 4", "default: road_4, group size 8, 4 layers", "input_ids: int64",
+                 "logits: float"):
+        assert text in proc.stdout, proc.stdout
+
+
+def test_fp16_and_quiet(llama_dirs, tmp_path):
+    proc = road_export("--base", llama_dirs / "base", "--adapter", llama_dirs / "road", "--dtype", "float16",
+                       "--quiet", tmp_path / "h.onnx")
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+
+
+def test_bad_inputs(llama_dirs, tmp_path):
+    base, adapter = llama_dirs / "base", llama_dirs / "road"
+    out = tmp_path / "out.onnx"
+    assert_bad_input(road_export("--base", tmp_path / "nope", "--adapter", adapter, out), says="nope")
+    assert_bad_input(road_export("--base", base, "--adapter", tmp_path / "nope", out), says="no such adapter")
+    assert_bad_input(road_export("--base", base, "--adapter", adapter, "--mode", "fold", out), says="fold")
+    assert_bad_input(road_export("--base", base, "--adapter", adapter, "--task", "speech", out), says="speech")
+    assert_bad_input(road_export("--base", base, "--adapter", adapter, tmp_path / "no" / "out.onnx"),
+                     says="does not exist")
+    assert_bad_input(road_export("--base", base, "--adapter", adapter, tmp_path / "out.txt"), says=".onnx")
+    assert_bad_input(road_export("verify", tmp_path / "none.onnx", "--base", base), says="no such ONNX file")
+    assert_bad_input(road_export("inspect", adapter / "adapter_config.json"), says="not a readable ONNX")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_adapters(llama_dirs, tmp_path):
+    import shutil
+
+    base, out = llama_dirs / "base", tmp_path / "out.onnx"
+    truncated = tmp_path / "truncated"
+    shutil.copytree(llama_dirs / "road", truncated)
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_bad_input(road_export("--base", base, "--adapter", truncated, out), says="truncated")
+
+    wrong_group = tmp_path / "group"
+    shutil.copytree(llama_dirs / "road", wrong_group)
+    config = json.loads((wrong_group / "adapter_config.json").read_text())
+    config["group_size"] = 48
+    (wrong_group / "adapter_config.json").write_text(json.dumps(config))
+    assert_bad_input(road_export("--base", base, "--adapter", wrong_group, out), says="not divisible by group_size")
+
+    torch.manual_seed(0)
+    bert = peft.get_peft_model(tiny("tiny-bert"), peft.RoadConfig(group_size=8))
+    bert.save_pretrained(str(tmp_path / "bert"))
+    assert_bad_input(road_export("--base", base, "--adapter", tmp_path / "bert", out), says="another architecture")
+    assert not out.exists()

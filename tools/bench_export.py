@@ -1,0 +1,134 @@
+"""Export cost and runtime cost of RoAd exports, side by side with the plain base model's export.
+
+Llama-shaped model (hidden 2048, 2 layers, vocab 4000), road_4 on all linear layers, group size 64.
+Measured in one run:
+  - export time: road-export rotate / base, merge / base, and a plain torch.onnx.export of the peft model / base
+  - ONNX nodes added per adapted layer (in the file, and after onnxruntime's own optimisation)
+  - onnxruntime latency of a one-token step (batch 1, sequence 1), 2 intra-op threads, interleaved A B A B
+
+    python tools/bench_export.py [--hidden 2048] [--rounds 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import interleave  # noqa: E402
+
+
+def session(path: Path, optimized: Path | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized is not None:
+        so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def node_count(path: Path) -> int:
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def peft_traced_export(peft_model, path: Path) -> None:
+    """What a user gets today: torch.onnx.export(dynamo=True) of the peft model, default optimisation."""
+    from road_export.export.tasks import TaskModule, sample_inputs, task_spec
+
+    spec = task_spec(peft_model, "causal-lm")
+    inputs = sample_inputs(peft_model.get_base_model(), spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(TaskModule(peft_model, spec), (), kwargs=inputs, dynamo=True,
+                                    dynamic_shapes={n: {0: "batch", 1: "sequence"} for n in inputs},
+                                    verbose=False)
+    program.save(str(path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--export-rounds", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    import logging
+
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import road_export as rx
+
+    logging.disable(logging.WARNING)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875) // 64 * 64,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=max(1, args.hidden // 256), vocab_size=4000)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    road_cfg = dict(variant="road_4", group_size=64, init_weights=False, target_modules="all-linear")
+    torch.manual_seed(1)
+    ours = rx.get_road_model(copy.deepcopy(base), rx.RoadConfig(**road_cfg))
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.RoadConfig(**road_cfg)).eval()
+    peft_model.load_state_dict({"base_model.model." + k: v for k, v in ours.state_dict().items() if "road_" in k},
+                               strict=False)
+    n_adapted = len(rx.road_layers(ours))
+    print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab 4000; road_4 on {n_adapted} layers, g=64")
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    paths = {k: tmp / f"{k}.onnx" for k in ("base", "merge", "rotate", "peft")}
+    jobs = {
+        "base": lambda: rx.export(base, paths["base"], require_adapter=False),
+        "merge": lambda: rx.export(ours, paths["merge"], mode="merge"),
+        "rotate": lambda: rx.export(ours, paths["rotate"], mode="rotate"),
+        "peft": lambda: peft_traced_export(peft_model, paths["peft"]),
+    }
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    for _ in range(args.export_rounds):
+        for key, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            times[key].append(time.perf_counter() - start)
+    print("\nexport time (median of %d interleaved rounds)" % args.export_rounds)
+    for key in ("merge", "rotate", "peft"):
+        ratio = statistics.median(a / b for a, b in zip(times[key], times["base"], strict=True))
+        label = {"merge": "road-export merge", "rotate": "road-export rotate", "peft": "peft + torch.onnx.export"}
+        print(f"  {label[key]:>26}: {statistics.median(times[key]):6.2f} s   base {statistics.median(times['base']):6.2f} s"
+              f"   ratio {ratio:.2f}x")
+
+    print("\nONNX nodes added per adapted layer")
+    base_nodes = node_count(paths["base"])
+    opt = {k: tmp / f"{k}.ort.onnx" for k in paths}
+    sessions = {k: session(p, opt[k]) for k, p in paths.items()}
+    for key in ("merge", "rotate", "peft"):
+        in_file = (node_count(paths[key]) - base_nodes) / n_adapted
+        after = (node_count(opt[key]) - node_count(opt["base"])) / n_adapted
+        print(f"  {key:>8}: {in_file:5.2f} in the file, {after:5.2f} after onnxruntime's optimisation")
+
+    feeds = {"input_ids": np.array([[5]], dtype=np.int64), "attention_mask": np.ones((1, 1), dtype=np.int64)}
+    for s in sessions.values():
+        for _ in range(10):
+            s.run(None, feeds)
+    print(f"\none-token step latency, batch 1 (onnxruntime, 2 threads, {args.rounds} interleaved rounds)")
+    for key in ("merge", "rotate", "peft"):
+        cmp = interleave(lambda k=key: sessions[k].run(None, feeds), lambda: sessions["base"].run(None, feeds),
+                         rounds=args.rounds, names=(key, "base"), inner=5)
+        print("  " + cmp.line())
+
+
+if __name__ == "__main__":
+    main()
