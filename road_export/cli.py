@@ -15,7 +15,7 @@ from pathlib import Path
 
 from road_export.errors import RoadError
 
-SUBCOMMANDS = ("verify", "inspect")
+SUBCOMMANDS = ("verify", "inspect", "optimize")
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 EXAMPLES = """examples:
@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   road-export --base ./llama --adapter ./road --mode rotate --dtype float16 model.onnx
   road-export verify model.onnx --base ./llama --adapter ./road
   road-export inspect model.onnx
+  road-export optimize peft_export.onnx fused.onnx --fold
 """
 
 
@@ -62,6 +63,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.onnx.data")
+    parser.add_argument("--target", choices=("onnxruntime", "portable"), default="onnxruntime",
+                        help="rotate mode: road op bodies for onnxruntime (default) or standard ops only")
     parser.add_argument("--no-verify", action="store_true", help="skip the parity check")
     _report_options(parser)
     return parser
@@ -79,6 +82,19 @@ def verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL.onnx")
     _source_options(parser)
     _report_options(parser)
+    return parser
+
+
+def optimize_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="road-export optimize", description="Run the graph passes on any ONNX file: fuse "
+                     "decomposed RoAd rotations into road nodes, compose chains, optionally fold them into "
+                     "MatMul/Gemm weights, and lower the road op bodies for the target runtime.")
+    parser.add_argument("source", metavar="IN.onnx")
+    parser.add_argument("output", metavar="OUT.onnx")
+    parser.add_argument("--fold", action="store_true", help="fold rotations into constant MatMul/Gemm weights")
+    parser.add_argument("--target", choices=("onnxruntime", "portable"), default="onnxruntime")
+    parser.add_argument("--debug", action="store_true", help="say why near-matches were not fused")
+    parser.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -152,7 +168,8 @@ def run_export(argv: Sequence[str]) -> int:
             raise RoadError("several --adapter options need the multi-adapter export, which is not built yet; "
                             "export one adapter per file")
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
-                           dtype=args.dtype, external_data=args.external_data or None, on_step=progress.step)
+                           dtype=args.dtype, external_data=args.external_data or None, target=args.target,
+                           on_step=progress.step)
         report = None
         if not args.no_verify:
             progress.step("verifying")
@@ -183,6 +200,17 @@ def run_verify(argv: Sequence[str]) -> int:
     return _print_report(report, args.quiet)
 
 
+def run_optimize(argv: Sequence[str]) -> int:
+    args = optimize_parser().parse_args(argv)
+    from road_export.passes.pipeline import optimize_file
+
+    report = optimize_file(args.source, args.output, fold=args.fold, target=args.target, debug=args.debug)
+    if not args.quiet:
+        print(report.text())
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def run_inspect(argv: Sequence[str]) -> int:
     args = inspect_parser().parse_args(argv)
     from road_export.inspection import inspect_model
@@ -204,9 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    commands = {"verify": run_verify, "inspect": run_inspect}
+    commands = {"verify": run_verify, "inspect": run_inspect, "optimize": run_optimize}
     try:
-        if not argv or argv[0] != "inspect":
+        if not argv or argv[0] not in ("inspect", "optimize"):
             _quiet_libraries()
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

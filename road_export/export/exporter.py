@@ -67,6 +67,7 @@ def export(
     external_data: bool | None = None,
     optimize: bool = True,
     require_adapter: bool = True,
+    target: str = "onnxruntime",
     on_step: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a RoAd-adapted model (ours, or a live peft model) to ONNX at `path`.
@@ -74,6 +75,8 @@ def export(
     `task` defaults to the one the transformers class implies; other modules need `example_inputs`.
     `external_data=None` writes `<path>.data` only for models over 2 GB. On failure no file is left behind.
     `require_adapter=False` lets a model without adapter through in merge mode (the base model's export).
+    `target` picks the road function bodies (passes/lower.py): "onnxruntime" (road_1 through RotaryEmbedding) or
+    "portable" (standard ops only).
     `on_step` is called with the name of each long step as it starts (tracing, optimizing, writing).
     """
     step = on_step or (lambda _name: None)
@@ -98,6 +101,10 @@ def export(
     if optimize:
         step("optimizing")
         _optimize(ir_model)
+    if mode == "rotate":
+        from road_export.passes import pipeline
+
+        pipeline.run(ir_model, target=target)
     outputs = [v.name for v in ir_model.graph.outputs]
     if spec is not None and len(outputs) == 1:
         ir_model.graph.outputs[0].name = spec.output_name
