@@ -134,3 +134,14 @@ def test_bad_adapters(llama_dirs, tmp_path):
     bert.save_pretrained(str(tmp_path / "bert"))
     assert_bad_input(road_export("--base", base, "--adapter", tmp_path / "bert", out), says="another architecture")
     assert not out.exists()
+
+
+def test_optimize(exported, llama_dirs, tmp_path):
+    path, _ = exported["rotate"]
+    proc = road_export("optimize", path, tmp_path / "folded.onnx", "--fold")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 rotation(s) folded into weights" in proc.stdout and "road nodes: 4 -> 0" in proc.stdout
+    verified = road_export("verify", tmp_path / "folded.onnx", "--base", llama_dirs / "base", "--adapter",
+                           llama_dirs / "road")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert_bad_input(road_export("optimize", tmp_path / "none.onnx", tmp_path / "x.onnx"), says="no such ONNX")

@@ -33,7 +33,8 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
 
 
 def is_road(node: ir.Node) -> bool:
-    return node.domain == road_op.DOMAIN and node.op_type == road_op.OP_TYPE
+    """A rotation node: road.Rotate, or road.RotateTied after lowering."""
+    return node.domain == road_op.DOMAIN and node.op_type in (road_op.OP_TYPE, road_op.TIED_OP_TYPE)
 
 
 def road_nodes(graph: ir.Graph) -> list[ir.Node]:

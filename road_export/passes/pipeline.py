@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from road_export.errors import RoadError
+from road_export.export import op as road_op
 from road_export.passes.common import road_nodes
 from road_export.passes.compose import ComposePass
 from road_export.passes.fold import FoldPass
@@ -49,6 +50,8 @@ def run(model: ir.Model, *, fold: bool = False, target: str = "onnxruntime", deb
         raise RoadError(f"unknown target {target!r}; choose {' or '.join(TARGETS)}")
     report = PipelineReport(nodes_before=len(list(model.graph.all_nodes())),
                             road_before=len(road_nodes(model.graph)))
+    for node in road_nodes(model.graph):  # an already lowered file: compose and fold match road.Rotate
+        node.op_type = road_op.OP_TYPE
     fuse = FusePass(debug=debug)
     fuse(model)
     report.steps.append(StepReport("fuse", fuse.report.fused, f"{fuse.report.fused} decomposed rotation(s) -> road"))
