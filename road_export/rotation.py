@@ -90,6 +90,14 @@ def rotate(x: Array, c1: Array, c2: Array, group_size: int) -> Array:
     return x * c1 + rotate_half(x, group_size) * c2
 
 
+def _aligned(weight: Array, c1: Array, c2: Array, group_size: int, axis: int):
+    """Views of the weight's first/second-half rows and the coefficients, broadcastable against them."""
+    w1, w2 = _pairs(weight, group_size, axis)
+    expand = (...,) + (None,) * (weight.ndim - 1 - axis)
+    (a1, a2), (b1, b2) = _pairs(c1, group_size), _pairs(c2, group_size)
+    return w1, w2, a1[expand], a2[expand], b1[expand], b2[expand]
+
+
 def merge(weight: Array, c1: Array, c2: Array, group_size: int, axis: int = 0) -> Array:
     """R @ W computed row-wise: rows of `weight` along `axis` are the rotated outputs (axis=1 for Conv1D).
 
@@ -97,11 +105,7 @@ def merge(weight: Array, c1: Array, c2: Array, group_size: int, axis: int = 0) -
     A 1-D bias is merged with axis=0.
     """
     axis = axis % weight.ndim
-    w1, w2 = _pairs(weight, group_size, axis)
-    a1, a2 = _pairs(c1, group_size)
-    b1, b2 = _pairs(c2, group_size)
-    expand = (...,) + (None,) * (weight.ndim - 1 - axis)
-    a1, a2, b1, b2 = a1[expand], a2[expand], b1[expand], b2[expand]
+    w1, w2, a1, a2, b1, b2 = _aligned(weight, c1, c2, group_size, axis)
     return _join(a1 * w1 - b1 * w2, b2 * w1 + a2 * w2, tuple(weight.shape), axis)
 
 
@@ -111,12 +115,7 @@ def merge_(weight: Array, c1: Array, c2: Array, group_size: int, axis: int = 0) 
     Needs one scratch copy of half the rows instead of the several full-size temporaries of `merge`; this is
     what makes merging a large model memory-bound rather than allocation-bound.
     """
-    axis = axis % weight.ndim
-    w1, w2 = _pairs(weight, group_size, axis)
-    a1, a2 = _pairs(c1, group_size)
-    b1, b2 = _pairs(c2, group_size)
-    expand = (...,) + (None,) * (weight.ndim - 1 - axis)
-    a1, a2, b1, b2 = a1[expand], a2[expand], b1[expand], b2[expand]
+    w1, w2, a1, a2, b1, b2 = _aligned(weight, c1, c2, group_size, axis % weight.ndim)
     if _xp(weight) is np:
         old1 = w1.copy()
         w1 *= a1
