@@ -6,6 +6,7 @@ from road_export.errors import RoadError
 from road_export.export import ExportResult, export
 from road_export.layers import RoadLayer
 from road_export.model import (
+    adapter_ids,
     disable_adapters,
     get_road_model,
     merge_adapter,
@@ -25,6 +26,7 @@ __all__ = [
     "RoadLayer",
     "RoadVariant",
     "ExportResult",
+    "adapter_ids",
     "disable_adapters",
     "export",
     "from_peft",

@@ -164,9 +164,9 @@ def run_export(argv: Sequence[str]) -> int:
     with progress.running():
         progress.step("loading")
         source = load_source(args.base, args.adapter, seed=args.seed)
-        if len(source.adapters) > 1:
-            raise RoadError("several --adapter options need the multi-adapter export, which is not built yet; "
-                            "export one adapter per file")
+        if len(source.adapters) > 1 and args.mode != "rotate":
+            raise RoadError(f"{len(source.adapters)} adapters cannot be merged into one set of weights; add --mode "
+                            "rotate for one graph that serves them all (input adapter_ids)")
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
                            dtype=args.dtype, external_data=args.external_data or None, target=args.target,
                            on_step=progress.step)

@@ -43,8 +43,12 @@ class Inspection:
         lines.append(f"  nodes:     {self.nodes}, of which road: {self.road_nodes}"
                      + (f" (functions: {', '.join(self.road_functions)})" if self.road_functions else ""))
         lines.append(f"  adapters:  {len(self.adapters) or 'none recorded'}")
+        if any(i["name"] == "adapter_ids" for i in self.inputs):
+            lines.append("  mixed:     adapter_ids picks each row's adapter (0 = base model)")
         for a in self.adapters:
-            lines.append(f"    {a['name']}: {a['variant']}, group size {a['group_size']}, {len(a['layers'])} layers")
+            ident = f"id {a['id']}: " if "id" in a else ""
+            lines.append(f"    {ident}{a['name']}: {a['variant']}, group size {a['group_size']}, "
+                         f"{len(a['layers'])} layers")
         for title, values in (("inputs", self.inputs), ("outputs", self.outputs)):
             lines.append(f"  {title}:")
             for v in values:

@@ -57,8 +57,11 @@ class RoadLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: Sequence[str] | None = None  # set by model.mixed_batch()
+        self.row_ids: torch.Tensor | None = None  # int64 [batch], set by model.adapter_ids(); 0 = no adapter
+        self.bank_order: list[str] = []  # adapter of id k is bank_order[k - 1]
         self.rotate_fn: RotateFn = rotation.rotate  # the exporter swaps in the torch custom op
         self.frozen: dict[str, tuple[str, str]] = {}  # adapter -> (c1, c2) buffer names, set by the exporter
+        self.frozen_banks: dict[int, tuple[str, str]] = {}  # group size -> bank buffer names, likewise
         self.module_name = name
 
     # --- shapes -------------------------------------------------------------------------------------------
@@ -142,6 +145,8 @@ class RoadLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return result
+        if self.row_ids is not None:
+            return self._bank_forward(result, self.row_ids)
         if self.row_adapters is not None:
             return self._mixed_batch_forward(result, self.row_adapters)
         name = self.active_adapter
@@ -168,6 +173,39 @@ class RoadLayer(nn.Module):
             rows = [i for i, n in enumerate(row_adapters) if n == name]
             out[rows] = self._rotate_output(result[rows], name)
         return out
+
+    def banks(self, order: Sequence[str]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per group size g: coefficient banks [len(order) + 1, d]; row 0 and adapters of other g are identity.
+
+        Exported models gather one row per batch element from these (RoAd's efficient batching); adapters with
+        different group sizes on one layer become one rotation per group size, each identity for the others.
+        """
+        if self.frozen_banks:
+            return {g: (getattr(self, n1), getattr(self, n2)) for g, (n1, n2) in self.frozen_banks.items()}
+        d = self.out_features
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for g in sorted({self.group_size[a] for a in order if a in self.road_theta}):
+            ones = torch.ones(d, dtype=torch.float32, device=self.base_layer.weight.device)
+            rows1, rows2 = [ones], [torch.zeros_like(ones)]
+            for name in order:
+                if name in self.road_theta and self.group_size[name] == g:
+                    c1, c2 = self.coefficients(name)
+                    rows1.append(c1.float())
+                    rows2.append(c2.float())
+                else:
+                    rows1.append(ones)
+                    rows2.append(torch.zeros_like(ones))
+            out[g] = (torch.stack(rows1), torch.stack(rows2))
+        return out
+
+    def _bank_forward(self, result: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        dtype = result.dtype
+        out = result
+        view = (ids.shape[0],) + (1,) * (result.dim() - 2) + (self.out_features,)
+        for g, (bank1, bank2) in self.banks(self.bank_order).items():
+            c1, c2 = bank1[ids].reshape(view), bank2[ids].reshape(view)
+            out = self.rotate_fn(out.to(c1.dtype), c1, c2, g)
+        return out.to(dtype)
 
     # --- merge --------------------------------------------------------------------------------------------
     def merge(self, adapter_names: Sequence[str] | None = None) -> None:

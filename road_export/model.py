@@ -86,7 +86,9 @@ def resolve_targets(model: nn.Module, config: RoadConfig) -> list[str]:
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         head = _output_head_name(model)
         for name, module in model.named_modules():
-            if name and name != head and (is_supported_base(module) or isinstance(module, RoadLayer)):
+            if not name or name == head or _inside_road_layer(model, name):
+                continue
+            if is_supported_base(module) or isinstance(module, RoadLayer):
                 names.append(name)
     else:
         for name, module in model.named_modules():
@@ -210,6 +212,32 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str]) -> Iterator[nn.Mo
     finally:
         for layer in layers:
             layer.row_adapters = None
+
+
+@contextmanager
+def adapter_ids(model: nn.Module, ids, order: Sequence[str] | None = None) -> Iterator[nn.Module]:
+    """Within the block, row i goes through adapter `order[ids[i] - 1]` (id 0: the base model).
+
+    The id form of `mixed_batch`, as exported graphs take it: `ids` is an int64 tensor [batch], `order` the
+    adapters in id order (default: the order they were added).
+    """
+    import torch
+
+    order = list(order) if order is not None else adapter_names(model)
+    unknown = sorted(set(order) - set(adapter_names(model)))
+    if unknown:
+        raise RoadError(f"no adapter named {', '.join(unknown)}; this model has {adapter_names(model)}")
+    ids = torch.as_tensor(ids, dtype=torch.int64)
+    layers = road_layers(model).values()
+    for layer in layers:
+        if layer.merged:
+            raise RoadError(f"module {layer.module_name} has merged adapters; unmerge before a mixed batch")
+        layer.row_ids, layer.bank_order = ids, order
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_ids, layer.bank_order = None, []
 
 
 @contextmanager

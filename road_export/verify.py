@@ -22,6 +22,7 @@ from road_export.errors import RoadError
 from road_export.export.tasks import TaskModule, infer_task, sample_inputs, task_spec
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (3, 7, 2), (2, 33, 5))  # (batch, seq, padding)
+MIXED_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (4, 7, 2), (3, 33, 5))  # every id appears
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 
 
@@ -109,13 +110,20 @@ def verify(
         raise RoadError(f"{onnx_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
     dtype = onnx_dtype(onnx_path)
     atol = TOLERANCE[dtype] if atol is None else atol
-    task = task or onnx_metadata(onnx_path).get("road_export.task") or infer_task(torch_model)
-    spec = task_spec(torch_model, task)
+    meta = onnx_metadata(onnx_path)
+    task = task or meta.get("road_export.task") or infer_task(torch_model)
+    order: tuple[str, ...] = ()
+    if any(i.name == "adapter_ids" for i in session.get_inputs()):
+        order = tuple(a["name"] for a in sorted(json.loads(meta.get("road_export.adapters", "[]")),
+                                                 key=lambda a: a.get("id", 0)))
+    spec = task_spec(torch_model, task, order)
     feeds_needed = [i.name for i in session.get_inputs()]
     missing = [n for n in feeds_needed if n not in spec.input_names]
     if missing:
         raise RoadError(f"{onnx_path}: inputs {missing} are not inputs of task {spec.task}")
     reference = TaskModule(torch_model, spec).eval()
+    if order and shapes == DEFAULT_SHAPES:
+        shapes = MIXED_SHAPES
     output_names = [o.name for o in session.get_outputs()]
     report = ParityReport(str(onnx_path), dtype, atol)
     for batch, seq, pad in shapes:
@@ -125,6 +133,8 @@ def verify(
         got = session.run(output_names, {n: inputs[n].numpy() for n in feeds_needed})
         mask = inputs["attention_mask"].numpy().astype(bool)
         case = f"batch {batch}, seq {seq}" + (f", pad {pad}" if pad else "")
+        if order:
+            case += ", ids " + ",".join(str(int(i)) for i in inputs["adapter_ids"])
         report.rows.append(compare(output_names[0], case, got[0], expected, mask, atol,
                                    logits=spec.output_name == "logits"))
     return report

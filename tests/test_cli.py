@@ -145,3 +145,16 @@ def test_optimize(exported, llama_dirs, tmp_path):
                            llama_dirs / "road")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert_bad_input(road_export("optimize", tmp_path / "none.onnx", tmp_path / "x.onnx"), says="no such ONNX")
+
+
+def test_several_adapters_in_one_graph(llama_dirs, tmp_path):
+    args = ["--base", llama_dirs / "base", "--adapter", f"one={llama_dirs / 'road'}", "--adapter",
+            f"two={llama_dirs / 'other'}"]
+    proc = road_export(*args, "--mode", "rotate", tmp_path / "mixed.onnx")
+    assert proc.returncode == 0 and "parity PASSED" in proc.stdout and "ids 1,2,0" in proc.stdout, proc.stderr
+    shown = road_export("inspect", tmp_path / "mixed.onnx").stdout
+    assert "mixed:     adapter_ids" in shown and "id 1: one: road_4" in shown and "id 2: two: road_2" in shown
+    verified = road_export("verify", tmp_path / "mixed.onnx", *args)
+    assert verified.returncode == 0, verified.stdout
+    assert_bad_input(road_export(*args, tmp_path / "merged.onnx"), says="add --mode rotate")
+    assert not (tmp_path / "merged.onnx").exists()

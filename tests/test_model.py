@@ -153,3 +153,26 @@ def test_duplicate_and_reserved_adapter_names():
         rx.get_road_model(model, RoadConfig(group_size=8))
     with pytest.raises(RoadError, match="reserved"):
         rx.get_road_model(model, RoadConfig(group_size=8), "__base__")
+
+
+def test_adapter_ids_equal_named_mixed_batch():
+    model = tiny("tiny-llama")
+    torch.manual_seed(0)
+    rx.get_road_model(model, RoadConfig(variant="road_1", group_size=8, init_weights=False), "a")
+    rx.get_road_model(model, RoadConfig(variant="road_4", group_size=16, init_weights=False,
+                                        target_modules=["q_proj", "o_proj"]), "b")
+    inputs = token_inputs(model, batch=4)
+    with torch.no_grad():
+        with rx.mixed_batch(model, ["b", "__base__", "a", "b"]):
+            named = model(**inputs).logits
+        with rx.adapter_ids(model, [2, 0, 1, 2], order=["a", "b"]):
+            by_id = model(**inputs).logits
+    torch.testing.assert_close(by_id, named, atol=1e-5, rtol=0)
+
+
+def test_second_all_linear_adapter_does_not_nest_layers():
+    model = rx.get_road_model(tiny("tiny-llama"), RoadConfig(group_size=8, target_modules=["q_proj"]), "a")
+    rx.get_road_model(model, RoadConfig(group_size=8, target_modules="all-linear"), "b")
+    layers = rx.road_layers(model)
+    assert len(layers) == 14 and not any(isinstance(layer.base_layer, RoadLayer) for layer in layers.values())
+    assert set(layers["model.layers.0.self_attn.q_proj"].adapters) == {"a", "b"}

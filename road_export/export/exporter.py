@@ -93,8 +93,16 @@ def export(
             raise RoadError(
                 f"{type(model).__name__} has no RoAd adapter; load one with road_export.load_adapter first"
             )
-        with _prepared(adapted, mode, dtype) as prepared:
-            module, args, names, spec, dynamic = _trace_plan(prepared, task, example_inputs, dtype)
+        mixed = mode == "rotate" and len(adapters) > 1
+        if mode == "merge" and len(adapters) > 1:
+            raise RoadError(f"merge mode takes one adapter, the model has {len(adapters)} "
+                            f"({', '.join(a['name'] for a in adapters)}); use mode='rotate' for a mixed-adapter graph")
+        order = tuple(a["name"] for a in adapters) if mixed else ()
+        for i, adapter in enumerate(adapters):
+            if mixed:
+                adapter["id"] = i + 1
+        with _prepared(adapted, mode, dtype, order) as prepared:
+            module, args, names, spec, dynamic = _trace_plan(prepared, task, example_inputs, dtype, order)
             step("tracing")
             ir_model = _torch_export(module, args, names, dynamic, opset)
     road_nodes = road_op.attach_functions(ir_model) if mode == "rotate" else 0
@@ -174,7 +182,8 @@ def _adopted(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def _prepared(model: nn.Module, mode: str, dtype: torch.dtype | None) -> Iterator[nn.Module]:
+def _prepared(model: nn.Module, mode: str, dtype: torch.dtype | None, order: tuple[str, ...] = ()
+              ) -> Iterator[nn.Module]:
     """The model as it will be traced; everything done here is undone on exit."""
     target = model
     if dtype is not None and dtype != torch.float32:
@@ -193,7 +202,7 @@ def _prepared(model: nn.Module, mode: str, dtype: torch.dtype | None) -> Iterato
             for layer in layers.values():
                 if layer.merged:
                     raise RoadError(f"module {layer.module_name} has merged adapters; unmerge before rotate export")
-                _freeze_coefficients(layer, dtype)
+                _freeze_coefficients(layer, dtype, order)
                 undo.append(lambda layer=layer: _thaw_coefficients(layer))
         yield target
     finally:
@@ -228,7 +237,18 @@ def buffer_names(adapter: str) -> tuple[str, str]:
     return f"road_c1_{safe}", f"road_c2_{safe}"
 
 
-def _freeze_coefficients(layer: RoadLayer, dtype: torch.dtype | None) -> None:
+def _freeze_coefficients(layer: RoadLayer, dtype: torch.dtype | None, order: tuple[str, ...] = ()) -> None:
+    """Coefficients become buffers, so the exporter writes them as named initializers."""
+    if order:
+        banks = layer.banks(order)
+        layer.frozen_banks = {}
+        for g, (bank1, bank2) in banks.items():
+            n1, n2 = f"road_bank_c1_g{g}", f"road_bank_c2_g{g}"
+            layer.register_buffer(n1, bank1.detach().to(dtype or bank1.dtype).clone(), persistent=False)
+            layer.register_buffer(n2, bank2.detach().to(dtype or bank2.dtype).clone(), persistent=False)
+            layer.frozen_banks[g] = (n1, n2)
+        layer.rotate_fn = torch.ops.road.rotate
+        return
     names = list(layer.road_theta.keys())
     for adapter in names:
         c1, c2 = layer.coefficients(adapter)
@@ -240,25 +260,25 @@ def _freeze_coefficients(layer: RoadLayer, dtype: torch.dtype | None) -> None:
 
 
 def _thaw_coefficients(layer: RoadLayer) -> None:
-    for n1, n2 in getattr(layer, "frozen", {}).values():
+    for n1, n2 in [*layer.frozen.values(), *layer.frozen_banks.values()]:
         delattr(layer, n1)
         delattr(layer, n2)
-    layer.frozen = {}
+    layer.frozen, layer.frozen_banks = {}, {}
     layer.rotate_fn = rotation.rotate
 
 
-def _trace_plan(model: nn.Module, task: str | None, example_inputs, dtype):
+def _trace_plan(model: nn.Module, task: str | None, example_inputs, dtype, order: tuple[str, ...] = ()):
     """(module to trace, args, input names, task spec or None, dynamic shapes)."""
     is_transformers = hasattr(model, "config") and hasattr(model.config, "vocab_size")
     if example_inputs is None and not is_transformers:
         raise RoadError(f"{type(model).__name__} is not a transformers model; pass example_inputs")
     if example_inputs is None or task is not None:
-        spec = task_spec(model, task or infer_task(model))
-        inputs = example_inputs if isinstance(example_inputs, dict) else sample_inputs(model, spec)
+        spec = task_spec(model, task or infer_task(model), order)
+        inputs = example_inputs if isinstance(example_inputs, dict) else sample_inputs(model, spec, batch=3)
         if set(inputs) != set(spec.input_names):
             raise RoadError(f"example_inputs for task {spec.task} must be {list(spec.input_names)}")
         args = {n: inputs[n] for n in spec.input_names}
-        dynamic = {n: {0: "batch", 1: "sequence"} for n in spec.input_names}
+        dynamic = {n: {0: "batch"} if n == "adapter_ids" else {0: "batch", 1: "sequence"} for n in spec.input_names}
         return TaskModule(model, spec), args, list(spec.input_names), spec, dynamic
     if isinstance(example_inputs, dict):
         names, args = list(example_inputs), tuple(example_inputs.values())

@@ -23,6 +23,7 @@ class TaskSpec:
     task: str
     input_names: tuple[str, ...]
     output_name: str
+    adapter_order: tuple[str, ...] = ()  # a mixed-adapter graph: adapter of id k is adapter_order[k - 1]
 
 
 def normalize_task(task: str) -> str:
@@ -46,7 +47,7 @@ def infer_task(model: nn.Module) -> str:
     )
 
 
-def task_spec(model: nn.Module, task: str) -> TaskSpec:
+def task_spec(model: nn.Module, task: str, adapter_order: tuple[str, ...] = ()) -> TaskSpec:
     task = normalize_task(task)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
     params = inspect.signature(inner.forward).parameters
@@ -54,7 +55,9 @@ def task_spec(model: nn.Module, task: str) -> TaskSpec:
     if task != "causal-lm" and "token_type_ids" in params and getattr(inner.config, "type_vocab_size", 0):
         names.append("token_type_ids")
     output = {"causal-lm": "logits", "feature-extraction": "last_hidden_state"}.get(task, "logits")
-    return TaskSpec(task, tuple(names), output)
+    if adapter_order:
+        names.append("adapter_ids")
+    return TaskSpec(task, tuple(names), output, tuple(adapter_order))
 
 
 def sample_inputs(model: nn.Module, spec: TaskSpec, batch: int = 2, seq: int = 8, seed: int = 0,
@@ -69,6 +72,8 @@ def sample_inputs(model: nn.Module, spec: TaskSpec, batch: int = 2, seq: int = 8
     inputs = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in spec.input_names:
         inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.int64)
+    if spec.adapter_order:
+        inputs["adapter_ids"] = (torch.arange(batch, dtype=torch.int64) + 1) % (len(spec.adapter_order) + 1)
     return inputs
 
 
@@ -84,8 +89,20 @@ class TaskModule(nn.Module):
         self.spec = spec
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        adapter_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if adapter_ids is not None:
+            from road_export.model import adapter_ids as rows
+
+            with rows(self.model, adapter_ids, self.spec.adapter_order):
+                return self._call(input_ids, attention_mask, token_type_ids)
+        return self._call(input_ids, attention_mask, token_type_ids)
+
+    def _call(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids

@@ -1,0 +1,80 @@
+"""RoadSession: run an exported model on onnxruntime by adapter name, hiding the `adapter_ids` plumbing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from road_export.errors import RoadError
+from road_export.layers import BASE_NAME
+
+
+class RoadSession:
+    """An onnxruntime session over a road-export file.
+
+    `run(inputs, adapter="name")` runs every row through one adapter; `run(inputs, adapter_names=[...])` gives each
+    row its own ("__base__": no adapter). Both need a mixed-adapter export (several adapters, rotate mode) unless
+    they name the file's only adapter.
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise RoadError(f"{self.path}: no such ONNX file")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as e:
+            raise RoadError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
+        meta = self.session.get_modelmeta().custom_metadata_map
+        records = json.loads(meta.get("road_export.adapters", "[]"))
+        self.mode = meta.get("road_export.mode")
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.mixed = "adapter_ids" in self.input_names
+        self.adapters = [a["name"] for a in sorted(records, key=lambda a: a.get("id", 0))]
+
+    def ids(self, adapter_names: Sequence[str]) -> np.ndarray:
+        """The `adapter_ids` row values for adapter names (0 for "__base__")."""
+        table = {BASE_NAME: 0, **{name: i + 1 for i, name in enumerate(self.adapters)}}
+        unknown = sorted({n for n in adapter_names if n not in table})
+        if unknown:
+            raise RoadError(f"{self.path.name} has no adapter {', '.join(unknown)}; it has {self.adapters}")
+        return np.array([table[n] for n in adapter_names], dtype=np.int64)
+
+    def run(self, inputs: Mapping[str, np.ndarray], *, adapter: str | None = None,
+            adapter_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None
+            ) -> dict[str, np.ndarray]:
+        feeds = {k: np.asarray(v) for k, v in inputs.items() if k in self.input_names and k != "adapter_ids"}
+        batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
+        if adapter is not None and adapter_names is not None:
+            raise RoadError("give adapter= or adapter_names=, not both")
+        names = list(adapter_names) if adapter_names is not None else [adapter or self._default()] * batch
+        if len(names) != batch:
+            raise RoadError(f"{len(names)} adapter names for a batch of {batch}")
+        if self.mixed:
+            feeds["adapter_ids"] = self.ids(names)
+        elif set(names) - set(self.adapters):
+            raise RoadError(
+                f"{self.path.name} holds {self.adapters or 'no adapter'} only (mode {self.mode}); export several "
+                "adapters with --mode rotate for per-row adapters"
+            )
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise RoadError(f"missing inputs {missing}; the model takes {self.input_names}")
+        wanted = list(output_names or self.output_names)
+        return dict(zip(wanted, self.session.run(wanted, feeds), strict=True))
+
+    def _default(self) -> str:
+        if len(self.adapters) == 1:
+            return self.adapters[0]
+        raise RoadError(f"{self.path.name} holds adapters {self.adapters}; choose one with adapter=")
