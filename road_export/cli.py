@@ -15,7 +15,7 @@ from pathlib import Path
 
 from road_export.errors import RoadError
 
-SUBCOMMANDS = ("verify", "inspect", "optimize")
+SUBCOMMANDS = ("verify", "inspect", "optimize", "adapter")
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 EXAMPLES = """examples:
@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   road-export verify model.onnx --base ./llama --adapter ./road
   road-export inspect model.onnx
   road-export optimize peft_export.onnx fused.onnx --fold
+  road-export adapter ./other_road --like model.onnx model.other.onnx_adapter
 """
 
 
@@ -95,6 +96,15 @@ def optimize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", choices=("onnxruntime", "portable"), default="onnxruntime")
     parser.add_argument("--debug", action="store_true", help="say why near-matches were not fused")
     parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def adapter_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="road-export adapter", description="Convert a peft RoAd adapter into an .onnx_adapter "
+                     "file for a model exported with --mode rotate (onnxruntime swaps it in per Run).")
+    parser.add_argument("adapter", metavar="ADAPTER_DIR")
+    parser.add_argument("--like", metavar="MODEL.onnx", required=True, help="the exported model it is for")
+    parser.add_argument("output", metavar="OUT.onnx_adapter")
     return parser
 
 
@@ -175,6 +185,7 @@ def run_export(argv: Sequence[str]) -> int:
             progress.step("verifying")
             report = verify(output, source.model, task=result.task, atol=args.atol)
     nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
+    nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
     progress.done(f"wrote {output} ({args.mode}, {args.dtype}, adapters: {', '.join(source.adapters)}"
                   f"{' from the embedded config' if source.embedded else ''}{nodes})")
     if report is None:
@@ -211,6 +222,15 @@ def run_optimize(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def run_adapter(argv: Sequence[str]) -> int:
+    args = adapter_parser().parse_args(argv)
+    from road_export.swap import convert_adapter
+
+    path = convert_adapter(args.adapter, args.like, args.output)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
 def run_inspect(argv: Sequence[str]) -> int:
     args = inspect_parser().parse_args(argv)
     from road_export.inspection import inspect_model
@@ -232,9 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    commands = {"verify": run_verify, "inspect": run_inspect, "optimize": run_optimize}
+    commands = {"verify": run_verify, "inspect": run_inspect, "optimize": run_optimize, "adapter": run_adapter}
     try:
-        if not argv or argv[0] not in ("inspect", "optimize"):
+        if not argv or argv[0] not in ("inspect", "optimize", "adapter"):
             _quiet_libraries()
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -42,6 +42,31 @@ class RoadSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.mixed = "adapter_ids" in self.input_names
         self.adapters = [a["name"] for a in sorted(records, key=lambda a: a.get("id", 0))]
+        self._swaps: dict[str, object] = {}  # adapter name -> onnxruntime.LoraAdapter
+        if not self.mixed and "road_export.swap" in meta:
+            prefix = f"{self.path.stem}."
+            for file in sorted(self.path.parent.glob(f"{self.path.stem}.*.onnx_adapter")):
+                self.load_adapter(file, file.name[len(prefix):-len(".onnx_adapter")])
+
+    def load_adapter(self, path: str | Path, name: str | None = None) -> str:
+        """Make an `.onnx_adapter` file (see `road-export adapter`) selectable by name; returns the name."""
+        import onnxruntime as ort
+
+        path = Path(path)
+        if self.mixed or "road_export.swap" not in self.session.get_modelmeta().custom_metadata_map:
+            raise RoadError(f"{self.path.name} is not a swappable single-adapter export")
+        if not path.is_file():
+            raise RoadError(f"{path}: no such adapter file")
+        name = name or path.name.removesuffix(".onnx_adapter")
+        adapter = ort.LoraAdapter()
+        try:
+            adapter.Load(str(path))
+        except Exception as e:
+            raise RoadError(f"{path}: not an onnxruntime adapter file ({str(e).splitlines()[0]})") from e
+        self._swaps[name] = adapter
+        if name not in self.adapters:
+            self.adapters.append(name)
+        return name
 
     def ids(self, adapter_names: Sequence[str]) -> np.ndarray:
         """The `adapter_ids` row values for adapter names (0 for "__base__")."""
@@ -61,8 +86,17 @@ class RoadSession:
         names = list(adapter_names) if adapter_names is not None else [adapter or self._default()] * batch
         if len(names) != batch:
             raise RoadError(f"{len(names)} adapter names for a batch of {batch}")
+        options = None
         if self.mixed:
             feeds["adapter_ids"] = self.ids(names)
+        elif len(set(names)) == 1 and names[0] in self._swaps:
+            import onnxruntime as ort
+
+            options = ort.RunOptions()
+            options.add_active_adapter(self._swaps[names[0]])
+        elif len(set(names)) > 1 and not set(names) - set(self.adapters):
+            raise RoadError(f"{self.path.name} swaps one adapter per run; export the adapters together with "
+                            "--mode rotate for per-row adapters")
         elif set(names) - set(self.adapters):
             raise RoadError(
                 f"{self.path.name} holds {self.adapters or 'no adapter'} only (mode {self.mode}); export several "
@@ -72,9 +106,9 @@ class RoadSession:
         if missing:
             raise RoadError(f"missing inputs {missing}; the model takes {self.input_names}")
         wanted = list(output_names or self.output_names)
-        return dict(zip(wanted, self.session.run(wanted, feeds), strict=True))
+        return dict(zip(wanted, self.session.run(wanted, feeds, options), strict=True))
 
     def _default(self) -> str:
-        if len(self.adapters) == 1:
-            return self.adapters[0]
+        if not self.mixed and self.adapters:
+            return self.adapters[0]  # the adapter the file was exported with (its initializers' defaults)
         raise RoadError(f"{self.path.name} holds adapters {self.adapters}; choose one with adapter=")

@@ -103,6 +103,9 @@ def verify(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise RoadError(f"{onnx_path}: no such ONNX file")
+    if session_options is None:
+        session_options = ort.SessionOptions()
+        session_options.log_severity_level = 3  # swappable coefficients make onnxruntime warn; not a parity matter
     try:
         session = ort.InferenceSession(str(onnx_path), sess_options=session_options,
                                        providers=["CPUExecutionProvider"])

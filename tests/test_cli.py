@@ -158,3 +158,17 @@ def test_several_adapters_in_one_graph(llama_dirs, tmp_path):
     assert verified.returncode == 0, verified.stdout
     assert_bad_input(road_export(*args, tmp_path / "merged.onnx"), says="add --mode rotate")
     assert not (tmp_path / "merged.onnx").exists()
+
+
+def test_adapter_conversion(exported, llama_dirs, tmp_path):
+    path, _ = exported["rotate"]
+    out = path.with_name("rotate.other.onnx_adapter")
+    proc = road_export("adapter", llama_dirs / "other", "--like", path, out)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr
+    assert path.with_name("rotate.default.onnx_adapter").is_file()  # written by the export itself
+    torch.manual_seed(0)
+    bert = peft.get_peft_model(tiny("tiny-bert"), peft.RoadConfig(group_size=8))
+    bert.save_pretrained(str(tmp_path / "bert"))
+    assert_bad_input(road_export("adapter", tmp_path / "bert", "--like", path, tmp_path / "b.onnx_adapter"),
+                     says="adapted layers differ")
+    assert not (tmp_path / "b.onnx_adapter").exists()

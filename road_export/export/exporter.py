@@ -53,6 +53,7 @@ class ExportResult:
     road_nodes: int
     adapters: list[dict] = field(default_factory=list)
     external_data: Path | None = None
+    adapter_files: list[Path] = field(default_factory=list)  # one `.onnx_adapter` per adapter (swappable exports)
 
 
 def export(
@@ -106,6 +107,14 @@ def export(
             step("tracing")
             ir_model = _torch_export(module, args, names, dynamic, opset)
     road_nodes = road_op.attach_functions(ir_model) if mode == "rotate" else 0
+    swappable = mode == "rotate" and not order and adapters and spec is not None
+    if swappable:
+        from road_export import swap
+
+        prefix = "model."  # TaskModule registers the transformers model as `model`
+        c1_name = buffer_names(adapters[0]["name"])[0]
+        layer_of = {f"{prefix}{layer}.{c1_name}": layer for layer in adapters[0]["layers"]}
+        swap.make_swappable(ir_model, layer_of)
     if optimize:
         step("optimizing")
         _optimize(ir_model)
@@ -119,8 +128,14 @@ def export(
         outputs = [spec.output_name]
     _set_metadata(ir_model, mode, spec.task if spec else None, adapters)
     step("writing")
+    # the swap file's values are read before saving: an external-data save re-points the tensors
+    values = {v.name: v.const_value.numpy() for v in ir_model.graph.inputs if v.const_value is not None}
     data = _save_atomic(ir_model, path, external_data)
-    return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, road_nodes, adapters, data)
+    files = []
+    if swappable:
+        files.append(swap.write_adapter_file(swap.adapter_file_path(path, adapters[0]["name"]), values))
+    return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, road_nodes, adapters, data,
+                        files)
 
 
 def check_writable(path: Path) -> None:
@@ -329,7 +344,7 @@ def _torch_export(module: nn.Module, args: tuple, names: list[str], dynamic, ops
 def _quiet_torch() -> Iterator[None]:
     """torch.export and the ONNX exporter log a lot at WARNING; keep the user's terminal readable."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx",
-                                               "torch._export", "onnxscript")]
+                                               "torch._export", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -344,7 +359,7 @@ def _optimize(model: ir.Model) -> None:
     """onnxscript's optimizer without inlining, so the road nodes stay one per layer."""
     import onnxscript.optimizer
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_torch():
         warnings.simplefilter("ignore")
         onnxscript.optimizer.optimize(model, inline=False)
     # The optimizer may drop the function's opset if it saw no node of it; keep the road domain declared.

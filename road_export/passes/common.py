@@ -32,6 +32,13 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def default_value(value: ir.Value | None) -> np.ndarray | None:
+    """Like `constant`, but also the default of an overridable initializer (a graph input with a value)."""
+    if value is not None and value.is_graph_input() and value.const_value is not None:
+        return value.const_value.numpy()
+    return constant(value)
+
+
 def is_road(node: ir.Node) -> bool:
     """A rotation node: road.Rotate, or road.RotateTied after lowering."""
     return node.domain == road_op.DOMAIN and node.op_type in (road_op.OP_TYPE, road_op.TIED_OP_TYPE)

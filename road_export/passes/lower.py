@@ -5,7 +5,7 @@
   `road.RotateTied` (standard RotaryEmbedding at opset >= 23, com.microsoft's below). Others keep `road.Rotate`,
   whose body is one reversed Slice plus Mul, Mul, Add once onnxruntime has folded the constants.
 - portable: standard ops only and no reliance on a contrib op: every node is `road.Rotate`.
-Only nodes with constant coefficients can be recognised as tied; swappable (overridable) ones stay generic.
+Coefficients must be constants or overridable initializers whose defaults are tied; computed ones stay generic.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ TARGETS = ("onnxruntime", "portable")
 
 
 def is_tied(node: ir.Node) -> bool:
-    """Both halves of every group share c1 and c2 (road_1's layout), with constant coefficients."""
+    """Both halves of every group share c1 and c2 (road_1's layout).
+
+    An overridable (swappable) coefficient is judged by its default; `road-export adapter` then refuses to swap in
+    coefficients that are not tied for such a node.
+    """
     g = common.group_size(node)
     for value in node.inputs[1:3]:
-        array = common.constant(value)
+        array = common.default_value(value)
         if array is None or array.size % g:
             return False
         grouped = array.reshape(-1, 2, g // 2)

@@ -60,6 +60,7 @@ def run(model: ir.Model, *, fold: bool = False, target: str = "onnxruntime", deb
     compose(model)
     report.steps.append(StepReport("compose", compose.composed, f"{compose.composed} pair(s) of rotations composed"))
     if fold:
+        _freeze_swappable(model)
         folder = FoldPass()
         folder(model)
         report.steps.append(StepReport("fold", folder.folded, f"{folder.folded} rotation(s) folded into weights"))
@@ -71,6 +72,16 @@ def run(model: ir.Model, *, fold: bool = False, target: str = "onnxruntime", deb
     report.nodes_after = len(list(model.graph.all_nodes()))
     report.road_after = len(road_nodes(model.graph))
     return report
+
+
+def _freeze_swappable(model: ir.Model) -> None:
+    """Folding makes the adapter permanent: road coefficients stop being overridable graph inputs."""
+    coefficients = {v for n in road_nodes(model.graph) for v in n.inputs[1:3] if v is not None}
+    keep = [v for v in model.graph.inputs if not (v in coefficients and v.const_value is not None)]
+    if len(keep) != len(model.graph.inputs):
+        model.graph.inputs.clear()
+        model.graph.inputs.extend(keep)
+        model.metadata_props.pop("road_export.swap", None)
 
 
 def optimize_file(source: str | Path, target_path: str | Path, **kwargs) -> PipelineReport:
