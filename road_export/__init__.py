@@ -20,25 +20,3 @@ from road_export.model import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "RoadConfig",
-    "RoadError",
-    "RoadLayer",
-    "RoadVariant",
-    "ExportResult",
-    "adapter_ids",
-    "disable_adapters",
-    "export",
-    "from_peft",
-    "get_road_model",
-    "load_adapter",
-    "merge_adapter",
-    "merge_and_unload",
-    "mixed_batch",
-    "read_adapter",
-    "road_layers",
-    "save_adapter",
-    "set_adapter",
-    "unload",
-    "unmerge_adapter",
-]

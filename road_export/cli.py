@@ -15,7 +15,7 @@ from pathlib import Path
 
 from road_export.errors import RoadError
 
-SUBCOMMANDS = ("verify", "inspect", "optimize", "adapter")
+SUBCOMMANDS = ("verify", "inspect", "optimize", "adapter", "merge-checkpoint")
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 EXAMPLES = """examples:
@@ -105,6 +105,16 @@ def adapter_parser() -> argparse.ArgumentParser:
     parser.add_argument("adapter", metavar="ADAPTER_DIR")
     parser.add_argument("--like", metavar="MODEL.onnx", required=True, help="the exported model it is for")
     parser.add_argument("output", metavar="OUT.onnx_adapter")
+    return parser
+
+
+def merge_checkpoint_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="road-export merge-checkpoint", description="Merge a peft RoAd adapter into a "
+                     "transformers safetensors checkpoint shard by shard (memory near one tensor).")
+    parser.add_argument("--base", required=True, metavar="DIR", help="transformers model directory (safetensors)")
+    parser.add_argument("--adapter", required=True, metavar="DIR", help="peft RoAd adapter directory")
+    parser.add_argument("output", metavar="OUT_DIR")
+    parser.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -231,6 +241,17 @@ def run_adapter(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def run_merge_checkpoint(argv: Sequence[str]) -> int:
+    args = merge_checkpoint_parser().parse_args(argv)
+    from road_export.checkpoint import merge_checkpoint
+
+    report = merge_checkpoint(args.base, args.adapter, args.output)
+    if not args.quiet:
+        print(f"wrote {report.out_dir}: {report.shards} shard(s), {len(report.merged)} tensors rotated, "
+              f"{len(report.replaced)} replaced (modules_to_save)")
+    return EXIT_OK
+
+
 def run_inspect(argv: Sequence[str]) -> int:
     args = inspect_parser().parse_args(argv)
     from road_export.inspection import inspect_model
@@ -252,9 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    commands = {"verify": run_verify, "inspect": run_inspect, "optimize": run_optimize, "adapter": run_adapter}
+    commands = {"verify": run_verify, "inspect": run_inspect, "optimize": run_optimize, "adapter": run_adapter,
+                "merge-checkpoint": run_merge_checkpoint}
     try:
-        if not argv or argv[0] not in ("inspect", "optimize", "adapter"):
+        if not argv or argv[0] not in ("inspect", "optimize", "adapter", "merge-checkpoint"):
             _quiet_libraries()
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -172,3 +172,12 @@ def test_adapter_conversion(exported, llama_dirs, tmp_path):
     assert_bad_input(road_export("adapter", tmp_path / "bert", "--like", path, tmp_path / "b.onnx_adapter"),
                      says="adapted layers differ")
     assert not (tmp_path / "b.onnx_adapter").exists()
+
+
+def test_merge_checkpoint(llama_dirs, tmp_path):
+    out = tmp_path / "merged"
+    proc = road_export("merge-checkpoint", "--base", llama_dirs / "base", "--adapter", llama_dirs / "road", out)
+    assert proc.returncode == 0 and "tensors rotated" in proc.stdout, proc.stderr
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    assert_bad_input(road_export("merge-checkpoint", "--base", llama_dirs / "base", "--adapter", llama_dirs / "road",
+                                 out), says="not empty")

@@ -90,12 +90,18 @@ def test_gpt2_conv1d_is_wrapped():
         torch.testing.assert_close(merged(**inputs).logits, adapted, atol=1e-5, rtol=0)
 
 
-def test_mixed_batch_rows_equal_single_adapter_runs():
+def two_adapters(targets_b):
+    """tiny-llama with adapter "a" (road_1, g 8, default targets) and "b" (road_4, g 16, `targets_b`)."""
     model = tiny("tiny-llama")
     torch.manual_seed(0)
     rx.get_road_model(model, RoadConfig(variant="road_1", group_size=8, init_weights=False), "a")
     rx.get_road_model(model, RoadConfig(variant="road_4", group_size=16, init_weights=False,
-                                        target_modules=["o_proj", "v_proj"]), "b")
+                                        target_modules=targets_b), "b")
+    return model
+
+
+def test_mixed_batch_rows_equal_single_adapter_runs():
+    model = two_adapters(["o_proj", "v_proj"])
     inputs = token_inputs(model, batch=3)
     names = ["b", "__base__", "a"]
     with torch.no_grad():
@@ -156,11 +162,7 @@ def test_duplicate_and_reserved_adapter_names():
 
 
 def test_adapter_ids_equal_named_mixed_batch():
-    model = tiny("tiny-llama")
-    torch.manual_seed(0)
-    rx.get_road_model(model, RoadConfig(variant="road_1", group_size=8, init_weights=False), "a")
-    rx.get_road_model(model, RoadConfig(variant="road_4", group_size=16, init_weights=False,
-                                        target_modules=["q_proj", "o_proj"]), "b")
+    model = two_adapters(["q_proj", "o_proj"])
     inputs = token_inputs(model, batch=4)
     with torch.no_grad():
         with rx.mixed_batch(model, ["b", "__base__", "a", "b"]):

@@ -1,0 +1,188 @@
+"""Merge a peft RoAd adapter into a transformers checkpoint shard by shard, with memory bounded by one tensor.
+
+RoAd's merge rotates rows of a weight and keeps its dtype and shape, so every output shard has exactly the
+input shard's safetensors header: untouched tensors are copied byte for byte in chunks, adapted ones are read
+one at a time into a buffer of their own (not memory-mapped: touched mapped pages would count towards the
+process's memory), merged row-wise in float32 (in place for float32) and written back from that buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from road_export import rotation
+from road_export.adapters import read_adapter
+from road_export.errors import RoadError
+
+CONV1D_MODEL_TYPES = {"gpt2"}  # transformers' Conv1D keeps weights as [in, out]
+CHUNK = 4 * 2**20
+BLOCK_ROWS = 1024  # rows merged at a time (whole groups), so merge_'s scratch copy stays small
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    shards: int
+    merged: list[str] = field(default_factory=list)  # tensors rotated
+    replaced: list[str] = field(default_factory=list)  # modules_to_save tensors taken from the adapter
+    largest_tensor_bytes: int = 0
+
+
+def _shards(base: Path) -> list[Path]:
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise RoadError(f"{index}: not a readable safetensors index ({e})") from e
+        return [base / name for name in sorted(set(weight_map.values()))]
+    single = base / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise RoadError(f"{base}: no model.safetensors or model.safetensors.index.json; merge-checkpoint needs "
+                    "safetensors weights")
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError) as e:
+        raise RoadError(f"{path}: not a readable safetensors file ({e})") from e
+    return length, header
+
+
+def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> MergeReport:
+    """Write `out_dir`: the checkpoint at `base_dir` with the adapter merged (loads with `from_pretrained`)."""
+    base, out = Path(base_dir), Path(out_dir)
+    if not (base / "config.json").is_file():
+        raise RoadError(f"{base}: not a transformers model directory (no config.json)")
+    if out.exists() and any(out.iterdir()):
+        raise RoadError(f"{out}: exists and is not empty; choose a new directory")
+    if not out.parent.is_dir():
+        raise RoadError(f"{out}: directory {out.parent} does not exist")
+    adapter = read_adapter(adapter_dir)
+    config = json.loads((base / "config.json").read_text())
+    axis = 1 if config.get("model_type") in CONV1D_MODEL_TYPES else 0
+    g = adapter.config.group_size
+    shards = _shards(base)
+    headers = {shard: _header(shard) for shard in shards}
+    where = {key: shard for shard, (_, header) in headers.items() for key in header if key != "__metadata__"}
+    plan: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    unstored = [k for k in adapter.extra if k not in where]
+    if unstored:
+        raise RoadError(f"{adapter.path}: modules_to_save tensor {unstored[0]} is not stored in {base} (tied to "
+                        "another weight?); merge in memory with road_export.merge_and_unload instead")
+    unplaced = [m for m in adapter.road if f"{m}.weight" not in where]
+    if unplaced:
+        shown = ", ".join(unplaced[:5]) + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else "")
+        raise RoadError(f"{adapter.path}: {len(unplaced)} adapted tensor(s) have no place in {base}: {shown}; "
+                        "the adapter was made for another model")
+    for module, params in adapter.road.items():
+        shape = headers[where[f"{module}.weight"]][1][f"{module}.weight"]["shape"]
+        width = shape[axis] if len(shape) == 2 else shape[0]
+        if width % g:
+            raise RoadError(f"{adapter.path}: {module} has {width} outputs, not divisible by group_size {g}")
+        expected = rotation.params_length(adapter.config.variant, width)
+        if tuple(params["road_theta"].shape) != (expected,):
+            raise RoadError(f"{adapter.path}: {module}.road_theta has shape {tuple(params['road_theta'].shape)}, "
+                            f"expected ({expected},) for {adapter.config.variant} on {width} outputs")
+        coeffs = rotation.coefficients(adapter.config.variant, g, params["road_theta"].float(),
+                                       params["road_alpha"].float())
+        plan[f"{module}.weight"] = coeffs
+        if f"{module}.bias" in where:
+            plan[f"{module}.bias"] = coeffs
+    report = MergeReport(out, len(shards))
+    # Two buffers serve every tensor: reusing them keeps the allocator from growing a heap of freed blocks.
+    largest = max((end - begin for shard, (_, header) in headers.items() for key, info in header.items()
+                   if key in plan or key in adapter.extra for begin, end in [info["data_offsets"]]), default=0)
+    _fixed_mmap_threshold()
+    buffers = (bytearray(largest), bytearray(CHUNK))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for shard in shards:
+            _write_shard(shard, tmp / shard.name, headers[shard], plan, adapter.extra, axis, g, report, buffers)
+        for item in base.iterdir():
+            if item.is_file() and item.suffix != ".safetensors" and not (tmp / item.name).exists():
+                shutil.copy2(item, tmp / item.name)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _merge_in_place(tensor: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, g: int, axis: int) -> None:
+    """Rotate `tensor` (any float dtype) in place, a block of whole groups of rows at a time along axis 0."""
+    if axis != 0:  # Conv1D [in, out]: column blocks are not contiguous views, merge whole
+        tensor.copy_(rotation.merge_(tensor.float(), c1, c2, g, axis=axis).to(tensor.dtype))
+        return
+    step = max(g, BLOCK_ROWS // g * g)
+    for start in range(0, tensor.shape[0], step):
+        block = tensor[start:start + step]
+        part1, part2 = c1[start:start + step], c2[start:start + step]
+        if block.dtype == torch.float32:
+            rotation.merge_(block, part1, part2, g, axis=0)
+        else:
+            block.copy_(rotation.merge_(block.float(), part1, part2, g, axis=0).to(block.dtype))
+
+
+def _fixed_mmap_threshold() -> None:
+    """Make glibc return freed large blocks to the OS: its adaptive threshold would keep them in the heap."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, which also stops adapting
+    except (OSError, AttributeError):
+        pass
+
+
+def _write_shard(source: Path, target: Path, header_info, plan, extra, axis, g, report, buffers) -> None:
+    length, header = header_info
+    tensor_buffer, copy_buffer = memoryview(buffers[0]), memoryview(buffers[1])
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    data_start = 8 + length
+    with source.open("rb") as src, target.open("wb") as dst:
+        dst.write(src.read(data_start))  # the header is unchanged: same names, dtypes, shapes and offsets
+        for key, info in entries:
+            begin, end = info["data_offsets"]
+            report.largest_tensor_bytes = max(report.largest_tensor_bytes, end - begin)
+            src.seek(data_start + begin)
+            if key in plan or key in extra:
+                dtype = DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise RoadError(f"{source}: tensor {key} has dtype {info['dtype']}; only float weights merge")
+                buffer = tensor_buffer[: end - begin]
+                if src.readinto(buffer) != len(buffer):
+                    raise RoadError(f"{source}: truncated at tensor {key}")
+                tensor = torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+                if key in extra:
+                    tensor.copy_(extra[key].to(dtype).reshape(tensor.shape))
+                    report.replaced.append(key)
+                else:
+                    c1, c2 = plan[key]
+                    work_axis = axis if tensor.dim() == 2 else 0
+                    _merge_in_place(tensor, c1, c2, g, work_axis)
+                    report.merged.append(key)
+                dst.write(buffer)
+                del tensor, buffer
+            else:
+                remaining = end - begin
+                while remaining:
+                    n = src.readinto(copy_buffer[: min(CHUNK, remaining)])
+                    if not n:
+                        raise RoadError(f"{source}: truncated at tensor {key}")
+                    dst.write(copy_buffer[:n])
+                    remaining -= n
