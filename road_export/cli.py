@@ -15,7 +15,7 @@ from pathlib import Path
 
 from road_export.errors import RoadError
 
-SUBCOMMANDS = ("verify", "inspect", "optimize", "adapter", "merge-checkpoint")
+SUBCOMMANDS = ("verify", "inspect", "optimize", "adapter", "merge-checkpoint", "attach")
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 EXAMPLES = """examples:
@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   road-export inspect model.onnx
   road-export optimize peft_export.onnx fused.onnx --fold
   road-export adapter ./other_road --like model.onnx model.other.onnx_adapter
+  road-export attach base.onnx --adapter ./road --mode merge merged.onnx
+  road-export merge-checkpoint --base ./llama --adapter ./road ./llama-merged
 """
 
 
@@ -114,6 +116,17 @@ def merge_checkpoint_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", required=True, metavar="DIR", help="transformers model directory (safetensors)")
     parser.add_argument("--adapter", required=True, metavar="DIR", help="peft RoAd adapter directory")
     parser.add_argument("output", metavar="OUT_DIR")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def attach_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="road-export attach", description="Attach a peft RoAd adapter to an existing ONNX model "
+                     "(no torch export): rotations folded into the weights (merge) or as road nodes (rotate).")
+    parser.add_argument("base", metavar="BASE.onnx")
+    parser.add_argument("--adapter", required=True, action="append", metavar="DIR", help="peft RoAd adapter")
+    parser.add_argument("--mode", choices=("merge", "rotate"), default="rotate")
+    parser.add_argument("output", metavar="OUT.onnx")
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -252,6 +265,17 @@ def run_merge_checkpoint(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def run_attach(argv: Sequence[str]) -> int:
+    args = attach_parser().parse_args(argv)
+    from road_export.attach import attach
+
+    report = attach(args.base, args.adapter, args.output, mode=args.mode)
+    if not args.quiet:
+        what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
+        print(f"wrote {args.output}: {len(report.placed)} module(s) placed, {what}")
+    return EXIT_OK
+
+
 def run_inspect(argv: Sequence[str]) -> int:
     args = inspect_parser().parse_args(argv)
     from road_export.inspection import inspect_model
@@ -274,9 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     commands = {"verify": run_verify, "inspect": run_inspect, "optimize": run_optimize, "adapter": run_adapter,
-                "merge-checkpoint": run_merge_checkpoint}
+                "merge-checkpoint": run_merge_checkpoint, "attach": run_attach}
     try:
-        if not argv or argv[0] not in ("inspect", "optimize", "adapter", "merge-checkpoint"):
+        if not argv or argv[0] not in ("inspect", "optimize", "adapter", "merge-checkpoint", "attach"):
             _quiet_libraries()
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -181,3 +181,17 @@ def test_merge_checkpoint(llama_dirs, tmp_path):
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     assert_bad_input(road_export("merge-checkpoint", "--base", llama_dirs / "base", "--adapter", llama_dirs / "road",
                                  out), says="not empty")
+
+
+def test_attach(llama_dirs, tmp_path):
+    import road_export as rx
+
+    rx.export(tiny("tiny-llama"), tmp_path / "base.onnx", require_adapter=False)
+    for mode in ("merge", "rotate"):
+        out = tmp_path / f"{mode}.onnx"
+        proc = road_export("attach", tmp_path / "base.onnx", "--adapter", llama_dirs / "road", "--mode", mode, out)
+        assert proc.returncode == 0 and "4 module(s) placed" in proc.stdout, proc.stderr
+        verified = road_export("verify", out, "--base", llama_dirs / "base", "--adapter", llama_dirs / "road")
+        assert verified.returncode == 0, verified.stdout
+    assert_bad_input(road_export("attach", tmp_path / "none.onnx", "--adapter", llama_dirs / "road",
+                                 tmp_path / "x.onnx"), says="no such ONNX file")

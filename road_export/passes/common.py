@@ -25,10 +25,13 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None:
         return value.const_value.numpy()
     producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
-        attr = producer.attributes.get("value")
-        if attr is not None:
-            return attr.as_tensor().numpy()
+    if producer is not None and producer.domain == "":
+        if producer.op_type == "Constant":
+            attr = producer.attributes.get("value")
+            if attr is not None:
+                return attr.as_tensor().numpy()
+        if producer.op_type == "Identity":  # the legacy exporter routes shared initializers through Identity
+            return constant(producer.inputs[0])
     return None
 
 
