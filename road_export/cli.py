@@ -68,6 +68,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.onnx.data")
     parser.add_argument("--target", choices=("onnxruntime", "portable"), default="onnxruntime",
                         help="rotate mode: road op bodies for onnxruntime (default) or standard ops only")
+    parser.add_argument("--fixed", action="store_true",
+                        help="rotate mode: coefficients as constants (fewest kernels; no .onnx_adapter swapping)")
     parser.add_argument("--no-verify", action="store_true", help="skip the parity check")
     _report_options(parser)
     return parser
@@ -202,6 +204,7 @@ def run_export(argv: Sequence[str]) -> int:
                             "rotate for one graph that serves them all (input adapter_ids)")
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
                            dtype=args.dtype, external_data=args.external_data or None, target=args.target,
+                           swappable=not args.fixed,
                            on_step=progress.step)
         report = None
         if not args.no_verify:

@@ -95,11 +95,12 @@ def main() -> None:
           f"({args.targets}), g=64")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
-    paths = {k: tmp / f"{k}.onnx" for k in ("base", "merge", "rotate", "peft")}
+    paths = {k: tmp / f"{k}.onnx" for k in ("base", "merge", "rotate", "fixed", "peft")}
     jobs = {
         "base": lambda: rx.export(base, paths["base"], require_adapter=False),
         "merge": lambda: rx.export(ours, paths["merge"], mode="merge"),
         "rotate": lambda: rx.export(ours, paths["rotate"], mode="rotate"),
+        "fixed": lambda: rx.export(ours, paths["fixed"], mode="rotate", swappable=False),
         "peft": lambda: peft_traced_export(peft_model, paths["peft"]),
     }
     jobs["base"]()  # warm-up: the first export pays for imports and the exporter's own set-up
@@ -110,9 +111,10 @@ def main() -> None:
             job()
             times[key].append(time.perf_counter() - start)
     print("\nexport time (median of %d interleaved rounds)" % args.export_rounds)
-    for key in ("merge", "rotate", "peft"):
+    for key in ("merge", "rotate", "fixed", "peft"):
         ratio = statistics.median(a / b for a, b in zip(times[key], times["base"], strict=True))
-        label = {"merge": "road-export merge", "rotate": "road-export rotate", "peft": "peft + torch.onnx.export"}
+        label = {"merge": "road-export merge", "rotate": "road-export rotate", "fixed": "rotate --fixed",
+                 "peft": "peft + torch.onnx.export"}
         print(f"  {label[key]:>26}: {statistics.median(times[key]):6.2f} s   base {statistics.median(times['base']):6.2f} s"
               f"   ratio {ratio:.2f}x")
 
@@ -120,7 +122,7 @@ def main() -> None:
     base_nodes = node_count(paths["base"])
     opt = {k: tmp / f"{k}.ort.onnx" for k in paths}
     sessions = {k: session(p, opt[k]) for k, p in paths.items()}
-    for key in ("merge", "rotate", "peft"):
+    for key in ("merge", "rotate", "fixed", "peft"):
         in_file = (node_count(paths[key]) - base_nodes) / n_adapted
         after = (node_count(opt[key]) - node_count(opt["base"])) / n_adapted
         print(f"  {key:>8}: {in_file:5.2f} in the file, {after:5.2f} after onnxruntime's optimisation")
@@ -130,7 +132,7 @@ def main() -> None:
         for _ in range(10):
             s.run(None, feeds)
     print(f"\none-token step latency, batch 1 (onnxruntime, 2 threads, {args.rounds} interleaved rounds)")
-    for key in ("merge", "rotate", "peft"):
+    for key in ("merge", "rotate", "fixed", "peft"):
         cmp = interleave(lambda k=key: sessions[k].run(None, feeds), lambda: sessions["base"].run(None, feeds),
                          rounds=args.rounds, names=(key, "base"), inner=5)
         print("  " + cmp.line())

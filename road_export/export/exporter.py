@@ -69,6 +69,7 @@ def export(
     optimize: bool = True,
     require_adapter: bool = True,
     target: str = "onnxruntime",
+    swappable: bool = True,
     on_step: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a RoAd-adapted model (ours, or a live peft model) to ONNX at `path`.
@@ -76,6 +77,8 @@ def export(
     `task` defaults to the one the transformers class implies; other modules need `example_inputs`.
     `external_data=None` writes `<path>.data` only for models over 2 GB. On failure no file is left behind.
     `require_adapter=False` lets a model without adapter through in merge mode (the base model's export).
+    `swappable` (rotate mode, one adapter): coefficients as overridable initializers plus an `.onnx_adapter` file,
+    so onnxruntime can swap adapters per Run; False keeps them constants, which onnxruntime folds further.
     `target` picks the road function bodies (passes/lower.py): "onnxruntime" (road_1 through RotaryEmbedding) or
     "portable" (standard ops only).
     `on_step` is called with the name of each long step as it starts (tracing, optimizing, writing).
@@ -107,7 +110,7 @@ def export(
             step("tracing")
             ir_model = _torch_export(module, args, names, dynamic, opset)
     road_nodes = road_op.attach_functions(ir_model) if mode == "rotate" else 0
-    swappable = mode == "rotate" and not order and adapters and spec is not None
+    swappable = swappable and mode == "rotate" and not order and bool(adapters) and spec is not None
     if swappable:
         from road_export import swap
 

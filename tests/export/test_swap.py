@@ -72,3 +72,16 @@ def test_merged_and_mixed_exports_are_not_swappable(tmp_path):
     assert merged.adapter_files == []
     with pytest.raises(RoadError, match="not a swappable"):
         convert_adapter(tmp_path / "first", merged.path, tmp_path / "y.onnx_adapter")
+
+
+def test_fixed_coefficients_are_constants(tmp_path):
+    import onnx
+
+    first = peft_adapter(tmp_path / "first", 0, variant="road_1", group_size=8)
+    result = rx.export(first, tmp_path / "f.onnx", mode="rotate", swappable=False)
+    proto = onnx.load(result.path)
+    initializers = {t.name for t in proto.graph.initializer}
+    assert result.adapter_files == [] and not [i for i in proto.graph.input if i.name in initializers]
+    assert {n.op_type for n in proto.graph.node if n.domain == "road"} == {"RotateTied"}
+    with pytest.raises(RoadError, match="not a swappable"):
+        convert_adapter(tmp_path / "first", result.path, tmp_path / "z.onnx_adapter")
