@@ -102,14 +102,15 @@ def export(
             raise RoadError(f"merge mode takes one adapter, the model has {len(adapters)} "
                             f"({', '.join(a['name'] for a in adapters)}); use mode='rotate' for a mixed-adapter graph")
         order = tuple(a["name"] for a in adapters) if mixed else ()
-        for i, adapter in enumerate(adapters):
-            if mixed:
+        if mixed:
+            for i, adapter in enumerate(adapters):
                 adapter["id"] = i + 1
         with _prepared(adapted, mode, dtype, order) as prepared:
             module, args, names, spec, dynamic = _trace_plan(prepared, task, example_inputs, dtype, order)
             step("tracing")
             ir_model = _torch_export(module, args, names, dynamic, opset)
-    road_nodes = road_op.attach_functions(ir_model) if mode == "rotate" else 0
+    if mode == "rotate":
+        road_op.attach_functions(ir_model)
     swappable = swappable and mode == "rotate" and not order and bool(adapters) and spec is not None
     if swappable:
         from road_export import swap
@@ -130,9 +131,11 @@ def export(
         ir_model.graph.outputs[0].name = spec.output_name
         outputs = [spec.output_name]
     _set_metadata(ir_model, mode, spec.task if spec else None, adapters)
+    road_nodes = sum(1 for node in ir_model.graph.all_nodes() if node.domain == road_op.DOMAIN)
     step("writing")
     # the swap file's values are read before saving: an external-data save re-points the tensors
-    values = {v.name: v.const_value.numpy() for v in ir_model.graph.inputs if v.const_value is not None}
+    values = {v.name: v.const_value.numpy() for v in ir_model.graph.inputs if v.const_value is not None} \
+        if swappable else {}
     data = _save_atomic(ir_model, path, external_data)
     files = []
     if swappable:
