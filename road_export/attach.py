@@ -168,23 +168,13 @@ def _insert_rotation(model: ir.Model, out: ir.Value, c1: np.ndarray, c2: np.ndar
 
 def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mode: str = "rotate") -> AttachReport:
     """`road-export attach`: load BASE.onnx (external data too), attach, and save atomically."""
-    from road_export.export.exporter import _save_atomic, _tensor_bytes, check_writable
+    from road_export.export.exporter import _save_atomic, load_for_rewrite
 
-    base, out = Path(base), Path(out)
-    if not base.is_file():
-        raise RoadError(f"{base}: no such ONNX file")
-    if out.suffix != ".onnx":
-        raise RoadError(f"{out}: the output file name must end in .onnx")
-    check_writable(out)
     if len(adapters) != 1:
         raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
                         "(road-export --adapter a=... --adapter b=... --mode rotate)")
     files = [read_adapter(a) for a in adapters]
-    try:
-        model = ir.load(base)
-    except Exception as e:
-        raise RoadError(f"{base}: not a readable ONNX model ({str(e).splitlines()[0]})") from e
-    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    model, external = load_for_rewrite(base, out)
     report = attach_to_model(model, files[0], mode)
     import json
 
@@ -198,5 +188,5 @@ def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mo
     for value in model.graph.initializers.values():  # materialise before the source files are replaced
         if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
-    _save_atomic(model, out, external or _tensor_bytes(model) > 2**31 - 64 * 2**20)
+    _save_atomic(model, Path(out), external)
     return report

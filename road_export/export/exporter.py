@@ -411,5 +411,21 @@ def _save_atomic(model: ir.Model, path: Path, external_data: bool | None) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_for_rewrite(source: str | os.PathLike, target: str | os.PathLike) -> tuple[ir.Model, bool]:
+    """Check both paths, load `source` (external data stays lazy) and say whether to write external data."""
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise RoadError(f"{source}: no such ONNX file")
+    if target.suffix != ".onnx":
+        raise RoadError(f"{target}: the output file name must end in .onnx")
+    check_writable(target)
+    try:
+        model = ir.load(source)
+    except Exception as e:
+        raise RoadError(f"{source}: not a readable ONNX model ({str(e).splitlines()[0]})") from e
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    return model, external or _tensor_bytes(model) > TWO_GB - 64 * 2**20
+
+
 def _tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -86,21 +86,9 @@ def _freeze_swappable(model: ir.Model) -> None:
 
 def optimize_file(source: str | Path, target_path: str | Path, **kwargs) -> PipelineReport:
     """Load an ONNX file, run the passes, save atomically (external data kept external)."""
-    from road_export.export.exporter import _save_atomic, _tensor_bytes, check_writable
+    from road_export.export.exporter import _save_atomic, load_for_rewrite
 
-    source, target_path = Path(source), Path(target_path)
-    if not source.is_file():
-        raise RoadError(f"{source}: no such ONNX file")
-    if target_path.suffix != ".onnx":
-        raise RoadError(f"{target_path}: the output file name must end in .onnx")
-    check_writable(target_path)
-    try:
-        model = ir.load(source)
-    except Exception as e:
-        raise RoadError(f"{source}: not a readable ONNX model ({str(e).splitlines()[0]})") from e
-    external = any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
-    ) or _tensor_bytes(model) > 2**31 - 64 * 2**20
+    model, external = load_for_rewrite(source, target_path)
     report = run(model, **kwargs)
-    _save_atomic(model, target_path, external)
+    _save_atomic(model, Path(target_path), external)
     return report
