@@ -18,5 +18,10 @@ from road_export.model import (
     unmerge_adapter,
 )
 
+__all__ = [
+    "ExportResult", "RoadConfig", "RoadError", "RoadLayer", "RoadVariant", "adapter_ids", "disable_adapters",
+    "export", "from_peft", "get_road_model", "load_adapter", "merge_adapter", "merge_and_unload", "mixed_batch",
+    "read_adapter", "road_layers", "save_adapter", "set_adapter", "unload", "unmerge_adapter",
+]
 __version__ = "0.1.0"
 

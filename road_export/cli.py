@@ -45,7 +45,8 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="[NAME=]PATH", action="append", default=[],
                         help="peft RoAd adapter directory (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed for models/ weights built from config")
-    parser.add_argument("--task", help="causal-lm, feature-extraction or sequence-classification (default: inferred)")
+    parser.add_argument("--task", help="causal-lm, text-generation-with-past (decoder with KV cache), "
+                        "feature-extraction or sequence-classification (default: inferred)")
 
 
 def _report_options(parser: argparse.ArgumentParser) -> None:
@@ -167,7 +168,8 @@ class _Progress:
 
     def done(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"{message} ({time.perf_counter() - self.started:.1f} s)", highlight=False, soft_wrap=True)
+            elapsed = time.perf_counter() - self.started
+            self.console.print(f"{message} ({elapsed:.1f} s)", highlight=False, soft_wrap=True)
 
 
 def _write_report(report, path: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,14 +52,33 @@ class Inspection:
                          f"{len(a['layers'])} layers")
         for title, values in (("inputs", self.inputs), ("outputs", self.outputs)):
             lines.append(f"  {title}:")
-            for v in values:
-                lines.append(f"    {v['name']}: {v['dtype']}[{', '.join(map(str, v['shape']))}]")
+            for name, v in _collapse_cache(values):
+                lines.append(f"    {name}: {v['dtype']}[{', '.join(map(str, v['shape']))}]")
         extra = {k: v for k, v in self.metadata.items() if not k.startswith("road_export.")}
         if extra:
             lines.append("  metadata:  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
         if self.external_data:
             lines.append("  weights:   external data file")
         return "\n".join(lines)
+
+
+def _collapse_cache(values: list[dict]) -> list[tuple[str, dict]]:
+    """One line for all layers' past/present keys (or values) of one dtype and shape: `present.0..3.key`."""
+    out: list[tuple[str, dict]] = []
+    groups: dict[tuple, list[int]] = {}
+    for v in values:
+        match = re.fullmatch(r"(past_key_values|present)\.(\d+)\.(key|value)", v["name"])
+        if not match:
+            out.append((v["name"], v))
+            continue
+        key = (match[1], match[3], v["dtype"], tuple(v["shape"]))
+        if key not in groups:
+            groups[key] = []
+            out.append((key, v))
+        groups[key].append(int(match[2]))
+    return [(name if isinstance(name, str) else
+             f"{name[0]}.{min(groups[name])}..{max(groups[name])}.{name[1]}" if len(groups[name]) > 1 else
+             f"{name[0]}.{groups[name][0]}.{name[1]}", v) for name, v in out]
 
 
 def _value_info(v: onnx.ValueInfoProto) -> dict:

@@ -81,32 +81,53 @@ class RoadSession:
             ) -> dict[str, np.ndarray]:
         feeds = {k: np.asarray(v) for k, v in inputs.items() if k in self.input_names and k != "adapter_ids"}
         batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
-        if adapter is not None and adapter_names is not None:
-            raise RoadError("give adapter= or adapter_names=, not both")
-        names = list(adapter_names) if adapter_names is not None else [adapter or self._default()] * batch
-        if len(names) != batch:
-            raise RoadError(f"{len(names)} adapter names for a batch of {batch}")
-        options = None
-        if self.mixed:
-            feeds["adapter_ids"] = self.ids(names)
-        elif len(set(names)) == 1 and names[0] in self._swaps:
-            import onnxruntime as ort
-
-            options = ort.RunOptions()
-            options.add_active_adapter(self._swaps[names[0]])
-        elif len(set(names)) > 1 and not set(names) - set(self.adapters):
-            raise RoadError(f"{self.path.name} swaps one adapter per run; export the adapters together with "
-                            "--mode rotate for per-row adapters")
-        elif set(names) - set(self.adapters):
-            raise RoadError(
-                f"{self.path.name} holds {self.adapters or 'no adapter'} only (mode {self.mode}); export several "
-                "adapters with --mode rotate for per-row adapters"
-            )
+        extra, options = self.route(batch, adapter=adapter, adapter_names=adapter_names)
+        feeds.update(extra)
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise RoadError(f"missing inputs {missing}; the model takes {self.input_names}")
         wanted = list(output_names or self.output_names)
         return dict(zip(wanted, self.session.run(wanted, feeds, options), strict=True))
+
+    def route(self, batch: int, *, adapter: str | None = None, adapter_names: Sequence[str] | None = None
+              ) -> tuple[dict[str, np.ndarray], object]:
+        """The extra feeds (`adapter_ids`) and run options (a swapped adapter) that select the adapters."""
+        if adapter is not None and adapter_names is not None:
+            raise RoadError("give adapter= or adapter_names=, not both")
+        if adapter is None and adapter_names is None and not self.adapters:
+            return {}, None  # a base model's export
+        names = list(adapter_names) if adapter_names is not None else [adapter or self._default()] * batch
+        if len(names) != batch:
+            raise RoadError(f"{len(names)} adapter names for a batch of {batch}")
+        if self.mixed:
+            return {"adapter_ids": self.ids(names)}, None
+        if len(set(names)) == 1 and names[0] in self._swaps:
+            import onnxruntime as ort
+
+            options = ort.RunOptions()
+            options.add_active_adapter(self._swaps[names[0]])
+            return {}, options
+        if len(set(names)) > 1 and not set(names) - set(self.adapters):
+            raise RoadError(f"{self.path.name} swaps one adapter per run; export the adapters together with "
+                            "--mode rotate for per-row adapters")
+        if set(names) - set(self.adapters):
+            raise RoadError(
+                f"{self.path.name} holds {self.adapters or 'no adapter'} only (mode {self.mode}); export several "
+                "adapters with --mode rotate for per-row adapters"
+            )
+        return {}, None
+
+    def generate(self, input_ids, attention_mask=None, **options) -> np.ndarray:
+        """Prompt plus new tokens, [batch, prompt + new]; see `road_export.generation.generate` for the options."""
+        from road_export.generation import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
+    def stream(self, input_ids, attention_mask=None, **options):
+        """Yield each step's tokens and logits as they are decoded; see `road_export.generation.stream`."""
+        from road_export.generation import stream
+
+        return stream(self, input_ids, attention_mask, **options)
 
     def _default(self) -> str:
         if not self.mixed and self.adapters:

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from road_export.errors import RoadError
-from road_export.export.tasks import TaskModule, infer_task, sample_inputs, task_spec
+from road_export.export.tasks import TaskModule, infer_task, nest, sample_inputs, task_spec
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (3, 7, 2), (2, 33, 5))  # (batch, seq, padding)
 MIXED_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (4, 7, 2), (3, 33, 5))  # every id appears
+# With a cache: (batch, new tokens, past length, padding): prefill, padded prefill, a decode step, a chunk after past
+CACHE_SHAPES: tuple[tuple[int, int, int, int], ...] = ((1, 1, 0, 0), (3, 7, 0, 2), (4, 1, 9, 3), (2, 4, 6, 1))
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 
 
@@ -92,12 +94,15 @@ def verify(
     torch_model: nn.Module,
     *,
     task: str | None = None,
-    shapes: tuple[tuple[int, int, int], ...] = DEFAULT_SHAPES,
+    shapes: tuple[tuple[int, ...], ...] = DEFAULT_SHAPES,
     atol: float | None = None,
     seed: int = 0,
     session_options=None,
 ) -> ParityReport:
-    """Compare the ONNX file with `torch_model` (float32 reference) on each shape in `shapes`."""
+    """Compare the ONNX file with `torch_model` (float32 reference) on each shape in `shapes`.
+
+    A shape is (batch, sequence, padding), or (batch, sequence, past length, padding) for a graph with a cache.
+    """
     import onnxruntime as ort
 
     onnx_path = Path(onnx_path)
@@ -125,22 +130,44 @@ def verify(
     if missing:
         raise RoadError(f"{onnx_path}: inputs {missing} are not inputs of task {spec.task}")
     reference = TaskModule(torch_model, spec).eval()
-    if order and shapes == DEFAULT_SHAPES:
-        shapes = MIXED_SHAPES
     output_names = [o.name for o in session.get_outputs()]
     report = ParityReport(str(onnx_path), dtype, atol)
-    for batch, seq, pad in shapes:
-        inputs = sample_inputs(torch_model, spec, batch=batch, seq=seq, seed=seed, pad=min(pad, seq - 1))
+    if spec.cache and shapes == DEFAULT_SHAPES:
+        shapes = CACHE_SHAPES
+    elif order and shapes == DEFAULT_SHAPES:
+        shapes = MIXED_SHAPES
+    cases = [shape if len(shape) == 4 else (shape[0], shape[1], 0, shape[2]) for shape in shapes]
+    for batch, seq, past, pad in cases:
+        inputs = sample_inputs(torch_model, spec, batch=batch, seq=seq, seed=seed, pad=min(pad, past + seq - 1),
+                               past=past)
+        if dtype == "float16":  # the cache is fed in float16: give the reference the same rounded values
+            inputs = {k: v.half().float() if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.no_grad():
-            expected = reference(**{k: v for k, v in inputs.items() if k in spec.input_names}).float().numpy()
-        got = session.run(output_names, {n: inputs[n].numpy() for n in feeds_needed})
+            expected = reference(**nest(spec, inputs))
+        expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+        feeds = {n: inputs[n].numpy().astype(np.float16 if dtype == "float16" and inputs[n].is_floating_point()
+                                            else inputs[n].numpy().dtype) for n in feeds_needed}
+        got = session.run(output_names, feeds)
         mask = inputs["attention_mask"].numpy().astype(bool)
-        case = f"batch {batch}, seq {seq}" + (f", pad {pad}" if pad else "")
+        case = f"batch {batch}, seq {seq}" + (f", past {past}" if spec.cache else "") + (f", pad {pad}" if pad else "")
         if order:
             case += ", ids " + ",".join(str(int(i)) for i in inputs["adapter_ids"])
-        report.rows.append(compare(output_names[0], case, got[0], expected, mask, atol,
+        report.rows.append(compare(output_names[0], case, got[0], expected[0], mask[:, -seq:], atol,
                                    logits=spec.output_name == "logits"))
+        if spec.cache:
+            report.rows.append(_compare_cache(case, got[1:], expected[1:], mask, atol))
     return report
+
+
+def _compare_cache(case: str, got: list[np.ndarray], expected: list[np.ndarray], mask: np.ndarray,
+                   atol: float) -> OutputParity:
+    """All present keys/values as one row; positions under padding are left out ([b, h, t, d] -> [real, h, d])."""
+    if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected, strict=False)):
+        return OutputParity("present.*", case, [len(got)], math.inf, math.inf, 0.0, None, False)
+    flat = lambda ts: np.concatenate([t.transpose(0, 2, 1, 3)[mask].ravel() for t in ts])  # noqa: E731
+    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False)
+    row.shape = list(got[0].shape)
+    return row
 
 
 def compare(name: str, case: str, got: np.ndarray, expected: np.ndarray, mask: np.ndarray | None, atol: float,

@@ -195,3 +195,21 @@ def test_attach(llama_dirs, tmp_path):
         assert verified.returncode == 0, verified.stdout
     assert_bad_input(road_export("attach", tmp_path / "none.onnx", "--adapter", llama_dirs / "road",
                                  tmp_path / "x.onnx"), says="no such ONNX file")
+
+
+def test_text_generation_with_past(llama_dirs, tmp_path):
+    args = ["--base", llama_dirs / "base", "--adapter", f"one={llama_dirs / 'road'}", "--adapter",
+            f"two={llama_dirs / 'other'}", "--task", "text-generation-with-past"]
+    proc = road_export(*args, "--mode", "rotate", tmp_path / "decoder.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert "parity PASSED: 8/8" in proc.stdout and "present.*" in proc.stdout and "past 9" in proc.stdout
+    info = json.loads(road_export("inspect", tmp_path / "decoder.onnx", "--json").stdout)
+    assert info["task"] == "text-generation-with-past"
+    assert "past_key_values.1.value" in [i["name"] for i in info["inputs"]]
+    assert "present.1.value" in [o["name"] for o in info["outputs"]]
+    verified = road_export("verify", tmp_path / "decoder.onnx", *args)
+    assert verified.returncode == 0 and "present.*" in verified.stdout, verified.stdout + verified.stderr
+    typo = road_export("--base", llama_dirs / "base", "--adapter", llama_dirs / "road", "--task",
+                       "text-generation-with-pasta", tmp_path / "typo.onnx")
+    assert_bad_input(typo, says="unknown task 'text-generation-with-pasta'")
+    assert not (tmp_path / "typo.onnx").exists()

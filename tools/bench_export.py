@@ -115,7 +115,8 @@ def main() -> None:
         ratio = statistics.median(a / b for a, b in zip(times[key], times["base"], strict=True))
         label = {"merge": "road-export merge", "rotate": "road-export rotate", "fixed": "rotate --fixed",
                  "peft": "peft + torch.onnx.export"}
-        print(f"  {label[key]:>26}: {statistics.median(times[key]):6.2f} s   base {statistics.median(times['base']):6.2f} s"
+        base_time = statistics.median(times["base"])
+        print(f"  {label[key]:>26}: {statistics.median(times[key]):6.2f} s   base {base_time:6.2f} s"
               f"   ratio {ratio:.2f}x")
 
     print("\nONNX nodes added per adapted layer")

@@ -33,7 +33,8 @@ def build(nodes, inits, shape, opsets) -> bytes:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
     graph = helper.make_graph(nodes, "bench", [x], [y], [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid(*o) for o in opsets]))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(*o) for o in opsets])
+    model = ir.serde.deserialize_model(proto)
     if any(n.domain == road_op.DOMAIN for n in model.graph):
         LowerPass("onnxruntime")(model)
     return ir.serde.serialize_model(model).SerializeToString()

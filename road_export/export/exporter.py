@@ -31,7 +31,7 @@ from road_export import model as road_model
 from road_export import rotation
 from road_export.errors import RoadError
 from road_export.export import op as road_op
-from road_export.export.tasks import TaskModule, TaskSpec, infer_task, sample_inputs, task_spec
+from road_export.export.tasks import TaskModule, dynamic_shapes, infer_task, nest, task_spec, trace_inputs
 from road_export.layers import RoadLayer
 
 logger = logging.getLogger(__name__)
@@ -127,9 +127,12 @@ def export(
 
         pipeline.run(ir_model, target=target)
     outputs = [v.name for v in ir_model.graph.outputs]
-    if spec is not None and len(outputs) == 1:
-        ir_model.graph.outputs[0].name = spec.output_name
-        outputs = [spec.output_name]
+    if spec is not None and len(outputs) == len(spec.output_names):
+        for value, name in zip(ir_model.graph.outputs, spec.output_names, strict=True):
+            value.name = name
+        outputs = list(spec.output_names)
+        if spec.cache:
+            _name_cache_axes(ir_model)
     _set_metadata(ir_model, mode, spec.task if spec else None, adapters)
     road_nodes = sum(1 for node in ir_model.graph.all_nodes() if node.domain == road_op.DOMAIN)
     step("writing")
@@ -142,6 +145,14 @@ def export(
         files.append(swap.write_adapter_file(swap.adapter_file_path(path, adapters[0]["name"]), values))
     return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, road_nodes, adapters, data,
                         files)
+
+
+def _name_cache_axes(model: ir.Model) -> None:
+    """Present keys/values grow to the attention mask's length: one axis name instead of `a + b` / `b + a`."""
+    for value in model.graph.outputs:
+        if value.name.startswith("present.") and value.shape is not None and len(value.shape) == 4:
+            dims = list(value.shape)
+            value.shape = ir.Shape([dims[0], dims[1], ir.SymbolicDim("total_sequence"), dims[3]])
 
 
 def check_writable(path: Path) -> None:
@@ -295,12 +306,13 @@ def _trace_plan(model: nn.Module, task: str | None, example_inputs, dtype, order
         raise RoadError(f"{type(model).__name__} is not a transformers model; pass example_inputs")
     if example_inputs is None or task is not None:
         spec = task_spec(model, task or infer_task(model), order)
-        inputs = example_inputs if isinstance(example_inputs, dict) else sample_inputs(model, spec, batch=3)
-        if set(inputs) != set(spec.input_names):
-            raise RoadError(f"example_inputs for task {spec.task} must be {list(spec.input_names)}")
-        args = {n: inputs[n] for n in spec.input_names}
-        dynamic = {n: {0: "batch"} if n == "adapter_ids" else {0: "batch", 1: "sequence"} for n in spec.input_names}
-        return TaskModule(model, spec), args, list(spec.input_names), spec, dynamic
+        if isinstance(example_inputs, dict):
+            if set(example_inputs) != set(spec.input_names):
+                raise RoadError(f"example_inputs for task {spec.task} must be {list(spec.input_names)}")
+            args = nest(spec, example_inputs)
+        else:
+            args = trace_inputs(model, spec)
+        return TaskModule(model, spec), args, list(spec.input_names), spec, dynamic_shapes(spec)
     if isinstance(example_inputs, dict):
         names, args = list(example_inputs), tuple(example_inputs.values())
     else:

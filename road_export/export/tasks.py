@@ -9,21 +9,50 @@ import torch
 from torch import nn
 
 from road_export.errors import RoadError
+from road_export.generation import positions
 
-TASKS = ("causal-lm", "feature-extraction", "sequence-classification")
+TASKS = ("causal-lm", "text-generation-with-past", "feature-extraction", "sequence-classification")
 ALIASES = {
     "text-generation": "causal-lm",
+    "causal-lm-with-past": "text-generation-with-past",
     "default": "feature-extraction",
     "text-classification": "sequence-classification",
 }
+
+
+# Architectures whose positions come from the attention mask (or ALiBi), so optimum exports no position_ids.
+POSITIONS_FROM_MASK = frozenset({"opt", "bloom", "mpt"})
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The key/value cache of a decoder: one key and one value per layer, [batch, kv_heads, past, head_dim]."""
+
+    layers: int
+    key_shape: tuple[tuple[int, int], ...]  # (kv_heads, head_dim) of each layer's key
+    value_shape: tuple[tuple[int, int], ...]
+    position_ids: bool  # the graph takes position_ids
+
+    @property
+    def past_names(self) -> tuple[str, ...]:
+        return tuple(f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value"))
+
+    @property
+    def present_names(self) -> tuple[str, ...]:
+        return tuple(f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value"))
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     task: str
     input_names: tuple[str, ...]
-    output_name: str
+    output_names: tuple[str, ...]
     adapter_order: tuple[str, ...] = ()  # a mixed-adapter graph: adapter of id k is adapter_order[k - 1]
+    cache: CacheSpec | None = None  # text-generation-with-past
+
+    @property
+    def output_name(self) -> str:
+        return self.output_names[0]
 
 
 def normalize_task(task: str) -> str:
@@ -52,61 +81,174 @@ def task_spec(model: nn.Module, task: str, adapter_order: tuple[str, ...] = ()) 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
     params = inspect.signature(inner.forward).parameters
     names = ["input_ids", "attention_mask"]
-    if task != "causal-lm" and "token_type_ids" in params and getattr(inner.config, "type_vocab_size", 0):
+    causal = task in ("causal-lm", "text-generation-with-past")
+    if not causal and "token_type_ids" in params and getattr(inner.config, "type_vocab_size", 0):
         names.append("token_type_ids")
-    output = {"causal-lm": "logits", "feature-extraction": "last_hidden_state"}.get(task, "logits")
+    outputs = ["last_hidden_state" if task == "feature-extraction" else "logits"]
+    cache = None
+    if task == "text-generation-with-past":
+        cache = cache_spec(inner)
+        if cache.position_ids:
+            names.append("position_ids")
+        names += cache.past_names
+        outputs += cache.present_names
     if adapter_order:
         names.append("adapter_ids")
-    return TaskSpec(task, tuple(names), output, tuple(adapter_order))
+    return TaskSpec(task, tuple(names), tuple(outputs), tuple(adapter_order), cache)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward argument that takes the cache: `cache` in transformers 5, `past_key_values` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_spec(model: nn.Module) -> CacheSpec:
+    """Read the cache layout off one two-token forward pass, so head counts and sizes are the model's own."""
+    if not hasattr(model, "config") or not hasattr(model.config, "vocab_size"):
+        raise RoadError(f"{type(model).__name__} is not a transformers model; text-generation-with-past needs one")
+    params = inspect.signature(model.forward).parameters
+    name = type(model).__name__
+    if infer_task(model) != "causal-lm" or cache_keyword(model) not in params or "use_cache" not in params:
+        raise RoadError(f"text-generation-with-past needs a causal language model with a key/value cache; "
+                        f"{name} is not one (choose another --task)")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.ones(1, 2, dtype=torch.int64), use_cache=True, return_dict=True)
+    finally:
+        model.train(was_training)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        raise RoadError(f"{name} returned no per-layer key/value cache; export it with --task causal-lm")
+    if any(layer.keys.dim() != 4 or layer.keys.shape[2] != 2 for layer in layers):
+        raise RoadError(f"{name}: cache tensors are not [batch, heads, sequence, head_dim]; "
+                        "export it with --task causal-lm")
+    model_type = getattr(model.config, "model_type", "")
+    return CacheSpec(
+        layers=len(layers),
+        key_shape=tuple((int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers),
+        value_shape=tuple((int(layer.values.shape[1]), int(layer.values.shape[3])) for layer in layers),
+        position_ids="position_ids" in params and model_type not in POSITIONS_FROM_MASK,
+    )
 
 
 def sample_inputs(model: nn.Module, spec: TaskSpec, batch: int = 2, seq: int = 8, seed: int = 0,
-                  pad: int = 0) -> dict[str, torch.Tensor]:
-    """Token ids within the vocabulary and an attention mask (`pad` left-padded positions in row 0)."""
+                  pad: int = 0, past: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids within the vocabulary and an attention mask (`pad` left-padded positions in row 0).
+
+    With a cache (text-generation-with-past): `past` cached positions of random keys and values, an attention mask
+    over past + new positions and the positions that follow from it; past 0 is the prefill.
+    """
     gen = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)
     ids = torch.randint(min(3, vocab - 1), vocab, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.int64)
+    total = seq + (past if spec.cache else 0)
+    mask = torch.ones(batch, total, dtype=torch.int64)
     if pad:
         mask[0, :pad] = 0
     inputs = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in spec.input_names:
         inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.int64)
+    if spec.cache:
+        if spec.cache.position_ids:
+            inputs["position_ids"] = torch.from_numpy(positions(mask.numpy()))[:, -seq:]
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        for i in range(spec.cache.layers):
+            for kind, (heads, dim) in (("key", spec.cache.key_shape[i]), ("value", spec.cache.value_shape[i])):
+                inputs[f"past_key_values.{i}.{kind}"] = torch.randn(batch, heads, past, dim, generator=gen).to(dtype)
     if spec.adapter_order:
         inputs["adapter_ids"] = (torch.arange(batch, dtype=torch.int64) + 1) % (len(spec.adapter_order) + 1)
     return inputs
 
 
+def trace_inputs(model: nn.Module, spec: TaskSpec) -> dict:
+    """Inputs to trace with, as the module's keyword arguments (the cache as one list).
+
+    Sizes differ and none is 0 or 1, so torch.export keeps batch, sequence and past length symbolic.
+    """
+    flat = sample_inputs(model, spec, batch=3, seq=3 if spec.cache else 8, past=5)
+    return nest(spec, flat)
+
+
+def nest(spec: TaskSpec, flat: dict[str, torch.Tensor]) -> dict:
+    """Flat named inputs -> TaskModule keyword arguments, in input order (the cache tensors as one list)."""
+    out: dict = {}
+    for name in spec.input_names:
+        if spec.cache and name in spec.cache.past_names:
+            out.setdefault("past_key_values", []).append(flat[name])
+        else:
+            out[name] = flat[name]
+    return out
+
+
+def dynamic_shapes(spec: TaskSpec) -> dict:
+    """torch.export dynamic dimensions for `nest(spec, ...)`, named as they will appear in the ONNX file."""
+    out: dict = {}
+    for name in spec.input_names:
+        if spec.cache and name in spec.cache.past_names:
+            out.setdefault("past_key_values", []).append({0: "batch", 2: "past_sequence"})
+        elif name == "adapter_ids":
+            out[name] = {0: "batch"}
+        elif name == "attention_mask" and spec.cache:
+            out[name] = {0: "batch", 1: "total_sequence"}
+        else:
+            out[name] = {0: "batch", 1: "sequence"}
+    return out
+
+
 class TaskModule(nn.Module):
-    """Calls a transformers model with named inputs and returns only the task's output tensor.
+    """Calls a transformers model with named inputs and returns only the task's outputs.
 
     The wrapped model is registered under the name `model`, so exported initializers are `model.<path>`.
+    With a cache the inputs' past keys/values (a list, key and value per layer) fill a DynamicCache, and the
+    outputs are logits and the cache after the step, flattened the same way.
     """
 
     def __init__(self, model: nn.Module, spec: TaskSpec) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.cache_keyword = cache_keyword(inner) if spec.cache else None
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: list[torch.Tensor] | None = None,
         adapter_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         if adapter_ids is not None:
             from road_export.model import adapter_ids as rows
 
             with rows(self.model, adapter_ids, self.spec.adapter_order):
-                return self._call(input_ids, attention_mask, token_type_ids)
-        return self._call(input_ids, attention_mask, token_type_ids)
+                return self._call(kwargs, past_key_values)
+        return self._call(kwargs, past_key_values)
 
-    def _call(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        if self.spec.task == "causal-lm":
-            kwargs["use_cache"] = False
-        out = self.model(**kwargs, return_dict=True)
-        return out[self.spec.output_name]
+    def _call(self, kwargs: dict, past: list[torch.Tensor] | None):
+        if self.spec.cache is None:
+            if self.spec.task == "causal-lm":
+                kwargs["use_cache"] = False
+            return self.model(**kwargs, return_dict=True)[self.spec.output_name]
+        from transformers import DynamicCache
+
+        past = list(past or [])
+        if len(past) != 2 * self.spec.cache.layers:
+            raise RoadError(f"expected {2 * self.spec.cache.layers} past key/value tensors, got {len(past)}")
+        # no config: every layer keeps all positions, as optimum's convention has it (windows are in the mask)
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.spec.cache.layers)])
+        kwargs[self.cache_keyword] = cache
+        out = self.model(**kwargs, use_cache=True, return_dict=True)
+        present = getattr(out, "cache", None) or out.past_key_values
+        flat = [t for layer in present.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *flat)

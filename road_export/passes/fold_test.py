@@ -38,7 +38,6 @@ def test_shared_weight_is_not_changed_for_its_other_user():
     other = ir.node("MatMul", [model.graph.inputs[0], w])
     model.graph.append(other)
     model.graph.outputs.append(other.outputs[0])
-    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
     assert FoldPass()(model).modified
     np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), w.const_value.numpy())
 

@@ -1,0 +1,165 @@
+"""Token-by-token generation on onnxruntime: greedy or sampled, batch > 1 with left padding, with a KV cache.
+
+A `text-generation-with-past` export runs the prompt once with an empty cache (the prefill) and then one token per
+step, feeding each step's `present.*` back as `past_key_values.*`. A `causal-lm` export without cache still
+works: every step reruns the whole sequence, which is what the cache saves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from road_export.errors import RoadError
+
+if TYPE_CHECKING:
+    from road_export.runtime import RoadSession
+
+PAST, PRESENT = "past_key_values.", "present."
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+@dataclass
+class Step:
+    """One decoding step: the token chosen for each row and the raw logits it was chosen from."""
+
+    tokens: np.ndarray  # [batch] int64; rows already finished get pad_token_id
+    logits: np.ndarray  # [batch, vocab] float32, before temperature / top-k / top-p
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: argmax, or a draw from the tempered, truncated distribution."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise RoadError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise RoadError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={self.top_k}, top_p={self.top_p}")
+
+    def choose(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if not self.do_sample:
+            return logits.argmax(-1)
+        scores = logits.astype(np.float64) / self.temperature
+        if self.top_k and self.top_k < scores.shape[-1]:
+            kth = np.partition(scores, -self.top_k, axis=-1)[:, -self.top_k, None]
+            scores = np.where(scores < kth, -np.inf, scores)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        if self.top_p < 1:
+            order = np.argsort(-probs, axis=-1)
+            sorted_probs = np.take_along_axis(probs, order, -1)
+            drop = np.cumsum(sorted_probs, -1) - sorted_probs >= self.top_p  # keep the smallest set reaching top_p
+            np.put_along_axis(probs, order, np.where(drop, 0.0, sorted_probs), -1)
+            probs /= probs.sum(-1, keepdims=True)
+        return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
+
+
+def positions(attention_mask: np.ndarray) -> np.ndarray:
+    """transformers' position ids for a left-padded mask: count of real tokens before, 1 on padding."""
+    pos = np.cumsum(attention_mask, -1) - 1
+    return np.where(attention_mask == 0, 1, pos).astype(np.int64)
+
+
+def stream(
+    session: RoadSession,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens: int = 20,
+    adapter: str | None = None,
+    adapter_names: Sequence[str] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+) -> Iterator[Step]:
+    """Yield one `Step` per new token until `max_new_tokens` or every row has produced an EOS token.
+
+    `input_ids` [batch, prompt] is left padded where `attention_mask` is 0. `adapter` runs every row through
+    one adapter, `adapter_names` gives each row its own (a mixed-adapter export); see `RoadSession.run`.
+    """
+    ids, mask = _prompt(input_ids, attention_mask)
+    if max_new_tokens < 1:
+        raise RoadError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = Sampling(do_sample, temperature, top_k, top_p)
+    rng = np.random.default_rng(seed)
+    eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
+    names = set(session.input_names)
+    if "input_ids" not in names or "logits" not in session.output_names:
+        raise RoadError(f"{session.path.name} is not a causal language model export (inputs {session.input_names}, "
+                        f"outputs {session.output_names}); export with --task text-generation-with-past")
+    vocab = session.session.get_outputs()[session.output_names.index("logits")].shape[-1]
+    if isinstance(vocab, int) and (ids.min() < 0 or ids.max() >= vocab):
+        raise RoadError(f"input_ids must lie in [0, {vocab}); got values from {ids.min()} to {ids.max()}")
+    batch = ids.shape[0]
+    route, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
+    cached = any(n.startswith(PAST) for n in names)
+    past = _empty_cache(session, batch) if cached else {}
+    pos = positions(mask)
+    step_ids, unfinished = ids, np.ones(batch, dtype=bool)
+    for _ in range(max_new_tokens):
+        feeds = {"input_ids": step_ids, "attention_mask": mask, **route, **past}
+        if "position_ids" in names:
+            feeds["position_ids"] = pos[:, -step_ids.shape[1]:]
+        outputs = dict(zip(session.output_names, session.session.run(None, feeds, options), strict=True))
+        logits = outputs["logits"][:, -1].astype(np.float32)
+        tokens = np.where(unfinished, sampling.choose(logits, rng), pad_token_id).astype(np.int64)
+        yield Step(tokens, logits)
+        unfinished &= ~np.isin(tokens, eos)
+        if not unfinished.any():
+            return
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
+        pos = np.concatenate([pos, pos[:, -1:] + 1], 1)
+        if cached:
+            past = {PAST + name[len(PRESENT):]: value for name, value in outputs.items() if name.startswith(PRESENT)}
+            step_ids = tokens[:, None]
+        else:
+            step_ids = np.concatenate([step_ids, tokens[:, None]], 1)
+
+
+def generate(session: RoadSession, input_ids, attention_mask=None, **options) -> np.ndarray:
+    """The prompt followed by the new tokens, [batch, prompt + new] int64 (options as for `stream`)."""
+    ids, _ = _prompt(input_ids, attention_mask)
+    new = [step.tokens[:, None] for step in stream(session, input_ids, attention_mask, **options)]
+    return np.concatenate([ids, *new], 1)
+
+
+def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise RoadError(f"input_ids must be integer token ids of shape [batch, prompt], got {ids.dtype} {ids.shape}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    if mask.ndim == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise RoadError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if not mask.any(-1).all():
+        raise RoadError("every row needs at least one token with attention_mask 1")
+    return ids.astype(np.int64), mask.astype(np.int64)
+
+
+def _empty_cache(session: RoadSession, batch: int) -> dict[str, np.ndarray]:
+    """Past length 0 for every past_key_values input: the first run is the prefill."""
+    out = {}
+    for value in session.session.get_inputs():
+        if not value.name.startswith(PAST):
+            continue
+        shape = value.shape
+        if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+            raise RoadError(f"{value.name} has shape {shape}; expected [batch, kv_heads, past_sequence, head_dim]")
+        out[value.name] = np.zeros((batch, shape[1], 0, shape[3]), dtype=NUMPY_TYPES.get(value.type, np.float32))
+    return out
