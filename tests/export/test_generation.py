@@ -221,3 +221,19 @@ def test_gpt2_and_fp16_exports_keep_parity_and_generate(tmp_path, dtype):
     if dtype == "float32":  # GPT-2's Conv1D layers, which peft cannot wrap, adapted by road-export
         want_tokens, _ = torch_generate(model, ids, mask, new=8)
         np.testing.assert_array_equal(got_tokens, want_tokens)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_adapter_attached_to_a_base_decoder_export_generates_like_peft(tmp_path, mode):
+    from road_export.attach import attach
+
+    base = tmp_path / "base.onnx"  # the plain base model's decoder, no adapter
+    rx.export(tiny("tiny-qwen2"), base, task=TASK, require_adapter=False)
+    model = peft_model("tiny-qwen2", "road_2", seed=5)
+    model.save_pretrained(tmp_path / "adapter")
+    attach(base, [tmp_path / "adapter"], tmp_path / "attached.onnx", mode=mode)
+    ids, mask = prompt(model.config.vocab_size)
+    want_tokens, want_logits = torch_generate(model, ids, mask, new=10)
+    got_tokens, got_logits = ort_generate(RoadSession(tmp_path / "attached.onnx"), ids, mask, new=10)
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    assert max(np.abs(g - w).max() for g, w in zip(got_logits, want_logits, strict=True)) <= 1e-4
