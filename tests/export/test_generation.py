@@ -35,12 +35,17 @@ def prompt(vocab, batch=2, length=7, pad=3, seed=3):
     return ids, mask
 
 
-def torch_generate(model, ids, mask, new=NEW_TOKENS, **kwargs):
-    """Greedy, no EOS: (new tokens [batch, new], raw logits per step)."""
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-                             **kwargs)
+def torch_generate(model, ids, mask, new=NEW_TOKENS):
+    """Greedy with no EOS token (not a suppressed one, which would change the argmax): (tokens, raw logits per step)."""
+    defaults = model.generation_config
+    saved, defaults.eos_token_id = defaults.eos_token_id, None  # generate() fills an unset EOS from the defaults
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    finally:
+        defaults.eos_token_id = saved
+    assert out.sequences.shape[1] == ids.shape[1] + new
     return out.sequences[:, ids.shape[1]:].numpy(), [t.numpy() for t in out.logits]
 
 
@@ -237,3 +242,24 @@ def test_adapter_attached_to_a_base_decoder_export_generates_like_peft(tmp_path,
     got_tokens, got_logits = ort_generate(RoadSession(tmp_path / "attached.onnx"), ids, mask, new=10)
     np.testing.assert_array_equal(got_tokens, want_tokens)
     assert max(np.abs(g - w).max() for g, w in zip(got_logits, want_logits, strict=True)) <= 1e-4
+
+
+def test_sliding_window_lives_in_the_mask(tmp_path):
+    """Mistral with a 4-token window: the graph keeps every position and masks, torch crops its cache."""
+    from transformers import MistralForCausalLM
+
+    config = tiny("tiny-mistral").config
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    model = rx.get_road_model(MistralForCausalLM(config).eval(), RoadConfig(
+        variant="road_2", group_size=8, init_weights=False, target_modules="all-linear"))
+    result = rx.export(model, tmp_path / "window.onnx", mode="rotate", task=TASK)
+    ids, mask = prompt(config.vocab_size, length=9)
+    want_tokens, want_logits = torch_generate(model, ids, mask, new=12)
+    got_tokens, got_logits = ort_generate(RoadSession(result.path), ids, mask, new=12)
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    assert max(np.abs(g - w).max() for g, w in zip(got_logits, want_logits, strict=True)) <= 1e-4
+    config.sliding_window = None
+    with torch.no_grad():  # the window matters for this prompt: without it the logits differ
+        unwindowed = model(input_ids=ids, attention_mask=mask).logits[:, -1].numpy()
+    assert np.abs(unwindowed - got_logits[0]).max() > 1e-3
