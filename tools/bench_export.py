@@ -26,7 +26,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import interleave  # noqa: E402
+from benchlib import interleave, llama_config  # noqa: E402
 
 
 def session(path: Path, optimized: Path | None = None):
@@ -73,14 +73,12 @@ def main() -> None:
     import logging
 
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import road_export as rx
 
     logging.disable(logging.WARNING)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875) // 64 * 64,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=max(1, args.hidden // 256), vocab_size=4000)
+    config = llama_config(args.hidden, args.layers)
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).eval()
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")

@@ -16,6 +16,7 @@ import argparse
 import copy
 import logging
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import llama_config  # noqa: E402
 
 
 def decode_rate(session, ids: np.ndarray, new: int) -> float:
@@ -64,15 +68,12 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import road_export as rx
     from road_export.runtime import RoadSession
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875) // 64 * 64,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=max(1, args.hidden // 256), vocab_size=8000,
-                         max_position_embeddings=4096)
+    config = llama_config(args.hidden, args.layers, vocab=8000, max_position_embeddings=4096)
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).eval()
     torch.manual_seed(1)

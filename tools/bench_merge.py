@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Comparison  # noqa: E402
+from benchlib import Comparison, llama_config  # noqa: E402
 
 
 def main() -> None:
@@ -29,13 +29,11 @@ def main() -> None:
     torch.set_num_threads(2)
 
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import road_export as rx
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875) // 64 * 64,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64 // 4, vocab_size=4000)
+    config = llama_config(args.hidden, args.layers)
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).eval()
     road_cfg = dict(variant="road_4", group_size=64, init_weights=False, target_modules="all-linear")

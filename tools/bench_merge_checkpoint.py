@@ -18,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import llama_config  # noqa: E402
+
 PEFT_MERGE = """
 import sys, torch, peft
 from transformers import AutoModelForCausalLM
@@ -46,13 +49,12 @@ def main() -> None:
 
     import peft
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
     root.mkdir(parents=True, exist_ok=True)
     base_dir, adapter_dir = root / "base", root / "adapter"
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=4000, tie_word_embeddings=False)
+    config = llama_config(2048, args.layers, tie_word_embeddings=False)
     if not base_dir.is_dir():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)

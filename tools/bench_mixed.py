@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import interleave  # noqa: E402
+from benchlib import interleave, llama_config  # noqa: E402
 
 
 def main() -> None:
@@ -33,15 +33,13 @@ def main() -> None:
 
     import logging
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import road_export as rx
     from road_export.runtime import RoadSession
 
     logging.disable(logging.WARNING)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875) // 64 * 64,
-                         num_hidden_layers=2, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=max(1, args.hidden // 256), vocab_size=4000)
+    config = llama_config(args.hidden, 2)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")

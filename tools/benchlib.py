@@ -60,3 +60,12 @@ def interleave(
                 fn()
             out.append((time.perf_counter() - start) / inner)
     return Comparison(names[0], names[1], ta, tb)
+
+
+def llama_config(hidden: int, layers: int, vocab: int = 4000, **extra):
+    """The Llama shape the benchmarks share: heads of 64, 4 query heads per KV head, MLP 2.6875 x hidden."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875) // 64 * 64, num_hidden_layers=layers,
+                       num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), vocab_size=vocab,
+                       **extra)
