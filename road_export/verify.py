@@ -145,8 +145,9 @@ def verify(
         with torch.no_grad():
             expected = reference(**nest(spec, inputs))
         expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
-        feeds = {n: inputs[n].numpy().astype(np.float16 if dtype == "float16" and inputs[n].is_floating_point()
-                                            else inputs[n].numpy().dtype) for n in feeds_needed}
+        feeds = {n: inputs[n].numpy() for n in feeds_needed}
+        if dtype == "float16":
+            feeds = {n: v.astype(np.float16) if v.dtype.kind == "f" else v for n, v in feeds.items()}
         got = session.run(output_names, feeds)
         mask = inputs["attention_mask"].numpy().astype(bool)
         case = f"batch {batch}, seq {seq}" + (f", past {past}" if spec.cache else "") + (f", pad {pad}" if pad else "")

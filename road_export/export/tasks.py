@@ -38,6 +38,11 @@ class CacheSpec:
         return tuple(f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value"))
 
     @property
+    def past_dims(self) -> tuple[tuple[int, int], ...]:
+        """(kv_heads, head_dim) of each past input, in `past_names` order."""
+        return tuple(dims for pair in zip(self.key_shape, self.value_shape, strict=True) for dims in pair)
+
+    @property
     def present_names(self) -> tuple[str, ...]:
         return tuple(f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value"))
 
@@ -156,9 +161,8 @@ def sample_inputs(model: nn.Module, spec: TaskSpec, batch: int = 2, seq: int = 8
         if spec.cache.position_ids:
             inputs["position_ids"] = torch.from_numpy(positions(mask.numpy()))[:, -seq:]
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        for i in range(spec.cache.layers):
-            for kind, (heads, dim) in (("key", spec.cache.key_shape[i]), ("value", spec.cache.value_shape[i])):
-                inputs[f"past_key_values.{i}.{kind}"] = torch.randn(batch, heads, past, dim, generator=gen).to(dtype)
+        for name, (heads, dim) in zip(spec.cache.past_names, spec.cache.past_dims, strict=True):
+            inputs[name] = torch.randn(batch, heads, past, dim, generator=gen).to(dtype)
     if spec.adapter_order:
         inputs["adapter_ids"] = (torch.arange(batch, dtype=torch.int64) + 1) % (len(spec.adapter_order) + 1)
     return inputs
