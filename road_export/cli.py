@@ -15,7 +15,7 @@ from pathlib import Path
 
 from road_export.errors import RoadError
 
-SUBCOMMANDS = ("verify", "inspect", "optimize", "adapter", "merge-checkpoint", "attach")
+SUBCOMMANDS = ("verify", "inspect", "optimize", "adapter", "merge-checkpoint", "attach", "kernels")
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 EXAMPLES = """examples:
@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   road-export adapter ./other_road --like model.onnx model.other.onnx_adapter
   road-export attach base.onnx --adapter ./road --mode merge merged.onnx
   road-export merge-checkpoint --base ./llama --adapter ./road ./llama-merged
+  road-export kernels                                      build the native road kernels, print the library
 """
 
 
@@ -52,6 +53,8 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
 def _report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, help="parity tolerance (default: 1e-4 float32, 2e-2 float16)")
     parser.add_argument("--report", metavar="PATH", help="write the parity report as JSON")
+    parser.add_argument("--no-native", action="store_true",
+                        help="run road ops on their standard-op bodies, not the native kernels (road-export kernels)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -134,6 +137,13 @@ def attach_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def kernels_parser() -> argparse.ArgumentParser:
+    return _Parser(prog="road-export kernels", description="Build (once per machine) the native onnxruntime "
+                   "kernels for the road ops and print the library's path, for "
+                   "SessionOptions.register_custom_ops_library in your own serving code. Without them onnxruntime "
+                   "runs the road ops' standard-op bodies.")
+
+
 def inspect_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export inspect", description="Show an exported model: mode, adapters, road "
                      "nodes, inputs, outputs, metadata.")
@@ -211,7 +221,8 @@ def run_export(argv: Sequence[str]) -> int:
         report = None
         if not args.no_verify:
             progress.step("verifying")
-            report = verify(output, source.model, task=result.task, atol=args.atol)
+            report = verify(output, source.model, task=result.task, atol=args.atol,
+                            native=False if args.no_native else None)
     nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
     nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
     progress.done(f"wrote {output} ({args.mode}, {args.dtype}, adapters: {', '.join(source.adapters)}"
@@ -234,7 +245,8 @@ def run_verify(argv: Sequence[str]) -> int:
         progress.step("loading")
         source = load_source(args.base, args.adapter, seed=args.seed)
         progress.step("verifying")
-        report = verify(args.model, source.model, task=args.task, atol=args.atol)
+        report = verify(args.model, source.model, task=args.task, atol=args.atol,
+                        native=False if args.no_native else None)
     _write_report(report, args.report)
     return _print_report(report, args.quiet)
 
@@ -281,6 +293,14 @@ def run_attach(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def run_kernels(argv: Sequence[str]) -> int:
+    kernels_parser().parse_args(argv)
+    from road_export import native
+
+    print(native.library_path())
+    return EXIT_OK
+
+
 def run_inspect(argv: Sequence[str]) -> int:
     args = inspect_parser().parse_args(argv)
     from road_export.inspection import inspect_model
@@ -303,9 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     commands = {"verify": run_verify, "inspect": run_inspect, "optimize": run_optimize, "adapter": run_adapter,
-                "merge-checkpoint": run_merge_checkpoint, "attach": run_attach}
+                "merge-checkpoint": run_merge_checkpoint, "attach": run_attach, "kernels": run_kernels}
     try:
-        if not argv or argv[0] not in ("inspect", "optimize", "adapter", "merge-checkpoint", "attach"):
+        if not argv or argv[0] not in ("inspect", "optimize", "adapter", "merge-checkpoint", "attach", "kernels"):
             _quiet_libraries()
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -20,8 +20,13 @@ class RoadSession:
     they name the file's only adapter.
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
+    def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
+                 native: bool | None = None):
+        """`native`: run road ops on the native kernels (True), their standard-op bodies (False), or the kernels
+        where they build (None, the default); `self.native` says which."""
         import onnxruntime as ort
+
+        from road_export import native as road_native
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -30,6 +35,7 @@ class RoadSession:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        self.native = road_native.uses_road(self.path) and road_native.register(options, native)
         try:
             self.session = ort.InferenceSession(str(self.path), options,
                                                 providers=list(providers or ["CPUExecutionProvider"]))

@@ -48,6 +48,7 @@ class ParityReport:
     dtype: str
     atol: float
     rows: list[OutputParity] = field(default_factory=list)
+    kernels: str = "-"  # how the road ops ran: "native" kernels, standard-op "bodies", or "-" (none in the file)
 
     @property
     def passed(self) -> bool:
@@ -55,14 +56,16 @@ class ParityReport:
 
     def to_json(self) -> str:
         return json.dumps({"onnx_path": self.onnx_path, "dtype": self.dtype, "atol": self.atol,
-                           "passed": self.passed, "rows": [asdict(r) for r in self.rows]}, indent=2)
+                           "kernels": self.kernels, "passed": self.passed,
+                           "rows": [asdict(r) for r in self.rows]}, indent=2)
 
     def table(self, color: bool = False) -> str:
         """The report as a terminal table."""
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"parity: {Path(self.onnx_path).name} ({self.dtype}, atol {self.atol:g})")
+        road = "" if self.kernels == "-" else f", road ops: {self.kernels}"
+        table = Table(title=f"parity: {Path(self.onnx_path).name} ({self.dtype}, atol {self.atol:g}{road})")
         for col in ("output", "input", "max abs", "max rel", "cosine", "top-1", "result"):
             table.add_column(col, justify="left" if col in ("output", "input") else "right")
         for r in self.rows:
@@ -98,12 +101,17 @@ def verify(
     atol: float | None = None,
     seed: int = 0,
     session_options=None,
+    native: bool | None = None,
 ) -> ParityReport:
     """Compare the ONNX file with `torch_model` (float32 reference) on each shape in `shapes`.
 
     A shape is (batch, sequence, padding), or (batch, sequence, past length, padding) for a graph with a cache.
+    `native` says how road ops run: the native kernels (True), their standard-op bodies (False), or the kernels
+    where they build (None), as `RoadSession` does; the report records which.
     """
     import onnxruntime as ort
+
+    from road_export import native as road_native
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -111,6 +119,9 @@ def verify(
     if session_options is None:
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3  # swappable coefficients make onnxruntime warn; not a parity matter
+    kernels = "-"
+    if road_native.uses_road(onnx_path):
+        kernels = "native" if road_native.register(session_options, native) else "bodies"
     try:
         session = ort.InferenceSession(str(onnx_path), sess_options=session_options,
                                        providers=["CPUExecutionProvider"])
@@ -131,7 +142,7 @@ def verify(
         raise RoadError(f"{onnx_path}: inputs {missing} are not inputs of task {spec.task}")
     reference = TaskModule(torch_model, spec).eval()
     output_names = [o.name for o in session.get_outputs()]
-    report = ParityReport(str(onnx_path), dtype, atol)
+    report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels)
     if spec.cache and shapes == DEFAULT_SHAPES:
         shapes = CACHE_SHAPES
     elif order and shapes == DEFAULT_SHAPES:

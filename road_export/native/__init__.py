@@ -1,0 +1,128 @@
+"""Native onnxruntime kernels for the `road` ops, compiled on first use with the machine's C++ compiler.
+
+Files from road-export run on stock onnxruntime through the ops' standard-op function bodies. A session that
+registers this library runs each `road.Rotate` / `road.RotateTied` node as one kernel instead, which reads X
+once and writes Y once, about the cost of a single Mul; the function bodies need 4 to 6 kernels per rotation.
+onnxruntime prefers a registered kernel to a model-local function, so the file itself does not change.
+
+The onnxruntime wheels ship no C headers, so the source declares the few C ABI entries it calls
+(`ort_abi.h`) and builds with any C++17 compiler (`$CXX`, else c++, g++ or clang++). The library is cached
+under `$ROAD_EXPORT_CACHE` (default `~/.cache/road-export`), keyed by its source, flags and compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from road_export.errors import RoadError
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent
+SOURCES = ("road_ort.cc", "ort_abi.h")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+COMPILERS = ("c++", "g++", "clang++")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ROAD_EXPORT_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "road-export"
+
+
+def compiler() -> str:
+    """The C++ compiler to build with: $CXX, else the first of c++, g++, clang++ on PATH."""
+    chosen = os.environ.get("CXX")
+    if chosen:
+        path = shutil.which(chosen)
+        if not path:
+            raise RoadError(f"CXX={chosen!r} is not an executable compiler; point CXX at a C++17 compiler")
+        return path
+    for name in COMPILERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RoadError("no C++ compiler found to build the road kernels; install g++ (or set CXX), "
+                    "or run the road ops on their standard-op bodies (native=False / --no-native)")
+
+
+def _key(cxx: str) -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    digest.update("\0".join((*FLAGS, version, platform.machine(), platform.system())).encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def library_path() -> Path:
+    """The compiled kernel library, built now if this machine has none for the current source."""
+    cxx = compiler()
+    target = cache_dir() / f"libroad_ort-{_key(cxx)}.so"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RoadError(f"cannot create the kernel cache {target.parent} ({e.strerror}); set ROAD_EXPORT_CACHE "
+                        "to a writable directory") from e
+    fd, tmp = tempfile.mkstemp(prefix=".libroad_ort-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [cxx, *FLAGS, "-o", tmp, str(SOURCE_DIR / SOURCES[0])]
+    logger.info("building the road kernels: %s", " ".join(command))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            raise RoadError(f"building the road kernels with {cxx} failed: {first}")
+        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def uses_road(path: str | Path) -> bool:
+    """Whether an ONNX file imports the `road` domain (without reading its external weights)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX: whoever loads it next says so
+        return False
+    return any(o.domain == "road" for o in model.opset_import)
+
+
+def register(options, native: bool | None = None) -> bool:
+    """Register the kernels on onnxruntime `SessionOptions`; returns whether they were.
+
+    native=None registers them when they can be built and otherwise logs why not (the function bodies then
+    run); True raises RoadError when they cannot; False leaves the options alone.
+    """
+    if native is False:
+        return False
+    try:
+        options.register_custom_ops_library(str(library_path()))
+    except RoadError as e:
+        if native:
+            raise
+        logger.warning("road kernels unavailable, running the standard-op bodies: %s", e)
+        return False
+    except Exception as e:  # onnxruntime refused the library
+        message = f"onnxruntime cannot load the road kernels ({str(e).splitlines()[0]})"
+        if native:
+            raise RoadError(message) from e
+        logger.warning("%s; running the standard-op bodies", message)
+        return False
+    return True

@@ -1,0 +1,388 @@
+// Native onnxruntime kernels for the `road` domain: road.Rotate and road.RotateTied in one pass over X.
+//
+//   Y = X * C1 + rot(X) * C2,  rot maps each group [x1 | x2] of X's last axis to [-x2 | x1]
+//
+// The ONNX files road-export writes carry standard-op function bodies for these ops, so they run anywhere;
+// registering this library (SessionOptions.register_custom_ops_library) makes onnxruntime run one kernel per
+// rotation instead, which reads X once and writes Y once, like a single elementwise Mul.
+// C1 and C2 broadcast against X the numpy way, their last axis equal to X's (shape [d], or [batch, 1, d] for
+// per-row adapters). Half-precision inputs are computed in float and rounded once.
+#include <climits>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "ort_abi.h"
+
+namespace {
+
+constexpr int kMaxRank = 8;
+
+// The library is built once and may run on other x86 CPUs: the row loop is compiled for AVX-512, AVX2 and
+// baseline SSE2, and the loader picks the best one the CPU has (wider vectors are what bring it to Mul speed).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ROAD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ROAD_CLONES
+#endif
+
+// --- element types: load as the compute type, store back --------------------------------------------------
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float load(Half h) {
+#if defined(__FLT16_MAX__)
+  _Float16 v;
+  std::memcpy(&v, &h.bits, 2);
+  return static_cast<float>(v);
+#else
+  uint32_t sign = (h.bits & 0x8000u) << 16, exponent = (h.bits >> 10) & 0x1f, mantissa = h.bits & 0x3ffu, out;
+  if (exponent == 0x1f) {
+    out = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent == 0) {
+    float v = static_cast<float>(mantissa) * (1.0f / 16777216.0f);  // subnormal: mantissa * 2^-24
+    std::memcpy(&out, &v, 4);
+    out |= sign;
+  } else {
+    out = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  }
+  float f;
+  std::memcpy(&f, &out, 4);
+  return f;
+#endif
+}
+
+inline Half store_half(float f) {
+#if defined(__FLT16_MAX__)
+  _Float16 v = static_cast<_Float16>(f);
+  Half h;
+  std::memcpy(&h.bits, &v, 2);
+  return h;
+#else
+  // Round to nearest even through the float bits (normal range; overflow to inf, tiny values flush to zero).
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  int exponent = static_cast<int>((x >> 23) & 0xff) - 127 + 15;
+  uint32_t mantissa = x & 0x7fffffu;
+  if (((x >> 23) & 0xff) == 0xff) return Half{static_cast<uint16_t>(sign | 0x7c00u | (mantissa ? 0x200u : 0))};
+  if (exponent >= 0x1f) return Half{static_cast<uint16_t>(sign | 0x7c00u)};
+  if (exponent <= 0) return Half{static_cast<uint16_t>(sign)};
+  uint32_t h = sign | (static_cast<uint32_t>(exponent) << 10) | (mantissa >> 13);
+  uint32_t rest = mantissa & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  return Half{static_cast<uint16_t>(h)};
+#endif
+}
+
+inline float load(BFloat16 b) {
+  uint32_t bits = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline BFloat16 store_bf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((x >> 16) | 0x40u)};  // NaN stays NaN
+  x += 0x7fffu + ((x >> 16) & 1u);  // round to nearest even
+  return BFloat16{static_cast<uint16_t>(x >> 16)};
+}
+
+inline float load(float v) { return v; }
+inline double load(double v) { return v; }
+template <typename T> struct Store;
+template <> struct Store<float> { static float put(float v) { return v; } };
+template <> struct Store<double> { static double put(double v) { return v; } };
+template <> struct Store<Half> { static Half put(float v) { return store_half(v); } };
+template <> struct Store<BFloat16> { static BFloat16 put(float v) { return store_bf16(v); } };
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+
+// --- shapes -------------------------------------------------------------------------------------------------
+struct Shape {
+  int rank = 0;
+  int64_t dims[kMaxRank] = {};
+  int type = 0;
+  size_t count() const {
+    size_t n = 1;
+    for (int i = 0; i < rank; ++i) n *= static_cast<size_t>(dims[i]);
+    return n;
+  }
+  std::string str() const {
+    std::string s = "[";
+    for (int i = 0; i < rank; ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+    return s + "]";
+  }
+};
+
+struct Error {
+  std::string message;
+};
+
+// One rotation call: rows of X (all axes but the last flattened), and for each coefficient tensor the row
+// stride of every leading axis of X (0 where the coefficient broadcasts).
+template <typename T>
+struct Job {
+  const T* x;
+  const T* c1;
+  const T* c2;
+  T* y;
+  int64_t d, half, rows, rows_per_task;
+  int lead;  // number of leading axes of X
+  int64_t lead_dims[kMaxRank];
+  int64_t c1_stride[kMaxRank], c2_stride[kMaxRank];
+
+  int64_t offset(const int64_t* stride, int64_t row) const {
+    int64_t off = 0;
+    for (int a = lead - 1; a >= 0 && row; --a) {
+      off += (row % lead_dims[a]) * stride[a];
+      row /= lead_dims[a];
+    }
+    return off;
+  }
+
+  ROAD_CLONES void run_rows(int64_t first, int64_t last) const {
+    for (int64_t r = first; r < last; ++r) {
+      const T* xr = x + r * d;
+      const T* a = c1 + offset(c1_stride, r);
+      const T* b = c2 + offset(c2_stride, r);
+      T* yr = y + r * d;
+      for (int64_t k = 0; k < d; k += 2 * half) group(xr + k, a + k, b + k, yr + k, half);
+    }
+  }
+
+  // One group: pairs (i, i + half). Restrict-qualified and branch-free so that the compiler vectorizes it.
+  static inline __attribute__((always_inline)) void group(const T* __restrict x, const T* __restrict a, const T* __restrict b, T* __restrict y,
+                    int64_t half) {
+    using C = typename Compute<T>::type;
+    const T* __restrict x2 = x + half;
+    const T* __restrict a2 = a + half;
+    const T* __restrict b2 = b + half;
+    T* __restrict y2 = y + half;
+    for (int64_t i = 0; i < half; ++i) {
+      const C xi = load(x[i]), xj = load(x2[i]);
+      y[i] = Store<T>::put(load(a[i]) * xi - load(b[i]) * xj);
+      y2[i] = Store<T>::put(load(b2[i]) * xi + load(a2[i]) * xj);
+    }
+  }
+
+  static void task(void* self, size_t index) {
+    const Job* job = static_cast<const Job*>(self);
+    const int64_t first = static_cast<int64_t>(index) * job->rows_per_task;
+    const int64_t last = first + job->rows_per_task < job->rows ? first + job->rows_per_task : job->rows;
+    job->run_rows(first, last);
+  }
+};
+
+struct Kernel {
+  const OrtApi* api;
+  int64_t group_size;
+  std::string name;
+};
+
+OrtStatus* fail(const OrtApi* api, const std::string& message) {
+  return ort::call<OrtStatus*>(api, ort::slot::CreateStatus, ORT_INVALID_ARGUMENT, message.c_str());
+}
+
+#define ROAD_TRY(expr)                      \
+  do {                                      \
+    if (OrtStatus* status_ = (expr)) return status_; \
+  } while (0)
+
+OrtStatus* shape_of(const OrtApi* api, const OrtValue* value, Shape* shape) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorTypeAndShape, value, &info)));
+  size_t rank = 0;
+  OrtStatus* status = ort::call<OrtStatus*>(api, ort::slot::GetDimensionsCount,
+                                            static_cast<const OrtTensorTypeAndShapeInfo*>(info), &rank);
+  if (!status && rank > static_cast<size_t>(kMaxRank)) status = fail(api, "road: tensors of rank > 8 are not supported");
+  if (!status) {
+    shape->rank = static_cast<int>(rank);
+    status = ort::call<OrtStatus*>(api, ort::slot::GetDimensions, static_cast<const OrtTensorTypeAndShapeInfo*>(info),
+                                   shape->dims, rank);
+  }
+  if (!status)
+    status = ort::call<OrtStatus*>(api, ort::slot::GetTensorElementType,
+                                   static_cast<const OrtTensorTypeAndShapeInfo*>(info), &shape->type);
+  ort::call<void>(api, ort::slot::ReleaseTensorTypeAndShapeInfo, info);
+  return status;
+}
+
+// Row strides of a coefficient tensor against X's leading axes; an error names the mismatch.
+bool coefficient_strides(const Shape& x, const Shape& c, int64_t* stride, std::string* why) {
+  const int64_t d = x.dims[x.rank - 1];
+  if (c.rank < 1 || c.rank > x.rank || c.dims[c.rank - 1] != d) {
+    *why = "coefficients of shape " + c.str() + " do not broadcast against X " + x.str() +
+           " (want [d], or leading axes of size 1 or of X's size, with d = " + std::to_string(d) + ")";
+    return false;
+  }
+  int64_t step = d;
+  const int lead = x.rank - 1, shift = x.rank - c.rank;
+  for (int a = lead - 1; a >= 0; --a) {
+    const int ca = a - shift;
+    const int64_t size = ca >= 0 ? c.dims[ca] : 1;
+    if (size == x.dims[a] && size != 1) {
+      stride[a] = step;
+      step *= size;
+    } else if (size == 1) {
+      stride[a] = 0;
+    } else {
+      *why = "coefficients of shape " + c.str() + " do not broadcast against X " + x.str();
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename T>
+OrtStatus* rotate(const Kernel& kernel, OrtKernelContext* context, const Shape& x, const Shape& c1, const Shape& c2,
+                  const OrtValue* const* in, OrtValue* out) {
+  const OrtApi* api = kernel.api;
+  Job<T> job{};
+  void* data[4] = {};
+  for (int i = 0; i < 3; ++i)
+    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, const_cast<OrtValue*>(in[i]), &data[i])));
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, out, &data[3])));
+  job.x = static_cast<const T*>(data[0]);
+  job.c1 = static_cast<const T*>(data[1]);
+  job.c2 = static_cast<const T*>(data[2]);
+  job.y = static_cast<T*>(data[3]);
+  job.d = x.dims[x.rank - 1];
+  job.half = kernel.group_size / 2;
+  job.lead = x.rank - 1;
+  for (int a = 0; a < job.lead; ++a) job.lead_dims[a] = x.dims[a];
+  job.rows = job.d ? static_cast<int64_t>(x.count()) / job.d : 0;
+  std::string why;
+  if (!coefficient_strides(x, c1, job.c1_stride, &why) || !coefficient_strides(x, c2, job.c2_stride, &why))
+    return fail(api, kernel.name + ": " + why);
+  if (job.rows == 0) return nullptr;
+  // Tasks of at least 32K elements: smaller ones cost more in scheduling than they save.
+  const int64_t per_task = (int64_t{1} << 15) / job.d;
+  job.rows_per_task = per_task > 1 ? per_task : 1;
+  const int64_t tasks = (job.rows + job.rows_per_task - 1) / job.rows_per_task;
+  if (tasks == 1) {
+    job.run_rows(0, job.rows);
+    return nullptr;
+  }
+  return ort::call<OrtStatus*>(api, ort::slot::KernelContext_ParallelFor, static_cast<const OrtKernelContext*>(context),
+                               &Job<T>::task, static_cast<size_t>(tasks), size_t{0}, static_cast<void*>(&job));
+}
+
+OrtStatus* compute(void* self, OrtKernelContext* context) noexcept {
+  const Kernel& kernel = *static_cast<Kernel*>(self);
+  const OrtApi* api = kernel.api;
+  const OrtValue* in[3] = {};
+  Shape shapes[3];
+  for (size_t i = 0; i < 3; ++i) {
+    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetInput,
+                                    static_cast<const OrtKernelContext*>(context), i, &in[i])));
+    if (!in[i]) return fail(api, kernel.name + ": input " + std::to_string(i) + " is missing");
+    ROAD_TRY(shape_of(api, in[i], &shapes[i]));
+  }
+  const Shape& x = shapes[0];
+  if (x.rank < 1) return fail(api, kernel.name + ": X must have at least one axis");
+  if (shapes[1].type != x.type || shapes[2].type != x.type)
+    return fail(api, kernel.name + ": X, C1 and C2 must share one element type");
+  const int64_t d = x.dims[x.rank - 1];
+  if (d % kernel.group_size)
+    return fail(api, kernel.name + ": last axis " + std::to_string(d) + " of X " + x.str() +
+                         " is not a multiple of group_size " + std::to_string(kernel.group_size));
+  OrtValue* out = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetOutput, context, size_t{0},
+                                  static_cast<const int64_t*>(x.dims), static_cast<size_t>(x.rank), &out)));
+  try {
+    switch (x.type) {
+      case ORT_TYPE_FLOAT: return rotate<float>(kernel, context, x, shapes[1], shapes[2], in, out);
+      case ORT_TYPE_DOUBLE: return rotate<double>(kernel, context, x, shapes[1], shapes[2], in, out);
+      case ORT_TYPE_FLOAT16: return rotate<Half>(kernel, context, x, shapes[1], shapes[2], in, out);
+      case ORT_TYPE_BFLOAT16: return rotate<BFloat16>(kernel, context, x, shapes[1], shapes[2], in, out);
+      default: return fail(api, kernel.name + ": element type " + std::to_string(x.type) + " is not a float type");
+    }
+  } catch (const std::exception& e) {
+    return fail(api, kernel.name + ": " + e.what());
+  }
+}
+
+// --- the op descriptions --------------------------------------------------------------------------------------
+// One description per op name and element type: onnxruntime merges them into one schema whose type
+// constraint lists the four types (a type-agnostic op would need a shape-inference callback for its output).
+struct RoadOp : OrtCustomOp {
+  const char* name;
+  int type;
+};
+
+OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) noexcept {
+  const char* name = static_cast<const RoadOp*>(op)->name;
+  int64_t group = 0;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelInfoGetAttribute_int64, info, "group_size", &group)));
+  if (group < 2 || group % 2)
+    return fail(api, std::string("road.") + name + ": group_size must be even and >= 2, got " + std::to_string(group));
+  try {
+    *out = new Kernel{api, group, std::string("road.") + name};
+  } catch (const std::exception& e) {
+    return fail(api, e.what());
+  }
+  return nullptr;
+}
+
+RoadOp make_op(const char* name, int type) {
+  RoadOp op{};
+  op.version = ort::kApiVersion;
+  op.name = name;
+  op.type = type;
+  op.GetName = [](const OrtCustomOp* self) { return static_cast<const RoadOp*>(self)->name; };
+  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  op.GetInputType = [](const OrtCustomOp* self, size_t) { return static_cast<const RoadOp*>(self)->type; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
+  op.GetOutputType = [](const OrtCustomOp* self, size_t) { return static_cast<const RoadOp*>(self)->type; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };   // required
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };  // required
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return 0; };       // default (CPU) memory
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+  return op;
+}
+
+constexpr int kTypes[] = {ORT_TYPE_FLOAT, ORT_TYPE_FLOAT16, ORT_TYPE_DOUBLE, ORT_TYPE_BFLOAT16};
+RoadOp ops[] = {
+    make_op("Rotate", kTypes[0]),     make_op("Rotate", kTypes[1]),     make_op("Rotate", kTypes[2]),
+    make_op("Rotate", kTypes[3]),     make_op("RotateTied", kTypes[0]), make_op("RotateTied", kTypes[1]),
+    make_op("RotateTied", kTypes[2]), make_op("RotateTied", kTypes[3]),
+};
+OrtCustomOpDomain* road_domain = nullptr;
+std::mutex domain_mutex;
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                                const OrtApiBase* base) {
+  const OrtApi* api = base->GetApi(ort::kApiVersion);
+  if (!api) {
+    const OrtApi* oldest = base->GetApi(1);
+    std::string message = std::string("road kernels need onnxruntime >= 1.17, this is ") + base->GetVersionString();
+    return oldest ? ort::call<OrtStatus*>(oldest, ort::slot::CreateStatus, ORT_FAIL, message.c_str()) : nullptr;
+  }
+  std::lock_guard<std::mutex> lock(domain_mutex);
+  if (!road_domain) {  // one domain for every session; onnxruntime keeps a pointer to it
+    OrtCustomOpDomain* domain = nullptr;
+    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CreateCustomOpDomain, "road", &domain)));
+    for (const RoadOp& op : ops)
+      ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain, static_cast<const OrtCustomOp*>(&op))));
+    road_domain = domain;
+  }
+  return ort::call<OrtStatus*>(api, ort::slot::AddCustomOpDomain, options, road_domain);
+}
