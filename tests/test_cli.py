@@ -207,8 +207,9 @@ def test_text_generation_with_past(llama_dirs, tmp_path):
     assert info["task"] == "text-generation-with-past"
     assert "past_key_values.1.value" in [i["name"] for i in info["inputs"]]
     assert "present.1.value" in [o["name"] for o in info["outputs"]]
-    verified = road_export("verify", tmp_path / "decoder.onnx", *args)
+    verified = road_export("verify", tmp_path / "decoder.onnx", *args, "--no-native")
     assert verified.returncode == 0 and "present.*" in verified.stdout, verified.stdout + verified.stderr
+    assert "road ops: native" in proc.stdout and "road ops: bodies" in verified.stdout
     typo = road_export("--base", llama_dirs / "base", "--adapter", llama_dirs / "road", "--task",
                        "text-generation-with-pasta", tmp_path / "typo.onnx")
     assert_bad_input(typo, says="unknown task 'text-generation-with-pasta'")

@@ -25,8 +25,10 @@ def test_report_shapes_and_json(exported):
     assert report.passed and len(report.rows) == 4
     assert [r.shape for r in report.rows][0] == [1, 256]  # padded positions left out, batch*seq kept
     assert all(r.top1 == 1.0 and r.cosine > 0.999999 for r in report.rows)
-    assert '"passed": true' in report.to_json()
-    assert "parity PASSED: 4/4" in report.table()
+    assert '"passed": true' in report.to_json() and '"kernels": "native"' in report.to_json()
+    assert "parity PASSED: 4/4" in report.table() and "road ops: native" in report.table()
+    bodies = verify(path, model, native=False)
+    assert bodies.passed and bodies.kernels == "bodies"
 
 
 def test_a_different_adapter_fails(exported):

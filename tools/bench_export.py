@@ -5,6 +5,8 @@ Measured in one run:
   - export time: road-export rotate / base, merge / base, and a plain torch.onnx.export of the peft model / base
   - ONNX nodes added per adapted layer (in the file, and after onnxruntime's own optimisation)
   - onnxruntime latency of a one-token step (batch 1, sequence 1), 2 intra-op threads, interleaved A B A B
+Rotate-mode files run twice: on the native road kernels (`+native`, what RoadSession runs) and on the road ops'
+standard-op bodies (what stock onnxruntime runs without the kernels).
 
     python tools/bench_export.py [--hidden 2048] [--rounds 200] [--variant road_4] [--targets all-linear]
     python tools/bench_export.py --variant road_1 --targets q_proj,v_proj
@@ -29,10 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import interleave, llama_config  # noqa: E402
 
 
-def session(path: Path, optimized: Path | None = None):
+def session(path: Path, optimized: Path | None = None, native: bool = False):
     import onnxruntime as ort
 
+    from road_export import native as road_native
+
     so = ort.SessionOptions()
+    road_native.register(so, native)
     so.intra_op_num_threads = 2
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
@@ -119,19 +124,22 @@ def main() -> None:
 
     print("\nONNX nodes added per adapted layer")
     base_nodes = node_count(paths["base"])
-    opt = {k: tmp / f"{k}.ort.onnx" for k in paths}
-    sessions = {k: session(p, opt[k]) for k, p in paths.items()}
-    for key in ("merge", "rotate", "fixed", "peft"):
-        in_file = (node_count(paths[key]) - base_nodes) / n_adapted
+    runs = {**{k: (p, False) for k, p in paths.items()}, "rotate+native": (paths["rotate"], True),
+            "fixed+native": (paths["fixed"], True)}
+    opt = {k: tmp / f"{k}.ort.onnx" for k in runs}
+    sessions = {k: session(p, opt[k], native) for k, (p, native) in runs.items()}
+    shown = ("merge", "rotate+native", "fixed+native", "rotate", "fixed", "peft")
+    for key in shown:
+        in_file = (node_count(runs[key][0]) - base_nodes) / n_adapted
         after = (node_count(opt[key]) - node_count(opt["base"])) / n_adapted
-        print(f"  {key:>8}: {in_file:5.2f} in the file, {after:5.2f} after onnxruntime's optimisation")
+        print(f"  {key:>14}: {in_file:5.2f} in the file, {after:5.2f} after onnxruntime's optimisation")
 
     feeds = {"input_ids": np.array([[5]], dtype=np.int64), "attention_mask": np.ones((1, 1), dtype=np.int64)}
     for s in sessions.values():
         for _ in range(10):
             s.run(None, feeds)
     print(f"\none-token step latency, batch 1 (onnxruntime, 2 threads, {args.rounds} interleaved rounds)")
-    for key in ("merge", "rotate", "fixed", "peft"):
+    for key in shown:
         cmp = interleave(lambda k=key: sessions[k].run(None, feeds), lambda: sessions["base"].run(None, feeds),
                          rounds=args.rounds, names=(key, "base"), inner=5)
         print("  " + cmp.line())

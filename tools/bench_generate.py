@@ -6,6 +6,8 @@ size 64, exported with --task text-generation-with-past. Each round generates wi
 hits all sides equally. Decode tokens/s counts the steps after the prefill; ratios are medians of paired rounds.
 Also shown: what a user gets today from torch.onnx.export(dynamo=True) of the peft model with the same cache I/O
 (peft-traced), and a causal-lm export of the base model without cache (every step reruns the whole sequence).
+Rotate exports run on the native road kernels (RoadSession's default), and once more on the road ops'
+standard-op bodies (`bodies`: stock onnxruntime without the kernels).
 
     python tools/bench_generate.py [--hidden 1024] [--layers 6] [--batch 1] [--prompt 32] [--new 64] [--rounds 7]
 """
@@ -102,12 +104,15 @@ def main() -> None:
         job(tmp / f"m{i}.onnx")
         sessions[name] = RoadSession(tmp / f"m{i}.onnx", threads=2)
         print(f"  exported {name:<15} {time.perf_counter() - start:5.1f} s")
+        if name == "rotate":
+            assert sessions[name].native, "the native road kernels did not build (see road-export kernels)"
+            sessions["rotate, bodies"] = RoadSession(tmp / f"m{i}.onnx", threads=2, native=False)
 
     ids = np.random.default_rng(0).integers(3, 8000, (args.batch, args.prompt))
     reference = sessions["base"].generate(ids, max_new_tokens=8)
     assert (sessions["base, no cache"].generate(ids, max_new_tokens=8) == reference).all()
     adapted = sessions["merged"].generate(ids, max_new_tokens=8)
-    for name in ("rotate", "rotate --fixed", "peft-traced"):
+    for name in ("rotate", "rotate, bodies", "rotate --fixed", "peft-traced"):
         assert (sessions[name].generate(ids, max_new_tokens=8) == adapted).all(), name
     for s in sessions.values():
         s.generate(ids, max_new_tokens=4)  # warm-up

@@ -1,6 +1,8 @@
 """One RoAd rotation over a [512, 4096] fp32 tensor on onnxruntime, against a single elementwise Mul.
 
-Side by side in one run (interleaved, 2 intra-op threads), each body as road-export writes it:
+Side by side in one run (interleaved, 2 intra-op threads):
+  - road.Rotate and road.RotateTied on the native kernels (`road-export kernels`, what RoadSession runs)
+and each standard-op body road-export writes, for runtimes without the kernels:
   - road.RotateTied (road_1 after `lower`): one RotaryEmbedding, com.microsoft (opset 20) and standard (opset 23)
   - road.Rotate (road_2/road_4; the standard body): reversed Slice + Mul, Mul, Add
   - the Split/Neg/Concat body (the Slice-based standard-op rotation)
@@ -23,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from road_export import rotation  # noqa: E402
+from road_export import native, rotation  # noqa: E402
 from road_export.export import op as road_op  # noqa: E402
 from road_export.passes import testutil  # noqa: E402
 from road_export.passes.lower import LowerPass  # noqa: E402
@@ -61,11 +63,15 @@ def main() -> None:
     models: dict[str, tuple[bytes, tuple]] = {}
     models["Mul (reference)"] = (build([helper.make_node("Mul", ["x", "c1"], ["y"])], {"c1": full[0]}, shape,
                                        [("", 20)]), None)
-    models["road_1 RotateTied, opset 20"] = (build(*road_node(*tied, g, 20)[:2], shape, road_node(*tied, g, 20)[2]),
-                                             tied)
-    models["road_1 RotateTied, opset 23"] = (build(*road_node(*tied, g, 23)[:2], shape, road_node(*tied, g, 23)[2]),
-                                             tied)
-    models["road_4 Rotate"] = (build(*road_node(*full, g, 20)[:2], shape, road_node(*full, g, 20)[2]), full)
+    def road(coeffs, opset=20):
+        nodes, inits, opsets = road_node(*coeffs, g, opset)
+        return build(nodes, inits, shape, opsets), coeffs
+
+    models["road_4 Rotate, native kernel"] = road(full)
+    models["road_1 RotateTied, native kernel"] = road(tied)
+    models["road_1 RotateTied body, opset 20"] = road(tied)
+    models["road_1 RotateTied body, opset 23"] = road(tied, 23)
+    models["road_4 Rotate body"] = road(full)
     h = g // 2
     split_nodes = [
         helper.make_node("Reshape", ["x", "grouped"], ["xg"]),
@@ -92,11 +98,15 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    sessions = {k: ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for k, (m, _) in models.items()}
+    def session(name: str, model: bytes):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        native.register(options, "native kernel" in name)
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    sessions = {k: session(k, m) for k, (m, _) in models.items()}
     x = rng.standard_normal((n, d)).astype(np.float32)
     for name, (_, coeffs) in models.items():
         if coeffs is not None:
@@ -115,7 +125,7 @@ def main() -> None:
     print(f"one rotation over [{n}, {d}] fp32, g={g}, onnxruntime 2 threads, {args.rounds} interleaved rounds")
     for name, t in times.items():
         ratio = statistics.median(a / b for a, b in zip(t, base, strict=True))
-        print(f"  {name:>30}: {statistics.median(t) * 1e3:8.3f} ms   {ratio:6.2f}x a single Mul")
+        print(f"  {name:>34}: {statistics.median(t) * 1e3:8.3f} ms   {ratio:6.2f}x a single Mul")
 
 
 if __name__ == "__main__":

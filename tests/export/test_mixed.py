@@ -36,11 +36,12 @@ def mixed(tmp_path_factory):
     return ours, theirs, result
 
 
-def test_every_row_equals_its_single_adapter_run(mixed):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "bodies"])
+def test_every_row_equals_its_single_adapter_run(mixed, native):
     ours, theirs, result = mixed
     assert result.input_names == ["input_ids", "attention_mask", "adapter_ids"]
-    session = RoadSession(result.path)
-    assert session.adapters == ["a", "b", "c"] and session.mixed
+    session = RoadSession(result.path, native=native)
+    assert session.adapters == ["a", "b", "c"] and session.mixed and session.native is native
     names = ["c", "__base__", "a", "b", "a", "__base__"]
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 256, (len(names), 9), generator=gen)

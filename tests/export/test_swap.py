@@ -26,15 +26,16 @@ def logits(model, ids):
         return model(input_ids=torch.from_numpy(ids)).logits.numpy()
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "bodies"])
 @pytest.mark.parametrize("variant", ["road_2", "road_1"])
-def test_swap_in_and_back(tmp_path, variant):
+def test_swap_in_and_back(tmp_path, variant, native):
     first = peft_adapter(tmp_path / "first", 0, variant=variant, group_size=8)
     second = peft_adapter(tmp_path / "second", 1, variant=variant, group_size=8)
     result = rx.export(first, tmp_path / "m.onnx", mode="rotate")
     assert [p.name for p in result.adapter_files] == ["m.default.onnx_adapter"]
     convert_adapter(tmp_path / "second", result.path, tmp_path / "m.second.onnx_adapter")
-    session = RoadSession(result.path)
-    assert session.adapters == ["default", "second"]
+    session = RoadSession(result.path, native=native)
+    assert session.adapters == ["default", "second"] and session.native is native
     ids = np.random.default_rng(0).integers(3, 256, (2, 6))
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     np.testing.assert_allclose(session.run(feeds)["logits"], logits(first, ids), atol=1e-4, rtol=0)
