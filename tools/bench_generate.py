@@ -4,6 +4,8 @@ Llama-shaped model (hidden 1024, 6 layers, grouped-query attention, vocab 8000),
 size 64, exported with --task text-generation-with-past. Each round generates with every export in turn
 (RoadSession.generate: prefill, then one token per step feeding present.* back as past_key_values.*), so drift
 hits all sides equally. Decode tokens/s counts the steps after the prefill; ratios are medians of paired rounds.
+Then the decode step alone, steadier: one new token after the prompt's cache, each export timed against the
+base export in alternation (A B A B ..., --steps rounds), no Python generation loop around it.
 Also shown: what a user gets today from torch.onnx.export(dynamo=True) of the peft model with the same cache I/O
 (peft-traced), and a causal-lm export of the base model without cache (every step reruns the whole sequence).
 Rotate exports run on the native road kernels (RoadSession's default), and once more on the road ops'
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import llama_config  # noqa: E402
+from benchlib import interleave, llama_config  # noqa: E402
 
 
 def decode_rate(session, ids: np.ndarray, new: int) -> float:
@@ -41,6 +43,23 @@ def decode_rate(session, ids: np.ndarray, new: int) -> float:
         else:
             count += 1
     return count * ids.shape[0] / (time.perf_counter() - start)
+
+
+def step_call(session, ids: np.ndarray):
+    """A call running one decode step of `session` after the prefill of `ids` (cache of the prompt's length)."""
+    from road_export.generation import _empty_cache, positions
+
+    batch, length = ids.shape
+    mask = np.ones((batch, length), dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask), **_empty_cache(session, batch)}
+    out = session.run(feeds)
+    past = {name.replace("present", "past_key_values"): v for name, v in out.items() if name.startswith("present")}
+    step_mask = np.ones((batch, length + 1), dtype=np.int64)
+    step = {"input_ids": out["logits"][:, -1].argmax(-1)[:, None], "attention_mask": step_mask,
+            "position_ids": positions(step_mask)[:, -1:], **past}
+    step = {k: v for k, v in step.items() if k in session.input_names}
+    names = session.output_names
+    return lambda: session.session.run(names, step)
 
 
 def peft_traced_export(peft_model, path: Path) -> None:
@@ -63,6 +82,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=300, help="interleaved rounds of the one-step comparison")
     parser.add_argument("--variant", default="road_4", choices=("road_1", "road_2", "road_4"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -127,6 +147,12 @@ def main() -> None:
         base_rate = statistics.median(rates["base"])
         print(f"  {name:>15}: {statistics.median(rates[name]):8.1f} tokens/s   base {base_rate:8.1f} tokens/s"
               f"   ratio {name}/base = {ratio:.3f}x")
+
+    print(f"\none decode step after a {args.prompt}-token cache, batch {args.batch}, {args.steps} interleaved rounds")
+    base_step = step_call(sessions["base"], ids)
+    for name in list(sessions)[1:-1]:  # the no-cache export has no decode step
+        cmp = interleave(step_call(sessions[name], ids), base_step, rounds=args.steps, names=(name, "base"), inner=3)
+        print("  " + cmp.line())
 
 
 if __name__ == "__main__":
