@@ -201,3 +201,17 @@ def test_kernels_command(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "road-export: error: CXX='no-such-compiler' is not an executable compiler; point CXX at a C++17 compiler"]
+
+
+def test_road_files_are_told_apart_without_parsing_the_graph(tmp_path):
+    c1, c2 = testutil.coefficients("road_4", 64, 64, np.random.default_rng(0))
+    (tmp_path / "road.onnx").write_bytes(rotation_model(c1, c2, 64, x_rank=2))
+    plain = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                                [helper.make_tensor_value_info("x", 1, [2])],
+                                                [helper.make_tensor_value_info("y", 1, [2])]))
+    (tmp_path / "plain.onnx").write_bytes(plain.SerializeToString())
+    (tmp_path / "text.onnx").write_text("not a model at all\n")
+    assert native.opset_domains(tmp_path / "road.onnx") == {"", "road"}
+    assert native.uses_road(tmp_path / "road.onnx")
+    assert not native.uses_road(tmp_path / "plain.onnx")
+    assert not native.uses_road(tmp_path / "text.onnx") and not native.uses_road(tmp_path / "missing.onnx")

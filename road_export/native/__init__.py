@@ -94,14 +94,52 @@ def library_path() -> Path:
 
 
 def uses_road(path: str | Path) -> bool:
-    """Whether an ONNX file imports the `road` domain (without reading its external weights)."""
-    import onnx
-
+    """Whether an ONNX file imports the `road` domain; not ONNX, or unreadable: False (its loader will say why)."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not ONNX: whoever loads it next says so
+        return "road" in opset_domains(path)
+    except (OSError, ValueError):
         return False
-    return any(o.domain == "road" for o in model.opset_import)
+
+
+def opset_domains(path: str | Path) -> set[str]:
+    """The domains of a model's opset_import, read off the file's top-level protobuf fields: the graph, which
+    holds the weights of a model without external data, is skipped rather than parsed."""
+    from onnx import OperatorSetIdProto
+
+    opset_import = 8  # ModelProto field number
+    domains = set()
+    with open(path, "rb") as f:
+        while (key := _varint(f)) is not None:
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                _varint(f)
+            elif wire in (1, 5):
+                f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+            elif wire == 2:
+                length = _varint(f)
+                if length is None:
+                    raise ValueError("truncated field")
+                if field == opset_import:
+                    domains.add(OperatorSetIdProto.FromString(f.read(length)).domain)
+                else:
+                    f.seek(length, os.SEEK_CUR)
+            else:
+                raise ValueError(f"not an ONNX model (wire type {wire})")
+    return domains
+
+
+def _varint(f) -> int | None:
+    result = shift = 0
+    while byte := f.read(1):
+        result |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ValueError("not an ONNX model (bad varint)")
+    if shift:
+        raise ValueError("truncated varint")
+    return None
 
 
 def register(options, native: bool | None = None) -> bool:
