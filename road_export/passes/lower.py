@@ -6,6 +6,8 @@
   whose body is one reversed Slice plus Mul, Mul, Add once onnxruntime has folded the constants.
 - portable: standard ops only and no reliance on a contrib op: every node is `road.Rotate`.
 Coefficients must be constants or overridable initializers whose defaults are tied; computed ones stay generic.
+The bodies are what runs without road-export's native kernels (road_export/native); a session that registers them
+runs either op as one kernel, whichever body the file carries.
 """
 
 from __future__ import annotations
