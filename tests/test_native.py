@@ -50,13 +50,16 @@ def rotation_model(c1: np.ndarray, c2: np.ndarray, g: int, *, x_rank: int, dtype
     return ir.serde.serialize_model(model).SerializeToString()
 
 
-def session(model: bytes, *, native_kernels: bool, optimized: str | None = None, profile: bool = False):
+def session(model: bytes, *, native_kernels: bool, optimized: str | None = None, profile: str | None = None):
+    """`profile`: a path prefix for onnxruntime's profile of the run (which kernels ran)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 2
     if optimized:
         options.optimized_model_filepath = optimized
-    options.enable_profiling = profile
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
     assert native.register(options, native_kernels) is native_kernels
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
@@ -102,14 +105,14 @@ def test_kernel_is_picked_over_the_function_body(tmp_path, op_type, variant, ops
     c1, c2 = testutil.coefficients(variant, 128, 64, rng)
     model = rotation_model(c1, c2, 64, x_rank=3, op_type=op_type, opset=opset)
     optimized = str(tmp_path / "optimized.onnx")
-    s = session(model, native_kernels=True, optimized=optimized, profile=True)
+    s = session(model, native_kernels=True, optimized=optimized, profile=str(tmp_path / "native"))
     x = rng.standard_normal((2, 3, 128)).astype(np.float32)
     assert np.abs(s.run(None, {"x": x})[0] - rotation.rotate(x, c1, c2, 64)).max() < 1e-5
     ran = {e["args"]["op_name"] for e in json.load(open(s.end_profiling())) if e.get("cat") == "Node"}
     assert ran == {op_type}  # one kernel: the Identity nodes are optimised away, nothing of the body runs
     kept = [n.op_type for n in ir.load(optimized).graph]
     assert kept == [op_type]
-    bodies = session(model, native_kernels=False, profile=True)
+    bodies = session(model, native_kernels=False, profile=str(tmp_path / "bodies"))
     bodies.run(None, {"x": x})
     body_ops = {e["args"]["op_name"] for e in json.load(open(bodies.end_profiling())) if e.get("cat") == "Node"}
     assert op_type not in body_ops and len(body_ops) > 1
