@@ -23,7 +23,9 @@ class RoadSession:
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
                  native: bool | None = None):
         """`native`: run road ops on the native kernels (True), their standard-op bodies (False), or the kernels
-        where they build (None, the default); `self.native` says which."""
+        where they build (None, the default); `self.native` says which. The kernels are CPU kernels: with another
+        execution provider first in `providers`, None leaves them out, so the bodies run on that device rather
+        than the rotations hopping to the CPU."""
         import onnxruntime as ort
 
         from road_export import native as road_native
@@ -35,10 +37,12 @@ class RoadSession:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        providers = list(providers or ["CPUExecutionProvider"])
+        if native is None and providers[0] != "CPUExecutionProvider":
+            native = False
         self.native = road_native.uses_road(self.path) and road_native.register(options, native)
         try:
-            self.session = ort.InferenceSession(str(self.path), options,
-                                                providers=list(providers or ["CPUExecutionProvider"]))
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as e:
             raise RoadError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
         meta = self.session.get_modelmeta().custom_metadata_map

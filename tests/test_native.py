@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx_ir as ir
@@ -218,3 +219,18 @@ def test_road_files_are_told_apart_without_parsing_the_graph(tmp_path):
     assert native.uses_road(tmp_path / "road.onnx")
     assert not native.uses_road(tmp_path / "plain.onnx")
     assert not native.uses_road(tmp_path / "text.onnx") and not native.uses_road(tmp_path / "missing.onnx")
+
+
+def test_road_session_uses_the_kernels_on_cpu_only(tmp_path):
+    from road_export.runtime import RoadSession
+
+    c1, c2 = testutil.coefficients("road_4", 64, 64, np.random.default_rng(0))
+    path = tmp_path / "road.onnx"
+    path.write_bytes(rotation_model(c1, c2, 64, x_rank=2))
+    assert RoadSession(path).native is True
+    assert RoadSession(path, native=False).native is False
+    # another execution provider first: the CPU kernels would pull the rotations off the device, so the bodies run
+    with warnings.catch_warnings():  # a CPU-only onnxruntime warns that it has no CUDA, and runs on the CPU
+        warnings.simplefilter("ignore")
+        on_device = RoadSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert on_device.native is False
