@@ -24,9 +24,8 @@ struct OrtApi;  // opaque here: reached through ort::call
 
 enum OrtErrorCode { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
 
-// ONNX TensorProto element types (the ones the kernels handle, and 0 for "any type").
+// ONNX TensorProto element types, the ones the kernels handle.
 enum OrtElementType : int {
-  ORT_TYPE_ANY = 0,
   ORT_TYPE_FLOAT = 1,
   ORT_TYPE_FLOAT16 = 10,
   ORT_TYPE_DOUBLE = 11,

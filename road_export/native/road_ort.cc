@@ -9,6 +9,7 @@
 // per-row adapters). Half-precision inputs are computed in float and rounded once.
 #include <climits>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <string>
 
@@ -190,9 +191,10 @@ OrtStatus* fail(const OrtApi* api, const std::string& message) {
   return ort::call<OrtStatus*>(api, ort::slot::CreateStatus, ORT_INVALID_ARGUMENT, message.c_str());
 }
 
-#define ROAD_TRY(expr)                      \
-  do {                                      \
-    if (OrtStatus* status_ = (expr)) return status_; \
+// Return the status of a failed onnxruntime call.
+#define ROAD_TRY(expr)                                 \
+  do {                                                 \
+    if (OrtStatus* status_ = (expr)) return status_;   \
   } while (0)
 
 OrtStatus* shape_of(const OrtApi* api, const OrtValue* value, Shape* shape) {
@@ -357,11 +359,11 @@ RoadOp make_op(const char* name, int type) {
   return op;
 }
 
-constexpr int kTypes[] = {ORT_TYPE_FLOAT, ORT_TYPE_FLOAT16, ORT_TYPE_DOUBLE, ORT_TYPE_BFLOAT16};
 RoadOp ops[] = {
-    make_op("Rotate", kTypes[0]),     make_op("Rotate", kTypes[1]),     make_op("Rotate", kTypes[2]),
-    make_op("Rotate", kTypes[3]),     make_op("RotateTied", kTypes[0]), make_op("RotateTied", kTypes[1]),
-    make_op("RotateTied", kTypes[2]), make_op("RotateTied", kTypes[3]),
+    make_op("Rotate", ORT_TYPE_FLOAT),         make_op("Rotate", ORT_TYPE_FLOAT16),
+    make_op("Rotate", ORT_TYPE_DOUBLE),        make_op("Rotate", ORT_TYPE_BFLOAT16),
+    make_op("RotateTied", ORT_TYPE_FLOAT),     make_op("RotateTied", ORT_TYPE_FLOAT16),
+    make_op("RotateTied", ORT_TYPE_DOUBLE),    make_op("RotateTied", ORT_TYPE_BFLOAT16),
 };
 OrtCustomOpDomain* road_domain = nullptr;
 std::mutex domain_mutex;
