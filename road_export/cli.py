@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"verify": run_verify, "inspect": run_inspect, "optimize": run_optimize, "adapter": run_adapter,
                 "merge-checkpoint": run_merge_checkpoint, "attach": run_attach, "kernels": run_kernels}
     try:
-        if not argv or argv[0] not in ("inspect", "optimize", "adapter", "merge-checkpoint", "attach", "kernels"):
+        if not argv or argv[0] not in set(SUBCOMMANDS) - {"verify"}:  # only export and verify load transformers
             _quiet_libraries()
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -122,10 +122,6 @@ struct Shape {
   }
 };
 
-struct Error {
-  std::string message;
-};
-
 // One rotation call: rows of X (all axes but the last flattened), and for each coefficient tensor the row
 // stride of every leading axis of X (0 where the coefficient broadcasts).
 template <typename T>
@@ -159,8 +155,8 @@ struct Job {
   }
 
   // One group: pairs (i, i + half). Restrict-qualified and branch-free so that the compiler vectorizes it.
-  static inline __attribute__((always_inline)) void group(const T* __restrict x, const T* __restrict a, const T* __restrict b, T* __restrict y,
-                    int64_t half) {
+  static inline __attribute__((always_inline)) void group(const T* __restrict x, const T* __restrict a,
+                                                         const T* __restrict b, T* __restrict y, int64_t half) {
     using C = typename Compute<T>::type;
     const T* __restrict x2 = x + half;
     const T* __restrict a2 = a + half;
@@ -203,7 +199,8 @@ OrtStatus* shape_of(const OrtApi* api, const OrtValue* value, Shape* shape) {
   size_t rank = 0;
   OrtStatus* status = ort::call<OrtStatus*>(api, ort::slot::GetDimensionsCount,
                                             static_cast<const OrtTensorTypeAndShapeInfo*>(info), &rank);
-  if (!status && rank > static_cast<size_t>(kMaxRank)) status = fail(api, "road: tensors of rank > 8 are not supported");
+  if (!status && rank > static_cast<size_t>(kMaxRank))
+    status = fail(api, "road: tensors of rank > 8 are not supported");
   if (!status) {
     shape->rank = static_cast<int>(rank);
     status = ort::call<OrtStatus*>(api, ort::slot::GetDimensions, static_cast<const OrtTensorTypeAndShapeInfo*>(info),
@@ -383,7 +380,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     OrtCustomOpDomain* domain = nullptr;
     ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CreateCustomOpDomain, "road", &domain)));
     for (const RoadOp& op : ops)
-      ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain, static_cast<const OrtCustomOp*>(&op))));
+      ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain,
+                                      static_cast<const OrtCustomOp*>(&op))));
     road_domain = domain;
   }
   return ort::call<OrtStatus*>(api, ort::slot::AddCustomOpDomain, options, road_domain);
