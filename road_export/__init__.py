@@ -1,27 +1,58 @@
-"""road-export: RoAd-adapted models to ONNX Runtime, merged or as swappable rotations."""
+"""road-export: RoAd-adapted models to ONNX Runtime, merged or as swappable rotations.
 
-from road_export.adapters import from_peft, load_adapter, read_adapter, save_adapter
-from road_export.config import RoadConfig, RoadVariant
-from road_export.errors import RoadError
-from road_export.export import ExportResult, export
-from road_export.layers import RoadLayer
-from road_export.model import (
-    adapter_ids,
-    disable_adapters,
-    get_road_model,
-    merge_adapter,
-    merge_and_unload,
-    mixed_batch,
-    road_layers,
-    set_adapter,
-    unload,
-    unmerge_adapter,
-)
+Names are imported on first use (PEP 562), so `import road_export` costs nothing and the torch-free parts
+(`road_export.runtime`, `.passes`, `.swap`, `.attach`, `.inspection`, `.ops`, `.files`) never pull torch in. The
+torch side (`export`, `load_adapter`, `get_road_model`, ...) needs `pip install 'road-export[export]'`.
 
-__all__ = [
-    "ExportResult", "RoadConfig", "RoadError", "RoadLayer", "RoadVariant", "adapter_ids", "disable_adapters",
-    "export", "from_peft", "get_road_model", "load_adapter", "merge_adapter", "merge_and_unload", "mixed_batch",
-    "read_adapter", "road_layers", "save_adapter", "set_adapter", "unload", "unmerge_adapter",
-]
+`road_export.export` is the export subpackage, callable as the export function: `rx.export(model, "m.onnx")`;
+`rx.export_model` is the same function under a plain name.
+"""
+
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
+_LAZY = {
+    "AdapterFile": "road_export.adapter_files",
+    "read_adapter": "road_export.adapter_files",
+    "RoadConfig": "road_export.config",
+    "RoadVariant": "road_export.config",
+    "RoadError": "road_export.errors",
+    "from_peft": "road_export.adapters",
+    "load_adapter": "road_export.adapters",
+    "save_adapter": "road_export.adapters",
+    "ExportResult": "road_export.export.exporter",
+    "RoadLayer": "road_export.layers",
+    "adapter_ids": "road_export.model",
+    "disable_adapters": "road_export.model",
+    "get_road_model": "road_export.model",
+    "merge_adapter": "road_export.model",
+    "merge_and_unload": "road_export.model",
+    "mixed_batch": "road_export.model",
+    "road_layers": "road_export.model",
+    "set_adapter": "road_export.model",
+    "unload": "road_export.model",
+    "unmerge_adapter": "road_export.model",
+    "RoadSession": "road_export.runtime",
+}
+
+__all__ = sorted([*_LAZY, "export", "export_model"])
+
+
+def __getattr__(name: str):
+    if name == "export":  # the subpackage (callable); after its first import the attribute is set directly
+        return importlib.import_module("road_export.export")
+    if name == "export_model":
+        return importlib.import_module("road_export.export.exporter").export
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'road_export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,91 +1,26 @@
-"""peft RoAd adapter directories in and out, and adopting a live peft model.
+"""peft RoAd adapters onto torch models and back out, and adopting a live peft model.
 
-On disk (peft's layout): `adapter_config.json` and `adapter_model.safetensors` with keys
-`base_model.model.<module>.road_theta` / `.road_alpha`, and `base_model.model.<module>.<param>` for
-modules_to_save. Everything is checked before the model is touched, so a bad adapter leaves it unchanged.
+Reading and checking a directory is torch-free (road_export/adapter_files.py: `read_adapter`, `AdapterFile`);
+here its tensors are placed on a transformers model. Everything is checked before the model is touched, so a bad
+adapter leaves it unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from road_export import model as road_model
-from road_export.config import CONFIG_NAME, RoadConfig
+from road_export.adapter_files import PREFIX, ROAD_PARAMS, WEIGHTS_NAME, AdapterFile, read_adapter
+from road_export.config import RoadConfig
 from road_export.errors import RoadError
+from road_export.files import atomic_write
 from road_export.layers import RoadLayer, output_axis
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-ROAD_PARAMS = ("road_theta", "road_alpha")
-
-
-@dataclass
-class AdapterFile:
-    """A parsed adapter directory: its config, RoAd tensors per module, and modules_to_save tensors."""
-
-    path: Path
-    config: RoadConfig
-    road: dict[str, dict[str, torch.Tensor]]  # module path -> {"road_theta": t, "road_alpha": t}
-    extra: dict[str, torch.Tensor]  # parameter path -> tensor (modules_to_save)
-
-
-def read_adapter(path: str | Path) -> AdapterFile:
-    """Read and check an adapter directory without touching any model."""
-    path = Path(path)
-    if not path.exists():
-        raise RoadError(f"{path}: no such adapter directory")
-    if not path.is_dir():
-        raise RoadError(f"{path}: an adapter is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = RoadConfig.from_pretrained(path)
-    tensors = _load_tensors(path)
-    road: dict[str, dict[str, torch.Tensor]] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        name = key.removeprefix(PREFIX)
-        module, _, param = name.rpartition(".")
-        if param not in ROAD_PARAMS and module.rpartition(".")[2] in ROAD_PARAMS:
-            module, _, param = module.rpartition(".")  # `<module>.road_theta.<adapter name>`
-        if param in ROAD_PARAMS:
-            road.setdefault(module, {})[param] = tensor
-        else:
-            extra[name] = tensor
-    for module, params in road.items():
-        missing = [p for p in ROAD_PARAMS if p not in params]
-        if missing:
-            raise RoadError(f"{path / WEIGHTS_NAME}: module {module} has no {missing[0]} tensor")
-    for key, tensor in [*((f"{m}.{p}", t) for m, ps in road.items() for p, t in ps.items()), *extra.items()]:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise RoadError(f"{path / WEIGHTS_NAME}: tensor {key} holds NaN or Inf; the adapter is broken")
-    if not road:
-        raise RoadError(f"{path / WEIGHTS_NAME}: no road_theta/road_alpha tensors; is this a RoAd adapter?")
-    return AdapterFile(path, config, road, extra)
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    file = path / WEIGHTS_NAME
-    if file.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(file))
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise RoadError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from e
-    legacy = path / "adapter_model.bin"
-    if legacy.is_file():
-        try:
-            return torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise RoadError(f"{legacy}: cannot read ({e})") from e
-    raise RoadError(f"{file}: no such file; an adapter directory holds {WEIGHTS_NAME}")
+__all__ = ["ROAD_PARAMS", "AdapterFile", "apply_adapter", "from_peft", "load_adapter", "read_adapter", "save_adapter"]
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
@@ -133,10 +68,10 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, adapter_name: str = "d
     with torch.no_grad():
         for module_name, params in adapter.road.items():
             layer = layers[module_name]
-            layer.road_theta[adapter_name].copy_(params["road_theta"])
-            layer.road_alpha[adapter_name].copy_(params["road_alpha"])
+            layer.road_theta[adapter_name].copy_(torch.from_numpy(params["road_theta"]))
+            layer.road_alpha[adapter_name].copy_(torch.from_numpy(params["road_alpha"]))
         for key, tensor in adapter.extra.items():
-            _get_tensor(model, key).copy_(tensor)
+            _get_tensor(model, key).copy_(torch.from_numpy(tensor))
     return model
 
 
@@ -187,16 +122,10 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
             tensors[f"{PREFIX}{name}.{key}"] = tensor.detach().cpu().contiguous().clone()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_write(path) as tmp:
+        tmp.mkdir()
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

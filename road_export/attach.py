@@ -12,6 +12,7 @@ turns it into rotated weights. Any module that cannot be placed exactly once is 
 from __future__ import annotations
 
 import ast
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,11 +21,14 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from road_export import rotation
-from road_export.adapters import AdapterFile, read_adapter
+from road_export import __version__, rotation
+from road_export import ops as road_op
+from road_export.adapter_files import AdapterFile, read_adapter
 from road_export.errors import RoadError
-from road_export.export import op as road_op
+from road_export.files import load_for_rewrite, save_model
+from road_export.names import METADATA_ADAPTERS, METADATA_MODE, METADATA_VERSION
 from road_export.passes import common
+from road_export.passes.fold import FoldPass
 
 _NODE_NAME = re.compile(r"^/(?P<path>.+)/(?:MatMul|Gemm)(?:_\d+)?$")
 
@@ -117,8 +121,8 @@ def attach_to_model(model: ir.Model, adapter: AdapterFile, mode: str = "rotate",
             raise RoadError(f"{adapter.path}: {module} maps to {node.op_type} {node.name!r}, whose weight is not a "
                             "constant 2-D tensor")
         out, width = found
-        theta = adapter.road[module]["road_theta"].float().numpy()
-        alpha = adapter.road[module]["road_alpha"].float().numpy()
+        theta = adapter.road[module]["road_theta"].astype(np.float32)
+        alpha = adapter.road[module]["road_alpha"].astype(np.float32)
         if width % config.group_size or theta.shape != (rotation.params_length(config.variant, width),):
             raise RoadError(f"{adapter.path}: {module} has {width} outputs in the graph; its {config.variant} "
                             f"tensors of {theta.size} with group size {config.group_size} do not fit")
@@ -130,13 +134,10 @@ def attach_to_model(model: ir.Model, adapter: AdapterFile, mode: str = "rotate",
     road_op.attach_functions(model)
     report.road_nodes = len(plans)
     if mode == "merge":
-        from road_export.passes.fold import FoldPass
-
-        fold = FoldPass()
-        fold(model)
-        report.folded = fold.folded
-        if fold.folded != len(plans):
-            raise RoadError(f"{adapter.path}: only {fold.folded} of {len(plans)} rotations could be folded into "
+        folded = FoldPass()(model).folded
+        report.folded = folded
+        if folded != len(plans):
+            raise RoadError(f"{adapter.path}: only {folded} of {len(plans)} rotations could be folded into "
                             "weights; use --mode rotate")
     return report
 
@@ -169,25 +170,19 @@ def _insert_rotation(model: ir.Model, out: ir.Value, c1: np.ndarray, c2: np.ndar
 
 def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mode: str = "rotate") -> AttachReport:
     """`road-export attach`: load BASE.onnx (external data too), attach, and save atomically."""
-    from road_export.export.exporter import _save_atomic, load_for_rewrite
-
     if len(adapters) != 1:
         raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
                         "(road-export --adapter a=... --adapter b=... --mode rotate)")
     files = [read_adapter(a) for a in adapters]
     model, external = load_for_rewrite(base, out)
     report = attach_to_model(model, files[0], mode)
-    import json
-
-    from road_export import __version__
-
-    model.metadata_props["road_export.version"] = __version__
-    model.metadata_props["road_export.mode"] = mode
-    model.metadata_props["road_export.adapters"] = json.dumps([{
+    model.metadata_props[METADATA_VERSION] = __version__
+    model.metadata_props[METADATA_MODE] = mode
+    model.metadata_props[METADATA_ADAPTERS] = json.dumps([{
         "name": "default", "variant": files[0].config.variant, "group_size": files[0].config.group_size,
         "layers": sorted(report.placed)}])
     for value in model.graph.initializers.values():  # materialise before the source files are replaced
         if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
-    _save_atomic(model, Path(out), external)
+    save_model(model, Path(out), external)
     return report

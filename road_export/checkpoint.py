@@ -9,18 +9,17 @@ process's memory), merged row-wise in float32 (in place for float32) and written
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from road_export import rotation
-from road_export.adapters import read_adapter
+from road_export.adapter_files import read_adapter
 from road_export.errors import RoadError
+from road_export.files import atomic_write
 
 CONV1D_MODEL_TYPES = {"gpt2"}  # transformers' Conv1D keeps weights as [in, out]
 CHUNK = 4 * 2**20
@@ -97,8 +96,8 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         if tuple(params["road_theta"].shape) != (expected,):
             raise RoadError(f"{adapter.path}: {module}.road_theta has shape {tuple(params['road_theta'].shape)}, "
                             f"expected ({expected},) for {adapter.config.variant} on {width} outputs")
-        coeffs = rotation.coefficients(adapter.config.variant, g, params["road_theta"].float(),
-                                       params["road_alpha"].float())
+        coeffs = rotation.coefficients(adapter.config.variant, g, torch.from_numpy(params["road_theta"]).float(),
+                                       torch.from_numpy(params["road_alpha"]).float())
         plan[f"{module}.weight"] = coeffs
         if f"{module}.bias" in where:
             plan[f"{module}.bias"] = coeffs
@@ -108,19 +107,13 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
                    if key in plan or key in adapter.extra for begin, end in [info["data_offsets"]]), default=0)
     _fixed_mmap_threshold()
     buffers = (bytearray(largest), bytearray(CHUNK))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_write(out) as tmp:  # an empty `out` is replaced; a failure leaves nothing behind
+        tmp.mkdir()
         for shard in shards:
             _write_shard(shard, tmp / shard.name, headers[shard], plan, adapter.extra, axis, g, report, buffers)
         for item in base.iterdir():
             if item.is_file() and item.suffix != ".safetensors" and not (tmp / item.name).exists():
                 shutil.copy2(item, tmp / item.name)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
@@ -169,7 +162,7 @@ def _write_shard(source: Path, target: Path, header_info, plan, extra, axis, g, 
                     raise RoadError(f"{source}: truncated at tensor {key}")
                 tensor = torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
                 if key in extra:
-                    tensor.copy_(extra[key].to(dtype).reshape(tensor.shape))
+                    tensor.copy_(torch.from_numpy(extra[key]).to(dtype).reshape(tensor.shape))
                     report.replaced.append(key)
                 else:
                     c1, c2 = plan[key]

@@ -199,7 +199,7 @@ def _print_report(report, quiet: bool) -> int:
 def run_export(argv: Sequence[str]) -> int:
     args = export_parser().parse_args(argv)
     import road_export as rx
-    from road_export.export.exporter import check_writable
+    from road_export.files import check_writable
     from road_export.source import load_source
     from road_export.verify import verify
 

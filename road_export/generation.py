@@ -9,16 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from road_export.errors import RoadError
+from road_export.names import PAST, PRESENT, positions
 
-if TYPE_CHECKING:
-    from road_export.runtime import RoadSession
 
-PAST, PRESENT = "past_key_values.", "present."
+class Session(Protocol):
+    """What generation drives: road_export.runtime.RoadSession has these (generation sits below the runtime)."""
+
+    path: Path
+    session: Any  # onnxruntime.InferenceSession
+    input_names: list[str]
+    output_names: list[str]
+
+    def route(self, batch: int, *, adapter: str | None = None, adapter_names: Sequence[str] | None = None
+              ) -> tuple[dict[str, np.ndarray], Any]: ...
+
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -63,14 +73,8 @@ class Sampling:
         return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
 
 
-def positions(attention_mask: np.ndarray) -> np.ndarray:
-    """transformers' position ids for a left-padded mask: count of real tokens before, 1 on padding."""
-    pos = np.cumsum(attention_mask, -1) - 1
-    return np.where(attention_mask == 0, 1, pos).astype(np.int64)
-
-
 def stream(
-    session: RoadSession,
+    session: Session,
     input_ids,
     attention_mask=None,
     *,
@@ -129,7 +133,7 @@ def stream(
             step_ids = np.concatenate([step_ids, tokens[:, None]], 1)
 
 
-def generate(session: RoadSession, input_ids, attention_mask=None, **options) -> np.ndarray:
+def generate(session: Session, input_ids, attention_mask=None, **options) -> np.ndarray:
     """The prompt followed by the new tokens, [batch, prompt + new] int64 (options as for `stream`)."""
     ids, _ = _prompt(input_ids, attention_mask)
     new = [step.tokens[:, None] for step in stream(session, input_ids, attention_mask, **options)]
@@ -152,7 +156,7 @@ def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     return ids.astype(np.int64), mask.astype(np.int64)
 
 
-def _empty_cache(session: RoadSession, batch: int) -> dict[str, np.ndarray]:
+def _empty_cache(session: Session, batch: int) -> dict[str, np.ndarray]:
     """Past length 0 for every past_key_values input: the first run is the prefill."""
     out = {}
     for value in session.session.get_inputs():

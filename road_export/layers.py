@@ -14,8 +14,8 @@ from torch import nn
 from road_export import rotation
 from road_export.config import RoadConfig
 from road_export.errors import RoadError
+from road_export.names import BASE_NAME
 
-BASE_NAME = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 RotateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 

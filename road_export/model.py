@@ -14,7 +14,8 @@ from torch import nn
 
 from road_export.config import RoadConfig
 from road_export.errors import RoadError
-from road_export.layers import BASE_NAME, RoadLayer, is_supported_base
+from road_export.layers import RoadLayer, is_supported_base
+from road_export.names import BASE_NAME
 
 # peft's TRANSFORMERS_MODELS_TO_ROAD_TARGET_MODULES_MAPPING, plus architectures whose attention is fused.
 DEFAULT_TARGETS: dict[str, list[str]] = {

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from road_export import generation
 from road_export.errors import RoadError
-from road_export.layers import BASE_NAME
+from road_export.names import BASE_NAME
 
 
 class RoadSession:
@@ -129,15 +130,11 @@ class RoadSession:
 
     def generate(self, input_ids, attention_mask=None, **options) -> np.ndarray:
         """Prompt plus new tokens, [batch, prompt + new]; see `road_export.generation.generate` for the options."""
-        from road_export.generation import generate
-
-        return generate(self, input_ids, attention_mask, **options)
+        return generation.generate(self, input_ids, attention_mask, **options)
 
     def stream(self, input_ids, attention_mask=None, **options):
         """Yield each step's tokens and logits as they are decoded; see `road_export.generation.stream`."""
-        from road_export.generation import stream
-
-        return stream(self, input_ids, attention_mask, **options)
+        return generation.stream(self, input_ids, attention_mask, **options)
 
     def _default(self) -> str:
         if not self.mixed and self.adapters:

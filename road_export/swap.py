@@ -14,11 +14,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from road_export import ops as road_op
 from road_export import rotation
+from road_export.adapter_files import read_adapter
 from road_export.errors import RoadError
-from road_export.export import op as road_op
+from road_export.files import atomic_write
+from road_export.names import METADATA_SWAP
 
-METADATA_KEY = "road_export.swap"
+METADATA_KEY = METADATA_SWAP
 SUFFIX = ".onnx_adapter"
 
 
@@ -54,12 +57,8 @@ def write_adapter_file(path: Path, values: dict[str, np.ndarray]) -> Path:
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in values.items()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         fmt.export_adapter(str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -85,8 +84,6 @@ def swap_records(model_path: Path) -> tuple[dict[str, dict], set[str]]:
 
 def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | Path) -> Path:
     """A peft RoAd adapter directory -> an `.onnx_adapter` file for `model_path`; refuses what does not fit."""
-    from road_export.adapters import read_adapter
-
     model_path, out = Path(model_path), Path(out)
     if not model_path.is_file():
         raise RoadError(f"{model_path}: no such ONNX file")
@@ -110,8 +107,8 @@ def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | 
         if config.group_size != record["group_size"]:
             raise RoadError(f"{adapter.path}: group_size {config.group_size} does not fit {model_path.name}, "
                             f"exported with group size {record['group_size']} at {layer}")
-        theta = adapter.road[layer]["road_theta"].float().numpy()
-        alpha = adapter.road[layer]["road_alpha"].float().numpy()
+        theta = adapter.road[layer]["road_theta"].astype(np.float32)
+        alpha = adapter.road[layer]["road_alpha"].astype(np.float32)
         expected = rotation.params_length(config.variant, record["width"])
         if theta.shape != (expected,):
             raise RoadError(f"{adapter.path}: {layer}.road_theta has shape {theta.shape}, expected ({expected},) "

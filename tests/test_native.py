@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from road_export import native, rotation
 from road_export.errors import RoadError
-from road_export.export import op as road_op
-from road_export.passes import testutil
+from road_export import ops as road_op
+from passes import testutil
 
 NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
 ATOL = {TensorProto.FLOAT: 1e-5, TensorProto.DOUBLE: 1e-12, TensorProto.FLOAT16: 1e-2, TensorProto.BFLOAT16: 6e-2}

@@ -1,5 +1,36 @@
-"""ONNX export: the `road` op, tasks, and the exporter."""
+"""ONNX export from torch (needs `road-export[export]`: torch and transformers; peft for live peft models).
 
-from road_export.export.exporter import ExportResult, export
+The subpackage is also callable: `road_export.export(model, path, ...)` is `road_export.export.export(model,
+path, ...)` (see road_export/export/exporter.py for the parameters). The call form keeps the one-line API the README
+shows, while `road_export.export` stays this subpackage (`road_export.export.tasks`, `.op`, `.exporter` are reachable
+under it and nothing is rebound). Modules: `prepare` (peft adoption, merged copies, frozen coefficients), `capture`
+(trace plan, `torch.onnx.export`), `post` (post-export passes: swappable inputs, I/O and axis names, metadata),
+`exporter` (the orchestration), `tasks` (task specs and sample inputs), `op` (the torch custom op).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
 
 __all__ = ["ExportResult", "export"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from road_export.export import exporter
+
+        return getattr(exporter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _CallableModule(types.ModuleType):
+    """This subpackage, callable as its `export` function."""
+
+    def __call__(self, *args, **kwargs):
+        from road_export.export.exporter import export
+
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,15 +28,16 @@ from torch import nn
 from road_export import model as road_model
 from road_export import rotation
 from road_export.errors import RoadError
-from road_export.export import op as road_op
+from road_export.files import check_output, save_model
+from road_export.names import METADATA_ADAPTERS, METADATA_MODE, METADATA_TASK, METADATA_VERSION
+from road_export import ops as road_op
+from road_export.export import op as torch_op
 from road_export.export.tasks import TaskModule, dynamic_shapes, infer_task, nest, task_spec, trace_inputs
 from road_export.layers import RoadLayer
 
 logger = logging.getLogger(__name__)
 
 MODES = ("merge", "rotate")
-TWO_GB = 2**31
-METADATA_PREFIX = "road_export."
 
 
 @dataclass
@@ -87,10 +86,7 @@ def export(
     if mode not in MODES:
         raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
     dtype = _parse_dtype(dtype)
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise RoadError(f"{path}: the output file name must end in .onnx")
-    check_writable(path)
+    path = check_output(path)
     with _adopted(model) as adapted:
         adapters = describe_adapters(adapted)
         if not adapters and (require_adapter or mode == "rotate"):
@@ -139,7 +135,7 @@ def export(
     # the swap file's values are read before saving: an external-data save re-points the tensors
     values = {v.name: v.const_value.numpy() for v in ir_model.graph.inputs if v.const_value is not None} \
         if swappable else {}
-    data = _save_atomic(ir_model, path, external_data)
+    data = save_model(ir_model, path, external_data)
     files = []
     if swappable:
         files.append(swap.write_adapter_file(swap.adapter_file_path(path, adapters[0]["name"]), values))
@@ -153,17 +149,6 @@ def _name_cache_axes(model: ir.Model) -> None:
         if value.name.startswith("present.") and value.shape is not None and len(value.shape) == 4:
             dims = list(value.shape)
             value.shape = ir.Shape([dims[0], dims[1], ir.SymbolicDim("total_sequence"), dims[3]])
-
-
-def check_writable(path: Path) -> None:
-    """Fail before the long work when `path` cannot be written."""
-    if path.is_dir():
-        raise RoadError(f"{path}: is a directory; give a file name ending in .onnx")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise RoadError(f"{path}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise RoadError(f"{path}: directory {parent} is not writable; choose another output path")
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -347,7 +332,7 @@ def _torch_export(module: nn.Module, args: tuple, names: list[str], dynamic, ops
                 opset_version=opset,
                 input_names=names,
                 dynamic_shapes=dynamic,
-                custom_translation_table=road_op.translation_table(),
+                custom_translation_table=torch_op.translation_table(),
                 verbose=False,
             )
         except RoadError:
@@ -389,55 +374,8 @@ def _set_metadata(model: ir.Model, mode: str, task: str | None, adapters: list[d
     from road_export import __version__
 
     props = model.metadata_props
-    props[METADATA_PREFIX + "version"] = __version__
-    props[METADATA_PREFIX + "mode"] = mode
+    props[METADATA_VERSION] = __version__
+    props[METADATA_MODE] = mode
     if task:
-        props[METADATA_PREFIX + "task"] = task
-    props[METADATA_PREFIX + "adapters"] = json.dumps(adapters)
-
-
-def _save_atomic(model: ir.Model, path: Path, external_data: bool | None) -> Path | None:
-    """Write into a temporary directory beside `path`, then rename: no half-written file is ever visible."""
-    check_writable(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if external_data is None:
-        external_data = _tensor_bytes(model) > TWO_GB - 64 * 2**20
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
-    data_name = path.name + ".data"
-    try:
-        if external_data:
-            ir.save(model, tmp / path.name, external_data=data_name)
-        else:
-            ir.save(model, tmp / path.name)
-        final_data = None
-        if external_data:
-            final_data = path.with_name(data_name)
-            os.replace(tmp / data_name, final_data)
-        elif path.with_name(data_name).exists():
-            path.with_name(data_name).unlink()  # a stale data file of an earlier export
-        os.replace(tmp / path.name, path)
-        return final_data
-    except OSError as e:
-        raise RoadError(f"{path}: cannot write ({e.strerror or e})") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_for_rewrite(source: str | os.PathLike, target: str | os.PathLike) -> tuple[ir.Model, bool]:
-    """Check both paths, load `source` (external data stays lazy) and say whether to write external data."""
-    source, target = Path(source), Path(target)
-    if not source.is_file():
-        raise RoadError(f"{source}: no such ONNX file")
-    if target.suffix != ".onnx":
-        raise RoadError(f"{target}: the output file name must end in .onnx")
-    check_writable(target)
-    try:
-        model = ir.load(source)
-    except Exception as e:
-        raise RoadError(f"{source}: not a readable ONNX model ({str(e).splitlines()[0]})") from e
-    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-    return model, external or _tensor_bytes(model) > TWO_GB - 64 * 2**20
-
-
-def _tensor_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        props[METADATA_TASK] = task
+    props[METADATA_ADAPTERS] = json.dumps(adapters)

@@ -1,32 +1,21 @@
-"""The `road` rotation op: a torch custom op, its ONNX node, and the onnxscript function that defines it.
+"""The torch side of the `road` op: the custom op `road::rotate` and its translation to a `road.Rotate` node.
 
-    road.Rotate(X, C1, C2; group_size) -> Y        (domain "road", version 1)
-    Y = X * C1 + rot(X) * C2,  rot maps each group [x1 | x2] of X's last axis to [-x2 | x1]
+    torch.ops.road.rotate(x, c1, c2, group_size) -> y      y = x * c1 + rot(x) * c2 (road_export.rotation.rotate)
 
-C1 and C2 broadcast against X: shape [d], or [batch, 1, d] for per-row adapters.
-
-Why the node is emitted bare and the function attached afterwards: `torch.onnx.export` runs its version
-converter, which inlines every model-local function, so a function handed to the exporter would vanish. A node
-of a domain with no function in the model is left alone; `attach_functions` then adds the definition, whose
-body uses standard ops only, so stock onnxruntime runs the model (it inlines local functions at load).
+x: float tensor [..., d]; c1, c2: [d] or [batch, 1, d]; y: like x. The exporter's rotate mode routes every
+adapted layer through this op, and `translation_table()` (passed to `torch.onnx.export` as
+`custom_translation_table`) turns each call into one node of the torch-free op definitions in road_export/ops.py.
 """
 
 from __future__ import annotations
 
-import onnx
-import onnx_ir as ir
-import onnxscript
 import torch
-from onnx.defs import OpSchema
-from onnxscript import opset18 as op
 
-from road_export import rotation
+from road_export import ops, rotation
 
-DOMAIN = "road"
-VERSION = 1
-OP_TYPE = "Rotate"
+__all__ = ["rotate", "translate_rotate", "translation_table"]
 
-# --- torch side ---------------------------------------------------------------------------------------------
+
 @torch.library.custom_op("road::rotate", mutates_args=())
 def rotate(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, group_size: int) -> torch.Tensor:
     """y = x * c1 + rot(x) * c2 (the eager kernel is road_export.rotation.rotate)."""
@@ -38,141 +27,11 @@ def _rotate_fake(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, group_size
     return torch.empty_like(x)
 
 
-# --- ONNX side ----------------------------------------------------------------------------------------------
-_T = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
-SCHEMA = OpSchema(
-    OP_TYPE,
-    DOMAIN,
-    VERSION,
-    doc="RoAd rotation: Y = X * C1 + rot(X) * C2, pairs (i, i + group_size/2) inside each group of X's last axis.",
-    inputs=[OpSchema.FormalParameter(n, "T") for n in ("X", "C1", "C2")],
-    outputs=[OpSchema.FormalParameter("Y", "T")],
-    type_constraints=[("T", _T, "float tensors")],
-    attributes=[OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "even group size g")],
-)
-road_opset = onnxscript.values.Opset(DOMAIN, VERSION)
-RotateNode = onnxscript.values.Op(road_opset, OP_TYPE, SCHEMA)
-
-
 def translate_rotate(x, c1, c2, group_size: int):
     """torch.ops.road.rotate -> one road.Rotate node (custom_translation_table entry)."""
-    return RotateNode(x, c1, c2, group_size=group_size)
+    return ops.RotateNode(x, c1, c2, group_size=group_size)
 
 
 def translation_table() -> dict:
+    """`custom_translation_table` for `torch.onnx.export(dynamo=True)`: road::rotate -> road.Rotate."""
     return {torch.ops.road.rotate.default: translate_rotate}
-
-
-@onnxscript.script(road_opset, default_opset=op)
-def Rotate(X, C1, C2, group_size: int):
-    # Y = X * C1 + swap(X) * S: swap exchanges the two halves of each group (one reversed Slice over a
-    # [-1, 2, g/2] view), S is C2 with the sign of rot() folded in (-C2 on first halves). S depends only on C2, so
-    # onnxruntime constant-folds it when C2 is an initializer: Slice, Mul, Mul, Add remain.
-    g = op.Constant(value_int=group_size)
-    half = op.Div(g, op.Constant(value_int=2))
-    grouped_shape = op.Concat(op.Constant(value_ints=[-1, 2]), op.Reshape(half, op.Constant(value_ints=[1])), axis=0)
-    grouped = op.Reshape(X, grouped_shape)
-    swapped_grouped = op.Slice(grouped, op.Constant(value_ints=[-1]), op.Constant(value_ints=[-9223372036854775807]),
-                               op.Constant(value_ints=[1]), op.Constant(value_ints=[-1]))
-    swapped = op.Reshape(swapped_grouped, op.Shape(X))
-    d = op.Squeeze(op.Shape(C2, start=-1))
-    pos = op.Mod(op.Range(op.Constant(value_int=0), d, op.Constant(value_int=1)), g)
-    signed = op.Where(op.Less(pos, half), op.Neg(C2), C2)
-    return op.Add(op.Mul(X, C1), op.Mul(swapped, signed))
-
-
-TIED_OP_TYPE = "RotateTied"  # road_1's coefficients: both halves of a group share c1/c2 (see passes/lower.py)
-MICROSOFT = "com.microsoft"
-
-
-def function_definition(opset: int) -> ir.Function:
-    """The Rotate function as onnx-ir, its body at the model's default opset (ONNX wants one per domain)."""
-    proto: onnx.FunctionProto = Rotate.to_function_proto()
-    function = ir.serde.deserialize_function(proto)
-    function.opset_imports[""] = opset
-    return function
-
-
-def tied_function_definition(opset: int) -> ir.Function:
-    """RotateTied: the same op when both halves of each group share coefficients, as one RotaryEmbedding.
-
-    Groups are laid along RotaryEmbedding's sequence axis: X [..., d] -> [-1, d/g, g] with one head of size g,
-    positions 0..d/g-1, and cos/sin caches [d/g, g/2] taken from the first half of each group of C1/C2.
-    Standard RotaryEmbedding (opset 23) wants batch-sized position_ids; the com.microsoft one takes a single
-    offset, which stays constant.
-    """
-    from onnx import helper
-
-    def const(name: str, values: list[int]) -> onnx.NodeProto:
-        return helper.make_node("Constant", [], [name], value_ints=values)
-
-    group = onnx.AttributeProto(name="value_int", ref_attr_name="group_size", type=onnx.AttributeProto.INT)
-    g_scalar = helper.make_node("Constant", [], ["g_scalar"])
-    g_scalar.attribute.append(group)
-    nodes = [
-        g_scalar,
-        const("two", [2]),
-        const("minus_one", [-1]),
-        const("zero", [0]),
-        const("one", [1]),
-        helper.make_node("Reshape", ["g_scalar", "one"], ["g"]),
-        helper.make_node("Div", ["g", "two"], ["half"]),
-        helper.make_node("Shape", ["C1"], ["d"], start=-1),
-        helper.make_node("Div", ["d", "g"], ["groups"]),
-        helper.make_node("Concat", ["minus_one", "groups", "g"], ["x3_shape"], axis=0),
-        helper.make_node("Reshape", ["X", "x3_shape"], ["x3"]),
-        helper.make_node("Concat", ["groups", "two", "half"], ["cache3_shape"], axis=0),
-        helper.make_node("Concat", ["groups", "half"], ["cache_shape"], axis=0),
-        helper.make_node("Reshape", ["C1", "cache3_shape"], ["c1_3"]),
-        helper.make_node("Slice", ["c1_3", "zero", "one", "one"], ["cos3"]),
-        helper.make_node("Reshape", ["cos3", "cache_shape"], ["cos"]),
-        helper.make_node("Reshape", ["C2", "cache3_shape"], ["c2_3"]),
-        helper.make_node("Slice", ["c2_3", "zero", "one", "one"], ["sin3"]),
-        helper.make_node("Reshape", ["sin3", "cache_shape"], ["sin"]),
-    ]
-    imports = [helper.make_opsetid("", opset)]
-    if opset >= 23:
-        nodes += [
-            helper.make_node("Size", ["X"], ["numel"]),
-            helper.make_node("Div", ["numel", "d"], ["rows"]),
-            helper.make_node("Concat", ["rows", "groups"], ["pid_shape"], axis=0),
-            helper.make_node("Squeeze", ["groups"], ["groups_scalar"]),
-            helper.make_node("Range", ["zero_scalar", "groups_scalar", "one_scalar"], ["positions"]),
-            helper.make_node("Expand", ["positions", "pid_shape"], ["position_ids"]),
-            helper.make_node("RotaryEmbedding", ["x3", "cos", "sin", "position_ids"], ["y3"], interleaved=0,
-                             num_heads=1),
-        ]
-        nodes.insert(0, helper.make_node("Constant", [], ["zero_scalar"], value_int=0))
-        nodes.insert(0, helper.make_node("Constant", [], ["one_scalar"], value_int=1))
-    else:
-        nodes += [
-            helper.make_node("RotaryEmbedding", ["x3", "zero", "cos", "sin"], ["y3"], domain=MICROSOFT,
-                             interleaved=0, num_heads=1),
-        ]
-        imports.append(helper.make_opsetid(MICROSOFT, 1))
-    nodes += [
-        helper.make_node("Shape", ["X"], ["x_shape"]),
-        helper.make_node("Reshape", ["y3", "x_shape"], ["Y"]),
-    ]
-    proto = helper.make_function(DOMAIN, TIED_OP_TYPE, ["X", "C1", "C2"], ["Y"], nodes, imports, ["group_size"])
-    return ir.serde.deserialize_function(proto)
-
-
-def attach_functions(model: ir.Model) -> int:
-    """Add the definitions of the `road` ops the graph uses; returns the number of road nodes."""
-    used = {node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN}
-    opset = model.opset_imports.get("", 18)
-    builders = {OP_TYPE: function_definition, TIED_OP_TYPE: tied_function_definition}
-    for op_type in used:
-        if op_type not in builders:
-            raise ValueError(f"unknown op {DOMAIN}.{op_type}; road-export defines {', '.join(builders)}")
-        function = builders[op_type](opset)
-        model.functions[function.identifier()] = function
-        for domain, version in function.opset_imports.items():
-            if domain:
-                model.opset_imports.setdefault(domain, version)
-    for key in [k for k in model.functions if k[0] == DOMAIN and k[1] not in used]:
-        del model.functions[key]
-    if used:
-        model.opset_imports[DOMAIN] = VERSION
-    return sum(1 for node in model.graph.all_nodes() if node.domain == DOMAIN)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from road_export.errors import RoadError
-from road_export.generation import positions
+from road_export.names import positions
 
 TASKS = ("causal-lm", "text-generation-with-past", "feature-extraction", "sequence-classification")
 ALIASES = {

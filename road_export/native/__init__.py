@@ -19,10 +19,10 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from road_export.errors import RoadError
+from road_export.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +77,14 @@ def library_path() -> Path:
     except OSError as e:
         raise RoadError(f"cannot create the kernel cache {target.parent} ({e.strerror}); set ROAD_EXPORT_CACHE "
                         "to a writable directory") from e
-    fd, tmp = tempfile.mkstemp(prefix=".libroad_ort-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    command = [cxx, *FLAGS, "-o", tmp, str(SOURCE_DIR / SOURCES[0])]
-    logger.info("building the road kernels: %s", " ".join(command))
-    try:
+    # atomic (road_export.files): a concurrent build of the same key writes the same bytes, an interrupted one nothing
+    with atomic_write(target) as tmp:
+        command = [cxx, *FLAGS, "-o", str(tmp), str(SOURCE_DIR / SOURCES[0])]
+        logger.info("building the road kernels: %s", " ".join(command))
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
             raise RoadError(f"building the road kernels with {cxx} failed: {first}")
-        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

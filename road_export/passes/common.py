@@ -7,7 +7,13 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from road_export.export import op as road_op
+from road_export import ops as road_op
+from road_export import rotation
+
+__all__ = [
+    "MOVEMENT_OPS", "constant", "default_value", "dummy_for", "evaluate", "group_size", "is_road", "road_nodes",
+    "rotate_half_group", "shape_leaves", "unique_name", "upstream",
+]
 
 # Ops that only move or negate data: a subgraph of these from x computes a signed permutation of x.
 MOVEMENT_OPS = frozenset({
@@ -48,10 +54,12 @@ def is_road(node: ir.Node) -> bool:
 
 
 def road_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """Every rotation node of `graph`, subgraphs included."""
     return [n for n in graph.all_nodes() if is_road(n)]
 
 
 def group_size(node: ir.Node) -> int:
+    """A road node's `group_size` attribute (even, divides the rotated width)."""
     return int(node.attributes["group_size"].as_int())
 
 
@@ -148,8 +156,6 @@ def evaluate(nodes: Iterable[ir.Node], inputs: dict[ir.Value, np.ndarray], outpu
 
 def rotate_half_group(probe: np.ndarray, result: np.ndarray) -> int | None:
     """The group size g for which result == rot_g(probe) along the last axis, if any."""
-    from road_export import rotation
-
     if result.shape != probe.shape:
         return None
     d = probe.shape[-1]
@@ -165,6 +171,7 @@ def rotate_half_group(probe: np.ndarray, result: np.ndarray) -> int | None:
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first name no initializer of `graph` has."""
     taken = set(graph.initializers)
     name, i = base, 1
     while name in taken:

@@ -6,6 +6,7 @@ c1, c2: `rotation.compose`). Nodes with different group sizes pair different ele
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -13,8 +14,10 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from road_export import rotation
-from road_export.export import op as road_op
+from road_export import ops as road_op
 from road_export.passes import common
+
+__all__ = ["ComposePass", "ComposeResult", "ComposeRotations"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +59,22 @@ class ComposeRotations(pattern.RewriteRuleClassBase):
         return op.op(road_op.OP_TYPE, x, v1, v2, group_size=g, _domain=road_op.DOMAIN, _version=road_op.VERSION)
 
 
+@dataclasses.dataclass
+class ComposeResult(ir.passes.PassResult):
+    """The pass result plus how many pairs of rotations were composed into one."""
+
+    composed: int = 0
+
+
 class ComposePass(ir.passes.InPlacePass):
-    """Compose chains of rotations (repeated until none is left)."""
+    """Compose chains of constant rotations with equal group sizes (repeated until none is left)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.composed = 0
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ComposeResult:
         rules = pattern.RewriteRuleSet([ComposeRotations.rule()])
-        self.composed = 0
+        composed = 0
         while count := rules.apply_to_model(model):
-            self.composed += count
-        if self.composed:
+            composed += count
+        if composed:
             ir.passes.common.RemoveUnusedNodesPass()(model)
-            logger.info("compose: %d pair(s) of rotations composed", self.composed)
-        return ir.passes.PassResult(model, modified=self.composed > 0)
+            logger.info("compose: %d pair(s) of rotations composed", composed)
+        return ComposeResult(model, modified=composed > 0, composed=composed)

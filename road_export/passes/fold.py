@@ -8,6 +8,7 @@ a new initializer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -15,8 +16,11 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from road_export import rotation
-from road_export.export import op as road_op
+from road_export import ops as road_op
+from road_export.names import METADATA_SWAP
 from road_export.passes import common
+
+__all__ = ["RULES", "FoldGemm", "FoldMatMul", "FoldMatMulAdd", "FoldPass", "FoldResult", "FreezeSwappablePass"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,20 +150,44 @@ class FoldGemm(_FoldBase):
 RULES = (FoldMatMul, FoldMatMulAdd, FoldGemm)
 
 
+@dataclasses.dataclass
+class FoldResult(ir.passes.PassResult):
+    """The pass result plus how many rotations were folded into weights."""
+
+    folded: int = 0
+
+
 class FoldPass(ir.passes.InPlacePass):
-    """Fold every constant rotation into the weights of the MatMul or Gemm that feeds it."""
+    """Fold every constant rotation into the weights of the MatMul or Gemm that feeds it.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.folded = 0
+    Rotations whose coefficients are overridable graph inputs (swappable adapters) are left alone; run
+    `FreezeSwappablePass` first to make them constants.
+    """
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> FoldResult:
         # Add(MatMul) first: otherwise the bias-less rule would stop at the Add and not fire.
         rules = pattern.RewriteRuleSet([FoldMatMulAdd.rule(), FoldGemm.rule(), FoldMatMul.rule()], commute=True)
-        self.folded = rules.apply_to_model(model)
-        if self.folded:
+        folded = rules.apply_to_model(model)
+        if folded:
             ir.passes.common.RemoveUnusedNodesPass()(model)
             ir.passes.common.RemoveUnusedFunctionsPass()(model)
             ir.passes.common.RemoveUnusedOpsetsPass()(model)
-            logger.info("fold: %d rotation(s) folded into MatMul/Gemm weights", self.folded)
-        return ir.passes.PassResult(model, modified=self.folded > 0)
+            logger.info("fold: %d rotation(s) folded into MatMul/Gemm weights", folded)
+        return FoldResult(model, modified=folded > 0, folded=folded)
+
+
+class FreezeSwappablePass(ir.passes.InPlacePass):
+    """Make road coefficients that are overridable graph inputs (a swappable export) plain initializers again.
+
+    Folding makes the adapter permanent, so the swap record (`road_export.swap` metadata) is dropped too.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        coefficients = {v for n in common.road_nodes(model.graph) for v in n.inputs[1:3] if v is not None}
+        keep = [v for v in model.graph.inputs if not (v in coefficients and v.const_value is not None)]
+        if len(keep) == len(model.graph.inputs):
+            return ir.passes.PassResult(model, modified=False)
+        model.graph.inputs.clear()
+        model.graph.inputs.extend(keep)
+        model.metadata_props.pop(METADATA_SWAP, None)
+        return ir.passes.PassResult(model, modified=True)

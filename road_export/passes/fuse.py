@@ -12,25 +12,25 @@ The anchor is `Add(Mul(x, C1), Mul(r, C2))` (any operand order) with constant C1
 the exporter spells `r` (Reshape/Gather/Unsqueeze/Concat with the optimiser; Slice/Gather/Cast/Reshape chains
 without), the check proves `r == rot_g(x)`: the subgraph from x to r must consist of data-movement ops only,
 and evaluated on a probe tensor it must give rot_g(probe) for exactly one group size g, which it then reports.
-Coefficients computed from road_theta/road_alpha (Cos, Sin, Mul, ...) are folded to constants first.
+Coefficients computed from road_theta/road_alpha (Cos, Sin, Mul, ...) must be constants already: run
+`FoldConstantsPass` (passes/fold_constants.py) first, as the pipeline does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-import onnxscript.optimizer
-from onnxscript.rewriter import pattern
-from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+from onnxscript.rewriter import MatchingTracer, MatchStatus, pattern
 
-from road_export.export import op as road_op
+from road_export import ops as road_op
 from road_export.passes import common
 
+__all__ = ["FuseResult", "FusePass", "FuseRotation"]
+
 logger = logging.getLogger(__name__)
-FOLD_LIMIT = 1 << 24  # coefficient chains of big layers exceed onnxscript's default folding limits
 
 
 class FuseRotation(pattern.RewriteRuleClassBase):
@@ -89,25 +89,26 @@ class FuseRotation(pattern.RewriteRuleClassBase):
         return op.op(road_op.OP_TYPE, x, v1, v2, group_size=g, _domain=road_op.DOMAIN, _version=road_op.VERSION)
 
 
-@dataclass
-class FuseReport:
-    fused: int
-    not_fired: list[str] = field(default_factory=list)  # debug mode: why near-matches did not fuse
+@dataclasses.dataclass
+class FuseResult(ir.passes.PassResult):
+    """The pass result plus how many rotations were fused and, with `debug=True`, why near-matches did not."""
+
+    fused: int = 0
+    not_fired: list[str] = dataclasses.field(default_factory=list)
 
 
 class FusePass(ir.passes.InPlacePass):
-    """Fuse every decomposed group-pair rotation into one `road.Rotate` node.
+    """Fuse every decomposed group-pair rotation with constant coefficients into one `road.Rotate` node.
 
-    With `debug=True`, `self.report.not_fired` says why each near-match did not fire.
+    Returns a `FuseResult`; with `debug=True` its `not_fired` says why each near-match did not fire (onnxscript's
+    `MatchingTracer`). Attaches the road function definitions when it fused anything.
     """
 
     def __init__(self, debug: bool = False) -> None:
         super().__init__()
         self.debug = debug
-        self.report = FuseReport(0)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        onnxscript.optimizer.fold_constants(model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
+    def call(self, model: ir.Model) -> FuseResult:
         rules = pattern.RewriteRuleSet([FuseRotation.rule()], commute=True)
         count = rules.apply_to_model(model)
         not_fired: list[str] = []
@@ -124,5 +125,4 @@ class FusePass(ir.passes.InPlacePass):
             logger.info("fuse: %d rotation(s) fused into road.Rotate", count)
         for line in not_fired:
             logger.debug("fuse: did not fire at %s", line)
-        self.report = FuseReport(count, not_fired)
-        return ir.passes.PassResult(model, modified=count > 0)
+        return FuseResult(model, modified=count > 0, fused=count, not_fired=not_fired)

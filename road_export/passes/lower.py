@@ -12,13 +12,16 @@ runs either op as one kernel, whichever body the file carries.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import onnx_ir as ir
 
-from road_export.export import op as road_op
+from road_export import ops as road_op
 from road_export.passes import common
+
+__all__ = ["TARGETS", "LowerPass", "LowerResult", "UnlowerPass", "is_tied"]
 
 logger = logging.getLogger(__name__)
 TARGETS = ("onnxruntime", "portable")
@@ -41,18 +44,29 @@ def is_tied(node: ir.Node) -> bool:
     return True
 
 
+@dataclasses.dataclass
+class LowerResult(ir.passes.PassResult):
+    """The pass result plus how many road nodes changed op type, and how many of each type there are now."""
+
+    changed: int = 0
+    tied: int = 0
+    generic: int = 0
+
+
 class LowerPass(ir.passes.InPlacePass):
-    """Pick `road.Rotate` or `road.RotateTied` per node for `target`, and attach the matching definitions."""
+    """Pick `road.Rotate` or `road.RotateTied` per node for `target`, and attach the matching definitions.
+
+    Raises ValueError for an unknown target (one of TARGETS).
+    """
 
     def __init__(self, target: str = "onnxruntime") -> None:
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; choose {' or '.join(TARGETS)}")
         self.target = target
-        self.changed = 0
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.changed = 0
+    def call(self, model: ir.Model) -> LowerResult:
+        changed = tied = generic = 0
         for node in model.graph.all_nodes():
             if node.domain != road_op.DOMAIN:
                 continue
@@ -61,8 +75,20 @@ class LowerPass(ir.passes.InPlacePass):
                 want = road_op.TIED_OP_TYPE
             if node.op_type != want:
                 node.op_type = want
-                self.changed += 1
+                changed += 1
+            tied += want == road_op.TIED_OP_TYPE
+            generic += want == road_op.OP_TYPE
         road_op.attach_functions(model)
-        if self.changed:
-            logger.info("lower: %d road node(s) retargeted for %s", self.changed, self.target)
-        return ir.passes.PassResult(model, modified=self.changed > 0)
+        if changed:
+            logger.info("lower: %d road node(s) retargeted for %s", changed, self.target)
+        return LowerResult(model, modified=changed > 0, changed=changed, tied=tied, generic=generic)
+
+
+class UnlowerPass(ir.passes.InPlacePass):
+    """Every `road.RotateTied` back to `road.Rotate` (the same maths), so compose and fold match a lowered file."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        nodes = [n for n in common.road_nodes(model.graph) if n.op_type != road_op.OP_TYPE]
+        for node in nodes:
+            node.op_type = road_op.OP_TYPE
+        return ir.passes.PassResult(model, modified=bool(nodes))

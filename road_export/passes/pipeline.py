@@ -1,27 +1,69 @@
-"""The passes in order, each reporting what it changed: fuse -> compose -> fold (optional) -> lower.
+"""The passes in order, as one `ir.passes.Sequential`:
 
-fuse first, so that rotations exported by others become road nodes; compose before fold, so that a chain folds
-once; lower last, on whatever road nodes remain.
+    unlower -> fold_constants -> fuse -> compose -> [freeze_swappable -> fold] -> lower
+
+unlower first, so that an already lowered file's `road.RotateTied` nodes match compose and fold; fold_constants
+before fuse, so that coefficients computed from road_theta/road_alpha are constants; fuse next, so that rotations
+exported by others become road nodes; compose before fold, so that a chain folds once; lower last, on whatever
+road nodes remain. Each pass returns its own result (`FuseResult.fused`, `ComposeResult.composed`, ...);
+`Pipeline` keeps them in order and `report` turns them into a `PipelineReport`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
 
 from road_export.errors import RoadError
-from road_export.export import op as road_op
+from road_export.files import load_for_rewrite, save_model
 from road_export.passes.common import road_nodes
-from road_export.passes.compose import ComposePass
-from road_export.passes.fold import FoldPass
-from road_export.passes.fuse import FusePass
-from road_export.passes.lower import TARGETS, LowerPass
+from road_export.passes.compose import ComposePass, ComposeResult
+from road_export.passes.fold import FoldPass, FoldResult, FreezeSwappablePass
+from road_export.passes.fold_constants import FoldConstantsPass
+from road_export.passes.fuse import FusePass, FuseResult
+from road_export.passes.lower import TARGETS, LowerPass, LowerResult, UnlowerPass
+
+__all__ = ["Pipeline", "PipelineReport", "PipelineResult", "StepReport", "optimize_file", "passes", "run"]
+
+
+@dataclasses.dataclass
+class PipelineResult(ir.passes.PassResult):
+    """The sequence's result plus every pass's own result, in order: (pass, result) pairs."""
+
+    steps: list[tuple[ir.passes.PassBase, ir.passes.PassResult]] = dataclasses.field(default_factory=list)
+
+
+class Pipeline(ir.passes.Sequential):
+    """`ir.passes.Sequential` that keeps each pass's result (the counts live there) instead of only the last."""
+
+    def call(self, model: ir.Model) -> PipelineResult:
+        steps = []
+        modified = False
+        for pass_ in self.passes:
+            result = pass_(model)  # errors propagate as raised: a RoadError stays one line for the CLI
+            steps.append((pass_, result))
+            model, modified = result.model, modified or result.modified
+        return PipelineResult(model, modified=modified, steps=steps)
+
+
+def passes(*, fold: bool = False, target: str = "onnxruntime", debug: bool = False) -> Pipeline:
+    """The pipeline for these options. RoadError for an unknown target (one of TARGETS)."""
+    if target not in TARGETS:
+        raise RoadError(f"unknown target {target!r}; choose {' or '.join(TARGETS)}")
+    steps: list[ir.passes.PassBase] = [UnlowerPass(), FoldConstantsPass(), FusePass(debug=debug), ComposePass()]
+    if fold:
+        steps += [FreezeSwappablePass(), FoldPass()]
+    steps.append(LowerPass(target))
+    return Pipeline(*steps)
 
 
 @dataclass
 class StepReport:
+    """One pass in words: its name, how many things it changed, and what."""
+
     name: str
     changed: int
     what: str
@@ -29,12 +71,21 @@ class StepReport:
 
 @dataclass
 class PipelineReport:
+    """What the pipeline did to a model: per-pass counts, node counts before and after, why fusion did not fire."""
+
     steps: list[StepReport] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
     road_before: int = 0
     road_after: int = 0
     not_fired: list[str] = field(default_factory=list)
+
+    def step(self, name: str) -> StepReport:
+        """The step called `name` (fuse, compose, fold, lower); KeyError if it did not run."""
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
 
     def text(self) -> str:
         lines = [f"{s.name:>8}: {s.what}" for s in self.steps]
@@ -44,51 +95,42 @@ class PipelineReport:
         return "\n".join(lines)
 
 
+def _describe(result: ir.passes.PassResult, target: str) -> StepReport | None:
+    if isinstance(result, FuseResult):
+        return StepReport("fuse", result.fused, f"{result.fused} decomposed rotation(s) -> road")
+    if isinstance(result, ComposeResult):
+        return StepReport("compose", result.composed, f"{result.composed} pair(s) of rotations composed")
+    if isinstance(result, FoldResult):
+        return StepReport("fold", result.folded, f"{result.folded} rotation(s) folded into weights")
+    if isinstance(result, LowerResult):
+        return StepReport("lower", result.changed, f"{result.tied} tied (RotaryEmbedding), {result.generic} "
+                          f"generic, for {target}")
+    return None  # unlower, fold_constants, freeze_swappable: preparation, not reported
+
+
 def run(model: ir.Model, *, fold: bool = False, target: str = "onnxruntime", debug: bool = False) -> PipelineReport:
-    """Run the passes on `model` in place."""
-    if target not in TARGETS:
-        raise RoadError(f"unknown target {target!r}; choose {' or '.join(TARGETS)}")
+    """Run the passes on `model` in place and report what each did (RoadError for an unknown target)."""
+    pipeline = passes(fold=fold, target=target, debug=debug)
     report = PipelineReport(nodes_before=len(list(model.graph.all_nodes())),
                             road_before=len(road_nodes(model.graph)))
-    for node in road_nodes(model.graph):  # an already lowered file: compose and fold match road.Rotate
-        node.op_type = road_op.OP_TYPE
-    fuse = FusePass(debug=debug)
-    fuse(model)
-    report.steps.append(StepReport("fuse", fuse.report.fused, f"{fuse.report.fused} decomposed rotation(s) -> road"))
-    report.not_fired = fuse.report.not_fired
-    compose = ComposePass()
-    compose(model)
-    report.steps.append(StepReport("compose", compose.composed, f"{compose.composed} pair(s) of rotations composed"))
-    if fold:
-        _freeze_swappable(model)
-        folder = FoldPass()
-        folder(model)
-        report.steps.append(StepReport("fold", folder.folded, f"{folder.folded} rotation(s) folded into weights"))
-    lower = LowerPass(target)
-    lower(model)
-    tied = sum(n.op_type == "RotateTied" for n in road_nodes(model.graph))
-    report.steps.append(StepReport("lower", lower.changed, f"{tied} tied (RotaryEmbedding), "
-                                   f"{len(road_nodes(model.graph)) - tied} generic, for {target}"))
+    result = pipeline(model)
+    for _, step in result.steps:
+        described = _describe(step, target)
+        if described is not None:
+            report.steps.append(described)
+        if isinstance(step, FuseResult):
+            report.not_fired = step.not_fired
     report.nodes_after = len(list(model.graph.all_nodes()))
     report.road_after = len(road_nodes(model.graph))
     return report
 
 
-def _freeze_swappable(model: ir.Model) -> None:
-    """Folding makes the adapter permanent: road coefficients stop being overridable graph inputs."""
-    coefficients = {v for n in road_nodes(model.graph) for v in n.inputs[1:3] if v is not None}
-    keep = [v for v in model.graph.inputs if not (v in coefficients and v.const_value is not None)]
-    if len(keep) != len(model.graph.inputs):
-        model.graph.inputs.clear()
-        model.graph.inputs.extend(keep)
-        model.metadata_props.pop("road_export.swap", None)
-
-
 def optimize_file(source: str | Path, target_path: str | Path, **kwargs) -> PipelineReport:
-    """Load an ONNX file, run the passes, save atomically (external data kept external)."""
-    from road_export.export.exporter import _save_atomic, load_for_rewrite
+    """`road-export optimize`: load an ONNX file, run the passes, save atomically (external data kept external).
 
+    kwargs as for `run`. RoadError for a missing/unreadable source or an output path that cannot be written.
+    """
     model, external = load_for_rewrite(source, target_path)
     report = run(model, **kwargs)
-    _save_atomic(model, Path(target_path), external)
+    save_model(model, Path(target_path), external)
     return report

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from road_export.passes import testutil
+from passes import testutil
 from road_export.passes.compose import ComposePass
 
 
@@ -15,8 +15,8 @@ def test_compose_keeps_outputs(g, groups, chain, variant, seed):
     model = testutil.road_model(5, g * groups, g, variant, chain=chain, seed=seed)
     x = np.random.default_rng(seed).standard_normal((2, 3, 5)).astype(np.float32)
     before = testutil.run(model, x)
-    compose = ComposePass()
-    assert compose(model).modified and compose.composed == chain - 1
+    result = ComposePass()(model)
+    assert result.modified and result.composed == chain - 1
     assert testutil.count(model, "Rotate", "road") == 1
     np.testing.assert_allclose(testutil.run(model, x), before, atol=1e-4, rtol=1e-4)
 

@@ -43,14 +43,14 @@ def test_peft_export_gets_one_road_node_per_layer(peft_model, exporter_optimize,
     plain_export(peft_model, tmp_path / "peft.onnx", exporter_optimize)
     report = optimize_file(tmp_path / "peft.onnx", tmp_path / "fused.onnx")
     adapted = 6  # q_proj, v_proj, down_proj in 2 layers
-    assert report.steps[0].changed == adapted and report.road_after == adapted
+    assert report.step("fuse").changed == adapted and report.road_after == adapted
     graph = onnx.load(tmp_path / "fused.onnx").graph
     assert sum(n.domain == "road" for n in graph.node) == adapted
     assert report.nodes_after < report.nodes_before - adapted
     assert verify(tmp_path / "fused.onnx", peft_model, task="causal-lm").passed
 
     folded = optimize_file(tmp_path / "peft.onnx", tmp_path / "folded.onnx", fold=True)
-    assert folded.road_after == 0 and folded.steps[2].changed == adapted
+    assert folded.road_after == 0 and folded.step("fold").changed == adapted
     model = onnx.load(tmp_path / "folded.onnx")
     assert not any(n.domain == "road" for n in model.graph.node) and not model.functions
     assert verify(tmp_path / "folded.onnx", peft_model, task="causal-lm").passed

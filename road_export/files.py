@@ -1,0 +1,165 @@
+"""Files in and out, torch-free: every writer in road-export goes through `atomic_write`.
+
+`atomic_write(path)` yields a path inside a private staging directory beside `path` (same file system, so the
+final `os.replace` is atomic); whatever the block writes there replaces `path` only when the block succeeds.
+On any exception, KeyboardInterrupt and SystemExit included (a SIGTERM handler that raises SystemExit is
+covered too), the staging directory is removed and `path` is left as it was: no half-written file is ever
+visible under a final name. The writers: the exporter and `optimize`/`attach` (`save_model`), peft adapter
+directories (`adapters.save_adapter`), merged checkpoints (`checkpoint.merge_checkpoint`), `.onnx_adapter`
+files (`swap.write_adapter_file`) and the native kernel library (`native.library_path`).
+
+ONNX models load through onnx-ir with external data left lazy (`ir.load`: tensors are read from the `.data`
+file when used) and save as one `.onnx` file, or with their weights in `<name>.onnx.data` beside it when asked
+or when they would pass protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+
+from road_export.errors import RoadError
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD", "atomic_write", "check_output", "check_writable", "load_for_rewrite", "load_model",
+    "needs_external_data", "save_model", "tensor_bytes",
+]
+
+TWO_GB = 2**31
+EXTERNAL_DATA_THRESHOLD = TWO_GB - 64 * 2**20  # bytes of initializers above which weights go to `.data`
+
+
+def _parent(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, *, companions: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s new content to (a file, or a directory the block creates).
+
+    On success the temporary replaces `path` with `os.replace`: a file atomically; a directory by moving the old
+    one aside first, then removing it. `companions` are further file names the block writes beside the temporary
+    path (e.g. an ONNX model's `<name>.data`); they are moved beside `path` first, so the main file never points
+    at data that is not there yet. On any exception (BaseException: KeyboardInterrupt, SystemExit too) all of it
+    is removed and `path` is untouched.
+
+    Raises RoadError when the staging directory cannot be made, the block wrote nothing to the yielded path, or
+    the rename fails (OSError from the block itself is turned into RoadError as well: "<path>: cannot write").
+    """
+    path = Path(path)
+    parent = _parent(path)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise RoadError(f"{path}: cannot write in {parent} ({e.strerror or e}); choose another output path") from e
+    try:
+        tmp = stage / path.name
+        yield tmp
+        if not tmp.exists() and not tmp.is_symlink():
+            raise RoadError(f"{path}: nothing was written")
+        for name in companions:
+            if (stage / name).exists():
+                os.replace(stage / name, parent / name)
+        _replace(tmp, path, stage)
+    except OSError as e:
+        raise RoadError(f"{path}: cannot write ({e.strerror or e})") from e
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _replace(new: Path, path: Path, stage: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        old = stage / ".replaced"
+        os.replace(path, old)  # the old directory waits in the stage, which is removed after the rename
+        try:
+            os.replace(new, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        return
+    os.replace(new, path)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, before long work, when file `path` cannot be created: RoadError naming what to change."""
+    path = Path(path)
+    if path.is_dir():
+        raise RoadError(f"{path}: is a directory; give a file name")
+    parent = _parent(path)
+    if not parent.is_dir():
+        raise RoadError(f"{path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise RoadError(f"{path}: directory {parent} is not writable; choose another output path")
+
+
+def check_output(path: str | os.PathLike, suffix: str = ".onnx") -> Path:
+    """`path` as a Path after checking its suffix and that it can be written (RoadError otherwise)."""
+    path = Path(path)
+    if path.suffix != suffix:
+        raise RoadError(f"{path}: the output file name must end in {suffix}")
+    check_writable(path)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """An ONNX file as onnx-ir, external data left lazy; RoadError when missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise RoadError(f"{path}: no such ONNX file")
+    try:
+        return ir.load(path)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RoadError(f"{path}: not a readable ONNX model ({first})") from e
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes of the model's initializers (what decides between one file and `.data`)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def needs_external_data(model: ir.Model) -> bool:
+    """True when the model already keeps weights outside or would pass the 2 GB protobuf limit."""
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    return external or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path | None:
+    """Write `model` to `path` atomically; returns the `.data` file's path when weights went there.
+
+    `external_data=None` decides by size (over ~2 GB of initializers). A stale `<path>.data` of an earlier save
+    is removed when the new file holds its weights inline. Raises RoadError when `path` cannot be written.
+    """
+    path = Path(path)
+    check_writable(path)
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    with atomic_write(path, companions=[data_name] if external_data else []) as tmp:
+        if external_data:
+            ir.save(model, tmp, external_data=data_name)
+        else:
+            ir.save(model, tmp)
+    if external_data:
+        return path.with_name(data_name)
+    path.with_name(data_name).unlink(missing_ok=True)  # a stale data file of an earlier export
+    return None
+
+
+def load_for_rewrite(source: str | os.PathLike, target: str | os.PathLike) -> tuple[ir.Model, bool]:
+    """Check both paths, load `source` (external data lazy) and say whether `target` should get external data.
+
+    For tools that read one ONNX file and write another (`optimize`, `attach`). RoadError on a missing or
+    unreadable source or a target that is not a writable `.onnx` path.
+    """
+    if not Path(source).is_file():
+        raise RoadError(f"{source}: no such ONNX file")
+    check_output(target)
+    model = load_model(source)
+    return model, needs_external_data(model)

@@ -1,0 +1,38 @@
+"""I/O names and metadata records shared by the exporter and the runtime, torch-free.
+
+Graph I/O follows optimum and transformers.js: `input_ids` [batch, sequence] int64, `attention_mask`
+[batch, total_sequence] int64, `position_ids` [batch, sequence] int64, `past_key_values.{i}.key|value` and
+`present.{i}.key|value` [batch, kv_heads, sequence, head_dim] float; a mixed-adapter export adds `adapter_ids`
+[batch] int64 (0: no adapter, peft's `"__base__"`, k: the k-th adapter). Metadata props are written under the
+`road_export.` prefix; `road_export.adapters` is a JSON list of {name, variant, group_size, layers[, id]}.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "ADAPTER_IDS", "BASE_NAME", "METADATA_ADAPTERS", "METADATA_MODE", "METADATA_PREFIX", "METADATA_SWAP",
+    "METADATA_TASK", "METADATA_VERSION", "PAST", "PRESENT", "positions",
+]
+
+BASE_NAME = "__base__"  # peft's name for "no adapter" in a mixed batch (peft tuners_utils, `adapter_names`)
+ADAPTER_IDS = "adapter_ids"
+PAST, PRESENT = "past_key_values.", "present."
+
+METADATA_PREFIX = "road_export."
+METADATA_VERSION = METADATA_PREFIX + "version"
+METADATA_MODE = METADATA_PREFIX + "mode"  # "merge" or "rotate"
+METADATA_TASK = METADATA_PREFIX + "task"
+METADATA_ADAPTERS = METADATA_PREFIX + "adapters"  # JSON list of {name, variant, group_size, layers[, id]}
+METADATA_SWAP = METADATA_PREFIX + "swap"  # JSON {layer: {c1, c2, group_size, width, dtype}} (road_export.swap)
+
+
+def positions(attention_mask: np.ndarray) -> np.ndarray:
+    """transformers' position ids for a left-padded mask: the count of real tokens before, 1 on padding.
+
+    attention_mask: [batch, sequence] of 0/1 (any integer dtype) -> [batch, sequence] int64. Follows
+    transformers' `GenerationMixin.prepare_inputs_for_generation` (`cumsum(-1) - 1`, `masked_fill_(mask == 0, 1)`).
+    """
+    pos = np.cumsum(attention_mask, -1) - 1
+    return np.where(attention_mask == 0, 1, pos).astype(np.int64)
