@@ -6,6 +6,7 @@ directory is loaded with `from_pretrained` when it holds weights, or built from 
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
@@ -19,9 +20,18 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def models_dir() -> Path:
-    """`$ROAD_EXPORT_MODELS`, or the repository's `models/` beside the package."""
+    """`$ROAD_EXPORT_MODELS`, else the installed package data `road_export.models` (importlib.resources), else the
+    repository's `models/` beside the package (a checkout on PYTHONPATH, not installed)."""
     env = os.environ.get("ROAD_EXPORT_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+    if env:
+        return Path(env)
+    try:
+        root = importlib.resources.files("road_export.models")
+    except ModuleNotFoundError:
+        root = None
+    if isinstance(root, Path) and root.is_dir():
+        return root
+    return Path(__file__).resolve().parent.parent / "models"
 
 
 def list_models() -> list[str]:
