@@ -29,6 +29,13 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 
 def apply_adapter(model: nn.Module, adapter: AdapterFile, adapter_name: str = "default") -> nn.Module:
+    """Put a read adapter onto `model` in place as `adapter_name`; returns the model.
+
+    Mirrors `peft.PeftModel.from_pretrained` + `load_adapter`: the config's targets are wrapped in RoadLayers and
+    road_theta / road_alpha copied in (float32 numpy -> the parameter's dtype), modules_to_save tensors replace the
+    model's own. Raises RoadError, before touching the model, for a name already in use, modules the model lacks,
+    widths not divisible by group_size, or tensors of the wrong shape.
+    """
     if adapter_name in road_model.adapter_names(model):
         raise RoadError(f"adapter {adapter_name!r} already exists on this model; pick another name")
     where = adapter.path / WEIGHTS_NAME

@@ -35,6 +35,8 @@ _NODE_NAME = re.compile(r"^/(?P<path>.+)/(?:MatMul|Gemm)(?:_\d+)?$")
 
 @dataclass
 class AttachReport:
+    """What `attach` did: the MatMul/Gemm node each adapted module went to, road nodes inserted, rotations folded."""
+
     placed: dict[str, str] = field(default_factory=dict)  # module path -> node name
     road_nodes: int = 0
     folded: int = 0

@@ -29,6 +29,8 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F
 
 @dataclass
 class MergeReport:
+    """What `merge_checkpoint` wrote: directory, shard count, tensors rotated and replaced, largest tensor in bytes."""
+
     out_dir: Path
     shards: int
     merged: list[str] = field(default_factory=list)  # tensors rotated

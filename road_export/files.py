@@ -19,7 +19,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -130,11 +130,14 @@ def needs_external_data(model: ir.Model) -> bool:
     return external or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path | None:
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None,
+               check: Callable[[Path], None] | None = None) -> Path | None:
     """Write `model` to `path` atomically; returns the `.data` file's path when weights went there.
 
     `external_data=None` decides by size (over ~2 GB of initializers). A stale `<path>.data` of an earlier save
-    is removed when the new file holds its weights inline. Raises RoadError when `path` cannot be written.
+    is removed when the new file holds its weights inline. `check(temporary path)` runs on the written file before
+    it is moved into place and may raise to keep it from ever appearing (e.g. "onnxruntime must load it").
+    Raises RoadError when `path` cannot be written.
     """
     path = Path(path)
     check_writable(path)
@@ -146,6 +149,8 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
             ir.save(model, tmp, external_data=data_name)
         else:
             ir.save(model, tmp)
+        if check is not None:
+            check(tmp)
     if external_data:
         return path.with_name(data_name)
     path.with_name(data_name).unlink(missing_ok=True)  # a stale data file of an earlier export

@@ -17,6 +17,8 @@ _DTYPES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
 
 @dataclass
 class Inspection:
+    """What a file holds, from its protobuf alone (weights not loaded): metadata records, I/O, ops and opsets."""
+
     path: str
     mode: str | None
     task: str | None
@@ -33,9 +35,11 @@ class Inspection:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """The inspection as indented JSON (`road-export inspect --json`)."""
         return json.dumps(asdict(self), indent=2)
 
     def text(self) -> str:
+        """The inspection as the lines `road-export inspect` prints."""
         lines = [f"{self.path}", f"  mode:      {self.mode or 'unknown (not written by road-export)'}"]
         if self.task:
             lines.append(f"  task:      {self.task}")
@@ -88,6 +92,10 @@ def _value_info(v: onnx.ValueInfoProto) -> dict:
 
 
 def inspect_model(path: str | Path) -> Inspection:
+    """Inspect the ONNX file at `path` without loading external data.
+
+    Raises RoadError when the file is missing or not a readable ONNX model.
+    """
     path = Path(path)
     if not path.is_file():
         raise RoadError(f"{path}: no such ONNX file")

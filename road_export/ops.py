@@ -49,6 +49,7 @@ RotateNode = onnxscript.values.Op(road_opset, OP_TYPE, SCHEMA)
 
 @onnxscript.script(road_opset, default_opset=op)
 def Rotate(X, C1, C2, group_size: int):
+    """road.Rotate's body: Y = X * C1 + rot(X) * C2 in standard ops (X [..., d]; C1, C2 broadcast to X)."""
     # Y = X * C1 + swap(X) * S: swap exchanges the two halves of each group (one reversed Slice over a
     # [-1, 2, g/2] view), S is C2 with the sign of rot() folded in (-C2 on first halves). S depends only on C2, so
     # onnxruntime constant-folds it when C2 is an initializer: Slice, Mul, Mul, Add remain.

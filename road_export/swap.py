@@ -63,6 +63,7 @@ def write_adapter_file(path: Path, values: dict[str, np.ndarray]) -> Path:
 
 
 def adapter_file_path(model_path: Path, adapter: str) -> Path:
+    """Where an export writes adapter `adapter`'s swap file: `<model stem>.<adapter>.onnx_adapter` beside it."""
     return model_path.with_name(f"{model_path.stem}.{adapter}{SUFFIX}")
 
 

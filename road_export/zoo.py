@@ -35,6 +35,7 @@ def models_dir() -> Path:
 
 
 def list_models() -> list[str]:
+    """Names of the model directories under `models_dir()` (those holding a config.json), sorted."""
     root = models_dir()
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
 
@@ -58,6 +59,7 @@ def resolve(name_or_path: str | Path) -> Path:
 
 
 def has_weights(path: Path) -> bool:
+    """Whether a model directory holds weights (safetensors, sharded or not, or a torch pickle)."""
     return any((path / f).is_file() for f in WEIGHT_FILES) or any(path.glob("model-*.safetensors"))
 
 

@@ -33,6 +33,7 @@ COMPILERS = ("c++", "g++", "clang++")
 
 
 def cache_dir() -> Path:
+    """Where built kernels live: `$ROAD_EXPORT_CACHE`, else `$XDG_CACHE_HOME/road-export` or `~/.cache/road-export`."""
     root = os.environ.get("ROAD_EXPORT_CACHE")
     if root:
         return Path(root)

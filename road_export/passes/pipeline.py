@@ -88,6 +88,7 @@ class PipelineReport:
         raise KeyError(name)
 
     def text(self) -> str:
+        """One line per pass, node counts, and why fusion did not fire (`road-export optimize` prints it)."""
         lines = [f"{s.name:>8}: {s.what}" for s in self.steps]
         lines.append(f"   nodes: {self.nodes_before} -> {self.nodes_after}; road nodes: {self.road_before} -> "
                      f"{self.road_after}")
