@@ -200,7 +200,7 @@ def _write_untied(target: Path, untied: dict, plan: dict, axes: dict, extra: dic
         if how == "change" and key in extra:
             tensor = extra[key].to(tensor.dtype).reshape(tensor.shape).clone()
             report.replaced.append(key)
-        elif how == "change":
+        if how == "change" and key in plan:
             c1, c2 = plan[key]
             _merge_in_place(tensor, c1, c2, g, axes[key] if tensor.dim() == 2 else 0)
             report.merged.append(key)
@@ -253,10 +253,10 @@ def _write_shard(source: Path, target: Path, header_info, plan, extra, axes, g, 
                 if src.readinto(buffer) != len(buffer):
                     raise RoadError(f"{source}: truncated at tensor {key}")
                 tensor = torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
-                if key in extra:
+                if key in extra:  # modules_to_save, or the base_layer weight peft saves for a targeted head
                     tensor.copy_(extra[key].to(dtype).reshape(tensor.shape))
                     report.replaced.append(key)
-                else:
+                if key in plan:
                     c1, c2 = plan[key]
                     work_axis = axes[key] if tensor.dim() == 2 else 0
                     _merge_in_place(tensor, c1, c2, g, work_axis)

@@ -137,7 +137,7 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
         apply_adapter(model, file, spec.name)
     source = Source(model.eval(), base, names, embedded=False, task=task)
     if reference and peft_available():
-        base_model = pristine if pristine is not None else _transformers_base(path, task, num_labels, brought)
+        base_model = pristine if pristine is not None else _transformers_base(path, task, num_labels)
         source.reference = peft_reference(base_model, specs)
         source.reference_name = PEFT_REFERENCE
     return source
@@ -151,13 +151,21 @@ def peft_available() -> bool:
     return True
 
 
-def _transformers_base(path: Path, task: str | None, num_labels: int | None, brought: tuple[str, ...]) -> nn.Module:
-    """The base exactly as transformers loads it (`from_pretrained`), independent of road-export's loader."""
+def _transformers_base(path: Path, task: str | None, num_labels: int | None) -> nn.Module:
+    """The base exactly as transformers loads it (`cls.from_pretrained`, called here and not through road-export's
+    loader, so that a fault there cannot reach the reference)."""
     config = zoo.read_config(path)
     if num_labels:
         config.num_labels = num_labels
     cls = zoo.model_class(config, task, where=str(path))
-    return zoo.from_pretrained(cls, path, config, brought).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = cls.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
+        except Exception as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RoadError(f"{path}: transformers cannot load it as {cls.__name__} ({text})") from e
+    return model.eval()
 
 
 def peft_reference(base_model: nn.Module, specs: list[AdapterSpec]) -> nn.Module:

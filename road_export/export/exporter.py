@@ -410,7 +410,10 @@ def _torch_export(module: nn.Module, args: tuple, names: list[str], dynamic, ops
         except RoadError:
             raise
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            root = e  # torch wraps the model's own error ("step 1/3 ..."): name the cause
+            while root.__cause__ is not None:
+                root = root.__cause__
+            first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
             raise RoadError(f"torch.onnx.export failed for {type(module.model).__name__}: {first}") from e
     return program.model
 
