@@ -57,18 +57,21 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, adapter_name: str = "d
                     f"({expected},) for {adapter.config.variant} on a layer with {out} outputs"
                 )
     for key, tensor in adapter.extra.items():
+        placed = _unwrapped_key(key, adapter)
         try:
-            target = model.get_parameter(key)
+            target = _get_tensor(model, placed)
         except AttributeError:
-            try:
-                target = model.get_buffer(key)
-            except AttributeError:
-                raise RoadError(f"{where}: tensor {key} has no place in this {type(model).__name__}") from None
+            raise RoadError(f"{where}: tensor {key} has no place in this {type(model).__name__}") from None
         if target.shape != tensor.shape:
             raise RoadError(
                 f"{where}: tensor {key} has shape {tuple(tensor.shape)}, the model's is {tuple(target.shape)}"
             )
     config = dataclasses.replace(adapter.config, init_weights=True, inference_mode=True)
+    # peft's ModulesToSaveWrapper trains a deep copy of each module: a tied module's copy no longer shares its
+    # tensor, so the trained values never reach the other side of the tie (the input embedding, the head).
+    saved = {name for name in road_model.module_to_save_names(model, adapter.config)
+             if any(k == name or k.startswith(name + ".") for k in adapter.extra)}
+    road_model.untie(model, sorted(saved), copy_modules=True)
     road_model.inject(model, list(adapter.road), config, adapter_name)
     model.road_config[adapter_name] = adapter.config
     layers = road_model.road_layers(model)
@@ -78,8 +81,16 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, adapter_name: str = "d
             layer.road_theta[adapter_name].copy_(torch.from_numpy(params["road_theta"]))
             layer.road_alpha[adapter_name].copy_(torch.from_numpy(params["road_alpha"]))
         for key, tensor in adapter.extra.items():
+            # `<module>.base_layer.weight` (peft saves the base of a targeted lm_head/embed_tokens) is copied into
+            # the base layer's tensor as peft's load_state_dict does
             _get_tensor(model, key).copy_(torch.from_numpy(tensor))
     return model
+
+
+def _unwrapped_key(key: str, adapter: AdapterFile) -> str:
+    """Where `key` sits before RoAd layers are injected: `<m>.base_layer.<p>` of an adapted module is `<m>.<p>`."""
+    module, sep, param = key.partition(".base_layer.")
+    return f"{module}.{param}" if sep and module in adapter.road else key
 
 
 def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:

@@ -4,6 +4,12 @@ RoAd's merge rotates rows of a weight and keeps its dtype and shape, so every ou
 input shard's safetensors header: untouched tensors are copied byte for byte in chunks, adapted ones are read
 one at a time into a buffer of their own (not memory-mapped: touched mapped pages would count towards the
 process's memory), merged row-wise in float32 (in place for float32) and written back from that buffer.
+
+Which axis of a weight indexes outputs is read off the layer itself (transformers' `Conv1D`, as in GPT-2 and
+OpenAI GPT, keeps [in, out]; nn.Linear [out, in]) on the model's modules built without storage (device "meta"),
+and so are tied parameters: a tensor changed on one side of a tie (RoAd on a tied lm_head, modules_to_save of
+lm_head or embed_tokens) is written untied, the other side keeps the checkpoint's values, `config.json` gets
+`tie_word_embeddings: false`, and the extra tensors go to one more shard listed in the safetensors index.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from road_export import rotation
+from road_export import rotation, zoo
 from road_export.adapter_files import read_adapter
 from road_export.errors import RoadError
 from road_export.files import atomic_write
+from road_export.layers import is_supported_base, output_axis
 
-CONV1D_MODEL_TYPES = {"gpt2"}  # transformers' Conv1D keeps weights as [in, out]
+INDEX_NAME = "model.safetensors.index.json"
+UNTIED_SHARD = "model-untied.safetensors"
 CHUNK = 4 * 2**20
 BLOCK_ROWS = 1024  # rows merged at a time (whole groups), so merge_'s scratch copy stays small
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -29,12 +37,11 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F
 
 @dataclass
 class MergeReport:
-    """What `merge_checkpoint` wrote: directory, shard count, tensors rotated and replaced, largest tensor in bytes."""
-
     out_dir: Path
     shards: int
     merged: list[str] = field(default_factory=list)  # tensors rotated
     replaced: list[str] = field(default_factory=list)  # modules_to_save tensors taken from the adapter
+    untied: list[str] = field(default_factory=list)  # tensors written apart from the tensor they were tied to
     largest_tensor_bytes: int = 0
 
 
@@ -64,7 +71,11 @@ def _header(path: Path) -> tuple[int, dict]:
 
 
 def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> MergeReport:
-    """Write `out_dir`: the checkpoint at `base_dir` with the adapter merged (loads with `from_pretrained`)."""
+    """Write `out_dir`: the checkpoint at `base_dir` with the adapter merged (loads with `from_pretrained`).
+
+    Raises RoadError for a directory without safetensors weights, an adapter for another model, or an output
+    directory that exists and is not empty; on any failure nothing is left at `out_dir`.
+    """
     base, out = Path(base_dir), Path(out_dir)
     if not (base / "config.json").is_file():
         raise RoadError(f"{base}: not a transformers model directory (no config.json)")
@@ -74,23 +85,31 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         raise RoadError(f"{out}: directory {out.parent} does not exist")
     adapter = read_adapter(adapter_dir)
     config = json.loads((base / "config.json").read_text())
-    axis = 1 if config.get("model_type") in CONV1D_MODEL_TYPES else 0
+    meta = zoo.meta_model(zoo.read_config(base))
     g = adapter.config.group_size
     shards = _shards(base)
     headers = {shard: _header(shard) for shard in shards}
     where = {key: shard for shard, (_, header) in headers.items() for key in header if key != "__metadata__"}
-    plan: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
-    unstored = [k for k in adapter.extra if k not in where]
+    tied = {name: group for group in zoo.tied_groups(meta) for name in group}
+    extra = {_unwrapped(k, adapter.road): torch.from_numpy(t) for k, t in adapter.extra.items()}
+    keys = [*extra, *(f"{m}.{p}" for m in adapter.road for p in ("weight", "bias"))]
+    stored_as = {k: k if k in where else next((t for t in tied.get(k, []) if t in where), None) for k in keys}
+    unstored = [k for k in extra if stored_as[k] is None]
     if unstored:
-        raise RoadError(f"{adapter.path}: modules_to_save tensor {unstored[0]} is not stored in {base} (tied to "
-                        "another weight?); merge in memory with road_export.merge_and_unload instead")
-    unplaced = [m for m in adapter.road if f"{m}.weight" not in where]
+        raise RoadError(f"{adapter.path}: modules_to_save tensor {unstored[0]} is not stored in {base}; the adapter "
+                        "was made for another model")
+    unplaced = [m for m in adapter.road if stored_as[f"{m}.weight"] is None]
     if unplaced:
         shown = ", ".join(unplaced[:5]) + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else "")
         raise RoadError(f"{adapter.path}: {len(unplaced)} adapted tensor(s) have no place in {base}: {shown}; "
                         "the adapter was made for another model")
+    plan: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    axes: dict[str, int] = {}
     for module, params in adapter.road.items():
-        shape = headers[where[f"{module}.weight"]][1][f"{module}.weight"]["shape"]
+        layer = _layer(meta, module)
+        axis = output_axis(layer) if layer is not None else 0
+        stored = stored_as[f"{module}.weight"]
+        shape = headers[where[stored]][1][stored]["shape"]
         width = shape[axis] if len(shape) == 2 else shape[0]
         if width % g:
             raise RoadError(f"{adapter.path}: {module} has {width} outputs, not divisible by group_size {g}")
@@ -100,23 +119,87 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
                             f"expected ({expected},) for {adapter.config.variant} on {width} outputs")
         coeffs = rotation.coefficients(adapter.config.variant, g, torch.from_numpy(params["road_theta"]).float(),
                                        torch.from_numpy(params["road_alpha"]).float())
-        plan[f"{module}.weight"] = coeffs
-        if f"{module}.bias" in where:
-            plan[f"{module}.bias"] = coeffs
+        plan[f"{module}.weight"], axes[f"{module}.weight"] = coeffs, axis
+        if stored_as[f"{module}.bias"] is not None:
+            plan[f"{module}.bias"], axes[f"{module}.bias"] = coeffs, 0
+    # A changed tensor stored under its own name changes in place; one stored under a tied name is written apart
+    # ("change"), and so is every unchanged name tied to a stored tensor that changes ("keep": the old values).
+    changed = set(plan) | set(extra)
+    untied: dict[str, tuple[str, str]] = {}
+    for key in sorted(changed):
+        source = stored_as[key]
+        if key != source:
+            untied[key] = (source, "change")
+        elif key in tied:
+            for other in tied[key]:
+                if other != key and other not in changed:
+                    untied[other] = (source, "keep")
+    in_place = {k for k in changed if stored_as[k] == k}
+    plan_stored = {k: plan[k] for k in in_place if k in plan}
+    extra_stored = {k: extra[k] for k in in_place if k in extra}
     report = MergeReport(out, len(shards))
     # Two buffers serve every tensor: reusing them keeps the allocator from growing a heap of freed blocks.
     largest = max((end - begin for shard, (_, header) in headers.items() for key, info in header.items()
-                   if key in plan or key in adapter.extra for begin, end in [info["data_offsets"]]), default=0)
+                   if key in in_place for begin, end in [info["data_offsets"]]), default=0)
     _fixed_mmap_threshold()
     buffers = (bytearray(largest), bytearray(CHUNK))
     with atomic_write(out) as tmp:  # an empty `out` is replaced; a failure leaves nothing behind
         tmp.mkdir()
+        names = {shard: shard.name for shard in shards}
+        if untied and not (base / INDEX_NAME).is_file():  # transformers reads a single file before an index
+            names[shards[0]] = "model-00001-of-00001.safetensors"
         for shard in shards:
-            _write_shard(shard, tmp / shard.name, headers[shard], plan, adapter.extra, axis, g, report, buffers)
+            _write_shard(shard, tmp / names[shard], headers[shard], plan_stored, extra_stored, axes, g, report,
+                         buffers)
+        if untied:
+            _write_untied(tmp / UNTIED_SHARD, untied, plan, axes, extra, where, g, report)
+            index = json.loads((base / INDEX_NAME).read_text()) if (base / INDEX_NAME).is_file() else \
+                {"metadata": {}, "weight_map": {k: names[shards[0]] for k in where}}
+            index["weight_map"].update({k: UNTIED_SHARD for k in untied})
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            config["tie_word_embeddings"] = False  # what was written: the two sides are separate tensors now
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for item in base.iterdir():
             if item.is_file() and item.suffix != ".safetensors" and not (tmp / item.name).exists():
                 shutil.copy2(item, tmp / item.name)
     return report
+
+
+def _layer(meta, module: str):
+    """The linear layer at `module` in the storage-less model, or None where it is not one."""
+    try:
+        layer = meta.get_submodule(module)
+    except AttributeError:
+        return None
+    return layer if is_supported_base(layer) else None
+
+
+def _unwrapped(key: str, road: dict) -> str:
+    """`<m>.base_layer.<p>` (peft saves the base of a targeted lm_head/embed_tokens) is the checkpoint's `<m>.<p>`."""
+    module, sep, param = key.partition(".base_layer.")
+    return f"{module}.{param}" if sep and module in road else key
+
+
+def _write_untied(target: Path, untied: dict, plan: dict, axes: dict, extra: dict, where: dict, g: int,
+                  report: MergeReport) -> None:
+    """The shard of tensors that leave a tie: the changed side's new values, or the kept side's old ones."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for key, (source, how) in sorted(untied.items()):
+        with safe_open(str(where[source]), framework="pt") as f:
+            tensor = f.get_tensor(source).clone()
+        if how == "change" and key in extra:
+            tensor = extra[key].to(tensor.dtype).reshape(tensor.shape).clone()
+            report.replaced.append(key)
+        if how == "change" and key in plan:
+            c1, c2 = plan[key]
+            _merge_in_place(tensor, c1, c2, g, axes[key] if tensor.dim() == 2 else 0)
+            report.merged.append(key)
+        tensors[key] = tensor.contiguous()
+        report.untied.append(key)
+    save_file(tensors, str(target), metadata={"format": "pt"})
 
 
 def _merge_in_place(tensor: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, g: int, axis: int) -> None:
@@ -144,7 +227,7 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
-def _write_shard(source: Path, target: Path, header_info, plan, extra, axis, g, report, buffers) -> None:
+def _write_shard(source: Path, target: Path, header_info, plan, extra, axes, g, report, buffers) -> None:
     length, header = header_info
     tensor_buffer, copy_buffer = memoryview(buffers[0]), memoryview(buffers[1])
     entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
@@ -163,12 +246,12 @@ def _write_shard(source: Path, target: Path, header_info, plan, extra, axis, g, 
                 if src.readinto(buffer) != len(buffer):
                     raise RoadError(f"{source}: truncated at tensor {key}")
                 tensor = torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
-                if key in extra:
-                    tensor.copy_(torch.from_numpy(extra[key]).to(dtype).reshape(tensor.shape))
+                if key in extra:  # modules_to_save, or the base_layer weight peft saves for a targeted head
+                    tensor.copy_(extra[key].to(dtype).reshape(tensor.shape))
                     report.replaced.append(key)
-                else:
+                if key in plan:
                     c1, c2 = plan[key]
-                    work_axis = axis if tensor.dim() == 2 else 0
+                    work_axis = axes[key] if tensor.dim() == 2 else 0
                     _merge_in_place(tensor, c1, c2, g, work_axis)
                     report.merged.append(key)
                 dst.write(buffer)

@@ -46,8 +46,9 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="[NAME=]PATH", action="append", default=[],
                         help="peft RoAd adapter directory (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed for models/ weights built from config")
-    parser.add_argument("--task", help="causal-lm, text-generation-with-past (decoder with KV cache), "
-                        "feature-extraction or sequence-classification (default: inferred)")
+    parser.add_argument("--task", help="text-generation, text-generation-with-past (decoder with KV cache), "
+                        "feature-extraction or text-classification (default: the adapter's task_type, else the "
+                        "checkpoint's class); causal-lm and sequence-classification are accepted as synonyms")
 
 
 def _report_options(parser: argparse.ArgumentParser) -> None:
@@ -210,7 +211,7 @@ def run_export(argv: Sequence[str]) -> int:
     progress = _Progress(args.quiet)
     with progress.running():
         progress.step("loading")
-        source = load_source(args.base, args.adapter, seed=args.seed)
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
         if len(source.adapters) > 1 and args.mode != "rotate":
             raise RoadError(f"{len(source.adapters)} adapters cannot be merged into one set of weights; add --mode "
                             "rotate for one graph that serves them all (input adapter_ids)")
@@ -221,8 +222,8 @@ def run_export(argv: Sequence[str]) -> int:
         report = None
         if not args.no_verify:
             progress.step("verifying")
-            report = verify(output, source.model, task=result.task, atol=args.atol,
-                            native=False if args.no_native else None)
+            report = verify(output, source.reference_model, task=result.task, atol=args.atol,
+                            native=False if args.no_native else None, reference=source.reference_name)
     nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
     nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
     progress.done(f"wrote {output} ({args.mode}, {args.dtype}, adapters: {', '.join(source.adapters)}"
@@ -243,10 +244,10 @@ def run_verify(argv: Sequence[str]) -> int:
         if not Path(args.model).is_file():
             raise RoadError(f"{args.model}: no such ONNX file")
         progress.step("loading")
-        source = load_source(args.base, args.adapter, seed=args.seed)
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task)
         progress.step("verifying")
-        report = verify(args.model, source.model, task=args.task, atol=args.atol,
-                        native=False if args.no_native else None)
+        report = verify(args.model, source.reference_model, task=args.task, atol=args.atol,
+                        native=False if args.no_native else None, reference=source.reference_name)
     _write_report(report, args.report)
     return _print_report(report, args.quiet)
 

@@ -179,6 +179,39 @@ def module_to_save_names(model: nn.Module, config: RoadConfig) -> list[str]:
     ]
 
 
+def untie(model: nn.Module, names: Sequence[str], *, copy_modules: bool = False) -> list[str]:
+    """Give each module in `names` tensors of its own where they are tied to parameters outside it; returns the
+    parameter paths untied. `copy_modules` replaces the module by a deep copy (peft's ModulesToSaveWrapper), else
+    only the tied parameters are cloned. Where input and output embeddings part, `config.tie_word_embeddings`
+    becomes False (peft's merge_and_unload does the same), so a saved checkpoint reloads as it was written."""
+    import copy
+
+    shared: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(pname)
+    untied: list[str] = []
+    for name in names:
+        module = model.get_submodule(name)
+        inside = {f"{name}.{p}" for p, _ in module.named_parameters(remove_duplicate=False)}
+        tied = [p for p, param in module.named_parameters(remove_duplicate=False)
+                if any(other not in inside for other in shared[id(param)])]
+        if not tied:
+            continue
+        if copy_modules:
+            _replace(model, name, copy.deepcopy(module))
+        else:
+            for pname in tied:
+                owner_name, _, attr = pname.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                param = getattr(owner, attr)
+                setattr(owner, attr, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+        untied += [f"{name}.{p}" for p in tied]
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    return untied
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "road_config", {}) or {})
 
@@ -255,8 +288,13 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
-    """Merge the given adapters (default: each layer's active one) into the base weights."""
-    for layer in road_layers(model).values():
+    """Merge the given adapters (default: each layer's active one) into the base weights.
+
+    A layer whose weight is tied to another parameter (RoAd on a tied lm_head) is untied first: the rotation
+    changes the layer only, as its forward does."""
+    layers = road_layers(model)
+    untie(model, [f"{name}.base_layer" for name, layer in layers.items() if not layer.merged])
+    for layer in layers.values():
         layer.merge(adapter_names)
 
 
@@ -269,6 +307,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     """Merge adapters into the weights and put the plain linear layers back: no RoadLayer is left."""
     for name in adapter_names or []:
         _require_adapter(model, name)
+    untie(model, [f"{name}.base_layer" for name in road_layers(model)])
     for name, layer in road_layers(model).items():
         layer.merge(adapter_names)
         _replace(model, name, layer.base_layer)

@@ -1,22 +1,34 @@
-"""The torch source of an export: a base model plus adapters, as the CLI's --base and --adapter name them.
+"""The torch source of an export: a base model plus adapters, as the CLI's --base and --adapter name them, and the
+independent reference that parity is checked against.
 
 With no --adapter, a base from models/ that carries an `adapter_config.json` (the embedded default does) gets
 that adapter with parameters drawn from a fixed seed, so the same command always builds the same model.
+
+The reference: with adapter directories and peft installed, the model peft itself loads
+(`AutoModel*.from_pretrained(base)` + `PeftModel.from_pretrained(model, adapter)`, one `load_adapter` per further
+adapter), so a fault in road-export's own loading, tying or input handling shows up as a parity failure instead of
+being compared with itself. Without peft (or without adapter directories) the reference is road-export's model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from road_export import zoo
-from road_export.adapters import apply_adapter, read_adapter
+from road_export.adapters import AdapterFile, apply_adapter, read_adapter
 from road_export.config import CONFIG_NAME, RoadConfig
 from road_export.errors import RoadError
+from road_export.export.tasks import CAUSAL, PEFT_TASK_TYPES, normalize_task
 from road_export.model import get_road_model
+
+PEFT_REFERENCE = "peft"
+OWN_REFERENCE = "road-export loader"
 
 
 @dataclass(frozen=True)
@@ -37,30 +49,139 @@ def parse_adapter(text: str, index: int) -> AdapterSpec:
 
 @dataclass
 class Source:
+    """road-export's model (what is exported) and the reference parity is judged against."""
+
     model: nn.Module
     base: str
     adapters: list[str]
     embedded: bool  # adapter drawn from the embedded config and seed
+    task: str | None = None  # optimum's task the model was loaded for (None: the checkpoint's own class)
+    reference: nn.Module | None = field(default=None, repr=False)
+    reference_name: str = OWN_REFERENCE
+
+    @property
+    def reference_model(self) -> nn.Module:
+        return self.model if self.reference is None else self.reference
 
 
-def load_source(base: str | None, adapters: list[str], *, seed: int = 0) -> Source:
-    """Load the base (a directory or a name under models/) and put the adapters on it."""
+def resolve_task(task: str | None, adapters: list[AdapterFile]) -> str | None:
+    """The task to load for: `--task`, else the adapters' peft `task_type`, else None (the checkpoint's class).
+
+    Raises RoadError when adapters disagree, or `--task` asks for a head other than the one the adapter was
+    trained with (its module paths would not fit).
+    """
+    task = normalize_task(task) if task else None
+    kinds = {PEFT_TASK_TYPES[f.config.task_type] for f in adapters if f.config.task_type in PEFT_TASK_TYPES}
+    if len(kinds) > 1:
+        raise RoadError(f"the adapters were trained for different tasks ({', '.join(sorted(kinds))}); export them "
+                        "separately")
+    trained = next(iter(kinds), None)
+    if task is None:
+        return trained
+    if trained is not None and (trained in CAUSAL) != (task in CAUSAL) or \
+            trained is not None and trained not in CAUSAL and trained != task:
+        names = ", ".join(str(f.path) for f in adapters)
+        raise RoadError(f"--task {task}: the adapter ({names}) was trained for {trained} (peft task_type); its "
+                        f"modules sit in that model class; drop --task or pass --task {trained}")
+    return task
+
+
+def head_labels(base: Path, task: str | None, adapters: list[AdapterFile]) -> int | None:
+    """For text-classification: the label count of the head the adapters bring (their modules_to_save tensors
+    whose first axis is the config's `num_labels` in the model), or None to keep the checkpoint's."""
+    if task != "text-classification":
+        return None
+    config = zoo.read_config(base)
+    meta = zoo.meta_model(config, task)
+    params = dict(meta.named_parameters())
+    for adapter in adapters:
+        for key, tensor in adapter.extra.items():
+            param = params.get(key)
+            if param is not None and param.dim() >= 1 and param.shape[0] == config.num_labels \
+                    and tensor.ndim == param.dim() and tuple(tensor.shape[1:]) == tuple(param.shape[1:]) \
+                    and tensor.shape[0] != param.shape[0]:
+                return int(tensor.shape[0])
+    return None
+
+
+def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: str | None = None,
+                reference: bool = True) -> Source:
+    """Load the base (a directory or a name under models/), put the adapters on it, and build the reference.
+
+    `task` (optimum's name or a synonym) picks the model class; without it the adapters' `task_type` does, else
+    the checkpoint's own class. `reference=False` skips the peft reference (export without verify).
+    Raises RoadError for bad input (one line: which file, what is wrong).
+    """
     base = base or zoo.DEFAULT_MODEL
     specs = [parse_adapter(a, i) for i, a in enumerate(adapters)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise RoadError(f"--adapter names must be unique, got {names}; use NAME=PATH")
     files = [read_adapter(s.path) for s in specs]  # check every adapter before loading the base
-    model = zoo.load_model(base, seed=seed)
+    task = resolve_task(task, files)
+    path = zoo.resolve(base)
+    num_labels = head_labels(path, task, files)
+    brought = tuple(k.removesuffix(".weight").removesuffix(".bias") for f in files for k in f.extra)
+    model = zoo.load_model(base, seed=seed, task=task, num_labels=num_labels, allow_missing=brought)
     if not specs:
-        embedded = zoo.resolve(base) / CONFIG_NAME
+        embedded = path / CONFIG_NAME
         if not embedded.is_file():
             raise RoadError(f"{base}: no adapter given; pass --adapter PATH (a peft RoAd adapter directory)")
         config = RoadConfig.from_pretrained(embedded)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             get_road_model(model, config, "default")
-        return Source(model.eval(), base, ["default"], embedded=True)
+        return Source(model.eval(), base, ["default"], embedded=True, task=task)
+    pristine = copy.deepcopy(model) if reference and zoo.is_named(base) and peft_available() else None
     for spec, file in zip(specs, files, strict=True):
         apply_adapter(model, file, spec.name)
-    return Source(model.eval(), base, names, embedded=False)
+    source = Source(model.eval(), base, names, embedded=False, task=task)
+    if reference and peft_available():
+        base_model = pristine if pristine is not None else _transformers_base(path, task, num_labels)
+        source.reference = peft_reference(base_model, specs)
+        source.reference_name = PEFT_REFERENCE
+    return source
+
+
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _transformers_base(path: Path, task: str | None, num_labels: int | None) -> nn.Module:
+    """The base exactly as transformers loads it (`cls.from_pretrained`, called here and not through road-export's
+    loader, so that a fault there cannot reach the reference)."""
+    config = zoo.read_config(path)
+    if num_labels:
+        config.num_labels = num_labels
+    cls = zoo.model_class(config, task, where=str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = cls.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
+        except Exception as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RoadError(f"{path}: transformers cannot load it as {cls.__name__} ({text})") from e
+    return model.eval()
+
+
+def peft_reference(base_model: nn.Module, specs: list[AdapterSpec]) -> nn.Module:
+    """`PeftModel.from_pretrained(base_model, first adapter)` plus `load_adapter` for each further one, in eval
+    mode with the first adapter active (a mixed batch picks per row with peft's `adapter_names`)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about tied targets; parity says whether it matters
+        try:
+            model = PeftModel.from_pretrained(base_model, str(specs[0].path), adapter_name=specs[0].name)
+            for spec in specs[1:]:
+                model.load_adapter(str(spec.path), adapter_name=spec.name)
+        except Exception as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RoadError(f"peft cannot load the adapter onto this base ({type(e).__name__}: {text}); "
+                            "parity needs peft's own model as the reference") from e
+    model.set_adapter(specs[0].name)
+    return model.eval()

@@ -1,12 +1,17 @@
-"""The parity harness: onnxruntime against the torch model on several input shapes, per output.
+"""The parity harness: onnxruntime against a torch reference on several input shapes, per output.
 
 Unlike a single-shape check that only warns, this runs batch 1 and > 1, sequence 1 and longer, attention
 masks with left padding, and fails for real. Padded positions are left out of the comparison: their values
 are undefined in both runtimes.
+
+The reference is fed exactly the inputs the file is fed (a client's inputs: `position_ids` from the attention
+mask as transformers' generate derives them, where the file takes them), and the report names it: "peft" for the
+model peft itself loads (see road_export.source), "road-export loader" for road-export's own model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -49,6 +54,7 @@ class ParityReport:
     atol: float
     rows: list[OutputParity] = field(default_factory=list)
     kernels: str = "-"  # how the road ops ran: "native" kernels, standard-op "bodies", or "-" (none in the file)
+    reference: str = "road-export loader"  # what the file was compared with: "peft", or road-export's own model
 
     @property
     def passed(self) -> bool:
@@ -56,7 +62,7 @@ class ParityReport:
 
     def to_json(self) -> str:
         return json.dumps({"onnx_path": self.onnx_path, "dtype": self.dtype, "atol": self.atol,
-                           "kernels": self.kernels, "passed": self.passed,
+                           "reference": self.reference, "kernels": self.kernels, "passed": self.passed,
                            "rows": [asdict(r) for r in self.rows]}, indent=2)
 
     def table(self, color: bool = False) -> str:
@@ -65,7 +71,8 @@ class ParityReport:
         from rich.table import Table
 
         road = "" if self.kernels == "-" else f", road ops: {self.kernels}"
-        table = Table(title=f"parity: {Path(self.onnx_path).name} ({self.dtype}, atol {self.atol:g}{road})")
+        table = Table(title=f"parity: {Path(self.onnx_path).name} ({self.dtype}, atol {self.atol:g}, "
+                            f"reference: {self.reference}{road})")
         for col in ("output", "input", "max abs", "max rel", "cosine", "top-1", "result"):
             table.add_column(col, justify="left" if col in ("output", "input") else "right")
         for r in self.rows:
@@ -102,12 +109,16 @@ def verify(
     seed: int = 0,
     session_options=None,
     native: bool | None = None,
+    reference: str | None = None,
 ) -> ParityReport:
     """Compare the ONNX file with `torch_model` (float32 reference) on each shape in `shapes`.
 
-    A shape is (batch, sequence, padding), or (batch, sequence, past length, padding) for a graph with a cache.
-    `native` says how road ops run: the native kernels (True), their standard-op bodies (False), or the kernels
-    where they build (None), as `RoadSession` does; the report records which.
+    `torch_model` is road-export's model or a peft model (`PeftModel`; a mixed-adapter file's rows then go through
+    peft's `adapter_names`). `reference` names it in the report (default: "peft" for a peft model, else
+    "road-export loader"). A shape is (batch, sequence, padding), or (batch, sequence, past length, padding) for a
+    graph with a cache. `native` says how road ops run: the native kernels (True), their standard-op bodies
+    (False), or the kernels where they build (None), as `RoadSession` does; the report records which.
+    Raises RoadError for a missing or unloadable file, or a file whose inputs the task does not have.
     """
     import onnxruntime as ort
 
@@ -137,12 +148,21 @@ def verify(
                                                  key=lambda a: a.get("id", 0)))
     spec = task_spec(torch_model, task, order)
     feeds_needed = [i.name for i in session.get_inputs()]
+    # the reference gets what the file gets: positions where the file takes them (an older file may not)
+    names = [n for n in spec.input_names if n in feeds_needed or n != "position_ids"]
+    if "position_ids" in feeds_needed and "position_ids" not in names:
+        names.insert(2, "position_ids")
+    spec = dataclasses.replace(spec, input_names=tuple(names))
     missing = [n for n in feeds_needed if n not in spec.input_names]
     if missing:
         raise RoadError(f"{onnx_path}: inputs {missing} are not inputs of task {spec.task}")
-    reference = TaskModule(torch_model, spec).eval()
+    ref_module = TaskModule(torch_model, spec).eval()
     output_names = [o.name for o in session.get_outputs()]
-    report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels)
+    if reference is None:
+        reference_name = "peft" if hasattr(torch_model, "peft_config") else "road-export loader"
+    else:
+        reference_name = reference
+    report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels, reference=reference_name)
     if spec.cache and shapes == DEFAULT_SHAPES:
         shapes = CACHE_SHAPES
     elif order and shapes == DEFAULT_SHAPES:
@@ -154,7 +174,7 @@ def verify(
         if dtype == "float16":  # the cache is fed in float16: give the reference the same rounded values
             inputs = {k: v.half().float() if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.no_grad():
-            expected = reference(**nest(spec, inputs))
+            expected = ref_module(**nest(spec, inputs))
         expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
         feeds = {n: inputs[n].numpy() for n in feeds_needed}
         if dtype == "float16":

@@ -1,13 +1,16 @@
-"""Models from `models/`: small architecture configs whose weights come from a fixed seed, never a download.
+"""Base models: a user's transformers directory loaded with `from_pretrained`, or a tiny config from `models/`.
 
-A name (`default`, `tiny-llama`, ...) is looked up under the models directory; a path to a transformers model
-directory is loaded with `from_pretrained` when it holds weights, or built from its `config.json` otherwise.
+A path is loaded only by transformers (`from_pretrained` reads every layout it knows: single or sharded safetensors,
+legacy `pytorch_model*.bin` with its index, ...); a directory transformers finds no weights in is refused, never
+filled with random weights. A name (`default`, `tiny-llama`, ...) that is not a path is looked up under the models
+directory and built from its `config.json` with a fixed seed: those configs have no weights by design.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +19,6 @@ from torch import nn
 from road_export.errors import RoadError
 
 DEFAULT_MODEL = "default"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def models_dir() -> Path:
@@ -58,45 +60,113 @@ def resolve(name_or_path: str | Path) -> Path:
     )
 
 
-def has_weights(path: Path) -> bool:
-    """Whether a model directory holds weights (safetensors, sharded or not, or a torch pickle)."""
-    return any((path / f).is_file() for f in WEIGHT_FILES) or any(path.glob("model-*.safetensors"))
+def is_named(name_or_path: str | Path) -> bool:
+    """True for a name of a model under models/ (built from config), False for a path the user gave."""
+    return not Path(name_or_path).exists() and (models_dir() / str(name_or_path) / "config.json").is_file()
 
 
-def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> nn.Module:
-    """Load (or build from config with `seed`) a transformers model, in eval mode, float32."""
+def read_config(path: Path):
     import transformers
 
-    path = resolve(name_or_path)
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise RoadError(f"{path / 'config.json'}: cannot read the model config ({e})") from e
-    cls = model_class(config)
+        raise RoadError(f"{path / 'config.json'}: cannot read the model config ({_first_line(e)})") from e
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task: str | None = None,
+               num_labels: int | None = None, allow_missing: tuple[str, ...] = ()) -> nn.Module:
+    """A transformers model in eval mode, float32: `from_pretrained` for a path, built from config with `seed` for
+    a name under models/.
+
+    `task` (optimum's name) picks the Auto class; without it the checkpoint's own class (`config.architectures`).
+    `num_labels` sets the classification head's size. Weights that the checkpoint lacks and transformers would
+    initialise at random are refused, unless `allow_missing` names them (an adapter brings them: modules_to_save).
+    Raises RoadError for a directory without loadable weights, a task the model cannot serve, or a broken file.
+    """
+    path = resolve(name_or_path)
+    config = read_config(path)
+    if num_labels:
+        config.num_labels = num_labels
+    cls = model_class(config, task, where=str(path))
     try:
-        if has_weights(path):
-            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        else:
+        if is_named(name_or_path):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = cls._from_config(config, dtype=torch.float32)
+        else:
+            model = from_pretrained(cls, path, config, allow_missing)
     except RoadError:
         raise
     except Exception as e:
-        raise RoadError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from e
+        raise RoadError(f"{path}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from e
     model.config.name_or_path = str(name_or_path)
     return model.eval()
 
 
-def model_class(config) -> type:
-    """The transformers class named by `config.architectures`, or the base AutoModel for its type."""
+def from_pretrained(cls: type, path: Path, config, allow_missing: tuple[str, ...] = ()) -> nn.Module:
+    """`cls.from_pretrained(path)` in float32, offline; a directory without weights or with missing ones is refused
+    (transformers itself would fill them with random values)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model, info = cls.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32,
+                                              output_loading_info=True)
+        except OSError as e:
+            raise RoadError(f"{path}: no weights transformers can load ({_first_line(e)}); a base directory needs "
+                            "its weights (save it with save_pretrained); only names under models/ are built from "
+                            "config") from e
+    missing = [k for k in info.get("missing_keys", ()) if not any(k == a or k.startswith(a + ".")
+                                                                  for a in allow_missing)]
+    if missing:
+        shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise RoadError(f"{path}: {len(missing)} weight(s) of {cls.__name__} are not in the checkpoint ({shown}); "
+                        "transformers would draw them at random; is this the right --task or checkpoint?")
+    return model
+
+
+def model_class(config, task: str | None = None, *, where: str = "") -> type:
+    """The transformers class for `task` (its Auto class's choice for this config), or without a task the class
+    named by `config.architectures` (else the base AutoModel's). Raises RoadError when the model cannot serve it."""
     import transformers
 
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
+    from road_export.export.tasks import auto_class, normalize_task
+
+    if task is None:
+        for arch in getattr(config, "architectures", None) or []:
+            cls = getattr(transformers, arch, None)
+            if cls is not None:
+                return cls
+        auto = transformers.AutoModel
+    else:
+        auto = auto_class(task)
     try:
-        return transformers.AutoModel._model_mapping[type(config)]
-    except KeyError:
-        raise RoadError(f"no transformers model class for model type {config.model_type!r}") from None
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return type(auto.from_config(config))
+    except ValueError as e:
+        what = f"task {normalize_task(task)}" if task else "a base model"
+        raise RoadError(f"{where or config.model_type}: model type {config.model_type!r} cannot serve {what} "
+                        f"(transformers has no {auto.__name__} class for it); choose another --task") from e
+
+
+def meta_model(config, task: str | None = None) -> nn.Module:
+    """The model's modules with no storage (device "meta"): layer types and tied parameters, at no memory cost."""
+    cls = model_class(config, task)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls._from_config(config)
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names that share one tensor (transformers' tied weights, e.g. lm_head.weight and the input
+    embedding), each group in module order; found by identity, as the model ties them, not from a name list."""
+    by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -81,10 +81,14 @@ def export(
     `target` picks the road function bodies (passes/lower.py): "onnxruntime" (road_1 through RotaryEmbedding) or
     "portable" (standard ops only).
     `on_step` is called with the name of each long step as it starts (tracing, optimizing, writing).
+    `opset` is the default-domain opset the file is written with, exactly: when the exporter writes another one it
+    is converted, and when that fails (or onnxruntime cannot load the result) RoadError is raised and nothing is
+    written. Every file is loaded by onnxruntime before it is moved into place.
     """
     step = on_step or (lambda _name: None)
     if mode not in MODES:
         raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
+    check_opset(opset)
     dtype = _parse_dtype(dtype)
     path = check_output(path)
     with _adopted(model) as adapted:
@@ -105,6 +109,8 @@ def export(
             module, args, names, spec, dynamic = _trace_plan(prepared, task, example_inputs, dtype, order)
             step("tracing")
             ir_model = _torch_export(module, args, names, dynamic, opset)
+    if opset is not None:
+        convert_opset(ir_model, opset)
     if mode == "rotate":
         road_op.attach_functions(ir_model)
     swappable = swappable and mode == "rotate" and not order and bool(adapters) and spec is not None
@@ -135,7 +141,7 @@ def export(
     # the swap file's values are read before saving: an external-data save re-points the tensors
     values = {v.name: v.const_value.numpy() for v in ir_model.graph.inputs if v.const_value is not None} \
         if swappable else {}
-    data = save_model(ir_model, path, external_data)
+    data = save_model(ir_model, path, external_data, check=_loadable)
     files = []
     if swappable:
         files.append(swap.write_adapter_file(swap.adapter_file_path(path, adapters[0]["name"]), values))
@@ -149,6 +155,57 @@ def _name_cache_axes(model: ir.Model) -> None:
         if value.name.startswith("present.") and value.shape is not None and len(value.shape) == 4:
             dims = list(value.shape)
             value.shape = ir.Shape([dims[0], dims[1], ir.SymbolicDim("total_sequence"), dims[3]])
+
+
+MIN_OPSET = 7  # the oldest opset onnxruntime runs
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse, before any work, an opset that no ONNX release defines."""
+    import onnx
+
+    if opset is None:
+        return
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise RoadError(f"--opset {opset}: ONNX {onnx.__version__} defines opsets {MIN_OPSET} to {newest}; "
+                        "choose one in that range (default: the exporter's, 18)")
+
+
+def convert_opset(model: ir.Model, opset: int) -> None:
+    """Make the model's default-domain opset `opset`: the torch exporter writes 18 to 25 and silently keeps 18 for
+    others, so convert (onnxscript's version converter, falling back to onnx's); raises RoadError when it cannot."""
+    written = model.opset_imports.get("")
+    if written == opset:
+        return
+    import onnxscript.version_converter
+
+    try:
+        with warnings.catch_warnings(), _quiet_torch():
+            warnings.simplefilter("ignore")
+            onnxscript.version_converter.convert_version(model, opset, fallback=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RoadError(f"--opset {opset}: the exporter wrote opset {written} and it cannot be converted ({first}); "
+                        "choose --opset 18 (or leave it out)") from e
+    if model.opset_imports.get("") != opset:
+        raise RoadError(f"--opset {opset}: the exporter wrote opset {written} and the conversion left "
+                        f"{model.opset_imports.get('')}; choose --opset 18 (or leave it out)")
+
+
+def _loadable(path: Path) -> None:
+    """Raise RoadError unless onnxruntime loads the file (graph optimizations off: this checks, it does not run)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RoadError(f"onnxruntime {ort.__version__} cannot load the exported model ({first[:300]}); nothing was "
+                        "written (with --opset: choose one onnxruntime runs, e.g. 18)") from e
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -338,7 +395,10 @@ def _torch_export(module: nn.Module, args: tuple, names: list[str], dynamic, ops
         except RoadError:
             raise
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            root = e  # torch wraps the model's own error ("step 1/3 ..."): name the cause
+            while root.__cause__ is not None:
+                root = root.__cause__
+            first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
             raise RoadError(f"torch.onnx.export failed for {type(module.model).__name__}: {first}") from e
     return program.model
 

@@ -11,17 +11,18 @@ from torch import nn
 from road_export.errors import RoadError
 from road_export.names import positions
 
-TASKS = ("causal-lm", "text-generation-with-past", "feature-extraction", "sequence-classification")
+TASKS = ("text-generation", "text-generation-with-past", "feature-extraction", "text-classification")
+# Earlier names (road-export 0.1 wrote "causal-lm" and "sequence-classification" into files): accepted everywhere.
 ALIASES = {
-    "text-generation": "causal-lm",
+    "causal-lm": "text-generation",
     "causal-lm-with-past": "text-generation-with-past",
     "default": "feature-extraction",
-    "text-classification": "sequence-classification",
+    "sequence-classification": "text-classification",
 }
-
-
-# Architectures whose positions come from the attention mask (or ALiBi), so optimum exports no position_ids.
-POSITIONS_FROM_MASK = frozenset({"opt", "bloom", "mpt"})
+CAUSAL = ("text-generation", "text-generation-with-past")
+# peft's TaskType -> optimum's task, for choosing the model class from an adapter's `task_type`
+PEFT_TASK_TYPES = {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification",
+                   "FEATURE_EXTRACTION": "feature-extraction"}
 
 
 @dataclass(frozen=True)
@@ -61,19 +62,72 @@ class TaskSpec:
 
 
 def normalize_task(task: str) -> str:
+    """optimum's name of `task`; the earlier names (`causal-lm`, `sequence-classification`) are synonyms.
+
+    Raises RoadError for a task road-export does not export.
+    """
     task = ALIASES.get(task, task)
     if task not in TASKS:
-        raise RoadError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise RoadError(f"unknown task {task!r}; choose one of {', '.join(TASKS)} "
+                        f"(or the synonyms {', '.join(ALIASES)})")
     return task
+
+
+def auto_class(task: str):
+    """The transformers Auto class that serves `task` (optimum's task -> class table, for the tasks we export)."""
+    import transformers
+
+    return {"text-generation": transformers.AutoModelForCausalLM,
+            "text-generation-with-past": transformers.AutoModelForCausalLM,
+            "feature-extraction": transformers.AutoModel,
+            "text-classification": transformers.AutoModelForSequenceClassification}[normalize_task(task)]
+
+
+def uses_absolute_positions(model: nn.Module) -> bool:
+    """Whether the model's outputs change when the same tokens sit at other positions (learned absolute position
+    embeddings: GPT-2, OPT, ...), found by one probe instead of a list of model types.
+
+    Two tokens are run at positions (0, 1) and (3, 4): rotary and ALiBi models give the same logits (their attention
+    sees relative positions only), absolute-position models do not. A model whose forward takes no `position_ids`
+    computes its positions itself and is reported False.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "position_ids" not in inspect.signature(inner.forward).parameters or not hasattr(inner, "config"):
+        return False
+    vocab = int(getattr(inner.config, "vocab_size", 0) or 0)
+    if vocab < 2:
+        return False
+    ids = torch.tensor([[min(3, vocab - 1), vocab - 1]], dtype=torch.int64)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad():
+            outs = [_first_tensor(inner(input_ids=ids, position_ids=torch.arange(start, start + 2)[None],
+                                        use_cache=False, return_dict=True)).float()
+                    for start in (0, 3)]
+    except Exception:  # a model that rejects explicit positions computes them itself
+        return False
+    finally:
+        inner.train(was_training)
+    scale = float(outs[0].abs().max()) or 1.0
+    return float((outs[0] - outs[1]).abs().max()) > 1e-4 * scale
+
+
+def _first_tensor(out) -> torch.Tensor:
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    return out[0]
 
 
 def infer_task(model: nn.Module) -> str:
     """The task a transformers model class implies (optimum's convention)."""
     name = type(model).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal-lm"
+        return "text-generation"
     if name.endswith("ForSequenceClassification"):
-        return "sequence-classification"
+        return "text-classification"
     if name.endswith("Model") and hasattr(model, "config"):
         return "feature-extraction"
     raise RoadError(
@@ -82,13 +136,21 @@ def infer_task(model: nn.Module) -> str:
 
 
 def task_spec(model: nn.Module, task: str, adapter_order: tuple[str, ...] = ()) -> TaskSpec:
+    """Inputs and outputs of `task` for `model` (optimum's names and order).
+
+    A `text-generation` graph takes `position_ids` when the model's outputs depend on absolute positions
+    (`uses_absolute_positions`), so a left-padded row runs at the positions transformers' generate gives it;
+    `text-generation-with-past` takes them whenever the forward accepts them.
+    """
     task = normalize_task(task)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
     params = inspect.signature(inner.forward).parameters
     names = ["input_ids", "attention_mask"]
-    causal = task in ("causal-lm", "text-generation-with-past")
+    causal = task in CAUSAL
     if not causal and "token_type_ids" in params and getattr(inner.config, "type_vocab_size", 0):
         names.append("token_type_ids")
+    if task == "text-generation" and uses_absolute_positions(inner):
+        names.append("position_ids")
     outputs = ["last_hidden_state" if task == "feature-extraction" else "logits"]
     cache = None
     if task == "text-generation-with-past":
@@ -114,7 +176,7 @@ def cache_spec(model: nn.Module) -> CacheSpec:
         raise RoadError(f"{type(model).__name__} is not a transformers model; text-generation-with-past needs one")
     params = inspect.signature(model.forward).parameters
     name = type(model).__name__
-    if infer_task(model) != "causal-lm" or cache_keyword(model) not in params or "use_cache" not in params:
+    if infer_task(model) != "text-generation" or cache_keyword(model) not in params or "use_cache" not in params:
         raise RoadError(f"text-generation-with-past needs a causal language model with a key/value cache; "
                         f"{name} is not one (choose another --task)")
     was_training = model.training
@@ -127,16 +189,15 @@ def cache_spec(model: nn.Module) -> CacheSpec:
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     layers = getattr(cache, "layers", None)
     if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
-        raise RoadError(f"{name} returned no per-layer key/value cache; export it with --task causal-lm")
+        raise RoadError(f"{name} returned no per-layer key/value cache; export it with --task text-generation")
     if any(layer.keys.dim() != 4 or layer.keys.shape[2] != 2 for layer in layers):
         raise RoadError(f"{name}: cache tensors are not [batch, heads, sequence, head_dim]; "
-                        "export it with --task causal-lm")
-    model_type = getattr(model.config, "model_type", "")
+                        "export it with --task text-generation")
     return CacheSpec(
         layers=len(layers),
         key_shape=tuple((int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers),
         value_shape=tuple((int(layer.values.shape[1]), int(layer.values.shape[3])) for layer in layers),
-        position_ids="position_ids" in params and model_type not in POSITIONS_FROM_MASK,
+        position_ids="position_ids" in params,
     )
 
 
@@ -157,9 +218,9 @@ def sample_inputs(model: nn.Module, spec: TaskSpec, batch: int = 2, seq: int = 8
     inputs = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in spec.input_names:
         inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.int64)
+    if "position_ids" in spec.input_names:  # transformers' positions for the mask, as generate computes them
+        inputs["position_ids"] = torch.from_numpy(positions(mask.numpy()))[:, -seq:]
     if spec.cache:
-        if spec.cache.position_ids:
-            inputs["position_ids"] = torch.from_numpy(positions(mask.numpy()))[:, -seq:]
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         for name, (heads, dim) in zip(spec.cache.past_names, spec.cache.past_dims, strict=True):
             inputs[name] = torch.randn(batch, heads, past, dim, generator=gen).to(dtype)
@@ -232,6 +293,10 @@ class TaskModule(nn.Module):
             kwargs["token_type_ids"] = token_type_ids
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        if adapter_ids is not None and hasattr(self.model, "peft_config"):  # a peft reference: its own routing
+            order = self.spec.adapter_order
+            kwargs["adapter_names"] = [order[i - 1] if i else "__base__" for i in adapter_ids.tolist()]
+            return self._call(kwargs, past_key_values)
         if adapter_ids is not None:
             from road_export.model import adapter_ids as rows
 
@@ -241,7 +306,7 @@ class TaskModule(nn.Module):
 
     def _call(self, kwargs: dict, past: list[torch.Tensor] | None):
         if self.spec.cache is None:
-            if self.spec.task == "causal-lm":
+            if self.spec.task == "text-generation":
                 kwargs["use_cache"] = False
             return self.model(**kwargs, return_dict=True)[self.spec.output_name]
         from transformers import DynamicCache
