@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,13 +27,30 @@ _HINTS = {
 }
 
 
+def os_error_reason(error: OSError) -> str:
+    """What an OSError says, with a hint: "No space left on device; the disk is full; free space or ..."."""
+    what = error.strerror or str(error) or type(error).__name__
+    hint = _HINTS.get(error.errno or -1)
+    return f"{what}; {hint}" if hint else what
+
+
+def write_failure_reason(error: OSError, path: str | os.PathLike) -> str:
+    """Why writing `path` failed: the OSError's reason; a short write without errno (numpy's "8192 requested and
+    3072 written") on a file system with no room left is reported as the full disk it is."""
+    if error.errno is None:
+        try:
+            full = shutil.disk_usage(_directory(Path(path))).free < 1 << 20
+        except OSError:
+            full = False
+        if full:
+            return f"No space left on device; {_HINTS[errno.ENOSPC]} ({error})"
+    return os_error_reason(error)
+
+
 def os_error_line(error: OSError, path: str | os.PathLike | None = None) -> str:
     """One line for an OSError: the path at fault (the error's own, else `path`), what happened, a hint."""
     where = error.filename if error.filename is not None else path
-    what = error.strerror or str(error) or type(error).__name__
-    hint = _HINTS.get(error.errno or -1)
-    if hint:
-        what = f"{what}; {hint}"
+    what = os_error_reason(error)
     return f"{where}: {what}" if where is not None else what
 
 
@@ -46,9 +64,7 @@ def _check_parent(path: Path, what: str) -> None:
         raise RoadError(f"{path}: directory {parent} does not exist; create it first")
     if not parent.is_dir():
         raise RoadError(f"{path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RoadError(f"{path}: directory {parent} is not writable; choose another {what}")
-    probe_writable(parent, path)
+    probe_writable(parent, path)  # says why (read-only file system, permission denied), for root too
 
 
 def probe_writable(directory: Path, path: Path) -> None:
@@ -57,7 +73,7 @@ def probe_writable(directory: Path, path: Path) -> None:
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=directory)
     except OSError as e:
-        raise RoadError(f"{path}: cannot write in {directory} ({os_error_line(e).rstrip()})") from e
+        raise RoadError(f"{path}: cannot write in {directory} ({os_error_reason(e)})") from e
     try:
         os.close(fd)
     finally:

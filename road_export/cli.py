@@ -302,6 +302,25 @@ def _blame(path: str | Path, doing: str) -> Iterator[None]:
         raise RoadError(f"{path}: onnxruntime cannot {doing} it ({first})") from e
 
 
+_WRITE_ERRORS = ("ENOSPC", "EDQUOT", "EROFS", "EFBIG", "EIO")
+
+
+@contextlib.contextmanager
+def _writing(output: str | Path) -> Iterator[None]:
+    """A write that the file system refuses (full, read-only, too big) becomes one line naming `output`, also when
+    the failing call was on a temporary file or gave no name."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None and e.errno not in {getattr(errno, n) for n in _WRITE_ERRORS if hasattr(errno, n)}:
+            raise
+        from road_export.checks import write_failure_reason
+
+        raise RoadError(f"{output}: cannot write ({write_failure_reason(e, output)})") from e
+
+
 @contextlib.contextmanager
 def _created(model: Path, *, swap_files: bool = False) -> Iterator[None]:
     """On failure, remove what this command created (was absent before): the model, its `.data` file and, with
@@ -342,7 +361,7 @@ def run_export(args: argparse.Namespace) -> int:
     from road_export.verify import verify
 
     progress = _Progress(args.quiet)
-    with progress.running(), _created(output, swap_files=True):
+    with progress.running(), _writing(output), _created(output, swap_files=True):
         progress.step("loading")
         source = load_source(args.base, args.adapter, seed=args.seed)
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
@@ -396,7 +415,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     output = check_output_model(args.output)
     from road_export.passes.pipeline import optimize_file
 
-    with _created(output):
+    with _writing(output), _created(output):
         report = optimize_file(args.source, output, fold=args.fold, target=args.target, debug=args.debug)
     if not args.quiet:
         print(report.text())
@@ -412,7 +431,8 @@ def run_adapter(args: argparse.Namespace) -> int:
     output = check_output_file(args.output, suffix=".onnx_adapter")
     from road_export.swap import convert_adapter
 
-    path = convert_adapter(args.adapter, args.like, output)
+    with _writing(output):
+        path = convert_adapter(args.adapter, args.like, output)
     print(f"wrote {path}")
     return EXIT_OK
 
@@ -425,7 +445,8 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
     check_output_dir(args.output)
     from road_export.checkpoint import merge_checkpoint
 
-    report = merge_checkpoint(args.base, args.adapter, args.output)
+    with _writing(args.output):
+        report = merge_checkpoint(args.base, args.adapter, args.output)
     if not args.quiet:
         print(f"wrote {report.out_dir}: {report.shards} shard(s), {len(report.merged)} tensors rotated, "
               f"{len(report.replaced)} replaced (modules_to_save)")
@@ -443,7 +464,7 @@ def run_attach(args: argparse.Namespace) -> int:
     output = check_output_model(args.output)
     from road_export.attach import attach
 
-    with _created(output):
+    with _writing(output), _created(output):
         report = attach(args.base, args.adapter, output, mode=args.mode)
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
@@ -524,6 +545,12 @@ def _command(argv: list[str]) -> tuple[Command, list[str]]:
         return COMMANDS[argv[0]], argv[1:]
     if argv and argv[0] in ("-h", "--help"):
         return COMMANDS["help"], []
+    if argv and not argv[0].startswith("-") and not argv[0].endswith(".onnx") and len(argv) > 1:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        if close:
+            raise RoadError(f"no command {argv[0]!r}; did you mean {close[0]}? (see road-export --help)")
     return COMMANDS["export"], argv
 
 

@@ -158,8 +158,10 @@ def write_adapter_file(path: Path, values: dict[str, np.ndarray]) -> Path:
         try:
             fmt.export_adapter(str(tmp))
         except Exception as e:  # onnxruntime says only "Failed to open file ... for writing" / "write failed"
+            from road_export.checks import write_failure_reason
+
             first = (str(e).strip().splitlines() or [type(e).__name__])[-1].split(">")[-1].strip()
-            raise RoadError(f"{path}: cannot write the adapter file ({first}); is the disk full or read-only?"
+            raise RoadError(f"{path}: cannot write the adapter file ({write_failure_reason(OSError(first), path)})"
                             ) from e
         os.replace(tmp, path)
     finally:

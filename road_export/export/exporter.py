@@ -418,7 +418,9 @@ def _save_atomic(model: ir.Model, path: Path, external_data: bool | None) -> Pat
         os.replace(tmp / path.name, path)
         return final_data
     except OSError as e:
-        raise RoadError(f"{path}: cannot write ({e.strerror or e})") from e
+        from road_export.checks import write_failure_reason
+
+        raise RoadError(f"{path}: cannot write ({write_failure_reason(e, path)})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
