@@ -1,26 +1,37 @@
-"""`road-export`: export a RoAd-adapted model to ONNX and prove parity; `verify` and `inspect` subcommands.
+"""`road-export`: export a RoAd-adapted model to ONNX and prove parity, plus the subcommands of `COMMANDS`.
 
-Exit codes: 0 success, 1 parity failed, 2 bad input (one line on stderr, no traceback, no output file).
+Exit codes: 0 success, 1 parity failed, 2 bad input (one line on stderr, no traceback, no output file),
+3 a bug of ours, 130 interrupted (SIGINT), 143 terminated (SIGTERM); on 130 and 143 temporary files are removed
+and the targets are left as they were.
+
+Every option and path is checked before any long step (loading, tracing, verifying). Heavy libraries (torch,
+transformers, onnx, onnxruntime) are imported by the runners only, so `road-export --help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from road_export.errors import RoadError
 
-SUBCOMMANDS = ("verify", "inspect", "optimize", "adapter", "merge-checkpoint", "attach", "kernels")
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 128 + signal.SIGTERM
+# torch's ONNX exporter writes opset 18 at least (a lower --opset would be silently raised to 18); 25 is the
+# highest that the tested onnxruntime (1.32) loads.
+MIN_OPSET, MAX_OPSET = 18, 25
 
 EXAMPLES = """examples:
   road-export model.onnx                                   the embedded default model, merged, verified
-  road-export --base ./llama --adapter ./road model.onnx
+  road-export export --base ./llama --adapter ./road model.onnx
   road-export --base ./llama --adapter ./road --mode rotate --dtype float16 model.onnx
   road-export verify model.onnx --base ./llama --adapter ./road
   road-export inspect model.onnx
@@ -29,7 +40,12 @@ EXAMPLES = """examples:
   road-export attach base.onnx --adapter ./road --mode merge merged.onnx
   road-export merge-checkpoint --base ./llama --adapter ./road ./llama-merged
   road-export kernels                                      build the native road kernels, print the library
+  road-export help verify                                  one command's options
 """
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so every writer's cleanup runs."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,39 +55,87 @@ class _Parser(argparse.ArgumentParser):
         raise RoadError(f"{message} (see {self.prog} --help)")
 
 
+# ---- option types: each refuses bad values while parsing, before anything is loaded ----
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (e.g. 1e-4)")
+    return value
+
+
+def _opset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not MIN_OPSET <= value <= MAX_OPSET:
+        raise argparse.ArgumentTypeError(f"{value} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+# ---- parsers ----
+
 def _source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", metavar="PATH|NAME",
                         help="transformers model directory, or a model name under models/ (default: the embedded "
                              "default model)")
     parser.add_argument("--adapter", metavar="[NAME=]PATH", action="append", default=[],
                         help="peft RoAd adapter directory (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for models/ weights built from config")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed for models/ weights built from config")
     parser.add_argument("--task", help="text-generation, text-generation-with-past (decoder with KV cache), "
                         "feature-extraction or text-classification (default: the adapter's task_type, else the "
                         "checkpoint's class); causal-lm and sequence-classification are accepted as synonyms")
 
 
 def _report_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--atol", type=float, help="parity tolerance (default: 1e-4 float32, 2e-2 float16)")
+    parser.add_argument("--atol", type=_tolerance,
+                        help="parity tolerance, a finite number >= 0 (default: 1e-4 float32, 2e-2 float16)")
     parser.add_argument("--report", metavar="PATH", help="write the parity report as JSON")
     parser.add_argument("--no-native", action="store_true",
                         help="run road ops on their standard-op bodies, not the native kernels (road-export kernels)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
-def export_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="road-export", description="Export a RoAd-adapted model to ONNX and verify it on "
-                     "onnxruntime. Subcommands: road-export verify ..., road-export inspect ...",
-                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
+    description = ("Export a RoAd-adapted model to ONNX and verify it on onnxruntime.\n"
+                   "`road-export OUTPUT.onnx` is short for `road-export export OUTPUT.onnx`.")
+    usage = None
+    if prog == "road-export":  # the top-level help: the command table first, then export's options
+        usage = ("road-export COMMAND [OPTIONS]   (road-export help COMMAND: its options)\n"
+                 "       road-export [EXPORT OPTIONS] OUTPUT.onnx")
+        description = _overview() + "\n\nexport: " + description
+    parser = _Parser(prog=prog, usage=usage, description=description, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", metavar="OUTPUT.onnx", help="the ONNX file to write")
-    parser.add_argument("--version", action="version", version=f"road-export {_version()}")
+    parser.add_argument("--version", action="version", version=f"road-export {_version()}",
+                        help="print the version and exit")
     _source_options(parser)
     parser.add_argument("--mode", choices=("merge", "rotate"), default="merge",
                         help="merge the adapter into the weights (default), or keep road rotation nodes")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--opset", type=_opset, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: the "
+                        "exporter's)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="precision of the exported weights and activations (default float32)")
     parser.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.onnx.data")
-    parser.add_argument("--target", choices=("onnxruntime", "portable"), default="onnxruntime",
+    parser.add_argument("--target", choices=("onnxruntime", "portable"), default=None,
                         help="rotate mode: road op bodies for onnxruntime (default) or standard ops only")
     parser.add_argument("--fixed", action="store_true",
                         help="rotate mode: coefficients as constants (fewest kernels; no .onnx_adapter swapping)")
@@ -89,7 +153,7 @@ def _version() -> str:
 def verify_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export verify", description="Parity of an existing ONNX file against its torch "
                      "source (--base and --adapter, as it was exported).")
-    parser.add_argument("model", metavar="MODEL.onnx")
+    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX file to check")
     _source_options(parser)
     _report_options(parser)
     return parser
@@ -99,21 +163,23 @@ def optimize_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export optimize", description="Run the graph passes on any ONNX file: fuse "
                      "decomposed RoAd rotations into road nodes, compose chains, optionally fold them into "
                      "MatMul/Gemm weights, and lower the road op bodies for the target runtime.")
-    parser.add_argument("source", metavar="IN.onnx")
-    parser.add_argument("output", metavar="OUT.onnx")
+    parser.add_argument("source", metavar="IN.onnx", help="the ONNX file to read (left unchanged)")
+    parser.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
     parser.add_argument("--fold", action="store_true", help="fold rotations into constant MatMul/Gemm weights")
-    parser.add_argument("--target", choices=("onnxruntime", "portable"), default="onnxruntime")
+    parser.add_argument("--target", choices=("onnxruntime", "portable"), default="onnxruntime",
+                        help="road op bodies for onnxruntime (default) or standard ops only")
     parser.add_argument("--debug", action="store_true", help="say why near-matches were not fused")
-    parser.add_argument("--quiet", action="store_true")
+    _quiet_option(parser)
     return parser
 
 
 def adapter_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export adapter", description="Convert a peft RoAd adapter into an .onnx_adapter "
                      "file for a model exported with --mode rotate (onnxruntime swaps it in per Run).")
-    parser.add_argument("adapter", metavar="ADAPTER_DIR")
+    parser.add_argument("adapter", metavar="ADAPTER_DIR", help="peft RoAd adapter directory")
     parser.add_argument("--like", metavar="MODEL.onnx", required=True, help="the exported model it is for")
-    parser.add_argument("output", metavar="OUT.onnx_adapter")
+    parser.add_argument("output", metavar="OUT.onnx_adapter",
+                        help="the file to write; MODEL.NAME.onnx_adapter beside MODEL.onnx is found by RoadSession")
     return parser
 
 
@@ -122,19 +188,20 @@ def merge_checkpoint_parser() -> argparse.ArgumentParser:
                      "transformers safetensors checkpoint shard by shard (memory near one tensor).")
     parser.add_argument("--base", required=True, metavar="DIR", help="transformers model directory (safetensors)")
     parser.add_argument("--adapter", required=True, metavar="DIR", help="peft RoAd adapter directory")
-    parser.add_argument("output", metavar="OUT_DIR")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("output", metavar="OUT_DIR", help="the directory to create (absent or empty)")
+    _quiet_option(parser)
     return parser
 
 
 def attach_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export attach", description="Attach a peft RoAd adapter to an existing ONNX model "
                      "(no torch export): rotations folded into the weights (merge) or as road nodes (rotate).")
-    parser.add_argument("base", metavar="BASE.onnx")
+    parser.add_argument("base", metavar="BASE.onnx", help="the ONNX model to attach to (left unchanged)")
     parser.add_argument("--adapter", required=True, action="append", metavar="DIR", help="peft RoAd adapter")
-    parser.add_argument("--mode", choices=("merge", "rotate"), default="rotate")
-    parser.add_argument("output", metavar="OUT.onnx")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--mode", choices=("merge", "rotate"), default="rotate",
+                        help="fold the rotations into the weights, or keep road nodes (default)")
+    parser.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
+    _quiet_option(parser)
     return parser
 
 
@@ -148,10 +215,18 @@ def kernels_parser() -> argparse.ArgumentParser:
 def inspect_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export inspect", description="Show an exported model: mode, adapters, road "
                      "nodes, inputs, outputs, metadata.")
-    parser.add_argument("model", metavar="MODEL.onnx")
+    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX file to describe")
     parser.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
+
+def help_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="road-export help", description="Show the commands, or one command's options.")
+    parser.add_argument("command", nargs="?", metavar="COMMAND", help="the command to describe")
+    return parser
+
+
+# ---- progress and output ----
 
 class _Progress:
     """A spinner on stderr naming the current long step; silent with --quiet or when stderr is not a tty."""
@@ -185,10 +260,12 @@ class _Progress:
 
 def _write_report(report, path: str | None) -> None:
     if path:
+        from road_export.checks import os_error_line, write_text_atomic
+
         try:
-            Path(path).write_text(report.to_json() + "\n")
+            write_text_atomic(path, report.to_json() + "\n")
         except OSError as e:
-            raise RoadError(f"--report {path}: cannot write ({e.strerror or e})") from e
+            raise RoadError(f"--report {os_error_line(e, path)}") from e
 
 
 def _print_report(report, quiet: bool) -> int:
@@ -197,118 +274,262 @@ def _print_report(report, quiet: bool) -> int:
     return EXIT_OK if report.passed else EXIT_PARITY
 
 
-def run_export(argv: Sequence[str]) -> int:
-    args = export_parser().parse_args(argv)
+def _check_report(path: str | None, *others: Path) -> None:
+    """--report: a writable file path, not one of the command's other outputs."""
+    if path is None:
+        return
+    from road_export.checks import check_output_file
+
+    report = check_output_file(path, what="--report path")
+    for other in others:
+        if report.resolve() == other.resolve():
+            raise RoadError(f"--report {path}: is also the command's {other.suffix or 'output'} file; choose another "
+                            "path")
+
+
+def _is_onnxruntime_error(error: BaseException) -> bool:
+    return type(error).__module__.startswith("onnxruntime")
+
+
+@contextlib.contextmanager
+def _blame(path: str | Path, doing: str) -> Iterator[None]:
+    """onnxruntime failures while loading or running the user's model become one line naming the model."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_onnxruntime_error(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RoadError(f"{path}: onnxruntime cannot {doing} it ({first})") from e
+
+
+_WRITE_ERRORS = ("ENOSPC", "EDQUOT", "EROFS", "EFBIG", "EIO")
+
+
+@contextlib.contextmanager
+def _writing(output: str | Path) -> Iterator[None]:
+    """A write that the file system refuses (full, read-only, too big) becomes one line naming `output`, also when
+    the failing call was on a temporary file or gave no name."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None and e.errno not in {getattr(errno, n) for n in _WRITE_ERRORS if hasattr(errno, n)}:
+            raise
+        from road_export.checks import write_failure_reason
+
+        raise RoadError(f"{output}: cannot write ({write_failure_reason(e, output)})") from e
+
+
+@contextlib.contextmanager
+def _created(model: Path, *, swap_files: bool = False) -> Iterator[None]:
+    """On failure, remove what this command created (was absent before): the model, its `.data` file and, with
+    `swap_files`, the `MODEL.*.onnx_adapter` files that appeared meanwhile."""
+    paths = [model, model.with_name(model.name + ".data")]
+    absent = [p for p in paths if not p.exists()]
+    pattern = f"{model.stem}.*.onnx_adapter"
+    before = set(model.parent.glob(pattern)) if swap_files else set()
+    try:
+        yield
+    except BaseException:
+        appeared = set(model.parent.glob(pattern)) - before if swap_files else set()
+        for p in [*absent, *appeared]:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise
+
+
+# ---- runners: each checks every option and path first, then does the work ----
+
+def run_export(args: argparse.Namespace) -> int:
+    from road_export.checks import check_output_model
+
+    output = check_output_model(args.output)
+    data = output.with_name(output.name + ".data")
+    if args.mode != "rotate" and (args.fixed or args.target):
+        raise RoadError(f"--{'fixed' if args.fixed else 'target'} applies to --mode rotate only")
+    if args.no_verify and (args.report or args.atol is not None or args.no_native):
+        used = "--report" if args.report else "--atol" if args.atol is not None else "--no-native"
+        raise RoadError(f"{used} needs the parity check; drop --no-verify or {used}")
+    _check_report(args.report, output, data)
+    if len(args.adapter) > 1 and args.mode != "rotate":
+        raise RoadError(f"{len(args.adapter)} adapters cannot be merged into one set of weights; add --mode "
+                        "rotate for one graph that serves them all (input adapter_ids)")
+    _quiet_libraries()
     import road_export as rx
-    from road_export.files import check_writable
     from road_export.source import load_source
     from road_export.verify import verify
 
-    output = Path(args.output)
-    if output.suffix != ".onnx":
-        raise RoadError(f"{output}: the output file name must end in .onnx")
-    check_writable(output)
     progress = _Progress(args.quiet)
-    with progress.running():
+    with progress.running(), _writing(output), _created(output, swap_files=True):
         progress.step("loading")
         source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
-        if len(source.adapters) > 1 and args.mode != "rotate":
-            raise RoadError(f"{len(source.adapters)} adapters cannot be merged into one set of weights; add --mode "
-                            "rotate for one graph that serves them all (input adapter_ids)")
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
-                           dtype=args.dtype, external_data=args.external_data or None, target=args.target,
-                           swappable=not args.fixed,
-                           on_step=progress.step)
+                           dtype=args.dtype, external_data=args.external_data or None,
+                           target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step)
         report = None
         if not args.no_verify:
             progress.step("verifying")
-            report = verify(output, source.reference_model, task=result.task, atol=args.atol,
-                            native=False if args.no_native else None, reference=source.reference_name)
+            with _blame(output, "run"):
+                report = verify(output, source.reference_model, task=result.task, atol=args.atol,
+                                native=False if args.no_native else None, reference=source.reference_name)
+            _write_report(report, args.report)
     nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
     nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
     progress.done(f"wrote {output} ({args.mode}, {args.dtype}, adapters: {', '.join(source.adapters)}"
                   f"{' from the embedded config' if source.embedded else ''}{nodes})")
     if report is None:
         return EXIT_OK
-    _write_report(report, args.report)
     return _print_report(report, args.quiet)
 
 
-def run_verify(argv: Sequence[str]) -> int:
-    args = verify_parser().parse_args(argv)
+def run_verify(args: argparse.Namespace) -> int:
+    from road_export.checks import check_onnx_input
+
+    proto = check_onnx_input(args.model)
+    _check_report(args.report, Path(args.model))
+    _quiet_libraries()
+    from road_export.inspection import check_fits
     from road_export.source import load_source
     from road_export.verify import verify
 
     progress = _Progress(args.quiet)
     with progress.running():
-        if not Path(args.model).is_file():
-            raise RoadError(f"{args.model}: no such ONNX file")
         progress.step("loading")
         source = load_source(args.base, args.adapter, seed=args.seed, task=args.task)
+        check_fits(proto, source.model.config, args.model,
+                   hint="pass the --base (and --adapter) it was exported from")
+        del proto
         progress.step("verifying")
-        report = verify(args.model, source.reference_model, task=args.task, atol=args.atol,
-                        native=False if args.no_native else None, reference=source.reference_name)
+        with _blame(args.model, "run"):
+            report = verify(args.model, source.reference_model, task=args.task, atol=args.atol,
+                            native=False if args.no_native else None, reference=source.reference_name)
     _write_report(report, args.report)
     return _print_report(report, args.quiet)
 
 
-def run_optimize(argv: Sequence[str]) -> int:
-    args = optimize_parser().parse_args(argv)
+def run_optimize(args: argparse.Namespace) -> int:
+    from road_export.checks import check_onnx_input, check_output_model
+
+    check_onnx_input(args.source)
+    output = check_output_model(args.output)
     from road_export.passes.pipeline import optimize_file
 
-    report = optimize_file(args.source, args.output, fold=args.fold, target=args.target, debug=args.debug)
+    with _writing(output), _created(output):
+        report = optimize_file(args.source, output, fold=args.fold, target=args.target, debug=args.debug)
     if not args.quiet:
         print(report.text())
-        print(f"wrote {args.output}")
+        print(f"wrote {output}")
     return EXIT_OK
 
 
-def run_adapter(argv: Sequence[str]) -> int:
-    args = adapter_parser().parse_args(argv)
+def run_adapter(args: argparse.Namespace) -> int:
+    from road_export.checks import check_input_dir, check_onnx_input, check_output_file
+
+    check_input_dir(args.adapter, "adapter")
+    check_onnx_input(args.like)
+    output = check_output_file(args.output, suffix=".onnx_adapter")
     from road_export.swap import convert_adapter
 
-    path = convert_adapter(args.adapter, args.like, args.output)
+    with _writing(output):
+        path = convert_adapter(args.adapter, args.like, output)
     print(f"wrote {path}")
     return EXIT_OK
 
 
-def run_merge_checkpoint(argv: Sequence[str]) -> int:
-    args = merge_checkpoint_parser().parse_args(argv)
+def run_merge_checkpoint(args: argparse.Namespace) -> int:
+    from road_export.checks import check_input_dir, check_output_dir
+
+    check_input_dir(args.base, "base model")
+    check_input_dir(args.adapter, "adapter")
+    check_output_dir(args.output)
     from road_export.checkpoint import merge_checkpoint
 
-    report = merge_checkpoint(args.base, args.adapter, args.output)
+    with _writing(args.output):
+        report = merge_checkpoint(args.base, args.adapter, args.output)
     if not args.quiet:
         print(f"wrote {report.out_dir}: {report.shards} shard(s), {len(report.merged)} tensors rotated, "
               f"{len(report.replaced)} replaced (modules_to_save)")
     return EXIT_OK
 
 
-def run_attach(argv: Sequence[str]) -> int:
-    args = attach_parser().parse_args(argv)
+def run_attach(args: argparse.Namespace) -> int:
+    from road_export.checks import check_input_dir, check_onnx_input, check_output_model
+
+    check_onnx_input(args.base)
+    if len(args.adapter) != 1:
+        raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
+                        "(road-export --adapter a=... --adapter b=... --mode rotate)")
+    check_input_dir(args.adapter[0], "adapter")
+    output = check_output_model(args.output)
     from road_export.attach import attach
 
-    report = attach(args.base, args.adapter, args.output, mode=args.mode)
+    with _writing(output), _created(output):
+        report = attach(args.base, args.adapter, output, mode=args.mode)
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
-        print(f"wrote {args.output}: {len(report.placed)} module(s) placed, {what}")
+        print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}")
     return EXIT_OK
 
 
-def run_kernels(argv: Sequence[str]) -> int:
-    kernels_parser().parse_args(argv)
+def run_kernels(args: argparse.Namespace) -> int:
     from road_export import native
 
     print(native.library_path())
     return EXIT_OK
 
 
-def run_inspect(argv: Sequence[str]) -> int:
-    args = inspect_parser().parse_args(argv)
+def run_inspect(args: argparse.Namespace) -> int:
     from road_export.inspection import inspect_model
 
     info = inspect_model(args.model)
     print(info.to_json() if args.json else info.text())
     return EXIT_OK
+
+
+def run_help(args: argparse.Namespace) -> int:
+    if args.command is None:
+        export_parser("road-export").print_help()
+        return EXIT_OK
+    if args.command not in COMMANDS:
+        raise RoadError(f"no command {args.command!r}; the commands are {', '.join(COMMANDS)}")
+    COMMANDS[args.command].parser().print_help()
+    return EXIT_OK
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its parser, its runner, and the line `road-export --help` shows for it."""
+
+    name: str
+    parser: Callable[[], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace], int]
+    help: str
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("export", export_parser, run_export, "export a model with its RoAd adapter(s) to ONNX and verify it "
+            "(the default: road-export OUTPUT.onnx)"),
+    Command("verify", verify_parser, run_verify, "parity of an ONNX file against its torch source"),
+    Command("inspect", inspect_parser, run_inspect, "show an ONNX file's mode, adapters, road nodes, inputs, "
+            "outputs"),
+    Command("optimize", optimize_parser, run_optimize, "fuse, compose, fold and lower road rotations in any ONNX "
+            "file"),
+    Command("adapter", adapter_parser, run_adapter, "convert a peft RoAd adapter into an .onnx_adapter swap file"),
+    Command("attach", attach_parser, run_attach, "attach a peft RoAd adapter to an existing ONNX model, no torch"),
+    Command("merge-checkpoint", merge_checkpoint_parser, run_merge_checkpoint, "merge an adapter into a "
+            "safetensors checkpoint, shard by shard"),
+    Command("kernels", kernels_parser, run_kernels, "build the native onnxruntime kernels, print the library path"),
+    Command("help", help_parser, run_help, "show this overview, or one command's options (help COMMAND)"),
+)}
+SUBCOMMANDS = tuple(COMMANDS)
+
+
+def _overview() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {c.name:<{width}}  {c.help}" for c in COMMANDS.values())
+    return "commands:\n" + rows
 
 
 def _quiet_libraries() -> None:
@@ -319,30 +540,82 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _command(argv: list[str]) -> tuple[Command, list[str]]:
+    """The command and its arguments; anything that is not a command name is the export alias."""
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]], argv[1:]
+    if argv and argv[0] in ("-h", "--help"):
+        return COMMANDS["help"], []
+    if argv and not argv[0].startswith("-") and not argv[0].endswith(".onnx") and len(argv) > 1:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        if close:
+            raise RoadError(f"no command {argv[0]!r}; did you mean {close[0]}? (see road-export --help)")
+    return COMMANDS["export"], argv
+
+
+def _parse(command: Command, argv: list[str]) -> argparse.Namespace:
+    parser = export_parser("road-export") if command.name == "export" and not argv else command.parser()
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the command runs, SIGTERM raises `Terminated` in the main thread (a second one is ignored, so cleanup
+    finishes); the previous handler comes back afterwards. Outside the main thread, nothing changes."""
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"road-export: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code. The one place where exceptions become exit codes and one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    commands = {"verify": run_verify, "inspect": run_inspect, "optimize": run_optimize, "adapter": run_adapter,
-                "merge-checkpoint": run_merge_checkpoint, "attach": run_attach, "kernels": run_kernels}
-    try:
-        if not argv or argv[0] not in set(SUBCOMMANDS) - {"verify"}:  # only export and verify load transformers
-            _quiet_libraries()
-        if argv and argv[0] in commands:
-            return commands[argv[0]](argv[1:])
-        return run_export(argv)
-    except RoadError as e:
-        print(f"road-export: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("road-export: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug of ours, not bad input: still one line, the traceback on request
-        if os.environ.get("ROAD_EXPORT_DEBUG"):
-            raise
-        print(f"road-export: internal error: {type(e).__name__}: {e} (set ROAD_EXPORT_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+    from road_export.checks import os_error_line
+
+    with _sigterm_raises():
+        try:
+            command, rest = _command(argv)
+            try:
+                args = _parse(command, rest)
+            except SystemExit as e:  # --help and --version print and exit 0
+                return e.code if isinstance(e.code, int) else EXIT_OK
+            return command.run(args)
+        except RoadError as e:
+            return _fail(f"error: {e}", EXIT_BAD_INPUT)
+        except OSError as e:  # the file system refused: full, read-only, a directory where a file goes, ...
+            return _fail(f"error: {os_error_line(e)}", EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            return _fail("interrupted; temporary files removed", EXIT_INTERRUPTED)
+        except Terminated:
+            return _fail("terminated; temporary files removed", EXIT_TERMINATED)
+        except Exception as e:  # a bug of ours, not bad input: still one line, the traceback on request
+            if os.environ.get("ROAD_EXPORT_DEBUG"):
+                raise
+            if _is_onnxruntime_error(e):
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                return _fail(f"error: onnxruntime refused the input: {first}", EXIT_BAD_INPUT)
+            return _fail(f"internal error: {type(e).__name__}: {e} (set ROAD_EXPORT_DEBUG=1 for the traceback)",
+                         EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -16,19 +16,23 @@ or when they would pass protobuf's 2 GB limit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
-import onnx_ir as ir
+from typing import TYPE_CHECKING
 
 from road_export.errors import RoadError
 
+if TYPE_CHECKING:  # onnx-ir (and onnx under it) load on first use: `road-export --help` stays light
+    import onnx_ir as ir
+
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD", "atomic_write", "check_output", "check_writable", "load_for_rewrite", "load_model",
-    "needs_external_data", "save_model", "tensor_bytes",
+    "needs_external_data", "os_error_reason", "probe_writable", "save_model", "tensor_bytes", "write_failure_reason",
+    "write_text_atomic",
 ]
 
 TWO_GB = 2**31
@@ -37,6 +41,51 @@ EXTERNAL_DATA_THRESHOLD = TWO_GB - 64 * 2**20  # bytes of initializers above whi
 
 def _parent(path: Path) -> Path:
     return path.parent if str(path.parent) else Path(".")
+
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full; free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted; free space or write elsewhere",
+    errno.EROFS: "choose a path on a writable file system",
+    errno.EACCES: "choose another path or fix the permissions",
+    errno.EPERM: "choose another path or fix the permissions",
+    errno.EISDIR: "a directory stands where a file is wanted",
+    errno.ENOTDIR: "a file stands where a directory is wanted",
+    errno.EFBIG: "the file would exceed the size allowed here (ulimit -f or the file system's limit)",
+}
+
+
+def os_error_reason(error: OSError) -> str:
+    """What an OSError says, with a hint: "No space left on device; the disk is full; free space or ..."."""
+    what = error.strerror or str(error) or type(error).__name__
+    hint = _HINTS.get(error.errno or -1)
+    return f"{what}; {hint}" if hint else what
+
+
+def write_failure_reason(error: OSError, path: str | os.PathLike) -> str:
+    """Why writing `path` failed: the OSError's reason; a short write without errno (numpy's "8192 requested and
+    3072 written") on a file system with no room left is reported as the full disk it is."""
+    if error.errno is None:
+        try:
+            full = shutil.disk_usage(_parent(Path(path))).free < 1 << 20
+        except OSError:
+            full = False
+        if full:
+            return f"No space left on device; {_HINTS[errno.ENOSPC]} ({error})"
+    return os_error_reason(error)
+
+
+def probe_writable(directory: Path, path: Path) -> None:
+    """Create and remove a temporary file in `directory`: catches read-only mounts, which os.access misses for
+    root. Raises RoadError naming `path`."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=directory)
+    except OSError as e:
+        raise RoadError(f"{path}: cannot write in {directory} ({os_error_reason(e)})") from e
+    try:
+        os.close(fd)
+    finally:
+        os.unlink(name)
 
 
 @contextlib.contextmanager
@@ -57,7 +106,7 @@ def atomic_write(path: str | os.PathLike, *, companions: Sequence[str] = ()) -> 
     try:
         stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     except OSError as e:
-        raise RoadError(f"{path}: cannot write in {parent} ({e.strerror or e}); choose another output path") from e
+        raise RoadError(f"{path}: cannot write in {parent} ({os_error_reason(e)})") from e
     try:
         tmp = stage / path.name
         yield tmp
@@ -68,9 +117,23 @@ def atomic_write(path: str | os.PathLike, *, companions: Sequence[str] = ()) -> 
                 os.replace(stage / name, parent / name)
         _replace(tmp, path, stage)
     except OSError as e:
-        raise RoadError(f"{path}: cannot write ({e.strerror or e})") from e
+        raise RoadError(f"{path}: cannot write ({write_failure_reason(e, path)})") from e
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through `atomic_write`; nothing half-written remains.
+
+    Raises OSError as the file system reports it (the caller names the path: `--report PATH: ...`)."""
+    try:
+        with atomic_write(path) as tmp:
+            tmp.write_text(text)
+    except RoadError as e:
+        if isinstance(e.__cause__, OSError):
+            raise e.__cause__ from None
+        raise
+    return Path(path)
 
 
 def _replace(new: Path, path: Path, stage: Path) -> None:
@@ -94,8 +157,7 @@ def check_writable(path: str | os.PathLike) -> None:
     parent = _parent(path)
     if not parent.is_dir():
         raise RoadError(f"{path}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise RoadError(f"{path}: directory {parent} is not writable; choose another output path")
+    probe_writable(parent, path)  # says why (read-only file system, permission denied), for root too
 
 
 def check_output(path: str | os.PathLike, suffix: str = ".onnx") -> Path:
@@ -109,6 +171,8 @@ def check_output(path: str | os.PathLike, suffix: str = ".onnx") -> Path:
 
 def load_model(path: str | os.PathLike) -> ir.Model:
     """An ONNX file as onnx-ir, external data left lazy; RoadError when missing or unreadable."""
+    import onnx_ir as ir
+
     path = Path(path)
     if not path.is_file():
         raise RoadError(f"{path}: no such ONNX file")
@@ -126,6 +190,8 @@ def tensor_bytes(model: ir.Model) -> int:
 
 def needs_external_data(model: ir.Model) -> bool:
     """True when the model already keeps weights outside or would pass the 2 GB protobuf limit."""
+    import onnx_ir as ir
+
     external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     return external or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
@@ -139,6 +205,8 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     it is moved into place and may raise to keep it from ever appearing (e.g. "onnxruntime must load it").
     Raises RoadError when `path` cannot be written.
     """
+    import onnx_ir as ir
+
     path = Path(path)
     check_writable(path)
     if external_data is None:

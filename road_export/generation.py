@@ -29,6 +29,11 @@ class Session(Protocol):
     def route(self, batch: int, *, adapter: str | None = None, adapter_names: Sequence[str] | None = None
               ) -> tuple[dict[str, np.ndarray], Any]: ...
 
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def run_feeds(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray], options: Any = None
+                  ) -> list[np.ndarray]: ...
+
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -95,8 +100,10 @@ def stream(
     one adapter, `adapter_names` gives each row its own (a mixed-adapter export); see `RoadSession.run`.
     """
     ids, mask = _prompt(input_ids, attention_mask)
-    if max_new_tokens < 1:
-        raise RoadError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise RoadError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int | np.integer):
+        raise RoadError(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     rng = np.random.default_rng(seed)
     eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
@@ -113,11 +120,14 @@ def stream(
     past = _empty_cache(session, batch) if cached else {}
     pos = positions(mask)
     step_ids, unfinished = ids, np.ones(batch, dtype=bool)
-    for _ in range(max_new_tokens):
-        feeds = {"input_ids": step_ids, "attention_mask": mask, **route, **past}
+    for step in range(max_new_tokens):
+        feeds = {"input_ids": step_ids, "attention_mask": mask, **past}
         if "position_ids" in names:
             feeds["position_ids"] = pos[:, -step_ids.shape[1]:]
-        outputs = dict(zip(session.output_names, session.session.run(None, feeds, options), strict=True))
+        if step == 0:
+            feeds = session.check_feeds(feeds)  # the prompt against the model's inputs, once
+        feeds.update(route)
+        outputs = dict(zip(session.output_names, session.run_feeds(None, feeds, options), strict=True))
         logits = outputs["logits"][:, -1].astype(np.float32)
         tokens = np.where(unfinished, sampling.choose(logits, rng), pad_token_id).astype(np.int64)
         yield Step(tokens, logits)
@@ -144,13 +154,19 @@ def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise RoadError(f"input_ids must be integer token ids of shape [batch, prompt], got {ids.dtype} {ids.shape}")
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise RoadError(f"input_ids must be integer token ids of shape [batch, prompt], got {ids.dtype} "
+                        f"{list(ids.shape)}")
+    if 0 in ids.shape:
+        raise RoadError(f"input_ids has shape {list(ids.shape)}; give at least one row and one prompt token")
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     if mask.ndim == 1:
         mask = mask[None]
     if mask.shape != ids.shape:
-        raise RoadError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        raise RoadError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}; they must be "
+                        "equal (one mask entry per token)")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_) or not np.isin(mask, (0, 1)).all():
+        raise RoadError(f"attention_mask must hold 0 (padding) and 1 (token) as integers, got {mask.dtype}")
     if not mask.any(-1).all():
         raise RoadError("every row needs at least one token with attention_mask 1")
     return ids.astype(np.int64), mask.astype(np.int64)

@@ -92,17 +92,14 @@ def _value_info(v: onnx.ValueInfoProto) -> dict:
 
 
 def inspect_model(path: str | Path) -> Inspection:
-    """Inspect the ONNX file at `path` without loading external data.
+    """Inspect the ONNX file at `path` without loading its external data (which must be there).
 
-    Raises RoadError when the file is missing or not a readable ONNX model.
+    Raises RoadError for a missing, empty, truncated or non-ONNX file (see `checks.check_onnx_input`).
     """
+    from road_export.checks import check_onnx_input
+
     path = Path(path)
-    if not path.is_file():
-        raise RoadError(f"{path}: no such ONNX file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise RoadError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0]})") from e
+    model = check_onnx_input(path)
     meta = {p.key: p.value for p in model.metadata_props}
     try:
         adapters = json.loads(meta.get("road_export.adapters", "[]"))
@@ -127,3 +124,47 @@ def inspect_model(path: str | Path) -> Inspection:
         external_data=external,
         metadata=meta,
     )
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
+
+
+def check_fits(model: onnx.ModelProto, config, path: str | Path, hint: str) -> None:
+    """Refuse an ONNX model whose fixed sizes differ from a transformers `config`'s.
+
+    Compares `logits`' last axis with `vocab_size` (rank 3) or `num_labels` (rank 2), `last_hidden_state`'s with
+    `hidden_size`, and the `past_key_values.*` inputs with `num_hidden_layers`, the key/value heads and the head
+    size. Symbolic axes are not judged. Raises RoadError naming `path`, the first mismatch, then `hint`.
+    """
+    outputs = {o.name: _dims(o) for o in model.graph.output}
+    inputs = {i.name: _dims(i) for i in model.graph.input}
+    problems = []
+    get = lambda name: getattr(config, name, None)  # noqa: E731
+    logits = outputs.get("logits")
+    if logits and isinstance(logits[-1], int) and logits[-1] > 0:
+        size, expected = ("vocab_size", get("vocab_size")) if len(logits) == 3 else ("num_labels", get("num_labels"))
+        if isinstance(expected, int) and logits[-1] != expected:
+            problems.append(f"its logits have {logits[-1]} entries, the source model's {size} is {expected}")
+    hidden = outputs.get("last_hidden_state")
+    if hidden and isinstance(hidden[-1], int) and isinstance(get("hidden_size"), int) \
+            and hidden[-1] != get("hidden_size"):
+        problems.append(f"its last_hidden_state has width {hidden[-1]}, the source model's hidden_size is "
+                        f"{get('hidden_size')}")
+    past = {n: d for n, d in inputs.items() if n.startswith("past_key_values.")}
+    layers = get("num_hidden_layers")
+    if past and isinstance(layers, int) and len(past) != 2 * layers:
+        problems.append(f"it takes {len(past)} past_key_values inputs, the source model has {layers} layers "
+                        f"({2 * layers} inputs)")
+    heads = get("num_key_value_heads") or get("num_attention_heads")
+    head_dim = get("head_dim") or (get("hidden_size") // get("num_attention_heads")
+                                   if isinstance(get("hidden_size"), int) and get("num_attention_heads") else None)
+    for name, dims in past.items():
+        if len(dims) == 4 and isinstance(dims[1], int) and isinstance(heads, int) and isinstance(head_dim, int) \
+                and (dims[1], dims[3]) != (heads, head_dim):
+            problems.append(f"its {name} has {dims[1]} heads of size {dims[3]}, the source model's are {heads} of "
+                            f"size {head_dim}")
+            break
+    if problems:
+        kind = get("model_type") or type(config).__name__
+        raise RoadError(f"{path}: does not fit the source model ({kind}): {problems[0]}; {hint}")

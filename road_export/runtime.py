@@ -13,6 +13,14 @@ from road_export.errors import RoadError
 from road_export.names import BASE_NAME
 
 
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+          "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _show(shape: list) -> str:
+    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
+
+
 class RoadSession:
     """An onnxruntime session over a road-export file.
 
@@ -54,20 +62,24 @@ class RoadSession:
         self.mixed = "adapter_ids" in self.input_names
         self.adapters = [a["name"] for a in sorted(records, key=lambda a: a.get("id", 0))]
         self._swaps: dict[str, object] = {}  # adapter name -> onnxruntime.LoraAdapter
-        if not self.mixed and "road_export.swap" in meta:
-            prefix = f"{self.path.stem}."
-            for file in sorted(self.path.parent.glob(f"{self.path.stem}.*.onnx_adapter")):
-                self.load_adapter(file, file.name[len(prefix):-len(".onnx_adapter")])
+        self._inputs = {i.name: (list(i.shape), _NUMPY.get(i.type)) for i in self.session.get_inputs()}
+        self._swap_records = json.loads(meta["road_export.swap"]) if "road_export.swap" in meta else None
+        if not self.mixed and self._swap_records is not None:
+            from road_export import swap
+
+            for name, file in swap.discover(self.path, self._swap_records).items():
+                self.load_adapter(file, name)
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Make an `.onnx_adapter` file (see `road-export adapter`) selectable by name; returns the name."""
         import onnxruntime as ort
 
+        from road_export import swap
+
         path = Path(path)
-        if self.mixed or "road_export.swap" not in self.session.get_modelmeta().custom_metadata_map:
+        if self.mixed or self._swap_records is None:
             raise RoadError(f"{self.path.name} is not a swappable single-adapter export")
-        if not path.is_file():
-            raise RoadError(f"{path}: no such adapter file")
+        swap.check_adapter_file(path, self._swap_records, self.path.name)  # names, shapes, dtypes
         name = name or path.name.removesuffix(".onnx_adapter")
         adapter = ort.LoraAdapter()
         try:
@@ -90,15 +102,87 @@ class RoadSession:
     def run(self, inputs: Mapping[str, np.ndarray], *, adapter: str | None = None,
             adapter_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None
             ) -> dict[str, np.ndarray]:
-        feeds = {k: np.asarray(v) for k, v in inputs.items() if k in self.input_names and k != "adapter_ids"}
+        """Run the model on `inputs` ({input name: array}); returns {output name: array}.
+
+        The feeds are checked against the model's inputs first (`check_feeds`: names, ranks, dtypes, fixed sizes,
+        batch and sequence lengths); `adapter_ids` is not fed by hand but set from `adapter` / `adapter_names`
+        (one name per row). Raises RoadError saying what the model expected.
+        """
+        feeds = self.check_feeds(inputs)
         batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
         extra, options = self.route(batch, adapter=adapter, adapter_names=adapter_names)
         feeds.update(extra)
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise RoadError(f"missing inputs {missing}; the model takes {self.input_names}")
         wanted = list(output_names or self.output_names)
-        return dict(zip(wanted, self.session.run(wanted, feeds, options), strict=True))
+        unknown = [n for n in wanted if n not in self.output_names]
+        if unknown:
+            raise RoadError(f"{self.path.name} has no output {', '.join(unknown)}; it has {self.output_names}")
+        return dict(zip(wanted, self.run_feeds(wanted, feeds, options), strict=True))
+
+    def run_feeds(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray], options=None) -> list:
+        """onnxruntime's run on checked feeds; a failure becomes a RoadError naming the model and the feeds."""
+        try:
+            return self.session.run(output_names, feeds, options)
+        except Exception as e:
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items() if not k.startswith("past_key_values"))
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RoadError(f"{self.path.name}: onnxruntime failed on inputs {shapes} ({first})") from e
+
+    def check_feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feeds for `inputs`, checked against the model's inputs; raises RoadError saying what was expected.
+
+        Every input but `adapter_ids` must be given, and nothing else; each must have the input's rank, its fixed
+        sizes, and its element type (integer arrays are converted to the model's integer type, other types are
+        refused). Axes of the same name must agree (`batch`, `sequence`, ...), only a past length may be 0, and
+        with a cache the attention mask must cover past + new tokens.
+        """
+        if not isinstance(inputs, Mapping):
+            raise RoadError(f"inputs must be a mapping of input name to array, got {type(inputs).__name__}")
+        if "adapter_ids" in inputs:
+            raise RoadError("adapter_ids is set from adapter= or adapter_names=; leave it out of the inputs")
+        wanted = [n for n in self.input_names if n != "adapter_ids"]
+        unknown = sorted(set(inputs) - set(wanted))
+        if unknown:
+            raise RoadError(f"{self.path.name} has no input {', '.join(map(str, unknown))}; it takes {wanted}")
+        missing = [n for n in wanted if n not in inputs]
+        if missing:
+            raise RoadError(f"missing inputs {missing}; {self.path.name} takes {wanted}")
+        feeds: dict[str, np.ndarray] = {}
+        sizes: dict[str, tuple[int, str]] = {}  # axis name -> (size, the input that set it)
+        for name in wanted:
+            shape, dtype = self._inputs[name]
+            value = np.asarray(inputs[name])
+            if value.ndim != len(shape):
+                raise RoadError(f"{name} has shape {list(value.shape)}; {self.path.name} takes rank {len(shape)} "
+                                f"{_show(shape)}")
+            if dtype is not None and value.dtype != dtype:
+                if np.issubdtype(dtype, np.integer) and (np.issubdtype(value.dtype, np.integer)
+                                                         or value.dtype == np.bool_):
+                    value = value.astype(dtype)
+                else:
+                    raise RoadError(f"{name} has dtype {value.dtype}; {self.path.name} takes {np.dtype(dtype)} "
+                                    f"{_show(shape)}")
+            for axis, (want, got) in enumerate(zip(shape, value.shape, strict=True)):
+                if isinstance(want, int) and want >= 0:
+                    if got != want:
+                        raise RoadError(f"{name} has size {got} on axis {axis}; {self.path.name} takes "
+                                        f"{_show(shape)}")
+                    continue
+                axis_name = str(want) if want else f"{name}[{axis}]"
+                if got == 0 and "past" not in axis_name:
+                    raise RoadError(f"{name} is empty on axis {axis} ({axis_name}); give at least one "
+                                    f"{'row' if axis == 0 else 'token'}")
+                if axis_name in sizes and sizes[axis_name][0] != got:
+                    size, other = sizes[axis_name]
+                    raise RoadError(f"{name} has {axis_name} {got}, {other} has {size}; they must agree")
+                sizes.setdefault(axis_name, (got, name))
+            feeds[name] = value
+        total, past, new = (sizes.get(k, (None,))[0] for k in ("total_sequence", "past_sequence", "sequence"))
+        if None not in (total, past, new) and total != past + new:
+            raise RoadError(f"attention_mask covers {total} positions; with {past} past and {new} new tokens it must "
+                            f"cover {past + new}")
+        return feeds
 
     def route(self, batch: int, *, adapter: str | None = None, adapter_names: Sequence[str] | None = None
               ) -> tuple[dict[str, np.ndarray], object]:
@@ -107,9 +191,12 @@ class RoadSession:
             raise RoadError("give adapter= or adapter_names=, not both")
         if adapter is None and adapter_names is None and not self.adapters:
             return {}, None  # a base model's export
+        if isinstance(adapter_names, str):
+            raise RoadError(f"adapter_names takes one name per row (a list), got the string {adapter_names!r}; "
+                            "use adapter= for one adapter on every row")
         names = list(adapter_names) if adapter_names is not None else [adapter or self._default()] * batch
         if len(names) != batch:
-            raise RoadError(f"{len(names)} adapter names for a batch of {batch}")
+            raise RoadError(f"{len(names)} adapter names for a batch of {batch} rows; give one name per row")
         if self.mixed:
             return {"adapter_ids": self.ids(names)}, None
         if len(set(names)) == 1 and names[0] in self._swaps:

@@ -22,7 +22,97 @@ from road_export.files import atomic_write
 from road_export.names import METADATA_SWAP
 
 METADATA_KEY = METADATA_SWAP
+FINGERPRINT_KEY = "road_export.swap_fingerprint"
 SUFFIX = ".onnx_adapter"
+
+
+def parameters(records: dict[str, dict]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The swappable parameters a model's swap records describe: {initializer name: ((width,), numpy dtype)}."""
+    return {r[key]: ((int(r["width"]),), str(r["dtype"])) for r in records.values() for key in ("c1", "c2")}
+
+
+def fingerprint(params: dict[str, tuple[tuple[int, ...], str]]) -> int:
+    """A 31-bit fingerprint of parameter names, shapes and dtypes (it fits the adapter file's model_version).
+
+    Equal for a model and every `.onnx_adapter` file made for it (by the export or `road-export adapter --like`);
+    another model, another dtype or another set of adapted layers gives another value."""
+    import hashlib
+
+    text = json.dumps(sorted((name, list(shape), dtype) for name, (shape, dtype) in params.items()))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def read_adapter_file(path: str | Path) -> tuple[int, dict[str, tuple[tuple[int, ...], str]]]:
+    """(model_version, {parameter: (shape, numpy dtype)}) of an `.onnx_adapter` file; RoadError if unreadable."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise RoadError(f"{path}: no such adapter file")
+    try:
+        file = ort.AdapterFormat.read_adapter(str(path))
+        values = file.get_parameters()
+        params = {name: (tuple(int(d) for d in v.shape()), _NUMPY_DTYPES.get(v.data_type(), v.data_type()))
+                  for name, v in values.items()}
+        return int(file.get_model_version()), params
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RoadError(f"{path}: not an onnxruntime adapter file, or truncated ({first})") from e
+
+
+_NUMPY_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+                 "tensor(bfloat16)": "bfloat16"}
+
+
+def check_adapter_file(path: str | Path, records: dict[str, dict], model_name: str) -> int:
+    """Refuse an `.onnx_adapter` file whose parameters (names, shapes, dtypes) are not exactly the model's
+    swappable ones; returns the file's model_version. Raises RoadError saying what was expected."""
+    version, params = read_adapter_file(path)
+    expected = parameters(records)
+    unknown = sorted(set(params) - set(expected))
+    missing = sorted(set(expected) - set(params))
+    if unknown or missing:
+        raise RoadError(f"{path}: was not made for {model_name}: "
+                        + (f"{len(unknown)} parameter(s) it does not take, e.g. {unknown[0]}" if unknown else
+                           f"{len(missing)} of its parameters missing, e.g. {missing[0]}")
+                        + f"; convert the adapter with road-export adapter DIR --like {model_name} OUT{SUFFIX}")
+    for name, (shape, dtype) in sorted(params.items()):
+        want_shape, want_dtype = expected[name]
+        if dtype != want_dtype:
+            raise RoadError(f"{path}: holds {dtype} values ({name}), {model_name} takes {want_dtype}; convert the "
+                            f"adapter with road-export adapter DIR --like {model_name} OUT{SUFFIX}")
+        if shape != want_shape:
+            raise RoadError(f"{path}: {name} has shape {list(shape)}, {model_name} takes {list(want_shape)}")
+    return version
+
+
+def discover(model_path: str | Path, records: dict[str, dict]) -> dict[str, Path]:
+    """The `.onnx_adapter` files beside a model that were made for it: {adapter name: path}.
+
+    A file is taken when it is named `<model stem>.<name>.onnx_adapter` with no dot in `name` (so a sibling
+    model's `<model stem>.v2.<name>.onnx_adapter` is not), its fingerprint (model_version) is the model's, and its
+    parameters are exactly the model's swappable ones, dtype included. Others are skipped, with a log line."""
+    import logging
+
+    model_path = Path(model_path)
+    expected = fingerprint(parameters(records))
+    found: dict[str, Path] = {}
+    prefix = f"{model_path.stem}."
+    for file in sorted(model_path.parent.glob(f"{model_path.stem}.*{SUFFIX}")):
+        name = file.name[len(prefix):-len(SUFFIX)]
+        if not name or "." in name:
+            continue
+        try:
+            version = check_adapter_file(file, records, model_path.name)
+        except RoadError as e:
+            logging.getLogger(__name__).warning("skipping %s", e)
+            continue
+        if version != expected:
+            logging.getLogger(__name__).warning("skipping %s: made for another model (fingerprint %d, %s has %d)",
+                                                file, version, model_path.name, expected)
+            continue
+        found[name] = file
+    return found
 
 
 def make_swappable(model: ir.Model, layer_of: dict[str, str]) -> dict[str, dict]:
@@ -46,19 +136,29 @@ def make_swappable(model: ir.Model, layer_of: dict[str, str]) -> dict[str, dict]
         records[layer] = {"c1": c1.name, "c2": c2.name, "group_size": int(node.attributes["group_size"].as_int()),
                           "width": int(c1.const_value.size), "dtype": str(c1.const_value.numpy().dtype)}
     model.metadata_props[METADATA_KEY] = json.dumps(records, sort_keys=True)
+    model.metadata_props[FINGERPRINT_KEY] = str(fingerprint(parameters(records)))
     return records
 
 
 def write_adapter_file(path: Path, values: dict[str, np.ndarray]) -> Path:
-    """Write an `.onnx_adapter` file (onnxruntime.AdapterFormat), atomically."""
+    """Write an `.onnx_adapter` file (onnxruntime.AdapterFormat), atomically: a temporary file beside `path`,
+    renamed at the end and removed on any failure or interruption. Its model_version is the `fingerprint` of the
+    parameters, which `discover` checks. Raises RoadError naming `path` when it cannot be written."""
     import onnxruntime as ort
 
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
+    fmt.set_model_version(fingerprint({k: (tuple(v.shape), str(v.dtype)) for k, v in values.items()}))
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in values.items()})
     with atomic_write(path) as tmp:
-        fmt.export_adapter(str(tmp))
+        try:
+            fmt.export_adapter(str(tmp))
+        except Exception as e:  # onnxruntime says only "Failed to open file ... for writing" / "write failed"
+            from road_export.checks import write_failure_reason
+
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1].split(">")[-1].strip()
+            raise RoadError(f"{path}: cannot write the adapter file ({write_failure_reason(OSError(first), path)})"
+                            ) from e
     return path
 
 
