@@ -26,14 +26,30 @@ import torch
 from torch import nn
 
 from road_export import model as road_model
+from road_export import ops as road_op
 from road_export import rotation
 from road_export.errors import RoadError
-from road_export.files import check_output, save_model
-from road_export.names import METADATA_ADAPTERS, METADATA_MODE, METADATA_TASK, METADATA_VERSION
-from road_export import ops as road_op
 from road_export.export import op as torch_op
-from road_export.export.tasks import TaskModule, dynamic_shapes, infer_task, nest, task_spec, trace_inputs
+from road_export.export.tasks import (
+    TaskModule,
+    dynamic_shapes,
+    infer_task,
+    nest,
+    task_spec,
+    trace_inputs,
+)
+from road_export.files import check_output, save_model
 from road_export.layers import RoadLayer
+from road_export.names import (
+    BATCH,
+    METADATA_ADAPTERS,
+    METADATA_MODE,
+    METADATA_TASK,
+    METADATA_VERSION,
+    PRESENT,
+    SEQUENCE,
+    TOTAL_SEQUENCE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +149,7 @@ def export(
         for value, name in zip(ir_model.graph.outputs, spec.output_names, strict=True):
             value.name = name
         outputs = list(spec.output_names)
-        if spec.cache:
-            _name_cache_axes(ir_model)
+        _name_axes(ir_model, spec)
     _set_metadata(ir_model, mode, spec.task if spec else None, adapters)
     road_nodes = sum(1 for node in ir_model.graph.all_nodes() if node.domain == road_op.DOMAIN)
     step("writing")
@@ -149,12 +164,29 @@ def export(
                         files)
 
 
-def _name_cache_axes(model: ir.Model) -> None:
-    """Present keys/values grow to the attention mask's length: one axis name instead of `a + b` / `b + a`."""
+def _name_axes(model: ir.Model, spec) -> None:
+    """The graph's I/O axes as optimum names them (road_export.names): the attention mask under a cache and the
+    present keys/values span `past_sequence_length + sequence_length`, the outputs' leading axes are
+    `batch_size` and `sequence_length` (torch names outputs' axes by its own symbols or expressions)."""
+    def rename(value: ir.Value, axes: dict[int, str]) -> None:
+        if value.shape is None:
+            return
+        dims = list(value.shape)
+        for axis, name in axes.items():
+            if axis < len(dims) and not isinstance(dims[axis], int):
+                dims[axis] = ir.SymbolicDim(name)
+        value.shape = ir.Shape(dims)
+
+    for value in model.graph.inputs:
+        if value.name == "attention_mask" and spec.cache:
+            rename(value, {1: TOTAL_SEQUENCE})
     for value in model.graph.outputs:
-        if value.name.startswith("present.") and value.shape is not None and len(value.shape) == 4:
-            dims = list(value.shape)
-            value.shape = ir.Shape([dims[0], dims[1], ir.SymbolicDim("total_sequence"), dims[3]])
+        if value.name.startswith(PRESENT):
+            rename(value, {0: BATCH, 2: TOTAL_SEQUENCE})
+        elif value.name in ("logits", "last_hidden_state"):
+            rename(value, {0: BATCH, 1: SEQUENCE})
+        elif value.shape is not None and len(value.shape) >= 1:
+            rename(value, {0: BATCH})
 
 
 MIN_OPSET = 7  # the oldest opset onnxruntime runs
