@@ -10,6 +10,7 @@ with the model under `onnx/` as transformers.js expects it):
       genai_config.json         onnxruntime-genai's config: decoder file, I/O names, head sizes, search defaults
       onnx/model.onnx           the exported graph (+ onnx/model.onnx.data with external data)
       onnx/model.<adapter>.onnx_adapter   rotate mode, one adapter: its swap file
+      road_ort.so               rotate mode: the native road kernels built on this machine, for onnxruntime-genai
 
 `write_model_dir` stages all of it in a temporary directory beside OUT_DIR and renames it into place through
 `files.atomic_write`, so OUT_DIR appears whole or not at all. `model_file(path)` maps a directory to its
@@ -111,7 +112,8 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
     onnx_path: the exported `text-generation-with-past` file; its inputs/outputs decide the I/O names (position_ids
     only when the graph takes it). generation: generation_config.json's dict, for the search defaults
     (do_sample, temperature, top_k, top_p, repetition_penalty, max_length). custom_ops_library: the native road
-    kernel library (road-export kernels), written to `model.decoder.session_options.custom_ops_library`.
+    kernel library's path relative to the directory (onnxruntime-genai loads custom-op libraries from within the
+    model directory only), written to `model.decoder.session_options.custom_ops_library`.
     Raises RoadError when the file is not a decoder with past_key_values inputs.
     """
     inputs, outputs, dims = _graph_io(Path(onnx_path))
@@ -176,24 +178,37 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
     return {"model": model, "search": search}
 
 
-def set_custom_ops_library(directory: str | os.PathLike, library: str | os.PathLike | None) -> Path:
-    """Write (or, with None, remove) `session_options.custom_ops_library` in a directory's `genai_config.json`.
+def library_name(library: str | os.PathLike) -> str:
+    """The kernel library's name inside a model directory: `road_ort` with the platform's suffix (.so, ...)."""
+    return "road_ort" + Path(library).suffix
 
-    For `road-export kernels --genai-config DIR`: the kernels are built per machine, so a directory exported
-    elsewhere gets the serving machine's library path here. Raises RoadError when there is no genai_config.json."""
-    path = Path(directory) / GENAI_CONFIG
+
+def set_custom_ops_library(directory: str | os.PathLike, library: str | os.PathLike | None) -> Path:
+    """Copy the native kernel library into a model directory and name it in `genai_config.json`'s
+    `model.decoder.session_options.custom_ops_library` (with None: remove the entry and the copy).
+
+    For `road-export kernels --genai-config DIR`: the kernels are built per machine, and onnxruntime-genai loads a
+    custom-op library only from within the model directory ("custom_ops_library path is not within an allowed
+    directory" otherwise), so the library travels as a file of the directory. Returns the config's path.
+    Raises RoadError when the directory has no genai_config.json or it is not one."""
+    directory = Path(directory)
+    path = directory / GENAI_CONFIG
     if not path.is_file():
-        raise RoadError(f"{directory}: no {GENAI_CONFIG}; give a model directory written by road-export with "
-                        "--task text-generation-with-past")
+        raise RoadError(f"{directory}: no {GENAI_CONFIG}; give a model directory written by road-export for a "
+                        "decoder (task text-generation-with-past)")
     try:
         data = json.loads(path.read_text())
         options = data["model"]["decoder"].setdefault("session_options", {})
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise RoadError(f"{path}: not an onnxruntime-genai config ({type(e).__name__}: {e})") from e
-    if library is None:
-        options.pop("custom_ops_library", None)
-    else:
-        options["custom_ops_library"] = str(Path(library).resolve())
+    old = options.pop("custom_ops_library", None)
+    if library is not None:
+        name = library_name(library)
+        with atomic_write(directory / name) as tmp:
+            shutil.copyfile(library, tmp)
+        options["custom_ops_library"] = name
+    elif old and "/" not in old and (directory / old).is_file():
+        (directory / old).unlink()
     write_text_atomic(path, json.dumps(data, indent=4) + "\n")
     return path
 
@@ -238,8 +253,11 @@ def write_model_dir(directory: str | os.PathLike, export: Callable[[Path], Any],
             shutil.copyfile(file, tmp / file.name)
         inputs, outputs, _ = _graph_io(tmp / MODEL_FILE)
         if "past_key_values.0.key" in inputs and "logits" in outputs:
-            genai = genai_config(config, tmp / MODEL_FILE, generation=generation,
-                                 custom_ops_library=custom_ops_library)
+            library = None
+            if custom_ops_library is not None:
+                library = library_name(custom_ops_library)
+                shutil.copyfile(custom_ops_library, tmp / library)
+            genai = genai_config(config, tmp / MODEL_FILE, generation=generation, custom_ops_library=library)
             (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=4) + "\n")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     return ModelDir(directory, files, result, tmp)

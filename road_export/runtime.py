@@ -38,7 +38,9 @@ class RoadSession:
 
         from road_export import native as road_native
 
-        self.path = Path(path)
+        from road_export.model_dir import model_file
+
+        self.path = model_file(path)  # a model directory (road-export ... OUT_DIR) runs its onnx/model.onnx
         if not self.path.is_file():
             raise RoadError(f"{self.path}: no such ONNX file")
         options = ort.SessionOptions()
