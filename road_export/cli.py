@@ -357,7 +357,11 @@ def run_export(args: argparse.Namespace) -> int:
                         "rotate for one graph that serves them all (input adapter_ids)")
     _quiet_libraries()
     import road_export as rx
+    from road_export.export.tasks import normalize_task
     from road_export.source import load_source
+
+    if args.task is not None:
+        normalize_task(args.task)  # an unknown task is refused before the model is loaded
     from road_export.verify import verify
 
     progress = _Progress(args.quiet)
@@ -389,10 +393,13 @@ def run_verify(args: argparse.Namespace) -> int:
     proto = check_onnx_input(args.model)
     _check_report(args.report, Path(args.model))
     _quiet_libraries()
+    from road_export.export.tasks import normalize_task
     from road_export.inspection import check_fits
     from road_export.source import load_source
     from road_export.verify import verify
 
+    if args.task is not None:
+        normalize_task(args.task)
     progress = _Progress(args.quiet)
     with progress.running():
         progress.step("loading")

@@ -52,8 +52,12 @@ def assert_one_line(code: int, err: str, out: str, says: str, expected: int = 2)
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    """Inputs shared by every case: a tiny Llama base and adapter, two exports of it, and broken ONNX files."""
-    root = tmp_path_factory.mktemp("bad_input")
+    return build_inputs(tmp_path_factory.mktemp("bad_input"))
+
+
+def build_inputs(root: Path) -> Path:
+    """Inputs shared by every case: a tiny Llama base and adapter, exports of it (rotate, with cache, merged with
+    external data), a BERT export, and broken files."""
     tiny("tiny-llama").save_pretrained(root / "base")
     torch.manual_seed(0)
     adapted = peft.get_peft_model(tiny("tiny-llama"), peft.RoadConfig(variant="road_2", group_size=8,
@@ -100,6 +104,8 @@ CASES = [
     ("report-without-verify", ["--no-verify", "--report", "{o}/p.json", "{o}/m.onnx"], "needs the parity check"),
     ("merge-two-adapters", ["--adapter", "a={r}/road", "--adapter", "b={r}/road", "{o}/m.onnx"], "add --mode rotate"),
     ("no-output", [], "required: OUTPUT.onnx"),
+    ("task-unknown", ["--task", "speech", "{o}/m.onnx"], "unknown task 'speech'"),
+    ("verify-task-unknown", ["verify", "{r}/rotate.onnx", "--task", "speech"], "unknown task 'speech'"),
     ("command-typo", ["verfy", "{r}/rotate.onnx"], "did you mean verify?"),
     ("help-unknown", ["help", "nope"], "no command 'nope'"),
     # output paths checked before anything is loaded
@@ -145,10 +151,14 @@ CASES = [
 ]
 
 
+def case_args(argv: list[str], inputs: Path, out: Path) -> list[str]:
+    return [a.replace("{r}", str(inputs)).replace("{o}", str(out)).replace("lost-data.onnx", "lost/ext.onnx")
+            for a in argv]
+
+
 @pytest.mark.parametrize(("argv", "says"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_cli_bad_input(ctx, tmp_path, capsys, argv, says):
-    args = [a.replace("{r}", str(ctx)).replace("{o}", str(tmp_path)).replace("lost-data.onnx", "lost/ext.onnx")
-            for a in argv]
+    args = case_args(argv, ctx, tmp_path)
     (tmp_path / "d.onnx.data").mkdir() if "--external-data" in args else None
     before = snapshot(ctx, tmp_path)
     started = time.perf_counter()
@@ -420,3 +430,11 @@ def test_adapter_discovery_takes_only_files_made_for_the_model(ctx, tmp_path, ca
     a = session.run({"input_ids": IDS, "attention_mask": ONES}, adapter="good")["logits"]
     b = session.run({"input_ids": IDS, "attention_mask": ONES})["logits"]
     assert np.abs(a - b).max() > 1e-3  # the discovered file really is applied
+
+
+@pytest.mark.parametrize(("name", "says"), [("empty.onnx", "onnxruntime cannot load it"),
+                                            ("truncated.onnx", "onnxruntime cannot load it"),
+                                            ("none.onnx", "no such ONNX file")])
+def test_session_refuses_broken_files(ctx, name, says):
+    with pytest.raises(RoadError, match=says):
+        RoadSession(ctx / name, native=False)
