@@ -96,8 +96,9 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="[NAME=]PATH", action="append", default=[],
                         help="peft RoAd adapter directory (repeatable)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed for models/ weights built from config")
-    parser.add_argument("--task", help="causal-lm, text-generation-with-past (decoder with KV cache), "
-                        "feature-extraction or sequence-classification (default: inferred)")
+    parser.add_argument("--task", help="optimum's task names: text-generation (also causal-lm), "
+                        "text-generation-with-past (decoder with KV cache), feature-extraction, text-classification "
+                        "(also sequence-classification); default: inferred from the model class")
 
 
 def _report_options(parser: argparse.ArgumentParser) -> None:
@@ -279,7 +280,10 @@ def _check_report(path: str | None, *others: Path) -> None:
         return
     from road_export.checks import check_output_file
 
-    report = check_output_file(path, what="--report path")
+    try:
+        report = check_output_file(path, what="report path")
+    except RoadError as e:
+        raise RoadError(f"--report {e}") from None
     for other in others:
         if report.resolve() == other.resolve():
             raise RoadError(f"--report {path}: is also the command's {other.suffix or 'output'} file; choose another "
