@@ -11,6 +11,10 @@ import math
 import os
 import shutil
 import tempfile
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from road_export.errors import RoadError
@@ -217,3 +221,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a group of renames runs (a model and its data file), so an interruption
+    leaves either the old pair or the new one, never a mix; a signal that came meanwhile is raised again on exit,
+    to the handler that was there before. Python runs signal handlers in the main thread only, so the handlers
+    are swapped (a signal mask would not do: another thread of torch or onnxruntime would take the signal).
+    Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -260,15 +259,18 @@ def test_read_only_file_system(ctx, small_fs, capsys):
 # ---- interrupted while writing ----
 
 SLOW_WRITER = """
-import sys, time
-import {module} as target
-real = target.{name}
+import importlib, sys, time
+owner = importlib.import_module({module!r})
+*path, name = {name!r}.split(".")
+for part in path:
+    owner = getattr(owner, part)
+real = getattr(owner, name)
 def slow(*args, **kwargs):
     result = real(*args, **kwargs)
     open({marker!r}, "w").close()  # the temporary output is written; the rename has not happened
     time.sleep(120)
     return result
-target.{name} = slow
+setattr(owner, name, slow)
 from road_export.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -279,6 +281,7 @@ sys.exit(main(sys.argv[1:]))
     ("optimize", signal.SIGTERM, 143),
     ("optimize", signal.SIGINT, 130),
     ("merge-checkpoint", signal.SIGTERM, 143),
+    ("adapter", signal.SIGTERM, 143),
 ])
 def test_interrupted_while_writing(ctx, tmp_path, command, sig, code):
     out = tmp_path / "out"
@@ -289,12 +292,16 @@ def test_interrupted_while_writing(ctx, tmp_path, command, sig, code):
         "optimize": ("onnx_ir", "save", ["optimize", ctx / "rotate.onnx", out / "m.onnx"]),
         "merge-checkpoint": ("road_export.checkpoint", "_write_shard",
                              ["merge-checkpoint", "--base", ctx / "base", "--adapter", ctx / "road", out / "merged"]),
+        "adapter": ("onnxruntime", "AdapterFormat.export_adapter",
+                    ["adapter", ctx / "road", "--like", ctx / "rotate.onnx", out / "m.onnx_adapter"]),
     }[command]
-    if command != "merge-checkpoint":
+    if command == "adapter":
+        (out / "m.onnx_adapter").write_bytes(b"the previous file")
+    elif command != "merge-checkpoint":
         (out / "m.onnx").write_bytes(b"the previous file")
     before = snapshot(out)
     script = tmp_path / "slow.py"
-    script.write_text(textwrap.dedent(SLOW_WRITER.format(module=module, name=name, marker=str(marker))))
+    script.write_text(SLOW_WRITER.format(module=module, name=name, marker=str(marker)))
     proc = subprocess.Popen([sys.executable, str(script), *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 300
@@ -438,3 +445,19 @@ def test_adapter_discovery_takes_only_files_made_for_the_model(ctx, tmp_path, ca
 def test_session_refuses_broken_files(ctx, name, says):
     with pytest.raises(RoadError, match=says):
         RoadSession(ctx / name, native=False)
+
+
+def test_renames_are_not_split_by_a_signal():
+    """deferred_signals holds SIGTERM back until the renames are done, then delivers it."""
+    from road_export.checks import deferred_signals
+
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: got.append("delivered"))
+    try:
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert got == []
+        assert got == ["delivered"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -410,12 +410,15 @@ def _save_atomic(model: ir.Model, path: Path, external_data: bool | None) -> Pat
         else:
             ir.save(model, tmp / path.name)
         final_data = None
-        if external_data:
-            final_data = path.with_name(data_name)
-            os.replace(tmp / data_name, final_data)
-        elif path.with_name(data_name).exists():
-            path.with_name(data_name).unlink()  # a stale data file of an earlier export
-        os.replace(tmp / path.name, path)
+        from road_export.checks import deferred_signals
+
+        with deferred_signals():  # an interruption leaves the old model and data file, or the new ones
+            if external_data:
+                final_data = path.with_name(data_name)
+                os.replace(tmp / data_name, final_data)
+            elif path.with_name(data_name).exists():
+                path.with_name(data_name).unlink()  # a stale data file of an earlier export
+            os.replace(tmp / path.name, path)
         return final_data
     except OSError as e:
         from road_export.checks import write_failure_reason
