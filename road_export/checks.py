@@ -15,6 +15,7 @@ from road_export.errors import RoadError
 # The OS error reasons, the write probe and the atomic text write live with the other writers in road_export.files
 # (the module that owns file I/O); they are re-exported here for the checks below and for existing callers.
 from road_export.files import (  # noqa: F401
+    deferred_signals,
     os_error_reason,
     probe_writable,
     write_failure_reason,

@@ -98,9 +98,9 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="[NAME=]PATH", action="append", default=[],
                         help="peft RoAd adapter directory (repeatable)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed for models/ weights built from config")
-    parser.add_argument("--task", help="text-generation, text-generation-with-past (decoder with KV cache), "
-                        "feature-extraction or text-classification (default: the adapter's task_type, else the "
-                        "checkpoint's class); causal-lm and sequence-classification are accepted as synonyms")
+    parser.add_argument("--task", help="optimum's task names: text-generation (also causal-lm), "
+                        "text-generation-with-past (decoder with KV cache), feature-extraction, text-classification "
+                        "(also sequence-classification); default: inferred from the model class")
 
 
 def _report_options(parser: argparse.ArgumentParser) -> None:
@@ -289,7 +289,10 @@ def _check_report(path: str | None, *others: Path) -> None:
         return
     from road_export.checks import check_output_file
 
-    report = check_output_file(path, what="--report path")
+    try:
+        report = check_output_file(path, what="report path")
+    except RoadError as e:
+        raise RoadError(f"--report {e}") from None
     for other in others:
         if report.resolve() == other.resolve():
             raise RoadError(f"--report {path}: is also the command's {other.suffix or 'output'} file; choose another "
@@ -370,7 +373,11 @@ def run_export(args: argparse.Namespace) -> int:
                         "rotate for one graph that serves them all (input adapter_ids)")
     _quiet_libraries()
     import road_export as rx
+    from road_export.export.tasks import normalize_task
     from road_export.source import load_source
+
+    if args.task is not None:
+        normalize_task(args.task)  # an unknown task is refused before the model is loaded
     from road_export.verify import verify
 
     progress = _Progress(args.quiet)
@@ -506,10 +513,13 @@ def run_verify(args: argparse.Namespace) -> int:
     proto = check_onnx_input(args.model)
     _check_report(args.report, Path(args.model))
     _quiet_libraries()
+    from road_export.export.tasks import normalize_task
     from road_export.inspection import check_fits
     from road_export.source import load_source
     from road_export.verify import verify
 
+    if args.task is not None:
+        normalize_task(args.task)
     progress = _Progress(args.quiet)
     with progress.running():
         progress.step("loading")

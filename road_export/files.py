@@ -19,7 +19,9 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,9 +32,9 @@ if TYPE_CHECKING:  # onnx-ir (and onnx under it) load on first use: `road-export
     import onnx_ir as ir
 
 __all__ = [
-    "EXTERNAL_DATA_THRESHOLD", "atomic_write", "check_output", "check_writable", "load_for_rewrite", "load_model",
-    "needs_external_data", "os_error_reason", "probe_writable", "save_model", "tensor_bytes", "write_failure_reason",
-    "write_text_atomic",
+    "EXTERNAL_DATA_THRESHOLD", "atomic_write", "check_output", "check_writable", "deferred_signals",
+    "load_for_rewrite", "load_model", "needs_external_data", "os_error_reason", "probe_writable", "save_model",
+    "tensor_bytes", "write_failure_reason", "write_text_atomic",
 ]
 
 TWO_GB = 2**31
@@ -112,10 +114,11 @@ def atomic_write(path: str | os.PathLike, *, companions: Sequence[str] = ()) -> 
         yield tmp
         if not tmp.exists() and not tmp.is_symlink():
             raise RoadError(f"{path}: nothing was written")
-        for name in companions:
-            if (stage / name).exists():
-                os.replace(stage / name, parent / name)
-        _replace(tmp, path, stage)
+        with deferred_signals():  # an interruption leaves the old files or the new ones, never a mix
+            for name in companions:
+                if (stage / name).exists():
+                    os.replace(stage / name, parent / name)
+            _replace(tmp, path, stage)
     except OSError as e:
         raise RoadError(f"{path}: cannot write ({write_failure_reason(e, path)})") from e
     finally:
@@ -134,6 +137,28 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             raise e.__cause__ from None
         raise
     return Path(path)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a group of renames runs (a model and its data file), so an interruption
+    leaves either the old pair or the new one, never a mix; a signal that came meanwhile is raised again on exit,
+    to the handler that was there before. Python runs signal handlers in the main thread only, so the handlers
+    are swapped (a signal mask would not do: another thread of torch or onnxruntime would take the signal).
+    Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def _replace(new: Path, path: Path, stage: Path) -> None:

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -52,8 +51,12 @@ def assert_one_line(code: int, err: str, out: str, says: str, expected: int = 2)
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    """Inputs shared by every case: a tiny Llama base and adapter, two exports of it, and broken ONNX files."""
-    root = tmp_path_factory.mktemp("bad_input")
+    return build_inputs(tmp_path_factory.mktemp("bad_input"))
+
+
+def build_inputs(root: Path) -> Path:
+    """Inputs shared by every case: a tiny Llama base and adapter, exports of it (rotate, with cache, merged with
+    external data), a BERT export, and broken files."""
     tiny("tiny-llama").save_pretrained(root / "base")
     torch.manual_seed(0)
     adapted = peft.get_peft_model(tiny("tiny-llama"), peft.RoadConfig(variant="road_2", group_size=8,
@@ -62,7 +65,7 @@ def ctx(tmp_path_factory):
     model = rx.load_adapter(tiny("tiny-llama"), root / "road")
     rx.export(model, root / "rotate.onnx", mode="rotate")
     rx.export(model, root / "past.onnx", mode="rotate", task="text-generation-with-past")
-    rx.export(model, root / "ext.onnx", external_data=True)
+    rx.export(model, root / "ext.onnx", external_data=True)  # merged: attach places rotations on its MatMuls
     data = (root / "rotate.onnx").read_bytes()
     (root / "empty.onnx").write_bytes(b"")
     (root / "truncated.onnx").write_bytes(data[: len(data) // 2])
@@ -100,6 +103,8 @@ CASES = [
     ("report-without-verify", ["--no-verify", "--report", "{o}/p.json", "{o}/m.onnx"], "needs the parity check"),
     ("merge-two-adapters", ["--adapter", "a={r}/road", "--adapter", "b={r}/road", "{o}/m.onnx"], "add --mode rotate"),
     ("no-output", [], "required: OUTPUT.onnx"),
+    ("task-unknown", ["--task", "speech", "{o}/m.onnx"], "unknown task 'speech'"),
+    ("verify-task-unknown", ["verify", "{r}/rotate.onnx", "--task", "speech"], "unknown task 'speech'"),
     ("command-typo", ["verfy", "{r}/rotate.onnx"], "did you mean verify?"),
     ("help-unknown", ["help", "nope"], "no command 'nope'"),
     # output paths checked before anything is loaded
@@ -145,10 +150,14 @@ CASES = [
 ]
 
 
+def case_args(argv: list[str], inputs: Path, out: Path) -> list[str]:
+    return [a.replace("{r}", str(inputs)).replace("{o}", str(out)).replace("lost-data.onnx", "lost/ext.onnx")
+            for a in argv]
+
+
 @pytest.mark.parametrize(("argv", "says"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_cli_bad_input(ctx, tmp_path, capsys, argv, says):
-    args = [a.replace("{r}", str(ctx)).replace("{o}", str(tmp_path)).replace("lost-data.onnx", "lost/ext.onnx")
-            for a in argv]
+    args = case_args(argv, ctx, tmp_path)
     (tmp_path / "d.onnx.data").mkdir() if "--external-data" in args else None
     before = snapshot(ctx, tmp_path)
     started = time.perf_counter()
@@ -180,11 +189,12 @@ def test_every_option_has_help_and_help_is_torch_free(capsys):
 
 
 def test_export_is_explicit_and_the_bare_form_its_alias(ctx, tmp_path, capsys):
-    for argv in (["export", "--base", "tiny-llama", "--adapter", ctx / "road", tmp_path / "a.onnx"],
-                 ["--base", "tiny-llama", "--adapter", ctx / "road", tmp_path / "b.onnx"]):
-        code, out, err = cli(capsys, *argv, "--quiet", "--report", tmp_path / "r.json")
+    for argv in (["export", "--base", "tiny-llama", "--adapter", ctx / "road", tmp_path / "a.onnx", "--report",
+                  tmp_path / "r.json"],
+                 ["--base", "tiny-llama", "--adapter", ctx / "road", tmp_path / "b.onnx", "--no-verify"]):
+        code, out, err = cli(capsys, *argv, "--quiet")
         assert code == 0, err
-        assert json.loads((tmp_path / "r.json").read_text())["passed"]
+    assert json.loads((tmp_path / "r.json").read_text())["passed"]
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "r.json"]  # no temporary left
 
@@ -249,15 +259,18 @@ def test_read_only_file_system(ctx, small_fs, capsys):
 # ---- interrupted while writing ----
 
 SLOW_WRITER = """
-import sys, time
-import {module} as target
-real = target.{name}
+import importlib, sys, time
+owner = importlib.import_module({module!r})
+*path, name = {name!r}.split(".")
+for part in path:
+    owner = getattr(owner, part)
+real = getattr(owner, name)
 def slow(*args, **kwargs):
     result = real(*args, **kwargs)
     open({marker!r}, "w").close()  # the temporary output is written; the rename has not happened
     time.sleep(120)
     return result
-target.{name} = slow
+setattr(owner, name, slow)
 from road_export.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -268,23 +281,27 @@ sys.exit(main(sys.argv[1:]))
     ("optimize", signal.SIGTERM, 143),
     ("optimize", signal.SIGINT, 130),
     ("merge-checkpoint", signal.SIGTERM, 143),
+    ("adapter", signal.SIGTERM, 143),
 ])
 def test_interrupted_while_writing(ctx, tmp_path, command, sig, code):
     out = tmp_path / "out"
     out.mkdir()
     marker = tmp_path / "writing"
     module, name, argv = {
-        "export": ("onnx_ir", "save", ["--base", "tiny-llama", "--adapter", ctx / "road", "--mode", "rotate",
-                                       out / "m.onnx"]),
+        "export": ("onnx_ir", "save", ["--base", "tiny-llama", "--adapter", ctx / "road", out / "m.onnx"]),
         "optimize": ("onnx_ir", "save", ["optimize", ctx / "rotate.onnx", out / "m.onnx"]),
         "merge-checkpoint": ("road_export.checkpoint", "_write_shard",
                              ["merge-checkpoint", "--base", ctx / "base", "--adapter", ctx / "road", out / "merged"]),
+        "adapter": ("onnxruntime", "AdapterFormat.export_adapter",
+                    ["adapter", ctx / "road", "--like", ctx / "rotate.onnx", out / "m.onnx_adapter"]),
     }[command]
-    if command != "merge-checkpoint":
+    if command == "adapter":
+        (out / "m.onnx_adapter").write_bytes(b"the previous file")
+    elif command != "merge-checkpoint":
         (out / "m.onnx").write_bytes(b"the previous file")
     before = snapshot(out)
     script = tmp_path / "slow.py"
-    script.write_text(textwrap.dedent(SLOW_WRITER.format(module=module, name=name, marker=str(marker))))
+    script.write_text(SLOW_WRITER.format(module=module, name=name, marker=str(marker)))
     proc = subprocess.Popen([sys.executable, str(script), *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 300
@@ -420,3 +437,27 @@ def test_adapter_discovery_takes_only_files_made_for_the_model(ctx, tmp_path, ca
     a = session.run({"input_ids": IDS, "attention_mask": ONES}, adapter="good")["logits"]
     b = session.run({"input_ids": IDS, "attention_mask": ONES})["logits"]
     assert np.abs(a - b).max() > 1e-3  # the discovered file really is applied
+
+
+@pytest.mark.parametrize(("name", "says"), [("empty.onnx", "onnxruntime cannot load it"),
+                                            ("truncated.onnx", "onnxruntime cannot load it"),
+                                            ("none.onnx", "no such ONNX file")])
+def test_session_refuses_broken_files(ctx, name, says):
+    with pytest.raises(RoadError, match=says):
+        RoadSession(ctx / name, native=False)
+
+
+def test_renames_are_not_split_by_a_signal():
+    """deferred_signals holds SIGTERM back until the renames are done, then delivers it."""
+    from road_export.checks import deferred_signals
+
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: got.append("delivered"))
+    try:
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert got == []
+        assert got == ["delivered"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,30 +1,65 @@
-"""The road-export command end to end, through a subprocess."""
+"""The road-export command end to end: in-process through `road_export.cli.main` (fast), the default run also as
+the subprocess users start."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 from conftest import tiny
 
+from road_export.cli import main
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
 
 
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 def road_export(*args, cwd=None):
-    proc = subprocess.run([sys.executable, "-m", "road_export.cli", *map(str, args)], capture_output=True,
+    """Run the command in this process; returns what a subprocess would (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        os.chdir(previous)
+    return Done(code, out.getvalue(), err.getvalue())
+
+
+def road_export_process(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "road_export.cli", *map(str, args)], capture_output=True,
                           text=True, env=ENV, cwd=cwd, timeout=600)
-    return proc
 
 
-def assert_bad_input(proc, *, says):
+def leftovers(*dirs: Path) -> list[Path]:
+    """Temporary files or directories a writer left behind (they are hidden: `.NAME.*`)."""
+    return [p for d in dirs if d.is_dir() for p in d.iterdir() if p.name.startswith(".")]
+
+
+def assert_bad_input(proc, *, says, dirs=()):
+    """Exit 2, exactly one line `road-export: error: ...` holding `says`, no traceback, and no temporary file or
+    directory left in `dirs`."""
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("road-export: error: "), proc.stderr
     assert says in lines[0], lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert leftovers(*map(Path, dirs)) == []
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +87,7 @@ def exported(llama_dirs):
 
 
 def test_default_run(tmp_path):
-    proc = road_export("model.onnx", "--report", "parity.json", cwd=tmp_path)
+    proc = road_export_process("model.onnx", "--report", "parity.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "parity PASSED" in proc.stdout and "logits" in proc.stdout
     assert (tmp_path / "model.onnx").is_file()
@@ -98,21 +133,23 @@ def test_fp16_and_quiet(llama_dirs, tmp_path):
 
 
 def test_bad_inputs(llama_dirs, tmp_path):
+    d = [tmp_path, llama_dirs]  # no temporary file may be left in either
     base, adapter = llama_dirs / "base", llama_dirs / "road"
     out = tmp_path / "out.onnx"
-    assert_bad_input(road_export("--base", tmp_path / "nope", "--adapter", adapter, out), says="nope")
-    assert_bad_input(road_export("--base", base, "--adapter", tmp_path / "nope", out), says="no such adapter")
-    assert_bad_input(road_export("--base", base, "--adapter", adapter, "--mode", "fold", out), says="fold")
-    assert_bad_input(road_export("--base", base, "--adapter", adapter, "--task", "speech", out), says="speech")
+    assert_bad_input(road_export("--base", tmp_path / "nope", "--adapter", adapter, out), says="nope", dirs=d)
+    assert_bad_input(road_export("--base", base, "--adapter", tmp_path / "nope", out), says="no such adapter", dirs=d)
+    assert_bad_input(road_export("--base", base, "--adapter", adapter, "--mode", "fold", out), says="fold", dirs=d)
+    assert_bad_input(road_export("--base", base, "--adapter", adapter, "--task", "speech", out), says="speech", dirs=d)
     assert_bad_input(road_export("--base", base, "--adapter", adapter, tmp_path / "no" / "out.onnx"),
-                     says="does not exist")
-    assert_bad_input(road_export("--base", base, "--adapter", adapter, tmp_path / "out.txt"), says=".onnx")
-    assert_bad_input(road_export("verify", tmp_path / "none.onnx", "--base", base), says="no such ONNX file")
-    assert_bad_input(road_export("inspect", adapter / "adapter_config.json"), says="not a readable ONNX")
+                     says="does not exist", dirs=d)
+    assert_bad_input(road_export("--base", base, "--adapter", adapter, tmp_path / "out.txt"), says=".onnx", dirs=d)
+    assert_bad_input(road_export("verify", tmp_path / "none.onnx", "--base", base), says="no such ONNX file", dirs=d)
+    assert_bad_input(road_export("inspect", adapter / "adapter_config.json"), says="not a readable ONNX", dirs=d)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_bad_adapters(llama_dirs, tmp_path):
+    d = [tmp_path, llama_dirs]  # no temporary file may be left in either
     import shutil
 
     base, out = llama_dirs / "base", tmp_path / "out.onnx"
@@ -120,23 +157,26 @@ def test_bad_adapters(llama_dirs, tmp_path):
     shutil.copytree(llama_dirs / "road", truncated)
     data = (truncated / "adapter_model.safetensors").read_bytes()
     (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
-    assert_bad_input(road_export("--base", base, "--adapter", truncated, out), says="truncated")
+    assert_bad_input(road_export("--base", base, "--adapter", truncated, out), says="truncated", dirs=d)
 
     wrong_group = tmp_path / "group"
     shutil.copytree(llama_dirs / "road", wrong_group)
     config = json.loads((wrong_group / "adapter_config.json").read_text())
     config["group_size"] = 48
     (wrong_group / "adapter_config.json").write_text(json.dumps(config))
-    assert_bad_input(road_export("--base", base, "--adapter", wrong_group, out), says="not divisible by group_size")
+    assert_bad_input(road_export("--base", base, "--adapter", wrong_group, out), says="not divisible by group_size",
+                     dirs=d)
 
     torch.manual_seed(0)
     bert = peft.get_peft_model(tiny("tiny-bert"), peft.RoadConfig(group_size=8))
     bert.save_pretrained(str(tmp_path / "bert"))
-    assert_bad_input(road_export("--base", base, "--adapter", tmp_path / "bert", out), says="another architecture")
+    assert_bad_input(road_export("--base", base, "--adapter", tmp_path / "bert", out), says="another architecture",
+                     dirs=d)
     assert not out.exists()
 
 
 def test_optimize(exported, llama_dirs, tmp_path):
+    d = [tmp_path, llama_dirs]  # no temporary file may be left in either
     path, _ = exported["rotate"]
     proc = road_export("optimize", path, tmp_path / "folded.onnx", "--fold")
     assert proc.returncode == 0, proc.stderr
@@ -144,10 +184,11 @@ def test_optimize(exported, llama_dirs, tmp_path):
     verified = road_export("verify", tmp_path / "folded.onnx", "--base", llama_dirs / "base", "--adapter",
                            llama_dirs / "road")
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert_bad_input(road_export("optimize", tmp_path / "none.onnx", tmp_path / "x.onnx"), says="no such ONNX")
+    assert_bad_input(road_export("optimize", tmp_path / "none.onnx", tmp_path / "x.onnx"), says="no such ONNX", dirs=d)
 
 
 def test_several_adapters_in_one_graph(llama_dirs, tmp_path):
+    d = [tmp_path, llama_dirs]  # no temporary file may be left in either
     args = ["--base", llama_dirs / "base", "--adapter", f"one={llama_dirs / 'road'}", "--adapter",
             f"two={llama_dirs / 'other'}"]
     proc = road_export(*args, "--mode", "rotate", tmp_path / "mixed.onnx")
@@ -156,11 +197,12 @@ def test_several_adapters_in_one_graph(llama_dirs, tmp_path):
     assert "mixed:     adapter_ids" in shown and "id 1: one: road_4" in shown and "id 2: two: road_2" in shown
     verified = road_export("verify", tmp_path / "mixed.onnx", *args)
     assert verified.returncode == 0, verified.stdout
-    assert_bad_input(road_export(*args, tmp_path / "merged.onnx"), says="add --mode rotate")
+    assert_bad_input(road_export(*args, tmp_path / "merged.onnx"), says="add --mode rotate", dirs=d)
     assert not (tmp_path / "merged.onnx").exists()
 
 
 def test_adapter_conversion(exported, llama_dirs, tmp_path):
+    d = [tmp_path, llama_dirs]  # no temporary file may be left in either
     path, _ = exported["rotate"]
     out = path.with_name("rotate.other.onnx_adapter")
     proc = road_export("adapter", llama_dirs / "other", "--like", path, out)
@@ -170,20 +212,22 @@ def test_adapter_conversion(exported, llama_dirs, tmp_path):
     bert = peft.get_peft_model(tiny("tiny-bert"), peft.RoadConfig(group_size=8))
     bert.save_pretrained(str(tmp_path / "bert"))
     assert_bad_input(road_export("adapter", tmp_path / "bert", "--like", path, tmp_path / "b.onnx_adapter"),
-                     says="adapted layers differ")
+                     says="adapted layers differ", dirs=d)
     assert not (tmp_path / "b.onnx_adapter").exists()
 
 
 def test_merge_checkpoint(llama_dirs, tmp_path):
+    d = [tmp_path, llama_dirs]  # no temporary file may be left in either
     out = tmp_path / "merged"
     proc = road_export("merge-checkpoint", "--base", llama_dirs / "base", "--adapter", llama_dirs / "road", out)
     assert proc.returncode == 0 and "tensors rotated" in proc.stdout, proc.stderr
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     assert_bad_input(road_export("merge-checkpoint", "--base", llama_dirs / "base", "--adapter", llama_dirs / "road",
-                                 out), says="not empty")
+                                 out), says="not empty", dirs=d)
 
 
 def test_attach(llama_dirs, tmp_path):
+    d = [tmp_path, llama_dirs]  # no temporary file may be left in either
     import road_export as rx
 
     rx.export(tiny("tiny-llama"), tmp_path / "base.onnx", require_adapter=False)
@@ -194,10 +238,11 @@ def test_attach(llama_dirs, tmp_path):
         verified = road_export("verify", out, "--base", llama_dirs / "base", "--adapter", llama_dirs / "road")
         assert verified.returncode == 0, verified.stdout
     assert_bad_input(road_export("attach", tmp_path / "none.onnx", "--adapter", llama_dirs / "road",
-                                 tmp_path / "x.onnx"), says="no such ONNX file")
+                                 tmp_path / "x.onnx"), says="no such ONNX file", dirs=d)
 
 
 def test_text_generation_with_past(llama_dirs, tmp_path):
+    d = [tmp_path, llama_dirs]  # no temporary file may be left in either
     args = ["--base", llama_dirs / "base", "--adapter", f"one={llama_dirs / 'road'}", "--adapter",
             f"two={llama_dirs / 'other'}", "--task", "text-generation-with-past"]
     proc = road_export(*args, "--mode", "rotate", tmp_path / "decoder.onnx")
@@ -212,5 +257,5 @@ def test_text_generation_with_past(llama_dirs, tmp_path):
     assert "road ops: native" in proc.stdout and "road ops: bodies" in verified.stdout
     typo = road_export("--base", llama_dirs / "base", "--adapter", llama_dirs / "road", "--task",
                        "text-generation-with-pasta", tmp_path / "typo.onnx")
-    assert_bad_input(typo, says="unknown task 'text-generation-with-pasta'")
+    assert_bad_input(typo, says="unknown task 'text-generation-with-pasta'", dirs=d)
     assert not (tmp_path / "typo.onnx").exists()

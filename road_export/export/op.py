@@ -13,7 +13,7 @@ import torch
 
 from road_export import ops, rotation
 
-__all__ = ["rotate", "translate_rotate", "translation_table"]
+__all__ = ["ROTATE", "rotate", "translate_rotate", "translation_table"]
 
 
 @torch.library.custom_op("road::rotate", mutates_args=())
@@ -25,6 +25,9 @@ def rotate(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, group_size: int)
 @rotate.register_fake
 def _rotate_fake(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+ROTATE = torch.ops.road.rotate  # what a RoadLayer calls during capture (export/prepare.py sets it as rotate_fn)
 
 
 def translate_rotate(x, c1, c2, group_size: int):

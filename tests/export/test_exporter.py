@@ -112,11 +112,22 @@ def test_export_leaves_the_model_as_it_was(exports, tmp_path):
 def test_metadata(exports):
     model, result = exports("tiny-qwen2", "road_1", "rotate")
     meta = {p.key: p.value for p in onnx.load(result.path).metadata_props}
-    assert meta["road_export.mode"] == "rotate" and meta["road_export.task"] == "causal-lm"
+    assert meta["road_export.mode"] == "rotate" and meta["road_export.task"] == "text-generation"  # optimum's name
     assert meta["road_export.version"] == rx.__version__
     (adapter,) = json.loads(meta["road_export.adapters"])
     assert adapter["name"] == "default" and adapter["variant"] == "road_1" and adapter["group_size"] == 8
     assert sorted(adapter["layers"]) == sorted(rx.road_layers(model))
+
+
+def test_files_with_the_old_task_names_still_verify(exports, tmp_path):
+    model, result = exports("tiny-qwen2", "road_1", "rotate")
+    old = onnx.load(result.path)
+    for prop in old.metadata_props:
+        if prop.key == "road_export.task":
+            prop.value = "causal-lm"  # what road-export 0.1 wrote
+    onnx.save(old, tmp_path / "old.onnx")
+    assert verify(tmp_path / "old.onnx", model, shapes=((2, 5, 1),)).passed
+    assert verify(result.path, model, task="causal-lm", shapes=((2, 5, 1),)).passed
 
 
 def test_names_and_dynamic_axes(exports):

@@ -90,7 +90,7 @@ def test_io_follows_the_optimum_convention(generation_exports, name):
     graph = onnx.load(result.path).graph
     layers, config = model.config.num_hidden_layers, model.config
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    positions = [] if name == "tiny-opt" else ["position_ids"]
+    positions = ["position_ids"]  # every decoder whose forward takes them, OPT included
     assert [i.name for i in graph.input if not i.name.startswith("model.")] == \
         ["input_ids", "attention_mask", *positions, *past]
     assert [o.name for o in graph.output] == \

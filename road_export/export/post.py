@@ -1,0 +1,220 @@
+"""Post-export steps on the captured onnx-ir model, each an onnx-ir pass, chained by `post_export_passes` as one
+`ir.passes.Sequential`: the exact opset, the road function definitions, swappable coefficient inputs, onnxscript's
+optimizer without inlining, the road pass pipeline, optimum's output and axis names, and the metadata records.
+
+Like torch's exporter, which runs its own passes on the captured program before saving, these touch the graph only:
+no torch here. `check_loadable` is the last check before a file is moved into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx_ir as ir
+
+from road_export import ops as road_op
+from road_export.errors import RoadError
+from road_export.export.capture import quiet
+from road_export.export.tasks import TaskSpec
+from road_export.names import (
+    BATCH,
+    METADATA_ADAPTERS,
+    METADATA_MODE,
+    METADATA_TASK,
+    METADATA_VERSION,
+    PRESENT,
+    SEQUENCE,
+    TOTAL_SEQUENCE,
+)
+from road_export.passes import pipeline
+
+__all__ = [
+    "AttachFunctionsPass", "ConvertOpsetPass", "MetadataPass", "OptimizePass", "OutputNamesPass", "SwappableInputsPass",
+    "PostExportPlan", "check_loadable", "post_export_passes",
+]
+
+
+class ConvertOpsetPass(ir.passes.InPlacePass):
+    """Make the default-domain opset exactly `opset`: the torch exporter writes 18 to 25 and silently keeps 18 for
+    others, so convert (onnxscript's version converter, falling back to onnx's). Raises RoadError when it cannot."""
+
+    def __init__(self, opset: int) -> None:
+        super().__init__()
+        self.opset = opset
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opset, written = self.opset, model.opset_imports.get("")
+        if written == opset:
+            return ir.passes.PassResult(model, modified=False)
+        import onnxscript.version_converter
+
+        try:
+            with warnings.catch_warnings(), quiet():
+                warnings.simplefilter("ignore")
+                onnxscript.version_converter.convert_version(model, opset, fallback=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RoadError(f"--opset {opset}: the exporter wrote opset {written} and it cannot be converted "
+                            f"({first}); choose --opset 18 (or leave it out)") from e
+        if model.opset_imports.get("") != opset:
+            raise RoadError(f"--opset {opset}: the exporter wrote opset {written} and the conversion left "
+                            f"{model.opset_imports.get('')}; choose --opset 18 (or leave it out)")
+        return ir.passes.PassResult(model, modified=True)
+
+
+class AttachFunctionsPass(ir.passes.InPlacePass):
+    """Add the definitions of the road ops the graph uses (ops.attach_functions); the exporter emits bare nodes."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = set(model.functions)
+        road_op.attach_functions(model)
+        return ir.passes.PassResult(model, modified=set(model.functions) != before)
+
+
+class SwappableInputsPass(ir.passes.InPlacePass):
+    """Road coefficients become overridable initializers (graph inputs with defaults) and the swap record is
+    written (road_export.swap.make_swappable); `layer_of` maps each C1 initializer name to its layer path."""
+
+    def __init__(self, layer_of: dict[str, str]) -> None:
+        super().__init__()
+        self.layer_of = layer_of
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from road_export import swap
+
+        records = swap.make_swappable(model, self.layer_of)
+        return ir.passes.PassResult(model, modified=bool(records))
+
+
+class OptimizePass(ir.passes.InPlacePass):
+    """onnxscript's optimizer without inlining, so the road nodes stay one per layer; the road domain stays
+    declared (the optimizer may drop the opset of a function it saw no node of). `on_start` announces the step."""
+
+    def __init__(self, on_start: Callable[[str], None] | None = None) -> None:
+        super().__init__()
+        self.on_start = on_start
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import onnxscript.optimizer
+
+        if self.on_start is not None:
+            self.on_start("optimizing")
+        with warnings.catch_warnings(), quiet():
+            warnings.simplefilter("ignore")
+            onnxscript.optimizer.optimize(model, inline=False)
+        if any(n.domain == road_op.DOMAIN for n in model.graph.all_nodes()):
+            model.opset_imports[road_op.DOMAIN] = road_op.VERSION
+        return ir.passes.PassResult(model, modified=True)
+
+
+class OutputNamesPass(ir.passes.InPlacePass):
+    """The task's output names (optimum's: `logits`, `present.{i}.key`, ...) on the graph outputs, and optimum's
+    axis names on the graph's I/O (road_export.names): under a cache the attention mask and the present
+    keys/values span `past_sequence_length + sequence_length` (instead of the exporter's own symbol, `a + b` or
+    `b + a`), outputs lead with `batch_size` (and `sequence_length` for logits / last_hidden_state). Left alone
+    when the graph has another number of outputs than the task names."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        outputs = model.graph.outputs
+        if len(outputs) != len(self.spec.output_names):
+            return ir.passes.PassResult(model, modified=False)
+        for value, name in zip(outputs, self.spec.output_names, strict=True):
+            value.name = name
+        for value in model.graph.inputs:
+            if value.name == "attention_mask" and self.spec.cache:
+                _rename_axes(value, {1: TOTAL_SEQUENCE})
+        for value in outputs:
+            if value.name.startswith(PRESENT):
+                _rename_axes(value, {0: BATCH, 2: TOTAL_SEQUENCE})
+            elif value.name in ("logits", "last_hidden_state"):
+                _rename_axes(value, {0: BATCH, 1: SEQUENCE})
+            else:
+                _rename_axes(value, {0: BATCH})
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _rename_axes(value: ir.Value, axes: dict[int, str]) -> None:
+    """Give the symbolic axes `axes` ({axis: name}) of a graph input/output these names; fixed sizes stay."""
+    if value.shape is None:
+        return
+    dims = list(value.shape)
+    for axis, name in axes.items():
+        if axis < len(dims) and not isinstance(dims[axis], int):
+            dims[axis] = ir.SymbolicDim(name)
+    value.shape = ir.Shape(dims)
+
+
+class MetadataPass(ir.passes.InPlacePass):
+    """The `road_export.*` metadata props: version, mode (merge|rotate), task, adapters (a JSON list of
+    {name, variant, group_size, layers[, id]})."""
+
+    def __init__(self, mode: str, task: str | None, adapters: list[dict]) -> None:
+        super().__init__()
+        self.mode, self.task, self.adapters = mode, task, adapters
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from road_export import __version__
+
+        props = model.metadata_props
+        props[METADATA_VERSION] = __version__
+        props[METADATA_MODE] = self.mode
+        if self.task:
+            props[METADATA_TASK] = self.task
+        props[METADATA_ADAPTERS] = json.dumps(self.adapters)
+        return ir.passes.PassResult(model, modified=True)
+
+
+@dataclasses.dataclass
+class PostExportPlan:
+    """What the post-export steps need to know about the capture."""
+
+    mode: str
+    spec: TaskSpec | None
+    adapters: list[dict]
+    opset: int | None = None
+    swappable_layers: dict[str, str] | None = None  # C1 initializer -> layer path, for a swappable export
+    optimize: bool = True
+    target: str = "onnxruntime"
+
+
+def post_export_passes(plan: PostExportPlan, on_step: Callable[[str], None] | None = None) -> pipeline.Pipeline:
+    """The post-export passes for `plan`, in order, as one `pipeline.Pipeline` (an `ir.passes.Sequential` whose
+    errors propagate as raised, so a RoadError stays one line); the road pass pipeline is nested in it."""
+    steps: list[ir.passes.PassBase] = []
+    if plan.opset is not None:
+        steps.append(ConvertOpsetPass(plan.opset))
+    if plan.mode == "rotate":
+        steps.append(AttachFunctionsPass())
+    if plan.swappable_layers is not None:
+        steps.append(SwappableInputsPass(plan.swappable_layers))
+    if plan.optimize:
+        steps.append(OptimizePass(on_step))
+    if plan.mode == "rotate":
+        steps.append(pipeline.passes(target=plan.target))
+    if plan.spec is not None:
+        steps.append(OutputNamesPass(plan.spec))
+    steps.append(MetadataPass(plan.mode, plan.spec.task if plan.spec else None, plan.adapters))
+    return pipeline.Pipeline(*steps)
+
+
+def check_loadable(path: Path) -> None:
+    """Raise RoadError unless onnxruntime loads the file (graph optimizations off: this checks, it does not run)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RoadError(f"onnxruntime {ort.__version__} cannot load the exported model ({first[:300]}); nothing was "
+                        "written (with --opset: choose one onnxruntime runs, e.g. 18)") from e

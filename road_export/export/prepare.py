@@ -1,0 +1,201 @@
+"""Preparing the model for capture: adopt a live peft model, check and order its adapters, then swap in for the
+trace plain layers holding merged weights (merge mode) or frozen coefficient buffers (rotate mode).
+
+Everything here is undone when its context exits: the user's model is left as it was. Follows peft's RoAd layer
+(`src/peft/tuners/road/layer.py`): the merge is peft's `merge` (R W, R b) computed row-wise, without the dense R.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from road_export import model as road_model
+from road_export import rotation
+from road_export.errors import RoadError
+from road_export.export import op as torch_op
+from road_export.layers import RoadLayer
+
+__all__ = [
+    "MODES", "adopted", "buffer_names", "describe_adapters", "freeze_coefficients", "merged_copy", "parse_dtype",
+    "plan_adapters", "prepared", "thaw_coefficients",
+]
+
+MODES = ("merge", "rotate")
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None, torch.float32/float16, or their names ("float32", "fp32", "float16", "fp16") -> a torch dtype or None.
+
+    Raises RoadError for any other dtype or name."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, torch.float32, torch.float16):
+            raise RoadError(f"unsupported dtype {dtype}; choose float32 or float16")
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise RoadError(f"unknown dtype {dtype!r}; choose float32 or float16")
+    return table[dtype]
+
+
+def describe_adapters(model: nn.Module) -> list[dict]:
+    """Name, variant, group size and adapted layers of every adapter on the model (the `road_export.adapters`
+    metadata record: {"name", "variant", "group_size", "layers"})."""
+    layers = road_model.road_layers(model)
+    out = []
+    for name, config in (getattr(model, "road_config", None) or {}).items():
+        adapted = [path for path, layer in layers.items() if name in layer.road_theta]
+        if adapted:
+            out.append({"name": name, "variant": config.variant, "group_size": config.group_size,
+                        "layers": adapted})
+    return out
+
+
+def plan_adapters(model: nn.Module, mode: str, *, require_adapter: bool = True,
+                  name: str | None = None) -> tuple[list[dict], tuple[str, ...]]:
+    """(adapter records, mixed-batch order) for exporting `model` in `mode`.
+
+    Several adapters in rotate mode make a mixed-adapter graph: each record gets its `adapter_ids` row ("id", from
+    1; 0 is the base model) and the order is their names; otherwise the order is empty. Raises RoadError for an
+    unknown mode, no adapter (unless `require_adapter=False` in merge mode), or several adapters in merge mode.
+    """
+    if mode not in MODES:
+        raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
+    adapters = describe_adapters(model)
+    if not adapters and (require_adapter or mode == "rotate"):
+        raise RoadError(f"{name or type(model).__name__} has no RoAd adapter; load one with road_export.load_adapter "
+                        "first")
+    if mode == "merge" and len(adapters) > 1:
+        raise RoadError(f"merge mode takes one adapter, the model has {len(adapters)} "
+                        f"({', '.join(a['name'] for a in adapters)}); use mode='rotate' for a mixed-adapter graph")
+    if mode != "rotate" or len(adapters) < 2:
+        return adapters, ()
+    for i, adapter in enumerate(adapters):
+        adapter["id"] = i + 1
+    return adapters, tuple(a["name"] for a in adapters)
+
+
+@contextlib.contextmanager
+def adopted(model: nn.Module) -> Iterator[nn.Module]:
+    """Our model as is; a live peft model's RoAd layers adopted (`adapters.from_peft`) for the duration, then put
+    back, so the peft model is unchanged afterwards. Needs peft for a peft model."""
+    if not hasattr(model, "peft_config"):
+        yield model
+        return
+    from peft.tuners.road.layer import RoadLayer as PeftRoadLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    from road_export.adapters import from_peft
+
+    base = model.get_base_model()
+    originals = {name: m for name, m in base.named_modules() if name}
+    replaced = {n: m for n, m in originals.items() if isinstance(m, PeftRoadLayer | ModulesToSaveWrapper)}
+    adopted_model = from_peft(model)
+    try:
+        yield adopted_model
+    finally:
+        for name, module in replaced.items():
+            road_model._replace(base, name, module)
+        if hasattr(base, "road_config"):
+            del base.road_config
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module, mode: str, dtype: torch.dtype | None, order: tuple[str, ...] = ()
+             ) -> Iterator[nn.Module]:
+    """The model as it will be traced (eval mode; a float16 copy for dtype float16); undone on exit.
+
+    merge: each RoadLayer is replaced by `merged_copy(layer)`. rotate: each RoadLayer's coefficients become
+    buffers (`freeze_coefficients`) and it calls `torch.ops.road.rotate`. Raises RoadError in rotate mode for a
+    layer with merged adapters."""
+    target = model
+    if dtype is not None and dtype != torch.float32:
+        target = copy.deepcopy(model).to(dtype)
+    layers = road_model.road_layers(target)
+    was_training = target.training
+    target.eval()
+    undo: list = []
+    try:
+        if mode == "merge":
+            for name, layer in layers.items():
+                plain = merged_copy(layer)
+                road_model._replace(target, name, plain)
+                undo.append(lambda name=name, layer=layer: road_model._replace(target, name, layer))
+        else:
+            for layer in layers.values():
+                if layer.merged:
+                    raise RoadError(f"module {layer.module_name} has merged adapters; unmerge before rotate export")
+                freeze_coefficients(layer, dtype, order)
+                undo.append(lambda layer=layer: thaw_coefficients(layer))
+        yield target
+    finally:
+        for fn in reversed(undo):
+            fn()
+        target.train(was_training)
+
+
+def merged_copy(layer: RoadLayer) -> nn.Module:
+    """A new plain layer with the active adapter merged (W' = R W, b' = R b, row-wise in float32, then the layer's
+    dtype); the original layer's tensors are not touched. No active adapter, merged or disabled: the base layer."""
+    base = layer.base_layer
+    plain = copy.copy(base)
+    plain._parameters = dict(base._parameters)
+    name = layer.active_adapter
+    if name is None or layer.merged or layer.disabled:
+        return plain
+    c1, c2 = layer.coefficients(name)
+    g = layer.group_size[name]
+    with torch.no_grad():
+        c1, c2 = c1.detach().float(), c2.detach().float()
+        w = rotation.merge_(base.weight.detach().float().clone().contiguous(), c1, c2, g, axis=layer.weight_axis)
+        plain.weight = nn.Parameter(w.to(base.weight.dtype), requires_grad=False)
+        if base.bias is not None:
+            b = rotation.merge_(base.bias.detach().float().clone(), c1, c2, g)
+            plain.bias = nn.Parameter(b.to(base.bias.dtype), requires_grad=False)
+    return plain
+
+
+def buffer_names(adapter: str) -> tuple[str, str]:
+    """Names of the coefficient buffers (and so of the ONNX initializers, after the layer path):
+    `road_c1_<adapter>`, `road_c2_<adapter>` with non-word characters replaced by `_`."""
+    safe = re.sub(r"\W", "_", adapter)
+    return f"road_c1_{safe}", f"road_c2_{safe}"
+
+
+def freeze_coefficients(layer: RoadLayer, dtype: torch.dtype | None, order: tuple[str, ...] = ()) -> None:
+    """Coefficients become buffers, so the exporter writes them as named initializers.
+
+    One adapter per layer: c1/c2 [d] per adapter (`buffer_names`). A mixed-batch `order`: per group size g, banks
+    [len(order) + 1, d] (`road_bank_c1_g<g>`, row 0 identity) gathered by `adapter_ids`."""
+    if order:
+        banks = layer.banks(order)
+        layer.frozen_banks = {}
+        for g, (bank1, bank2) in banks.items():
+            n1, n2 = f"road_bank_c1_g{g}", f"road_bank_c2_g{g}"
+            layer.register_buffer(n1, bank1.detach().to(dtype or bank1.dtype).clone(), persistent=False)
+            layer.register_buffer(n2, bank2.detach().to(dtype or bank2.dtype).clone(), persistent=False)
+            layer.frozen_banks[g] = (n1, n2)
+        layer.rotate_fn = torch_op.ROTATE
+        return
+    names = list(layer.road_theta.keys())
+    for adapter in names:
+        c1, c2 = layer.coefficients(adapter)
+        n1, n2 = buffer_names(adapter)
+        layer.register_buffer(n1, c1.detach().to(dtype or c1.dtype).clone(), persistent=False)
+        layer.register_buffer(n2, c2.detach().to(dtype or c2.dtype).clone(), persistent=False)
+    layer.frozen = {a: buffer_names(a) for a in names}
+    layer.rotate_fn = torch_op.ROTATE
+
+
+def thaw_coefficients(layer: RoadLayer) -> None:
+    """Undo `freeze_coefficients`: drop the buffers, back to the eager rotation."""
+    for n1, n2 in [*layer.frozen.values(), *layer.frozen_banks.values()]:
+        delattr(layer, n1)
+        delattr(layer, n2)
+    layer.frozen, layer.frozen_banks = {}, {}
+    layer.rotate_fn = rotation.rotate
