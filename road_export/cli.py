@@ -662,9 +662,18 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("merge-checkpoint", merge_checkpoint_parser, run_merge_checkpoint, "merge an adapter into a "
             "safetensors checkpoint, shard by shard"),
     Command("kernels", kernels_parser, run_kernels, "build the native onnxruntime kernels, print the library path"),
+    Command("serve", lambda: _serving().serve_parser(), lambda args: _serving().run_serve(args), "serve a model "
+            "directory's adapters over OpenAI's API on Ray Serve, batched together (road-export[serve])"),
     Command("help", help_parser, run_help, "show this overview, or one command's options (help COMMAND)"),
 )}
 SUBCOMMANDS = tuple(COMMANDS)
+
+
+def _serving():
+    """road_export.serving.cli, imported when `serve` is used (Ray is an optional extra)."""
+    from road_export.serving import cli
+
+    return cli
 
 
 def _overview() -> str:

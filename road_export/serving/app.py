@@ -1,0 +1,100 @@
+"""The Ray Serve application: one `RoadServer` deployment (N replicas) serving a model directory over OpenAI's API.
+
+Each replica owns an `Engine` (one onnxruntime session, continuous batching across adapters) driven by an
+`AsyncEngine` thread, and serves `http.create_app`'s FastAPI routes through `serve.ingress` (late bound:
+`__serve_build_asgi_app__` builds the app after the constructor, so the routes reach this replica's engine).
+Arrivals are grouped by `@serve.batch` (`max_batch_size`, `batch_wait_timeout_s` = --batch-wait-ms) so that
+requests arriving together are prefilled in one run; the engine then decodes every running row in one run per step.
+Ray Serve routes requests across replicas and across the machines of a Ray cluster.
+
+Metrics go through `ray.serve.metrics` (Counter, Histogram, Gauge; Ray exports them to Prometheus with the
+deployment, replica and application tags): road_serve_requests (by model and finish_reason), road_serve_prompt_tokens
+and road_serve_completion_tokens (by model), road_serve_batch_size and road_serve_adapters_per_batch (per onnxruntime
+run), road_serve_step_seconds, road_serve_running (rows in the batch).
+
+Ray is imported here and in `road_export.serving.cli` only (the `serve` extra: `pip install 'road-export[serve]'`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import metrics
+
+from road_export.serving.engine import Engine, GenerationRequest, Stats
+from road_export.serving.http import create_app
+from road_export.serving.loop import AsyncEngine
+from road_export.serving.protocol import OpenAIService
+
+__all__ = ["RayMetrics", "RoadServer", "build_app"]
+
+BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class RayMetrics:
+    """The engine's `Recorder` on Ray Serve's metrics (see the module docstring for the names)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.requests = metrics.Counter("road_serve_requests", description="Finished completion requests.",
+                                        tag_keys=("model", "finish_reason"))
+        self.prompt_tokens = metrics.Counter("road_serve_prompt_tokens", description="Prompt tokens prefilled.",
+                                             tag_keys=("model",))
+        self.completion_tokens = metrics.Counter("road_serve_completion_tokens",
+                                                 description="Tokens generated.", tag_keys=("model",))
+        self.batch_size = metrics.Histogram("road_serve_batch_size", description="Rows per onnxruntime run.",
+                                            boundaries=BATCH_SIZES)
+        self.adapters = metrics.Histogram("road_serve_adapters_per_batch",
+                                          description="Distinct adapters (the base counts as one) per run.",
+                                          boundaries=BATCH_SIZES)
+        self.step_seconds = metrics.Histogram("road_serve_step_seconds", description="Seconds per onnxruntime run.",
+                                              boundaries=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1])
+        self.running = metrics.Gauge("road_serve_running", description="Rows in the running batch.")
+
+    def on_step(self, batch_size: int, adapters: int, seconds: float) -> None:
+        self.batch_size.observe(batch_size)
+        self.adapters.observe(adapters)
+        self.step_seconds.observe(seconds)
+        self.running.set(self.engine.running)
+
+    def on_finish(self, model: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests.inc(tags={"model": model, "finish_reason": finish_reason})
+        self.prompt_tokens.inc(prompt_tokens, tags={"model": model})
+        if completion_tokens:
+            self.completion_tokens.inc(completion_tokens, tags={"model": model})
+
+
+@serve.ingress()
+class RoadServer:
+    """One replica: an Engine over `model_dir` behind OpenAI's routes (see the module docstring)."""
+
+    def __init__(self, model_dir: str, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
+                 threads: int | None = None, served_model_name: str | None = None, native: bool | None = None):
+        self.stats = Stats()
+        self.engine = Engine(model_dir, max_batch_size=max_batch_size, threads=threads, native=native,
+                             served_model_name=served_model_name, recorders=[self.stats])
+        self.engine.recorders.append(RayMetrics(self.engine))
+        self.loop = AsyncEngine(self.engine)
+        self.admit.set_max_batch_size(max_batch_size)
+        self.admit.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.service = OpenAIService(self.loop, submit=self.admit)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.service, self.stats)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def admit(self, requests: list[GenerationRequest]) -> list[Any]:
+        """Requests that arrived within the batch wait, queued on the engine together (one prefill)."""
+        return self.loop.submit_many(requests)
+
+
+def build_app(model_dir: str, *, replicas: int = 1, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
+              threads: int | None = None, num_cpus: float | None = None, served_model_name: str | None = None,
+              native: bool | None = None):
+    """The bound application for `serve.run`: `replicas` copies of RoadServer, each taking `num_cpus` CPUs from
+    Ray's scheduler (default: `threads`, else 1) and accepting up to 4 × max_batch_size requests at once."""
+    deployment = serve.deployment(RoadServer, name="RoadServer").options(
+        num_replicas=replicas, max_ongoing_requests=max(4 * max_batch_size, 8),
+        ray_actor_options={"num_cpus": num_cpus if num_cpus is not None else (threads or 1)})
+    return deployment.bind(str(model_dir), max_batch_size, batch_wait_ms, threads, served_model_name, native)

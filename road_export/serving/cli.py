@@ -1,0 +1,125 @@
+"""`road-export serve MODEL_DIR`: start the Ray Serve application and serve until SIGINT/SIGTERM.
+
+Every option and the model directory are checked before Ray starts; a missing Ray is one line saying how to
+install it. Without --address a local Ray instance is started (and stopped on exit); with --address the
+application is deployed on that cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on the
+others) and left running there until SIGINT/SIGTERM, when it is deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from road_export.errors import RoadError
+
+__all__ = ["run_serve", "serve_parser"]
+
+APP_NAME = "road-export"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1 to 65535)")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{value} must be from 0 to 10000 ms")
+    return value
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    from road_export.cli import _Parser
+
+    parser = _Parser(prog="road-export serve", description="Serve a rotate export's model directory over "
+                     "OpenAI's completions API on Ray Serve: `model` picks the adapter, requests for different "
+                     "adapters decode in one batch (continuous batching). Needs road-export[serve].")
+    parser.add_argument("model", metavar="MODEL_DIR", help="a model directory written by road-export ... --mode "
+                        "rotate OUT_DIR (a decoder with its KV cache and the base model's tokenizer)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for "
+                        "every interface)")
+    parser.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--replicas", type=_positive_int, default=1, help="engine replicas; Ray places them on the "
+                        "cluster's machines (default 1)")
+    parser.add_argument("--max-batch-size", type=_positive_int, default=16,
+                        help="rows decoded together per replica (default 16)")
+    parser.add_argument("--batch-wait-ms", type=_milliseconds, default=5.0,
+                        help="how long arrivals are gathered into one prefill (default 5 ms)")
+    parser.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads per replica (default: "
+                        "onnxruntime's); also the CPUs each replica reserves in Ray")
+    parser.add_argument("--served-model-name", metavar="NAME", help="the `model` name that selects the base model "
+                        "(default: the directory's name)")
+    parser.add_argument("--address", metavar="HOST:PORT", help="join this Ray cluster (default: start a local "
+                        "Ray instance)")
+    parser.add_argument("--no-native", action="store_true", help="run road ops on their standard-op bodies")
+    return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from road_export.model_dir import is_model_dir
+
+    model = Path(args.model)
+    if not is_model_dir(model):
+        raise RoadError(f"{model}: not a model directory (no onnx/model.onnx); write one with road-export --base B "
+                        "--adapter NAME=DIR --mode rotate OUT_DIR")
+    if not (model / "tokenizer.json").is_file():
+        raise RoadError(f"{model}: no tokenizer.json; copy the base model's tokenizer into it "
+                        f"(tokenizer.save_pretrained('{model}'))")
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise RoadError("serving needs Ray Serve: pip install 'road-export[serve]'") from None
+    from road_export.serving.app import build_app
+    from road_export.serving.engine import Engine
+
+    # the model is checked here first, so that a bad directory is one line and not a replica crash loop
+    engine = Engine(model, max_batch_size=args.max_batch_size, threads=1,
+                    served_model_name=args.served_model_name, native=False if args.no_native else None)
+    names = engine.model_names
+    del engine
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    local = args.address is None
+    try:
+        ray.init(address=args.address, include_dashboard=False)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        app = build_app(str(model.resolve()), replicas=args.replicas, max_batch_size=args.max_batch_size,
+                        batch_wait_ms=args.batch_wait_ms, threads=args.threads,
+                        served_model_name=args.served_model_name or model.resolve().name,
+                        native=False if args.no_native else None)
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 ({args.replicas} replica(s), "
+              f"max batch {args.max_batch_size}); Ctrl-C stops", flush=True)
+        stop.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if ray.is_initialized():
+            try:
+                if local:
+                    serve.shutdown()
+                else:
+                    serve.delete(APP_NAME)  # the cluster's Serve keeps running for other applications
+            finally:
+                ray.shutdown()
+    return 0

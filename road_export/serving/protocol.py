@@ -1,0 +1,264 @@
+"""OpenAI's completions and chat completions API over `AsyncEngine`, as plain Python (no web framework, no Ray).
+
+Request fields follow OpenAI's API reference (and vLLM's OpenAI-compatible server, which serves LoRA adapters by
+name the same way): `model` picks the adapter, or the base by the served model name; `prompt` (a string, or token
+ids) or `messages`; `max_tokens` (`max_completion_tokens` for chat), `temperature` (0: greedy), `top_p`, `seed`,
+`stop` (a string or up to 4), `stream`, `stream_options.include_usage`, `n` = 1. Unknown fields are ignored, as
+OpenAI-compatible servers do; fields that would change the output but are not implemented (`n` > 1, `logprobs`,
+`echo`, penalties, `logit_bias`, `best_of`) are refused with 400 rather than ignored.
+
+Errors are `ApiError`s carrying OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and an HTTP
+status: 400 invalid_request_error (a bad parameter, `context_length_exceeded`), 404 (`model_not_found`).
+Streaming responses are server-sent events: `data: {chunk}` lines in OpenAI's chunk format, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from road_export.errors import RoadError
+from road_export.serving.engine import GenerationRequest, Output, SamplingParams
+from road_export.serving.loop import AsyncEngine
+
+__all__ = ["ApiError", "OpenAIService"]
+
+UNSUPPORTED = {  # field -> the value that means "off"
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"}),
+}
+
+
+class ApiError(Exception):
+    """An OpenAI-style error: `status` (HTTP) and `body()` = {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _number(body: dict, key: str, default, *, low: float, high: float, integer: bool = False):
+    value = body.get(key)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise ApiError(f"{key} must be {what} from {low} to {high}, got {value!r}", param=key,
+                       code="invalid_value")
+    return value
+
+
+class OpenAIService:
+    """The API's handlers. `submit` queues requests on the engine and returns their output queues: by default
+    `AsyncEngine.submit_many`; the Ray deployment passes its `@serve.batch` method, which groups arrivals."""
+
+    def __init__(self, engine: AsyncEngine, *, submit: Callable[[GenerationRequest], Awaitable[Any]] | None = None):
+        self.engine = engine
+        self.core = engine.engine
+        self._submit = submit
+        self.created = int(time.time())
+
+    # ---- GET /v1/models ----
+
+    def models(self) -> dict[str, Any]:
+        """OpenAI's model list: the base (when served) and every adapter, adapters with `parent` = the base."""
+        base = self.core.base_name
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "road-export",
+                 "root": base, "parent": None if name == base else base} for name in self.core.model_names]
+        return {"object": "list", "data": data}
+
+    # ---- POST /v1/completions and /v1/chat/completions ----
+
+    def parse(self, body: Any, *, chat: bool) -> tuple[GenerationRequest, bool, bool]:
+        """(the engine request, stream, include_usage) for a request body; raises ApiError."""
+        if not isinstance(body, dict):
+            raise ApiError("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError("model is required: the base model's name or an adapter's (GET /v1/models)",
+                           param="model", code="missing_required_parameter" if model is None else "invalid_value")
+        if model not in self.core.model_names:
+            raise ApiError(f"The model `{model}` does not exist; this server has {self.core.model_names}",
+                           status=404, param="model", code="model_not_found")
+        for key, off in UNSUPPORTED.items():
+            if key in body and body[key] not in off:
+                raise ApiError(f"{key} is not supported by this server; leave it out", param=key,
+                               code="unsupported_parameter")
+        if body.get("n", 1) != 1:
+            raise ApiError(f"n must be 1 (one choice per request), got {body.get('n')!r}", param="n",
+                           code="invalid_value")
+        prompt_ids, param = self._chat_prompt(body) if chat else self._prompt(body)
+        room = self.core.context_length - len(prompt_ids)
+        if room < 1:
+            raise ApiError(f"This model's maximum context length is {self.core.context_length} tokens. However, "
+                           f"your prompt has {len(prompt_ids)} tokens. Please shorten it.", param=param,
+                           code="context_length_exceeded")
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _number(body, key, room if chat else min(16, room), low=1, high=2**31 - 1, integer=True)
+        if len(prompt_ids) + max_tokens > self.core.context_length:
+            raise ApiError(f"This model's maximum context length is {self.core.context_length} tokens. However, you "
+                           f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the "
+                           f"{'messages' if chat else 'prompt'}, {max_tokens} in the completion). Please reduce the "
+                           f"length of the {'messages' if chat else 'prompt'} or {key}.", param=key,
+                           code="context_length_exceeded")
+        temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
+        top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0)
+        if top_p == 0:
+            raise ApiError("top_p must be > 0", param="top_p", code="invalid_value")
+        seed = _number(body, "seed", None, low=-(2**63), high=2**63 - 1, integer=True)
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+            raise ApiError("stop must be a string or a list of up to 4 strings", param="stop", code="invalid_value")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError("stream must be true or false", param="stream", code="invalid_value")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError("stream_options must be an object", param="stream_options", code="invalid_value")
+        params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                                seed=None if seed is None else seed % 2**63, stop=tuple(stops))
+        request = GenerationRequest(model, prompt_ids, params, request_id=f"{'chatcmpl' if chat else 'cmpl'}-"
+                                    f"{uuid.uuid4().hex}")
+        return request, stream, bool(options.get("include_usage"))
+
+    def _prompt(self, body: dict) -> tuple[list[int], str]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError("prompt is empty", param="prompt", code="invalid_value")
+            return self.core.tokenizer.encode(prompt), "prompt"
+        vocab = self.core.tokenizer.vocab_size
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            if not all(0 <= t < vocab for t in prompt):
+                raise ApiError(f"prompt token ids must lie in [0, {vocab})", param="prompt", code="invalid_value")
+            return list(prompt), "prompt"
+        if isinstance(prompt, list) and len(prompt) > 1:
+            raise ApiError("give one prompt per request (a string or a list of token ids)", param="prompt",
+                           code="invalid_value")
+        raise ApiError("prompt is required: a string or a list of token ids", param="prompt",
+                       code="missing_required_parameter" if prompt is None else "invalid_value")
+
+    def _chat_prompt(self, body: dict) -> tuple[list[int], str]:
+        if self.core.tokenizer.chat_template is None:
+            raise ApiError("this model's tokenizer has no chat template; use /v1/completions", param="messages",
+                           code="invalid_value")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError("messages is required: a list of {role, content}", param="messages",
+                           code="missing_required_parameter" if messages is None else "invalid_value")
+        plain = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ApiError(f"messages[{i}] must be an object with a role", param=f"messages[{i}]",
+                               code="invalid_value")
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise ApiError(f"messages[{i}].content: only text parts are supported",
+                                   param=f"messages[{i}].content", code="invalid_value")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise ApiError(f"messages[{i}].content must be a string", param=f"messages[{i}].content",
+                               code="invalid_value")
+            plain.append({**message, "content": content})
+        try:
+            text = self.core.tokenizer.apply_chat_template(plain, add_generation_prompt=True)
+        except Exception as e:  # jinja2's TemplateError from the template's raise_exception, or a bad template
+            raise ApiError(f"the chat template refused the messages: {e}", param="messages",
+                           code="invalid_value") from e
+        return self.core.tokenizer.encode(text, add_special_tokens=False), "messages"
+
+    async def submit(self, request: GenerationRequest):
+        """The output queue of `request` (through the Ray batcher when there is one)."""
+        try:
+            if self._submit is not None:
+                return await self._submit(request)
+            return self.engine.submit_many([request])[0]
+        except RoadError as e:
+            raise ApiError(str(e)) from e
+
+    async def complete(self, body: Any, *, chat: bool) -> dict[str, Any] | AsyncIterator[str]:
+        """The response object, or for `stream: true` an async iterator of server-sent event lines."""
+        request, stream, include_usage = self.parse(body, chat=chat)
+        queue = await self.submit(request)
+        outputs = self.engine.generate(request, queue)
+        if stream:
+            return self._events(request, outputs, chat=chat, include_usage=include_usage)
+        text, last = [], None
+        async for output in outputs:
+            text.append(output.text)
+            last = output
+        return self._response(request, "".join(text), last, chat=chat)
+
+    def _check_output(self, output: Output) -> None:
+        if output.finish_reason == "error":
+            raise ApiError(f"generation failed: {output.error}", status=500, type="server_error")
+
+    def _response(self, request: GenerationRequest, text: str, last: Output, *, chat: bool) -> dict[str, Any]:
+        self._check_output(last)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": request.request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": request.model, "choices": [choice],
+                "usage": _usage(last)}
+
+    async def _events(self, request: GenerationRequest, outputs: AsyncIterator[Output], *, chat: bool,
+                      include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        base = {"id": request.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": request.model}
+
+        def event(choice: dict[str, Any] | None, usage: dict | None = None) -> str:
+            chunk = {**base, "choices": [] if choice is None else [choice]}
+            if include_usage:
+                chunk["usage"] = usage
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        try:
+            if chat:
+                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+            last = None
+            async for output in outputs:
+                last = output
+                if output.finish_reason == "error":
+                    error = ApiError(f"generation failed: {output.error}", status=500, type="server_error")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    break
+                if not output.text and not output.finished:
+                    continue
+                if chat:
+                    delta = {"content": output.text} if output.text or not output.finished else {}
+                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": output.finish_reason}
+                else:
+                    choice = {"index": 0, "text": output.text, "logprobs": None,
+                              "finish_reason": output.finish_reason}
+                yield event(choice)
+            if include_usage and last is not None:
+                yield event(None, _usage(last))
+            yield "data: [DONE]\n\n"
+        finally:
+            await outputs.aclose()  # a client that went away cancels its request
+
+
+def _usage(output: Output) -> dict[str, int]:
+    return {"prompt_tokens": output.prompt_tokens, "completion_tokens": output.completion_tokens,
+            "total_tokens": output.prompt_tokens + output.completion_tokens}
