@@ -1,0 +1,467 @@
+"""road-export serve: the continuous-batching engine, the OpenAI API and the Ray Serve application.
+
+One tiny model directory (tiny Llama, a BPE tokenizer trained offline, three peft RoAd adapters, a rotate export
+with its KV cache) serves every test. The reference is peft: `PeftModel.generate` greedy, decoded with transformers'
+own tokenizer. Most tests drive the engine and the FastAPI app in this process (no Ray); the last few start one
+local Ray Serve application for the module and shut Ray down after.
+"""
+
+import asyncio
+import json
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from road_export.serving import engine as engine_module
+from road_export.serving.engine import Engine, GenerationRequest, SamplingParams, Stats
+from road_export.serving.example import build_example
+from road_export.serving.loop import AsyncEngine
+from road_export.serving.protocol import ApiError, OpenAIService
+from road_export.serving.text import Detokenizer, TextTokenizer
+
+PROMPTS = ["The quick brown fox", "Many tenants share one base model;", "Où est la gare?",
+           "Continuous batching lets a request"]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    return build_example(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def reference(example):
+    """(peft model with the three adapters, transformers' tokenizer), both loaded by their own libraries."""
+    import peft
+    import transformers
+
+    base = transformers.LlamaForCausalLM.from_pretrained(example.base)
+    names = list(example.adapters)
+    model = peft.PeftModel.from_pretrained(base, example.adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(example.adapters[name], adapter_name=name)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(example.base)
+
+
+def peft_generate(reference, adapter, prompt_ids, new=NEW):
+    """peft's greedy generate for one prompt through `adapter` (None: the base); returns (new ids, their text)."""
+    model, tokenizer = reference
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                     do_sample=False)
+        else:
+            model.set_adapter(adapter)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 do_sample=False)
+    new_ids = out[0, len(prompt_ids):].tolist()
+    return new_ids, tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def engine(example):
+    return Engine(example.model, max_batch_size=8, threads=1, recorders=[Stats()])
+
+
+def run_engine(engine, requests, *, arrive=None):
+    """Step `engine` until every request finished; `arrive` {step: [requests]} submits some later. Returns
+    {request_id: (token ids, text, finish_reason)}."""
+    arrive = dict(arrive or {})
+    for r in requests:
+        engine.submit(r)
+    results, step = {}, 0
+    while engine.has_work() or arrive:
+        for r in arrive.pop(step, []):
+            engine.submit(r)
+        for o in engine.step():
+            ids, text, _ = results.get(o.request_id, ([], "", None))
+            results[o.request_id] = (ids + o.token_ids, text + o.text, o.finish_reason)
+        step += 1
+    return results
+
+
+def greedy(model, prompt_ids, max_tokens=NEW, rid=""):
+    return GenerationRequest(model, list(prompt_ids), SamplingParams(max_tokens=max_tokens, temperature=0),
+                             request_id=rid)
+
+
+# ---- the engine, no HTTP ----
+
+def test_greedy_for_each_adapter_equals_peft_generate(engine, reference):
+    tokenizer = reference[1]
+    for model in engine.model_names:
+        adapter = None if model == engine.base_name else model
+        for prompt in PROMPTS[:2]:
+            ids = tokenizer(prompt)["input_ids"]
+            assert engine.tokenizer.encode(prompt) == ids
+            want_ids, want_text = peft_generate(reference, adapter, ids)
+            got = run_engine(engine, [greedy(model, ids, rid="one")])["one"]
+            assert got[0] == want_ids, (model, prompt)
+            assert got[1] == want_text, (model, prompt)
+            assert got[2] == ("stop" if len(want_ids) < NEW else "length")
+
+
+def test_concurrent_requests_for_different_adapters_equal_each_alone(engine):
+    names = engine.model_names
+    requests = [greedy(names[i % len(names)], engine.tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
+                       max_tokens=8 + 3 * i, rid=f"r{i}") for i in range(10)]
+    alone = {r.request_id: run_engine(engine, [greedy(r.model, r.prompt_ids, r.params.max_tokens, r.request_id)])
+             [r.request_id] for r in requests}
+    stats = Stats()
+    engine.recorders.append(stats)
+    try:  # 6 at once, the rest joining the running batch at steps 3, 5 and 9 (max_batch_size 8: some wait)
+        together = run_engine(engine, requests[:6], arrive={3: requests[6:8], 5: requests[8:9], 9: requests[9:]})
+    finally:
+        engine.recorders.remove(stats)
+    assert together == alone
+    assert max(stats.batch_sizes) == 8 and max(stats.adapters_per_batch) == len(names)
+    assert engine.running == 0 and engine.waiting == 0
+
+
+def test_rows_of_a_wrong_adapter_are_caught(engine, monkeypatch):
+    """A planted fault: every row through the base. The comparison with single runs must see it."""
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    right = run_engine(engine, [greedy("beta", ids, rid="b")])["b"]
+    monkeypatch.setattr(engine, "_adapter_name", lambda model: "__base__")
+    wrong = run_engine(engine, [greedy("beta", ids, rid="b")])["b"]
+    assert wrong != right
+
+
+def test_masking_the_merged_padding_matters(engine, monkeypatch):
+    """A planted fault: a joining row's cache padding left unmasked (attention_mask 1) must change its text."""
+    def requests():
+        return [greedy("alpha", engine.tokenizer.encode(PROMPTS[1]), 12, "long"),
+                greedy("gamma", engine.tokenizer.encode("x"), 12, "short")]
+
+    reqs = requests()
+    right = run_engine(engine, reqs[:1], arrive={2: reqs[1:]})
+    original = engine_module._merge
+
+    def merge_unmasked(batch, rows, past, mask):
+        if batch.rows and batch.mask.shape[1] > mask.shape[1]:
+            mask = np.concatenate([np.ones((len(rows), batch.mask.shape[1] - mask.shape[1]), np.int64), mask], 1)
+            past = {k: np.concatenate([np.zeros(v.shape[:2] + (mask.shape[1] - v.shape[2],) + v.shape[3:],
+                                                v.dtype), v], 2) for k, v in past.items()}
+        return original(batch, rows, past, mask)
+
+    monkeypatch.setattr(engine_module, "_merge", merge_unmasked)
+    reqs = requests()
+    wrong = run_engine(engine, reqs[:1], arrive={2: reqs[1:]})
+    assert wrong["long"] == right["long"] and wrong["short"] != right["short"]
+
+
+def test_seeded_sampling_repeats_and_top_p_narrows(engine):
+    ids = engine.tokenizer.encode(PROMPTS[2])
+
+    def sample(seed, top_p=1.0, rid="s"):
+        params = SamplingParams(max_tokens=16, temperature=1.5, top_p=top_p, seed=seed)
+        return run_engine(engine, [GenerationRequest("gamma", ids, params, request_id=rid)])[rid][0]
+
+    assert sample(7) == sample(7) != sample(8)
+    tiny_p = sample(3, top_p=1e-6)
+    assert tiny_p == run_engine(engine, [greedy("gamma", ids, 16, "g")])["g"][0][:len(tiny_p)]
+
+
+def test_stop_strings_and_the_context_length(engine):
+    ids = engine.tokenizer.encode(PROMPTS[3])
+    full = run_engine(engine, [greedy("alpha", ids, 20, "f")])["f"][1]
+    stop = full[5:8]
+    cut = run_engine(engine, [GenerationRequest("alpha", ids, SamplingParams(20, 0, stop=("zzz", stop)),
+                                                request_id="s")])["s"]
+    assert cut[1] == full[:full.index(stop)] and cut[2] == "stop"
+    with pytest.raises(Exception, match="maximum context length is 128"):
+        engine.submit(greedy("alpha", ids, 128 - len(ids) + 1))
+    with pytest.raises(Exception, match="does not exist"):
+        engine.submit(greedy("delta", ids))
+
+
+def test_detokenizer_holds_back_partial_characters_and_stop_prefixes(engine):
+    tokenizer: TextTokenizer = engine.tokenizer
+    text = "Zwölf Boxkämpfer jagen Viktor"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = Detokenizer(tokenizer)
+    pieces = [detok.add(t) for t in ids] + [detok.finish()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    detok = Detokenizer(tokenizer, stop=["Vik"])
+    pieces = [detok.add(t) for t in ids]
+    assert "".join(pieces) + detok.finish() == "Zwölf Boxkämpfer jagen " and detok.stopped
+
+
+def test_a_consumer_that_goes_away_frees_its_slot(example):
+    engine = Engine(example.model, max_batch_size=2, threads=1)
+    looper = AsyncEngine(engine)
+
+    async def go():
+        ids = engine.tokenizer.encode(PROMPTS[0])
+        request = greedy("beta", ids, 100, "gone")
+        outputs = looper.generate(request)
+        first = [await outputs.__anext__() for _ in range(3)]
+        await outputs.aclose()  # what a disconnected client's stream does
+        for _ in range(200):
+            if not engine.has_work():
+                break
+            await asyncio.sleep(0.01)
+        return first
+
+    try:
+        first = asyncio.run(go())
+        assert len(first) == 3 and not first[-1].finished
+        assert not engine.has_work() and engine.running == 0
+    finally:
+        looper.close()
+
+
+# ---- the OpenAI API (FastAPI in this process, no Ray) ----
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    from road_export.serving.http import create_app
+
+    looper = AsyncEngine(engine)
+    stats = Stats()
+    engine.recorders.append(stats)
+    with TestClient(create_app(OpenAIService(looper), stats)) as c:
+        yield c
+    engine.recorders.remove(stats)
+    looper.close()
+
+
+def events(response):
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def test_completions_for_each_model_equal_peft(client, engine, reference):
+    names = client.get("/v1/models").json()
+    assert [m["id"] for m in names["data"]] == [engine.base_name, "alpha", "beta", "gamma"]
+    ids = reference[1](PROMPTS[1])["input_ids"]
+    for model in engine.model_names:
+        _, want = peft_generate(reference, None if model == engine.base_name else model, ids, new=10)
+        body = client.post("/v1/completions", json={"model": model, "prompt": PROMPTS[1], "max_tokens": 10,
+                                                    "temperature": 0}).json()
+        assert body["object"] == "text_completion" and body["model"] == model
+        assert body["choices"][0]["text"] == want
+        assert body["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_chat_completions_use_the_chat_template(client, reference):
+    _, tokenizer = reference
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is the station?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    _, want = peft_generate(reference, "gamma", list(ids), new=12)
+    body = client.post("/v1/chat/completions", json={"model": "gamma", "messages": messages, "max_tokens": 12,
+                                                     "temperature": 0}).json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": want}
+    assert body["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_streaming_sends_the_same_text_in_chunks(client):
+    request = {"model": "beta", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
+    whole = client.post("/v1/completions", json=request).json()["choices"][0]
+    chunks = events(client.post("/v1/completions", json={**request, "stream": True,
+                                                          "stream_options": {"include_usage": True}}))
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == whole["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 16
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+    whole = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    chunks = events(client.post("/v1/chat/completions", json={**chat, "stream": True}))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_concurrent_http_requests_batch_across_adapters(client, engine):
+    requests = [{"model": engine.model_names[i % 4], "prompt": PROMPTS[i % 4], "max_tokens": 12, "temperature": 0}
+                for i in range(8)]
+    alone = [client.post("/v1/completions", json=r).json()["choices"][0]["text"] for r in requests]
+    stats = client.get("/stats").json()
+    results = [None] * len(requests)
+
+    def send(i):
+        results[i] = client.post("/v1/completions", json=requests[i]).json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+    after = client.get("/stats").json()
+    assert after["steps"] > stats["steps"]
+    assert max(map(int, after["adapters_per_batch"])) >= 2  # requests for different adapters shared a run
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    ({"model": "delta", "prompt": "x"}, 404, "model", "model_not_found"),
+    ({"prompt": "x"}, 400, "model", "missing_required_parameter"),
+    ({"model": "alpha"}, 400, "prompt", "missing_required_parameter"),
+    ({"model": "alpha", "prompt": "x " * 200}, 400, "prompt", "context_length_exceeded"),
+    ({"model": "alpha", "prompt": "x", "max_tokens": 1000}, 400, "max_tokens", "context_length_exceeded"),
+    ({"model": "alpha", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({"model": "alpha", "prompt": "x", "temperature": -1}, 400, "temperature", "invalid_value"),
+    ({"model": "alpha", "prompt": "x", "temperature": "hot"}, 400, "temperature", "invalid_value"),
+    ({"model": "alpha", "prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value"),
+    ({"model": "alpha", "prompt": "x", "n": 2}, 400, "n", "invalid_value"),
+    ({"model": "alpha", "prompt": "x", "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
+    ({"model": "alpha", "prompt": "x", "stop": [1]}, 400, "stop", "invalid_value"),
+    ({"model": "alpha", "prompt": [1, 99999]}, 400, "prompt", "invalid_value"),
+    ({"model": "alpha", "prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
+    ({"model": "alpha", "prompt": "x", "stream": "yes"}, 400, "stream", "invalid_value"),
+])
+def test_bad_requests_get_openai_errors(client, body, status, param, code):
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+
+
+def test_bad_chat_requests_and_bodies(client):
+    response = client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"content": "hi"}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0]"
+    response = client.post("/v1/chat/completions", json={"model": "alpha", "messages": []})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    response = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not JSON" in response.json()["error"]["message"]
+
+
+def test_a_non_streaming_request_is_cancelled_when_its_client_disconnects(engine):
+    from road_export.serving.http import _unless_disconnected
+
+    class Gone:
+        async def receive(self):  # the client leaves once its request is decoding
+            while engine.running == 0:
+                await asyncio.sleep(0.001)
+            return {"type": "http.disconnect"}
+
+    async def go():
+        looper = AsyncEngine(engine)
+        service = OpenAIService(looper)
+        work = asyncio.ensure_future(service.complete({"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 100,
+                                                       "temperature": 0}, chat=False))
+        with pytest.raises(asyncio.CancelledError):
+            await _unless_disconnected(Gone(), work)
+        for _ in range(200):
+            if not engine.has_work():
+                break
+            await asyncio.sleep(0.01)
+        looper.close()
+
+    stats = Stats()
+    engine.recorders.append(stats)
+    try:
+        asyncio.run(go())
+    finally:
+        engine.recorders.remove(stats)
+    assert not engine.has_work() and stats.finish_reasons == {"cancelled": 1}
+
+
+def test_service_refuses_before_queueing(engine):
+    service = OpenAIService.__new__(OpenAIService)
+    service.core = engine
+    with pytest.raises(ApiError) as caught:
+        service.parse({"model": "alpha", "prompt": "x", "seed": 1.5}, chat=False)
+    assert caught.value.param == "seed" and engine.waiting == 0
+
+
+# ---- packaging and the command line ----
+
+def test_only_the_serving_package_imports_ray():
+    from test_layering import package_sources
+
+    def offenders(sources):
+        from test_layering import imports
+
+        bad = []
+        for module, source in sources.items():
+            if module.startswith("road_export.serving"):
+                continue
+            for target in imports(module, source):
+                if target.split(".")[0] in ("ray", "fastapi", "starlette"):
+                    bad.append(f"{module} imports {target}")
+        return bad
+
+    assert offenders(package_sources()) == []
+    assert offenders({"road_export.cli": "def f():\n    from ray import serve\n"}) == ["road_export.cli imports ray"]
+
+
+def test_serve_refuses_bad_input_in_one_line(example, tmp_path):
+    from test_cli import assert_bad_input, road_export
+
+    assert_bad_input(road_export("serve", tmp_path / "nothing"), says="not a model directory")
+    assert_bad_input(road_export("serve", example.model, "--port", "70000"), says="not a TCP port")
+    assert_bad_input(road_export("serve", example.model, "--max-batch-size", "0"), says="must be >= 1")
+    assert_bad_input(road_export("serve", example.base), says="not a model directory")
+
+
+# ---- on Ray Serve: one local application for the module ----
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_url(example):
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from road_export.serving.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(str(example.model), max_batch_size=8, batch_wait_ms=5, threads=1), name="road-export",
+                  route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_ray_serves_concurrent_adapters_as_alone(ray_url, engine):
+    import httpx
+
+    names = engine.model_names
+    requests = [{"model": names[i % 4], "prompt": PROMPTS[i % 4], "max_tokens": 10, "temperature": 0}
+                for i in range(8)]
+    alone = {i: run_engine(engine, [greedy(r["model"], engine.tokenizer.encode(r["prompt"]), 10, "x")])["x"][1]
+             for i, r in enumerate(requests)}
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=ray_url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=r) for r in requests))
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * 8
+    assert {i: r.json()["choices"][0]["text"] for i, r in enumerate(responses)} == alone
+    stats = httpx.get(f"{ray_url}/stats").json()
+    assert max(map(int, stats["adapters_per_batch"])) >= 2 and stats["requests"]
+
+
+def test_ray_streams_and_refuses(ray_url):
+    import httpx
+
+    with httpx.Client(base_url=ray_url, timeout=60) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]][1:] == ["alpha", "beta", "gamma"]
+        response = c.post("/v1/chat/completions", json={"model": "beta", "messages": [{"role": "user",
+                          "content": "hi"}], "max_tokens": 6, "temperature": 0, "stream": True})
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = events(response)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        response = c.post("/v1/completions", json={"model": "delta", "prompt": "x"})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
