@@ -216,10 +216,48 @@ def test_a_consumer_that_goes_away_frees_its_slot(example):
         looper.close()
 
 
+def test_a_swappable_single_adapter_export_serves_each_adapter(example, reference, tmp_path):
+    """One adapter exported with its swap file, a second converted for it (`road-export adapter`): one run per
+    adapter per step, each row's text peft's."""
+    import peft
+    import transformers
+    from test_cli import road_export
+
+    torch.manual_seed(11)
+    other = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(example.base),
+                                peft.RoadConfig(init_weights=False, task_type="CAUSAL_LM",
+                                                **example_adapters()["alpha"]))
+    other.save_pretrained(tmp_path / "other")
+    out = tmp_path / "swap"
+    assert road_export("--base", example.base, "--adapter", f"alpha={example.adapters['alpha']}", "--mode",
+                       "rotate", "--no-verify", "--quiet", out).returncode == 0
+    assert road_export("adapter", tmp_path / "other", "--like", out,
+                       out / "onnx" / "model.other.onnx_adapter").returncode == 0
+    engine = Engine(out, threads=1)
+    assert engine.model_names == ["alpha", "other"] and not engine.session.mixed
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    got = run_engine(engine, [greedy("alpha", ids, 12, "a"), greedy("other", ids, 12, "o")])
+    assert got["a"][1] == peft_generate(reference, "alpha", ids, new=12)[1]
+    model, tokenizer = reference
+    with torch.no_grad():
+        want = other.eval().generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    assert got["o"][1] == tokenizer.decode(want[0, len(ids):], skip_special_tokens=True) != got["a"][1]
+    with pytest.raises(Exception, match="does not exist"):
+        engine.submit(greedy(engine.directory.name, ids))  # a swappable export has no base to serve
+
+
+def example_adapters():
+    from road_export.serving.example import ADAPTERS
+
+    return ADAPTERS
+
+
 # ---- the OpenAI API (FastAPI in this process, no Ray) ----
 
 @pytest.fixture(scope="module")
 def client(engine):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
     from road_export.serving.http import create_app

@@ -45,13 +45,15 @@ __all__ = ["Engine", "GenerationRequest", "Output", "Recorder", "SamplingParams"
 class SamplingParams:
     """How one request generates: `max_tokens` new tokens at most; `temperature` 0 is greedy (argmax), above 0 a
     draw from the tempered distribution cut to `top_p` (road_export.generation.Sampling) with its own
-    `numpy.random.default_rng(seed)`; `stop` strings end the text before them."""
+    `numpy.random.default_rng(seed)`; `stop` strings end the text before them; `ignore_eos` generates past EOS
+    tokens (vLLM's extension, for benchmarks that need a fixed length)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def sampling(self) -> Sampling | None:
         return None if self.temperature == 0 else Sampling(True, self.temperature, 0, self.top_p)
@@ -368,7 +370,7 @@ class Engine:
             row.generated.append(token)
             row.last = token
             row.length += 1
-            if token in self.eos_token_ids:
+            if token in self.eos_token_ids and not row.request.params.ignore_eos:
                 outputs.append(self._finish(row, "stop", [token]))
                 continue
             text = row.detok.add(token)

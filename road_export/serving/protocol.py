@@ -3,9 +3,9 @@
 Request fields follow OpenAI's API reference (and vLLM's OpenAI-compatible server, which serves LoRA adapters by
 name the same way): `model` picks the adapter, or the base by the served model name; `prompt` (a string, or token
 ids) or `messages`; `max_tokens` (`max_completion_tokens` for chat), `temperature` (0: greedy), `top_p`, `seed`,
-`stop` (a string or up to 4), `stream`, `stream_options.include_usage`, `n` = 1. Unknown fields are ignored, as
-OpenAI-compatible servers do; fields that would change the output but are not implemented (`n` > 1, `logprobs`,
-`echo`, penalties, `logit_bias`, `best_of`) are refused with 400 rather than ignored.
+`stop` (a string or up to 4), `stream`, `stream_options.include_usage`, `n` = 1, and vLLM's `ignore_eos`. Unknown
+fields are ignored, as OpenAI-compatible servers do; fields that would change the output but are not implemented
+(`n` > 1, `logprobs`, `echo`, penalties, `logit_bias`, `best_of`) are refused with 400 rather than ignored.
 
 Errors are `ApiError`s carrying OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and an HTTP
 status: 400 invalid_request_error (a bad parameter, `context_length_exceeded`), 404 (`model_not_found`).
@@ -123,11 +123,15 @@ class OpenAIService:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError("stream must be true or false", param="stream", code="invalid_value")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError("ignore_eos must be true or false", param="ignore_eos", code="invalid_value")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError("stream_options must be an object", param="stream_options", code="invalid_value")
         params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                                seed=None if seed is None else seed % 2**63, stop=tuple(stops))
+                                seed=None if seed is None else seed % 2**63, stop=tuple(stops),
+                                ignore_eos=ignore_eos)
         request = GenerationRequest(model, prompt_ids, params, request_id=f"{'chatcmpl' if chat else 'cmpl'}-"
                                     f"{uuid.uuid4().hex}")
         return request, stream, bool(options.get("include_usage"))

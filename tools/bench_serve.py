@@ -1,0 +1,157 @@
+"""road-export serve under load, over HTTP on loopback: requests for different adapters batched together.
+
+1. Five concurrent requests, one per model (the base and four adapters), against one request alone: the wall time of
+   the five together over the median time of a single request (interleaved: alone, together, alone, ...).
+   Goal: <= 1.6 x (RoAd's batching: five adapters cost about one).
+2. 64 requests over four adapters: all sent at once (the server batches them, up to --max-batch-size rows per step)
+   against the same 64 sent one at a time; throughput ratio, and p50/p95 latency of the concurrent ones.
+   Goal: >= 3 x on 2 cores.
+
+Every request generates exactly --tokens tokens (temperature 0, vLLM's ignore_eos), so both sides do the same work.
+The server is one Ray Serve replica (onnxruntime with --threads intra-op threads) on a local Ray instance, bound to
+127.0.0.1; the client (httpx) runs in this process. The model: Llama-shaped (hidden --hidden, --layers layers) with a
+tokenizer trained offline and four RoAd adapters (road_serving.example.build_example), exported in rotate mode.
+
+    python tools/bench_serve.py [--hidden 512] [--layers 4] [--tokens 32] [--rounds 3] [--requests 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = ["The quick brown fox jumps over", "Many tenants share one base model and", "Où est la gare? Zwölf",
+           "Continuous batching lets a request join", "Ray Serve runs replicas across machines while"]
+ADAPTERS = {
+    "alpha": dict(variant="road_1", group_size=64, target_modules=["q_proj", "v_proj"]),
+    "beta": dict(variant="road_4", group_size=64, target_modules=["q_proj", "o_proj", "down_proj"]),
+    "gamma": dict(variant="road_2", group_size=64, target_modules="all-linear"),
+    "delta": dict(variant="road_1", group_size=64, target_modules="all-linear"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one(client, model: str, prompt: str, tokens: int) -> float:
+    started = time.perf_counter()
+    response = await client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": tokens,
+                                                           "temperature": 0, "ignore_eos": True})
+    response.raise_for_status()
+    assert response.json()["usage"]["completion_tokens"] == tokens, response.text
+    return time.perf_counter() - started
+
+
+async def together(client, jobs, tokens) -> tuple[float, list[float]]:
+    started = time.perf_counter()
+    latencies = await asyncio.gather(*(one(client, m, p, tokens) for m, p in jobs))
+    return time.perf_counter() - started, list(latencies)
+
+
+async def one_at_a_time(client, jobs, tokens) -> float:
+    started = time.perf_counter()
+    for model, prompt in jobs:
+        await one(client, model, prompt, tokens)
+    return time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def bench(url: str, models: list[str], args) -> None:
+    import httpx
+
+    limits = httpx.Limits(max_connections=args.requests + 8, max_keepalive_connections=args.requests + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await together(client, [(m, PROMPTS[0]) for m in models], args.tokens)  # warm up every adapter
+        five = [(m, PROMPTS[i % len(PROMPTS)]) for i, m in enumerate(models[:5])]
+        alone, joint = [], []
+        for r in range(args.rounds * 3):
+            model, prompt = five[r % len(five)]
+            alone.append(await one(client, model, prompt, args.tokens))
+            joint.append((await together(client, five, args.tokens))[0])
+        ratio = statistics.median(j / a for j, a in zip(joint, alone, strict=True))
+        print(f"1. {len(five)} concurrent requests ({', '.join(m for m, _ in five)}), {args.tokens} tokens each:")
+        print(f"   one alone {statistics.median(alone) * 1000:8.1f} ms   five together "
+              f"{statistics.median(joint) * 1000:8.1f} ms   ratio together/alone = {ratio:.2f} x   (goal <= 1.6 x)")
+
+        adapters = models[1:5]
+        jobs = [(adapters[i % len(adapters)], PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
+        serial, concurrent, latencies = [], [], []
+        for _ in range(args.rounds):
+            serial.append(await one_at_a_time(client, jobs, args.tokens))
+            wall, lat = await together(client, jobs, args.tokens)
+            concurrent.append(wall)
+            latencies += lat
+        ratio = statistics.median(s / c for s, c in zip(serial, concurrent, strict=True))
+        total = args.requests * args.tokens
+        print(f"2. {args.requests} requests over {len(adapters)} adapters, {args.tokens} tokens each "
+              f"({args.rounds} rounds, medians):")
+        print(f"   one at a time {statistics.median(serial):7.2f} s = {total / statistics.median(serial):7.1f} tok/s   "
+              f"all at once {statistics.median(concurrent):7.2f} s = {total / statistics.median(concurrent):7.1f} "
+              f"tok/s   throughput ratio = {ratio:.2f} x   (goal >= 3 x)")
+        print(f"   latency of the concurrent requests: p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+              f"p95 {percentile(latencies, 0.95) * 1000:.0f} ms")
+        stats = (await client.get("/stats")).json()
+        print(f"   server: {stats['steps']} onnxruntime runs; rows per run {stats['batch_sizes']}; "
+              f"adapters per run {stats['adapters_per_batch']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model-dir", help="serve this model directory instead of building one (needs adapters "
+                        "alpha..delta)")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from road_export.serving.app import build_app
+    from road_export.serving.example import build_example
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model_dir:
+            model = Path(args.model_dir)
+        else:
+            model = build_example(tmp, adapters=ADAPTERS, hidden_size=args.hidden, layers=args.layers,
+                                  heads=args.hidden // 64, kv_heads=max(1, args.hidden // 256),
+                                  intermediate_size=int(args.hidden * 2.6875) // 64 * 64, context=256).model
+        port = free_port()
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(str(model), max_batch_size=args.max_batch_size, threads=args.threads),
+                      name="road-export", route_prefix="/")
+            from road_export.serving.engine import Engine
+
+            models = Engine(model, threads=1).model_names
+            print(f"model: hidden {args.hidden}, {args.layers} layers, {len(models) - 1} adapters; one replica, "
+                  f"{args.threads} onnxruntime threads, max batch {args.max_batch_size}; client in-process (httpx)")
+            asyncio.run(bench(f"http://127.0.0.1:{port}", models, args))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
