@@ -503,3 +503,17 @@ def test_ray_streams_and_refuses(ray_url):
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         response = c.post("/v1/completions", json={"model": "delta", "prompt": "x"})
         assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_openai_client_talks_to_it(ray_url, engine):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{ray_url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == engine.model_names
+    ids = engine.tokenizer.encode(PROMPTS[2])
+    want = run_engine(engine, [greedy("gamma", ids, 8, "g")])["g"][1]
+    assert client.completions.create(model="gamma", prompt=PROMPTS[2], max_tokens=8, temperature=0
+                                     ).choices[0].text == want
+    stream = client.completions.create(model="gamma", prompt=PROMPTS[2], max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == want
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="delta", prompt="x")
