@@ -166,6 +166,20 @@ def test_directory_is_refused_when_not_empty_and_left_absent_on_failure(dirs, ca
     assert not target.exists() and not [p for p in dirs["root"].iterdir() if p.name.startswith(".interrupted")]
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["{o}/nodir/out"], "does not exist"),
+    (["--fixed", "{o}/out"], "--fixed applies to --mode rotate"),
+    (["--adapter", "a={r}", "--adapter", "b={r}", "{o}/out"], "add --mode rotate"),
+    (["--no-verify", "--atol", "1e-3", "{o}/out"], "needs the parity check"),
+], ids=["parent-missing", "fixed-merge", "merge-two", "atol-no-verify"])
+def test_directory_bad_input_is_one_line_before_loading(dirs, tmp_path, capsys, argv, says):
+    args = [a.replace("{o}", str(tmp_path)).replace("{r}", str(dirs["road"])) for a in argv]
+    assert run(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_commands_take_the_directory(dirs, capsys, tmp_path):
     rotate = dirs["rotate"]
     assert run("inspect", rotate, "--json") == 0
