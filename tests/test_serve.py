@@ -455,20 +455,37 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_url(example):
-    ray = pytest.importorskip("ray")
-    serve = pytest.importorskip("ray.serve")
-    from road_export.serving.app import build_app
+    """`road-export serve` as users start it (a subprocess, a local Ray instance); SIGINT stops it, exit code 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("httpx")
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local instance, never a cluster running here
+    proc = subprocess.Popen([sys.executable, "-m", "road_export.cli", "serve", str(example.model), "--port", str(port),
+                             "--max-batch-size", "8", "--threads", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(str(example.model), max_batch_size=8, batch_wait_ms=5, threads=1), name="road-export",
-                  route_prefix="/")
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+            assert time.monotonic() < deadline, "".join(lines)
+        assert proc.poll() is None, "".join(lines)
+        threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
         yield f"http://127.0.0.1:{port}"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, "".join(lines[-20:])
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_ray_serves_concurrent_adapters_as_alone(ray_url, engine):

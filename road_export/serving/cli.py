@@ -1,9 +1,10 @@
 """`road-export serve MODEL_DIR`: start the Ray Serve application and serve until SIGINT/SIGTERM.
 
 Every option and the model directory are checked before Ray starts; a missing Ray is one line saying how to
-install it. Without --address a local Ray instance is started (and stopped on exit); with --address the
-application is deployed on that cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on the
-others) and left running there until SIGINT/SIGTERM, when it is deleted.
+install it. Without --address, `ray.init()` joins the Ray instance already running on this machine (RAY_ADDRESS,
+or the latest `ray start`) or starts a local one, which stops on exit; with --address the application is deployed
+on that cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on the others). On
+SIGINT/SIGTERM the application is deleted and the cluster left running.
 """
 
 from __future__ import annotations
@@ -99,7 +100,6 @@ def run_serve(args: argparse.Namespace) -> int:
     del engine
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    local = args.address is None
     try:
         ray.init(address=args.address, include_dashboard=False)
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -116,10 +116,7 @@ def run_serve(args: argparse.Namespace) -> int:
             signal.signal(s, handler)
         if ray.is_initialized():
             try:
-                if local:
-                    serve.shutdown()
-                else:
-                    serve.delete(APP_NAME)  # the cluster's Serve keeps running for other applications
+                serve.delete(APP_NAME)  # a running cluster's Serve keeps serving its other applications
             finally:
                 ray.shutdown()
     return 0
