@@ -29,11 +29,12 @@ class RoadSession:
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
-                 native: bool | None = None):
+                 native: bool | None = None, session_config: Mapping[str, str] | None = None):
         """`native`: run road ops on the native kernels (True), their standard-op bodies (False), or the kernels
         where they build (None, the default); `self.native` says which. The kernels are CPU kernels: with another
         execution provider first in `providers`, None leaves them out, so the bodies run on that device rather
-        than the rotations hopping to the CPU."""
+        than the rotations hopping to the CPU. `session_config`: onnxruntime session config entries
+        (`SessionOptions.add_session_config_entry`, e.g. {"session.intra_op.allow_spinning": "0"})."""
         import onnxruntime as ort
 
         from road_export import native as road_native
@@ -47,6 +48,8 @@ class RoadSession:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
         providers = list(providers or ["CPUExecutionProvider"])
         if native is None and providers[0] != "CPUExecutionProvider":
             native = False

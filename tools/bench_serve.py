@@ -12,7 +12,7 @@ The server is one Ray Serve replica (onnxruntime with --threads intra-op threads
 127.0.0.1; the client (httpx) runs in this process. The model: Llama-shaped (hidden --hidden, --layers layers) with a
 tokenizer trained offline and four RoAd adapters (road_serving.example.build_example), exported in rotate mode.
 
-    python tools/bench_serve.py [--hidden 512] [--layers 4] [--tokens 32] [--rounds 3] [--requests 64]
+    python tools/bench_serve.py [--hidden 512] [--layers 4] [--tokens 32] [--rounds 3] [--requests 64] [--spin]
 """
 
 from __future__ import annotations
@@ -71,6 +71,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def engine_only(model: Path, models: list[str], args) -> None:
+    """The same five requests on an in-process Engine (no HTTP, no Ray): what onnxruntime's batch of 5 costs."""
+    from road_export.serving.engine import Engine, GenerationRequest, SamplingParams
+
+    config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
+    engine = Engine(model, max_batch_size=args.max_batch_size, threads=args.threads, session_config=config)
+    params = SamplingParams(args.tokens, 0, ignore_eos=True)
+    five = [(m, engine.tokenizer.encode(PROMPTS[i % len(PROMPTS)])) for i, m in enumerate(models[:5])]
+
+    def run(jobs) -> float:
+        started = time.perf_counter()
+        for m, ids in jobs:
+            engine.submit(GenerationRequest(m, ids, params))
+        while engine.has_work():
+            engine.step()
+        return time.perf_counter() - started
+
+    run(five)
+    alone, joint = [], []
+    for r in range(args.rounds * 3):
+        alone.append(run([five[r % len(five)]]))
+        joint.append(run(five))
+    ratio = statistics.median(j / a for j, a in zip(joint, alone, strict=True))
+    print(f"   the same on the engine alone (no HTTP): one {statistics.median(alone) * 1000:8.1f} ms   five "
+          f"{statistics.median(joint) * 1000:8.1f} ms   ratio = {ratio:.2f} x")
+
+
 async def bench(url: str, models: list[str], args) -> None:
     import httpx
 
@@ -87,6 +114,8 @@ async def bench(url: str, models: list[str], args) -> None:
         print(f"1. {len(five)} concurrent requests ({', '.join(m for m, _ in five)}), {args.tokens} tokens each:")
         print(f"   one alone {statistics.median(alone) * 1000:8.1f} ms   five together "
               f"{statistics.median(joint) * 1000:8.1f} ms   ratio together/alone = {ratio:.2f} x   (goal <= 1.6 x)")
+
+        engine_only(args.model, models, args)
 
         adapters = models[1:5]
         jobs = [(adapters[i % len(adapters)], PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
@@ -119,6 +148,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--spin", dest="no_spin", action="store_false", help="let onnxruntime's intra-op threads "
+                        "spin-wait between runs (the server's default is not to: session.intra_op.allow_spinning 0)")
     parser.add_argument("--model-dir", help="serve this model directory instead of building one (needs adapters "
                         "alpha..delta)")
     args = parser.parse_args()
@@ -140,13 +171,17 @@ def main() -> None:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(str(model), max_batch_size=args.max_batch_size, threads=args.threads),
+            config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
+            serve.run(build_app(str(model), max_batch_size=args.max_batch_size, threads=args.threads,
+                                session_config=config),
                       name="road-export", route_prefix="/")
             from road_export.serving.engine import Engine
 
             models = Engine(model, threads=1).model_names
+            args.model = model
+            spin = "" if args.no_spin else " (spinning)"
             print(f"model: hidden {args.hidden}, {args.layers} layers, {len(models) - 1} adapters; one replica, "
-                  f"{args.threads} onnxruntime threads, max batch {args.max_batch_size}; client in-process (httpx)")
+                  f"{args.threads} onnxruntime threads{spin}, max batch {args.max_batch_size}; client in-process")
             asyncio.run(bench(f"http://127.0.0.1:{port}", models, args))
         finally:
             serve.shutdown()

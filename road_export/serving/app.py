@@ -70,10 +70,12 @@ class RoadServer:
     """One replica: an Engine over `model_dir` behind OpenAI's routes (see the module docstring)."""
 
     def __init__(self, model_dir: str, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
-                 threads: int | None = None, served_model_name: str | None = None, native: bool | None = None):
+                 threads: int | None = None, served_model_name: str | None = None, native: bool | None = None,
+                 session_config: dict[str, str] | None = None):
         self.stats = Stats()
         self.engine = Engine(model_dir, max_batch_size=max_batch_size, threads=threads, native=native,
-                             served_model_name=served_model_name, recorders=[self.stats])
+                             served_model_name=served_model_name, recorders=[self.stats],
+                             session_config=session_config)
         self.engine.recorders.append(RayMetrics(self.engine))
         self.loop = AsyncEngine(self.engine)
         self.admit.set_max_batch_size(max_batch_size)
@@ -91,10 +93,12 @@ class RoadServer:
 
 def build_app(model_dir: str, *, replicas: int = 1, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
               threads: int | None = None, num_cpus: float | None = None, served_model_name: str | None = None,
-              native: bool | None = None):
+              native: bool | None = None, session_config: dict[str, str] | None = None):
     """The bound application for `serve.run`: `replicas` copies of RoadServer, each taking `num_cpus` CPUs from
-    Ray's scheduler (default: `threads`, else 1) and accepting up to 4 × max_batch_size requests at once."""
+    Ray's scheduler (default: `threads`, else 1) and accepting up to 4 × max_batch_size requests at once.
+    `session_config`: onnxruntime session config entries for each replica's session."""
     deployment = serve.deployment(RoadServer, name="RoadServer").options(
         num_replicas=replicas, max_ongoing_requests=max(4 * max_batch_size, 8),
         ray_actor_options={"num_cpus": num_cpus if num_cpus is not None else (threads or 1)})
-    return deployment.bind(str(model_dir), max_batch_size, batch_wait_ms, threads, served_model_name, native)
+    return deployment.bind(str(model_dir), max_batch_size, batch_wait_ms, threads, served_model_name, native,
+                           session_config)

@@ -72,6 +72,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", metavar="HOST:PORT", help="join this Ray cluster (default: start a local "
                         "Ray instance)")
     parser.add_argument("--no-native", action="store_true", help="run road ops on their standard-op bodies")
+    parser.add_argument("--spin", action="store_true", help="let onnxruntime's intra-op threads spin-wait between "
+                        "runs (default: they sleep, leaving the cores to the HTTP side; "
+                        "session.intra_op.allow_spinning)")
     return parser
 
 
@@ -106,7 +109,8 @@ def run_serve(args: argparse.Namespace) -> int:
         app = build_app(str(model.resolve()), replicas=args.replicas, max_batch_size=args.max_batch_size,
                         batch_wait_ms=args.batch_wait_ms, threads=args.threads,
                         served_model_name=args.served_model_name or model.resolve().name,
-                        native=False if args.no_native else None)
+                        native=False if args.no_native else None,
+                        session_config={"session.intra_op.allow_spinning": "1" if args.spin else "0"})
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 ({args.replicas} replica(s), "
               f"max batch {args.max_batch_size}); Ctrl-C stops", flush=True)

@@ -161,20 +161,22 @@ class Engine:
 
     model_dir: a directory written by `road-export ... --mode rotate OUT_DIR` for a decoder with a KV cache
     (text-generation-with-past), with the base model's `tokenizer.json`. `max_batch_size`: rows decoded together.
-    `threads`, `native`, `providers`: RoadSession's. `served_model_name`: the name that selects the base (default:
-    the directory's name). `recorders`: told about every step and finished request.
+    `threads`, `native`, `providers`, `session_config`: RoadSession's. `served_model_name`: the name that selects
+    the base (default: the directory's name). `recorders`: told about every step and finished request.
     Raises RoadError when the directory cannot be served (one line saying why).
     """
 
     def __init__(self, model_dir: str | Path, *, max_batch_size: int = 16, threads: int | None = None,
                  native: bool | None = None, providers: Sequence[str] | None = None,
-                 served_model_name: str | None = None, recorders: Sequence[Recorder] = ()):
+                 served_model_name: str | None = None, recorders: Sequence[Recorder] = (),
+                 session_config: dict[str, str] | None = None):
         from road_export.runtime import RoadSession
 
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise RoadError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.directory = Path(model_dir)
-        self.session = RoadSession(self.directory, threads=threads, native=native, providers=providers)
+        self.session = RoadSession(self.directory, threads=threads, native=native, providers=providers,
+                                   session_config=session_config)
         names = self.session.input_names
         if "input_ids" not in names or "logits" not in self.session.output_names or \
                 not any(n.startswith(PAST) for n in names):
