@@ -415,6 +415,23 @@ def test_service_refuses_before_queueing(engine):
     assert caught.value.param == "seed" and engine.waiting == 0
 
 
+def test_ray_metrics_record_steps_and_requests(engine):
+    """The Ray Serve metrics recorder under the engine (ray.serve.metrics work outside a replica too): every tag
+    the metrics declare is given, so a request runs through it without error."""
+    pytest.importorskip("ray.serve")
+    from road_export.serving.app import RayMetrics
+
+    metrics = RayMetrics(engine)
+    engine.recorders.append(metrics)
+    try:
+        got = run_engine(engine, [greedy("alpha", engine.tokenizer.encode(PROMPTS[0]), 4, "m")])
+    finally:
+        engine.recorders.remove(metrics)
+    assert got["m"][2] == "length"
+    with pytest.raises(ValueError, match="finish_reason"):  # the metric checks its tags: a wrong call is seen
+        metrics.requests.inc(tags={"model": "alpha"})
+
+
 # ---- packaging and the command line ----
 
 def test_only_the_serving_package_imports_ray():
