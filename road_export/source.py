@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from road_export import requires_export  # noqa: F401  (one clear line without the export extra)
 import torch
 from torch import nn
 
