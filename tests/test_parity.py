@@ -22,7 +22,9 @@ import road_export as rx
 from road_export import rotation, zoo
 from road_export.adapters import read_adapter
 from road_export.cli import main
+from road_export.errors import RoadError
 from road_export.runtime import RoadSession
+from road_export.testing import assert_peft_parity
 
 warnings.filterwarnings("ignore")
 
@@ -237,6 +239,7 @@ def test_opset_is_the_one_asked_for(llama, tmp_path, capsys):
     code = run("--base", llama / "base", "--adapter", llama / "road", "--opset", "20", out, "--quiet",
                "--no-verify")
     assert code == 0 and onnx.load(str(out)).opset_import[0].version == 20
+    assert assert_peft_parity(out, llama / "base", [str(llama / "road")]).reference == "peft"
 
 
 def test_a_planted_loader_fault_fails_the_harness(llama, tmp_path, monkeypatch, capsys):
@@ -254,6 +257,8 @@ def test_a_planted_loader_fault_fails_the_harness(llama, tmp_path, monkeypatch, 
     assert code == 1 and report["reference"] == "peft" and not report["passed"]
     figure(f"planted fault: verdict {'PASSED' if report['passed'] else 'FAILED'}, max |ORT - peft| = "
           f"{max_abs(report):.2e}")
+    with pytest.raises(AssertionError, match="reference: peft"):
+        assert_peft_parity(tmp_path / "m.onnx", llama / "base", [str(llama / "road")])
     monkeypatch.setattr("road_export.source.peft_available", lambda: False)
     code = run("verify", tmp_path / "m.onnx", "--base", llama / "base", "--adapter", llama / "road")
     assert "reference: road-export loader" in capsys.readouterr().out  # without peft the table says so
@@ -286,3 +291,8 @@ def test_openai_gpt_conv1d_merge_checkpoint(tmp_path):
         moved = (base(ids).logits - reference(ids).logits).abs().max().item()
     assert diff <= 1e-4 and moved > 1e-3, (diff, moved)  # the adapter moves logits by ~3e-3
     figure(f"OpenAI GPT Conv1D merge-checkpoint: max |merged - hooked reference| = {diff:.2e}")
+
+
+def test_a_task_the_model_cannot_serve_is_refused():
+    with pytest.raises(RoadError, match="cannot serve task text-generation"):
+        zoo.model_class(transformers.ViTConfig(), "text-generation")
