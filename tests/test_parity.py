@@ -296,3 +296,17 @@ def test_openai_gpt_conv1d_merge_checkpoint(tmp_path):
 def test_a_task_the_model_cannot_serve_is_refused():
     with pytest.raises(RoadError, match="cannot serve task text-generation"):
         zoo.model_class(transformers.ViTConfig(), "text-generation")
+
+
+def test_a_file_onnxruntime_cannot_load_is_not_left_behind(tmp_path):
+    import onnx_ir as ir
+
+    from road_export.export.exporter import _loadable, _save_atomic
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
+    node = ir.Node("", "NoSuchOp", [x], num_outputs=1)
+    node.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18}), ir_version=10)
+    with pytest.raises(RoadError, match="onnxruntime .* cannot load"):
+        _save_atomic(model, tmp_path / "bad.onnx", None, check=_loadable)
+    assert not list(tmp_path.iterdir())
