@@ -96,18 +96,19 @@ def test_tied_embeddings_with_modules_to_save(dirs, tmp_path, side):
     figure(f"tied modules_to_save {side}: max |ORT - peft| = {max_abs(report):.2e}")
 
 
-def test_tied_modules_to_save_merge_checkpoint(dirs, tmp_path):
+@pytest.mark.parametrize("side", ["head", "embed"])
+def test_tied_modules_to_save_merge_checkpoint(dirs, tmp_path, side):
     out = tmp_path / "merged"
-    assert run("merge-checkpoint", "--base", dirs / "tied", "--adapter", dirs / "save_head", out, "--quiet") == 0
+    assert run("merge-checkpoint", "--base", dirs / "tied", "--adapter", dirs / f"save_{side}", out, "--quiet") == 0
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     reference = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(dirs / "tied"),
-                                               str(dirs / "save_head")).eval()
+                                               str(dirs / f"save_{side}")).eval()
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (merged(ids).logits - reference(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-4, diff
-    figure(f"merge-checkpoint, tied modules_to_save lm_head: max |merged - peft| = {diff:.2e}")
+    figure(f"merge-checkpoint, tied modules_to_save {side}: max |merged - peft| = {diff:.2e}")
 
 
 def test_road_on_a_tied_lm_head(dirs, tmp_path):
