@@ -1,8 +1,9 @@
 """Token-by-token generation on onnxruntime: greedy or sampled, batch > 1 with left padding, with a KV cache.
 
 A `text-generation-with-past` export runs the prompt once with an empty cache (the prefill) and then one token per
-step, feeding each step's `present.*` back as `past_key_values.*`. A `causal-lm` export without cache still
-works: every step reruns the whole sequence, which is what the cache saves.
+step, feeding each step's `present.*` back as `past_key_values.*`. A `text-generation` export without cache still
+works: every step reruns the whole sequence, which is what the cache saves. Wherever the file takes `position_ids`
+(every absolute-position model's export), they are transformers' positions for the left-padded mask.
 """
 
 from __future__ import annotations
