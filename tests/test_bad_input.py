@@ -461,3 +461,20 @@ def test_renames_are_not_split_by_a_signal():
         assert got == ["delivered"]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _onnxruntime_refuses(path):
+    """A real onnxruntime failure on the user's model: a feed of the wrong type, past every check of ours."""
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(path)).run(None, {"input_ids": IDS.astype(np.float32), "attention_mask": ONES})
+
+
+def test_onnxruntime_failures_are_one_line(ctx, session, capsys, monkeypatch):
+    with pytest.raises(RoadError, match=r"rotate.onnx: onnxruntime failed on inputs input_ids \[2, 4\]"):
+        session.run_feeds(None, {"input_ids": IDS.astype(np.float32), "attention_mask": ONES})
+    import road_export.verify
+
+    monkeypatch.setattr(road_export.verify, "verify", lambda path, *a, **k: _onnxruntime_refuses(path))
+    code, out, err = cli(capsys, "verify", ctx / "rotate.onnx", "--base", "tiny-llama", "--adapter", ctx / "road")
+    assert_one_line(code, err, out, "rotate.onnx: onnxruntime cannot run it (")
