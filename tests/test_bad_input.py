@@ -387,7 +387,7 @@ def test_session_with_cache_bad_input(past_session):
     (IDS[:0], {}, "at least one row and one prompt token"),
     (IDS[:, :0], {}, "at least one row and one prompt token"),
     (IDS.astype(np.float32), {}, "integer token ids"),
-    (IDS, {"attention_mask": ONES[:, :3]}, "attention_mask has shape [2, 3], input_ids [2, 4]"),
+    (IDS, {"attention_mask": ONES[:, :3]}, "attention_mask shape [2, 3] differs from input_ids shape [2, 4]"),
     (IDS, {"attention_mask": ONES * 2}, "0 (padding) and 1 (token)"),
     (IDS, {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
     (IDS, {"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1"),
