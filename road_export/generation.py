@@ -164,8 +164,8 @@ def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     if mask.ndim == 1:
         mask = mask[None]
     if mask.shape != ids.shape:
-        raise RoadError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}; they must be "
-                        "equal (one mask entry per token)")
+        raise RoadError(f"attention_mask shape {list(mask.shape)} differs from input_ids shape {list(ids.shape)}; "
+                        "give one mask entry per token")
     if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_) or not np.isin(mask, (0, 1)).all():
         raise RoadError(f"attention_mask must hold 0 (padding) and 1 (token) as integers, got {mask.dtype}")
     if not mask.any(-1).all():
