@@ -434,6 +434,28 @@ def test_ray_metrics_record_steps_and_requests(engine):
 
 # ---- packaging and the command line ----
 
+def test_the_server_runs_without_torch(example, tmp_path):
+    """A serving host installs road-export[serve] without torch: the engine, the API and the app import and a
+    request completes with torch, transformers and peft blocked."""
+    from test_floor import BLOCK_TORCH, run_python
+
+    code = BLOCK_TORCH + f"""
+import asyncio, sys
+from road_export.serving.engine import Engine
+from road_export.serving.loop import AsyncEngine
+from road_export.serving.protocol import OpenAIService
+import road_export.serving.http, road_export.serving.cli
+service = OpenAIService(AsyncEngine(Engine({str(example.model)!r}, threads=1)))
+body = asyncio.run(service.complete({{"model": "beta", "prompt": "hi", "max_tokens": 3}}, chat=False))
+assert body["usage"]["completion_tokens"] == 3, body
+heavy = sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)
+assert not heavy, heavy
+print("ok")
+"""
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_only_the_serving_package_imports_ray():
     from test_layering import package_sources
 
