@@ -96,6 +96,35 @@ def engine_only(model: Path, models: list[str], args) -> None:
     ratio = statistics.median(j / a for j, a in zip(joint, alone, strict=True))
     print(f"   the same on the engine alone (no HTTP): one {statistics.median(alone) * 1000:8.1f} ms   five "
           f"{statistics.median(joint) * 1000:8.1f} ms   ratio = {ratio:.2f} x")
+    decode_step(engine, args)
+
+
+def decode_step(engine, args) -> None:
+    """One onnxruntime decode step (past 40) for 1 row, 5 rows of 5 adapters, 5 rows of one adapter, interleaved."""
+    import numpy as np
+
+    session = engine.session.session
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    rng = np.random.default_rng(0)
+
+    def feeds(ids):
+        rows = len(ids)
+        f = {"input_ids": np.ones((rows, 1), np.int64), "attention_mask": np.ones((rows, 41), np.int64),
+             "position_ids": np.full((rows, 1), 40, np.int64), "adapter_ids": np.array(ids, np.int64)}
+        f.update({i.name: rng.random((rows, i.shape[1], 40, i.shape[3]), np.float32) for i in pasts})
+        return f
+
+    cases = {"1 row": feeds([1]), "5 rows, 5 adapters": feeds([0, 1, 2, 3, 4]), "5 rows, 1 adapter": feeds([1] * 5)}
+    times = {k: [] for k in cases}
+    for _ in range(args.rounds * 50):
+        for name, f in cases.items():
+            started = time.perf_counter()
+            session.run(None, f)
+            times[name].append(time.perf_counter() - started)
+    one = times["1 row"]
+    print("   one decode step on onnxruntime: " + "   ".join(
+        f"{k} {statistics.median(v) * 1000:.2f} ms ({statistics.median(a / b for a, b in zip(v, one)):.2f} x)"
+        for k, v in times.items()))
 
 
 async def bench(url: str, models: list[str], args) -> None:
