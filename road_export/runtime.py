@@ -38,13 +38,19 @@ class RoadSession:
         if threads:
             options.intra_op_num_threads = threads
         providers = list(providers or ["CPUExecutionProvider"])
-        if native is None and providers[0] != "CPUExecutionProvider":
+        on_cuda = _provider_name(providers[0]) == "CUDAExecutionProvider"
+        if on_cuda and native is not False:  # the library's CUDA kernels, where this machine can run them
+            from road_export.gpu import cuda_native
+
+            native = cuda_native(native)
+        elif native is None and providers[0] != "CPUExecutionProvider":
             native = False
         self.native = road_native.uses_road(self.path) and road_native.register(options, native)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as e:
             raise RoadError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
+        self.device = "cuda" if on_cuda and "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         meta = self.session.get_modelmeta().custom_metadata_map
         records = json.loads(meta.get("road_export.adapters", "[]"))
         self.mode = meta.get("road_export.mode")
@@ -127,9 +133,19 @@ class RoadSession:
             )
         return {}, None
 
+    def run_on_device(self, inputs, **options) -> dict[str, object]:
+        """`run` whose outputs stay in GPU memory as onnxruntime OrtValues; see `road_export.gpu.run_on_device`."""
+        from road_export.gpu import run_on_device
+
+        return run_on_device(self, inputs, **options)
+
     def generate(self, input_ids, attention_mask=None, **options) -> np.ndarray:
-        """Prompt plus new tokens, [batch, prompt + new]; see `road_export.generation.generate` for the options."""
-        from road_export.generation import generate
+        """Prompt plus new tokens, [batch, prompt + new]; see `road_export.generation.generate` for the options.
+        On the GPU (`self.device == "cuda"`) the cache and logits stay there: `road_export.gpu.generate`."""
+        if self.device == "cuda":
+            from road_export.gpu import generate
+        else:
+            from road_export.generation import generate
 
         return generate(self, input_ids, attention_mask, **options)
 
@@ -143,3 +159,8 @@ class RoadSession:
         if not self.mixed and self.adapters:
             return self.adapters[0]  # the adapter the file was exported with (its initializers' defaults)
         raise RoadError(f"{self.path.name} holds adapters {self.adapters}; choose one with adapter=")
+
+
+def _provider_name(provider) -> str:
+    """onnxruntime takes a provider as its name or as (name, options)."""
+    return provider if isinstance(provider, str) else provider[0]

@@ -7,6 +7,7 @@
 // rotation instead, which reads X once and writes Y once, like a single elementwise Mul.
 // C1 and C2 broadcast against X the numpy way, their last axis equal to X's (shape [d], or [batch, 1, d] for
 // per-row adapters). Half-precision inputs are computed in float and rounded once.
+// The CUDA kernels (road_cuda.h) register for the CUDA execution provider where the CUDA driver and NVRTC open.
 #include <climits>
 #include <cstring>
 #include <exception>
@@ -14,6 +15,7 @@
 #include <string>
 
 #include "ort_abi.h"
+#include "road_cuda.h"
 
 namespace {
 
@@ -181,6 +183,7 @@ struct Kernel {
   const OrtApi* api;
   int64_t group_size;
   std::string name;
+  bool cuda;  // runs on the CUDA execution provider: X, C1, C2 and Y are device memory
 };
 
 OrtStatus* fail(const OrtApi* api, const std::string& message) {
@@ -273,6 +276,49 @@ OrtStatus* rotate(const Kernel& kernel, OrtKernelContext* context, const Shape& 
                                &Job<T>::task, static_cast<size_t>(tasks), size_t{0}, static_cast<void*>(&job));
 }
 
+// The CUDA kernel: one launch on onnxruntime's compute stream (road_cuda.h); the shapes are host metadata.
+OrtStatus* rotate_cuda(const Kernel& kernel, OrtKernelContext* context, const Shape& x, const Shape& c1,
+                       const Shape& c2, const OrtValue* const* in, OrtValue* out) {
+  const OrtApi* api = kernel.api;
+  cuda::Params params{};
+  void* data[4] = {};
+  for (int i = 0; i < 3; ++i)
+    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, const_cast<OrtValue*>(in[i]), &data[i])));
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, out, &data[3])));
+  params.x = data[0];
+  params.c1 = data[1];
+  params.c2 = data[2];
+  params.y = data[3];
+  params.d = x.dims[x.rank - 1];
+  params.half = kernel.group_size / 2;
+  params.pairs = params.d / 2;
+  params.rows = params.d ? static_cast<long long>(x.count()) / params.d : 0;
+  params.lead = x.rank - 1;
+  int64_t s1[kMaxRank] = {}, s2[kMaxRank] = {};
+  std::string why;
+  if (!coefficient_strides(x, c1, s1, &why) || !coefficient_strides(x, c2, s2, &why))
+    return fail(api, kernel.name + ": " + why);
+  for (int a = 0; a < params.lead; ++a) {
+    params.lead_dims[a] = x.dims[a];
+    params.c1_stride[a] = s1[a];
+    params.c2_stride[a] = s2[a];
+  }
+  void* stream = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetGPUComputeStream,
+                                  static_cast<const OrtKernelContext*>(context), &stream)));
+  int type_index = 0;
+  switch (x.type) {
+    case ORT_TYPE_FLOAT: type_index = 0; break;
+    case ORT_TYPE_DOUBLE: type_index = 1; break;
+    case ORT_TYPE_FLOAT16: type_index = 2; break;
+    case ORT_TYPE_BFLOAT16: type_index = 3; break;
+    default: return fail(api, kernel.name + ": element type " + std::to_string(x.type) + " is not a float type");
+  }
+  if (!cuda::launch(static_cast<cuda::CUstream>(stream), type_index, params, &why))
+    return fail(api, kernel.name + " (CUDA): " + why);
+  return nullptr;
+}
+
 OrtStatus* compute(void* self, OrtKernelContext* context) noexcept {
   const Kernel& kernel = *static_cast<Kernel*>(self);
   const OrtApi* api = kernel.api;
@@ -296,6 +342,7 @@ OrtStatus* compute(void* self, OrtKernelContext* context) noexcept {
   ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetOutput, context, size_t{0},
                                   static_cast<const int64_t*>(x.dims), static_cast<size_t>(x.rank), &out)));
   try {
+    if (kernel.cuda) return rotate_cuda(kernel, context, x, shapes[1], shapes[2], in, out);
     switch (x.type) {
       case ORT_TYPE_FLOAT: return rotate<float>(kernel, context, x, shapes[1], shapes[2], in, out);
       case ORT_TYPE_DOUBLE: return rotate<double>(kernel, context, x, shapes[1], shapes[2], in, out);
@@ -314,29 +361,34 @@ OrtStatus* compute(void* self, OrtKernelContext* context) noexcept {
 struct RoadOp : OrtCustomOp {
   const char* name;
   int type;
+  bool cuda;
 };
 
 OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) noexcept {
-  const char* name = static_cast<const RoadOp*>(op)->name;
+  const RoadOp* road = static_cast<const RoadOp*>(op);
+  const char* name = road->name;
   int64_t group = 0;
   ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelInfoGetAttribute_int64, info, "group_size", &group)));
   if (group < 2 || group % 2)
     return fail(api, std::string("road.") + name + ": group_size must be even and >= 2, got " + std::to_string(group));
   try {
-    *out = new Kernel{api, group, std::string("road.") + name};
+    *out = new Kernel{api, group, std::string("road.") + name, road->cuda};
   } catch (const std::exception& e) {
     return fail(api, e.what());
   }
   return nullptr;
 }
 
-RoadOp make_op(const char* name, int type) {
+RoadOp make_op(const char* name, int type, bool cuda = false) {
   RoadOp op{};
   op.version = ort::kApiVersion;
   op.name = name;
   op.type = type;
+  op.cuda = cuda;
   op.GetName = [](const OrtCustomOp* self) { return static_cast<const RoadOp*>(self)->name; };
-  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  op.GetExecutionProviderType = [](const OrtCustomOp* self) -> const char* {
+    return static_cast<const RoadOp*>(self)->cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+  };
   op.GetInputType = [](const OrtCustomOp* self, size_t) { return static_cast<const RoadOp*>(self)->type; };
   op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
   op.GetOutputType = [](const OrtCustomOp* self, size_t) { return static_cast<const RoadOp*>(self)->type; };
@@ -344,7 +396,7 @@ RoadOp make_op(const char* name, int type) {
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };   // required
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };  // required
-  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return 0; };       // default (CPU) memory
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return 0; };       // the provider's own memory
   op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
@@ -361,6 +413,13 @@ RoadOp ops[] = {
     make_op("Rotate", ORT_TYPE_DOUBLE),        make_op("Rotate", ORT_TYPE_BFLOAT16),
     make_op("RotateTied", ORT_TYPE_FLOAT),     make_op("RotateTied", ORT_TYPE_FLOAT16),
     make_op("RotateTied", ORT_TYPE_DOUBLE),    make_op("RotateTied", ORT_TYPE_BFLOAT16),
+};
+// The same ops for the CUDA execution provider, added where the CUDA driver and NVRTC open (road_cuda.h).
+RoadOp cuda_ops[] = {
+    make_op("Rotate", ORT_TYPE_FLOAT, true),       make_op("Rotate", ORT_TYPE_FLOAT16, true),
+    make_op("Rotate", ORT_TYPE_DOUBLE, true),      make_op("Rotate", ORT_TYPE_BFLOAT16, true),
+    make_op("RotateTied", ORT_TYPE_FLOAT, true),   make_op("RotateTied", ORT_TYPE_FLOAT16, true),
+    make_op("RotateTied", ORT_TYPE_DOUBLE, true),  make_op("RotateTied", ORT_TYPE_BFLOAT16, true),
 };
 OrtCustomOpDomain* road_domain = nullptr;
 std::mutex domain_mutex;
@@ -382,6 +441,10 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     for (const RoadOp& op : ops)
       ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain,
                                       static_cast<const OrtCustomOp*>(&op))));
+    if (cuda::available())
+      for (const RoadOp& op : cuda_ops)
+        ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain,
+                                        static_cast<const OrtCustomOp*>(&op))));
     road_domain = domain;
   }
   return ort::call<OrtStatus*>(api, ort::slot::AddCustomOpDomain, options, road_domain);
