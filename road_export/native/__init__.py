@@ -139,7 +139,12 @@ def cuda_kernels() -> str | None:
 
 
 def _environment() -> None:
-    """Tell the library where to cache cubins and which libnvrtc to open (read at its first CUDA use)."""
+    """Tell the library where to cache cubins and which libnvrtc to open (read at its first CUDA use), and, under
+    an onnxruntime without the CUDA provider, to leave the CUDA driver alone (ROAD_EXPORT_CUDA=0)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        os.environ.setdefault("ROAD_EXPORT_CUDA", "0")
     os.environ.setdefault("ROAD_EXPORT_KERNEL_CACHE", str(cache_dir()))
     found = nvrtc_path()
     if found:
