@@ -8,19 +8,25 @@ step's `present.*` OrtValues (device memory) as `past_key_values.*`, and picks t
 on the GPU, so only the token ids [batch] cross to the host per step (sampling, which is done on the host, copies
 the last position's logits [batch, vocab]).
 
-CUDA graphs: onnxruntime's `enable_cuda_graph` replays a captured run only when every input and output is bound
-to the same device buffer with the same shape on every run. A road-export `text-generation-with-past` file
-grows its cache by one position per step (`present` is `past` concatenated with the new key/value), so each
-decode step has new shapes and cannot replay one graph; generation therefore runs without graphs. A fixed-shape
-call (the same batch and sequence length each time, e.g. scoring, or a benchmark's decode step) can use
-`cuda_providers(cuda_graph=True)` with `run_on_device(..., outputs=preallocated)`; the road kernels allocate,
-synchronise and compile nothing after their first run, so they are captured like onnxruntime's own kernels.
+A swapped adapter (`.onnx_adapter`) is bound as inputs, its coefficients copied to the GPU once: onnxruntime
+applies `RunOptions.add_active_adapter` in `InferenceSession.run` only, not with IOBinding.
+
+CUDA graphs: onnxruntime's `enable_cuda_graph` replays a captured run only when every node runs on the CUDA
+provider and every input and output is bound to the same device buffer, with the same shape, on every run. Neither
+holds for road-export's decoder files: onnxruntime 1.31 places their shape computations (int64 Shape / Gather /
+Concat feeding the attention mask and cache) on the CPU provider and then refuses the session ("all compute graph
+nodes have not been partitioned to the CUDAExecutionProvider"), for the base model's export as for the adapted
+ones; and the cache grows by one position per step (`present` is `past` concatenated with the new key/value), so
+each decode step has new shapes. Generation therefore runs without graphs. The road kernels themselves are graph
+safe: after their first run on a context they allocate, synchronise and compile nothing, only launch on
+onnxruntime's stream. `cuda_providers(cuda_graph=True)` asks for graphs where a file allows them.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -53,11 +59,14 @@ def cuda_native(native: bool | None) -> bool:
     return False
 
 
-def cuda_providers(device_id: int = 0, *, cuda_graph: bool = False) -> list:
-    """The providers argument for a GPU RoadSession: CUDA (on `device_id`, CUDA graphs on request), then CPU."""
+def cuda_providers(device_id: int = 0, *, cuda_graph: bool = False, tf32: bool = True) -> list:
+    """The providers argument for a GPU RoadSession: CUDA (on `device_id`, CUDA graphs on request), then CPU.
+    `tf32=False` turns off onnxruntime's TF32 matmuls (on by default) for float32 results within 1e-5."""
     options = {"device_id": str(device_id)}
     if cuda_graph:
         options["enable_cuda_graph"] = "1"
+    if not tf32:
+        options["use_tf32"] = "0"
     return [(CUDA, options), "CPUExecutionProvider"]
 
 
@@ -68,6 +77,30 @@ def device_id(session: RoadSession) -> int:
         raise RoadError(f"{session.path.name} does not run on CUDA (providers {session.session.get_providers()}); "
                         "pass providers=['CUDAExecutionProvider', 'CPUExecutionProvider']")
     return int(options.get("device_id", 0))
+
+
+_DEVICE_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> {adapter: {name: OrtValue}}
+
+
+def route(session: RoadSession, batch: int, *, adapter: str | None = None,
+          adapter_names: Sequence[str] | None = None) -> dict[str, object]:
+    """The extra inputs that select the adapters on the GPU: `adapter_ids` (mixed export), or a swapped adapter's
+    coefficients as OrtValues in device memory (copied there once per session and adapter).
+
+    onnxruntime applies `RunOptions.add_active_adapter` in `InferenceSession.run` only, not in
+    `run_with_iobinding`, so a swap is bound here as inputs: the overridable initializers it overrides."""
+    import onnxruntime as ort
+
+    extra, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
+    if options is None:
+        return extra
+    name = adapter if adapter is not None else list(adapter_names or [])[0]
+    cached = _DEVICE_ADAPTERS.setdefault(session, {})
+    if name not in cached:
+        dev = device_id(session)
+        params = ort.AdapterFormat.read_adapter(str(session._swap_files[name])).get_parameters()
+        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(v.numpy(), "cuda", dev) for k, v in params.items()}
+    return {**extra, **cached[name]}
 
 
 def run_on_device(session: RoadSession, inputs: Mapping[str, object], *, adapter: str | None = None,
@@ -86,8 +119,7 @@ def run_on_device(session: RoadSession, inputs: Mapping[str, object], *, adapter
     arrays = {k: v for k, v in inputs.items() if k in session.input_names and k != "adapter_ids"}
     first = next(iter(arrays.values()), None)
     batch = int(first.shape()[0] if isinstance(first, ort.OrtValue) else np.asarray(first).shape[0]) if arrays else 1
-    extra, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
-    arrays.update(extra)
+    arrays.update(route(session, batch, adapter=adapter, adapter_names=adapter_names))
     missing = [n for n in session.input_names if n not in arrays]
     if missing:
         raise RoadError(f"missing inputs {missing}; the model takes {session.input_names}")
@@ -103,7 +135,7 @@ def run_on_device(session: RoadSession, inputs: Mapping[str, object], *, adapter
             io.bind_ortvalue_output(name, outputs[name])
         else:
             io.bind_output(name, "cuda", dev)
-    session.session.run_with_iobinding(io, options)
+    session.session.run_with_iobinding(io)
     return dict(zip(wanted, io.get_outputs(), strict=True))
 
 
@@ -119,7 +151,7 @@ def _selector_model(logits_type: int) -> bytes:
     ]
     graph = helper.make_graph(nodes, "select", [helper.make_tensor_value_info("logits", logits_type, ["b", "s", "v"])],
                               [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["b", 1])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
 class _Selector:
@@ -170,13 +202,16 @@ def generate(session: RoadSession, input_ids, attention_mask=None, *, max_new_to
         raise RoadError(f"input_ids must lie in [0, {vocab}); got values from {ids.min()} to {ids.max()}")
     batch = ids.shape[0]
     dev = device_id(session)
-    route, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
+    selected = route(session, batch, adapter=adapter, adapter_names=adapter_names)
     cached = any(n.startswith(PAST) for n in names)
     past: dict[str, object] = _empty_cache(session, batch) if cached else {}  # length 0: copied as numpy
     select = None if do_sample else _Selector(session)
     io = session.session.io_binding()
-    for name, value in route.items():
-        io.bind_cpu_input(name, value)
+    for name, value in selected.items():
+        if isinstance(value, ort.OrtValue):
+            io.bind_ortvalue_input(name, value)
+        else:
+            io.bind_cpu_input(name, value)
     pos = positions(mask)
     step_ids, unfinished, new = ids, np.ones(batch, dtype=bool), []
     for _ in range(max_new_tokens):
@@ -192,7 +227,7 @@ def generate(session: RoadSession, input_ids, attention_mask=None, *, max_new_to
         io.clear_binding_outputs()  # fresh device outputs: the last step's present.* are this step's inputs
         for name in session.output_names:
             io.bind_output(name, "cuda", dev)
-        session.session.run_with_iobinding(io, options)
+        session.session.run_with_iobinding(io)
         outputs = dict(zip(session.output_names, io.get_outputs(), strict=True))
         if select is not None:
             chosen = select(outputs["logits"])

@@ -59,6 +59,7 @@ class RoadSession:
         self.mixed = "adapter_ids" in self.input_names
         self.adapters = [a["name"] for a in sorted(records, key=lambda a: a.get("id", 0))]
         self._swaps: dict[str, object] = {}  # adapter name -> onnxruntime.LoraAdapter
+        self._swap_files: dict[str, Path] = {}  # adapter name -> its .onnx_adapter file (road_export.gpu binds it)
         if not self.mixed and "road_export.swap" in meta:
             prefix = f"{self.path.stem}."
             for file in sorted(self.path.parent.glob(f"{self.path.stem}.*.onnx_adapter")):
@@ -80,6 +81,7 @@ class RoadSession:
         except Exception as e:
             raise RoadError(f"{path}: not an onnxruntime adapter file ({str(e).splitlines()[0]})") from e
         self._swaps[name] = adapter
+        self._swap_files[name] = path
         if name not in self.adapters:
             self.adapters.append(name)
         return name

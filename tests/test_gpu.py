@@ -176,8 +176,9 @@ def test_generate_on_the_gpu_equals_peft(rotate_export):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_logits_on_the_gpu_match_torch_fp32(rotate_export, dtype):
     model, path, half = rotate_export
-    session = RoadSession(path if dtype == "float32" else half, providers=cuda_providers())
-    bodies = RoadSession(path if dtype == "float32" else half, providers=cuda_providers(), native=False)
+    providers = cuda_providers(tf32=False)  # onnxruntime's default TF32 matmuls are good for ~1e-3 only
+    session = RoadSession(path if dtype == "float32" else half, providers=providers)
+    bodies = RoadSession(path if dtype == "float32" else half, providers=providers, native=False)
     assert session.native and not bodies.native
     ids, mask = prompt(model.config.vocab_size, pad=0)
     with torch.no_grad():
@@ -188,11 +189,11 @@ def test_logits_on_the_gpu_match_torch_fp32(rotate_export, dtype):
     feeds["position_ids"] = positions(feeds["attention_mask"])
     feeds.update(_empty_cache(session, 2))
     got = session.run_on_device(feeds, output_names=["logits"])["logits"].numpy().astype(np.float32)
-    tol = 1e-5 if dtype == "float32" else 2e-2
+    tol = 1e-5 if dtype == "float32" else 2e-2  # relative to the largest logit
     scale = np.abs(expected).max()
-    assert np.abs(got - expected).max() <= tol * scale * (10 if dtype == "float32" else 1)
+    assert np.abs(got - expected).max() <= tol * scale, np.abs(got - expected).max() / scale
     body = bodies.run(feeds, output_names=["logits"])["logits"].astype(np.float32)
-    assert np.abs(got - body).max() <= tol * scale * (10 if dtype == "float32" else 1)
+    assert np.abs(got - body).max() <= tol * scale, np.abs(got - body).max() / scale
 
 
 def test_mixed_batch_on_the_gpu_equals_peft(tmp_path):

@@ -44,7 +44,8 @@ def rotation_model(c1: np.ndarray, c2: np.ndarray, g: int, *, x_rank: int, dtype
     graph = helper.make_graph(nodes, "rotation", [helper.make_tensor_value_info("x", io_type, dims)],
                               [helper.make_tensor_value_info("y", io_type, dims)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                    helper.make_opsetid(road_op.DOMAIN, road_op.VERSION)])
+                                                    helper.make_opsetid(road_op.DOMAIN, road_op.VERSION)],
+                              ir_version=11)  # what onnxruntime >= 1.20 reads, whatever onnx writes by default
     model = ir.serde.deserialize_model(proto)
     if bodies:
         road_op.attach_functions(model)

@@ -275,6 +275,17 @@ inline bool functions_for(CUstream stream, const Functions** out, std::string* w
   static std::mutex mutex;
   static std::map<CUcontext, Functions> loaded;
   const Driver* d = driver();
+  // The last stream this thread launched on, with the thread's current context: the common case costs no lock
+  // and no driver call beyond cuCtxGetCurrent (a thread-local read).
+  thread_local CUstream last_stream = nullptr;
+  thread_local CUcontext last_current = nullptr;
+  thread_local const Functions* last = nullptr;
+  CUcontext current = nullptr;
+  d->CtxGetCurrent(&current);
+  if (last && stream == last_stream && current == last_current) {
+    *out = last;
+    return true;
+  }
   CUcontext context = nullptr;
   CUresult r = d->StreamGetCtx(stream, &context);
   if (r != 0) {
@@ -284,11 +295,11 @@ inline bool functions_for(CUstream stream, const Functions** out, std::string* w
   std::lock_guard<std::mutex> lock(mutex);
   auto found = loaded.find(context);
   if (found != loaded.end()) {
-    *out = &found->second;
+    *out = last = &found->second;
+    last_stream = stream;
+    last_current = current;
     return true;
   }
-  CUcontext current = nullptr;
-  d->CtxGetCurrent(&current);
   const bool push = current != context;
   if (push) d->CtxPushCurrent(context);
   CUdevice device = 0;
@@ -310,9 +321,14 @@ inline bool functions_for(CUstream stream, const Functions** out, std::string* w
       ok = false;
     }
   }
-  if (push) d->CtxPopCurrent(&current);
+  if (push) {
+    CUcontext popped = nullptr;
+    d->CtxPopCurrent(&popped);
+  }
   if (!ok) return false;
-  *out = &loaded.emplace(context, functions).first->second;
+  *out = last = &loaded.emplace(context, functions).first->second;  // std::map: the address stays valid
+  last_stream = stream;
+  last_current = current;
   return true;
 }
 

@@ -24,7 +24,7 @@ constexpr int kMaxRank = 8;
 // The library is built once and may run on other x86 CPUs: the row loop is compiled for AVX-512, AVX2 and
 // baseline SSE2, and the loader picks the best one the CPU has (wider vectors are what bring it to Mul speed).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ROAD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define ROAD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ROAD_CLONES
 #endif
@@ -37,49 +37,38 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-inline float load(Half h) {
-#if defined(__FLT16_MAX__)
-  _Float16 v;
-  std::memcpy(&v, &h.bits, 2);
-  return static_cast<float>(v);
-#else
-  uint32_t sign = (h.bits & 0x8000u) << 16, exponent = (h.bits >> 10) & 0x1f, mantissa = h.bits & 0x3ffu, out;
-  if (exponent == 0x1f) {
-    out = sign | 0x7f800000u | (mantissa << 13);
-  } else if (exponent == 0) {
-    float v = static_cast<float>(mantissa) * (1.0f / 16777216.0f);  // subnormal: mantissa * 2^-24
-    std::memcpy(&out, &v, 4);
-    out |= sign;
-  } else {
-    out = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  }
+// Half <-> float without branches (every case computed, then selected), so that the row loop vectorizes with
+// integer SIMD on any x86 (after F. Giesen's half_to_float_fast5 / float_to_half_fast3_rtne, public domain).
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float float_of(uint32_t u) {
   float f;
-  std::memcpy(&f, &out, 4);
+  std::memcpy(&f, &u, 4);
   return f;
-#endif
 }
 
-inline Half store_half(float f) {
-#if defined(__FLT16_MAX__)
-  _Float16 v = static_cast<_Float16>(f);
-  Half h;
-  std::memcpy(&h.bits, &v, 2);
-  return h;
-#else
-  // Round to nearest even through the float bits (normal range; overflow to inf, tiny values flush to zero).
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000u;
-  int exponent = static_cast<int>((x >> 23) & 0xff) - 127 + 15;
-  uint32_t mantissa = x & 0x7fffffu;
-  if (((x >> 23) & 0xff) == 0xff) return Half{static_cast<uint16_t>(sign | 0x7c00u | (mantissa ? 0x200u : 0))};
-  if (exponent >= 0x1f) return Half{static_cast<uint16_t>(sign | 0x7c00u)};
-  if (exponent <= 0) return Half{static_cast<uint16_t>(sign)};
-  uint32_t h = sign | (static_cast<uint32_t>(exponent) << 10) | (mantissa >> 13);
-  uint32_t rest = mantissa & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return Half{static_cast<uint16_t>(h)};
-#endif
+inline float load(Half h) {
+  const uint32_t shifted = (static_cast<uint32_t>(h.bits) & 0x7fffu) << 13;  // exponent and mantissa
+  const uint32_t exponent = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + ((127u - 15u) << 23);
+  const uint32_t special = normal + ((128u - 16u) << 23);  // inf / NaN
+  const uint32_t tiny = bits_of(float_of(normal + (1u << 23)) - float_of(113u << 23));  // zero / subnormal
+  const uint32_t out = exponent == 0x0f800000u ? special : exponent == 0 ? tiny : normal;
+  return float_of(out | ((static_cast<uint32_t>(h.bits) & 0x8000u) << 16));
+}
+
+inline Half store_half(float value) {  // round to nearest even; NaN stays NaN, overflow gives inf
+  const uint32_t all = bits_of(value);
+  const uint32_t sign = all & 0x80000000u, f = all ^ sign;
+  const float magic = float_of(((127u - 15u) + (23u - 10u) + 1u) << 23);
+  const uint32_t subnormal = bits_of(float_of(f) + magic) - bits_of(magic);
+  const uint32_t rounded = (f + ((15u - 127u) << 23) + 0xfffu + ((f >> 13) & 1u)) >> 13;
+  const uint32_t big = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const uint32_t out = f >= ((127u + 16u) << 23) ? big : f < (113u << 23) ? subnormal : rounded;
+  return Half{static_cast<uint16_t>(out | (sign >> 16))};
 }
 
 inline float load(BFloat16 b) {
@@ -146,13 +135,28 @@ struct Job {
     return off;
   }
 
-  ROAD_CLONES void run_rows(int64_t first, int64_t last) const {
+  // The group loop, with the half group size a compile-time constant H for the common sizes (H = 0: any size, read
+  // from `half`): a constant trip count lets the compiler unroll and vectorize it with no remainder loop per group.
+  template <int64_t H>
+  ROAD_CLONES void rows_of(int64_t first, int64_t last) const {
+    const int64_t h = H ? H : half;
     for (int64_t r = first; r < last; ++r) {
       const T* xr = x + r * d;
       const T* a = c1 + offset(c1_stride, r);
       const T* b = c2 + offset(c2_stride, r);
       T* yr = y + r * d;
-      for (int64_t k = 0; k < d; k += 2 * half) group(xr + k, a + k, b + k, yr + k, half);
+      for (int64_t k = 0; k < d; k += 2 * h) group(xr + k, a + k, b + k, yr + k, H ? H : h);
+    }
+  }
+
+  void run_rows(int64_t first, int64_t last) const {
+    switch (half) {
+      case 8: return rows_of<8>(first, last);
+      case 16: return rows_of<16>(first, last);
+      case 32: return rows_of<32>(first, last);
+      case 64: return rows_of<64>(first, last);
+      case 128: return rows_of<128>(first, last);
+      default: return rows_of<0>(first, last);
     }
   }
 
