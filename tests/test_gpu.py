@@ -102,6 +102,29 @@ def test_cuda_kernel_matches_cpu_kernel_and_torch(tmp_path, shape, g, per_row, v
     assert np.abs(got - on_cpu).max() <= RTOL[dtype] * scale
 
 
+def test_cuda_graph_capture_and_replay():
+    """The kernel is graph safe: onnxruntime captures it (enable_cuda_graph) and each replay rotates the new contents
+    of the bound input buffer."""
+    rng = np.random.default_rng(0)
+    c1, c2 = testutil.coefficients("road_4", 256, 64, rng)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    assert native.register(options, True)
+    s = ort.InferenceSession(rotation_model(c1, c2, 64, x_rank=3, bodies=False), options,
+                             providers=cuda_providers(cuda_graph=True))
+    x = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 3, 256), np.float32), "cuda", 0)
+    y = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 3, 256), np.float32), "cuda", 0)
+    io = s.io_binding()
+    io.bind_ortvalue_input("x", x)
+    io.bind_ortvalue_output("y", y)
+    for _ in range(4):  # plain runs, the capture, then replays
+        new = rng.standard_normal((2, 3, 256)).astype(np.float32)
+        x.update_inplace(new)
+        s.run_with_iobinding(io)
+        expected = torch_rotate(*(torch.from_numpy(a).double() for a in (new, c1, c2)), 64).numpy()
+        assert np.abs(y.numpy() - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 def test_without_the_driver_no_cuda_kernel_is_registered(tmp_path):
     """ROAD_EXPORT_CUDA=0 hides the driver: the library then holds the CPU kernels only, and a model with no function
     bodies cannot run its road node on the GPU (onnxruntime places it on the CPU)."""

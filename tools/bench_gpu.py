@@ -278,6 +278,8 @@ def bench(root: Path, rounds: int, inner: int, new_tokens: int) -> None:
                     a, b, r = ratio_vs(other, base, (f"{name} {column}", f"base {column}"))
                     base_times.append(b)
                     table.setdefault(name, {})[column] = f"{r:.3f} x"
+                    if name.startswith("rotate"):
+                        print(f"    {(a - b) / 56 * 1e6:.1f} us per rotation node ({name}, {column})", flush=True)
                     del other
                 except Exception as e:
                     table.setdefault(name, {})[column] = f"failed: {str(e).splitlines()[0][:60]}"
