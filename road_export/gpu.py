@@ -94,7 +94,10 @@ def route(session: RoadSession, batch: int, *, adapter: str | None = None,
     extra, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
     if options is None:
         return extra
-    name = adapter if adapter is not None else list(adapter_names or [])[0]
+    name = list(adapter_names)[0] if adapter_names is not None else adapter or session._default()
+    own = session.path.with_name(f"{session.path.stem}.{name}.onnx_adapter")
+    if name == session.adapters[0] and session._swap_files.get(name) == own:
+        return extra  # the adapter the file was exported with: its initializers already hold these values
     cached = _DEVICE_ADAPTERS.setdefault(session, {})
     if name not in cached:
         dev = device_id(session)
@@ -105,13 +108,12 @@ def route(session: RoadSession, batch: int, *, adapter: str | None = None,
 
 def run_on_device(session: RoadSession, inputs: Mapping[str, object], *, adapter: str | None = None,
                   adapter_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                  outputs: Mapping[str, object] | None = None, binding=None) -> dict[str, object]:
+                  outputs: Mapping[str, object] | None = None) -> dict[str, object]:
     """One run whose outputs stay on the GPU: {name: onnxruntime.OrtValue in device memory}.
 
     `inputs` are numpy arrays (copied to the device) or OrtValues (bound as they are, on the device or not).
     `outputs` binds preallocated OrtValues (then onnxruntime writes into them: what CUDA-graph replay needs);
-    other outputs are allocated by onnxruntime on the device. `binding` reuses an onnxruntime IOBinding.
-    Adapters as for `RoadSession.run`.
+    other outputs are allocated by onnxruntime on the device. Adapters as for `RoadSession.run`.
     """
     import onnxruntime as ort
 
@@ -123,7 +125,7 @@ def run_on_device(session: RoadSession, inputs: Mapping[str, object], *, adapter
     missing = [n for n in session.input_names if n not in arrays]
     if missing:
         raise RoadError(f"missing inputs {missing}; the model takes {session.input_names}")
-    io = binding or session.session.io_binding()
+    io = session.session.io_binding()
     for name, value in arrays.items():
         if isinstance(value, ort.OrtValue):
             io.bind_ortvalue_input(name, value)

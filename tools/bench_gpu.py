@@ -216,7 +216,7 @@ def rotation_parity() -> list[str]:
     return lines
 
 
-def bench(root: Path, rounds: int, inner: int, new_tokens: int) -> None:
+def bench(root: Path, rounds: int, inner: int, new_tokens: int, skip: list[str]) -> None:
     import onnxruntime as ort
 
     from road_export.runtime import RoadSession
@@ -228,6 +228,8 @@ def bench(root: Path, rounds: int, inner: int, new_tokens: int) -> None:
     results: dict = {}
 
     def section(title, fn):
+        if any(word in title for word in skip):
+            return
         print(f"\n== {title}", flush=True)
         try:
             fn()
@@ -380,13 +382,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--inner", type=int, default=3)
     parser.add_argument("--new", type=int, default=64, help="new tokens per generate call")
+    parser.add_argument("--skip", default="", help="comma-separated words: skip the sections whose title has one")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
     if args.phase == "export":
         export_all(args.dir, args.layers, args.hidden)
     else:
-        bench(args.dir, args.rounds, args.inner, args.new)
+        bench(args.dir, args.rounds, args.inner, args.new, [w for w in args.skip.split(",") if w])
 
 
 if __name__ == "__main__":
