@@ -23,9 +23,11 @@ class RoadSession:
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
                  native: bool | None = None):
         """`native`: run road ops on the native kernels (True), their standard-op bodies (False), or the kernels
-        where they build (None, the default); `self.native` says which. The kernels are CPU kernels: with another
-        execution provider first in `providers`, None leaves them out, so the bodies run on that device rather
-        than the rotations hopping to the CPU."""
+        where they build (None, the default); `self.native` says which. With CUDAExecutionProvider first in
+        `providers` (a name or (name, options); see `road_export.gpu.cuda_providers`) the kernels are the
+        library's CUDA kernels, registered where they can run (`road_export.gpu.cuda_native`), and
+        `self.device` is "cuda"; with another execution provider first, None leaves the CPU kernels out, so the
+        bodies run on that device rather than the rotations hopping to the CPU."""
         import onnxruntime as ort
 
         from road_export import native as road_native

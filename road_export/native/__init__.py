@@ -128,8 +128,12 @@ def _loadable(*names: str) -> bool:
 @functools.cache
 def cuda_kernels() -> str | None:
     """None when the library registers its CUDA kernels on this machine, else the reason it does not."""
+    import onnxruntime as ort
+
     if os.environ.get("ROAD_EXPORT_CUDA") == "0":
         return "ROAD_EXPORT_CUDA=0"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
     if not _loadable("libcuda.so.1"):
         return "no CUDA driver (libcuda.so.1)"
     found = nvrtc_path()
