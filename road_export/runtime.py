@@ -31,10 +31,13 @@ class RoadSession:
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
                  native: bool | None = None, session_config: Mapping[str, str] | None = None):
         """`native`: run road ops on the native kernels (True), their standard-op bodies (False), or the kernels
-        where they build (None, the default); `self.native` says which. The kernels are CPU kernels: with another
-        execution provider first in `providers`, None leaves them out, so the bodies run on that device rather
-        than the rotations hopping to the CPU. `session_config`: onnxruntime session config entries
-        (`SessionOptions.add_session_config_entry`, e.g. {"session.intra_op.allow_spinning": "0"})."""
+        where they build (None, the default); `self.native` says which. With CUDAExecutionProvider first in
+        `providers` (a name or (name, options); see `road_export.gpu.cuda_providers`) the kernels are the
+        library's CUDA kernels, registered where they can run (`road_export.gpu.cuda_native`), and
+        `self.device` is "cuda"; with another execution provider first, None leaves the CPU kernels out, so the
+        bodies run on that device rather than the rotations hopping to the CPU. `session_config`: onnxruntime
+        session config entries (`SessionOptions.add_session_config_entry`, e.g.
+        {"session.intra_op.allow_spinning": "0"})."""
         import onnxruntime as ort
 
         from road_export import native as road_native
@@ -51,13 +54,19 @@ class RoadSession:
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, str(value))
         providers = list(providers or ["CPUExecutionProvider"])
-        if native is None and providers[0] != "CPUExecutionProvider":
+        on_cuda = _provider_name(providers[0]) == "CUDAExecutionProvider"
+        if on_cuda and native is not False:  # the library's CUDA kernels, where this machine can run them
+            from road_export.gpu import cuda_native
+
+            native = cuda_native(native)
+        elif native is None and providers[0] != "CPUExecutionProvider":
             native = False
         self.native = road_native.uses_road(self.path) and road_native.register(options, native)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as e:
             raise RoadError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
+        self.device = "cuda" if on_cuda and "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         meta = self.session.get_modelmeta().custom_metadata_map
         records = json.loads(meta.get("road_export.adapters", "[]"))
         self.mode = meta.get("road_export.mode")
@@ -67,6 +76,7 @@ class RoadSession:
         self.adapters = [a["name"] for a in sorted(records, key=lambda a: a.get("id", 0))]
         self._swaps: dict[str, object] = {}  # adapter name -> onnxruntime.LoraAdapter
         self._inputs = {i.name: (list(i.shape), _NUMPY.get(i.type)) for i in self.session.get_inputs()}
+        self._swap_files: dict[str, Path] = {}  # adapter name -> its .onnx_adapter file (road_export.gpu binds it)
         self._swap_records = json.loads(meta["road_export.swap"]) if "road_export.swap" in meta else None
         if not self.mixed and self._swap_records is not None:
             from road_export import swap
@@ -91,6 +101,7 @@ class RoadSession:
         except Exception as e:
             raise RoadError(f"{path}: not an onnxruntime adapter file ({str(e).splitlines()[0]})") from e
         self._swaps[name] = adapter
+        self._swap_files[name] = path
         if name not in self.adapters:
             self.adapters.append(name)
         return name
@@ -219,8 +230,19 @@ class RoadSession:
             )
         return {}, None
 
+    def run_on_device(self, inputs, **options) -> dict[str, object]:
+        """`run` whose outputs stay in GPU memory as onnxruntime OrtValues; see `road_export.gpu.run_on_device`."""
+        from road_export.gpu import run_on_device
+
+        return run_on_device(self, inputs, **options)
+
     def generate(self, input_ids, attention_mask=None, **options) -> np.ndarray:
-        """Prompt plus new tokens, [batch, prompt + new]; see `road_export.generation.generate` for the options."""
+        """Prompt plus new tokens, [batch, prompt + new]; see `road_export.generation.generate` for the options.
+        On the GPU (`self.device == "cuda"`) the cache and logits stay there: `road_export.gpu.generate`."""
+        if self.device == "cuda":
+            from road_export.gpu import generate
+
+            return generate(self, input_ids, attention_mask, **options)
         return generation.generate(self, input_ids, attention_mask, **options)
 
     def stream(self, input_ids, attention_mask=None, **options):
@@ -231,3 +253,8 @@ class RoadSession:
         if not self.mixed and self.adapters:
             return self.adapters[0]  # the adapter the file was exported with (its initializers' defaults)
         raise RoadError(f"{self.path.name} holds adapters {self.adapters}; choose one with adapter=")
+
+
+def _provider_name(provider) -> str:
+    """onnxruntime takes a provider as its name or as (name, options)."""
+    return provider if isinstance(provider, str) else provider[0]

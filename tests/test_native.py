@@ -44,7 +44,8 @@ def rotation_model(c1: np.ndarray, c2: np.ndarray, g: int, *, x_rank: int, dtype
     graph = helper.make_graph(nodes, "rotation", [helper.make_tensor_value_info("x", io_type, dims)],
                               [helper.make_tensor_value_info("y", io_type, dims)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                    helper.make_opsetid(road_op.DOMAIN, road_op.VERSION)])
+                                                    helper.make_opsetid(road_op.DOMAIN, road_op.VERSION)],
+                              ir_version=11)  # what onnxruntime >= 1.20 reads, whatever onnx writes by default
     model = ir.serde.deserialize_model(proto)
     if bodies:
         road_op.attach_functions(model)
@@ -234,3 +235,22 @@ def test_road_session_uses_the_kernels_on_cpu_only(tmp_path):
         warnings.simplefilter("ignore")
         on_device = RoadSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert on_device.native is False
+
+
+def test_cuda_kernels_say_why_they_are_absent(tmp_path, monkeypatch):
+    """Where the CUDA kernels cannot run, the reason is named, and a CUDA session that insists on them is refused
+    with it (a CPU-only machine: CI; the GPU tests are tests/test_gpu.py)."""
+    from road_export.runtime import RoadSession
+
+    monkeypatch.setenv("ROAD_EXPORT_CUDA", "0")
+    native.cuda_kernels.cache_clear()
+    try:
+        assert native.cuda_kernels() == "ROAD_EXPORT_CUDA=0"
+        c1, c2 = testutil.coefficients("road_4", 64, 64, np.random.default_rng(0))
+        path = tmp_path / "road.onnx"
+        path.write_bytes(rotation_model(c1, c2, 64, x_rank=2))
+        with pytest.raises(RoadError, match=r"the road CUDA kernels are unavailable here \(ROAD_EXPORT_CUDA=0\)"):
+            RoadSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], native=True)
+    finally:
+        native.cuda_kernels.cache_clear()
+

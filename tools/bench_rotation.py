@@ -8,6 +8,9 @@ and each standard-op body road-export writes, for runtimes without the kernels:
   - the Split/Neg/Concat body (the Slice-based standard-op rotation)
   - what torch.onnx.export writes for peft's layer (Reshape, Gather, Neg, Unsqueeze, Concat, Reshape, Mul, Mul, Add)
 
+Then the native kernels in float16 and bfloat16 against a float16 Mul (the same bytes read and written;
+onnxruntime has no bfloat16 Mul on the CPU).
+
     python tools/bench_rotation.py [--rows 512] [--width 4096] [--group 64] [--rounds 300]
 """
 
@@ -32,15 +35,27 @@ from road_export.passes.lower import LowerPass  # noqa: E402
 from passes import testutil  # noqa: E402
 
 
-def build(nodes, inits, shape, opsets) -> bytes:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
-    graph = helper.make_graph(nodes, "bench", [x], [y], [numpy_helper.from_array(v, k) for k, v in inits.items()])
+def build(nodes, inits, shape, opsets, dtype=TensorProto.FLOAT) -> bytes:
+    x = helper.make_tensor_value_info("x", dtype, shape)
+    y = helper.make_tensor_value_info("y", dtype, shape)
+    tensors = [bf16_tensor(v, k) if dtype == TensorProto.BFLOAT16 else numpy_helper.from_array(v, k)
+               for k, v in inits.items()]
+    graph = helper.make_graph(nodes, "bench", [x], [y], tensors)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(*o) for o in opsets])
     model = ir.serde.deserialize_model(proto)
     if any(n.domain == road_op.DOMAIN for n in model.graph):
         LowerPass("onnxruntime")(model)
     return ir.serde.serialize_model(model).SerializeToString()
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
+    bits = a.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_tensor(a: np.ndarray, name: str):
+    return helper.make_tensor(name, TensorProto.BFLOAT16, a.shape, bf16_bits(a).tobytes(), raw=True)
 
 
 def road_node(c1, c2, g, opset):
@@ -127,6 +142,43 @@ def main() -> None:
     for name, t in times.items():
         ratio = statistics.median(a / b for a, b in zip(t, base, strict=True))
         print(f"  {name:>34}: {statistics.median(t) * 1e3:8.3f} ms   {ratio:6.2f}x a single Mul")
+
+    # float16 and bfloat16: the native kernels against a float16 Mul, fed as OrtValues (numpy has no bfloat16)
+    half_models = {"Mul fp16 (reference)": (build([helper.make_node("Mul", ["x", "c1"], ["y"])],
+                                                  {"c1": full[0].astype(np.float16)}, shape, [("", 20)],
+                                                  TensorProto.FLOAT16), TensorProto.FLOAT16)}
+    for label, dt in (("fp16", TensorProto.FLOAT16), ("bf16", TensorProto.BFLOAT16)):
+        for variant, coeffs in (("road_4 Rotate", full), ("road_1 RotateTied", tied)):
+            nodes, _, opsets = road_node(*coeffs, g, 20)
+            cast = {"c1": coeffs[0], "c2": coeffs[1]} if dt == TensorProto.BFLOAT16 else {
+                "c1": coeffs[0].astype(np.float16), "c2": coeffs[1].astype(np.float16)}
+            half_models[f"{variant} {label}, native kernel"] = (build(nodes, cast, shape, opsets, dt), dt)
+    half_sessions = {k: session("native kernel" if "native" in k else k, m) for k, (m, _) in half_models.items()}
+    values = {TensorProto.FLOAT16: ort.OrtValue.ortvalue_from_numpy(x.astype(np.float16)),
+              TensorProto.BFLOAT16: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bf16_bits(x),
+                                                                                    TensorProto.BFLOAT16)}
+    for name, s in half_sessions.items():
+        dt = half_models[name][1]
+        got = s.run_with_ort_values(["y"], {"x": values[dt]})[0]
+        if "native" in name and dt == TensorProto.FLOAT16:  # bfloat16 has no numpy view: tests/test_native.py
+            coeffs = full if "road_4" in name else tied
+            err = np.abs(got.numpy().astype(np.float32) - rotation.rotate(x, *coeffs, g)).max() / np.abs(x).max()
+            assert err < 4e-3, (name, err)
+        for _ in range(10):
+            s.run_with_ort_values(["y"], {"x": values[dt]})
+    half_times: dict[str, list[float]] = {k: [] for k in half_sessions}
+    for _ in range(args.rounds):
+        for name, s in half_sessions.items():
+            value = values[half_models[name][1]]
+            start = time.perf_counter()
+            s.run_with_ort_values(["y"], {"x": value})
+            half_times[name].append(time.perf_counter() - start)
+    half_base = half_times["Mul fp16 (reference)"]
+    print(f"one rotation over [{n}, {d}] in fp16 / bf16 (computed in fp32), against a fp16 Mul, "
+          f"{args.rounds} interleaved rounds")
+    for name, t in half_times.items():
+        ratio = statistics.median(a / b for a, b in zip(t, half_base, strict=True))
+        print(f"  {name:>34}: {statistics.median(t) * 1e3:8.3f} ms   {ratio:6.2f}x a single fp16 Mul")
 
 
 if __name__ == "__main__":

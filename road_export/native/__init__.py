@@ -8,6 +8,11 @@ onnxruntime prefers a registered kernel to a model-local function, so the file i
 The onnxruntime wheels ship no C headers, so the source declares the few C ABI entries it calls
 (`ort_abi.h`) and builds with any C++17 compiler (`$CXX`, else c++, g++ or clang++). The library is cached
 under `$ROAD_EXPORT_CACHE` (default `~/.cache/road-export`), keyed by its source, flags and compiler.
+
+The same library holds CUDA kernels for the two ops (`road_cuda.h`), registered for onnxruntime's
+CUDAExecutionProvider where the CUDA driver (libcuda.so.1) and NVRTC (libnvrtc, e.g. the `nvidia-cuda-nvrtc`
+wheel) can be opened: the kernel is compiled by NVRTC at first use for the GPU's architecture and its cubin is
+cached in the same directory. `cuda_kernels()` says whether they are there, or why not.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from road_export.files import atomic_write
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("road_ort.cc", "ort_abi.h")
+SOURCES = ("road_ort.cc", "ort_abi.h", "road_cuda.h")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+LIBS = ("-ldl",)  # dlopen of the CUDA driver and NVRTC (in libc itself from glibc 2.34)
 COMPILERS = ("c++", "g++", "clang++")
 
 
@@ -62,7 +68,7 @@ def _key(cxx: str) -> str:
     for name in SOURCES:
         digest.update((SOURCE_DIR / name).read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    digest.update("\0".join((*FLAGS, version, platform.machine(), platform.system())).encode())
+    digest.update("\0".join((*FLAGS, *LIBS, version, platform.machine(), platform.system())).encode())
     return digest.hexdigest()[:16]
 
 
@@ -80,13 +86,69 @@ def library_path() -> Path:
                         "to a writable directory") from e
     # atomic (road_export.files): a concurrent build of the same key writes the same bytes, an interrupted one nothing
     with atomic_write(target) as tmp:
-        command = [cxx, *FLAGS, "-o", str(tmp), str(SOURCE_DIR / SOURCES[0])]
+        command = [cxx, *FLAGS, "-o", str(tmp), str(SOURCE_DIR / SOURCES[0]), *LIBS]
         logger.info("building the road kernels: %s", " ".join(command))
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
             raise RoadError(f"building the road kernels with {cxx} failed: {first}")
     return target
+
+
+def nvrtc_path() -> Path | None:
+    """libnvrtc from the `nvidia-cuda-nvrtc` wheel (CUDA 13 or 12 layout) on sys.path, else None (the library
+    then tries the system's libnvrtc.so.13 / .12 through the dynamic loader)."""
+    import sys
+
+    for root in sys.path:
+        for rel in ("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
+                    "nvidia/cu12/lib/libnvrtc.so.12"):
+            candidate = Path(root or ".") / rel
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _loadable(*names: str) -> bool:
+    import ctypes
+
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+@functools.cache
+def cuda_kernels() -> str | None:
+    """None when the library registers its CUDA kernels on this machine, else the reason it does not."""
+    import onnxruntime as ort
+
+    if os.environ.get("ROAD_EXPORT_CUDA") == "0":
+        return "ROAD_EXPORT_CUDA=0"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    if not _loadable("libcuda.so.1"):
+        return "no CUDA driver (libcuda.so.1)"
+    found = nvrtc_path()
+    if not _loadable(*([str(found)] if found else []), "libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"):
+        return "no NVRTC (pip install nvidia-cuda-nvrtc, matching the CUDA of onnxruntime-gpu)"
+    return None
+
+
+def _environment() -> None:
+    """Tell the library where to cache cubins and which libnvrtc to open (read at its first CUDA use), and, under
+    an onnxruntime without the CUDA provider, to leave the CUDA driver alone (ROAD_EXPORT_CUDA=0)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        os.environ.setdefault("ROAD_EXPORT_CUDA", "0")
+    os.environ.setdefault("ROAD_EXPORT_KERNEL_CACHE", str(cache_dir()))
+    found = nvrtc_path()
+    if found:
+        os.environ.setdefault("ROAD_EXPORT_NVRTC", str(found))
 
 
 def uses_road(path: str | Path) -> bool:
@@ -147,6 +209,7 @@ def register(options, native: bool | None = None) -> bool:
     if native is False:
         return False
     try:
+        _environment()
         options.register_custom_ops_library(str(library_path()))
     except RoadError as e:
         if native:

@@ -90,6 +90,7 @@ constexpr size_t KernelContext_GetInput = 90;       // (const OrtKernelContext*,
 constexpr size_t KernelContext_GetOutput = 91;      // (OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)
 constexpr size_t ReleaseStatus = 93;                // (OrtStatus*) -> void
 constexpr size_t ReleaseTensorTypeAndShapeInfo = 99;  // (OrtTensorTypeAndShapeInfo*) -> void
+constexpr size_t KernelContext_GetGPUComputeStream = 193;  // (const OrtKernelContext*, void**): the EP's stream
 // (const OrtKernelContext*, void (*)(void*, size_t), size_t total, size_t num_batch, void*)
 constexpr size_t KernelContext_ParallelFor = 274;
 }  // namespace slot

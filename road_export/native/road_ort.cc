@@ -7,6 +7,7 @@
 // rotation instead, which reads X once and writes Y once, like a single elementwise Mul.
 // C1 and C2 broadcast against X the numpy way, their last axis equal to X's (shape [d], or [batch, 1, d] for
 // per-row adapters). Half-precision inputs are computed in float and rounded once.
+// The CUDA kernels (road_cuda.h) register for the CUDA execution provider where the CUDA driver and NVRTC open.
 #include <climits>
 #include <cstring>
 #include <exception>
@@ -14,6 +15,7 @@
 #include <string>
 
 #include "ort_abi.h"
+#include "road_cuda.h"
 
 namespace {
 
@@ -22,7 +24,7 @@ constexpr int kMaxRank = 8;
 // The library is built once and may run on other x86 CPUs: the row loop is compiled for AVX-512, AVX2 and
 // baseline SSE2, and the loader picks the best one the CPU has (wider vectors are what bring it to Mul speed).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ROAD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define ROAD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ROAD_CLONES
 #endif
@@ -35,49 +37,38 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-inline float load(Half h) {
-#if defined(__FLT16_MAX__)
-  _Float16 v;
-  std::memcpy(&v, &h.bits, 2);
-  return static_cast<float>(v);
-#else
-  uint32_t sign = (h.bits & 0x8000u) << 16, exponent = (h.bits >> 10) & 0x1f, mantissa = h.bits & 0x3ffu, out;
-  if (exponent == 0x1f) {
-    out = sign | 0x7f800000u | (mantissa << 13);
-  } else if (exponent == 0) {
-    float v = static_cast<float>(mantissa) * (1.0f / 16777216.0f);  // subnormal: mantissa * 2^-24
-    std::memcpy(&out, &v, 4);
-    out |= sign;
-  } else {
-    out = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  }
+// Half <-> float without branches (every case computed, then selected), so that the row loop vectorizes with
+// integer SIMD on any x86 (after F. Giesen's half_to_float_fast5 / float_to_half_fast3_rtne, public domain).
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float float_of(uint32_t u) {
   float f;
-  std::memcpy(&f, &out, 4);
+  std::memcpy(&f, &u, 4);
   return f;
-#endif
 }
 
-inline Half store_half(float f) {
-#if defined(__FLT16_MAX__)
-  _Float16 v = static_cast<_Float16>(f);
-  Half h;
-  std::memcpy(&h.bits, &v, 2);
-  return h;
-#else
-  // Round to nearest even through the float bits (normal range; overflow to inf, tiny values flush to zero).
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000u;
-  int exponent = static_cast<int>((x >> 23) & 0xff) - 127 + 15;
-  uint32_t mantissa = x & 0x7fffffu;
-  if (((x >> 23) & 0xff) == 0xff) return Half{static_cast<uint16_t>(sign | 0x7c00u | (mantissa ? 0x200u : 0))};
-  if (exponent >= 0x1f) return Half{static_cast<uint16_t>(sign | 0x7c00u)};
-  if (exponent <= 0) return Half{static_cast<uint16_t>(sign)};
-  uint32_t h = sign | (static_cast<uint32_t>(exponent) << 10) | (mantissa >> 13);
-  uint32_t rest = mantissa & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return Half{static_cast<uint16_t>(h)};
-#endif
+inline float load(Half h) {
+  const uint32_t shifted = (static_cast<uint32_t>(h.bits) & 0x7fffu) << 13;  // exponent and mantissa
+  const uint32_t exponent = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + ((127u - 15u) << 23);
+  const uint32_t special = normal + ((128u - 16u) << 23);  // inf / NaN
+  const uint32_t tiny = bits_of(float_of(normal + (1u << 23)) - float_of(113u << 23));  // zero / subnormal
+  const uint32_t out = exponent == 0x0f800000u ? special : exponent == 0 ? tiny : normal;
+  return float_of(out | ((static_cast<uint32_t>(h.bits) & 0x8000u) << 16));
+}
+
+inline Half store_half(float value) {  // round to nearest even; NaN stays NaN, overflow gives inf
+  const uint32_t all = bits_of(value);
+  const uint32_t sign = all & 0x80000000u, f = all ^ sign;
+  const float magic = float_of(((127u - 15u) + (23u - 10u) + 1u) << 23);
+  const uint32_t subnormal = bits_of(float_of(f) + magic) - bits_of(magic);
+  const uint32_t rounded = (f + ((15u - 127u) << 23) + 0xfffu + ((f >> 13) & 1u)) >> 13;
+  const uint32_t big = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const uint32_t out = f >= ((127u + 16u) << 23) ? big : f < (113u << 23) ? subnormal : rounded;
+  return Half{static_cast<uint16_t>(out | (sign >> 16))};
 }
 
 inline float load(BFloat16 b) {
@@ -144,13 +135,28 @@ struct Job {
     return off;
   }
 
-  ROAD_CLONES void run_rows(int64_t first, int64_t last) const {
+  // The group loop, with the half group size a compile-time constant H for the common sizes (H = 0: any size, read
+  // from `half`): a constant trip count lets the compiler unroll and vectorize it with no remainder loop per group.
+  template <int64_t H>
+  ROAD_CLONES void rows_of(int64_t first, int64_t last) const {
+    const int64_t h = H ? H : half;
     for (int64_t r = first; r < last; ++r) {
       const T* xr = x + r * d;
       const T* a = c1 + offset(c1_stride, r);
       const T* b = c2 + offset(c2_stride, r);
       T* yr = y + r * d;
-      for (int64_t k = 0; k < d; k += 2 * half) group(xr + k, a + k, b + k, yr + k, half);
+      for (int64_t k = 0; k < d; k += 2 * h) group(xr + k, a + k, b + k, yr + k, H ? H : h);
+    }
+  }
+
+  void run_rows(int64_t first, int64_t last) const {
+    switch (half) {
+      case 8: return rows_of<8>(first, last);
+      case 16: return rows_of<16>(first, last);
+      case 32: return rows_of<32>(first, last);
+      case 64: return rows_of<64>(first, last);
+      case 128: return rows_of<128>(first, last);
+      default: return rows_of<0>(first, last);
     }
   }
 
@@ -181,6 +187,7 @@ struct Kernel {
   const OrtApi* api;
   int64_t group_size;
   std::string name;
+  bool cuda;  // runs on the CUDA execution provider: X, C1, C2 and Y are device memory
 };
 
 OrtStatus* fail(const OrtApi* api, const std::string& message) {
@@ -273,6 +280,49 @@ OrtStatus* rotate(const Kernel& kernel, OrtKernelContext* context, const Shape& 
                                &Job<T>::task, static_cast<size_t>(tasks), size_t{0}, static_cast<void*>(&job));
 }
 
+// The CUDA kernel: one launch on onnxruntime's compute stream (road_cuda.h); the shapes are host metadata.
+OrtStatus* rotate_cuda(const Kernel& kernel, OrtKernelContext* context, const Shape& x, const Shape& c1,
+                       const Shape& c2, const OrtValue* const* in, OrtValue* out) {
+  const OrtApi* api = kernel.api;
+  cuda::Params params{};
+  void* data[4] = {};
+  for (int i = 0; i < 3; ++i)
+    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, const_cast<OrtValue*>(in[i]), &data[i])));
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, out, &data[3])));
+  params.x = data[0];
+  params.c1 = data[1];
+  params.c2 = data[2];
+  params.y = data[3];
+  params.d = x.dims[x.rank - 1];
+  params.half = kernel.group_size / 2;
+  params.pairs = params.d / 2;
+  params.rows = params.d ? static_cast<long long>(x.count()) / params.d : 0;
+  params.lead = x.rank - 1;
+  int64_t s1[kMaxRank] = {}, s2[kMaxRank] = {};
+  std::string why;
+  if (!coefficient_strides(x, c1, s1, &why) || !coefficient_strides(x, c2, s2, &why))
+    return fail(api, kernel.name + ": " + why);
+  for (int a = 0; a < params.lead; ++a) {
+    params.lead_dims[a] = x.dims[a];
+    params.c1_stride[a] = s1[a];
+    params.c2_stride[a] = s2[a];
+  }
+  void* stream = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetGPUComputeStream,
+                                  static_cast<const OrtKernelContext*>(context), &stream)));
+  int type_index = 0;
+  switch (x.type) {
+    case ORT_TYPE_FLOAT: type_index = 0; break;
+    case ORT_TYPE_DOUBLE: type_index = 1; break;
+    case ORT_TYPE_FLOAT16: type_index = 2; break;
+    case ORT_TYPE_BFLOAT16: type_index = 3; break;
+    default: return fail(api, kernel.name + ": element type " + std::to_string(x.type) + " is not a float type");
+  }
+  if (!cuda::launch(static_cast<cuda::CUstream>(stream), type_index, params, &why))
+    return fail(api, kernel.name + " (CUDA): " + why);
+  return nullptr;
+}
+
 OrtStatus* compute(void* self, OrtKernelContext* context) noexcept {
   const Kernel& kernel = *static_cast<Kernel*>(self);
   const OrtApi* api = kernel.api;
@@ -296,6 +346,7 @@ OrtStatus* compute(void* self, OrtKernelContext* context) noexcept {
   ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetOutput, context, size_t{0},
                                   static_cast<const int64_t*>(x.dims), static_cast<size_t>(x.rank), &out)));
   try {
+    if (kernel.cuda) return rotate_cuda(kernel, context, x, shapes[1], shapes[2], in, out);
     switch (x.type) {
       case ORT_TYPE_FLOAT: return rotate<float>(kernel, context, x, shapes[1], shapes[2], in, out);
       case ORT_TYPE_DOUBLE: return rotate<double>(kernel, context, x, shapes[1], shapes[2], in, out);
@@ -314,29 +365,34 @@ OrtStatus* compute(void* self, OrtKernelContext* context) noexcept {
 struct RoadOp : OrtCustomOp {
   const char* name;
   int type;
+  bool cuda;
 };
 
 OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) noexcept {
-  const char* name = static_cast<const RoadOp*>(op)->name;
+  const RoadOp* road = static_cast<const RoadOp*>(op);
+  const char* name = road->name;
   int64_t group = 0;
   ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelInfoGetAttribute_int64, info, "group_size", &group)));
   if (group < 2 || group % 2)
     return fail(api, std::string("road.") + name + ": group_size must be even and >= 2, got " + std::to_string(group));
   try {
-    *out = new Kernel{api, group, std::string("road.") + name};
+    *out = new Kernel{api, group, std::string("road.") + name, road->cuda};
   } catch (const std::exception& e) {
     return fail(api, e.what());
   }
   return nullptr;
 }
 
-RoadOp make_op(const char* name, int type) {
+RoadOp make_op(const char* name, int type, bool cuda = false) {
   RoadOp op{};
   op.version = ort::kApiVersion;
   op.name = name;
   op.type = type;
+  op.cuda = cuda;
   op.GetName = [](const OrtCustomOp* self) { return static_cast<const RoadOp*>(self)->name; };
-  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  op.GetExecutionProviderType = [](const OrtCustomOp* self) -> const char* {
+    return static_cast<const RoadOp*>(self)->cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+  };
   op.GetInputType = [](const OrtCustomOp* self, size_t) { return static_cast<const RoadOp*>(self)->type; };
   op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
   op.GetOutputType = [](const OrtCustomOp* self, size_t) { return static_cast<const RoadOp*>(self)->type; };
@@ -344,7 +400,7 @@ RoadOp make_op(const char* name, int type) {
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };   // required
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };  // required
-  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return 0; };       // default (CPU) memory
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return 0; };       // the provider's own memory
   op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
@@ -361,6 +417,13 @@ RoadOp ops[] = {
     make_op("Rotate", ORT_TYPE_DOUBLE),        make_op("Rotate", ORT_TYPE_BFLOAT16),
     make_op("RotateTied", ORT_TYPE_FLOAT),     make_op("RotateTied", ORT_TYPE_FLOAT16),
     make_op("RotateTied", ORT_TYPE_DOUBLE),    make_op("RotateTied", ORT_TYPE_BFLOAT16),
+};
+// The same ops for the CUDA execution provider, added where the CUDA driver and NVRTC open (road_cuda.h).
+RoadOp cuda_ops[] = {
+    make_op("Rotate", ORT_TYPE_FLOAT, true),       make_op("Rotate", ORT_TYPE_FLOAT16, true),
+    make_op("Rotate", ORT_TYPE_DOUBLE, true),      make_op("Rotate", ORT_TYPE_BFLOAT16, true),
+    make_op("RotateTied", ORT_TYPE_FLOAT, true),   make_op("RotateTied", ORT_TYPE_FLOAT16, true),
+    make_op("RotateTied", ORT_TYPE_DOUBLE, true),  make_op("RotateTied", ORT_TYPE_BFLOAT16, true),
 };
 OrtCustomOpDomain* road_domain = nullptr;
 std::mutex domain_mutex;
@@ -382,6 +445,10 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     for (const RoadOp& op : ops)
       ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain,
                                       static_cast<const OrtCustomOp*>(&op))));
+    if (cuda::available())
+      for (const RoadOp& op : cuda_ops)
+        ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain,
+                                        static_cast<const OrtCustomOp*>(&op))));
     road_domain = domain;
   }
   return ort::call<OrtStatus*>(api, ort::slot::AddCustomOpDomain, options, road_domain);

@@ -1,0 +1,256 @@
+"""RoadSession on onnxruntime's CUDA execution provider: the road kernels on the GPU, and runs and generation
+that keep the KV cache and the logits in GPU memory through onnxruntime's IOBinding.
+
+`RoadSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])` registers the road kernel
+library, whose CUDA kernels (road_export/native/road_cuda.h) then run every `road.Rotate` / `road.RotateTied`
+node as one launch on onnxruntime's stream. `RoadSession.generate` then comes here: each step binds the previous
+step's `present.*` OrtValues (device memory) as `past_key_values.*`, and picks the next token with an ArgMax run
+on the GPU, so only the token ids [batch] cross to the host per step (sampling, which is done on the host, copies
+the last position's logits [batch, vocab]).
+
+A swapped adapter (`.onnx_adapter`) is bound as inputs, its coefficients copied to the GPU once: onnxruntime
+applies `RunOptions.add_active_adapter` in `InferenceSession.run` only, not with IOBinding.
+
+CUDA graphs: onnxruntime's `enable_cuda_graph` replays a captured run only when every node runs on the CUDA
+provider and every input and output is bound to the same device buffer, with the same shape, on every run. Neither
+holds for road-export's decoder files: onnxruntime 1.31 places their shape computations (int64 Shape / Gather /
+Concat feeding the attention mask and cache) on the CPU provider and then refuses the session ("all compute graph
+nodes have not been partitioned to the CUDAExecutionProvider"), for the base model's export as for the adapted
+ones; and the cache grows by one position per step (`present` is `past` concatenated with the new key/value), so
+each decode step has new shapes. Generation therefore runs without graphs. The road kernels themselves are graph
+safe: after their first run on a context they allocate, synchronise and compile nothing, only launch on
+onnxruntime's stream. `cuda_providers(cuda_graph=True)` asks for graphs where a file allows them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from road_export.errors import RoadError
+
+if TYPE_CHECKING:
+    from road_export.runtime import RoadSession
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+
+
+def cuda_native(native: bool | None) -> bool:
+    """Whether to register the road kernel library for a session whose first provider is CUDA: the library's CUDA
+    kernels must be there (`road_export.native.cuda_kernels`), else the CPU kernels would pull every rotation
+    off the GPU. native=None: register them when they are there, else run the bodies (logged); True: raise
+    RoadError when they are not."""
+    from road_export import native as road_native
+
+    why = road_native.cuda_kernels()
+    if why is None:
+        return native is not False
+    if native:
+        raise RoadError(f"the road CUDA kernels are unavailable here ({why}); use native=None to run the "
+                        "standard-op bodies on the GPU")
+    logger.warning("road CUDA kernels unavailable (%s); the road ops run their standard-op bodies on the GPU", why)
+    return False
+
+
+def cuda_providers(device_id: int = 0, *, cuda_graph: bool = False, tf32: bool = True) -> list:
+    """The providers argument for a GPU RoadSession: CUDA (on `device_id`, CUDA graphs on request), then CPU.
+    `tf32=False` turns off onnxruntime's TF32 matmuls (on by default) for float32 results within 1e-5."""
+    options = {"device_id": str(device_id)}
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    if not tf32:
+        options["use_tf32"] = "0"
+    return [(CUDA, options), "CPUExecutionProvider"]
+
+
+def device_id(session: RoadSession) -> int:
+    """The CUDA device the session runs on."""
+    options = session.session.get_provider_options().get(CUDA)
+    if options is None:
+        raise RoadError(f"{session.path.name} does not run on CUDA (providers {session.session.get_providers()}); "
+                        "pass providers=['CUDAExecutionProvider', 'CPUExecutionProvider']")
+    return int(options.get("device_id", 0))
+
+
+_DEVICE_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> {adapter: {name: OrtValue}}
+
+
+def route(session: RoadSession, batch: int, *, adapter: str | None = None,
+          adapter_names: Sequence[str] | None = None) -> dict[str, object]:
+    """The extra inputs that select the adapters on the GPU: `adapter_ids` (mixed export), or a swapped adapter's
+    coefficients as OrtValues in device memory (copied there once per session and adapter).
+
+    onnxruntime applies `RunOptions.add_active_adapter` in `InferenceSession.run` only, not in
+    `run_with_iobinding`, so a swap is bound here as inputs: the overridable initializers it overrides."""
+    import onnxruntime as ort
+
+    extra, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
+    if options is None:
+        return extra
+    name = list(adapter_names)[0] if adapter_names is not None else adapter or session._default()
+    own = session.path.with_name(f"{session.path.stem}.{name}.onnx_adapter")
+    if name == session.adapters[0] and session._swap_files.get(name) == own:
+        return extra  # the adapter the file was exported with: its initializers already hold these values
+    cached = _DEVICE_ADAPTERS.setdefault(session, {})
+    if name not in cached:
+        dev = device_id(session)
+        params = ort.AdapterFormat.read_adapter(str(session._swap_files[name])).get_parameters()
+        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(v.numpy(), "cuda", dev) for k, v in params.items()}
+    return {**extra, **cached[name]}
+
+
+def run_on_device(session: RoadSession, inputs: Mapping[str, object], *, adapter: str | None = None,
+                  adapter_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+                  outputs: Mapping[str, object] | None = None) -> dict[str, object]:
+    """One run whose outputs stay on the GPU: {name: onnxruntime.OrtValue in device memory}.
+
+    `inputs` are numpy arrays (copied to the device) or OrtValues (bound as they are, on the device or not).
+    `outputs` binds preallocated OrtValues (then onnxruntime writes into them: what CUDA-graph replay needs);
+    other outputs are allocated by onnxruntime on the device. Adapters as for `RoadSession.run`.
+    """
+    import onnxruntime as ort
+
+    dev = device_id(session)
+    arrays = {k: v for k, v in inputs.items() if k in session.input_names and k != "adapter_ids"}
+    first = next(iter(arrays.values()), None)
+    batch = int(first.shape()[0] if isinstance(first, ort.OrtValue) else np.asarray(first).shape[0]) if arrays else 1
+    arrays.update(route(session, batch, adapter=adapter, adapter_names=adapter_names))
+    missing = [n for n in session.input_names if n not in arrays]
+    if missing:
+        raise RoadError(f"missing inputs {missing}; the model takes {session.input_names}")
+    io = session.session.io_binding()
+    for name, value in arrays.items():
+        if isinstance(value, ort.OrtValue):
+            io.bind_ortvalue_input(name, value)
+        else:
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+    wanted = list(output_names or session.output_names)
+    for name in wanted:
+        if outputs and name in outputs:
+            io.bind_ortvalue_output(name, outputs[name])
+        else:
+            io.bind_output(name, "cuda", dev)
+    session.session.run_with_iobinding(io)
+    return dict(zip(wanted, io.get_outputs(), strict=True))
+
+
+@functools.cache
+def _selector_model(logits_type: int) -> bytes:
+    """tokens [batch, 1] int64 = ArgMax over the vocabulary of logits[:, -1] (logits [batch, sequence, vocab])."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Constant", [], ["last"], value=helper.make_tensor("last", TensorProto.INT64, [], [-1])),
+        helper.make_node("Gather", ["logits", "last"], ["final"], axis=1),
+        helper.make_node("ArgMax", ["final"], ["tokens"], axis=-1, keepdims=1),
+    ]
+    graph = helper.make_graph(nodes, "select", [helper.make_tensor_value_info("logits", logits_type, ["b", "s", "v"])],
+                              [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["b", 1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+class _Selector:
+    """Greedy choice on the GPU: the logits never leave it, the token ids [batch] come back."""
+
+    def __init__(self, session: RoadSession):
+        import onnxruntime as ort
+        from onnx import TensorProto
+
+        logits = session.session.get_outputs()[session.output_names.index("logits")]
+        kind = {"tensor(float16)": TensorProto.FLOAT16, "tensor(double)": TensorProto.DOUBLE}.get(
+            logits.type, TensorProto.FLOAT)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(_selector_model(kind), options,
+                                            providers=cuda_providers(device_id(session)))
+        self.io = self.session.io_binding()
+        self.io.bind_output("tokens", "cpu")
+
+    def __call__(self, logits) -> np.ndarray:
+        self.io.bind_ortvalue_input("logits", logits)
+        self.session.run_with_iobinding(self.io)
+        return self.io.copy_outputs_to_cpu()[0][:, 0]
+
+
+def generate(session: RoadSession, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
+             adapter: str | None = None, adapter_names: Sequence[str] | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> np.ndarray:
+    """`road_export.generation.generate` on the GPU: the prompt followed by the new tokens, [batch, prompt + new]
+    int64, the same tokens (options as there), with the KV cache and logits kept in device memory."""
+    import onnxruntime as ort
+
+    from road_export.generation import PAST, PRESENT, Sampling, _prompt, positions
+
+    ids, mask = _prompt(input_ids, attention_mask)
+    if max_new_tokens < 1:
+        raise RoadError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = Sampling(do_sample, temperature, top_k, top_p)
+    rng = np.random.default_rng(seed)
+    eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
+    names = set(session.input_names)
+    if "input_ids" not in names or "logits" not in session.output_names:
+        raise RoadError(f"{session.path.name} is not a causal language model export (inputs {session.input_names}, "
+                        f"outputs {session.output_names}); export with --task text-generation-with-past")
+    vocab = session.session.get_outputs()[session.output_names.index("logits")].shape[-1]
+    if isinstance(vocab, int) and (ids.min() < 0 or ids.max() >= vocab):
+        raise RoadError(f"input_ids must lie in [0, {vocab}); got values from {ids.min()} to {ids.max()}")
+    batch = ids.shape[0]
+    dev = device_id(session)
+    selected = route(session, batch, adapter=adapter, adapter_names=adapter_names)
+    cached = any(n.startswith(PAST) for n in names)
+    past: dict[str, object] = _empty_cache(session, batch) if cached else {}  # length 0: copied as numpy
+    select = None if do_sample else _Selector(session)
+    io = session.session.io_binding()
+    for name, value in selected.items():
+        if isinstance(value, ort.OrtValue):
+            io.bind_ortvalue_input(name, value)
+        else:
+            io.bind_cpu_input(name, value)
+    pos = positions(mask)
+    step_ids, unfinished, new = ids, np.ones(batch, dtype=bool), []
+    for _ in range(max_new_tokens):
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(step_ids))
+        io.bind_cpu_input("attention_mask", mask)
+        if "position_ids" in names:
+            io.bind_cpu_input("position_ids", np.ascontiguousarray(pos[:, -step_ids.shape[1]:]))
+        for name, value in past.items():
+            if isinstance(value, ort.OrtValue):
+                io.bind_ortvalue_input(name, value)
+            else:
+                io.bind_cpu_input(name, value)
+        io.clear_binding_outputs()  # fresh device outputs: the last step's present.* are this step's inputs
+        for name in session.output_names:
+            io.bind_output(name, "cuda", dev)
+        session.session.run_with_iobinding(io)
+        outputs = dict(zip(session.output_names, io.get_outputs(), strict=True))
+        if select is not None:
+            chosen = select(outputs["logits"])
+        else:
+            chosen = sampling.choose(outputs["logits"].numpy()[:, -1].astype(np.float32), rng)
+        tokens = np.where(unfinished, chosen, pad_token_id).astype(np.int64)
+        new.append(tokens[:, None])
+        unfinished &= ~np.isin(tokens, eos)
+        if not unfinished.any():
+            break
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
+        pos = np.concatenate([pos, pos[:, -1:] + 1], 1)
+        if cached:
+            past = {PAST + name[len(PRESENT):]: value for name, value in outputs.items() if name.startswith(PRESENT)}
+            step_ids = tokens[:, None]
+        else:
+            step_ids = np.concatenate([step_ids, tokens[:, None]], 1)
+    return np.concatenate([ids, *new], 1)
+
+
+def _empty_cache(session: RoadSession, batch: int) -> dict[str, np.ndarray]:
+    from road_export.generation import _empty_cache as empty
+
+    return empty(session, batch)
