@@ -222,3 +222,102 @@ def compare(name: str, case: str, got: np.ndarray, expected: np.ndarray, mask: n
         top1 = float((g2.argmax(-1) == e2.argmax(-1)).mean())
     ok = bool(np.isfinite(got).all()) and max_abs <= atol
     return OutputParity(name, case, list(got.shape), max_abs, max_rel, cosine, top1, ok)
+
+
+# Encoder-decoder cases: (batch, encoder length, encoder padding, decoder tokens, past decoder length)
+SEQ2SEQ_SHAPES: tuple[tuple[int, int, int, int, int], ...] = ((1, 1, 0, 1, 1), (3, 7, 2, 1, 6), (2, 9, 3, 4, 3))
+
+
+def verify_seq2seq(
+    directory: str | Path,
+    torch_model: nn.Module,
+    *,
+    shapes: tuple[tuple[int, int, int, int, int], ...] = SEQ2SEQ_SHAPES,
+    atol: float | None = None,
+    seed: int = 0,
+    native: bool | None = None,
+    reference: str | None = None,
+) -> ParityReport:
+    """Compare an encoder-decoder export (road_export.export.seq2seq) with `torch_model` (peft's model or ours) on
+    each shape (batch, encoder length, encoder left padding, decoder tokens, past decoder length): the encoder's
+    `last_hidden_state` (padded positions left out), the first decoder step (`decoder_model.onnx`: logits and every
+    present key/value, the cross-attention ones included) and a step with past (`decoder_with_past_model.onnx`,
+    when there: logits and the decoder's present keys/values). The reference runs the same part on the same
+    inputs (`export.seq2seq.part_module`). A mixed-adapter file's rows cycle through the adapter ids.
+    Raises RoadError for a directory without the files or files onnxruntime cannot load.
+    """
+    import onnxruntime as ort
+
+    from road_export import native as road_native
+    from road_export.export import seq2seq
+    from road_export.seq2seq import find_files
+
+    directory = Path(directory)
+    files = find_files(directory)
+    if files is None:
+        raise RoadError(f"{directory}: no encoder_model.onnx and decoder_model.onnx in it or in its onnx/ folder")
+    first = files[seq2seq.SEQ2SEQ_FILES[1]]
+    dtype = onnx_dtype(first)
+    atol = TOLERANCE[dtype] if atol is None else atol
+    task = "text2text-generation-with-past" if seq2seq.SEQ2SEQ_FILES[2] in files else "text2text-generation"
+    reference_name = reference or ("peft" if hasattr(torch_model, "peft_config") else "road-export loader")
+    report = ParityReport(str(directory), dtype, atol, reference=reference_name)
+    kernels = set()
+    for part in seq2seq.parts(torch_model, task, mixed=True):
+        path = files[part.file]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if road_native.uses_road(path):
+            kernels.add("native" if road_native.register(options, native) else "bodies")
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise RoadError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
+        names = [i.name for i in session.get_inputs()]
+        order: tuple[str, ...] = ()
+        if "adapter_ids" in names:
+            meta = onnx_metadata(path)
+            order = tuple(a["name"] for a in sorted(json.loads(meta.get("road_export.adapters", "[]")),
+                                                     key=lambda a: a.get("id", 0)))
+        else:
+            part = seq2seq._without_ids(part)
+        missing = sorted(set(names) - set(part.input_names))
+        if missing:
+            raise RoadError(f"{path}: inputs {missing} are not inputs of the {part.name} of task {task}")
+        ref = seq2seq.part_module(torch_model, part, order)
+        outputs = [o.name for o in session.get_outputs()]
+        for batch, enc, pad, dec, past in shapes:
+            inputs = seq2seq.sample_inputs(torch_model, part, batch=batch, encoder_length=enc, decoder_length=dec,
+                                           past=past, pad=min(pad, enc - 1), seed=seed, adapters=len(order))
+            if dtype == "float16":
+                inputs = {k: v.half().float() if v.is_floating_point() else v for k, v in inputs.items()}
+            with torch.no_grad():
+                expected = ref(*inputs.values())
+            expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+            feeds = {n: inputs[n].numpy() for n in names}
+            if dtype == "float16":
+                feeds = {n: v.astype(np.float16) if v.dtype.kind == "f" else v for n, v in feeds.items()}
+            got = session.run(outputs, feeds)
+            case = f"{part.file}: batch {batch}, encoder {enc}" + (f", pad {pad}" if pad else "")
+            if part.name != seq2seq.ENCODER:
+                case += f", decoder {dec}" + (f", past {past}" if part.name == seq2seq.DECODER_WITH_PAST else "")
+            if order:
+                case += ", ids " + ",".join(str(int(i)) for i in inputs["adapter_ids"])
+            mask = inputs["attention_mask" if part.name == seq2seq.ENCODER else "encoder_attention_mask"]
+            row_mask = mask.numpy().astype(bool) if part.name == seq2seq.ENCODER else None
+            report.rows.append(compare(outputs[0], case, got[0], expected[0], row_mask, atol,
+                                       logits=outputs[0] == "logits"))
+            if len(got) > 1:
+                report.rows.append(_compare_flat(case, got[1:], expected[1:], atol))
+    report.kernels = "/".join(sorted(kernels)) or "-"
+    return report
+
+
+def _compare_flat(case: str, got: list[np.ndarray], expected: list[np.ndarray], atol: float) -> OutputParity:
+    """All present keys/values of differing lengths (decoder and encoder ones) as one row."""
+    if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected, strict=False)):
+        return OutputParity("present.*", case, [len(got)], math.inf, math.inf, 0.0, None, False)
+    flat = lambda ts: np.concatenate([t.astype(np.float32).ravel() for t in ts])  # noqa: E731
+    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False)
+    row.shape = list(got[0].shape)
+    return row

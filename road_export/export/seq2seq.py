@@ -36,14 +36,14 @@ from torch import nn
 from road_export import ops as road_op
 from road_export.errors import RoadError
 from road_export.export import capture, post, prepare
-from road_export.export.tasks import TaskSpec
-from road_export.files import save_model
+from road_export.export.tasks import SEQ2SEQ, TaskSpec
+from road_export.files import atomic_write, save_model
 from road_export.names import BATCH, METADATA_SEQ2SEQ, SEQ2SEQ_FILES
 
 __all__ = ["PARTS", "Part", "Seq2SeqResult", "export_seq2seq", "is_seq2seq", "part_module", "parts",
            "sample_inputs"]
 
-TASKS = ("text2text-generation", "text2text-generation-with-past")
+TASKS = SEQ2SEQ  # ("text2text-generation", "text2text-generation-with-past")
 ENCODER, DECODER, DECODER_WITH_PAST = "encoder", "decoder", "decoder_with_past"
 PARTS = (ENCODER, DECODER, DECODER_WITH_PAST)
 ENC_SEQ, DEC_SEQ = "encoder_sequence_length", "decoder_sequence_length"
@@ -286,8 +286,6 @@ def export_seq2seq(model: nn.Module, directory: str | os.PathLike, *, mode: str 
     `decoder_model.onnx`, which computes them from the encoder states). Each file is written atomically and loaded
     by onnxruntime first. Raises RoadError as `export` does, and for a model that is not an encoder-decoder.
     """
-    from road_export.export.exporter import ExportResult
-
     step = on_step or (lambda _name: None)
     task = task or TASKS[1]
     if task not in TASKS:
@@ -299,37 +297,52 @@ def export_seq2seq(model: nn.Module, directory: str | os.PathLike, *, mode: str 
     capture.check_opset(opset)
     dtype = prepare.parse_dtype(dtype)
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise RoadError(f"{directory}: exists and is not a directory; an encoder-decoder model is written as a "
-                        "directory of ONNX files")
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise RoadError(f"{directory}: exists and is not an empty directory; an encoder-decoder model is written as "
+                        "a new directory of ONNX files")
     generation = _generation_ids(model)
     result = Seq2SeqResult(directory, mode, task)
-    with prepare.adopted(model) as adapted:
-        adapters, order = prepare.plan_adapters(adapted, mode, require_adapter=require_adapter,
-                                                name=type(model).__name__)
-        result.adapters = adapters
-        with prepare.prepared(adapted, mode, dtype, order) as prepared:
-            for part in parts(prepared, task, mixed=bool(order)):
-                module = part_module(prepared, part, order)
-                args = tuple(_cast(t, dtype) for t in sample_inputs(
-                    prepared, part, batch=3, encoder_length=7, decoder_length=3 if part.name == DECODER else 2,
-                    past=5, adapters=len(order)).values())
-                ran = _layers_run(module, args) if adapters else set()
-                if order and not ran:  # no adapted layer runs here: no adapter_ids
-                    part = _without_ids(part)
-                    module = part_module(prepared, part, order)
-                    args = args[:-1]
-                step(f"tracing {part.file}")
-                dynamic = (tuple(part.axes[name] for name in part.input_names),)  # forward(*args)
-                ir_model = capture.torch_export(module, args, list(part.input_names), dynamic, opset)
-                records = [{**a, "layers": [p for p in a["layers"] if p in ran]} for a in adapters]
-                records = [r for r in records if r["layers"]] if mode == "rotate" else adapters
-                result.files[part.name] = _finish(ir_model, directory / part.file, part, mode, task, records,
-                                                  order, swappable and mode == "rotate" and not order and bool(ran),
-                                                  opset, optimize, target, external_data, generation, step,
-                                                  ExportResult)
+    with atomic_write(directory) as staged:
+        staged.mkdir()
+        with prepare.adopted(model) as adapted:
+            adapters, order = prepare.plan_adapters(adapted, mode, require_adapter=require_adapter,
+                                                    name=type(model).__name__)
+            result.adapters = adapters
+            with prepare.prepared(adapted, mode, dtype, order) as prepared:
+                for part in parts(prepared, task, mixed=bool(order)):
+                    result.files[part.name] = _export_part(prepared, part, staged, mode, task, adapters, order,
+                                                           dtype, opset, optimize, target, external_data,
+                                                           swappable, generation, step)
+    for res in result.files.values():  # the staged paths -> the final ones
+        res.path = directory / res.path.name
+        res.external_data = directory / res.external_data.name if res.external_data else None
+        res.adapter_files = [directory / f.name for f in res.adapter_files]
     return result
+
+
+def _export_part(prepared: nn.Module, part: Part, directory: Path, mode: str, task: str, adapters: list[dict],
+                 order: tuple[str, ...], dtype, opset, optimize: bool, target: str, external_data, swappable: bool,
+                 generation: dict, step):
+    """Trace, post-process and save one part; the adapter records and `adapter_ids` only where its layers run."""
+    from road_export.export.exporter import ExportResult
+
+    module = part_module(prepared, part, order)
+    args = tuple(_cast(t, dtype) for t in sample_inputs(
+        prepared, part, batch=3, encoder_length=7, decoder_length=3 if part.name == DECODER else 2,
+        past=5, adapters=len(order)).values())
+    ran = _layers_run(module, args) if adapters else set()
+    if order and not ran:  # no adapted layer runs here: no adapter_ids
+        part = _without_ids(part)
+        module = part_module(prepared, part, order)
+        args = args[:-1]
+    step(f"tracing {part.file}")
+    dynamic = (tuple(part.axes[name] for name in part.input_names),)  # forward(*args)
+    ir_model = capture.torch_export(module, args, list(part.input_names), dynamic, opset)
+    records = [{**a, "layers": [p for p in a["layers"] if p in ran]} for a in adapters]
+    records = [r for r in records if r["layers"]] if mode == "rotate" else adapters
+    return _finish(ir_model, directory / part.file, part, mode, task, records, order,
+                   swappable and mode == "rotate" and not order and bool(ran), opset, optimize, target,
+                   external_data, generation, step, ExportResult)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -359,8 +372,6 @@ def _finish(ir_model, path: Path, part: Part, mode: str, task: str, records: lis
             opset, optimize: bool, target: str, external_data, generation: dict, step, result_type):
     """The post-export passes, optimum's axis names, the save and the swap file of one part."""
     import onnx_ir as ir
-
-    from road_export.export.exporter import ExportResult  # noqa: F401  (result_type)
 
     layer_of = None
     if swappable:
