@@ -289,6 +289,8 @@ def verify_seq2seq(
         for batch, enc, pad, dec, past in shapes:
             inputs = seq2seq.sample_inputs(torch_model, part, batch=batch, encoder_length=enc, decoder_length=dec,
                                            past=past, pad=min(pad, enc - 1), seed=seed, adapters=len(order))
+            if part.name == seq2seq.DECODER_WITH_PAST:
+                inputs.update(_real_past(torch_model, part, inputs, order, batch, enc, past, seed))
             if dtype == "float16":
                 inputs = {k: v.half().float() if v.is_floating_point() else v for k, v in inputs.items()}
             with torch.no_grad():
@@ -311,6 +313,24 @@ def verify_seq2seq(
                 report.rows.append(_compare_flat(case, got[1:], expected[1:], atol))
     report.kernels = "/".join(sorted(kernels)) or "-"
     return report
+
+
+def _real_past(model: nn.Module, part, inputs: dict, order: tuple[str, ...], batch: int, enc: int, past: int,
+               seed: int) -> dict[str, torch.Tensor]:
+    """The cache a real first step leaves: the reference's `decoder_model` run on `past` tokens over random encoder
+    states (with the step's encoder mask and adapter ids), its presents renamed to the with-past inputs."""
+    from road_export.export import seq2seq
+
+    first = next(p for p in seq2seq.parts(model, "text2text-generation", mixed=bool(order)) if p.name == "decoder")
+    prefix = seq2seq.sample_inputs(model, first, batch=batch, encoder_length=enc, decoder_length=past, seed=seed + 1,
+                                   adapters=len(order))
+    prefix["encoder_attention_mask"] = inputs["encoder_attention_mask"]
+    if order:
+        prefix["adapter_ids"] = inputs["adapter_ids"]
+    with torch.no_grad():
+        out = seq2seq.part_module(model, first, order)(*prefix.values())
+    return {"past_key_values." + name[len("present."):]: value
+            for name, value in zip(first.output_names[1:], out[1:], strict=True)}
 
 
 def _compare_flat(case: str, got: list[np.ndarray], expected: list[np.ndarray], atol: float) -> OutputParity:

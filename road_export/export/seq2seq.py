@@ -4,8 +4,9 @@
                                   -> last_hidden_state [batch_size, encoder_sequence_length, hidden]
     decoder_model.onnx            input_ids [batch_size, decoder_sequence_length], encoder_attention_mask,
                                   encoder_hidden_states -> logits, present.{i}.decoder.key|value
-                                  [batch_size, heads, past_decoder_sequence_length + 1, head_dim] and
-                                  present.{i}.encoder.key|value [batch_size, heads, encoder_sequence_length_out, head_dim]
+                                  [batch_size, heads, decoder_sequence_length, head_dim] and
+                                  present.{i}.encoder.key|value
+                                  [batch_size, heads, encoder_sequence_length_out, head_dim]
     decoder_with_past_model.onnx  input_ids, encoder_attention_mask, past_key_values.{i}.decoder|encoder.key|value
                                   -> logits, present.{i}.decoder.key|value (the encoder's keys/values do not change)
 
