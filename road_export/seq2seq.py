@@ -25,7 +25,7 @@ from road_export.errors import RoadError
 from road_export.generation import Sampling, Step, _prompt
 from road_export.names import METADATA_SEQ2SEQ, SEQ2SEQ_FILES
 
-__all__ = ["Seq2SeqSession", "find_files", "is_seq2seq_dir"]
+__all__ = ["Seq2SeqSession", "convert_adapter", "find_files", "is_seq2seq_dir"]
 
 ENCODER, DECODER, DECODER_WITH_PAST = SEQ2SEQ_FILES
 PAST, PRESENT = "past_key_values.", "present."
@@ -44,6 +44,29 @@ def find_files(directory: str | Path) -> dict[str, Path] | None:
 def is_seq2seq_dir(path: str | Path) -> bool:
     """Whether `path` is a directory holding an encoder-decoder export."""
     return Path(path).is_dir() and find_files(path) is not None
+
+
+def convert_adapter(adapter_dir: str | Path, directory: str | Path, name: str) -> dict[str, Path]:
+    """A peft RoAd adapter directory -> one `.onnx_adapter` per file of a swappable encoder-decoder export that holds
+    rotations, written beside it as `<file stem>.<name>.onnx_adapter` (so `RoadSession(directory)` finds it);
+    returns {onnx file name: adapter file}. Each file takes the adapter's layers that run in it
+    (`swap.convert_adapter(..., other_files=True)`). Raises RoadError when the adapter does not fit a file, or no
+    file of the directory is swappable."""
+    from road_export import swap
+
+    files = find_files(directory)
+    if files is None:
+        raise RoadError(f"{directory}: no {ENCODER} and {DECODER} in it or in its onnx/ folder")
+    out = {}
+    for file_name, path in files.items():
+        try:
+            swap.swap_records(path)
+        except RoadError:
+            continue  # no rotations in this file (or a merged export: refused below)
+        out[file_name] = swap.convert_adapter(adapter_dir, path, swap.adapter_file_path(path, name), other_files=True)
+    if not out:
+        raise RoadError(f"{directory}: no swappable file; export one adapter with --mode rotate")
+    return out
 
 
 class Seq2SeqSession:
