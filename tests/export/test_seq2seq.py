@@ -72,10 +72,24 @@ def t5_mixed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def t5_swap(tmp_path_factory):
-    """The seed's example, one road_4 adapter, rotate mode with swappable coefficients."""
-    model = peft_model("tiny-t5", {"default": {"variant": "road_4", "group_size": 16, "target_modules": SEED_REGEX}})
-    directory, result = export_dir(tmp_path_factory, model, "t5swap", mode="rotate")
-    return model, directory, result
+    """The seed's example, one road_4 adapter saved by peft, exported by the CLI into a model directory (rotate
+    mode, swappable coefficients, verified against the model peft loads from the adapter directory)."""
+    from road_export.cli import main
+
+    model = peft_model("tiny-t5", {"default": {"variant": "road_4", "group_size": 16, "target_modules": SEED_REGEX,
+                                               "task_type": "SEQ_2_SEQ_LM"}})
+    root = tmp_path_factory.mktemp("t5swap")
+    model.save_pretrained(root / "adapter")
+    assert main(["--base", "tiny-t5", "--adapter", str(root / "adapter"), "--mode", "rotate", "--quiet",
+                 "--report", str(root / "report.json"), str(root / "model")]) == 0
+    report = json.loads((root / "report.json").read_text())
+    assert report["passed"] and report["reference"] == "peft" and len(report["rows"]) == 15
+    directory = root / "model" / "onnx"
+    assert sorted(p.name for p in (root / "model").iterdir()) == ["config.json", "generation_config.json", "onnx"]
+    from road_export.seq2seq import find_files
+
+    assert find_files(root / "model") == {name: directory / name for name in FILES}
+    return model, root / "model", sorted(directory.glob("*.onnx_adapter"))
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +169,8 @@ def test_mixed_batch_generate_equals_peft(t5_mixed, native):
 
 
 def test_greedy_and_swap_equal_peft(t5_swap, tmp_path):
-    model, directory, result = t5_swap
-    assert sorted(f.name for f in result.adapter_files) == ["decoder_model.default.onnx_adapter",
+    model, directory, swap_files = t5_swap
+    assert [f.name for f in swap_files] == ["decoder_model.default.onnx_adapter",
                                                             "decoder_with_past_model.default.onnx_adapter"]
     assert verify_seq2seq(directory, model).passed
     session = RoadSession(directory)
@@ -232,8 +246,10 @@ def test_verify_catches_a_planted_fault(t5_swap, tmp_path):
     model, directory, _ = t5_swap
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in FILES:
-        proto = onnx.load(str(directory / name))
+    from road_export.seq2seq import find_files
+
+    for name, path in find_files(directory).items():
+        proto = onnx.load(str(path))
         if name == FILES[2]:
             records = json.loads({p.key: p.value for p in proto.metadata_props}["road_export.swap"])
             c1 = next(iter(records.values()))["c1"]
@@ -249,7 +265,10 @@ def test_verify_catches_a_planted_fault(t5_swap, tmp_path):
 
 
 def test_onnx_path_refused(t5_swap, tmp_path):
+    from road_export.cli import main
+
     model, _, _ = t5_swap
+    assert main(["--base", "tiny-t5", "--task", "text2text-generation", str(tmp_path / "m.onnx")]) == 2
     with pytest.raises(RoadError, match="encoder-decoder model.*give a directory"):
         rx.export(model, tmp_path / "t5.onnx")
     assert not list(tmp_path.iterdir())
