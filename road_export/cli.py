@@ -596,6 +596,8 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
 def run_attach(args: argparse.Namespace) -> int:
     from road_export.checks import check_input_dir, check_onnx_input, check_output_model
 
+    if Path(args.base).is_dir():  # an encoder-decoder export: a directory of optimum's files
+        return _attach_seq2seq(args)
     check_onnx_input(args.base)
     if len(args.adapter) != 1:
         raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
@@ -609,6 +611,24 @@ def run_attach(args: argparse.Namespace) -> int:
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
         print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}")
+    return EXIT_OK
+
+
+def _attach_seq2seq(args: argparse.Namespace) -> int:
+    """`road-export attach BASE_DIR --adapter A OUT_DIR` for an encoder-decoder export (attach.attach_seq2seq)."""
+    from road_export.attach import attach_seq2seq
+    from road_export.checks import check_input_dir, check_output_dir
+
+    if len(args.adapter) != 1:
+        raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
+                        "(road-export --adapter a=... --adapter b=... --mode rotate)")
+    check_input_dir(args.adapter[0], "adapter")
+    output = check_output_dir(args.output, what="model directory")
+    with _writing(output):
+        report = attach_seq2seq(args.base, args.adapter[0], output, mode=args.mode)
+    if not args.quiet:
+        what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
+        print(f"wrote {output}/: {len(report.placed)} module placement(s) over its files, {what}")
     return EXIT_OK
 
 

@@ -112,13 +112,22 @@ def bart_rotated(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def marian_merged(tmp_path_factory):
+def marian_attached(tmp_path_factory):
     """Marian (sinusoidal positions, scaled embeddings, final_logits_bias, an lm_head apart from the embeddings:
-    tie_word_embeddings false), road_4 merged, the task without past."""
+    tie_word_embeddings false): the base exported without adapter and without past, then a road_4 adapter saved by
+    peft attached to the files by the CLI, without torch, in rotate and in merge mode."""
+    from road_export.cli import main
+
     model = peft_model("tiny-marian", {"default": {"variant": "road_4", "group_size": 16,
                                                    "target_modules": ["q_proj", "v_proj", "out_proj"]}})
-    directory, result = export_dir(tmp_path_factory, model, "marian", mode="merge", task="text2text-generation")
-    return model, directory, result
+    root = tmp_path_factory.mktemp("marian")
+    model.save_pretrained(root / "adapter")
+    rx.export(tiny("tiny-marian"), root / "base", mode="merge", task="text2text-generation",
+              require_adapter=False)  # the same base weights (seed 0), no adapter
+    for mode in ("rotate", "merge"):
+        assert main(["attach", str(root / "base"), "--adapter", str(root / "adapter"), "--mode", mode, "--quiet",
+                     str(root / mode)]) == 0
+    return model, root
 
 
 def road_nodes(path) -> int:
@@ -228,17 +237,22 @@ def test_bart_rotations_in_every_file(bart_rotated):
                                   peft_generate(model, ids, mask))
 
 
-def test_marian_merged_without_cache(marian_merged):
-    model, directory, result = marian_merged
-    assert sorted(p.name for p in directory.glob("*.onnx")) == sorted(FILES[:2])
-    assert result.task == "text2text-generation"
+@pytest.mark.parametrize("mode", ["rotate", "merge"])
+def test_marian_attached_equals_peft(marian_attached, mode):
+    model, root = marian_attached
+    directory = root / mode
+    assert sorted(p.name for p in directory.glob("*.onnx")) == sorted(FILES[:2])  # the task without past
     inner = model.get_base_model()
     assert inner.lm_head.weight.data_ptr() != inner.model.shared.weight.data_ptr()
+    # 2 encoder layers x (q, v, out_proj); 2 decoder layers x (self q, v, out_proj; cross q, v, out_proj)
+    assert [road_nodes(directory / f) for f in FILES[:2]] == ([6, 12] if mode == "rotate" else [0, 0])
     report = verify_seq2seq(directory, model)
     assert report.passed, report.table()
     ids, mask = prompt(model)
     np.testing.assert_array_equal(RoadSession(directory).generate(ids.numpy(), mask.numpy(), max_new_tokens=8),
                                   peft_generate(model, ids, mask))
+    base = verify_seq2seq(root / "base", model)  # the base alone is not the adapted model: parity must fail
+    assert not base.passed
 
 
 def test_verify_catches_a_planted_fault(t5_swap, tmp_path):
