@@ -292,3 +292,23 @@ def test_onnx_path_refused(t5_swap, tmp_path):
         rx.export(model, tmp_path / "full")
     with pytest.raises(RoadError, match="give a directory"):
         rx.export(copy.deepcopy(model), tmp_path / "t5.onnx", task="text2text-generation")
+
+
+def test_merge_checkpoint_of_t5_equals_peft(t5_swap, tmp_path):
+    """merge-checkpoint on a T5 checkpoint (transformers' save_pretrained) with the seed's adapter: transformers
+    loads the result, and its greedy tokens are peft's."""
+    import transformers
+
+    from road_export.cli import main
+
+    model, directory, _ = t5_swap
+    tiny("tiny-t5").save_pretrained(tmp_path / "base")
+    assert main(["merge-checkpoint", "--base", str(tmp_path / "base"), "--adapter", str(directory.parent / "adapter"),
+                 "--quiet", str(tmp_path / "merged")]) == 0
+    merged = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    ids, mask = prompt(model)
+    np.testing.assert_array_equal(peft_generate(merged, ids, mask), peft_generate(model, ids, mask))
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :3]).logits
+        ours = merged(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :3]).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
