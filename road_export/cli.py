@@ -519,6 +519,10 @@ def run_verify(args: argparse.Namespace) -> int:
     from road_export.checks import check_onnx_input
     from road_export.model_dir import model_file
 
+    from road_export.seq2seq import is_seq2seq_dir
+
+    if is_seq2seq_dir(args.model):
+        return _verify_seq2seq(args)
     args.model = str(model_file(args.model))
     proto = check_onnx_input(args.model)
     _check_report(args.report, Path(args.model))
@@ -541,6 +545,25 @@ def run_verify(args: argparse.Namespace) -> int:
         with _blame(args.model, "run"):
             report = verify(args.model, source.reference_model, task=args.task, atol=args.atol,
                             native=False if args.no_native else None, reference=source.reference_name)
+    _write_report(report, args.report)
+    return _print_report(report, args.quiet)
+
+
+def _verify_seq2seq(args: argparse.Namespace) -> int:
+    """`road-export verify DIR` for an encoder-decoder export: encoder, first decoder step, step with past."""
+    _check_report(args.report, Path(args.model))
+    _quiet_libraries()
+    from road_export.source import load_source
+    from road_export.verify import verify_seq2seq
+
+    progress = _Progress(args.quiet)
+    with progress.running():
+        progress.step("loading")
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task)
+        progress.step("verifying")
+        with _blame(args.model, "run"):
+            report = verify_seq2seq(args.model, source.reference_model, atol=args.atol,
+                                    native=False if args.no_native else None, reference=source.reference_name)
     _write_report(report, args.report)
     return _print_report(report, args.quiet)
 
