@@ -25,9 +25,10 @@ over all tokens so far); `text2text-generation-with-past` (the default) adds the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,12 +339,28 @@ def _export_part(prepared: nn.Module, part: Part, directory: Path, mode: str, ta
         args = args[:-1]
     step(f"tracing {part.file}")
     dynamic = (tuple(part.axes[name] for name in part.input_names),)  # forward(*args)
-    ir_model = capture.torch_export(module, args, list(part.input_names), dynamic, opset)
+    with _frozen(prepared):
+        ir_model = capture.torch_export(module, args, list(part.input_names), dynamic, opset)
     records = [{**a, "layers": [p for p in a["layers"] if p in ran]} for a in adapters]
     records = [r for r in records if r["layers"]] if mode == "rotate" else adapters
     return _finish(ir_model, directory / part.file, part, mode, task, records, order,
                    swappable and mode == "rotate" and not order and bool(ran), opset, optimize, target,
                    external_data, generation, step, ExportResult)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters without requires_grad for the trace, as peft leaves a base model: with gradients on, the exporter's
+    decomposition turns T5 attention's `reshape` of a transposed output into a `view` it then cannot take
+    ("Cannot view a tensor with shape [b, s, heads, d] ... as [b, s, heads * d]"). Restored on exit."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
