@@ -62,8 +62,17 @@ MODEL_SUFFIXES = (".onnx",)
 
 
 def is_dir_output(path: str | os.PathLike) -> bool:
-    """Whether an output path asks for a model directory: it does not end in `.onnx`."""
-    return not str(path).endswith(MODEL_SUFFIXES)
+    """Whether an output path asks for a model directory: it does not end in `.onnx` and has no file-like suffix.
+
+    `./llama-road`, `out/`, `llama-3.2-road` and an existing directory are directories; `model.txt` or `model.bin`
+    (an alphabetic suffix) are taken as a mistyped file name, which the file path's checks refuse."""
+    text = str(path)
+    if text.endswith(MODEL_SUFFIXES):
+        return False
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return True
+    suffix = Path(text).suffix[1:]
+    return not (suffix.isalpha() and suffix.isascii())
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
