@@ -312,3 +312,28 @@ def test_merge_checkpoint_of_t5_equals_peft(t5_swap, tmp_path):
         theirs = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :3]).logits
         ours = merged(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :3]).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_generation_runs_without_torch(t5_swap, tmp_path):
+    """The serving floor: RoadSession(directory) opens and generates with torch, transformers and peft blocked."""
+    from test_floor import BLOCK_TORCH, run_python
+
+    model, directory, _ = t5_swap
+    ids, mask = prompt(model)
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    np.save(tmp_path / "mask.npy", mask.numpy())
+    code = BLOCK_TORCH + (
+        "import sys, numpy as np\n"
+        "from road_export.runtime import RoadSession\n"
+        f"s = RoadSession({str(directory)!r})\n"
+        f"out = s.generate(np.load({str(tmp_path / 'ids.npy')!r}), np.load({str(tmp_path / 'mask.npy')!r}), "
+        "max_new_tokens=8, adapter='other' if 'other' in s.adapters else None)\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, out)\n"
+        "assert not [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+        "print(type(s).__name__)\n")
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "Seq2SeqSession", done.stderr
+    session = RoadSession(directory)
+    expected = session.generate(ids.numpy(), mask.numpy(), max_new_tokens=8,
+                                adapter="other" if "other" in session.adapters else None)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
