@@ -104,9 +104,10 @@ def t5_untied_merged(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bart_rotated(tmp_path_factory):
-    """BART, road_1 on every q_proj/v_proj (encoder and decoder): rotations in all three files."""
-    model = peft_model("tiny-bart", {"default": {"variant": "road_1", "group_size": 16,
-                                                 "target_modules": ["q_proj", "v_proj"]}})
+    """BART, two adapters (road_1, road_2) on every q_proj/v_proj, encoder and decoder: rotations and adapter_ids in
+    all three files."""
+    model = peft_model("tiny-bart", {name: {"variant": name, "group_size": 16, "target_modules": ["q_proj", "v_proj"]}
+                                     for name in ("road_1", "road_2")})
     directory, result = export_dir(tmp_path_factory, model, "bart", mode="rotate")
     return model, directory, result
 
@@ -229,12 +230,16 @@ def test_bart_rotations_in_every_file(bart_rotated):
     model, directory, result = bart_rotated
     # encoder: 2 layers x (q, v); decoder: 2 x (self q, v, cross q, v); with past: cross v is cached
     assert [road_nodes(directory / f) for f in FILES] == [4, 8, 6]
-    assert len(result.adapter_files) == 3
+    for name in FILES:
+        graph = onnx.load(str(directory / name), load_external_data=False).graph
+        assert graph.input[-1].name == "adapter_ids"
     report = verify_seq2seq(directory, model)
     assert report.passed, report.table()
-    ids, mask = prompt(model)
-    np.testing.assert_array_equal(RoadSession(directory).generate(ids.numpy(), mask.numpy(), max_new_tokens=8),
-                                  peft_generate(model, ids, mask))
+    ids, mask = prompt(model, batch=3)
+    names = ["road_2", "road_1", "__base__"]
+    np.testing.assert_array_equal(
+        RoadSession(directory).generate(ids.numpy(), mask.numpy(), max_new_tokens=8, adapter_names=names),
+        peft_generate(model, ids, mask, adapter_names=names))
 
 
 @pytest.mark.parametrize("mode", ["rotate", "merge"])
