@@ -38,6 +38,7 @@ from torch import nn
 from road_export import ops as road_op
 from road_export.errors import RoadError
 from road_export.export import capture, post, prepare
+from road_export.export.exporter import ExportResult
 from road_export.export.tasks import SEQ2SEQ, TaskSpec
 from road_export.files import atomic_write, save_model
 from road_export.names import BATCH, METADATA_SEQ2SEQ, SEQ2SEQ_FILES
@@ -70,9 +71,6 @@ class Part:
     output_names: tuple[str, ...]
     axes: dict[str, dict[int, str]]
     layers: int = 0  # decoder layers (cache entries)
-
-    def past_names(self, kind: str) -> tuple[str, ...]:
-        return tuple(f"past_key_values.{i}.{kind}.{kv}" for i in range(self.layers) for kv in ("key", "value"))
 
 
 def _cache_names(prefix: str, layers: int, kinds: tuple[str, ...]) -> list[str]:
@@ -264,7 +262,7 @@ class Seq2SeqResult:
     path: Path
     mode: str
     task: str
-    files: dict[str, object] = field(default_factory=dict)  # part name -> exporter.ExportResult
+    files: dict[str, ExportResult] = field(default_factory=dict)  # part name -> that file's result
     adapters: list[dict] = field(default_factory=list)
 
     @property
@@ -281,12 +279,13 @@ def export_seq2seq(model: nn.Module, directory: str | os.PathLike, *, mode: str 
                    external_data: bool | None = None, optimize: bool = True, require_adapter: bool = True,
                    target: str = "onnxruntime", swappable: bool = True,
                    on_step: Callable[[str], None] | None = None) -> Seq2SeqResult:
-    """Export an encoder-decoder model with RoAd adapters as optimum's files in `directory` (created if missing).
+    """Export an encoder-decoder model with RoAd adapters as optimum's files into `directory`, a new or empty one.
 
     The parameters are `road_export.export`'s. In rotate mode each file holds one `road` node per adapted layer that
     runs in it (decoder self- and cross-attention queries in both decoder files, cross-attention keys/values only in
     `decoder_model.onnx`, which computes them from the encoder states). Each file is written atomically and loaded
-    by onnxruntime first. Raises RoadError as `export` does, and for a model that is not an encoder-decoder.
+    by onnxruntime first, and the directory appears whole or not at all (files.atomic_write). Raises RoadError as
+    `export` does, and for a model that is not an encoder-decoder or a directory that is not empty.
     """
     step = on_step or (lambda _name: None)
     task = task or TASKS[1]
@@ -326,8 +325,6 @@ def _export_part(prepared: nn.Module, part: Part, directory: Path, mode: str, ta
                  order: tuple[str, ...], dtype, opset, optimize: bool, target: str, external_data, swappable: bool,
                  generation: dict, step):
     """Trace, post-process and save one part; the adapter records and `adapter_ids` only where its layers run."""
-    from road_export.export.exporter import ExportResult
-
     module = part_module(prepared, part, order)
     args = tuple(_cast(t, dtype) for t in sample_inputs(
         prepared, part, batch=3, encoder_length=7, decoder_length=3 if part.name == DECODER else 2,
@@ -345,7 +342,7 @@ def _export_part(prepared: nn.Module, part: Part, directory: Path, mode: str, ta
     records = [r for r in records if r["layers"]] if mode == "rotate" else adapters
     return _finish(ir_model, directory / part.file, part, mode, task, records, order,
                    swappable and mode == "rotate" and not order and bool(ran), opset, optimize, target,
-                   external_data, generation, step, ExportResult)
+                   external_data, generation, step)
 
 
 @contextlib.contextmanager
@@ -387,7 +384,7 @@ def _generation_ids(model: nn.Module) -> dict:
 
 
 def _finish(ir_model, path: Path, part: Part, mode: str, task: str, records: list[dict], order, swappable: bool,
-            opset, optimize: bool, target: str, external_data, generation: dict, step, result_type):
+            opset, optimize: bool, target: str, external_data, generation: dict, step) -> ExportResult:
     """The post-export passes, optimum's axis names, the save and the swap file of one part."""
     import onnx_ir as ir
 
@@ -421,5 +418,5 @@ def _finish(ir_model, path: Path, part: Part, mode: str, task: str, records: lis
         from road_export import swap
 
         files.append(swap.write_adapter_file(swap.adapter_file_path(path, records[0]["name"]), values))
-    return result_type(path, mode, task, list(part.input_names), [v.name for v in outputs], road_nodes, records,
+    return ExportResult(path, mode, task, list(part.input_names), [v.name for v in outputs], road_nodes, records,
                        data, files)
