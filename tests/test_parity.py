@@ -302,12 +302,13 @@ def test_a_task_the_model_cannot_serve_is_refused():
 def test_a_file_onnxruntime_cannot_load_is_not_left_behind(tmp_path):
     import onnx_ir as ir
 
-    from road_export.export.exporter import _loadable, _save_atomic
+    from road_export.export.post import check_loadable
+    from road_export.files import save_model
 
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
     node = ir.Node("", "NoSuchOp", [x], num_outputs=1)
     node.outputs[0].name = "y"
     model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18}), ir_version=10)
     with pytest.raises(RoadError, match="onnxruntime .* cannot load"):
-        _save_atomic(model, tmp_path / "bad.onnx", None, check=_loadable)
+        save_model(model, tmp_path / "bad.onnx", None, check=check_loadable)
     assert not list(tmp_path.iterdir())
