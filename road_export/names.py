@@ -30,6 +30,7 @@ __all__ = [
     "PAST_SEQUENCE",
     "PRESENT",
     "SEQ2SEQ_FILES",
+    "SEQ2SEQ_MERGED",
     "SEQUENCE",
     "TOTAL_SEQUENCE",
     "positions",
@@ -43,6 +44,7 @@ BATCH, SEQUENCE, PAST_SEQUENCE = "batch_size", "sequence_length", "past_sequence
 TOTAL_SEQUENCE = "past_sequence_length + sequence_length"
 # an encoder-decoder model's files, optimum's names (optimum/onnxruntime/utils.py ONNX_ENCODER_NAME, ...)
 SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+SEQ2SEQ_MERGED = "decoder_model_merged.onnx"  # both decoders behind an If on `use_cache_branch` (transformers.js)
 
 METADATA_PREFIX = "road_export."
 METADATA_VERSION = METADATA_PREFIX + "version"

@@ -23,7 +23,7 @@ import numpy as np
 
 from road_export.errors import RoadError
 from road_export.generation import Sampling, Step, _prompt
-from road_export.names import METADATA_SEQ2SEQ, SEQ2SEQ_FILES
+from road_export.names import METADATA_SEQ2SEQ, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
 
 __all__ = ["Seq2SeqSession", "convert_adapter", "find_files", "is_seq2seq_dir"]
 
@@ -33,11 +33,12 @@ PAST, PRESENT = "past_key_values.", "present."
 
 def find_files(directory: str | Path) -> dict[str, Path] | None:
     """{file name: path} of an encoder-decoder export in `directory` or `directory/onnx`, or None if there is none
-    (an encoder and a decoder are both needed; the decoder with past is optional)."""
+    (an encoder and a decoder are both needed; the decoder with past and the merged decoder are optional; generation
+    runs the two decoder files, the merged one is for clients that load only it)."""
     directory = Path(directory)
     for folder in (directory / "onnx", directory):
         if (folder / ENCODER).is_file() and (folder / DECODER).is_file():
-            return {name: folder / name for name in SEQ2SEQ_FILES if (folder / name).is_file()}
+            return {name: folder / name for name in (*SEQ2SEQ_FILES, SEQ2SEQ_MERGED) if (folder / name).is_file()}
     return None
 
 
@@ -104,6 +105,7 @@ class Seq2SeqSession:
         {onnx file name (e.g. "decoder_model.onnx"): adapter file}. Raises RoadError when a file with rotations
         gets none, or a file without any gets one."""
         by_file = {s.path.name: s for s in self.sessions}
+        files = {k: v for k, v in files.items() if k != SEQ2SEQ_MERGED}  # not run here (see find_files)
         unknown = sorted(set(files) - set(by_file))
         if unknown:
             raise RoadError(f"{self.path}: no ONNX file {', '.join(unknown)}; it has {sorted(by_file)}")

@@ -264,6 +264,14 @@ def verify_seq2seq(
     reference_name = reference or ("peft" if hasattr(torch_model, "peft_config") else "road-export loader")
     report = ParityReport(str(directory), dtype, atol, reference=reference_name)
     kernels = set()
+    merged = None
+    if seq2seq.SEQ2SEQ_MERGED in files:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if road_native.uses_road(files[seq2seq.SEQ2SEQ_MERGED]):
+            road_native.register(options, native)
+        merged = ort.InferenceSession(str(files[seq2seq.SEQ2SEQ_MERGED]), sess_options=options,
+                                      providers=["CPUExecutionProvider"])
     for part in seq2seq.parts(torch_model, task, mixed=True):
         path = files[part.file]
         options = ort.SessionOptions()
@@ -312,8 +320,34 @@ def verify_seq2seq(
                                        logits=outputs[0] == "logits"))
             if len(got) > 1:
                 report.rows.append(_compare_flat(case, got[1:], expected[1:], atol))
+            if merged is not None and part.name != seq2seq.ENCODER:
+                report.rows += _merged_rows(merged, part, feeds, inputs, expected, case, atol)
     report.kernels = "/".join(sorted(kernels)) or "-"
     return report
+
+
+def _merged_rows(session, part, feeds: dict, inputs: dict, expected: list, case: str, atol: float) -> list:
+    """decoder_model_merged.onnx on the same step: `use_cache_branch` false with an empty past for the first step,
+    true (encoder_hidden_states unused, zeros) for a step with past; its logits and the part's presents compared."""
+    from road_export.export import seq2seq
+
+    batch, enc = inputs["encoder_attention_mask"].shape
+    feeds = dict(feeds)
+    first = part.name == seq2seq.DECODER
+    feeds["use_cache_branch"] = np.array([not first])
+    for value in session.get_inputs():
+        if value.name in feeds or value.name == "use_cache_branch":
+            continue
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((batch, value.shape[1], 0 if first else enc, value.shape[3]), np.float32)
+        elif value.name == "encoder_hidden_states":
+            feeds[value.name] = np.zeros((batch, enc, value.shape[2]), np.float32)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, feeds), strict=True))
+    case = case.replace(part.file, f"{seq2seq.SEQ2SEQ_MERGED} ({'first step' if first else 'with past'})")
+    rows = [compare("logits", case, got["logits"], expected[0], None, atol, logits=True)]
+    rows.append(_compare_flat(case, [got[n] for n in part.output_names[1:]], expected[1:], atol))
+    return rows
 
 
 def _real_past(model: nn.Module, part, inputs: dict, order: tuple[str, ...], batch: int, enc: int, past: int,

@@ -41,7 +41,7 @@ from road_export.export import capture, post, prepare
 from road_export.export.exporter import ExportResult
 from road_export.export.tasks import SEQ2SEQ, TaskSpec
 from road_export.files import atomic_write, save_model
-from road_export.names import BATCH, METADATA_SEQ2SEQ, SEQ2SEQ_FILES
+from road_export.names import BATCH, METADATA_SEQ2SEQ, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
 
 __all__ = ["PARTS", "Part", "Seq2SeqResult", "export_seq2seq", "is_seq2seq", "part_module", "parts",
            "sample_inputs"]
@@ -49,6 +49,7 @@ __all__ = ["PARTS", "Part", "Seq2SeqResult", "export_seq2seq", "is_seq2seq", "pa
 TASKS = SEQ2SEQ  # ("text2text-generation", "text2text-generation-with-past")
 ENCODER, DECODER, DECODER_WITH_PAST = "encoder", "decoder", "decoder_with_past"
 PARTS = (ENCODER, DECODER, DECODER_WITH_PAST)
+DECODER_MERGED = "decoder_merged"  # Seq2SeqResult.files key of decoder_model_merged.onnx
 ENC_SEQ, DEC_SEQ = "encoder_sequence_length", "decoder_sequence_length"
 PAST_DEC_SEQ, PRESENT_DEC_SEQ, ENC_SEQ_OUT = ("past_decoder_sequence_length", "past_decoder_sequence_length + 1",
                                             "encoder_sequence_length_out")
@@ -267,7 +268,8 @@ class Seq2SeqResult:
 
     @property
     def road_nodes(self) -> int:
-        return sum(r.road_nodes for r in self.files.values())
+        """road nodes over the encoder and the two decoder files (the merged decoder holds the latter's again)."""
+        return sum(r.road_nodes for name, r in self.files.items() if name != DECODER_MERGED)
 
     @property
     def adapter_files(self) -> list[Path]:
@@ -314,6 +316,9 @@ def export_seq2seq(model: nn.Module, directory: str | os.PathLike, *, mode: str 
                     result.files[part.name] = _export_part(prepared, part, staged, mode, task, adapters, order,
                                                            dtype, opset, optimize, target, external_data,
                                                            swappable, generation, step)
+        if DECODER_WITH_PAST in result.files:  # optimum's merged decoder too: what transformers.js loads
+            step(f"writing {SEQ2SEQ_MERGED}")
+            result.files[DECODER_MERGED] = write_merged_decoder(staged, external_data)
     for res in result.files.values():  # the staged paths -> the final ones
         res.path = directory / res.path.name
         res.external_data = directory / res.external_data.name if res.external_data else None
@@ -358,6 +363,113 @@ def _frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def merge_decoders(decoder, with_past):
+    """optimum's merged decoder (`decoder_model_merged.onnx`, optimum/onnx/graph_transformations.py `merge_decoders`)
+    from the two decoder files as onnx ModelProtos: one `If` on the input `use_cache_branch` (bool [1]) whose else
+    branch is decoder_model.onnx and whose then branch is decoder_with_past_model.onnx, its missing outputs
+    (`present.{i}.encoder.*`) passed through from the past inputs. Inputs are the union of both files' plus
+    `use_cache_branch`; initializers of equal name and content are shared, equal content under another name is
+    reused, clashing names get the branch prefix. Each branch's values are prefixed (`np/`, `wp/`). The road
+    functions, opsets and metadata (swap records: the first decoder's layers, a superset of the other's) are
+    decoder_model.onnx's. Torch-free."""
+    import hashlib
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits: dict[str, onnx.TensorProto] = {}
+    by_content: dict[tuple, str] = {}
+
+    def content(t):
+        return t.data_type, tuple(t.dims), hashlib.sha256(numpy_helper.to_array(t).tobytes()).hexdigest()
+
+    def branch(model, prefix: str, passed: list[tuple[str, str, onnx.ValueInfoProto]], order: list[str]):
+        graph = model.graph
+        outer = {i.name for i in graph.input}
+        rename = {}
+        for t in graph.initializer:
+            key = content(t)
+            if t.name in inits and content(inits[t.name]) == key:
+                rename[t.name] = t.name
+            elif key in by_content and t.name not in outer:
+                rename[t.name] = by_content[key]
+            else:
+                name = t.name if t.name not in inits else prefix + t.name
+                copy_ = onnx.TensorProto()
+                copy_.CopyFrom(t)
+                copy_.name = name
+                inits[name] = copy_
+                by_content.setdefault(key, name)
+                rename[t.name] = name
+        nodes = []
+        for node in graph.node:
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            new.input[:] = [rename.get(x, x if x in outer or not x else prefix + x) for x in node.input]
+            new.output[:] = [prefix + x if x else x for x in node.output]
+            new.name = prefix + node.name if node.name else ""
+            nodes.append(new)
+        outputs = {}
+        for value in graph.output:
+            outputs[value.name] = onnx.ValueInfoProto()
+            outputs[value.name].CopyFrom(value)
+            outputs[value.name].name = prefix + value.name
+        for name, source, info in passed:
+            nodes.append(helper.make_node("Identity", [source], [prefix + name]))
+            outputs[name] = onnx.ValueInfoProto()
+            outputs[name].CopyFrom(info)
+            outputs[name].name = prefix + name
+        return helper.make_graph(nodes, prefix.strip("/") + "_branch", [], [outputs[n] for n in order])
+
+    order = [o.name for o in decoder.graph.output]
+    past_inputs = {i.name: i for i in with_past.graph.input}
+    passed = [(n, "past_key_values." + n[len("present."):], past_inputs["past_key_values." + n[len("present."):]])
+              for n in order if n.startswith("present.") and ".encoder." in n]
+    then_branch = branch(with_past, "wp/", passed, order)
+    else_branch = branch(decoder, "np/", [], order)
+    inputs, seen = [], set()
+    for value in [*decoder.graph.input, *with_past.graph.input]:
+        if value.name not in seen:
+            seen.add(value.name)
+            inputs.append(value)
+    inputs.append(helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1]))
+    node = helper.make_node("If", ["use_cache_branch"], order, name="optimum::if", then_branch=then_branch,
+                            else_branch=else_branch)
+    graph = helper.make_graph([node], "decoder_model_merged", inputs, list(decoder.graph.output), list(inits.values()))
+    model = helper.make_model(graph, opset_imports=list(decoder.opset_import), ir_version=decoder.ir_version)
+    functions = {(f.domain, f.name): f for f in [*decoder.functions, *with_past.functions]}
+    model.functions.extend(functions.values())
+    for prop in decoder.metadata_props:
+        model.metadata_props.add(key=prop.key, value=prop.value)
+    return model
+
+
+def write_merged_decoder(directory: Path, external_data: bool | None) -> ExportResult:
+    """`merge_decoders` on the two decoder files in `directory`, saved (atomically, loaded by onnxruntime first) as
+    `decoder_model_merged.onnx`, with a copy of decoder_model.onnx's `.onnx_adapter` files (the same parameters)."""
+    import shutil
+
+    import onnx
+    import onnx_ir as ir
+
+    decoder = onnx.load(str(directory / SEQ2SEQ_FILES[1]))
+    with_past = onnx.load(str(directory / SEQ2SEQ_FILES[2]))
+    merged = ir.serde.deserialize_model(merge_decoders(decoder, with_past))
+    path = directory / SEQ2SEQ_MERGED
+    data = save_model(merged, path, external_data, check=post.check_loadable)
+    files = []
+    stem = Path(SEQ2SEQ_FILES[1]).stem
+    for source in sorted(directory.glob(f"{stem}.*.onnx_adapter")):
+        target = directory / f"{Path(SEQ2SEQ_MERGED).stem}.{source.name[len(stem) + 1:]}"
+        shutil.copyfile(source, target)
+        files.append(target)
+    meta = {p.key: p.value for p in decoder.metadata_props}
+    road_nodes = sum(1 for g in (decoder, with_past) for n in g.graph.node if n.domain == road_op.DOMAIN)
+    return ExportResult(path, meta.get("road_export.mode", ""), meta.get("road_export.task"),
+                        [i.name for i in merged.graph.inputs], [o.name for o in merged.graph.outputs], road_nodes,
+                        json.loads(meta.get("road_export.adapters", "[]")), data, files)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from road_export.verify import verify_seq2seq
 
 SEED_REGEX = ".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$"  # peft's RoadConfig documentation, for T5
 FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+MERGED = "decoder_model_merged.onnx"
 
 
 def peft_model(name: str, adapters: dict[str, dict], seed: int = 0):
@@ -83,12 +84,12 @@ def t5_swap(tmp_path_factory):
     assert main(["--base", "tiny-t5", "--adapter", str(root / "adapter"), "--mode", "rotate", "--quiet",
                  "--report", str(root / "report.json"), str(root / "model")]) == 0
     report = json.loads((root / "report.json").read_text())
-    assert report["passed"] and report["reference"] == "peft" and len(report["rows"]) == 15
+    assert report["passed"] and report["reference"] == "peft" and len(report["rows"]) == 27
     directory = root / "model" / "onnx"
     assert sorted(p.name for p in (root / "model").iterdir()) == ["config.json", "generation_config.json", "onnx"]
     from road_export.seq2seq import find_files
 
-    assert find_files(root / "model") == {name: directory / name for name in FILES}
+    assert find_files(root / "model") == {name: directory / name for name in (*FILES, MERGED)}
     return model, root / "model", sorted(directory.glob("*.onnx_adapter"))
 
 
@@ -137,7 +138,7 @@ def road_nodes(path) -> int:
 
 def test_seed_example_files_and_io(t5_mixed):
     _, directory, result = t5_mixed
-    assert sorted(p.name for p in directory.glob("*.onnx")) == sorted(FILES)
+    assert sorted(p.name for p in directory.glob("*.onnx")) == sorted([*FILES, MERGED])
     # two decoder layers: self q, v and cross q, v run in the first step; the cross k/v come from the cache after
     assert [road_nodes(directory / f) for f in FILES] == [0, 8, 6]
     assert result.road_nodes == 14 and result.task == "text2text-generation-with-past"
@@ -151,13 +152,18 @@ def test_seed_example_files_and_io(t5_mixed):
     outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in dec.output}
     assert list(outputs) == ["logits"] + [f"present.{i}.decoder.{kv}" for i in range(2) for kv in ("key", "value")]
     assert outputs["present.0.decoder.key"] == ["batch_size", 4, "past_decoder_sequence_length + 1", 16]
+    merged = onnx.load(str(directory / MERGED), load_external_data=False).graph  # optimum's merged decoder
+    assert [n.op_type for n in merged.node] == ["If"] and merged.input[-1].name == "use_cache_branch"
+    first = onnx.load(str(directory / FILES[1]), load_external_data=False).graph
+    assert [o.name for o in merged.output] == [o.name for o in first.output]
 
 
 def test_parity_rotate_every_variant(t5_mixed):
     model, directory, _ = t5_mixed
     report = verify_seq2seq(directory, model)
     assert report.passed, report.table()
-    assert report.reference == "peft" and len(report.rows) == 15  # 3 shapes: encoder, decoder x2, with past x2
+    # 3 shapes: encoder, decoder x2, with past x2, and the merged decoder's two branches x2
+    assert report.reference == "peft" and len(report.rows) == 27
     assert any("decoder_with_past_model.onnx" in r.case and "ids 1,2,3" in r.case for r in report.rows)
 
 
@@ -181,7 +187,8 @@ def test_mixed_batch_generate_equals_peft(t5_mixed, native):
 def test_greedy_and_swap_equal_peft(t5_swap, tmp_path):
     model, directory, swap_files = t5_swap
     assert [f.name for f in swap_files] == ["decoder_model.default.onnx_adapter",
-                                                            "decoder_with_past_model.default.onnx_adapter"]
+                                            "decoder_model_merged.default.onnx_adapter",
+                                            "decoder_with_past_model.default.onnx_adapter"]
     assert verify_seq2seq(directory, model).passed
     session = RoadSession(directory)
     ids, mask = prompt(model)
@@ -194,7 +201,7 @@ def test_greedy_and_swap_equal_peft(t5_swap, tmp_path):
     from road_export.seq2seq import convert_adapter
 
     files = convert_adapter(tmp_path / "other", directory, "other")
-    assert sorted(files) == sorted(FILES[1:])
+    assert sorted(files) == sorted([*FILES[1:], MERGED])
     assert RoadSession(directory).adapters == ["default", "other"]  # found beside the files by name and fingerprint
     session.load_adapter("other", files)
     swapped = session.generate(ids.numpy(), mask.numpy(), max_new_tokens=8, adapter="other")
