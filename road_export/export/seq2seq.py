@@ -11,16 +11,15 @@
                                   -> logits, present.{i}.decoder.key|value (the encoder's keys/values do not change)
 
 Names and axes follow optimum's `OnnxSeq2SeqConfigWithPast` (optimum/exporters/onnx/base.py, `add_past_key_values`)
-and `TextSeq2SeqOnnxConfig` (config.py). Two decoder files rather than optimum's merged decoder
-(`decoder_model_merged.onnx`, an If on `use_cache_branch`): ORTModelForSeq2SeqLM loads the pair as they are
-(`use_merged=False`, its fallback when no merged file exists), each file's road nodes and swap records are those of
-the layers that run in it, and no If subgraph hides the rotations from the road passes. A mixed-adapter export
+and `TextSeq2SeqOnnxConfig` (config.py). Beside the pair, `decoder_model_merged.onnx` holds both decoders behind an
+If on `use_cache_branch` (`merge_decoders`): transformers.js loads only that one, ORTModelForSeq2SeqLM either.
+Each file's road nodes and swap records are those of the layers that run in it. A mixed-adapter export
 (`adapter_ids`) gives the input to every file in which an adapted layer runs, and only to those; a swappable
 export writes one `.onnx_adapter` per such file (`<file stem>.<adapter>.onnx_adapter`), since onnxruntime refuses
 adapter parameters that are not inputs of the session they are applied to.
 
 `text2text-generation` writes the encoder and `decoder_model.onnx` only (no cache: every step reruns the decoder
-over all tokens so far); `text2text-generation-with-past` (the default) adds the decoder with past.
+over all tokens so far); `text2text-generation-with-past` (the default) adds the decoder with past and the merged decoder.
 """
 
 from __future__ import annotations
