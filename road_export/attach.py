@@ -12,6 +12,7 @@ turns it into rotated weights. Any module that cannot be placed exactly once is 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -188,3 +189,68 @@ def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mo
             value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     save_model(model, Path(out), external)
     return report
+
+
+def attach_seq2seq(base: str | Path, adapter: str | Path, out: str | Path, mode: str = "rotate") -> AttachReport:
+    """`road-export attach` for an encoder-decoder export: BASE is a directory with optimum's files
+    (`encoder_model.onnx`, `decoder_model.onnx`, `decoder_with_past_model.onnx`, in it or in its `onnx/` folder);
+    OUT is written as a new directory of the same layout, atomically, every other file copied.
+
+    Each file gets the adapter's modules whose MatMul it holds (a T5 decoder's cross-attention k/v only in
+    decoder_model.onnx: decoder_with_past_model.onnx takes them from the cache); a module placed in no file, or twice
+    in one, is refused and nothing is written. Returns the report summed over the files (`placed` keys are
+    `<file>:<module>`). Raises RoadError for a BASE without the files or an OUT that exists.
+    """
+    import shutil
+
+    from road_export.files import atomic_write, load_model
+    from road_export.names import SEQ2SEQ_FILES
+
+    base, out = Path(base), Path(out)
+    folder = next((f for f in (base / "onnx", base) if (f / SEQ2SEQ_FILES[0]).is_file()
+                   and (f / SEQ2SEQ_FILES[1]).is_file()), None)
+    if folder is None:
+        raise RoadError(f"{base}: no {SEQ2SEQ_FILES[0]} and {SEQ2SEQ_FILES[1]} in it or in its onnx/ folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RoadError(f"{out}: exists and is not empty; give a new directory for the attached model")
+    file = read_adapter(adapter)
+    models = {name: load_model(folder / name) for name in SEQ2SEQ_FILES if (folder / name).is_file()}
+    placed_anywhere: set[str] = set()
+    subsets = {}
+    for name, model in models.items():
+        candidates = [(n, _node_paths(n)) for n in model.graph.all_nodes() if n.op_type in ("MatMul", "Gemm")]
+        here = {m for m in file.road if any(_matches(p, m) for _, paths in candidates for p in paths)}
+        subsets[name] = dataclasses.replace(file, road={m: v for m, v in file.road.items() if m in here})
+        placed_anywhere |= here
+    missing = sorted(set(file.road) - placed_anywhere)
+    if missing:
+        raise RoadError(f"{file.path}: cannot place {len(missing)} of {len(file.road)} adapted module(s) in any file "
+                        f"of {base}: {', '.join(missing[:6])}. Nothing was written.")
+    total = AttachReport()
+    with atomic_write(out) as staged:
+        target = staged / folder.relative_to(base) if folder != base else staged
+        if folder != base:
+            shutil.copytree(base, staged, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data", "*.onnx_adapter"))
+        target.mkdir(parents=True, exist_ok=True)
+        for name, model in models.items():
+            subset = subsets[name]
+            if subset.road:
+                report = attach_to_model(model, subset, mode)
+                total.placed.update({f"{name}:{m}": n for m, n in report.placed.items()})
+                total.road_nodes += report.road_nodes
+                total.folded += report.folded
+            model.metadata_props[METADATA_VERSION] = __version__
+            model.metadata_props[METADATA_MODE] = mode
+            layers = sorted(subset.road) if mode == "rotate" else sorted(file.road)
+            model.metadata_props[METADATA_ADAPTERS] = json.dumps([{
+                "name": "default", "variant": file.config.variant, "group_size": file.config.group_size,
+                "layers": layers}] if layers else [])
+            for value in model.graph.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+            save_model(model, target / name, None)
+        if folder == base:  # a flat directory: its other files beside the models
+            for extra in base.iterdir():
+                if extra.is_file() and not extra.name.endswith((".onnx", ".onnx.data", ".onnx_adapter")):
+                    shutil.copyfile(extra, staged / extra.name)
+    return total

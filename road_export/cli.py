@@ -373,11 +373,12 @@ def run_export(args: argparse.Namespace) -> int:
                         "rotate for one graph that serves them all (input adapter_ids)")
     _quiet_libraries()
     import road_export as rx
-    from road_export.export.tasks import normalize_task
+    from road_export.export.tasks import SEQ2SEQ, normalize_task
     from road_export.source import load_source
 
-    if args.task is not None:
-        normalize_task(args.task)  # an unknown task is refused before the model is loaded
+    if args.task is not None and normalize_task(args.task) in SEQ2SEQ:  # known before the model is loaded
+        raise RoadError(f"{output}: task {normalize_task(args.task)} writes an encoder and decoder files; give a "
+                        "directory as the output, not a .onnx path")
     from road_export.verify import verify
 
     progress = _Progress(args.quiet)
@@ -427,7 +428,7 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     _quiet_libraries()
     import road_export as rx
     from road_export import model_dir
-    from road_export.export.tasks import normalize_task
+    from road_export.export.tasks import SEQ2SEQ, normalize_task
     from road_export.source import load_source
     from road_export.verify import verify
 
@@ -440,13 +441,16 @@ def _run_export_dir(args: argparse.Namespace) -> int:
             from road_export.export.tasks import infer_task
 
             task = infer_task(source.model)
-            if task == "text-generation":
-                task = "text-generation-with-past"  # optimum's default for a decoder; what the clients generate with
+        if task in ("text-generation", "text2text-generation") and not args.task:
+            task += "-with-past"  # optimum's default for a decoder; what the clients generate with
         config, generation, tokenizer_dir = _directory_configs(source, args.base)
         library = _kernels_library() if args.mode == "rotate" else None
 
+        seq2seq = task in SEQ2SEQ  # onnx/encoder_model.onnx, onnx/decoder_model.onnx, ... (export/seq2seq.py)
+
         def write(path: Path):
-            return rx.export(source.model, path, mode=args.mode, task=task, opset=args.opset, dtype=args.dtype,
+            return rx.export(source.model, path.parent if seq2seq else path, mode=args.mode, task=task,
+                             opset=args.opset, dtype=args.dtype,
                              external_data=args.external_data or None, target=args.target or "onnxruntime",
                              swappable=not args.fixed, on_step=progress.step)
 
@@ -457,9 +461,15 @@ def _run_export_dir(args: argparse.Namespace) -> int:
         if not args.no_verify:
             progress.step("verifying")
             onnx_file = output / model_dir.MODEL_FILE
-            with _blame(onnx_file, "run"):
-                report = verify(onnx_file, source.reference_model, task=result.task, atol=args.atol,
-                                native=False if args.no_native else None, reference=source.reference_name)
+            with _blame(output if seq2seq else onnx_file, "run"):
+                if seq2seq:
+                    from road_export.verify import verify_seq2seq
+
+                    report = verify_seq2seq(output, source.reference_model, atol=args.atol,
+                                            native=False if args.no_native else None, reference=source.reference_name)
+                else:
+                    report = verify(onnx_file, source.reference_model, task=result.task, atol=args.atol,
+                                    native=False if args.no_native else None, reference=source.reference_name)
             _write_report(report, args.report)
     notes = [f"{result.task}", f"{args.mode}", args.dtype, f"adapters: {', '.join(source.adapters)}"]
     if args.mode == "rotate":
@@ -509,6 +519,10 @@ def run_verify(args: argparse.Namespace) -> int:
     from road_export.checks import check_onnx_input
     from road_export.model_dir import model_file
 
+    from road_export.seq2seq import is_seq2seq_dir
+
+    if is_seq2seq_dir(args.model):
+        return _verify_seq2seq(args)
     args.model = str(model_file(args.model))
     proto = check_onnx_input(args.model)
     _check_report(args.report, Path(args.model))
@@ -531,6 +545,25 @@ def run_verify(args: argparse.Namespace) -> int:
         with _blame(args.model, "run"):
             report = verify(args.model, source.reference_model, task=args.task, atol=args.atol,
                             native=False if args.no_native else None, reference=source.reference_name)
+    _write_report(report, args.report)
+    return _print_report(report, args.quiet)
+
+
+def _verify_seq2seq(args: argparse.Namespace) -> int:
+    """`road-export verify DIR` for an encoder-decoder export: encoder, first decoder step, step with past."""
+    _check_report(args.report, Path(args.model))
+    _quiet_libraries()
+    from road_export.source import load_source
+    from road_export.verify import verify_seq2seq
+
+    progress = _Progress(args.quiet)
+    with progress.running():
+        progress.step("loading")
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task)
+        progress.step("verifying")
+        with _blame(args.model, "run"):
+            report = verify_seq2seq(args.model, source.reference_model, atol=args.atol,
+                                    native=False if args.no_native else None, reference=source.reference_name)
     _write_report(report, args.report)
     return _print_report(report, args.quiet)
 
@@ -586,6 +619,8 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
 def run_attach(args: argparse.Namespace) -> int:
     from road_export.checks import check_input_dir, check_onnx_input, check_output_model
 
+    if Path(args.base).is_dir():  # an encoder-decoder export: a directory of optimum's files
+        return _attach_seq2seq(args)
     check_onnx_input(args.base)
     if len(args.adapter) != 1:
         raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
@@ -599,6 +634,24 @@ def run_attach(args: argparse.Namespace) -> int:
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
         print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}")
+    return EXIT_OK
+
+
+def _attach_seq2seq(args: argparse.Namespace) -> int:
+    """`road-export attach BASE_DIR --adapter A OUT_DIR` for an encoder-decoder export (attach.attach_seq2seq)."""
+    from road_export.attach import attach_seq2seq
+    from road_export.checks import check_input_dir, check_output_dir
+
+    if len(args.adapter) != 1:
+        raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
+                        "(road-export --adapter a=... --adapter b=... --mode rotate)")
+    check_input_dir(args.adapter[0], "adapter")
+    output = check_output_dir(args.output, what="model directory")
+    with _writing(output):
+        report = attach_seq2seq(args.base, args.adapter[0], output, mode=args.mode)
+    if not args.quiet:
+        what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
+        print(f"wrote {output}/: {len(report.placed)} module placement(s) over its files, {what}")
     return EXIT_OK
 
 

@@ -260,7 +260,8 @@ def write_model_dir(directory: str | os.PathLike, export: Callable[[Path], Any],
         (tmp / GENERATION_CONFIG).write_text(json.dumps(generation or {}, indent=2, sort_keys=True) + "\n")
         for file in tokenizer_files(tokenizer_dir):
             shutil.copyfile(file, tmp / file.name)
-        inputs, outputs, _ = _graph_io(tmp / MODEL_FILE)
+        # an encoder-decoder export writes onnx/encoder_model.onnx, ... instead (no genai config: a decoder only)
+        inputs, outputs, _ = _graph_io(tmp / MODEL_FILE) if (tmp / MODEL_FILE).is_file() else ([], [], {})
         if "past_key_values.0.key" in inputs and "logits" in outputs:
             library = None
             if custom_ops_library is not None:

@@ -22,12 +22,15 @@ __all__ = [
     "METADATA_ADAPTERS",
     "METADATA_MODE",
     "METADATA_PREFIX",
+    "METADATA_SEQ2SEQ",
     "METADATA_SWAP",
     "METADATA_TASK",
     "METADATA_VERSION",
     "PAST",
     "PAST_SEQUENCE",
     "PRESENT",
+    "SEQ2SEQ_FILES",
+    "SEQ2SEQ_MERGED",
     "SEQUENCE",
     "TOTAL_SEQUENCE",
     "positions",
@@ -39,12 +42,16 @@ PAST, PRESENT = "past_key_values.", "present."
 # optimum's axis names; transformers.js and onnxruntime-genai size the first (empty) cache from the past axis
 BATCH, SEQUENCE, PAST_SEQUENCE = "batch_size", "sequence_length", "past_sequence_length"
 TOTAL_SEQUENCE = "past_sequence_length + sequence_length"
+# an encoder-decoder model's files, optimum's names (optimum/onnxruntime/utils.py ONNX_ENCODER_NAME, ...)
+SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+SEQ2SEQ_MERGED = "decoder_model_merged.onnx"  # both decoders behind an If on `use_cache_branch` (transformers.js)
 
 METADATA_PREFIX = "road_export."
 METADATA_VERSION = METADATA_PREFIX + "version"
 METADATA_MODE = METADATA_PREFIX + "mode"  # "merge" or "rotate"
 METADATA_TASK = METADATA_PREFIX + "task"
 METADATA_ADAPTERS = METADATA_PREFIX + "adapters"  # JSON list of {name, variant, group_size, layers[, id]}
+METADATA_SEQ2SEQ = METADATA_PREFIX + "seq2seq"  # JSON {part, decoder_start_token_id, eos_token_id, pad_token_id}
 METADATA_SWAP = METADATA_PREFIX + "swap"  # JSON {layer: {c1, c2, group_size, width, dtype}} (road_export.swap)
 
 

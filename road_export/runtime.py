@@ -28,6 +28,16 @@ class RoadSession:
     they name the file's only adapter.
     """
 
+    def __new__(cls, path: str | Path | None = None, *args, **kwargs):
+        """A directory holding an encoder-decoder export (encoder_model.onnx, decoder_model.onnx, ...) opens as a
+        `road_export.seq2seq.Seq2SeqSession` (same keyword options), which runs the files together."""
+        if cls is RoadSession and path is not None and not args:
+            from road_export.seq2seq import Seq2SeqSession, is_seq2seq_dir
+
+            if is_seq2seq_dir(path):
+                return Seq2SeqSession(path, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
                  native: bool | None = None, session_config: Mapping[str, str] | None = None):
         """`native`: run road ops on the native kernels (True), their standard-op bodies (False), or the kernels

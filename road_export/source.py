@@ -25,7 +25,7 @@ from road_export import zoo
 from road_export.adapters import AdapterFile, apply_adapter, read_adapter
 from road_export.config import CONFIG_NAME, RoadConfig
 from road_export.errors import RoadError
-from road_export.export.tasks import CAUSAL, PEFT_TASK_TYPES, normalize_task
+from road_export.export.tasks import CAUSAL, PEFT_TASK_TYPES, SEQ2SEQ, normalize_task
 from road_export.model import get_road_model
 
 PEFT_REFERENCE = "peft"
@@ -79,8 +79,8 @@ def resolve_task(task: str | None, adapters: list[AdapterFile]) -> str | None:
     trained = next(iter(kinds), None)
     if task is None:
         return trained
-    if trained is not None and (trained in CAUSAL) != (task in CAUSAL) or \
-            trained is not None and trained not in CAUSAL and trained != task:
+    family = lambda t: "causal" if t in CAUSAL else "seq2seq" if t in SEQ2SEQ else t  # noqa: E731  (with/without past)
+    if trained is not None and family(trained) != family(task):
         names = ", ".join(str(f.path) for f in adapters)
         raise RoadError(f"--task {task}: the adapter ({names}) was trained for {trained} (peft task_type); its "
                         f"modules sit in that model class; drop --task or pass --task {trained}")

@@ -183,8 +183,12 @@ def swap_records(model_path: Path) -> tuple[dict[str, dict], set[str]]:
     return records, tied
 
 
-def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | Path) -> Path:
-    """A peft RoAd adapter directory -> an `.onnx_adapter` file for `model_path`; refuses what does not fit."""
+def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | Path, *,
+                    other_files: bool = False) -> Path:
+    """A peft RoAd adapter directory -> an `.onnx_adapter` file for `model_path`; refuses what does not fit.
+
+    `other_files=True`: the model is one file of several (an encoder-decoder export), so adapted layers that are not
+    in this file are skipped; every layer of the file must still be in the adapter."""
     model_path, out = Path(model_path), Path(out)
     if not model_path.is_file():
         raise RoadError(f"{model_path}: no such ONNX file")
@@ -196,6 +200,8 @@ def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | 
     adapter = read_adapter(adapter_dir)
     config = adapter.config
     mine, theirs = set(records), set(adapter.road)
+    if other_files:
+        theirs &= mine
     if mine != theirs:
         missing, extra = sorted(mine - theirs), sorted(theirs - mine)
         raise RoadError(

@@ -79,9 +79,18 @@ def export(
     is converted, and when that fails (or onnxruntime cannot load the result) RoadError is raised and nothing is
     written. Every file is loaded by onnxruntime before it is moved into place.
 
+    An encoder-decoder model (T5, BART, Marian, ...; task `text2text-generation[-with-past]`) is written as optimum's
+    files into the directory `path` (road_export.export.seq2seq; returns its `Seq2SeqResult`); a `.onnx` path is
+    refused for it.
+
     Raises RoadError for bad arguments (mode, dtype, opset, path), a model without (or, in merge mode, with several)
     adapters, a model torch cannot export, or a file onnxruntime cannot load.
     """
+    seq2seq_result = _seq2seq(model, path, task, example_inputs, {
+        "mode": mode, "opset": opset, "dtype": dtype, "external_data": external_data, "optimize": optimize,
+        "require_adapter": require_adapter, "target": target, "swappable": swappable, "on_step": on_step})
+    if seq2seq_result is not None:
+        return seq2seq_result
     step = on_step or (lambda _name: None)
     if mode not in prepare.MODES:
         raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
@@ -118,3 +127,17 @@ def export(
         files.append(swap.write_adapter_file(swap.adapter_file_path(path, adapters[0]["name"]), values))
     return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, road_nodes, adapters, data,
                         files)
+
+
+def _seq2seq(model: nn.Module, path, task: str | None, example_inputs, options: dict):
+    """An encoder-decoder export (road_export.export.seq2seq) when the task or the model asks for one, else None."""
+    from road_export.export import seq2seq
+    from road_export.export.tasks import SEQ2SEQ, normalize_task
+
+    task = normalize_task(task) if task is not None else None
+    if task not in SEQ2SEQ and (task is not None or example_inputs is not None or not seq2seq.is_seq2seq(model)):
+        return None
+    if str(path).endswith(".onnx"):
+        raise RoadError(f"{path}: {type(model).__name__} is an encoder-decoder model, written as several ONNX files "
+                        "(encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx); give a directory")
+    return seq2seq.export_seq2seq(model, path, task=task, **options)

@@ -11,7 +11,9 @@ from torch import nn
 from road_export.errors import RoadError
 from road_export.names import BATCH, PAST_SEQUENCE, SEQUENCE, positions
 
-TASKS = ("text-generation", "text-generation-with-past", "feature-extraction", "text-classification")
+TASKS = ("text-generation", "text-generation-with-past", "feature-extraction", "text-classification",
+         "text2text-generation", "text2text-generation-with-past")
+SEQ2SEQ = ("text2text-generation", "text2text-generation-with-past")  # encoder-decoder: export/seq2seq.py
 # Earlier names (road-export 0.1 wrote "causal-lm" and "sequence-classification" into files): accepted everywhere.
 ALIASES = {
     "causal-lm": "text-generation",
@@ -22,7 +24,7 @@ ALIASES = {
 CAUSAL = ("text-generation", "text-generation-with-past")
 # peft's TaskType -> optimum's task, for choosing the model class from an adapter's `task_type`
 PEFT_TASK_TYPES = {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification",
-                   "FEATURE_EXTRACTION": "feature-extraction"}
+                   "FEATURE_EXTRACTION": "feature-extraction", "SEQ_2_SEQ_LM": "text2text-generation"}
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,9 @@ def auto_class(task: str):
     return {"text-generation": transformers.AutoModelForCausalLM,
             "text-generation-with-past": transformers.AutoModelForCausalLM,
             "feature-extraction": transformers.AutoModel,
-            "text-classification": transformers.AutoModelForSequenceClassification}[normalize_task(task)]
+            "text-classification": transformers.AutoModelForSequenceClassification,
+            "text2text-generation": transformers.AutoModelForSeq2SeqLM,
+            "text2text-generation-with-past": transformers.AutoModelForSeq2SeqLM}[normalize_task(task)]
 
 
 def uses_absolute_positions(model: nn.Module) -> bool:
@@ -126,6 +130,10 @@ def infer_task(model: nn.Module) -> str:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     name = type(model).__name__
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(inner, "config", None), "is_encoder_decoder", False) and hasattr(inner, "get_encoder") \
+            and hasattr(inner, "lm_head"):
+        return "text2text-generation"  # T5ForConditionalGeneration, BartForConditionalGeneration, MarianMTModel
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "text-generation"
     if name.endswith("ForSequenceClassification"):
@@ -145,6 +153,9 @@ def task_spec(model: nn.Module, task: str, adapter_order: tuple[str, ...] = ()) 
     `text-generation-with-past` takes them whenever the forward accepts them.
     """
     task = normalize_task(task)
+    if task in SEQ2SEQ:
+        raise RoadError(f"task {task} is exported as an encoder and decoder files (road_export.export.seq2seq); "
+                        "give a directory as the output")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
     params = inspect.signature(inner.forward).parameters
     names = ["input_ids", "attention_mask"]
