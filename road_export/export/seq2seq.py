@@ -19,7 +19,8 @@ export writes one `.onnx_adapter` per such file (`<file stem>.<adapter>.onnx_ada
 adapter parameters that are not inputs of the session they are applied to.
 
 `text2text-generation` writes the encoder and `decoder_model.onnx` only (no cache: every step reruns the decoder
-over all tokens so far); `text2text-generation-with-past` (the default) adds the decoder with past and the merged decoder.
+over all tokens so far); `text2text-generation-with-past` (the default) adds the decoder with past and the merged
+decoder.
 """
 
 from __future__ import annotations
