@@ -159,6 +159,9 @@ def verify_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export verify", description="Parity of an existing ONNX file against its torch "
                      "source (--base and --adapter, as it was exported).")
     parser.add_argument("model", metavar="MODEL.onnx|DIR", help="the ONNX file (or model directory) to check")
+    parser.add_argument("--against", metavar="REF.onnx",
+                        help="compare with another ONNX file instead of the torch source (no torch needed): e.g. "
+                             "the verified export before attach, optimize or quantization")
     _source_options(parser)
     _report_options(parser)
     return parser
@@ -526,6 +529,8 @@ def run_verify(args: argparse.Namespace) -> int:
     args.model = str(model_file(args.model))
     proto = check_onnx_input(args.model)
     _check_report(args.report, Path(args.model))
+    if args.against is not None:
+        return _verify_against(args)
     _quiet_libraries()
     from road_export.export.tasks import normalize_task
     from road_export.inspection import check_fits
@@ -545,6 +550,25 @@ def run_verify(args: argparse.Namespace) -> int:
         with _blame(args.model, "run"):
             report = verify(args.model, source.reference_model, task=args.task, atol=args.atol,
                             native=False if args.no_native else None, reference=source.reference_name)
+    _write_report(report, args.report)
+    return _print_report(report, args.quiet)
+
+
+def _verify_against(args: argparse.Namespace) -> int:
+    """`road-export verify MODEL --against REF.onnx`: onnxruntime against onnxruntime, torch-free."""
+    from road_export.checks import check_onnx_input
+    from road_export.crosscheck import verify_against_file
+
+    given = [flag for flag, value in (("--base", args.base), ("--adapter", args.adapter), ("--task", args.task))
+             if value]
+    if given:
+        raise RoadError(f"{', '.join(given)} with --against: the reference is the file {args.against}; "
+                        "drop them, or drop --against to compare with the torch source")
+    check_onnx_input(args.against)
+    _check_report(args.report, Path(args.against))
+    with _blame(args.model, "run"):
+        report = verify_against_file(args.model, args.against, atol=args.atol,
+                                     native=False if args.no_native else None)
     _write_report(report, args.report)
     return _print_report(report, args.quiet)
 

@@ -1,0 +1,157 @@
+"""Parity of one ONNX file against another, on onnxruntime alone: no torch, no transformers.
+
+The case this serves: a CI job holds a file it trusts (the export it verified against peft, or the base model's
+own export before an `attach`/`optimize`/quantization step) and must prove a new file computes the same. Both files
+are run on identical feeds generated from the files' own inputs, on the shapes the torch harness uses (batch 1 and
+more, sequence 1 and longer, left padding; a prefill, a decode step and a chunk after cached positions for a
+KV-cache decoder), and every output is compared on the positions that are not padding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from road_export.errors import RoadError
+from road_export.names import ADAPTER_IDS, METADATA_ADAPTERS, PAST, PRESENT, positions
+from road_export.parity import TOLERANCE, OutputParity, ParityReport, compare
+
+__all__ = ["SHAPES", "CACHE_SHAPES", "verify_against_file"]
+
+SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (3, 7, 2), (2, 33, 5))  # (batch, sequence, padding)
+# (batch, new tokens, past length, padding): prefill, padded prefill, a decode step, a chunk after past positions
+CACHE_SHAPES: tuple[tuple[int, int, int, int], ...] = ((1, 1, 0, 0), (3, 7, 0, 2), (4, 1, 9, 3), (2, 4, 6, 1))
+_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_KNOWN = {"input_ids", "attention_mask", "position_ids", "token_type_ids", ADAPTER_IDS}
+
+
+def _signature(session) -> tuple[dict[str, tuple[str, list]], list[str]]:
+    return {i.name: (i.type, list(i.shape)) for i in session.get_inputs()}, [o.name for o in session.get_outputs()]
+
+
+def _vocab_size(path: Path, session) -> int | None:
+    """Rows of the embedding table that `input_ids` indexes (a Gather on an initializer), else logits' last axis."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids" \
+                and node.input[0] in dims:
+            return int(dims[node.input[0]][0])
+    for out in session.get_outputs():
+        if out.name == "logits" and isinstance(out.shape[-1], int):
+            return int(out.shape[-1])
+    return None
+
+
+def _feeds(inputs: dict[str, tuple[str, list]], batch: int, seq: int, past: int, pad: int, vocab: int,
+           adapters: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
+    specials = np.array([0, 1, 2, vocab - 1], dtype=np.int64)[: min(seq, 4)]  # the usual special ids, the last id
+    ids[-1, -len(specials):] = specials  # the last positions of a left-padded row are never padding
+    mask = np.ones((batch, past + seq), dtype=np.int64)
+    mask[0, :pad] = 0
+    feeds: dict[str, np.ndarray] = {}
+    for name, (kind, shape) in inputs.items():
+        if name == "input_ids":
+            feeds[name] = ids
+        elif name == "attention_mask":
+            feeds[name] = mask
+        elif name == "position_ids":
+            feeds[name] = positions(mask)[:, -seq:]
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros((batch, seq), dtype=np.int64)
+        elif name == ADAPTER_IDS:
+            feeds[name] = (np.arange(batch, dtype=np.int64) + 1) % (adapters + 1)
+        elif name.startswith(PAST):
+            heads, dim = shape[1], shape[3]
+            feeds[name] = rng.standard_normal((batch, heads, past, dim)).astype(_FLOATS.get(kind, np.float32))
+    return feeds
+
+
+def _session(path: Path, native: bool | None):
+    from road_export.runtime import RoadSession
+
+    return RoadSession(path, native=native)
+
+
+def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, atol: float | None = None,
+                        native: bool | None = None, seed: int = 0) -> ParityReport:
+    """Compare `onnx_path` with `reference_path` (both ONNX files) on onnxruntime, output by output.
+
+    Both files must take the same inputs (names, element types, ranks) and give the same outputs by name; inputs
+    are generated from the files: `input_ids` over the whole id range of the embedding table (ids 0-2 and the last
+    id fed on unpadded positions of every case long enough), `attention_mask` with left padding, `position_ids` from the mask as transformers derives
+    them, `adapter_ids` cycling through the file's adapters, random `past_key_values.*` [batch, kv_heads, past,
+    head_dim]. Logits and hidden states are compared where the mask is 1; `present.*` on the unpadded positions.
+    `atol` defaults by the reference's output dtype (1e-4 float32, 2e-2 float16). `native` runs road ops on the
+    native kernels (True), the bodies (False) or the kernels where they build (None), as RoadSession does.
+
+    Raises RoadError when a file is missing or unloadable, when the files' inputs or outputs differ, or when an
+    input cannot be generated (an input name this check does not know, or an embedding table it cannot find).
+    """
+    onnx_path, reference_path = Path(onnx_path), Path(reference_path)
+    if onnx_path.resolve() == reference_path.resolve():
+        raise RoadError(f"--against {reference_path}: the reference is the file being verified; give the file "
+                        "you trust (e.g. the verified export before attach/optimize/quantization)")
+    got_session, ref_session = _session(onnx_path, native), _session(reference_path, native)
+    (inputs, outputs), (ref_inputs, ref_outputs) = _signature(got_session.session), _signature(ref_session.session)
+    if {n: (t, len(s)) for n, (t, s) in inputs.items()} != {n: (t, len(s)) for n, (t, s) in ref_inputs.items()}:
+        raise RoadError(f"{onnx_path}: its inputs {sorted(inputs)} differ from {reference_path.name}'s "
+                        f"{sorted(ref_inputs)} (names, element types or ranks); compare files of the same task")
+    if sorted(outputs) != sorted(ref_outputs):
+        raise RoadError(f"{onnx_path}: its outputs {outputs} differ from {reference_path.name}'s {ref_outputs}")
+    unknown = [n for n in inputs if n not in _KNOWN and not n.startswith(PAST)]
+    if unknown:
+        raise RoadError(f"{onnx_path}: no inputs can be generated for {unknown}; this check knows token inputs, "
+                        "attention_mask, position_ids, adapter_ids and past_key_values.*")
+    vocab = _vocab_size(reference_path, ref_session.session) if "input_ids" in inputs else 1
+    if vocab is None:
+        raise RoadError(f"{reference_path}: cannot tell the vocabulary size (no Gather on an embedding table fed by "
+                        "input_ids, no static logits axis)")
+    meta = ref_session.session.get_modelmeta().custom_metadata_map
+    adapters = len(json.loads(meta.get(METADATA_ADAPTERS, "[]")))
+    ref_dtype = next((o.type for o in ref_session.session.get_outputs() if o.type in _FLOATS), "tensor(float)")
+    dtype = "float16" if ref_dtype == "tensor(float16)" else "float32"
+    atol = TOLERANCE[dtype] if atol is None else atol
+    from road_export import native as road_native
+
+    kernels = "native" if got_session.native else ("bodies" if road_native.uses_road(onnx_path) else "-")
+    report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels, reference=f"file {reference_path.name}")
+    cache = any(n.startswith(PAST) for n in inputs)
+    cases = CACHE_SHAPES if cache else tuple((b, s, 0, p) for b, s, p in SHAPES)
+    rng = np.random.default_rng(seed)
+    for batch, seq, past, pad in cases:
+        pad = min(pad, past + seq - 1)
+        feeds = _feeds(inputs, batch, seq, past, pad, vocab, adapters, rng)
+        try:
+            got = dict(zip(outputs, got_session.session.run(outputs, feeds), strict=True))
+            expected = dict(zip(outputs, ref_session.session.run(outputs, feeds), strict=True))
+        except Exception as e:
+            raise RoadError(f"{onnx_path}: onnxruntime cannot run it on generated inputs "
+                            f"({str(e).splitlines()[0]})") from e
+        mask = feeds["attention_mask"].astype(bool) if "attention_mask" in feeds else np.ones((batch, seq), bool)
+        case = f"batch {batch}, seq {seq}" + (f", past {past}" if cache else "") + (f", pad {pad}" if pad else "")
+        for name in outputs:
+            if name.startswith(PRESENT):
+                continue
+            expect = expected[name].astype(np.float32)
+            report.rows.append(compare(name, case, got[name], expect, mask[:, -seq:], atol, logits=name == "logits"))
+        present = [n for n in outputs if n.startswith(PRESENT)]
+        if present:
+            report.rows.append(_present(case, [got[n] for n in present], [expected[n] for n in present], mask, atol))
+    return report
+
+
+def _present(case: str, got: list[np.ndarray], expected: list[np.ndarray], mask: np.ndarray,
+             atol: float) -> OutputParity:
+    """Every present key/value as one row, unpadded positions only ([b, h, t, d] -> [real, h, d])."""
+    if any(g.shape != e.shape for g, e in zip(got, expected, strict=True)):
+        return OutputParity("present.*", case, list(got[0].shape), float("inf"), float("inf"), 0.0, None, False)
+    flat = lambda ts: np.concatenate([t.transpose(0, 2, 1, 3)[mask].ravel() for t in ts])  # noqa: E731
+    row = compare("present.*", case, flat(got), flat(expected).astype(np.float32), None, atol, logits=False)
+    row.shape = list(got[0].shape)
+    return row
