@@ -86,7 +86,8 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
     are generated from the files: `input_ids` over the whole id range of the embedding table (ids 0-2 and the last
     id fed on unpadded positions of every case long enough), `attention_mask` with left padding, `position_ids`
     from the mask as transformers derives them, `adapter_ids` cycling through the file's adapters, random
-    `past_key_values.*` [batch, kv_heads, past, head_dim]. Logits and hidden states are compared where the mask is 1; `present.*` on the unpadded positions.
+    `past_key_values.*` [batch, kv_heads, past, head_dim]. Logits and hidden states are compared where the mask is
+    1; `present.*` on the unpadded positions.
     `atol` defaults by the reference's output dtype (1e-4 float32, 2e-2 float16). `native` runs road ops on the
     native kernels (True), the bodies (False) or the kernels where they build (None), as RoadSession does.
 
