@@ -308,10 +308,11 @@ def _road_nodes(model: onnx.ModelProto):
 
 
 @pytest.mark.parametrize("op_type", ["RotateTied", "Rotate"])
-def test_shape_inference_on_road_ops(road_files, op_type, tmp_path):
+def test_shape_inference_on_road_ops(road_files, op_type, tmp_path, monkeypatch):
     from onnxruntime.quantization.shape_inference import quant_pre_process
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    monkeypatch.chdir(tmp_path)  # onnxruntime's tools may write temporary `<uuid>.data` files where they run
     model = onnx.load(road_files[op_type])
     assert {n.op_type for n in _road_nodes(model)} == {op_type}
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -341,10 +342,11 @@ def _logits(path: Path) -> np.ndarray:
     return session.run(["logits"], feed)[0]
 
 
-def test_symbolic_shape_inference_fails_without_the_schemas(road_files):
+def test_symbolic_shape_inference_fails_without_the_schemas(road_files, tmp_path, monkeypatch):
     """The planted fault: with the road schemas taken out of onnx's registry the tools fail as they did before."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    monkeypatch.chdir(tmp_path)  # onnxruntime's tool, failing, leaves a `<uuid>.data` file in the working directory
     model = onnx.load(road_files["RotateTied"])
     onnx.defs.deregister_schema(road_ops.TIED_OP_TYPE, road_ops.VERSION, road_ops.DOMAIN)
     try:
@@ -384,13 +386,14 @@ console.log(JSON.stringify(Array.from(out.tolist()[0], Number)));
 
 
 @pytest.mark.parametrize("kind", ["merged", "rotate"])
-def test_optimum_greedy_tokens_equal_pefts(dirs, reference, kind):
+def test_optimum_greedy_tokens_equal_pefts(dirs, reference, kind, tmp_path):
     python = os.environ.get("ROAD_EXPORT_OPTIMUM_PYTHON")
     if not python:
         pytest.skip("set ROAD_EXPORT_OPTIMUM_PYTHON to a python with optimum-onnx (transformers < 4.58)")
     _, table = reference
     done = subprocess.run([python, "-c", OPTIMUM_SCRIPT, str(dirs[kind]), PROMPT, str(NEW_TOKENS)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          cwd=tmp_path)  # optimum leaves a `<uuid>.data` copy of the weights in its working directory
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == table[("road",)][0]
     assert "appears in graph inputs" not in done.stderr
@@ -406,7 +409,7 @@ def test_transformers_js_greedy_tokens_equal_pefts(dirs, reference, kind, tmp_pa
     script.write_text(JS_SCRIPT)
     try:
         done = subprocess.run(["node", str(script), str(dirs[kind]), PROMPT, str(NEW_TOKENS)], capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, cwd=tmp_path)
     finally:
         script.unlink()
     assert done.returncode == 0, done.stderr[-2000:]
