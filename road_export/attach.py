@@ -183,8 +183,7 @@ def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mo
     model.metadata_props[METADATA_ADAPTERS] = json.dumps([{
         "name": "default", "variant": files[0].config.variant, "group_size": files[0].config.group_size,
         "layers": sorted(report.placed)}])
-    for value in model.graph.initializers.values():  # materialise before the source files are replaced
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    # weights stream from the base's `.data` into the new one, tensor by tensor (files.save_model); the new files
+    # are written in a staging directory and moved into place after, so BASE may also be OUT
     save_model(model, Path(out), external)
     return report
