@@ -26,6 +26,7 @@ from pathlib import Path
 PRESETS = {
     # hidden, intermediate, heads, kv heads, layers, vocab, dtype
     "small": (256, 704, 8, 2, 2, 32000, "float32"),
+    "medium": (1024, 2816, 16, 4, 4, 32000, "float32"),
     "tinyllama8": (2048, 5632, 32, 4, 8, 32000, "float32"),
     "7b": (4096, 11008, 32, 32, 32, 32000, "float16"),
 }
