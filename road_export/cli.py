@@ -32,6 +32,7 @@ MIN_OPSET, MAX_OPSET = 18, 25
 EXAMPLES = """examples:
   road-export model.onnx                                   the embedded default model, merged, verified
   road-export export --base ./llama --adapter ./road model.onnx
+  road-export --base ./llama --adapter ./road --mode rotate ./llama-road     a model directory (optimum, genai, js)
   road-export --base ./llama --adapter ./road --mode rotate --dtype float16 model.onnx
   road-export verify model.onnx --base ./llama --adapter ./road
   road-export inspect model.onnx
@@ -40,6 +41,7 @@ EXAMPLES = """examples:
   road-export attach base.onnx --adapter ./road --mode merge merged.onnx
   road-export merge-checkpoint --base ./llama --adapter ./road ./llama-merged
   road-export kernels                                      build the native road kernels, print the library
+  road-export kernels --genai-config ./llama-road          ... and name them in the directory's genai_config.json
   road-export help verify                                  one command's options
 """
 
@@ -124,7 +126,10 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
         description = _overview() + "\n\nexport: " + description
     parser = _Parser(prog=prog, usage=usage, description=description, epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", metavar="OUTPUT.onnx", help="the ONNX file to write")
+    parser.add_argument("output", metavar="OUTPUT.onnx|OUT_DIR",
+                        help="the ONNX file to write, or (a path not ending in .onnx) a model directory for "
+                        "optimum, onnxruntime-genai and transformers.js: config.json, tokenizer, genai_config.json, "
+                        "onnx/model.onnx; a decoder gets its KV cache (text-generation-with-past)")
     parser.add_argument("--version", action="version", version=f"road-export {_version()}",
                         help="print the version and exit")
     _source_options(parser)
@@ -153,7 +158,7 @@ def _version() -> str:
 def verify_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export verify", description="Parity of an existing ONNX file against its torch "
                      "source (--base and --adapter, as it was exported).")
-    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX file to check")
+    parser.add_argument("model", metavar="MODEL.onnx|DIR", help="the ONNX file (or model directory) to check")
     _source_options(parser)
     _report_options(parser)
     return parser
@@ -177,7 +182,8 @@ def adapter_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export adapter", description="Convert a peft RoAd adapter into an .onnx_adapter "
                      "file for a model exported with --mode rotate (onnxruntime swaps it in per Run).")
     parser.add_argument("adapter", metavar="ADAPTER_DIR", help="peft RoAd adapter directory")
-    parser.add_argument("--like", metavar="MODEL.onnx", required=True, help="the exported model it is for")
+    parser.add_argument("--like", metavar="MODEL.onnx|DIR", required=True,
+                        help="the exported model (or model directory) it is for")
     parser.add_argument("output", metavar="OUT.onnx_adapter",
                         help="the file to write; MODEL.NAME.onnx_adapter beside MODEL.onnx is found by RoadSession")
     return parser
@@ -206,16 +212,19 @@ def attach_parser() -> argparse.ArgumentParser:
 
 
 def kernels_parser() -> argparse.ArgumentParser:
-    return _Parser(prog="road-export kernels", description="Build (once per machine) the native onnxruntime "
-                   "kernels for the road ops and print the library's path, for "
-                   "SessionOptions.register_custom_ops_library in your own serving code. Without them onnxruntime "
-                   "runs the road ops' standard-op bodies.")
+    parser = _Parser(prog="road-export kernels", description="Build (once per machine) the native onnxruntime "
+                     "kernels for the road ops and print the library's path, for "
+                     "SessionOptions.register_custom_ops_library in your own serving code. Without them "
+                     "onnxruntime runs the road ops' standard-op bodies.")
+    parser.add_argument("--genai-config", metavar="DIR", help="also write the library into DIR/genai_config.json "
+                        "(session_options.custom_ops_library), for onnxruntime-genai on this machine")
+    return parser
 
 
 def inspect_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export inspect", description="Show an exported model: mode, adapters, road "
                      "nodes, inputs, outputs, metadata.")
-    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX file to describe")
+    parser.add_argument("model", metavar="MODEL.onnx|DIR", help="the ONNX file (or model directory) to describe")
     parser.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -347,7 +356,10 @@ def _created(model: Path, *, swap_files: bool = False) -> Iterator[None]:
 
 def run_export(args: argparse.Namespace) -> int:
     from road_export.checks import check_output_model
+    from road_export.model_dir import is_dir_output
 
+    if is_dir_output(args.output):
+        return _run_export_dir(args)
     output = check_output_model(args.output)
     data = output.with_name(output.name + ".data")
     if args.mode != "rotate" and (args.fixed or args.target):
@@ -391,9 +403,113 @@ def run_export(args: argparse.Namespace) -> int:
     return _print_report(report, args.quiet)
 
 
+def _export_checks(args: argparse.Namespace, output: Path, *others: Path) -> None:
+    if args.mode != "rotate" and (args.fixed or args.target):
+        raise RoadError(f"--{'fixed' if args.fixed else 'target'} applies to --mode rotate only")
+    if args.no_verify and (args.report or args.atol is not None or args.no_native):
+        used = "--report" if args.report else "--atol" if args.atol is not None else "--no-native"
+        raise RoadError(f"{used} needs the parity check; drop --no-verify or {used}")
+    _check_report(args.report, output, *others)
+    if len(args.adapter) > 1 and args.mode != "rotate":
+        raise RoadError(f"{len(args.adapter)} adapters cannot be merged into one set of weights; add --mode "
+                        "rotate for one graph that serves them all (input adapter_ids)")
+
+
+def _run_export_dir(args: argparse.Namespace) -> int:
+    """`road-export ... OUT_DIR`: a model directory (road_export.model_dir) that optimum, onnxruntime-genai and
+    transformers.js load as it is; a decoder is exported with its KV cache (text-generation-with-past)."""
+    from road_export.checks import check_output_dir
+
+    output = check_output_dir(args.output, what="model directory")
+    if output.exists() and output.is_symlink():
+        raise RoadError(f"{output}: is a symbolic link; give a new directory")
+    _export_checks(args, output)
+    _quiet_libraries()
+    import road_export as rx
+    from road_export import model_dir
+    from road_export.export.tasks import normalize_task
+    from road_export.source import load_source
+    from road_export.verify import verify
+
+    progress = _Progress(args.quiet)
+    with progress.running(), _writing(output):
+        progress.step("loading")
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
+        task = normalize_task(args.task) if args.task else None
+        if task is None:
+            from road_export.export.tasks import infer_task
+
+            task = infer_task(source.model)
+            if task == "text-generation":
+                task = "text-generation-with-past"  # optimum's default for a decoder; what the clients generate with
+        config, generation, tokenizer_dir = _directory_configs(source, args.base)
+        library = _kernels_library() if args.mode == "rotate" else None
+
+        def write(path: Path):
+            return rx.export(source.model, path, mode=args.mode, task=task, opset=args.opset, dtype=args.dtype,
+                             external_data=args.external_data or None, target=args.target or "onnxruntime",
+                             swappable=not args.fixed, on_step=progress.step)
+
+        written = model_dir.write_model_dir(output, write, config=config, generation=generation,
+                                            tokenizer_dir=tokenizer_dir, custom_ops_library=library)
+        result = written.result
+        report = None
+        if not args.no_verify:
+            progress.step("verifying")
+            onnx_file = output / model_dir.MODEL_FILE
+            with _blame(onnx_file, "run"):
+                report = verify(onnx_file, source.reference_model, task=result.task, atol=args.atol,
+                                native=False if args.no_native else None, reference=source.reference_name)
+            _write_report(report, args.report)
+    notes = [f"{result.task}", f"{args.mode}", args.dtype, f"adapters: {', '.join(source.adapters)}"]
+    if args.mode == "rotate":
+        notes.append(f"{result.road_nodes} road nodes")
+    if not any(Path(f).name in model_dir.TOKENIZER_FILES for f in written.files):
+        notes.append("no tokenizer files in the base (add them: tokenizer.save_pretrained(OUT_DIR))")
+    if model_dir.GENAI_CONFIG in written.files and library is None and args.mode == "rotate":
+        notes.append("genai_config without the native kernels (add them: road-export kernels --genai-config DIR)")
+    progress.done(f"wrote {output}/ ({'; '.join(notes)}): {', '.join(written.files)}")
+    if report is None:
+        return EXIT_OK
+    return _print_report(report, args.quiet)
+
+
+def _directory_configs(source, base: str | None) -> tuple[dict, dict, Path | None]:
+    """(config.json, generation_config.json, tokenizer directory) for a model directory, from the loaded base:
+    transformers' own serialisations (`to_diff_dict`, as `save_pretrained` writes them); the base directory's
+    generation_config.json when it has one."""
+    import transformers
+
+    from road_export import zoo
+
+    inner = source.model.get_base_model() if hasattr(source.model, "get_base_model") else source.model
+    config = inner.config
+    path = zoo.resolve(base or zoo.DEFAULT_MODEL)
+    if (path / "generation_config.json").is_file():
+        generation = transformers.GenerationConfig.from_pretrained(path)
+    else:
+        generation = transformers.GenerationConfig.from_model_config(config)
+    config_dict = config.to_diff_dict()
+    config_dict.setdefault("model_type", config.model_type)
+    tokenizer_dir = None if zoo.is_named(base or zoo.DEFAULT_MODEL) else path
+    return config_dict, generation.to_diff_dict(), tokenizer_dir
+
+
+def _kernels_library() -> str | None:
+    """The native road kernels' path for genai_config.json, or None where they do not build here."""
+    from road_export import native
+
+    try:
+        return str(native.library_path())
+    except RoadError:
+        return None
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from road_export.checks import check_onnx_input
+    from road_export.model_dir import model_file
 
+    args.model = str(model_file(args.model))
     proto = check_onnx_input(args.model)
     _check_report(args.report, Path(args.model))
     _quiet_libraries()
@@ -437,7 +553,10 @@ def run_optimize(args: argparse.Namespace) -> int:
 def run_adapter(args: argparse.Namespace) -> int:
     from road_export.checks import check_input_dir, check_onnx_input, check_output_file
 
+    from road_export.model_dir import model_file
+
     check_input_dir(args.adapter, "adapter")
+    args.like = str(model_file(args.like))
     check_onnx_input(args.like)
     output = check_output_file(args.output, suffix=".onnx_adapter")
     from road_export.swap import convert_adapter
@@ -486,6 +605,16 @@ def run_attach(args: argparse.Namespace) -> int:
 def run_kernels(args: argparse.Namespace) -> int:
     from road_export import native
 
+    if args.genai_config is not None:
+        from road_export.model_dir import set_custom_ops_library
+
+        check_dir = Path(args.genai_config)
+        if not check_dir.is_dir():
+            raise RoadError(f"--genai-config {check_dir}: no such model directory")
+        library = native.library_path()
+        path = set_custom_ops_library(check_dir, library)
+        print(f"wrote {path} (custom_ops_library: {library})")
+        return EXIT_OK
     print(native.library_path())
     return EXIT_OK
 
@@ -493,7 +622,9 @@ def run_kernels(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from road_export.inspection import inspect_model
 
-    info = inspect_model(args.model)
+    from road_export.model_dir import model_file
+
+    info = inspect_model(model_file(args.model))
     print(info.to_json() if args.json else info.text())
     return EXIT_OK
 

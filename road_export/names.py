@@ -1,9 +1,13 @@
 """I/O names and metadata records shared by the exporter and the runtime, torch-free.
 
-Graph I/O follows optimum and transformers.js: `input_ids` [batch, sequence] int64, `attention_mask`
-[batch, total_sequence] int64, `position_ids` [batch, sequence] int64, `past_key_values.{i}.key|value` and
-`present.{i}.key|value` [batch, kv_heads, sequence, head_dim] float; a mixed-adapter export adds `adapter_ids`
-[batch] int64 (0: no adapter, peft's `"__base__"`, k: the k-th adapter). Metadata props are written under the
+Graph I/O follows optimum and transformers.js, axis names included (optimum's `TextDecoderOnnxConfig` and
+`OnnxConfigWithPast.add_past_key_values`, optimum/exporters/onnx/config.py and base.py): `input_ids`
+[batch_size, sequence_length] int64, `attention_mask` [batch_size, past_sequence_length + sequence_length] int64
+(with a cache; [batch_size, sequence_length] without), `position_ids` [batch_size, sequence_length] int64,
+`past_key_values.{i}.key|value` [batch_size, kv_heads, past_sequence_length, head_dim] and `present.{i}.key|value`
+[batch_size, kv_heads, past_sequence_length + sequence_length, head_dim] float, `logits` [batch_size,
+sequence_length, vocab]; a mixed-adapter export adds `adapter_ids` [batch_size] int64 (0: no adapter, peft's
+`"__base__"`, k: the k-th adapter). Metadata props are written under the
 `road_export.` prefix; `road_export.adapters` is a JSON list of {name, variant, group_size, layers[, id]}.
 """
 
@@ -12,13 +16,29 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "ADAPTER_IDS", "BASE_NAME", "METADATA_ADAPTERS", "METADATA_MODE", "METADATA_PREFIX", "METADATA_SWAP",
-    "METADATA_TASK", "METADATA_VERSION", "PAST", "PRESENT", "positions",
+    "ADAPTER_IDS",
+    "BASE_NAME",
+    "BATCH",
+    "METADATA_ADAPTERS",
+    "METADATA_MODE",
+    "METADATA_PREFIX",
+    "METADATA_SWAP",
+    "METADATA_TASK",
+    "METADATA_VERSION",
+    "PAST",
+    "PAST_SEQUENCE",
+    "PRESENT",
+    "SEQUENCE",
+    "TOTAL_SEQUENCE",
+    "positions",
 ]
 
 BASE_NAME = "__base__"  # peft's name for "no adapter" in a mixed batch (peft tuners_utils, `adapter_names`)
 ADAPTER_IDS = "adapter_ids"
 PAST, PRESENT = "past_key_values.", "present."
+# optimum's axis names; transformers.js and onnxruntime-genai size the first (empty) cache from the past axis
+BATCH, SEQUENCE, PAST_SEQUENCE = "batch_size", "sequence_length", "past_sequence_length"
+TOTAL_SEQUENCE = "past_sequence_length + sequence_length"
 
 METADATA_PREFIX = "road_export."
 METADATA_VERSION = METADATA_PREFIX + "version"

@@ -24,8 +24,8 @@ from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
 __all__ = [
-    "DOMAIN", "MICROSOFT", "OP_TYPE", "SCHEMA", "TIED_OP_TYPE", "VERSION", "Rotate", "RotateNode", "attach_functions",
-    "function_definition", "road_opset", "tied_function_definition",
+    "DOMAIN", "MICROSOFT", "OP_TYPE", "SCHEMA", "TIED_OP_TYPE", "TIED_SCHEMA", "VERSION", "Rotate", "RotateNode",
+    "attach_functions", "function_definition", "register_schemas", "road_opset", "tied_function_definition",
 ]
 
 DOMAIN = "road"
@@ -33,16 +33,51 @@ VERSION = 1
 OP_TYPE = "Rotate"
 
 _T = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
-SCHEMA = OpSchema(
-    OP_TYPE,
-    DOMAIN,
-    VERSION,
-    doc="RoAd rotation: Y = X * C1 + rot(X) * C2, pairs (i, i + group_size/2) inside each group of X's last axis.",
-    inputs=[OpSchema.FormalParameter(n, "T") for n in ("X", "C1", "C2")],
-    outputs=[OpSchema.FormalParameter("Y", "T")],
-    type_constraints=[("T", _T, "float tensors")],
-    attributes=[OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "even group size g")],
-)
+TIED_OP_TYPE = "RotateTied"  # road_1's coefficients: both halves of a group share c1/c2 (see passes/lower.py)
+
+
+def _same_as_x(ctx) -> None:
+    """Type and shape inference of both road ops: Y has X's element type and shape (symbolic dims included)."""
+    if ctx.has_input(0):
+        ctx.set_output_type(0, ctx.get_input_type(0))
+
+
+def _schema(op_type: str, doc: str) -> OpSchema:
+    schema = OpSchema(
+        op_type,
+        DOMAIN,
+        VERSION,
+        doc=doc,
+        inputs=[OpSchema.FormalParameter(n, "T") for n in ("X", "C1", "C2")],
+        outputs=[OpSchema.FormalParameter("Y", "T")],
+        type_constraints=[("T", _T, "float tensors")],
+        attributes=[OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "even group size g")],
+    )
+    schema.set_type_and_shape_inference_function(_same_as_x)
+    return schema
+
+
+SCHEMA = _schema(OP_TYPE, "RoAd rotation: Y = X * C1 + rot(X) * C2, pairs (i, i + group_size/2) inside each group "
+                 "of X's last axis.")
+TIED_SCHEMA = _schema(TIED_OP_TYPE, "RoAd rotation whose two halves of every group share C1/C2 (road_1): the same "
+                      "Y = X * C1 + rot(X) * C2.")
+
+
+def register_schemas() -> list[str]:
+    """Register the `road` ops' schemas, with their shape inference (Y: X's type and shape), in onnx's schema
+    registry for this process; returns the op types newly registered (none when already there).
+
+    With them, tools that infer one node at a time without the model's local functions work on rotate-mode files:
+    onnx's `shape_inference.infer_shapes`, onnxruntime's `SymbolicShapeInference.infer_shapes` (with or without
+    auto_merge) and so `onnxruntime.quantization.shape_inference.quant_pre_process`. Registration lasts for the
+    process; `import road_export.ops` is enough to trigger it.
+    """
+    done = []
+    for schema in (SCHEMA, TIED_SCHEMA):
+        if not onnx.defs.has(schema.name, schema.since_version, schema.domain):
+            onnx.defs.register_schema(schema)
+            done.append(schema.name)
+    return done
 road_opset = onnxscript.values.Opset(DOMAIN, VERSION)
 RotateNode = onnxscript.values.Op(road_opset, OP_TYPE, SCHEMA)
 
@@ -66,7 +101,6 @@ def Rotate(X, C1, C2, group_size: int):
     return op.Add(op.Mul(X, C1), op.Mul(swapped, signed))
 
 
-TIED_OP_TYPE = "RotateTied"  # road_1's coefficients: both halves of a group share c1/c2 (see passes/lower.py)
 MICROSOFT = "com.microsoft"
 
 
@@ -161,3 +195,6 @@ def attach_functions(model: ir.Model) -> int:
     if used:
         model.opset_imports[DOMAIN] = VERSION
     return sum(1 for node in model.graph.all_nodes() if node.domain == DOMAIN)
+
+
+register_schemas()  # onnx's and onnxruntime's shape tools see the road ops once road_export.ops is imported

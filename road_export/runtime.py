@@ -10,8 +10,7 @@ import numpy as np
 
 from road_export import generation
 from road_export.errors import RoadError
-from road_export.names import BASE_NAME
-
+from road_export.names import BASE_NAME, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -39,7 +38,9 @@ class RoadSession:
 
         from road_export import native as road_native
 
-        self.path = Path(path)
+        from road_export.model_dir import model_file
+
+        self.path = model_file(path)  # a model directory (road-export ... OUT_DIR) runs its onnx/model.onnx
         if not self.path.is_file():
             raise RoadError(f"{self.path}: no such ONNX file")
         options = ort.SessionOptions()
@@ -178,7 +179,7 @@ class RoadSession:
                     raise RoadError(f"{name} has {axis_name} {got}, {other} has {size}; they must agree")
                 sizes.setdefault(axis_name, (got, name))
             feeds[name] = value
-        total, past, new = (sizes.get(k, (None,))[0] for k in ("total_sequence", "past_sequence", "sequence"))
+        total, past, new = (sizes.get(k, (None,))[0] for k in (TOTAL_SEQUENCE, PAST_SEQUENCE, SEQUENCE))
         if None not in (total, past, new) and total != past + new:
             raise RoadError(f"attention_mask covers {total} positions; with {past} past and {new} new tokens it must "
                             f"cover {past + new}")

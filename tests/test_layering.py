@@ -1,7 +1,7 @@
 """The package's layering: nothing imports a layer above its own, and export and runtime do not import each other.
 
     1 maths and config      errors, config, rotation, names
-    2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection
+    2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir
     3 passes                passes.*, attach
     4 export (torch)        layers, model, adapters, zoo, source, checkpoint, export.*
     4 runtime (ORT)         runtime, generation, native
@@ -22,7 +22,7 @@ PACKAGE = ROOT / "road_export"
 
 LAYERS: dict[str, tuple[int, str]] = {
     **{m: (1, "base") for m in ("errors", "config", "rotation", "names")},
-    **{m: (2, "onnx") for m in ("ops", "files", "checks", "adapter_files", "swap", "inspection")},
+    **{m: (2, "onnx") for m in ("ops", "files", "checks", "adapter_files", "swap", "inspection", "model_dir")},
     **{m: (3, "passes") for m in ("passes", "attach")},
     **{m: (4, "export") for m in ("layers", "model", "adapters", "zoo", "source", "checkpoint", "export")},
     **{m: (4, "runtime") for m in ("runtime", "generation", "native")},

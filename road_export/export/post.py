@@ -20,7 +20,16 @@ from road_export import ops as road_op
 from road_export.errors import RoadError
 from road_export.export.capture import quiet
 from road_export.export.tasks import TaskSpec
-from road_export.names import METADATA_ADAPTERS, METADATA_MODE, METADATA_TASK, METADATA_VERSION, PRESENT
+from road_export.names import (
+    BATCH,
+    METADATA_ADAPTERS,
+    METADATA_MODE,
+    METADATA_TASK,
+    METADATA_VERSION,
+    PRESENT,
+    SEQUENCE,
+    TOTAL_SEQUENCE,
+)
 from road_export.passes import pipeline
 
 __all__ = [
@@ -103,9 +112,11 @@ class OptimizePass(ir.passes.InPlacePass):
 
 
 class OutputNamesPass(ir.passes.InPlacePass):
-    """The task's output names (optimum's: `logits`, `present.{i}.key`, ...) on the graph outputs, and one axis name,
-    `total_sequence`, for the length present keys/values grow to (instead of the exporter's `a + b` / `b + a`).
-    Left alone when the graph has another number of outputs than the task names."""
+    """The task's output names (optimum's: `logits`, `present.{i}.key`, ...) on the graph outputs, and optimum's
+    axis names on the graph's I/O (road_export.names): under a cache the attention mask and the present
+    keys/values span `past_sequence_length + sequence_length` (instead of the exporter's own symbol, `a + b` or
+    `b + a`), outputs lead with `batch_size` (and `sequence_length` for logits / last_hidden_state). Left alone
+    when the graph has another number of outputs than the task names."""
 
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__()
@@ -117,12 +128,28 @@ class OutputNamesPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         for value, name in zip(outputs, self.spec.output_names, strict=True):
             value.name = name
-        if self.spec.cache:
-            for value in outputs:
-                if value.name.startswith(PRESENT) and value.shape is not None and len(value.shape) == 4:
-                    dims = list(value.shape)
-                    value.shape = ir.Shape([dims[0], dims[1], ir.SymbolicDim("total_sequence"), dims[3]])
+        for value in model.graph.inputs:
+            if value.name == "attention_mask" and self.spec.cache:
+                _rename_axes(value, {1: TOTAL_SEQUENCE})
+        for value in outputs:
+            if value.name.startswith(PRESENT):
+                _rename_axes(value, {0: BATCH, 2: TOTAL_SEQUENCE})
+            elif value.name in ("logits", "last_hidden_state"):
+                _rename_axes(value, {0: BATCH, 1: SEQUENCE})
+            else:
+                _rename_axes(value, {0: BATCH})
         return ir.passes.PassResult(model, modified=True)
+
+
+def _rename_axes(value: ir.Value, axes: dict[int, str]) -> None:
+    """Give the symbolic axes `axes` ({axis: name}) of a graph input/output these names; fixed sizes stay."""
+    if value.shape is None:
+        return
+    dims = list(value.shape)
+    for axis, name in axes.items():
+        if axis < len(dims) and not isinstance(dims[axis], int):
+            dims[axis] = ir.SymbolicDim(name)
+    value.shape = ir.Shape(dims)
 
 
 class MetadataPass(ir.passes.InPlacePass):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from road_export.errors import RoadError
-from road_export.names import positions
+from road_export.names import BATCH, PAST_SEQUENCE, SEQUENCE, positions
 
 TASKS = ("text-generation", "text-generation-with-past", "feature-extraction", "text-classification")
 # Earlier names (road-export 0.1 wrote "causal-lm" and "sequence-classification" into files): accepted everywhere.
@@ -250,17 +250,20 @@ def nest(spec: TaskSpec, flat: dict[str, torch.Tensor]) -> dict:
 
 
 def dynamic_shapes(spec: TaskSpec) -> dict:
-    """torch.export dynamic dimensions for `nest(spec, ...)`, named as they will appear in the ONNX file."""
+    """torch.export dynamic dimensions for `nest(spec, ...)`, named as optimum names them (road_export.names).
+
+    The attention mask's length under a cache is traced as its own symbol `total_sequence_length` (torch wants
+    identifiers); the exporter renames it to optimum's `past_sequence_length + sequence_length` in the file."""
     out: dict = {}
     for name in spec.input_names:
         if spec.cache and name in spec.cache.past_names:
-            out.setdefault("past_key_values", []).append({0: "batch", 2: "past_sequence"})
+            out.setdefault("past_key_values", []).append({0: BATCH, 2: PAST_SEQUENCE})
         elif name == "adapter_ids":
-            out[name] = {0: "batch"}
+            out[name] = {0: BATCH}
         elif name == "attention_mask" and spec.cache:
-            out[name] = {0: "batch", 1: "total_sequence"}
+            out[name] = {0: BATCH, 1: "total_sequence_length"}
         else:
-            out[name] = {0: "batch", 1: "sequence"}
+            out[name] = {0: BATCH, 1: SEQUENCE}
     return out
 
 

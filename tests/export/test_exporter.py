@@ -137,7 +137,7 @@ def test_names_and_dynamic_axes(exports):
     assert [i.name for i in inputs] == ["input_ids", "attention_mask", "token_type_ids"]
     assert [o.name for o in graph.output] == ["last_hidden_state"]
     dims = [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in inputs]
-    assert dims == [["batch", "sequence"]] * 3
+    assert dims == [["batch_size", "sequence_length"]] * 3
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -97,7 +97,7 @@ def test_io_follows_the_optimum_convention(generation_exports, name):
         ["logits", *[f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]]
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     dims = [d.dim_value or d.dim_param for d in graph.input[len(positions) + 2].type.tensor_type.shape.dim]
-    assert dims == ["batch", kv_heads, "past_sequence", config.hidden_size // config.num_attention_heads]
+    assert dims == ["batch_size", kv_heads, "past_sequence_length", config.hidden_size // config.num_attention_heads]
     assert result.task == TASK and result.road_nodes == len(rx.road_layers(rx.from_peft(model)))
 
 
