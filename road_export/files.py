@@ -16,9 +16,9 @@ Why 256 MiB: a single-file save builds the whole protobuf (every tensor's bytes 
 it, so it holds about two more copies of the weights in memory while writing; onnx-ir's external-data save writes
 tensor by tensor (one tensor's bytes at a time). Up to 256 MiB the transient copies cost less than onnxruntime's
 own import overhead and the one file is easier to move; above it, the streamed save is what keeps export near
-1 x the torch model (tools/bench_scale.py measures it). Tensors read from another file's external data are
-streamed too: each is read, written and its memory map closed before the next (`streamed`), so rewriting a
-model (attach, optimize) never holds more than one weight.
+1 x the torch model (tools/bench_scale.py measures it). Tensors of another file's external data are copied by
+the kernel (onnx-ir's `ExternalTensor.tofile`, copy_file_range), so rewriting a model (attach, optimize) never
+holds the weights it does not change; lazily computed ones (fold, the exporter's) are evaluated one at a time.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # onnx-ir (and onnx under it) load on first use: `road-export
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD", "atomic_write", "check_output", "check_writable", "deferred_signals",
     "load_for_rewrite", "load_model", "needs_external_data", "os_error_reason", "probe_writable", "save_model",
-    "release", "streamed", "tensor_bytes", "write_failure_reason", "write_text_atomic",
+    "release", "tensor_bytes", "write_failure_reason", "write_text_atomic",
 ]
 
 TWO_GB = 2**31
@@ -235,7 +235,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     """Write `model` to `path` atomically; returns the `.data` file's path when weights went there.
 
     `external_data=None` decides by size (`EXTERNAL_DATA_THRESHOLD`). With external data the tensors are written
-    one at a time (lazy tensors evaluated, tensors of another file's `.data` read through `streamed`), large ones
+    one at a time (lazy tensors evaluated, tensors of another file's `.data` copied by the kernel), large ones
     aligned to `DATA_ALIGNMENT`; the model is unchanged afterwards. A stale `<path>.data` of an earlier save
     is removed when the new file holds its weights inline. `check(temporary path)` runs on the written file before
     it is moved into place and may raise to keep it from ever appearing (e.g. "onnxruntime must load it").
@@ -250,12 +250,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     data_name = path.name + ".data"
     with atomic_write(path, companions=[data_name] if external_data else []) as tmp:
         if external_data:
-            originals = _stream_external(model)
-            try:
-                ir.save(model, tmp, external_data=data_name, alignment=DATA_ALIGNMENT)
-            finally:
-                for value, tensor in originals:
-                    value.const_value = tensor
+            ir.save(model, tmp, external_data=data_name, alignment=DATA_ALIGNMENT)
         else:
             ir.save(model, tmp)
         if check is not None:
@@ -266,24 +261,6 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     return None
 
 
-def streamed(tensor: ir.ExternalTensor) -> ir.LazyTensor:
-    """`tensor` (read from a `.data` file) as a lazy tensor whose bytes are read once per use and whose memory map
-    is closed right after: writing a model tensor by tensor then keeps one tensor resident, not every page read
-    so far (onnx-ir's ExternalTensor maps the file and keeps the map until `release`)."""
-    import numpy as np
-    import onnx_ir as ir
-
-    def read() -> ir.Tensor:
-        try:
-            data = tensor.tobytes()
-        finally:
-            release(tensor)
-        array = np.frombuffer(data, dtype=tensor.dtype.numpy()).reshape(tensor.shape.numpy())
-        return ir.Tensor(array, dtype=tensor.dtype)
-
-    return ir.LazyTensor(read, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
-
-
 def release(tensor: ir.TensorProtocol) -> None:
     """Close an ExternalTensor's memory map (its pages stop counting as resident); a map that numpy arrays still
     view is left open. Anything else: nothing to do."""
@@ -292,20 +269,6 @@ def release(tensor: ir.TensorProtocol) -> None:
     if isinstance(tensor, ir.ExternalTensor):
         with contextlib.suppress(BufferError):
             tensor.release()
-
-
-def _stream_external(model: ir.Model) -> list:
-    """Swap every ExternalTensor initializer for its `streamed` form; returns (value, original) to put back."""
-    import onnx_ir as ir
-
-    swapped = []
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and tensor.size and tensor.dtype.bitwidth % 8 == 0:
-                swapped.append((value, tensor))
-                value.const_value = streamed(tensor)
-    return swapped
 
 
 def load_for_rewrite(source: str | os.PathLike, target: str | os.PathLike) -> tuple[ir.Model, bool]:
