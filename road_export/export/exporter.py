@@ -64,6 +64,7 @@ def export(
     swappable: bool = True,
     on_step: Callable[[str], None] | None = None,
     streaming: bool = True,
+    quantize: str | None = None,
 ) -> ExportResult:
     """Export a RoAd-adapted model (ours, or a live peft model) to ONNX at `path`.
 
@@ -80,6 +81,9 @@ def export(
     lazy tensors over the torch model's own (export/stream.py), evaluated one at a time by the save (external data
     above `files.EXTERNAL_DATA_THRESHOLD`); False is the in-memory path (merged copies before the trace, transposes
     folded by the optimizer), kept as the reference the streaming path is tested against: same bytes.
+    `quantize` "int4" or "int8": the MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer
+    (road_export.quantize; block size 32) while road nodes and their coefficients stay float and swappable; the
+    quantizer takes a whole protobuf, so this step holds the model in memory.
     `opset` is the default-domain opset the file is written with, exactly: when the exporter writes another one it
     is converted, and when that fails (or onnxruntime cannot load the result) RoadError is raised and nothing is
     written. Every file is loaded by onnxruntime before it is moved into place.
@@ -88,6 +92,10 @@ def export(
     adapters, a model torch cannot export, or a file onnxruntime cannot load.
     """
     step = on_step or (lambda _name: None)
+    if quantize is not None:
+        from road_export import quantize as quant
+
+        quant.check_scheme(quantize)
     if mode not in prepare.MODES:
         raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
     capture.check_opset(opset)
@@ -118,6 +126,9 @@ def export(
     # the swap file's values are read before saving: an external-data save re-points the tensors
     values = {v.name: v.const_value.numpy() for v in ir_model.graph.inputs if v.const_value is not None} \
         if swappable else {}
+    if quantize is not None:
+        step("quantizing")
+        ir_model, _ = quant.quantize_model(ir_model, quantize)
     data = save_model(ir_model, path, external_data, check=post.check_loadable)
     files = []
     if swappable:
