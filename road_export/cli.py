@@ -392,7 +392,11 @@ def run_export(args: argparse.Namespace) -> int:
     progress = _Progress(args.quiet)
     with progress.running(), _writing(output), _created(output, swap_files=True):
         progress.step("loading")
-        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
+        import torch
+
+        load_dtype = torch.float16 if args.no_verify and args.dtype == "float16" else torch.float32  # no fp32 copy
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
+                             dtype=load_dtype)
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
                            dtype=args.dtype, external_data=args.external_data or None,
                            target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step,
@@ -444,7 +448,11 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     progress = _Progress(args.quiet)
     with progress.running(), _writing(output):
         progress.step("loading")
-        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
+        import torch
+
+        load_dtype = torch.float16 if args.no_verify and args.dtype == "float16" else torch.float32  # no fp32 copy
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
+                             dtype=load_dtype)
         task = normalize_task(args.task) if args.task else None
         if task is None:
             from road_export.export.tasks import infer_task

@@ -105,11 +105,12 @@ def head_labels(base: Path, task: str | None, adapters: list[AdapterFile]) -> in
 
 
 def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: str | None = None,
-                reference: bool = True) -> Source:
+                reference: bool = True, dtype: torch.dtype = torch.float32) -> Source:
     """Load the base (a directory or a name under models/), put the adapters on it, and build the reference.
 
     `task` (optimum's name or a synonym) picks the model class; without it the adapters' `task_type` does, else
-    the checkpoint's own class. `reference=False` skips the peft reference (export without verify).
+    the checkpoint's own class. `reference=False` skips the peft reference (export without verify). `dtype` is the
+    precision the model is loaded in (float32 unless an export without verify asks for float16).
     Raises RoadError for bad input (one line: which file, what is wrong).
     """
     base = base or zoo.DEFAULT_MODEL
@@ -122,7 +123,7 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
     path = zoo.resolve(base)
     num_labels = head_labels(path, task, files)
     brought = tuple(k.removesuffix(".weight").removesuffix(".bias") for f in files for k in f.extra)
-    model = zoo.load_model(base, seed=seed, task=task, num_labels=num_labels, allow_missing=brought)
+    model = zoo.load_model(base, seed=seed, task=task, num_labels=num_labels, allow_missing=brought, dtype=dtype)
     if not specs:
         embedded = path / CONFIG_NAME
         if not embedded.is_file():
