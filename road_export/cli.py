@@ -396,13 +396,14 @@ def run_export(args: argparse.Namespace) -> int:
 
         load_dtype = torch.float16 if args.no_verify and args.dtype == "float16" else torch.float32  # no fp32 copy
         source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
-                             dtype=load_dtype)
+                             dtype=load_dtype, defer_reference=True)
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
                            dtype=args.dtype, external_data=args.external_data or None,
                            target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step,
                            quantize=args.quantize)
         report = None
         if not args.no_verify:
+            source.release_model()  # with peft's reference: one torch model beside onnxruntime, not two
             progress.step("verifying")
             with _blame(output, "run"):
                 report = verify(output, source.reference_model, task=result.task, atol=args.atol,
@@ -448,11 +449,7 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     progress = _Progress(args.quiet)
     with progress.running(), _writing(output):
         progress.step("loading")
-        import torch
-
-        load_dtype = torch.float16 if args.no_verify and args.dtype == "float16" else torch.float32  # no fp32 copy
-        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
-                             dtype=load_dtype)
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
         task = normalize_task(args.task) if args.task else None
         if task is None:
             from road_export.export.tasks import infer_task

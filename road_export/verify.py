@@ -140,6 +140,10 @@ def verify(
     if session_options is None:
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3  # swappable coefficients make onnxruntime warn; not a parity matter
+        if onnx_path.with_name(onnx_path.name + ".data").is_file():
+            # a large model: onnxruntime maps the aligned `.data` file instead of copying prepacked weights, so
+            # verify holds the torch reference and one mapping of the weights, not the weights twice more
+            session_options.add_session_config_entry("session.disable_prepacking", "1")
     kernels = "-"
     if road_native.uses_road(onnx_path):
         kernels = "native" if road_native.register(session_options, native) else "bodies"

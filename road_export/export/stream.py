@@ -35,7 +35,8 @@ def torch_value(tensor: ir.TensorProtocol) -> torch.Tensor:
 def _lazy(source: ir.TensorProtocol, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...],
           name: str | None) -> ir.LazyTensor:
     def compute() -> ir.Tensor:
-        return ir.tensor(fn(torch_value(source)).contiguous().numpy())
+        with torch.no_grad():
+            return ir.tensor(fn(torch_value(source).detach()).contiguous().numpy())
 
     return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape), name=name)
 
