@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama8")
     parser.add_argument("--workdir", help="where to build (default: a temporary directory, removed after)")
-    parser.add_argument("--only", nargs="*", help="run only commands whose label starts with one of these")
+    parser.add_argument("--only", nargs="*", help="run only commands whose label starts with one of these, in "
+                        "that order (later commands read merge.onnx / rotate.onnx: keep the exports first)")
+    parser.add_argument("--keep", action="store_true", help="keep every output (default: outputs no later command "
+                        "reads are deleted once measured, which keeps a 7B run within a 64 GB disk)")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -136,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
               f"log: {log}", flush=True)
         dtype = PRESETS[args.preset][-1]
         rows = []
-        header = f"{'command':<42} {'wall s':>7} {'peak GB':>8} {'RSS/S':>6} {'goal':>13} {'':>4}"
+        header = f"{'command':<50} {'wall s':>7} {'peak GB':>8} {'RSS/S':>6} {'goal':>13} {'':>4}"
         print(header, flush=True)
-        for label, cmd, goal in commands(work, dtype):
-            if args.only and not any(label.startswith(o) for o in args.only):
-                continue
+        selected = commands(work, dtype)
+        if args.only:
+            selected = [c for o in args.only for c in selected if c[0].startswith(o)]
+        for label, cmd, goal in selected:
             wall, rss, code = run(cmd, log)
             ratio = rss / size
             verdict = goal_ok(goal, ratio, size) if code in (0, 1) else f"exit {code}"
@@ -148,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                 goal = f"{0.35 + 0.5 * GB / size:.2f}"
             rows.append({"command": label, "wall_s": wall, "peak_rss": rss, "ratio": ratio, "goal": goal,
                          "exit": code})
-            print(f"{label:<42} {wall:7.1f} {rss / GB:8.2f} {ratio:6.2f} {goal:>13} {verdict:>4}", flush=True)
+            print(f"{label:<50} {wall:7.1f} {rss / GB:8.2f} {ratio:6.2f} {goal:>13} {verdict:>4}", flush=True)
+            if not args.keep:
+                for name in ("verified", "attached", "folded"):
+                    for f in work.glob(f"{name}.*"):
+                        f.unlink()
         for name in ("merge", "merge_int4", "rotate", "int4"):
             if (work / f"{name}.onnx").exists():
                 print(f"file size {name}.onnx (+.data): {file_bytes(work / f'{name}.onnx') / GB:.3f} GB", flush=True)
