@@ -252,6 +252,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
         if external_data:
             ir.save(model, tmp, external_data=data_name, alignment=DATA_ALIGNMENT)
         else:
+            ir.external_data.load_to_model(model)  # weights of another file's `.data` go inside the one file
             ir.save(model, tmp)
         if check is not None:
             check(tmp)

@@ -18,8 +18,10 @@ node. The file records `road_export.quantize` = {"scheme", "bits", "block_size",
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,18 +87,30 @@ def quantize_model(model: ir.Model, scheme: str, *, block_size: int = BLOCK_SIZE
     if already is not None:
         raise RoadError(f"{where or 'the model'}: is quantized already ({already}); --quantize takes a float "
                         "model (quantize the float export or base instead)")
+    import logging
+
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     scopes = {n.name: dict(n.metadata_props) for n in model.graph.all_nodes() if n.op_type == "MatMul" and n.name}
-    proto = ir.serde.serialize_model(model)
+    base_dir = _external_base_dir(model)
+    proto = ir.serde.serialize_model(model)  # external tensors stay references: the quantizer reads them one by one
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits,
                                           op_types_to_quantize=("MatMul",))
-    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
-                                     op_types_to_quantize=("MatMul",), algo_config=config)
-    del proto
-    quantizer.process()
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # it logs every node at INFO
+    try:
+        with _working_directory(base_dir):  # onnx resolves external data paths against the working directory
+            quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
+                                             op_types_to_quantize=("MatMul",), algo_config=config)
+            del proto
+            quantizer.process()
+    finally:
+        logger.setLevel(level)
     result = ir.serde.deserialize_model(quantizer.model.model)
     del quantizer
+    if base_dir is not None:
+        ir.external_data.set_base_dir(result.graph, base_dir)  # float weights left as they were: still in `.data`
     count = 0
     suffix = f"_Q{bits}"
     for node in result.graph.all_nodes():
@@ -114,14 +128,40 @@ def quantize_model(model: ir.Model, scheme: str, *, block_size: int = BLOCK_SIZE
     return result, QuantizeReport(scheme, bits, block_size, count)
 
 
+def _external_base_dir(model: ir.Model) -> str | None:
+    """The directory of the model's external data files (None when it has none)."""
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            return str(value.const_value.base_dir)
+    return None
+
+
+@contextlib.contextmanager
+def _working_directory(path: str | None) -> Iterator[None]:
+    """Run the block in `path` (nothing when None): onnxruntime's quantizer reads an external tensor through
+    `onnx.numpy_helper.to_array`, relative to the working directory, so each weight is read when it is quantized
+    instead of the whole model being loaded first."""
+    if path is None:
+        yield
+        return
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def quantize_file(source: str | os.PathLike, target: str | os.PathLike, scheme: str, *,
-                  block_size: int = BLOCK_SIZE) -> QuantizeReport:
-    """Quantize the ONNX file `source` into `target` (atomically, checked by onnxruntime; `.data` as
-    `files.save_model` decides). RoadError as for `quantize_model`, or for paths that cannot be read/written."""
+                  block_size: int = BLOCK_SIZE, external_data: bool | None = None,
+                  check: Callable[[Path], None] | None = None) -> QuantizeReport:
+    """Quantize the ONNX file `source` into `target` (atomically; `external_data` and `check` as for
+    `files.save_model`, which decides by size when None). A source with external data is read one weight at a
+    time. RoadError as for `quantize_model`, or for paths that cannot be read/written."""
     from road_export.files import load_for_rewrite, save_model
 
-    model, external = load_for_rewrite(source, target)
+    model, _ = load_for_rewrite(source, target)
     quantized, report = quantize_model(model, scheme, block_size=block_size, where=str(source))
     del model
-    save_model(quantized, Path(target), external or None)
+    save_model(quantized, Path(target), external_data, check=check)
     return report

@@ -82,8 +82,9 @@ def export(
     above `files.EXTERNAL_DATA_THRESHOLD`); False is the in-memory path (merged copies before the trace, transposes
     folded by the optimizer), kept as the reference the streaming path is tested against: same bytes.
     `quantize` "int4" or "int8": the MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer
-    (road_export.quantize; block size 32) while road nodes and their coefficients stay float and swappable; the
-    quantizer takes a whole protobuf, so this step holds the model in memory.
+    (road_export.quantize; block size 32) while road nodes and their coefficients stay float and swappable. The
+    float model is streamed to a temporary file with external data first, and the quantizer reads it one weight at
+    a time from there.
     `opset` is the default-domain opset the file is written with, exactly: when the exporter writes another one it
     is converted, and when that fails (or onnxruntime cannot load the result) RoadError is raised and nothing is
     written. Every file is loaded by onnxruntime before it is moved into place.
@@ -127,9 +128,17 @@ def export(
     values = {v.name: v.const_value.numpy() for v in ir_model.graph.inputs if v.const_value is not None} \
         if swappable else {}
     if quantize is not None:
-        step("quantizing")
-        ir_model, _ = quant.quantize_model(ir_model, quantize)
-    data = save_model(ir_model, path, external_data, check=post.check_loadable)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".float", dir=path.parent) as stage:
+            save_model(ir_model, Path(stage) / path.name, external_data=True)
+            del ir_model
+            step("quantizing")
+            quant.quantize_file(Path(stage) / path.name, path, quantize, external_data=external_data,
+                                check=post.check_loadable)
+        data = path.with_name(path.name + ".data") if path.with_name(path.name + ".data").exists() else None
+    else:
+        data = save_model(ir_model, path, external_data, check=post.check_loadable)
     files = []
     if swappable:
         from road_export import swap
