@@ -64,7 +64,8 @@ class ParityReport:
 
     def to_json(self) -> str:
         return json.dumps({"onnx_path": self.onnx_path, "dtype": self.dtype, "atol": self.atol,
-                           "quantized": self.quantized, "judged_by": self.judged_by, "reference": self.reference, "kernels": self.kernels, "passed": self.passed,
+                           "quantized": self.quantized, "judged_by": self.judged_by, "reference": self.reference,
+                           "kernels": self.kernels, "passed": self.passed,
                            "rows": [asdict(r) for r in self.rows]}, indent=2)
 
     @property

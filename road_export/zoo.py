@@ -108,8 +108,8 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task:
 
 def from_pretrained(cls: type, path: Path, config, allow_missing: tuple[str, ...] = (),
                     dtype: torch.dtype = torch.float32) -> nn.Module:
-    """`cls.from_pretrained(path)` in float32 (or `dtype`), offline; a directory without weights or with missing ones is refused
-    (transformers itself would fill them with random values)."""
+    """`cls.from_pretrained(path)` in float32 (or `dtype`), offline; a directory without weights or with missing ones
+    is refused (transformers itself would fill them with random values)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -22,9 +22,8 @@ from road_export.export import op as torch_op
 from road_export.layers import RoadLayer
 
 __all__ = [
-    "MODES", "Merge", "adopted", "buffer_names", "describe_adapters", "freeze_coefficients", "merge_plan", "merged_copy",
-    "parse_dtype",
-    "plan_adapters", "prepared", "thaw_coefficients",
+    "MODES", "Merge", "adopted", "buffer_names", "describe_adapters", "freeze_coefficients", "merge_plan",
+    "merged_copy", "parse_dtype", "plan_adapters", "prepared", "thaw_coefficients",
 ]
 
 MODES = ("merge", "rotate")
