@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from road_export import requires_export  # noqa: F401  (one clear line without the export extra)
 import torch
 
 from road_export import rotation, zoo

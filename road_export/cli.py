@@ -691,6 +691,7 @@ def _overview() -> str:
 
 def _quiet_libraries() -> None:
     """transformers draws its own progress bars and warnings; ours is the one progress display."""
+    from road_export import requires_export  # noqa: F401  (one clear line without the export extra)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

@@ -52,6 +52,7 @@ class RoadConfig:
 
     @property
     def peft_type(self) -> str:
+        """Always "ROAD", as peft's `RoadConfig.peft_type` (`PeftType.ROAD`)."""
         return PEFT_TYPE
 
     def params_per_layer(self, out_features: int) -> int:
@@ -70,6 +71,9 @@ class RoadConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "adapter config") -> RoadConfig:
+        """A config from `adapter_config.json`'s content (unknown keys ignored, as peft's `from_peft_type` does).
+
+        Raises RoadError naming `source` for another peft_type, a bad variant or an odd group size."""
         peft_type = data.get("peft_type")
         if peft_type != PEFT_TYPE:
             raise RoadError(
@@ -97,6 +101,8 @@ class RoadConfig:
         return cls.from_dict(data, source=str(file))
 
     def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `adapter_config.json` (peft's layout, `to_dict`) into `directory`; returns the file. Callers that
+        must not leave a half-written directory write into `road_export.files.atomic_write`'s temporary path."""
         file = Path(directory) / CONFIG_NAME
         file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return file

@@ -1,8 +1,9 @@
 """Token-by-token generation on onnxruntime: greedy or sampled, batch > 1 with left padding, with a KV cache.
 
 A `text-generation-with-past` export runs the prompt once with an empty cache (the prefill) and then one token per
-step, feeding each step's `present.*` back as `past_key_values.*`. A `causal-lm` export without cache still
-works: every step reruns the whole sequence, which is what the cache saves.
+step, feeding each step's `present.*` back as `past_key_values.*`. A `text-generation` export without cache still
+works: every step reruns the whole sequence, which is what the cache saves. Wherever the file takes `position_ids`
+(every absolute-position model's export), they are transformers' positions for the left-padded mask.
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     if mask.ndim == 1:
         mask = mask[None]
     if mask.shape != ids.shape:
-        raise RoadError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}; they must be "
-                        "equal (one mask entry per token)")
+        raise RoadError(f"attention_mask shape {list(mask.shape)} differs from input_ids shape {list(ids.shape)}; "
+                        "give one mask entry per token")
     if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_) or not np.isin(mask, (0, 1)).all():
         raise RoadError(f"attention_mask must hold 0 (padding) and 1 (token) as integers, got {mask.dtype}")
     if not mask.any(-1).all():

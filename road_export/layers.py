@@ -21,6 +21,7 @@ RotateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tenso
 
 
 def conv1d_class() -> type | None:
+    """transformers' GPT-2 `Conv1D` class (weight [in, out]), or None without transformers."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a core dependency
@@ -29,6 +30,7 @@ def conv1d_class() -> type | None:
 
 
 def is_supported_base(module: nn.Module) -> bool:
+    """Whether a RoadLayer can wrap `module`: nn.Linear (peft's only RoAd target) or transformers' Conv1D."""
     conv1d = conv1d_class()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
@@ -67,6 +69,7 @@ class RoadLayer(nn.Module):
     # --- shapes -------------------------------------------------------------------------------------------
     @property
     def is_conv1d(self) -> bool:
+        """True when the base layer is a Conv1D (weight [in, out]) rather than an nn.Linear."""
         return not isinstance(self.base_layer, nn.Linear)
 
     @property
@@ -76,18 +79,22 @@ class RoadLayer(nn.Module):
 
     @property
     def out_features(self) -> int:
+        """The width d the rotation acts on (the base layer's outputs)."""
         return int(self.base_layer.weight.shape[self.weight_axis])
 
     @property
     def in_features(self) -> int:
+        """The base layer's input width."""
         return int(self.base_layer.weight.shape[1 - self.weight_axis])
 
     @property
     def adapters(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order."""
         return list(self.road_theta.keys())
 
     @property
     def merged(self) -> bool:
+        """Whether any adapter is merged into the base weights (peft's `BaseTunerLayer.merged`)."""
         return bool(self.merged_adapters)
 
     # --- adapters -----------------------------------------------------------------------------------------
@@ -117,6 +124,7 @@ class RoadLayer(nn.Module):
             self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Drop one adapter's parameters (peft's `delete_adapter`); RoadError if it is merged."""
         if adapter_name in self.merged_adapters:
             raise RoadError(f"module {self.module_name}: adapter {adapter_name!r} is merged; unmerge it first")
         del self.road_theta[adapter_name]
@@ -140,6 +148,8 @@ class RoadLayer(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output [..., d], rotated by the active adapter (or per row in a mixed batch), as peft's
+        `RoadLayer.forward` (`_apply_road`): y = base(x) * c1 + rot(base(x)) * c2, in the output's dtype."""
         if self.disabled and self.merged:
             self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
@@ -241,5 +251,6 @@ class RoadLayer(nn.Module):
                 )
 
     def extra_repr(self) -> str:
+        """Adapters with variant and group size, and the active one, for `print(model)`."""
         parts = [f"{n}: {self.variant[n]}, g={self.group_size[n]}" for n in self.road_theta]
         return f"adapters=[{'; '.join(parts)}], active={self.active_adapter!r}"

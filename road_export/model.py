@@ -17,7 +17,8 @@ from road_export.errors import RoadError
 from road_export.layers import RoadLayer, is_supported_base
 from road_export.names import BASE_NAME
 
-# peft's TRANSFORMERS_MODELS_TO_ROAD_TARGET_MODULES_MAPPING, plus architectures whose attention is fused.
+# peft's TRANSFORMERS_MODELS_TO_ROAD_TARGET_MODULES_MAPPING (used instead where peft is installed), plus
+# architectures whose attention is fused.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
@@ -50,6 +51,16 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 ALL_LINEAR = "all-linear"
 
 
+def default_targets() -> dict[str, list[str] | str]:
+    """Default target_modules per model type: peft's own table where peft is installed (it defines them), else
+    the copy above; architectures peft leaves out (fused attention, e.g. phi3) keep ours."""
+    try:
+        from peft.utils import TRANSFORMERS_MODELS_TO_ROAD_TARGET_MODULES_MAPPING as peft_table
+    except ImportError:
+        return dict(DEFAULT_TARGETS)
+    return {**DEFAULT_TARGETS, **peft_table}
+
+
 def road_layers(model: nn.Module) -> dict[str, RoadLayer]:
     """Every RoadLayer of the model by module path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, RoadLayer)}
@@ -77,12 +88,14 @@ def resolve_targets(model: nn.Module, config: RoadConfig) -> list[str]:
     targets = config.target_modules
     if targets is None:
         mtype = model_type(model)
-        if mtype not in DEFAULT_TARGETS:
+        defaults = default_targets()
+        if mtype not in defaults:
             raise RoadError(
                 f"no default RoAd targets for model type {mtype!r}; set target_modules "
-                f"(known types: {', '.join(sorted(DEFAULT_TARGETS))})"
+                f"(known types: {', '.join(sorted(defaults))})"
             )
-        targets = set(DEFAULT_TARGETS[mtype])
+        found = defaults[mtype]
+        targets = found if isinstance(found, str) else set(found)
     names: list[str] = []
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         head = _output_head_name(model)

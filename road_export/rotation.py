@@ -46,6 +46,7 @@ def _join(a: Array, b: Array, shape: tuple[int, ...], axis: int) -> Array:
 
 
 def check_group_size(d: int, group_size: int, what: str = "tensor") -> None:
+    """Raise ValueError unless `group_size` is positive and even and divides the width `d` (peft's check)."""
     if group_size <= 0 or group_size % 2:
         raise ValueError(f"{what}: group_size must be a positive even number, got {group_size}")
     if d % group_size:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from road_export import requires_export  # noqa: F401  (one clear line without the export extra)
 import torch
 from torch import nn
 
@@ -159,6 +160,28 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
         source.reference = peft_reference(base_model, specs)
         source.reference_name = PEFT_REFERENCE
     return source
+
+
+def load_reference(base: str | Path, adapters: list[str], *, task: str | None = None, seed: int = 0) -> nn.Module:
+    """Only the reference: the model peft itself loads for `base` (a directory, or a name under models/ built with
+    `seed`) and the adapter directories `adapters` (`[NAME=]PATH`), with the model class `load_source` would pick.
+
+    Raises RoadError without peft installed, without adapters, or for input peft cannot load.
+    """
+    if not peft_available():
+        raise RoadError("the peft reference needs peft installed: pip install 'road-export[peft]'")
+    specs = [parse_adapter(a, i) for i, a in enumerate(adapters)]
+    if not specs:
+        raise RoadError("the peft reference needs at least one adapter directory")
+    files = [read_adapter(s.path) for s in specs]
+    task = resolve_task(task, files)
+    path = zoo.resolve(base)
+    num_labels = head_labels(path, task, files)
+    if zoo.is_named(base):
+        model = zoo.load_model(base, seed=seed, task=task, num_labels=num_labels)
+    else:
+        model = _transformers_base(path, task, num_labels)
+    return peft_reference(model, specs)
 
 
 def peft_available() -> bool:

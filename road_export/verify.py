@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from road_export import requires_export  # noqa: F401  (one clear line without the export extra)
 import torch
 from torch import nn
 

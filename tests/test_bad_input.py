@@ -387,7 +387,7 @@ def test_session_with_cache_bad_input(past_session):
     (IDS[:0], {}, "at least one row and one prompt token"),
     (IDS[:, :0], {}, "at least one row and one prompt token"),
     (IDS.astype(np.float32), {}, "integer token ids"),
-    (IDS, {"attention_mask": ONES[:, :3]}, "attention_mask has shape [2, 3], input_ids [2, 4]"),
+    (IDS, {"attention_mask": ONES[:, :3]}, "attention_mask shape [2, 3] differs from input_ids shape [2, 4]"),
     (IDS, {"attention_mask": ONES * 2}, "0 (padding) and 1 (token)"),
     (IDS, {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
     (IDS, {"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1"),
@@ -461,3 +461,20 @@ def test_renames_are_not_split_by_a_signal():
         assert got == ["delivered"]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _onnxruntime_refuses(path):
+    """A real onnxruntime failure on the user's model: a feed of the wrong type, past every check of ours."""
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(path)).run(None, {"input_ids": IDS.astype(np.float32), "attention_mask": ONES})
+
+
+def test_onnxruntime_failures_are_one_line(ctx, session, capsys, monkeypatch):
+    with pytest.raises(RoadError, match=r"rotate.onnx: onnxruntime failed on inputs input_ids \[2, 4\]"):
+        session.run_feeds(None, {"input_ids": IDS.astype(np.float32), "attention_mask": ONES})
+    import road_export.verify
+
+    monkeypatch.setattr(road_export.verify, "verify", lambda path, *a, **k: _onnxruntime_refuses(path))
+    code, out, err = cli(capsys, "verify", ctx / "rotate.onnx", "--base", "tiny-llama", "--adapter", ctx / "road")
+    assert_one_line(code, err, out, "rotate.onnx: onnxruntime cannot run it (")

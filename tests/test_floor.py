@@ -92,3 +92,12 @@ SERVE = BLOCK_TORCH + textwrap.dedent("""
 def test_attach_optimize_inspect_and_run_without_torch(tmp_path):
     done = run_python(SERVE, tmp_path)
     assert done.returncode == 0 and done.stdout.strip().endswith("served"), done.stderr[-3000:]
+
+
+def test_export_without_the_extra_is_one_clear_line(tmp_path):
+    code = BLOCK_TORCH + "from road_export.cli import main\nraise SystemExit(main(['model.onnx']))\n"
+    done = run_python(code, tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'road-export[export]'" in lines[0], done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,9 @@ import road_export as rx
 from road_export import rotation, zoo
 from road_export.adapters import read_adapter
 from road_export.cli import main
+from road_export.errors import RoadError
 from road_export.runtime import RoadSession
+from road_export.testing import assert_peft_parity
 
 warnings.filterwarnings("ignore")
 
@@ -94,18 +96,19 @@ def test_tied_embeddings_with_modules_to_save(dirs, tmp_path, side):
     figure(f"tied modules_to_save {side}: max |ORT - peft| = {max_abs(report):.2e}")
 
 
-def test_tied_modules_to_save_merge_checkpoint(dirs, tmp_path):
+@pytest.mark.parametrize("side", ["head", "embed"])
+def test_tied_modules_to_save_merge_checkpoint(dirs, tmp_path, side):
     out = tmp_path / "merged"
-    assert run("merge-checkpoint", "--base", dirs / "tied", "--adapter", dirs / "save_head", out, "--quiet") == 0
+    assert run("merge-checkpoint", "--base", dirs / "tied", "--adapter", dirs / f"save_{side}", out, "--quiet") == 0
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     reference = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(dirs / "tied"),
-                                               str(dirs / "save_head")).eval()
+                                               str(dirs / f"save_{side}")).eval()
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (merged(ids).logits - reference(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-4, diff
-    figure(f"merge-checkpoint, tied modules_to_save lm_head: max |merged - peft| = {diff:.2e}")
+    figure(f"merge-checkpoint, tied modules_to_save {side}: max |merged - peft| = {diff:.2e}")
 
 
 def test_road_on_a_tied_lm_head(dirs, tmp_path):
@@ -237,6 +240,7 @@ def test_opset_is_the_one_asked_for(llama, tmp_path, capsys):
     code = run("--base", llama / "base", "--adapter", llama / "road", "--opset", "20", out, "--quiet",
                "--no-verify")
     assert code == 0 and onnx.load(str(out)).opset_import[0].version == 20
+    assert assert_peft_parity(out, llama / "base", [str(llama / "road")]).reference == "peft"
 
 
 def test_a_planted_loader_fault_fails_the_harness(llama, tmp_path, monkeypatch, capsys):
@@ -254,6 +258,8 @@ def test_a_planted_loader_fault_fails_the_harness(llama, tmp_path, monkeypatch, 
     assert code == 1 and report["reference"] == "peft" and not report["passed"]
     figure(f"planted fault: verdict {'PASSED' if report['passed'] else 'FAILED'}, max |ORT - peft| = "
           f"{max_abs(report):.2e}")
+    with pytest.raises(AssertionError, match="reference: peft"):
+        assert_peft_parity(tmp_path / "m.onnx", llama / "base", [str(llama / "road")])
     monkeypatch.setattr("road_export.source.peft_available", lambda: False)
     code = run("verify", tmp_path / "m.onnx", "--base", llama / "base", "--adapter", llama / "road")
     assert "reference: road-export loader" in capsys.readouterr().out  # without peft the table says so
@@ -286,3 +292,23 @@ def test_openai_gpt_conv1d_merge_checkpoint(tmp_path):
         moved = (base(ids).logits - reference(ids).logits).abs().max().item()
     assert diff <= 1e-4 and moved > 1e-3, (diff, moved)  # the adapter moves logits by ~3e-3
     figure(f"OpenAI GPT Conv1D merge-checkpoint: max |merged - hooked reference| = {diff:.2e}")
+
+
+def test_a_task_the_model_cannot_serve_is_refused():
+    with pytest.raises(RoadError, match="cannot serve task text-generation"):
+        zoo.model_class(transformers.ViTConfig(), "text-generation")
+
+
+def test_a_file_onnxruntime_cannot_load_is_not_left_behind(tmp_path):
+    import onnx_ir as ir
+
+    from road_export.export.post import check_loadable
+    from road_export.files import save_model
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
+    node = ir.Node("", "NoSuchOp", [x], num_outputs=1)
+    node.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18}), ir_version=10)
+    with pytest.raises(RoadError, match="onnxruntime .* cannot load"):
+        save_model(model, tmp_path / "bad.onnx", None, check=check_loadable)
+    assert not list(tmp_path.iterdir())

@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 import types
 
+from road_export import requires_export  # noqa: F401  (one clear line without the export extra)
+
 __all__ = ["ExportResult", "export"]
 
 

@@ -122,7 +122,9 @@ def _first_tensor(out) -> torch.Tensor:
 
 
 def infer_task(model: nn.Module) -> str:
-    """The task a transformers model class implies (optimum's convention)."""
+    """The task a transformers model class implies (optimum's convention); a peft wrapper by its base model."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     name = type(model).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "text-generation"
