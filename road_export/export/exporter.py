@@ -132,13 +132,14 @@ def export(
 
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".float", dir=path.parent) as stage:
             save_model(ir_model, Path(stage) / path.name, external_data=True)
-            del ir_model
+            stream.release_weights(ir_model)
             step("quantizing")
             quant.quantize_file(Path(stage) / path.name, path, quantize, external_data=external_data,
                                 check=post.check_loadable)
         data = path.with_name(path.name + ".data") if path.with_name(path.name + ".data").exists() else None
     else:
         data = save_model(ir_model, path, external_data, check=post.check_loadable)
+        stream.release_weights(ir_model)
     files = []
     if swappable:
         from road_export import swap

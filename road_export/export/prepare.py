@@ -117,8 +117,8 @@ def prepared(model: nn.Module, mode: str, dtype: torch.dtype | None, order: tupl
     merged eagerly. rotate: each RoadLayer's coefficients become buffers (`freeze_coefficients`) and it calls
     `torch.ops.road.rotate`. Raises RoadError in rotate mode for a layer with merged adapters."""
     target = model
-    if dtype is not None and dtype != torch.float32 and any(
-            p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+    if dtype is not None and dtype != torch.float32 and any(  # the adapters' own theta/alpha may stay float32
+            p.is_floating_point() and p.dtype != dtype for n, p in model.named_parameters() if ".road_" not in n):
         target = copy.deepcopy(model).to(dtype)
     layers = road_model.road_layers(target)
     was_training = target.training

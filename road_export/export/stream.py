@@ -21,7 +21,7 @@ import torch
 
 from road_export.export.prepare import Merge
 
-__all__ = ["LazyWeightsPass", "torch_value"]
+__all__ = ["LazyWeightsPass", "release_weights", "torch_value"]
 
 PREFIX = "model."  # TaskModule and the positional wrapper register the user's model as `model`
 
@@ -99,5 +99,17 @@ class LazyWeightsPass(ir.passes.InPlacePass):
                 value.const_value = _lazy(tensor, self._counted(fn), tuple(tensor.shape.numpy()), value.name)
             elif not any(True for _ in value.uses()):
                 graph.initializers.pop(value.name)
+                value.const_value = None  # the lazy tensors hold the torch tensor; the Value may outlive the graph
             modified = True
         return ir.passes.PassResult(model, modified=modified)
+
+
+def release_weights(model: ir.Model) -> None:
+    """Drop the model's initializer tensors once it is saved. Something may keep the graph alive after the export
+    (onnxscript's optimizer leaves its last graph on a module-level rewrite rule's matcher), and the graph's
+    tensors are views of the torch model's weights: without this, verify would hold the exported torch model
+    next to the reference and the onnxruntime session."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            value.const_value = None
+        graph.initializers.clear()
