@@ -35,8 +35,10 @@ def adapted():
 
 
 @pytest.mark.parametrize("mode", ["merge", "rotate"])
-def test_streaming_export_writes_the_in_memory_bytes(adapted, tmp_path, mode):
-    """Lazy weights saved to `.data` one at a time == merged copies and optimizer-folded transposes in one file."""
+def test_streaming_export_writes_the_in_memory_bytes(adapted, tmp_path, mode, monkeypatch):
+    """Lazy weights saved to `.data` one at a time (transposes in blocks of a few rows) == merged copies and
+    optimizer-folded transposes in one file."""
+    monkeypatch.setattr(stream.TransposedTensor, "BLOCK_BYTES", 1000)  # several blocks per weight
     streamed = rx.export(adapted, tmp_path / "s.onnx", mode=mode, external_data=True)
     in_memory = rx.export(adapted, tmp_path / "m.onnx", mode=mode, streaming=False)
     assert streamed.external_data is not None and in_memory.external_data is None

@@ -41,6 +41,32 @@ def _lazy(source: ir.TensorProtocol, fn: Callable[[torch.Tensor], torch.Tensor],
     return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape), name=name)
 
 
+class TransposedTensor(ir.LazyTensor):
+    """The transpose of a 2-D torch tensor, as a lazy tensor whose `tofile` (what onnx-ir's external-data save
+    calls) writes it in blocks of rows of about `BLOCK_BYTES`, so the largest weight (an untied lm_head) is never
+    copied whole; `numpy()`/`tobytes()` (a single-file save) compute it at once. Same bytes either way."""
+
+    BLOCK_BYTES = 16 * 2**20
+
+    def __init__(self, source: ir.TensorProtocol, dims: tuple[int, ...], counted: Callable[[], None]) -> None:
+        self._source, self._counted = source, counted
+        super().__init__(self._whole, dtype=source.dtype, shape=ir.Shape(dims))
+
+    def _whole(self) -> ir.Tensor:
+        self._counted()
+        with torch.no_grad():
+            return ir.tensor(torch_value(self._source).detach().T.contiguous().numpy())
+
+    def tofile(self, file) -> None:
+        self._counted()
+        with torch.no_grad():
+            weight = torch_value(self._source).detach()  # [rows, cols]; the file gets weight.T, [cols, rows]
+            step = max(1, self.BLOCK_BYTES // max(1, weight.shape[0] * weight.element_size()))
+            for start in range(0, weight.shape[1], step):
+                block = weight[:, start:start + step].T.contiguous().numpy()
+                file.write(memoryview(block).cast("B"))
+
+
 def _is_2d_transpose(node: ir.Node) -> bool:
     if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
         return False
@@ -60,6 +86,9 @@ class LazyWeightsPass(ir.passes.InPlacePass):
         super().__init__()
         self.merges = merges or {}
         self.evaluations = 0
+
+    def _count(self) -> None:
+        self.evaluations += 1
 
     def _counted(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(t: torch.Tensor) -> torch.Tensor:
@@ -89,7 +118,10 @@ class LazyWeightsPass(ir.passes.InPlacePass):
                 out = node.outputs[0]
                 dims = tuple(reversed(tensor.shape.numpy()))
                 new = ir.Value(name=None, shape=ir.Shape(dims), type=ir.TensorType(tensor.dtype))
-                new.const_value = _lazy(tensor, self._counted(lambda t, base=base: base(t).T), dims, None)
+                if fn is None:  # a plain transpose: written in blocks
+                    new.const_value = TransposedTensor(tensor, dims, self._count)
+                else:
+                    new.const_value = _lazy(tensor, self._counted(lambda t, base=base: base(t).T), dims, None)
                 out.replace_all_uses_with(new)
                 graph.remove(node, safe=True)
                 name, out.name = out.name, None
