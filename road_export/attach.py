@@ -113,8 +113,9 @@ def place(model: ir.Model, adapter: AdapterFile) -> dict[str, ir.Node]:
             problems.append(f"{module} ({'no MatMul/Gemm found' if not found else f'{len(found)} candidates'})")
     unplaceable = {m: n for m, n in placed.items() if n.op_type in UNPLACEABLE_OPS}
     if problems and not unplaceable:  # quantizers that drop the module paths: name the layout, not the paths
-        unplaceable = {m: n for m in adapter.road for n, _ in candidates[:1] if n.op_type in UNPLACEABLE_OPS} or \
-            {p.split(" ")[0]: n for p in problems[:1] for n, _ in candidates if n.op_type in UNPLACEABLE_OPS}
+        first = next((n for n, _ in candidates if n.op_type in UNPLACEABLE_OPS), None)
+        if first is not None:
+            unplaceable = {problems[0].split(" ")[0]: first}
     if unplaceable:
         module, node = next(iter(unplaceable.items()))
         raise RoadError(f"{adapter.path}: {module} is quantized as {node.op_type} ({len(unplaceable)} module(s) like "
