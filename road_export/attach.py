@@ -31,7 +31,11 @@ from road_export.names import METADATA_ADAPTERS, METADATA_MODE, METADATA_VERSION
 from road_export.passes import common
 from road_export.passes.fold import FoldPass
 
-_NODE_NAME = re.compile(r"^/(?P<path>.+)/(?:MatMul|Gemm)(?:_\d+)?$")
+_NODE_NAME = re.compile(r"^/(?P<path>.+)/(?:MatMul|Gemm)(?:_\d+)?(?:_Q\d+)?$")
+LINEAR_OPS = ("MatMul", "Gemm", "MatMulNBits")  # MatMulNBits: a layer quantized by road_export.quantize
+# quantized layouts a rotation cannot be placed after: their output is not the layer's float output, or the
+# weight layout is not one attach reads (quantize with road-export --quantize, which writes MatMulNBits)
+UNPLACEABLE_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm")
 
 
 @dataclass
@@ -60,8 +64,10 @@ def _node_paths(node: ir.Node) -> list[str]:
     if match:
         paths.append(match.group("path").replace("/", "."))
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if weight is not None and weight.name and weight.name.endswith(".weight"):
-        paths.append(weight.name[: -len(".weight")])
+    name = weight.name.removesuffix(f"_Q{node.attributes.get_int('bits', 4)}") if weight is not None and \
+        weight.name and node.op_type == "MatMulNBits" else (weight.name if weight is not None else None)
+    if name and name.endswith(".weight"):
+        paths.append(name[: -len(".weight")])
     return paths
 
 
@@ -71,13 +77,18 @@ def _matches(candidate: str, module: str) -> bool:
 
 def _linear_output(node: ir.Node) -> tuple[ir.Value, int] | None:
     """The layer's output (after a constant bias Add when there is one) and its width; None if not a linear."""
-    weight = common.constant(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is None or weight.ndim != 2:
-        return None
-    if node.op_type == "Gemm":
-        width = weight.shape[0] if node.attributes.get_int("transB", 0) else weight.shape[1]
-        return node.outputs[0], width
-    width = weight.shape[1]
+    if node.op_type == "MatMulNBits":
+        width = node.attributes.get_int("N", 0)
+        if not width or len(node.inputs) > 5 and node.inputs[5] is not None:  # a bias input: not written by us
+            return None
+    else:
+        weight = common.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        if weight is None or weight.ndim != 2:
+            return None
+        if node.op_type == "Gemm":
+            width = weight.shape[0] if node.attributes.get_int("transB", 0) else weight.shape[1]
+            return node.outputs[0], width
+        width = weight.shape[1]
     out = node.outputs[0]
     users = list(out.uses())
     if len(users) == 1 and users[0].node.op_type == "Add" and not out.is_graph_output():
@@ -91,7 +102,8 @@ def _linear_output(node: ir.Node) -> tuple[ir.Value, int] | None:
 
 def place(model: ir.Model, adapter: AdapterFile) -> dict[str, ir.Node]:
     """Module path -> its MatMul/Gemm node; raises listing every module that cannot be placed exactly once."""
-    candidates = [(n, _node_paths(n)) for n in model.graph.all_nodes() if n.op_type in ("MatMul", "Gemm")]
+    candidates = [(n, _node_paths(n)) for n in model.graph.all_nodes()
+                  if n.op_type in LINEAR_OPS or n.op_type in UNPLACEABLE_OPS]
     placed: dict[str, ir.Node] = {}
     problems: list[str] = []
     for module in adapter.road:
@@ -100,6 +112,16 @@ def place(model: ir.Model, adapter: AdapterFile) -> dict[str, ir.Node]:
             placed[module] = next(iter(found.values()))
         else:
             problems.append(f"{module} ({'no MatMul/Gemm found' if not found else f'{len(found)} candidates'})")
+    unplaceable = {m: n for m, n in placed.items() if n.op_type in UNPLACEABLE_OPS}
+    if problems and not unplaceable:  # quantizers that drop the module paths: name the layout, not the paths
+        first = next((n for n, _ in candidates if n.op_type in UNPLACEABLE_OPS), None)
+        if first is not None:
+            unplaceable = {problems[0].split(" ")[0]: first}
+    if unplaceable:
+        module, node = next(iter(unplaceable.items()))
+        raise RoadError(f"{adapter.path}: {module} is quantized as {node.op_type} ({len(unplaceable)} module(s) like "
+                        "it); attach places rotations after MatMul, Gemm or MatMulNBits only; quantize the float "
+                        "base with road-export --quantize int4|int8 (MatMulNBits) instead. Nothing was written.")
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise RoadError(f"{adapter.path}: cannot place {len(problems)} of {len(adapter.road)} adapted module(s) in "
@@ -118,7 +140,15 @@ def attach_to_model(model: ir.Model, adapter: AdapterFile, mode: str = "rotate",
     config = adapter.config
     report = AttachReport()
     plans = []
-    for module, node in place(model, adapter).items():
+    placed = place(model, adapter)
+    quantized = [m for m, n in placed.items() if n.op_type == "MatMulNBits"]
+    if quantized and mode == "merge":
+        bits = placed[quantized[0]].attributes.get_int("bits", 4)
+        raise RoadError(f"{adapter.path}: {quantized[0]} ({len(quantized)} module(s)) has int{bits} "
+                        "MatMulNBits weights; a rotation cannot be folded into "
+                        "quantized weights: use --mode rotate (road nodes after the quantized layers), or attach "
+                        "--mode merge to the float base and --quantize the result")
+    for module, node in placed.items():
         found = _linear_output(node)
         if found is None:
             raise RoadError(f"{adapter.path}: {module} maps to {node.op_type} {node.name!r}, whose weight is not a "
@@ -131,7 +161,8 @@ def attach_to_model(model: ir.Model, adapter: AdapterFile, mode: str = "rotate",
                             f"tensors of {theta.size} with group size {config.group_size} do not fit")
         plans.append((module, node, out, *rotation.coefficients(config.variant, config.group_size, theta, alpha)))
     for module, node, out, c1, c2 in plans:
-        dtype = common.constant(node.inputs[1]).dtype  # the layer's own precision
+        scale = node.inputs[2] if node.op_type == "MatMulNBits" else node.inputs[1]  # float scales of MatMulNBits
+        dtype = common.constant(scale).dtype  # the layer's own precision
         _insert_rotation(model, out, c1.astype(dtype), c2.astype(dtype), config.group_size, module, name)
         report.placed[module] = node.name or node.op_type
     road_op.attach_functions(model)
@@ -171,22 +202,35 @@ def _insert_rotation(model: ir.Model, out: ir.Value, c1: np.ndarray, c2: np.ndar
         node.outputs[0].name = f"{module}.road_out"
 
 
-def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mode: str = "rotate") -> AttachReport:
-    """`road-export attach`: load BASE.onnx (external data too), attach, and save atomically."""
+def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mode: str = "rotate",
+           quantize: str | None = None) -> AttachReport:
+    """`road-export attach`: load BASE.onnx (external data lazy), attach, and save atomically.
+
+    Weights stream: those attach does not change are copied from BASE's `.data` by the kernel, folded ones are
+    computed one at a time while they are written. A base quantized by `road-export --quantize` (MatMulNBits)
+    takes rotate mode. `quantize` ("int4"/"int8") quantizes a float base's MatMul weights after attaching
+    (road_export.quantize; RoadError on a base that is quantized already)."""
     if len(adapters) != 1:
         raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
                         "(road-export --adapter a=... --adapter b=... --mode rotate)")
     files = [read_adapter(a) for a in adapters]
+    if quantize is not None:
+        from road_export import quantize as quant
+
+        quant.check_scheme(quantize)
     model, external = load_for_rewrite(base, out)
+    if quantize is not None and quant.quantization(model) is not None:
+        raise RoadError(f"{base}: is quantized already ({quant.quantization(model)}); --quantize takes a float base")
     report = attach_to_model(model, files[0], mode)
     model.metadata_props[METADATA_VERSION] = __version__
     model.metadata_props[METADATA_MODE] = mode
     model.metadata_props[METADATA_ADAPTERS] = json.dumps([{
         "name": "default", "variant": files[0].config.variant, "group_size": files[0].config.group_size,
         "layers": sorted(report.placed)}])
-    for value in model.graph.initializers.values():  # materialise before the source files are replaced
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    if quantize is not None:
+        model, _ = quant.quantize_model(model, quantize, where=str(base))
+    # weights stream from the base's `.data` into the new one, tensor by tensor (files.save_model); the new files
+    # are written in a staging directory and moved into place after, so BASE may also be OUT
     save_model(model, Path(out), external)
     return report
 

@@ -144,9 +144,16 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
                         help="rotate mode: road op bodies for onnxruntime (default) or standard ops only")
     parser.add_argument("--fixed", action="store_true",
                         help="rotate mode: coefficients as constants (fewest kernels; no .onnx_adapter swapping)")
+    _quantize_option(parser)
     parser.add_argument("--no-verify", action="store_true", help="skip the parity check")
     _report_options(parser)
     return parser
+
+
+def _quantize_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=("int4", "int8"), default=None,
+                        help="quantize the MatMul weights with onnxruntime's MatMulNBits (block size 32); road nodes "
+                        "and their coefficients stay float (parity then judged by cosine >= 0.98)")
 
 
 def _version() -> str:
@@ -177,6 +184,7 @@ def optimize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", choices=("onnxruntime", "portable"), default="onnxruntime",
                         help="road op bodies for onnxruntime (default) or standard ops only")
     parser.add_argument("--debug", action="store_true", help="say why near-matches were not fused")
+    _quantize_option(parser)
     _quiet_option(parser)
     return parser
 
@@ -210,6 +218,7 @@ def attach_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("merge", "rotate"), default="rotate",
                         help="fold the rotations into the weights, or keep road nodes (default)")
     parser.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
+    _quantize_option(parser)
     _quiet_option(parser)
     return parser
 
@@ -387,12 +396,18 @@ def run_export(args: argparse.Namespace) -> int:
     progress = _Progress(args.quiet)
     with progress.running(), _writing(output), _created(output, swap_files=True):
         progress.step("loading")
-        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
+        import torch
+
+        load_dtype = torch.float16 if args.no_verify and args.dtype == "float16" else torch.float32  # no fp32 copy
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
+                             dtype=load_dtype, defer_reference=True)
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
                            dtype=args.dtype, external_data=args.external_data or None,
-                           target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step)
+                           target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step,
+                           quantize=args.quantize)
         report = None
         if not args.no_verify:
+            source.release_model()  # with peft's reference: one torch model beside onnxruntime, not two
             progress.step("verifying")
             with _blame(output, "run"):
                 report = verify(output, source.reference_model, task=result.task, atol=args.atol,
@@ -600,7 +615,8 @@ def run_optimize(args: argparse.Namespace) -> int:
     from road_export.passes.pipeline import optimize_file
 
     with _writing(output), _created(output):
-        report = optimize_file(args.source, output, fold=args.fold, target=args.target, debug=args.debug)
+        report = optimize_file(args.source, output, fold=args.fold, target=args.target, debug=args.debug,
+                               quantize=args.quantize)
     if not args.quiet:
         print(report.text())
         print(f"wrote {output}")
@@ -654,7 +670,7 @@ def run_attach(args: argparse.Namespace) -> int:
     from road_export.attach import attach
 
     with _writing(output), _created(output):
-        report = attach(args.base, args.adapter, output, mode=args.mode)
+        report = attach(args.base, args.adapter, output, mode=args.mode, quantize=args.quantize)
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
         print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}")

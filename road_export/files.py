@@ -10,7 +10,15 @@ files (`swap.write_adapter_file`) and the native kernel library (`native.library
 
 ONNX models load through onnx-ir with external data left lazy (`ir.load`: tensors are read from the `.data`
 file when used) and save as one `.onnx` file, or with their weights in `<name>.onnx.data` beside it when asked
-or when they would pass protobuf's 2 GB limit.
+or when their initializers pass `EXTERNAL_DATA_THRESHOLD` (256 MiB).
+
+Why 256 MiB: a single-file save builds the whole protobuf (every tensor's bytes copied into it) and serialises
+it, so it holds about two more copies of the weights in memory while writing; onnx-ir's external-data save writes
+tensor by tensor (one tensor's bytes at a time). Up to 256 MiB the transient copies cost less than onnxruntime's
+own import overhead and the one file is easier to move; above it, the streamed save is what keeps export near
+1 x the torch model (tools/bench_scale.py measures it). Tensors of another file's external data are copied by
+the kernel (onnx-ir's `ExternalTensor.tofile`, copy_file_range), so rewriting a model (attach, optimize) never
+holds the weights it does not change; lazily computed ones (fold, the exporter's) are evaluated one at a time.
 """
 
 from __future__ import annotations
@@ -34,11 +42,12 @@ if TYPE_CHECKING:  # onnx-ir (and onnx under it) load on first use: `road-export
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD", "atomic_write", "check_output", "check_writable", "deferred_signals",
     "load_for_rewrite", "load_model", "needs_external_data", "os_error_reason", "probe_writable", "save_model",
-    "tensor_bytes", "write_failure_reason", "write_text_atomic",
+    "release", "tensor_bytes", "write_failure_reason", "write_text_atomic",
 ]
 
 TWO_GB = 2**31
-EXTERNAL_DATA_THRESHOLD = TWO_GB - 64 * 2**20  # bytes of initializers above which weights go to `.data`
+EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of initializers above which weights go to `.data` (see above)
+DATA_ALIGNMENT = 65536  # large tensors start at multiples of this in `.data` (onnxruntime can map them)
 
 
 def _parent(path: Path) -> Path:
@@ -214,7 +223,7 @@ def tensor_bytes(model: ir.Model) -> int:
 
 
 def needs_external_data(model: ir.Model) -> bool:
-    """True when the model already keeps weights outside or would pass the 2 GB protobuf limit."""
+    """True when the model already keeps weights outside or its initializers pass `EXTERNAL_DATA_THRESHOLD`."""
     import onnx_ir as ir
 
     external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
@@ -225,7 +234,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
                check: Callable[[Path], None] | None = None) -> Path | None:
     """Write `model` to `path` atomically; returns the `.data` file's path when weights went there.
 
-    `external_data=None` decides by size (over ~2 GB of initializers). A stale `<path>.data` of an earlier save
+    `external_data=None` decides by size (`EXTERNAL_DATA_THRESHOLD`). With external data the tensors are written
+    one at a time (lazy tensors evaluated, tensors of another file's `.data` copied by the kernel), large ones
+    aligned to `DATA_ALIGNMENT`; the model is unchanged afterwards. A stale `<path>.data` of an earlier save
     is removed when the new file holds its weights inline. `check(temporary path)` runs on the written file before
     it is moved into place and may raise to keep it from ever appearing (e.g. "onnxruntime must load it").
     Raises RoadError when `path` cannot be written.
@@ -239,8 +250,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     data_name = path.name + ".data"
     with atomic_write(path, companions=[data_name] if external_data else []) as tmp:
         if external_data:
-            ir.save(model, tmp, external_data=data_name)
+            ir.save(model, tmp, external_data=data_name, alignment=DATA_ALIGNMENT)
         else:
+            ir.external_data.load_to_model(model)  # weights of another file's `.data` go inside the one file
             ir.save(model, tmp)
         if check is not None:
             check(tmp)
@@ -248,6 +260,16 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
         return path.with_name(data_name)
     path.with_name(data_name).unlink(missing_ok=True)  # a stale data file of an earlier export
     return None
+
+
+def release(tensor: ir.TensorProtocol) -> None:
+    """Close an ExternalTensor's memory map (its pages stop counting as resident); a map that numpy arrays still
+    view is left open. Anything else: nothing to do."""
+    import onnx_ir as ir
+
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):
+            tensor.release()
 
 
 def load_for_rewrite(source: str | os.PathLike, target: str | os.PathLike) -> tuple[ir.Model, bool]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,10 +60,20 @@ class Source:
     task: str | None = None  # optimum's task the model was loaded for (None: the checkpoint's own class)
     reference: nn.Module | None = field(default=None, repr=False)
     reference_name: str = OWN_REFERENCE
+    deferred: Callable[[], nn.Module] | None = field(default=None, repr=False)  # builds the peft reference later
 
     @property
     def reference_model(self) -> nn.Module:
+        """The peft reference (built now when it was deferred), else road-export's model."""
+        if self.reference is None and self.deferred is not None:
+            self.reference, self.deferred = self.deferred(), None
         return self.model if self.reference is None else self.reference
+
+    def release_model(self) -> None:
+        """Drop road-export's model once exported, when the reference is peft's own (built or deferred): verify
+        then holds one torch model next to the onnxruntime session, not two."""
+        if self.reference is not None or self.deferred is not None:
+            self.model = None
 
 
 def resolve_task(task: str | None, adapters: list[AdapterFile]) -> str | None:
@@ -106,11 +117,14 @@ def head_labels(base: Path, task: str | None, adapters: list[AdapterFile]) -> in
 
 
 def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: str | None = None,
-                reference: bool = True) -> Source:
+                reference: bool = True, dtype: torch.dtype = torch.float32, defer_reference: bool = False) -> Source:
     """Load the base (a directory or a name under models/), put the adapters on it, and build the reference.
 
     `task` (optimum's name or a synonym) picks the model class; without it the adapters' `task_type` does, else
-    the checkpoint's own class. `reference=False` skips the peft reference (export without verify).
+    the checkpoint's own class. `reference=False` skips the peft reference (export without verify). `dtype` is the
+    precision the model is loaded in (float32 unless an export without verify asks for float16).
+    `defer_reference`: for a base directory, peft's reference is loaded when `reference_model` is first asked for
+    (after the export, once `release_model` dropped the exported model), so two models are never held at once.
     Raises RoadError for bad input (one line: which file, what is wrong).
     """
     base = base or zoo.DEFAULT_MODEL
@@ -123,7 +137,7 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
     path = zoo.resolve(base)
     num_labels = head_labels(path, task, files)
     brought = tuple(k.removesuffix(".weight").removesuffix(".bias") for f in files for k in f.extra)
-    model = zoo.load_model(base, seed=seed, task=task, num_labels=num_labels, allow_missing=brought)
+    model = zoo.load_model(base, seed=seed, task=task, num_labels=num_labels, allow_missing=brought, dtype=dtype)
     if not specs:
         embedded = path / CONFIG_NAME
         if not embedded.is_file():
@@ -133,11 +147,15 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
             torch.manual_seed(seed + 1)
             get_road_model(model, config, "default")
         return Source(model.eval(), base, ["default"], embedded=True, task=task)
+    defer = defer_reference and not zoo.is_named(base)
     pristine = copy.deepcopy(model) if reference and zoo.is_named(base) and peft_available() else None
     for spec, file in zip(specs, files, strict=True):
         apply_adapter(model, file, spec.name)
     source = Source(model.eval(), base, names, embedded=False, task=task)
-    if reference and peft_available():
+    if reference and peft_available() and defer:
+        source.deferred = lambda: peft_reference(_transformers_base(path, task, num_labels), specs)
+        source.reference_name = PEFT_REFERENCE
+    elif reference and peft_available():
         base_model = pristine if pristine is not None else _transformers_base(path, task, num_labels)
         source.reference = peft_reference(base_model, specs)
         source.reference_name = PEFT_REFERENCE

@@ -32,6 +32,7 @@ MIXED_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (4, 7, 2), (3, 33, 
 # With a cache: (batch, new tokens, past length, padding): prefill, padded prefill, a decode step, a chunk after past
 CACHE_SHAPES: tuple[tuple[int, int, int, int], ...] = ((1, 1, 0, 0), (3, 7, 0, 2), (4, 1, 9, 3), (2, 4, 6, 1))
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+COSINE_MIN = 0.98  # a quantized file (int4/int8 MatMul weights) is judged by cosine, not max abs
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ParityReport:
     rows: list[OutputParity] = field(default_factory=list)
     kernels: str = "-"  # how the road ops ran: "native" kernels, standard-op "bodies", or "-" (none in the file)
     reference: str = "road-export loader"  # what the file was compared with: "peft", or road-export's own model
+    quantized: str | None = None  # "int4"/"int8"/an op type: rows are then judged by cosine >= COSINE_MIN
 
     @property
     def passed(self) -> bool:
@@ -63,8 +65,14 @@ class ParityReport:
 
     def to_json(self) -> str:
         return json.dumps({"onnx_path": self.onnx_path, "dtype": self.dtype, "atol": self.atol,
-                           "reference": self.reference, "kernels": self.kernels, "passed": self.passed,
+                           "quantized": self.quantized, "judged_by": self.judged_by, "reference": self.reference,
+                           "kernels": self.kernels, "passed": self.passed,
                            "rows": [asdict(r) for r in self.rows]}, indent=2)
+
+    @property
+    def judged_by(self) -> str:
+        """What decides each row: "max abs <= atol" (float files) or "cosine >= 0.98" (quantized files)."""
+        return f"cosine >= {COSINE_MIN:g}" if self.quantized else f"max abs <= {self.atol:g}"
 
     def table(self, color: bool = False) -> str:
         """The report as a terminal table."""
@@ -72,9 +80,12 @@ class ParityReport:
         from rich.table import Table
 
         road = "" if self.kernels == "-" else f", road ops: {self.kernels}"
-        table = Table(title=f"parity: {Path(self.onnx_path).name} ({self.dtype}, atol {self.atol:g}, "
+        judged = f"{self.quantized} quantized, judged by {self.judged_by}" if self.quantized else \
+            f"atol {self.atol:g}"
+        table = Table(title=f"parity: {Path(self.onnx_path).name} ({self.dtype}, {judged}, "
                             f"reference: {self.reference}{road})")
-        for col in ("output", "input", "max abs", "max rel", "cosine", "top-1", "result"):
+        result = f"result ({self.judged_by})"
+        for col in ("output", "input", "max abs", "max rel", "cosine", "top-1", result):
             table.add_column(col, justify="left" if col in ("output", "input") else "right")
         for r in self.rows:
             top1 = "-" if r.top1 is None else f"{r.top1:.4f}"
@@ -131,6 +142,10 @@ def verify(
     if session_options is None:
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3  # swappable coefficients make onnxruntime warn; not a parity matter
+        if onnx_path.with_name(onnx_path.name + ".data").is_file():
+            # a large model: onnxruntime maps the aligned `.data` file instead of copying prepacked weights, so
+            # verify holds the torch reference and one mapping of the weights, not the weights twice more
+            session_options.add_session_config_entry("session.disable_prepacking", "1")
     kernels = "-"
     if road_native.uses_road(onnx_path):
         kernels = "native" if road_native.register(session_options, native) else "bodies"
@@ -142,6 +157,7 @@ def verify(
     dtype = onnx_dtype(onnx_path)
     atol = TOLERANCE[dtype] if atol is None else atol
     meta = onnx_metadata(onnx_path)
+    quantized = onnx_quantization(onnx_path, meta)
     task = task or meta.get("road_export.task") or infer_task(torch_model)
     order: tuple[str, ...] = ()
     if any(i.name == "adapter_ids" for i in session.get_inputs()):
@@ -163,7 +179,8 @@ def verify(
         reference_name = "peft" if hasattr(torch_model, "peft_config") else "road-export loader"
     else:
         reference_name = reference
-    report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels, reference=reference_name)
+    report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels, reference=reference_name,
+                          quantized=quantized)
     if spec.cache and shapes == DEFAULT_SHAPES:
         shapes = CACHE_SHAPES
     elif order and shapes == DEFAULT_SHAPES:
@@ -186,27 +203,45 @@ def verify(
         if order:
             case += ", ids " + ",".join(str(int(i)) for i in inputs["adapter_ids"])
         report.rows.append(compare(output_names[0], case, got[0], expected[0], mask[:, -seq:], atol,
-                                   logits=spec.output_name == "logits"))
+                                   logits=spec.output_name == "logits", by_cosine=bool(quantized)))
         if spec.cache:
-            report.rows.append(_compare_cache(case, got[1:], expected[1:], mask, atol))
+            report.rows.append(_compare_cache(case, got[1:], expected[1:], mask, atol, by_cosine=bool(quantized)))
     return report
 
 
+def onnx_quantization(path: str | Path, meta: dict[str, str] | None = None) -> str | None:
+    """The file's quantization ("int4", "int8" from road_export.quantize's record, or the first quantized op type
+    in the graph); None for a float file. Reads the graph without its weights."""
+    meta = onnx_metadata(path) if meta is None else meta
+    record = meta.get("road_export.quantize")
+    if record:
+        try:
+            return json.loads(record)["scheme"]
+        except (ValueError, KeyError, TypeError):
+            return record
+    from road_export.quantize import QUANTIZED_OPS
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS), None)
+
+
 def _compare_cache(case: str, got: list[np.ndarray], expected: list[np.ndarray], mask: np.ndarray,
-                   atol: float) -> OutputParity:
+                   atol: float, by_cosine: bool = False) -> OutputParity:
     """All present keys/values as one row; positions under padding are left out ([b, h, t, d] -> [real, h, d])."""
     if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected, strict=False)):
         return OutputParity("present.*", case, [len(got)], math.inf, math.inf, 0.0, None, False)
     flat = lambda ts: np.concatenate([t.transpose(0, 2, 1, 3)[mask].ravel() for t in ts])  # noqa: E731
-    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False)
+    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False, by_cosine=by_cosine)
     row.shape = list(got[0].shape)
     return row
 
 
 def compare(name: str, case: str, got: np.ndarray, expected: np.ndarray, mask: np.ndarray | None, atol: float,
-            logits: bool) -> OutputParity:
+            logits: bool, by_cosine: bool = False) -> OutputParity:
     """Errors of `got` against `expected`. Top-1 agreement is reported, not judged on its own: within max_abs <= atol
-    the argmax can only change where the reference's two best logits are within 2 * atol of each other."""
+    the argmax can only change where the reference's two best logits are within 2 * atol of each other.
+    `by_cosine` (a quantized file, whose weights differ from the reference's by design): the row passes when the
+    cosine is >= COSINE_MIN instead of max abs <= atol."""
     got = got.astype(np.float32)
     if got.shape != expected.shape:
         return OutputParity(name, case, list(got.shape), math.inf, math.inf, 0.0, None, False)
@@ -221,7 +256,7 @@ def compare(name: str, case: str, got: np.ndarray, expected: np.ndarray, mask: n
     if logits and got.size:
         g2, e2 = got.reshape(-1, got.shape[-1]), expected.reshape(-1, expected.shape[-1])
         top1 = float((g2.argmax(-1) == e2.argmax(-1)).mean())
-    ok = bool(np.isfinite(got).all()) and max_abs <= atol
+    ok = bool(np.isfinite(got).all()) and (cosine >= COSINE_MIN if by_cosine else max_abs <= atol)
     return OutputParity(name, case, list(got.shape), max_abs, max_rel, cosine, top1, ok)
 
 

@@ -75,8 +75,10 @@ def read_config(path: Path):
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task: str | None = None,
-               num_labels: int | None = None, allow_missing: tuple[str, ...] = ()) -> nn.Module:
-    """A transformers model in eval mode, float32: `from_pretrained` for a path, built from config with `seed` for
+               num_labels: int | None = None, allow_missing: tuple[str, ...] = (),
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A transformers model in eval mode, float32 (or `dtype`: export without verify loads a float16 export's model
+    in float16, so no float32 copy is ever held): `from_pretrained` for a path, built from config with `seed` for
     a name under models/.
 
     `task` (optimum's name) picks the Auto class; without it the checkpoint's own class (`config.architectures`).
@@ -93,9 +95,9 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task:
         if is_named(name_or_path):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = cls._from_config(config, dtype=torch.float32)
+                model = cls._from_config(config, dtype=dtype)
         else:
-            model = from_pretrained(cls, path, config, allow_missing)
+            model = from_pretrained(cls, path, config, allow_missing, dtype=dtype)
     except RoadError:
         raise
     except Exception as e:
@@ -104,13 +106,14 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task:
     return model.eval()
 
 
-def from_pretrained(cls: type, path: Path, config, allow_missing: tuple[str, ...] = ()) -> nn.Module:
-    """`cls.from_pretrained(path)` in float32, offline; a directory without weights or with missing ones is refused
-    (transformers itself would fill them with random values)."""
+def from_pretrained(cls: type, path: Path, config, allow_missing: tuple[str, ...] = (),
+                    dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`cls.from_pretrained(path)` in float32 (or `dtype`), offline; a directory without weights or with missing ones
+    is refused (transformers itself would fill them with random values)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model, info = cls.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32,
+            model, info = cls.from_pretrained(path, config=config, local_files_only=True, dtype=dtype,
                                               output_loading_info=True)
         except OSError as e:
             raise RoadError(f"{path}: no weights transformers can load ({_first_line(e)}); a base directory needs "

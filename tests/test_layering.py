@@ -22,7 +22,8 @@ PACKAGE = ROOT / "road_export"
 
 LAYERS: dict[str, tuple[int, str]] = {
     **{m: (1, "base") for m in ("errors", "config", "rotation", "names", "requires_export")},
-    **{m: (2, "onnx") for m in ("ops", "files", "checks", "adapter_files", "swap", "inspection", "model_dir")},
+    **{m: (2, "onnx") for m in ("ops", "files", "checks", "adapter_files", "swap", "inspection", "model_dir",
+                                "quantize")},
     **{m: (3, "passes") for m in ("passes", "attach")},
     **{m: (4, "export") for m in ("layers", "model", "adapters", "zoo", "source", "checkpoint", "export")},
     **{m: (4, "runtime") for m in ("runtime", "generation", "native", "seq2seq", "gpu")},

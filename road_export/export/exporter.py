@@ -25,7 +25,7 @@ from torch import nn
 
 from road_export import ops as road_op
 from road_export.errors import RoadError
-from road_export.export import capture, post, prepare
+from road_export.export import capture, post, prepare, stream
 from road_export.files import check_output, save_model
 
 __all__ = ["ExportResult", "export"]
@@ -63,6 +63,8 @@ def export(
     target: str = "onnxruntime",
     swappable: bool = True,
     on_step: Callable[[str], None] | None = None,
+    streaming: bool = True,
+    quantize: str | None = None,
 ) -> ExportResult:
     """Export a RoAd-adapted model (ours, or a live peft model) to ONNX at `path`.
 
@@ -75,6 +77,14 @@ def export(
     `target` picks the road function bodies (passes/lower.py): "onnxruntime" (road_1 through RotaryEmbedding) or
     "portable" (standard ops only).
     `on_step` is called with the name of each long step as it starts (tracing, optimizing, writing).
+    `streaming` (default) keeps weights out of memory until they are written: transposed and merged weights are
+    lazy tensors over the torch model's own (export/stream.py), evaluated one at a time by the save (external data
+    above `files.EXTERNAL_DATA_THRESHOLD`); False is the in-memory path (merged copies before the trace, transposes
+    folded by the optimizer), kept as the reference the streaming path is tested against: same bytes.
+    `quantize` "int4" or "int8": the MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer
+    (road_export.quantize; block size 32) while road nodes and their coefficients stay float and swappable. The
+    float model is streamed to a temporary file with external data first, and the quantizer reads it one weight at
+    a time from there.
     `opset` is the default-domain opset the file is written with, exactly: when the exporter writes another one it
     is converted, and when that fails (or onnxruntime cannot load the result) RoadError is raised and nothing is
     written. Every file is loaded by onnxruntime before it is moved into place.
@@ -92,6 +102,10 @@ def export(
     if seq2seq_result is not None:
         return seq2seq_result
     step = on_step or (lambda _name: None)
+    if quantize is not None:
+        from road_export import quantize as quant
+
+        quant.check_scheme(quantize)
     if mode not in prepare.MODES:
         raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
     capture.check_opset(opset)
@@ -100,10 +114,13 @@ def export(
     with prepare.adopted(model) as adapted:
         adapters, order = prepare.plan_adapters(adapted, mode, require_adapter=require_adapter,
                                                 name=type(model).__name__)
-        with prepare.prepared(adapted, mode, dtype, order) as prepared:
+        merges: dict[str, prepare.Merge] | None = {} if streaming else None
+        with prepare.prepared(adapted, mode, dtype, order, lazy_merges=merges) as prepared:
             module, args, names, spec, dynamic = capture.trace_plan(prepared, task, example_inputs, dtype, order)
             step("tracing")
             ir_model = capture.torch_export(module, args, names, dynamic, opset)
+    if streaming:
+        stream.LazyWeightsPass(merges)(ir_model)
     swappable = swappable and mode == "rotate" and not order and bool(adapters) and spec is not None
     layer_of = None
     if swappable:
@@ -119,7 +136,19 @@ def export(
     # the swap file's values are read before saving: an external-data save re-points the tensors
     values = {v.name: v.const_value.numpy() for v in ir_model.graph.inputs if v.const_value is not None} \
         if swappable else {}
-    data = save_model(ir_model, path, external_data, check=post.check_loadable)
+    if quantize is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".float", dir=path.parent) as stage:
+            save_model(ir_model, Path(stage) / path.name, external_data=True)
+            stream.release_weights(ir_model)
+            step("quantizing")
+            quant.quantize_file(Path(stage) / path.name, path, quantize, external_data=external_data,
+                                check=post.check_loadable)
+        data = path.with_name(path.name + ".data") if path.with_name(path.name + ".data").exists() else None
+    else:
+        data = save_model(ir_model, path, external_data, check=post.check_loadable)
+        stream.release_weights(ir_model)
     files = []
     if swappable:
         from road_export import swap

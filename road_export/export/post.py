@@ -212,6 +212,9 @@ def check_loadable(path: Path) -> None:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # no weight prepacking: onnxruntime then maps aligned external data instead of copying it (files.DATA_ALIGNMENT),
+    # so this check costs next to no memory beside the exporting model
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:

@@ -22,8 +22,8 @@ from road_export.export import op as torch_op
 from road_export.layers import RoadLayer
 
 __all__ = [
-    "MODES", "adopted", "buffer_names", "describe_adapters", "freeze_coefficients", "merged_copy", "parse_dtype",
-    "plan_adapters", "prepared", "thaw_coefficients",
+    "MODES", "Merge", "adopted", "buffer_names", "describe_adapters", "freeze_coefficients", "merge_plan",
+    "merged_copy", "parse_dtype", "plan_adapters", "prepared", "thaw_coefficients",
 ]
 
 MODES = ("merge", "rotate")
@@ -106,15 +106,19 @@ def adopted(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def prepared(model: nn.Module, mode: str, dtype: torch.dtype | None, order: tuple[str, ...] = ()
-             ) -> Iterator[nn.Module]:
-    """The model as it will be traced (eval mode; a float16 copy for dtype float16); undone on exit.
+def prepared(model: nn.Module, mode: str, dtype: torch.dtype | None, order: tuple[str, ...] = (),
+             lazy_merges: dict[str, Merge] | None = None) -> Iterator[nn.Module]:
+    """The model as it will be traced (eval mode; a float16 copy for dtype float16 unless it is float16 already);
+    undone on exit.
 
-    merge: each RoadLayer is replaced by `merged_copy(layer)`. rotate: each RoadLayer's coefficients become
-    buffers (`freeze_coefficients`) and it calls `torch.ops.road.rotate`. Raises RoadError in rotate mode for a
-    layer with merged adapters."""
+    merge: each RoadLayer is replaced by `merged_copy(layer)`; with a `lazy_merges` dict, by its own base layer
+    instead (no copy) and `lazy_merges[layer path] = merge_plan(layer)`, for the exporter to merge each weight
+    when it is written (export/stream.py). A layer whose weight is shared with another module (tied) is always
+    merged eagerly. rotate: each RoadLayer's coefficients become buffers (`freeze_coefficients`) and it calls
+    `torch.ops.road.rotate`. Raises RoadError in rotate mode for a layer with merged adapters."""
     target = model
-    if dtype is not None and dtype != torch.float32:
+    if dtype is not None and dtype != torch.float32 and any(  # the adapters' own theta/alpha may stay float32
+            p.is_floating_point() and p.dtype != dtype for n, p in model.named_parameters() if ".road_" not in n):
         target = copy.deepcopy(model).to(dtype)
     layers = road_model.road_layers(target)
     was_training = target.training
@@ -122,8 +126,14 @@ def prepared(model: nn.Module, mode: str, dtype: torch.dtype | None, order: tupl
     undo: list = []
     try:
         if mode == "merge":
+            shared = _shared_parameters(target) if lazy_merges is not None else set()
             for name, layer in layers.items():
-                plain = merged_copy(layer)
+                plan = merge_plan(layer) if lazy_merges is not None and id(layer.base_layer.weight) not in shared \
+                    else None
+                if plan is not None:
+                    lazy_merges[name] = plan
+                plain = layer.base_layer if lazy_merges is not None and id(layer.base_layer.weight) not in shared \
+                    else merged_copy(layer)
                 road_model._replace(target, name, plain)
                 undo.append(lambda name=name, layer=layer: road_model._replace(target, name, layer))
         else:
@@ -139,24 +149,55 @@ def prepared(model: nn.Module, mode: str, dtype: torch.dtype | None, order: tupl
         target.train(was_training)
 
 
+class Merge:
+    """One layer's merge, W' = R W and b' = R b (row-wise in float32, then the tensor's dtype), as functions of the
+    base tensors: `weight(W)`, `bias(b)` (torch tensors in, new tensors out; the inputs are not touched)."""
+
+    def __init__(self, c1: torch.Tensor, c2: torch.Tensor, group_size: int, axis: int) -> None:
+        self.c1, self.c2, self.group_size, self.axis = c1, c2, group_size, axis
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            merged = rotation.merge_(w.detach().float().clone().contiguous(), self.c1, self.c2, self.group_size,
+                                     axis=self.axis)
+            return merged.to(w.dtype)
+
+    def bias(self, b: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return rotation.merge_(b.detach().float().clone(), self.c1, self.c2, self.group_size).to(b.dtype)
+
+
+def merge_plan(layer: RoadLayer) -> Merge | None:
+    """The layer's active adapter as a `Merge`; None when there is nothing to merge (no active adapter, merged
+    already, or disabled)."""
+    name = layer.active_adapter
+    if name is None or layer.merged or layer.disabled:
+        return None
+    with torch.no_grad():
+        c1, c2 = layer.coefficients(name)
+        return Merge(c1.detach().float(), c2.detach().float(), layer.group_size[name], layer.weight_axis)
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters that more than one module holds (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, n in seen.items() if n > 1}
+
+
 def merged_copy(layer: RoadLayer) -> nn.Module:
-    """A new plain layer with the active adapter merged (W' = R W, b' = R b, row-wise in float32, then the layer's
-    dtype); the original layer's tensors are not touched. No active adapter, merged or disabled: the base layer."""
+    """A new plain layer with the active adapter merged (`merge_plan`: W' = R W, b' = R b); the original layer's
+    tensors are not touched. No active adapter, merged or disabled: the base layer."""
     base = layer.base_layer
     plain = copy.copy(base)
     plain._parameters = dict(base._parameters)
-    name = layer.active_adapter
-    if name is None or layer.merged or layer.disabled:
+    plan = merge_plan(layer)
+    if plan is None:
         return plain
-    c1, c2 = layer.coefficients(name)
-    g = layer.group_size[name]
-    with torch.no_grad():
-        c1, c2 = c1.detach().float(), c2.detach().float()
-        w = rotation.merge_(base.weight.detach().float().clone().contiguous(), c1, c2, g, axis=layer.weight_axis)
-        plain.weight = nn.Parameter(w.to(base.weight.dtype), requires_grad=False)
-        if base.bias is not None:
-            b = rotation.merge_(base.bias.detach().float().clone(), c1, c2, g)
-            plain.bias = nn.Parameter(b.to(base.bias.dtype), requires_grad=False)
+    plain.weight = nn.Parameter(plan.weight(base.weight), requires_grad=False)
+    if base.bias is not None:
+        plain.bias = nn.Parameter(plan.bias(base.bias), requires_grad=False)
     return plain
 
 

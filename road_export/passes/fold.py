@@ -4,6 +4,11 @@ Merging at graph level: `road.Rotate(MatMul(x, W) [+ b])` becomes `MatMul(x, R-r
 (no dense R). W is [in, out] for MatMul (rotated along axis 1); for Gemm it is [out, in] with transB=1
 (axis 0) or [in, out] with transB=0 (axis 1). The original weight is left for any other user; the rotated one is
 a new initializer.
+
+The rotated weight is a lazy tensor (`ir.LazyTensor`): it is computed when the model is saved, one weight at a
+time, from the source weight (read from `.data` and its map closed again for a file with external data). So
+folding every layer of a large model never holds more than one rotated weight; the values are those the eager
+computation gives, bit for bit (same function, same input).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from onnxscript.rewriter import pattern
 
 from road_export import rotation
 from road_export import ops as road_op
+from road_export.files import release
 from road_export.names import METADATA_SWAP
 from road_export.passes import common
 
@@ -39,15 +45,32 @@ def _merged(weight: np.ndarray, coeffs, g: int, axis: int) -> np.ndarray:
     return merged.astype(weight.dtype)
 
 
+def _lazy_merged(value: ir.Value, weight: np.ndarray, coeffs, g: int, axis: int) -> ir.TensorProtocol:
+    """`_merged(weight)` computed when its bytes are needed (at save), reading `value`'s tensor afresh each time;
+    eager for a weight that is not an initializer (a Constant node's)."""
+    source = value.const_value
+    if source is None:
+        return ir.tensor(_merged(weight, coeffs, g, axis))
+
+    def compute() -> ir.Tensor:
+        try:
+            return ir.tensor(_merged(source.numpy(), coeffs, g, axis))
+        finally:
+            release(source)  # close the map: its pages would stay resident otherwise
+
+    return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(weight.shape))
+
+
 class _FoldBase(pattern.RewriteRuleClassBase):
     def __init__(self, name: str) -> None:
         super().__init__(name=name)
         self._graph: ir.Graph | ir.Function | None = None
         self._plan: dict = {}
 
-    def _new(self, op, array: np.ndarray, like: ir.Value) -> ir.Value:
+    def _new(self, op, array: np.ndarray | ir.TensorProtocol, like: ir.Value) -> ir.Value:
         name = common.unique_name(self._graph, f"{like.name or 'weight'}.road_merged")
-        return op.initializer(ir.tensor(array), name=name)
+        tensor = array if isinstance(array, ir.LazyTensor) else ir.tensor(array)
+        return op.initializer(tensor, name=name)
 
 
 class FoldMatMul(_FoldBase):
@@ -68,7 +91,7 @@ class FoldMatMul(_FoldBase):
         if failed is not None:
             return failed
         self._graph = context.graph_or_function
-        self._plan = {"w": _merged(weight, coeffs, common.group_size(y.producer()), axis=1)}
+        self._plan = {"w": _lazy_merged(w, weight, coeffs, common.group_size(y.producer()), axis=1)}
         return result
 
     def rewrite(self, op, x, w, **_):
@@ -97,7 +120,7 @@ class FoldMatMulAdd(_FoldBase):
             return failed
         g = common.group_size(y.producer())
         self._graph = context.graph_or_function
-        self._plan = {"w": _merged(weight, coeffs, g, axis=1),
+        self._plan = {"w": _lazy_merged(w, weight, coeffs, g, axis=1),
                       "b": _merged(bias.reshape(d), coeffs, g, axis=0).reshape(bias.shape)}
         return result
 
@@ -132,7 +155,7 @@ class FoldGemm(_FoldBase):
             return failed
         g = common.group_size(y.producer())
         self._graph = context.graph_or_function
-        self._plan = {"w": _merged(weight, coeffs, g, axis=axis), "node": node}
+        self._plan = {"w": _lazy_merged(w, weight, coeffs, g, axis=axis), "node": node}
         if bias is not None:
             full = np.broadcast_to(bias.reshape(-1), (d,)).astype(bias.dtype)
             self._plan["b"] = _merged(full, coeffs, g, axis=0)

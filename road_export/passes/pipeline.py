@@ -126,12 +126,25 @@ def run(model: ir.Model, *, fold: bool = False, target: str = "onnxruntime", deb
     return report
 
 
-def optimize_file(source: str | Path, target_path: str | Path, **kwargs) -> PipelineReport:
+def optimize_file(source: str | Path, target_path: str | Path, quantize: str | None = None,
+                  **kwargs) -> PipelineReport:
     """`road-export optimize`: load an ONNX file, run the passes, save atomically (external data kept external).
 
-    kwargs as for `run`. RoadError for a missing/unreadable source or an output path that cannot be written.
+    Weights stream: those the passes do not change are copied from the source's `.data`, folded ones are
+    computed one at a time as they are written (fold.py). `quantize` ("int4"/"int8") quantizes the MatMul weights
+    afterwards (road_export.quantize; this step holds the model in memory). kwargs as for `run`. RoadError for a
+    missing/unreadable source, an output path that cannot be written, or a quantize option on a quantized file.
     """
     model, external = load_for_rewrite(source, target_path)
+    if quantize is not None:
+        from road_export import quantize as quant
+
+        quant.check_scheme(quantize)
+        already = quant.quantization(model)
+        if already is not None:
+            raise RoadError(f"{source}: is quantized already ({already}); --quantize takes a float model")
     report = run(model, **kwargs)
+    if quantize is not None:
+        model, _ = quant.quantize_model(model, quantize, where=str(source))
     save_model(model, Path(target_path), external)
     return report

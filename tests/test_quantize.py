@@ -1,0 +1,138 @@
+"""Quantized bases (road_export.quantize): int4/int8 MatMul weights through onnxruntime's MatMulNBitsQuantizer,
+road nodes float and swappable on top; parity against peft fp32 judged by cosine; bad input refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import peft
+import pytest
+import torch
+from conftest import tiny
+from test_cli import assert_bad_input, road_export
+
+from road_export import files, quantize
+from road_export.verify import COSINE_MIN, verify
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A tiny Llama base, two peft RoAd adapters for it, the peft fp32 reference, and exports from the CLI."""
+    root = tmp_path_factory.mktemp("quantize")
+    tiny("tiny-llama").save_pretrained(root / "base")
+    for name, seed in (("road", 0), ("other", 1)):
+        torch.manual_seed(seed)
+        pm = peft.get_peft_model(tiny("tiny-llama"), peft.RoadConfig(variant="road_2", group_size=8,
+                                                                     init_weights=False))
+        pm.save_pretrained(str(root / name))
+    src = ["--base", root / "base", "--adapter", root / "road"]
+    for mode in ("rotate", "merge"):
+        proc = road_export(*src, "--mode", mode, "--quantize", "int4", "--report", root / f"{mode}.json",
+                           root / f"int4_{mode}.onnx")
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    proc = road_export(*src, "--mode", "merge", "--no-verify", root / "float.onnx")
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def peft_model(root, adapter="road"):
+    return peft.PeftModel.from_pretrained(tiny("tiny-llama"), str(root / adapter)).eval()
+
+
+@pytest.mark.parametrize("mode", ["rotate", "merge"])
+def test_int4_export_matches_peft_by_cosine(dirs, mode):
+    report = json.loads((dirs / f"{mode}.json").read_text())
+    assert report["passed"] and report["quantized"] == "int4" and report["reference"] == "peft"
+    assert report["judged_by"] == f"cosine >= {COSINE_MIN:g}"
+    assert all(r["cosine"] >= COSINE_MIN for r in report["rows"])
+    model = onnx.load(str(dirs / f"int4_{mode}.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    weights = {i.name for i in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert ops.count("MatMulNBits") == 15  # 2 layers x 7 linears + lm_head
+    assert ("Rotate" in ops or any(n.domain == "road" for n in model.graph.node)) == (mode == "rotate")
+    record = json.loads({p.key: p.value for p in model.metadata_props}["road_export.quantize"])
+    assert record["bits"] == 4 and record["block_size"] == quantize.BLOCK_SIZE
+
+
+def test_cosine_judgement_can_fail(dirs):
+    """A planted fault: the quantized file checked against another adapter's peft model fails on cosine... unless
+    the adapters are too alike, so the fault is made large: the int4 rows against a model with scaled weights."""
+    reference = peft_model(dirs)
+    with torch.no_grad():
+        reference.base_model.model.lm_head.weight.mul_(-1.0)
+    report = verify(dirs / "int4_rotate.onnx", reference)
+    assert report.quantized == "int4" and not report.passed
+    assert all(r.cosine < COSINE_MIN for r in report.rows)
+    assert "judged by cosine >= 0.98" in report.table()
+
+
+def test_int8_is_closer_than_int4(dirs, tmp_path):
+    rq = quantize.quantize_file(dirs / "float.onnx", tmp_path / "int8.onnx", "int8")
+    assert rq.bits == 8 and rq.quantized == 15
+    r8 = verify(tmp_path / "int8.onnx", peft_model(dirs))
+    r4 = verify(dirs / "int4_merge.onnx", peft_model(dirs))
+    assert r8.passed and r8.quantized == "int8"
+    assert min(r.cosine for r in r8.rows) > min(r.cosine for r in r4.rows)
+
+
+def test_swap_on_the_quantized_file(dirs, tmp_path):
+    """The .onnx_adapter of another adapter swaps onto the int4 rotate file: its outputs follow peft with that
+    adapter (cosine), and differ from the default adapter's."""
+    from road_export.runtime import RoadSession
+
+    other = tmp_path / "other.onnx_adapter"
+    proc = road_export("adapter", dirs / "other", "--like", dirs / "int4_rotate.onnx", other)
+    assert proc.returncode == 0, proc.stderr
+    session = RoadSession(dirs / "int4_rotate.onnx")
+    session.load_adapter(other, "other")
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 9), dtype=np.int64)}
+    first = lambda out: out["logits"] if isinstance(out, dict) else out[0]  # noqa: E731
+    got = first(session.run(feeds, adapter="other"))
+    default = first(session.run(feeds))
+    with torch.no_grad():
+        want = peft_model(dirs, "other")(input_ids=ids).logits.numpy()
+        want_default = peft_model(dirs)(input_ids=ids).logits.numpy()
+    cos = lambda a, b: float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    assert cos(got, want) >= COSINE_MIN and cos(default, want_default) >= COSINE_MIN
+    assert cos(got, want) > cos(got, want_default)  # the swap took: closer to "other" than to the default
+
+
+def test_attach_rotate_onto_int4_base(dirs, tmp_path):
+    """A float base quantized by the CLI, then attach --mode rotate: each rotation follows its MatMulNBits node,
+    found through the module path copied onto it; parity against peft by cosine."""
+    base_int4 = tmp_path / "base_int4.onnx"
+    proc = road_export("optimize", dirs / "float.onnx", base_int4, "--quantize", "int4", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    # float.onnx carries the merged adapter; attach "other" onto its quantized copy and check the node placement
+    out = tmp_path / "attached.onnx"
+    proc = road_export("attach", base_int4, "--adapter", dirs / "other", out)
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    roads = [n for n in model.graph.node if n.domain == "road"]
+    assert len(roads) == 4  # peft's default targets: q_proj, v_proj of 2 layers
+    assert all(producers[n.input[0]].op_type in ("MatMulNBits", "Add") for n in roads)
+
+
+def test_bad_input(dirs, tmp_path):
+    out = tmp_path / "out.onnx"
+    assert_bad_input(road_export("optimize", dirs / "int4_merge.onnx", out, "--quantize", "int8"),
+                     says="is quantized already (int4)", dirs=[tmp_path])
+    assert_bad_input(road_export("--base", dirs / "base", "--adapter", dirs / "road", "--quantize", "int3", out),
+                     says="--quantize", dirs=[tmp_path])
+    assert_bad_input(road_export("attach", dirs / "int4_merge.onnx", "--adapter", dirs / "other", "--mode", "merge",
+                                 out), says="cannot be folded into quantized weights", dirs=[tmp_path])
+    # a layout attach cannot place onto: MatMulInteger from onnxruntime's dynamic quantization
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dynamic = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(dirs / "float.onnx"), str(dynamic), op_types_to_quantize=["MatMul"],
+                     weight_type=QuantType.QInt8)
+    assert_bad_input(road_export("attach", dynamic, "--adapter", dirs / "other", out), says="is quantized as",
+                     dirs=[tmp_path])
+    assert not out.exists()
+    assert files.load_model(dirs / "int4_merge.onnx") is not None

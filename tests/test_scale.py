@@ -1,0 +1,142 @@
+"""Bounded-memory paths (issue 17) produce the same files as the in-memory ones: export's lazy transposed and
+merged weights, external data chosen by size, attach and optimize copying or folding weights from `.data`.
+Memory itself is measured by tools/bench_scale.py, not here."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import tiny
+from test_cli import road_export
+
+import road_export as rx
+from road_export import files
+from road_export.export import stream
+
+
+def weights(path) -> dict[str, bytes]:
+    """Initializer name -> (dtype, shape, bytes) of an ONNX file, external data read."""
+    model = ir.load(path)
+    return {k: (v.const_value.dtype, tuple(v.const_value.shape), v.const_value.tobytes())
+            for k, v in model.graph.initializers.items()}
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    return sorted(set(a) ^ set(b)) + sorted(k for k in set(a) & set(b) if a[k] != b[k])
+
+
+@pytest.fixture(scope="module")
+def adapted():
+    model = tiny("tiny-llama")
+    rx.get_road_model(model, rx.RoadConfig(variant="road_2", group_size=8, init_weights=False,
+                                           target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]))
+    return model
+
+
+@pytest.mark.parametrize("mode", ["merge", "rotate"])
+def test_streaming_export_writes_the_in_memory_bytes(adapted, tmp_path, mode, monkeypatch):
+    """Lazy weights saved to `.data` one at a time (transposes in blocks of a few rows) == merged copies and
+    optimizer-folded transposes in one file."""
+    monkeypatch.setattr(stream.TransposedTensor, "BLOCK_BYTES", 1000)  # several blocks per weight
+    streamed = rx.export(adapted, tmp_path / "s.onnx", mode=mode, external_data=True)
+    in_memory = rx.export(adapted, tmp_path / "m.onnx", mode=mode, streaming=False)
+    assert streamed.external_data is not None and in_memory.external_data is None
+    a, b = weights(streamed.path), weights(in_memory.path)
+    assert differing(a, b) == []
+    assert len(a) > 10
+
+
+def test_the_comparison_sees_one_changed_byte(adapted, tmp_path):
+    """Planted fault: one weight byte changed in one file is reported by name."""
+    rx.export(adapted, tmp_path / "a.onnx", mode="merge", streaming=False)
+    a = weights(tmp_path / "a.onnx")
+    name = next(k for k, v in a.items() if len(v[2]) > 1000)
+    b = dict(a)
+    raw = bytearray(b[name][2])
+    raw[17] ^= 1
+    b[name] = (b[name][0], b[name][1], bytes(raw))
+    assert differing(a, b) == [name]
+
+
+def test_lazy_weights_pass_reads_no_weight(adapted):
+    """The pass only rewires: no lazy tensor is evaluated until something asks for its bytes."""
+    from road_export.export import capture, prepare
+
+    merges: dict = {}
+    with prepare.prepared(adapted, "merge", None, lazy_merges=merges) as prepared:
+        module, args, names, spec, dynamic = capture.trace_plan(prepared, None, None, None)
+        model = capture.torch_export(module, args, names, dynamic, None)
+    lazy = stream.LazyWeightsPass(merges)
+    lazy(model)
+    assert lazy.evaluations == 0 and set(merges) == {p for p in merges}
+    tensors = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.LazyTensor)]
+    assert len(tensors) == 2 * 7 + 1  # every linear's transposed weight (4 of them merged) and lm_head's
+    assert not any(n.op_type == "Transpose" and n.inputs[0].is_initializer() for n in model.graph.all_nodes())
+    tensors[0].tobytes()
+    assert lazy.evaluations == 1
+
+
+def test_external_data_is_chosen_by_size(tmp_path, monkeypatch):
+    """Documented rule: initializers over files.EXTERNAL_DATA_THRESHOLD go to `<name>.onnx.data`."""
+    model = ir.Model(ir.Graph([], [], nodes=[], name="g"), ir_version=10)
+    value = ir.Value(name="w", const_value=ir.tensor(np.zeros((256, 256), np.float32)))
+    model.graph.register_initializer(value)
+    assert files.EXTERNAL_DATA_THRESHOLD == 256 * 2**20
+    assert files.save_model(model, tmp_path / "small.onnx") is None
+    monkeypatch.setattr(files, "EXTERNAL_DATA_THRESHOLD", 256 * 256 * 4 - 1)
+    data = files.save_model(model, tmp_path / "big.onnx")
+    assert data == tmp_path / "big.onnx.data" and data.stat().st_size >= 256 * 256 * 4
+    assert weights(tmp_path / "big.onnx") == weights(tmp_path / "small.onnx")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """The same float base as one file and with external data, and a peft adapter for it."""
+    import peft
+    import torch
+
+    root = tmp_path_factory.mktemp("scale")
+    tiny("tiny-llama").save_pretrained(root / "base")
+    torch.manual_seed(0)
+    peft.get_peft_model(tiny("tiny-llama"), peft.RoadConfig(variant="road_4", group_size=8, init_weights=False)
+                        ).save_pretrained(str(root / "adapter"))
+    for mode in ("merge", "rotate"):
+        for name, extra in (("single", ()), ("external", ("--external-data",))):
+            proc = road_export("--base", root / "base", "--adapter", root / "adapter", "--no-verify", *extra,
+                               "--mode", mode, root / f"{mode}_{name}.onnx")
+            assert proc.returncode == 0, proc.stderr
+    assert (root / "rotate_external.onnx.data").exists() and not (root / "rotate_single.onnx.data").exists()
+    return root
+
+
+@pytest.mark.parametrize("command", ["attach", "optimize"])
+def test_attach_and_optimize_stream_the_same_bytes(bases, tmp_path, command):
+    """From `.data` (weights copied by the kernel, folded ones computed one at a time while written) == from one
+    file held in memory."""
+    outs = {}
+    for name in ("single", "external"):
+        out = tmp_path / f"{name}.onnx"
+        if command == "attach":
+            argv = ["attach", bases / f"merge_{name}.onnx", "--adapter", bases / "adapter", "--mode", "merge", out]
+        else:
+            argv = ["optimize", bases / f"rotate_{name}.onnx", out, "--fold"]
+        proc = road_export(*argv)
+        assert proc.returncode == 0, proc.stderr
+        outs[name] = out
+    assert outs["external"].with_name("external.onnx.data").exists()
+    assert differing(weights(outs["single"]), weights(outs["external"])) == []
+
+
+def test_attach_in_place_over_its_own_data(bases, tmp_path):
+    """BASE == OUT with external data: the new `.data` is written beside, then moved in; the old one is read
+    until then."""
+    import shutil
+
+    for suffix in ("", ".data"):  # the file names its data file: keep the names
+        shutil.copy(bases / f"rotate_external.onnx{suffix}", tmp_path / f"rotate_external.onnx{suffix}")
+    model, reference = tmp_path / "rotate_external.onnx", tmp_path / "ref.onnx"
+    assert road_export("optimize", model, reference, "--fold").returncode == 0
+    proc = road_export("optimize", model, model, "--fold")
+    assert proc.returncode == 0, proc.stderr
+    assert differing(weights(reference), weights(model)) == []
