@@ -1,11 +1,11 @@
 """The package's layering: nothing imports a layer above its own, and export and runtime do not import each other.
 
     1 maths and config      errors, config, rotation, names
-    2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir
+    2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir, quantize, parity
     3 passes                passes.*, attach
     4 export (torch)        layers, model, adapters, zoo, source, checkpoint, export.*
     4 runtime (ORT)         runtime, generation, native, seq2seq, gpu
-    5 harness, CLI, server  verify, testing, cli, serving.*
+    5 harness, CLI, server  verify, crosscheck, testing, cli, serving.*
 
 A module may import its own layer and any layer below; the two halves of layer 4 are siblings. Lazy imports inside
 functions count too. Layers 1-3 and the runtime are the serving floor: they must not import torch, transformers or
@@ -23,11 +23,11 @@ PACKAGE = ROOT / "road_export"
 LAYERS: dict[str, tuple[int, str]] = {
     **{m: (1, "base") for m in ("errors", "config", "rotation", "names", "requires_export")},
     **{m: (2, "onnx") for m in ("ops", "files", "checks", "adapter_files", "swap", "inspection", "model_dir",
-                                "quantize")},
+                                "quantize", "parity")},
     **{m: (3, "passes") for m in ("passes", "attach")},
     **{m: (4, "export") for m in ("layers", "model", "adapters", "zoo", "source", "checkpoint", "export")},
     **{m: (4, "runtime") for m in ("runtime", "generation", "native", "seq2seq", "gpu")},
-    **{m: (5, "top") for m in ("verify", "testing", "cli", "serving")},
+    **{m: (5, "top") for m in ("verify", "crosscheck", "testing", "cli", "serving")},
 }
 FLOOR_MAX = 3
 TORCH_SIDE = ("torch", "transformers", "peft", "safetensors.torch")
