@@ -32,6 +32,16 @@ MIXED_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (4, 7, 2), (3, 33, 
 # With a cache: (batch, new tokens, past length, padding): prefill, padded prefill, a decode step, a chunk after past
 CACHE_SHAPES: tuple[tuple[int, int, int, int], ...] = ((1, 1, 0, 0), (3, 7, 0, 2), (4, 1, 9, 3), (2, 4, 6, 1))
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+# Coverage checks run besides the shapes above (verify(coverage=True)):
+# - "vocabulary sweep": every token id once, in rows of SWEEP_ROW tokens (the last row wraps around), so a damaged
+#   embedding or tied-head row of any id is seen; special ids (0, 1, 2, the config's bos/eos/pad/unk/
+#   decoder_start) and the last id come first. Up to SWEEP_BUDGET ids the whole vocabulary; above it, the special
+#   ids plus a seeded random sample, SWEEP_BUDGET ids in all. Runs of at most SWEEP_CHUNK logits values each.
+# - "long sequence": one row of min(max_position_embeddings or n_positions, LONG_CAP) tokens, so a learned position
+#   table is checked up to its end when it is small (GPT-2's, OPT's, BERT's in the tiny models: 128).
+SWEEP_ROW, SWEEP_BUDGET, SWEEP_CHUNK = 64, 65536, 2**22
+LONG_CAP = 256
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id")
 
 
 @dataclass
@@ -56,6 +66,8 @@ class ParityReport:
     rows: list[OutputParity] = field(default_factory=list)
     kernels: str = "-"  # how the road ops ran: "native" kernels, standard-op "bodies", or "-" (none in the file)
     reference: str = "road-export loader"  # what the file was compared with: "peft", or road-export's own model
+    ids_covered: str = "-"  # token ids fed across the checks / vocabulary size, e.g. "256/256"
+    longest_sequence: int = 0  # the longest sequence (new tokens, one row) checked
 
     @property
     def passed(self) -> bool:
@@ -64,6 +76,7 @@ class ParityReport:
     def to_json(self) -> str:
         return json.dumps({"onnx_path": self.onnx_path, "dtype": self.dtype, "atol": self.atol,
                            "reference": self.reference, "kernels": self.kernels, "passed": self.passed,
+                           "ids_covered": self.ids_covered, "longest_sequence": self.longest_sequence,
                            "rows": [asdict(r) for r in self.rows]}, indent=2)
 
     def table(self, color: bool = False) -> str:
@@ -83,7 +96,8 @@ class ParityReport:
         buf = io.StringIO()
         Console(file=buf, width=110, force_terminal=color, color_system="auto" if color else None).print(table)
         verdict = "PASSED" if self.passed else "FAILED"
-        return buf.getvalue() + f"parity {verdict}: {sum(r.ok for r in self.rows)}/{len(self.rows)} checks\n"
+        return (buf.getvalue() + f"parity {verdict}: {sum(r.ok for r in self.rows)}/{len(self.rows)} checks "
+                f"(ids covered: {self.ids_covered}, longest sequence: {self.longest_sequence})\n")
 
 
 def onnx_dtype(path: str | Path) -> str:
@@ -111,6 +125,7 @@ def verify(
     session_options=None,
     native: bool | None = None,
     reference: str | None = None,
+    coverage: bool = True,
 ) -> ParityReport:
     """Compare the ONNX file with `torch_model` (float32 reference) on each shape in `shapes`.
 
@@ -119,6 +134,8 @@ def verify(
     "road-export loader"). A shape is (batch, sequence, padding), or (batch, sequence, past length, padding) for a
     graph with a cache. `native` says how road ops run: the native kernels (True), their standard-op bodies
     (False), or the kernels where they build (None), as `RoadSession` does; the report records which.
+    With `coverage` (default) two more checks run: a vocabulary sweep and a long sequence (see SWEEP_BUDGET and
+    LONG_CAP above); the report records the ids covered and the longest sequence.
     Raises RoadError for a missing or unloadable file, or a file whose inputs the task does not have.
     """
     import onnxruntime as ort
@@ -169,11 +186,18 @@ def verify(
     elif order and shapes == DEFAULT_SHAPES:
         shapes = MIXED_SHAPES
     cases = [shape if len(shape) == 4 else (shape[0], shape[1], 0, shape[2]) for shape in shapes]
-    for batch, seq, past, pad in cases:
+    vocab = int(getattr(torch_model.config, "vocab_size", 0) or 0)
+    seen: set[int] = set()
+
+    def check(case: str, batch: int, seq: int, past: int, pad: int, ids: np.ndarray | None = None) -> list:
         inputs = sample_inputs(torch_model, spec, batch=batch, seq=seq, seed=seed, pad=min(pad, past + seq - 1),
                                past=past)
+        if ids is not None:
+            inputs["input_ids"] = torch.from_numpy(ids.reshape(batch, seq).astype(np.int64))
         if dtype == "float16":  # the cache is fed in float16: give the reference the same rounded values
             inputs = {k: v.half().float() if v.is_floating_point() else v for k, v in inputs.items()}
+        mask = inputs["attention_mask"].numpy().astype(bool)
+        seen.update(int(i) for i in inputs["input_ids"].numpy()[mask[:, -seq:]])
         with torch.no_grad():
             expected = ref_module(**nest(spec, inputs))
         expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
@@ -181,15 +205,77 @@ def verify(
         if dtype == "float16":
             feeds = {n: v.astype(np.float16) if v.dtype.kind == "f" else v for n, v in feeds.items()}
         got = session.run(output_names, feeds)
-        mask = inputs["attention_mask"].numpy().astype(bool)
-        case = f"batch {batch}, seq {seq}" + (f", past {past}" if spec.cache else "") + (f", pad {pad}" if pad else "")
         if order:
             case += ", ids " + ",".join(str(int(i)) for i in inputs["adapter_ids"])
-        report.rows.append(compare(output_names[0], case, got[0], expected[0], mask[:, -seq:], atol,
-                                   logits=spec.output_name == "logits"))
+        rows = [compare(output_names[0], case, got[0], expected[0], mask[:, -seq:], atol,
+                        logits=spec.output_name == "logits")]
         if spec.cache:
-            report.rows.append(_compare_cache(case, got[1:], expected[1:], mask, atol))
+            rows.append(_compare_cache(case, got[1:], expected[1:], mask, atol))
+        report.longest_sequence = max(report.longest_sequence, seq)
+        return rows
+
+    for batch, seq, past, pad in cases:
+        case = f"batch {batch}, seq {seq}" + (f", past {past}" if spec.cache else "") + (f", pad {pad}" if pad else "")
+        report.rows.extend(check(case, batch, seq, past, pad))
+    if coverage and vocab > 0:
+        longest = max_positions(torch_model)
+        row = min(SWEEP_ROW, longest)
+        ids = sweep_ids(torch_model, seed)
+        rows_needed = -(-len(ids) // row)
+        ids = np.resize(ids, rows_needed * row)  # the last row wraps around to the first ids
+        per_run = max(1, SWEEP_CHUNK // (row * max(vocab, 1)))
+        parts = []
+        for start in range(0, rows_needed, per_run):
+            chunk = ids[start * row:(start + per_run) * row]
+            parts.append(check("vocabulary sweep", len(chunk) // row, row, 0, 0, chunk))
+        swept = len(set(ids.tolist()))
+        report.rows.extend(merge_rows([p[i] for p in parts], f"vocabulary sweep: {swept} ids, {row} per row")
+                           for i in range(len(parts[0])))
+        report.rows.extend(check(f"long sequence: seq {longest}", 1, longest, 0, 0))
+    if vocab > 0:
+        report.ids_covered = f"{len(seen)}/{vocab}"
     return report
+
+
+def max_positions(model: nn.Module) -> int:
+    """The long check's length: the model's position table size (max_position_embeddings, n_positions) capped at
+    LONG_CAP; LONG_CAP where the config names none."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, LONG_CAP)
+    return LONG_CAP
+
+
+def special_ids(model: nn.Module) -> list[int]:
+    """0, 1, 2, the config's bos/eos/pad/unk/decoder_start ids where set (lists flattened) and the last id."""
+    config, vocab = model.config, int(model.config.vocab_size)
+    ids = [0, 1, 2]
+    for key in SPECIAL_ID_KEYS:
+        value = getattr(config, key, None)
+        ids += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int)]
+    ids.append(vocab - 1)
+    return list(dict.fromkeys(i for i in ids if 0 <= i < vocab))
+
+
+def sweep_ids(model: nn.Module, seed: int = 0) -> np.ndarray:
+    """The vocabulary sweep's ids: the special ids first, then every other id (vocab_size <= SWEEP_BUDGET), or a
+    seeded random sample of the others up to SWEEP_BUDGET ids in all."""
+    vocab = int(model.config.vocab_size)
+    first = special_ids(model)
+    rest = np.setdiff1d(np.arange(vocab), np.array(first, dtype=np.int64))
+    if vocab > SWEEP_BUDGET:
+        rest = np.sort(np.random.default_rng(seed).choice(rest, SWEEP_BUDGET - len(first), replace=False))
+    return np.concatenate([np.array(first, dtype=np.int64), rest.astype(np.int64)])
+
+
+def merge_rows(rows: list[OutputParity], case: str) -> OutputParity:
+    """Several runs of one check as one row: the largest errors, the smallest cosine, the mean top-1."""
+    top1 = [r.top1 for r in rows if r.top1 is not None]
+    return OutputParity(rows[0].output, case, [sum(r.shape[0] for r in rows), *rows[0].shape[1:]],
+                        max(r.max_abs for r in rows), max(r.max_rel for r in rows), min(r.cosine for r in rows),
+                        float(np.mean(top1)) if top1 else None, all(r.ok for r in rows))
 
 
 def _compare_cache(case: str, got: list[np.ndarray], expected: list[np.ndarray], mask: np.ndarray,
