@@ -18,6 +18,7 @@ from road_export.adapter_files import PREFIX, ROAD_PARAMS, WEIGHTS_NAME, Adapter
 from road_export.config import RoadConfig
 from road_export.errors import RoadError
 from road_export.files import atomic_write
+from road_export.names import check_adapter_name
 from road_export.layers import RoadLayer, output_axis
 
 __all__ = ["ROAD_PARAMS", "AdapterFile", "apply_adapter", "from_peft", "load_adapter", "read_adapter", "save_adapter"]
@@ -36,6 +37,7 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, adapter_name: str = "d
     model's own. Raises RoadError, before touching the model, for a name already in use, modules the model lacks,
     widths not divisible by group_size, or tensors of the wrong shape.
     """
+    check_adapter_name(adapter_name)
     if adapter_name in road_model.adapter_names(model):
         raise RoadError(f"adapter {adapter_name!r} already exists on this model; pick another name")
     where = adapter.path / WEIGHTS_NAME

@@ -170,13 +170,34 @@ def _insert_rotation(model: ir.Model, out: ir.Value, c1: np.ndarray, c2: np.ndar
         node.outputs[0].name = f"{module}.road_out"
 
 
+def check_no_adapter(metadata: dict[str, str], path: str | Path) -> None:
+    """Refuse a base whose metadata (`road_export.adapters`) records adapters already merged or attached: attaching
+    again would rotate the rotated layers a second time. Raises RoadError (one line)."""
+    try:
+        recorded = json.loads(metadata.get(METADATA_ADAPTERS) or "[]")
+    except ValueError:
+        recorded = []
+    names = [str(a.get("name", "?")) for a in recorded if isinstance(a, dict)] if isinstance(recorded, list) else []
+    if names:
+        mode = metadata.get(METADATA_MODE, "?")
+        raise RoadError(f"{path}: already holds adapter(s) {', '.join(names)} ({mode}, recorded in its "
+                        f"{METADATA_ADAPTERS} metadata); attaching would apply a rotation twice; attach to the base "
+                        "model's ONNX file instead")
+
+
 def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mode: str = "rotate") -> AttachReport:
-    """`road-export attach`: load BASE.onnx (external data too), attach, and save atomically."""
+    """`road-export attach`: load BASE.onnx (external data too), attach, and save atomically.
+
+    Raises RoadError for a base that already records adapters (`check_no_adapter`), OUT the same file as BASE, or
+    adapters that do not fit."""
     if len(adapters) != 1:
         raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
                         "(road-export --adapter a=... --adapter b=... --mode rotate)")
+    if Path(out).resolve() == Path(base).resolve() or (Path(out).exists() and Path(out).samefile(base)):
+        raise RoadError(f"{out}: is the base model itself; the base is left unchanged, choose another output path")
     files = [read_adapter(a) for a in adapters]
     model, external = load_for_rewrite(base, out)
+    check_no_adapter(dict(model.metadata_props), base)
     report = attach_to_model(model, files[0], mode)
     model.metadata_props[METADATA_VERSION] = __version__
     model.metadata_props[METADATA_MODE] = mode

@@ -27,6 +27,7 @@ from road_export.config import CONFIG_NAME, RoadConfig
 from road_export.errors import RoadError
 from road_export.export.tasks import CAUSAL, PEFT_TASK_TYPES, normalize_task
 from road_export.model import get_road_model
+from road_export.names import check_adapter_name
 
 PEFT_REFERENCE = "peft"
 OWN_REFERENCE = "road-export loader"
@@ -43,8 +44,9 @@ def parse_adapter(text: str, index: int) -> AdapterSpec:
     name, sep, path = text.partition("=")
     if not sep or Path(text).exists():
         name, path = ("default" if index == 0 else Path(text).name), text
-    if not name or not path:
+    if not path or (sep and not name and not Path(text).exists()):
         raise RoadError(f"--adapter {text!r}: expected [NAME=]PATH")
+    check_adapter_name(name, f"--adapter {text}: adapter name")
     return AdapterSpec(name, Path(path))
 
 
@@ -117,7 +119,9 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
     specs = [parse_adapter(a, i) for i, a in enumerate(adapters)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise RoadError(f"--adapter names must be unique, got {names}; use NAME=PATH")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise RoadError(f"--adapter names must be unique, {', '.join(twice)} given twice (names: {', '.join(names)}); "
+                        "use NAME=PATH")
     files = [read_adapter(s.path) for s in specs]  # check every adapter before loading the base
     task = resolve_task(task, files)
     path = zoo.resolve(base)

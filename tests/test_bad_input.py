@@ -65,7 +65,8 @@ def build_inputs(root: Path) -> Path:
     model = rx.load_adapter(tiny("tiny-llama"), root / "road")
     rx.export(model, root / "rotate.onnx", mode="rotate")
     rx.export(model, root / "past.onnx", mode="rotate", task="text-generation-with-past")
-    rx.export(model, root / "ext.onnx", external_data=True)  # merged: attach places rotations on its MatMuls
+    rx.export(model, root / "ext.onnx", external_data=True)  # merged: its metadata records the adapter
+    rx.export(tiny("tiny-llama"), root / "plain.onnx", require_adapter=False, external_data=True)  # attach's base
     data = (root / "rotate.onnx").read_bytes()
     (root / "empty.onnx").write_bytes(b"")
     (root / "truncated.onnx").write_bytes(data[: len(data) // 2])
@@ -130,6 +131,25 @@ CASES = [
                                          "{r}/afile"], "is a file"),
     ("merge-checkpoint-no-parent", ["merge-checkpoint", "--base", "{r}/base", "--adapter", "{r}/road",
                                     "{o}/no/dir"], "does not exist"),
+    # adapter names peft and ONNX can carry, refused before loading
+    ("adapter-name-dot", ["--adapter", "a.b={r}/road", "--mode", "rotate", "{o}/m.onnx"], "no '.'"),
+    ("adapter-name-reserved", ["--adapter", "__base__={r}/road", "--mode", "rotate", "{o}/m.onnx"], "is reserved"),
+    ("adapter-name-empty", ["--adapter", "={r}/road", "{o}/m.onnx"], "expected [NAME=]PATH"),
+    ("adapter-name-twice", ["--adapter", "a={r}/road", "--adapter", "a={r}/road", "--mode", "rotate", "{o}/m.onnx"],
+     "a given twice"),
+    ("verify-adapter-name-dot", ["verify", "{r}/rotate.onnx", "--adapter", "a.b={r}/road"], "no '.'"),
+    # outputs never coincide with inputs
+    ("attach-twice", ["attach", "{r}/ext.onnx", "--adapter", "{r}/road", "{o}/x.onnx"], "already holds adapter(s) "
+                                                                                       "default (merge"),
+    ("attach-out-is-in", ["attach", "{r}/plain.onnx", "--adapter", "{r}/road", "{r}/plain.onnx"], "is the input"),
+    ("optimize-out-is-in", ["optimize", "{r}/rotate.onnx", "{r}/rotate.onnx"], "is the input"),
+    ("verify-report-is-model", ["verify", "{r}/rotate.onnx", "--report", "{r}/rotate.onnx"], "is also the command's"),
+    ("verify-report-is-data", ["verify", "{r}/ext.onnx", "--report", "{r}/ext.onnx.data"], "is the input"),
+    ("verify-report-in-adapter", ["verify", "{r}/rotate.onnx", "--adapter", "x={r}/road", "--report",
+                                  "{r}/road/adapter_config.json"], "is a file of the input"),
+    ("export-report-is-base-file", ["--base", "{r}/base", "--report", "{r}/base/config.json", "{o}/m.onnx"],
+     "is a file of the input"),
+    ("export-output-is-adapter", ["--adapter", "{r}/road", "{r}/road"], "exists and is not empty"),
     # empty, truncated or incomplete ONNX input
     *[(f"{cmd}-{kind}", argv, says)
       for kind, says in (("empty", "empty file"), ("truncated", "not a readable ONNX model"),
@@ -229,7 +249,7 @@ def small_fs(tmp_path):
 def test_full_file_system(ctx, small_fs, capsys, command):
     (small_fs / "old.onnx").write_bytes(b"x" * 1000)  # a target that exists must stay as it was
     argv = {"optimize": ["optimize", ctx / "rotate.onnx", small_fs / "old.onnx"],
-            "attach": ["attach", ctx / "ext.onnx", "--adapter", ctx / "road", small_fs / "m.onnx"],
+            "attach": ["attach", ctx / "plain.onnx", "--adapter", ctx / "road", small_fs / "m.onnx"],
             "adapter": ["adapter", ctx / "road", "--like", ctx / "rotate.onnx", small_fs / "m.big.onnx_adapter"],
             "merge-checkpoint": ["merge-checkpoint", "--base", ctx / "base", "--adapter", ctx / "road",
                                  small_fs / "merged"],
@@ -478,3 +498,10 @@ def test_onnxruntime_failures_are_one_line(ctx, session, capsys, monkeypatch):
     monkeypatch.setattr(road_export.verify, "verify", lambda path, *a, **k: _onnxruntime_refuses(path))
     code, out, err = cli(capsys, "verify", ctx / "rotate.onnx", "--base", "tiny-llama", "--adapter", ctx / "road")
     assert_one_line(code, err, out, "rotate.onnx: onnxruntime cannot run it (")
+
+
+@pytest.mark.parametrize("name", ["a.b", "__base__", "", "a b", "x/y"])
+def test_adapter_names_are_checked_in_the_api(name):
+    config = rx.RoadConfig(variant="road_1", group_size=8)
+    with pytest.raises(RoadError, match="reserved|letters, digits"):
+        rx.get_road_model(tiny("tiny-llama"), config, name)
