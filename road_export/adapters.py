@@ -102,12 +102,29 @@ def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
         return model.get_buffer(key)
 
 
+def _head_mismatch(unplaced: list[str], present: set[str], model: nn.Module) -> str | None:
+    """Where the modules would sit when the adapter was made on the same base with another head: on a model with
+    a task head (`model.layers...` in a ...ForCausalLM, missing from a bare ...Model), or on the bare model. None
+    when neither fits (another architecture)."""
+    prefix = getattr(model, "base_model_prefix", "") or "model"
+    if all(m.split(".", 1)[-1] in present for m in unplaced if "." in m):
+        return f"under a task head's {unplaced[0].split('.', 1)[0]!r} (the model class with a head), not in this " \
+               f"{type(model).__name__}"
+    if all(f"{prefix}.{m}" in present for m in unplaced):
+        return f"in the bare model, not under this {type(model).__name__}'s {prefix!r}"
+    return None
+
+
 def _check_placement(model: nn.Module, adapter: AdapterFile) -> None:
     """Every module of the file must exist and be one the config targets, and vice versa."""
     present = {name for name, _ in model.named_modules()}
     unplaced = sorted(m for m in adapter.road if m not in present)
     if unplaced:
         shown = ", ".join(unplaced[:5]) + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else "")
+        head = _head_mismatch(unplaced, present, model)
+        if head:
+            raise RoadError(f"{adapter.path}: the task does not fit the adapter: its modules ({unplaced[0]}, ...) "
+                            f"sit {head}; pass the --task it was trained for (e.g. text-generation for a causal LM)")
         raise RoadError(
             f"{adapter.path}: {len(unplaced)} adapted module(s) do not exist in this {type(model).__name__}: "
             f"{shown}; the adapter was made for another architecture"

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from road_export.errors import RoadError
-from road_export.export.tasks import TaskModule, infer_task, nest, sample_inputs, task_spec
+from road_export.export.tasks import TaskModule, infer_task, nest, normalize_task, sample_inputs, task_spec
+from road_export.names import PAST, PRESENT
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (3, 7, 2), (2, 33, 5))  # (batch, seq, padding)
 MIXED_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (4, 7, 2), (3, 33, 5))  # every id appears
@@ -145,6 +146,7 @@ def verify(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise RoadError(f"{onnx_path}: no such ONNX file")
+    ort.set_default_logger_severity(3)  # errors come back as one RoadError line, not onnxruntime's coloured log
     if session_options is None:
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3  # swappable coefficients make onnxruntime warn; not a parity matter
@@ -159,11 +161,16 @@ def verify(
     dtype = onnx_dtype(onnx_path)
     atol = TOLERANCE[dtype] if atol is None else atol
     meta = onnx_metadata(onnx_path)
+    told = "--task" if task else "its road_export.task metadata" if meta.get("road_export.task") else "the model"
     task = task or meta.get("road_export.task") or infer_task(torch_model)
     order: tuple[str, ...] = ()
     if any(i.name == "adapter_ids" for i in session.get_inputs()):
         order = tuple(a["name"] for a in sorted(json.loads(meta.get("road_export.adapters", "[]")),
                                                  key=lambda a: a.get("id", 0)))
+        check_adapter_names(onnx_path, order, torch_model)
+    file_inputs = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+    check_task_fits(onnx_path, normalize_task(task), told, file_inputs, output_names)
     spec = task_spec(torch_model, task, order)
     feeds_needed = [i.name for i in session.get_inputs()]
     # the reference gets what the file gets: positions where the file takes them (an older file may not)
@@ -175,7 +182,6 @@ def verify(
     if missing:
         raise RoadError(f"{onnx_path}: inputs {missing} are not inputs of task {spec.task}")
     ref_module = TaskModule(torch_model, spec).eval()
-    output_names = [o.name for o in session.get_outputs()]
     if reference is None:
         reference_name = "peft" if hasattr(torch_model, "peft_config") else "road-export loader"
     else:
@@ -235,6 +241,38 @@ def verify(
     if vocab > 0:
         report.ids_covered = f"{len(seen)}/{vocab}"
     return report
+
+
+def check_adapter_names(path: Path, order: tuple[str, ...], model: nn.Module) -> None:
+    """A mixed-adapter file routes rows by its adapters' names: the reference must hold the same names."""
+    if hasattr(model, "peft_config"):
+        have = set(model.peft_config)
+    else:
+        from road_export.model import adapter_names
+
+        have = set(adapter_names(model))
+    unknown = [n for n in order if n not in have]
+    if unknown:
+        example = " ".join(f"--adapter {n}=PATH" for n in order)
+        raise RoadError(f"{path.name} holds adapters {', '.join(order)}; the --adapter names must match the file's "
+                        f"(given: {', '.join(sorted(have)) or 'none'}); pass {example}")
+
+
+def check_task_fits(path: Path, task: str, told: str, inputs: list[str], outputs: list[str]) -> None:
+    """The task's inputs and outputs against the file's own, before anything runs (one line naming where the task
+    came from: --task, the file's metadata, or the model class)."""
+    cache = any(n.startswith(PAST) for n in inputs) or any(n.startswith(PRESENT) for n in outputs)
+    expected_out = "last_hidden_state" if task == "feature-extraction" else "logits"
+    problem = None
+    if task == "text-generation-with-past" and not cache:
+        problem = "takes no past_key_values inputs and gives no present outputs (no key/value cache)"
+    elif task != "text-generation-with-past" and cache:
+        problem = "has a key/value cache (past_key_values inputs); that is text-generation-with-past"
+    elif not outputs or outputs[0] != expected_out:
+        problem = f"gives {', '.join(outputs[:3])}, not {expected_out}"
+    if problem:
+        raise RoadError(f"{path.name}: task {task} (from {told}) does not fit the file: it {problem}; pass the "
+                        "--task it was exported with (road-export inspect shows its inputs and outputs)")
 
 
 def max_positions(model: nn.Module) -> int:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import peft
 import pytest
 import torch
@@ -67,6 +68,11 @@ def build_inputs(root: Path) -> Path:
     rx.export(model, root / "past.onnx", mode="rotate", task="text-generation-with-past")
     rx.export(model, root / "ext.onnx", external_data=True)  # merged: its metadata records the adapter
     rx.export(tiny("tiny-llama"), root / "plain.onnx", require_adapter=False, external_data=True)  # attach's base
+    two = rx.load_adapter(rx.load_adapter(tiny("tiny-llama"), root / "road", "a"), root / "road", "b")
+    rx.export(two, root / "mixed.onnx", mode="rotate")  # adapters a and b, input adapter_ids
+    mislabeled = onnx.load(str(root / "rotate.onnx"))  # metadata says with-past, the graph has no cache
+    next(p for p in mislabeled.metadata_props if p.key == "road_export.task").value = "text-generation-with-past"
+    onnx.save(mislabeled, str(root / "mislabeled.onnx"))
     data = (root / "rotate.onnx").read_bytes()
     (root / "empty.onnx").write_bytes(b"")
     (root / "truncated.onnx").write_bytes(data[: len(data) // 2])
@@ -138,6 +144,16 @@ CASES = [
     ("adapter-name-twice", ["--adapter", "a={r}/road", "--adapter", "a={r}/road", "--mode", "rotate", "{o}/m.onnx"],
      "a given twice"),
     ("verify-adapter-name-dot", ["verify", "{r}/rotate.onnx", "--adapter", "a.b={r}/road"], "no '.'"),
+    # the file's own adapter names, task, inputs and outputs, checked before anything runs
+    ("verify-mixed-names", ["verify", "{r}/mixed.onnx", "--base", "{r}/base", "--adapter", "x={r}/road", "--adapter",
+                            "y={r}/road"], "holds adapters a, b; the --adapter names must match the file's"),
+    ("verify-task-metadata", ["verify", "{r}/mislabeled.onnx", "--base", "{r}/base", "--adapter", "{r}/road"],
+     "task text-generation-with-past (from its road_export.task metadata) does not fit the file"),
+    ("verify-task-no-cache", ["verify", "{r}/rotate.onnx", "--base", "{r}/base", "--adapter", "{r}/road", "--task",
+                              "text-generation-with-past"], "(from --task) does not fit the file: it takes no "
+                                                            "past_key_values"),
+    ("verify-task-head", ["verify", "{r}/rotate.onnx", "--base", "{r}/base", "--adapter", "{r}/road", "--task",
+                          "feature-extraction"], "the task does not fit the adapter"),
     # outputs never coincide with inputs
     ("attach-twice", ["attach", "{r}/ext.onnx", "--adapter", "{r}/road", "{o}/x.onnx"], "already holds adapter(s) "
                                                                                        "default (merge"),
@@ -352,14 +368,14 @@ IDS = np.arange(8, dtype=np.int64).reshape(2, 4) + 3
 ONES = np.ones_like(IDS)
 
 SESSION_CASES = [
-    ("batch-0", {"input_ids": IDS[:0], "attention_mask": ONES[:0]}, {}, "empty on axis 0 (batch)"),
-    ("sequence-0", {"input_ids": IDS[:, :0], "attention_mask": ONES[:, :0]}, {}, "empty on axis 1 (sequence)"),
+    ("batch-0", {"input_ids": IDS[:0], "attention_mask": ONES[:0]}, {}, "empty on axis 0 (batch_size)"),
+    ("sequence-0", {"input_ids": IDS[:, :0], "attention_mask": ONES[:, :0]}, {}, "empty on axis 1 (sequence_length)"),
     ("mask-length", {"input_ids": IDS, "attention_mask": np.ones((2, 5), np.int64)}, {}, "they must agree"),
-    ("mask-batch", {"input_ids": IDS, "attention_mask": ONES[:1]}, {}, "attention_mask has batch 1, input_ids has 2"),
+    ("mask-batch", {"input_ids": IDS, "attention_mask": ONES[:1]}, {}, "attention_mask has batch_size 1, input_ids has 2"),
     ("ids-float", {"input_ids": IDS.astype(np.float32), "attention_mask": ONES}, {}, "dtype float32; rotate.onnx "
                                                                                     "takes int64"),
     ("mask-float", {"input_ids": IDS, "attention_mask": ONES.astype(np.float64)}, {}, "dtype float64"),
-    ("ids-rank", {"input_ids": IDS[0], "attention_mask": ONES}, {}, "takes rank 2 [batch, sequence]"),
+    ("ids-rank", {"input_ids": IDS[0], "attention_mask": ONES}, {}, "takes rank 2 [batch_size, sequence_length]"),
     ("unknown-input", {"input_ids": IDS, "attention_mask": ONES, "token_type_ids": ONES}, {}, "no input "
                                                                                              "token_type_ids"),
     ("missing-input", {"input_ids": IDS}, {}, "missing inputs ['attention_mask']"),
@@ -371,6 +387,8 @@ SESSION_CASES = [
     ("unknown-adapter", {"input_ids": IDS, "attention_mask": ONES}, {"adapter": "nope"}, "holds ['default'] only"),
     ("unknown-output", {"input_ids": IDS, "attention_mask": ONES}, {"output_names": ["hidden"]}, "no output hidden"),
     ("not-a-mapping", [IDS, ONES], {}, "must be a mapping"),
+    ("id-negative", {"input_ids": IDS - 4, "attention_mask": ONES}, {}, "token id -1; rotate.onnx takes ids 0 to 255"),
+    ("id-vocab", {"input_ids": IDS + 248, "attention_mask": ONES}, {}, "token id 258; rotate.onnx takes ids 0 to 255"),
 ]
 
 
@@ -396,7 +414,8 @@ def test_session_with_cache_bad_input(past_session):
                                         r"cover 4"):
         past_session.run({**feeds, "attention_mask": np.ones((2, 2), np.int64)})
     wrong = {n: np.zeros((2, heads + 1, 3, size), np.float32) for n in past}
-    with pytest.raises(RoadError, match=r"has size 3 on axis 1; past.onnx takes \[batch, 2, past_sequence, 16\]"):
+    with pytest.raises(RoadError, match=r"has size 3 on axis 1; past.onnx takes "
+                                        r"\[batch_size, 2, past_sequence_length, 16\]"):
         past_session.run({**feeds, **wrong, "attention_mask": np.ones((2, 4), np.int64)})
     empty = {n: np.zeros((2, heads, 0, size), np.float32) for n in past}  # a prefill: past length 0 is fine
     out = past_session.run({**feeds, **empty, "attention_mask": np.ones((2, 1), np.int64)})
