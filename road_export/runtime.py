@@ -143,8 +143,9 @@ class RoadSession:
 
         Every input but `adapter_ids` must be given, and nothing else; each must have the input's rank, its fixed
         sizes, and its element type (integer arrays are converted to the model's integer type, other types are
-        refused); token ids must lie in 0 .. vocab_size - 1 where the logits give the vocabulary size. Axes of the same name must agree (`batch`, `sequence`, ...), only a past length may be 0, and
-        with a cache the attention mask must cover past + new tokens.
+        refused); token ids must lie in 0 .. vocab_size - 1 where the logits give the vocabulary size. Axes of the
+        same name must agree (`batch`, `sequence`, ...), only a past length may be 0, and with a cache the attention
+        mask must cover past + new tokens.
         """
         if not isinstance(inputs, Mapping):
             raise RoadError(f"inputs must be a mapping of input name to array, got {type(inputs).__name__}")
