@@ -372,7 +372,8 @@ SESSION_CASES = [
     ("sequence-0", {"input_ids": IDS[:, :0], "attention_mask": ONES[:, :0]}, {},
      "empty on axis 1 (sequence_length)"),
     ("mask-length", {"input_ids": IDS, "attention_mask": np.ones((2, 5), np.int64)}, {}, "they must agree"),
-    ("mask-batch", {"input_ids": IDS, "attention_mask": ONES[:1]}, {}, "attention_mask has batch_size 1, input_ids has 2"),
+    ("mask-batch", {"input_ids": IDS, "attention_mask": ONES[:1]}, {},
+     "attention_mask has batch_size 1, input_ids has 2"),
     ("ids-float", {"input_ids": IDS.astype(np.float32), "attention_mask": ONES}, {}, "dtype float32; rotate.onnx "
                                                                                     "takes int64"),
     ("mask-float", {"input_ids": IDS, "attention_mask": ONES.astype(np.float64)}, {}, "dtype float64"),
