@@ -91,10 +91,14 @@ def resolve_task(task: str | None, adapters: list[AdapterFile]) -> str | None:
 
 def head_labels(base: Path, task: str | None, adapters: list[AdapterFile]) -> int | None:
     """For text-classification: the label count of the head the adapters bring (their modules_to_save tensors
-    whose first axis is the config's `num_labels` in the model), or None to keep the checkpoint's."""
+    whose first axis is the config's `num_labels` in the model), or None to keep the checkpoint's.
+    Raises RoadError when the base config has no `pad_token_id` (before the model is loaded or traced)."""
     if task != "text-classification":
         return None
     config = zoo.read_config(base)
+    if getattr(config, "pad_token_id", None) is None:  # ...ForSequenceClassification pools the last non-pad token
+        raise RoadError(f"{base}: text-classification needs the base's pad_token_id (transformers' classifier finds "
+                        "each row's last token by it for batch > 1); set pad_token_id in config.json")
     meta = zoo.meta_model(config, task)
     params = dict(meta.named_parameters())
     for adapter in adapters:

@@ -7,7 +7,9 @@ reference was peft and what the largest |onnxruntime - peft| was; a planted load
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -216,6 +218,14 @@ def test_seq_cls_adapter_on_a_causal_lm_base(tmp_path_factory, tmp_path, capsys)
                tmp_path / "x.onnx") == 2
     err = capsys.readouterr().err
     assert "trained for text-classification" in err and not (tmp_path / "x.onnx").exists()
+    shutil.copytree(root / "base", root / "nopad")  # no pad_token_id: refused before loading, with the fix
+    config = json.loads((root / "nopad" / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    (root / "nopad" / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    assert run("--base", root / "nopad", "--adapter", root / "road", tmp_path / "x.onnx") == 2
+    assert "set pad_token_id in config.json" in capsys.readouterr().err and time.perf_counter() - started < 5
+    assert not (tmp_path / "x.onnx").exists()
 
 
 @pytest.fixture(scope="module")
