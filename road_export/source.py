@@ -147,9 +147,26 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
     source = Source(model.eval(), base, names, embedded=False, task=task)
     if reference and peft_available():
         base_model = pristine if pristine is not None else _transformers_base(path, task, num_labels)
-        source.reference = peft_reference(base_model, specs)
-        source.reference_name = PEFT_REFERENCE
+        try:
+            source.reference = peft_reference(base_model, specs)
+            source.reference_name = PEFT_REFERENCE
+        except RoadError:
+            unwrappable = peft_cannot_wrap(model)
+            if not unwrappable:
+                raise
+            # peft's RoAd wraps nn.Linear only: an adapter on Conv1D layers (rx.save_adapter) has no peft model
+            source.reference_name = f"{OWN_REFERENCE} (peft cannot wrap {unwrappable})"
     return source
+
+
+def peft_cannot_wrap(model: nn.Module) -> str | None:
+    """The layer type(s) of road-export's adapted layers that peft's RoAd does not wrap (it wraps nn.Linear only,
+    peft/tuners/road/model.py `_create_new_module`), e.g. transformers' Conv1D; None when all are nn.Linear."""
+    from road_export.model import road_layers
+
+    kinds = sorted({type(layer.base_layer).__name__ for layer in road_layers(model).values()
+                    if not isinstance(layer.base_layer, nn.Linear)})
+    return ", ".join(kinds) or None
 
 
 def load_reference(base: str | Path, adapters: list[str], *, task: str | None = None, seed: int = 0) -> nn.Module:

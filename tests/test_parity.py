@@ -275,6 +275,24 @@ def test_a_planted_loader_fault_fails_the_harness(llama, tmp_path, monkeypatch, 
     assert "reference: road-export loader" in capsys.readouterr().out  # without peft the table says so
 
 
+def test_gpt2_conv1d_adapter_from_save_adapter_is_verified(dirs, tmp_path):
+    """peft's RoAd cannot wrap Conv1D: an adapter made by rx.save_adapter on GPT-2's c_attn is verified against
+    road-export's loader, the report saying so and why; a different adapter still fails (exit 1)."""
+    for seed in (1, 2):
+        model = zoo.load_model(dirs / "gpt2")
+        torch.manual_seed(seed)
+        rx.get_road_model(model, rx.RoadConfig(variant="road_2", group_size=8, init_weights=False,
+                                               target_modules=["c_attn"]))
+        rx.save_adapter(model, tmp_path / f"conv{seed}")
+    code, out, report = export_and_report(tmp_path, "--base", dirs / "gpt2", "--adapter", tmp_path / "conv1")
+    assert code == 0 and report["passed"], report
+    assert report["reference"] == "road-export loader (peft cannot wrap Conv1D)"
+    rep = tmp_path / "other.json"
+    assert run("verify", out, "--base", dirs / "gpt2", "--adapter", tmp_path / "conv2", "--report", rep,
+               "--quiet") == 1
+    assert report_of(rep)["reference"] == "road-export loader (peft cannot wrap Conv1D)"
+
+
 def test_openai_gpt_conv1d_merge_checkpoint(tmp_path):
     """Conv1D outside GPT-2: the axis comes from the layer. peft cannot wrap Conv1D with RoAd, so the adapter is
     road-export's save_adapter output and the reference rotates c_attn's output with forward hooks."""
