@@ -136,7 +136,9 @@ def verify(
     graph with a cache. `native` says how road ops run: the native kernels (True), their standard-op bodies
     (False), or the kernels where they build (None), as `RoadSession` does; the report records which.
     With `coverage` (default) two more checks run: a vocabulary sweep and a long sequence (see SWEEP_BUDGET and
-    LONG_CAP above); the report records the ids covered and the longest sequence.
+    LONG_CAP above); the report records the ids covered and the longest sequence. A swappable single-adapter
+    export's sidecar `MODEL.NAME.onnx_adapter` of its own adapter is checked too: the shapes again with it active
+    (an unreadable one is a failed row).
     Raises RoadError for a missing or unloadable file, or a file whose inputs the task does not have.
     """
     import onnxruntime as ort
@@ -195,7 +197,8 @@ def verify(
     vocab = int(getattr(torch_model.config, "vocab_size", 0) or 0)
     seen: set[int] = set()
 
-    def check(case: str, batch: int, seq: int, past: int, pad: int, ids: np.ndarray | None = None) -> list:
+    def check(case: str, batch: int, seq: int, past: int, pad: int, ids: np.ndarray | None = None,
+              run_options=None) -> list:
         inputs = sample_inputs(torch_model, spec, batch=batch, seq=seq, seed=seed, pad=min(pad, past + seq - 1),
                                past=past)
         if ids is not None:
@@ -210,7 +213,7 @@ def verify(
         feeds = {n: inputs[n].numpy() for n in feeds_needed}
         if dtype == "float16":
             feeds = {n: v.astype(np.float16) if v.dtype.kind == "f" else v for n, v in feeds.items()}
-        got = session.run(output_names, feeds)
+        got = session.run(output_names, feeds, run_options)
         if order:
             case += ", ids " + ",".join(str(int(i)) for i in inputs["adapter_ids"])
         rows = [compare(output_names[0], case, got[0], expected[0], mask[:, -seq:], atol,
@@ -240,7 +243,38 @@ def verify(
         report.rows.extend(check(f"long sequence: seq {longest}", 1, longest, 0, 0))
     if vocab > 0:
         report.ids_covered = f"{len(seen)}/{vocab}"
+    # a swappable single-adapter export's sidecar MODEL.NAME.onnx_adapter of the exported adapter holds the same
+    # coefficients as the file's initializers: run the shapes again with it active, against the same reference
+    for name, sidecar in sidecar_files(onnx_path, meta, order).items():
+        label = f"{sidecar.name}: "
+        try:
+            from road_export import swap
+
+            swap.check_adapter_file(sidecar, json.loads(meta["road_export.swap"]), onnx_path.name)
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(sidecar))
+            options = ort.RunOptions()
+            options.add_active_adapter(adapter)
+        except Exception as e:  # a damaged sidecar is a failed check, not a skipped one
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            report.rows.append(OutputParity(output_names[0], label + f"unreadable ({first})", [], math.inf,
+                                            math.inf, 0.0, None, False))
+            continue
+        for batch, seq, past, pad in cases:
+            case = label + f"batch {batch}, seq {seq}" + (f", past {past}" if spec.cache else "") + \
+                (f", pad {pad}" if pad else "")
+            report.rows.extend(check(case, batch, seq, past, pad, run_options=options))
     return report
+
+
+def sidecar_files(path: Path, meta: dict[str, str], order: tuple[str, ...]) -> dict[str, Path]:
+    """A swappable single-adapter file's sidecars for its own adapter(s): MODEL.NAME.onnx_adapter beside it, NAME
+    among the adapters its metadata records ({name: path}); none for a mixed or fixed file."""
+    if order or "road_export.swap" not in meta:
+        return {}
+    names = [a.get("name") for a in json.loads(meta.get("road_export.adapters", "[]")) if isinstance(a, dict)]
+    found = {n: path.with_name(f"{path.stem}.{n}.onnx_adapter") for n in names if n}
+    return {n: p for n, p in found.items() if p.is_file()}
 
 
 def check_adapter_names(path: Path, order: tuple[str, ...], model: nn.Module) -> None:

@@ -100,7 +100,8 @@ def test_default_run(tmp_path):
 def test_base_and_peft_adapter(exported, mode):
     path, proc = exported[mode]
     assert proc.returncode == 0, proc.stderr
-    assert "parity PASSED: 5/5" in proc.stdout
+    # 3 shapes, the vocabulary sweep, the long sequence; rotate: the 3 shapes again with MODEL.default.onnx_adapter
+    assert f"parity PASSED: {5 if mode == 'merge' else 8}/{5 if mode == 'merge' else 8}" in proc.stdout
     info = json.loads(road_export("inspect", path, "--json").stdout)
     assert info["mode"] == mode
     assert info["road_nodes"] == (2 * 2 if mode == "rotate" else 0)  # q_proj, v_proj in 2 layers

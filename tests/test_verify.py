@@ -22,11 +22,12 @@ def exported(tmp_path_factory):
 def test_report_shapes_and_json(exported):
     model, path = exported
     report = verify(path, model, shapes=((1, 1, 0), (3, 7, 2), (2, 33, 5), (4, 2, 1)))
-    assert report.passed and len(report.rows) == 6  # 4 shapes, the vocabulary sweep, the long sequence
+    assert report.passed and len(report.rows) == 10  # 4 shapes, the vocabulary sweep, the long sequence, the
+    # 4 shapes again with the sidecar m.default.onnx_adapter active
     assert [r.shape for r in report.rows][0] == [1, 256]  # padded positions left out, batch*seq kept
     assert all(r.top1 == 1.0 and r.cosine > 0.999999 for r in report.rows)
     assert '"passed": true' in report.to_json() and '"kernels": "native"' in report.to_json()
-    assert "parity PASSED: 6/6" in report.table() and "road ops: native" in report.table()
+    assert "parity PASSED: 10/10" in report.table() and "road ops: native" in report.table()
     assert report.ids_covered == "256/256" and report.longest_sequence == 128  # tiny-qwen2: vocab 256, 128 positions
     assert "ids covered: 256/256, longest sequence: 128" in report.table()
     bodies = verify(path, model, native=False)
@@ -111,3 +112,31 @@ def test_shape_mismatch_fails():
 def test_nan_fails():
     got = np.full((1, 2, 3), np.nan, dtype=np.float32)
     assert not compare("x", "c", got, np.zeros((1, 2, 3), np.float32), None, atol=1.0, logits=False).ok
+
+
+def test_sidecar_adapter_file_is_verified(exported, tmp_path):
+    """The swappable export's MODEL.default.onnx_adapter runs against the same reference; a damaged one fails."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from road_export import swap
+
+    model, path = exported
+    sidecar = path.with_name(f"{path.stem}.default.onnx_adapter")
+    assert sidecar.is_file()
+    report = verify(path, model, coverage=False)
+    assert report.passed and sum(r.case.startswith(sidecar.name) for r in report.rows) == 3
+    copy = tmp_path / path.name
+    shutil.copy(path, copy)
+    params = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(sidecar)).get_parameters().items()}
+    first = sorted(params)[0]
+    params[first] = params[first] + np.random.default_rng(0).standard_normal(params[first].shape).astype(
+        params[first].dtype) * 0.1
+    swap.write_adapter_file(tmp_path / sidecar.name, params)
+    report = verify(copy, model, coverage=False)
+    failed = [r.case for r in report.rows if not r.ok]
+    assert not report.passed and failed and all(c.startswith(sidecar.name) for c in failed)
+    (tmp_path / sidecar.name).write_bytes(b"truncated")
+    report = verify(copy, model, coverage=False)
+    assert [r.case for r in report.rows if not r.ok][0].startswith(f"{sidecar.name}: unreadable")
