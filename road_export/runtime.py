@@ -44,9 +44,9 @@ class RoadSession:
         self.path = model_file(path)  # a model directory (road-export ... OUT_DIR) runs its onnx/model.onnx
         if not self.path.is_file():
             raise RoadError(f"{self.path}: no such ONNX file")
-        ort.set_default_logger_severity(3)  # failures come back as one RoadError line, not onnxruntime's log
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failed run comes back as one RoadError line, not also as
+        # onnxruntime's coloured error log on stderr (severity 3 still prints errors)
         if threads:
             options.intra_op_num_threads = threads
         for key, value in (session_config or {}).items():

@@ -402,6 +402,14 @@ def test_session_bad_input(session, inputs, kwargs, says):
     assert says in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_onnxruntime_errors_are_not_logged(session, capfd):
+    """Past the checks (run_feeds), onnxruntime's failure is one RoadError; its coloured error log stays quiet."""
+    capfd.readouterr()
+    with pytest.raises(RoadError, match="onnxruntime failed on inputs"):
+        session.run_feeds(None, {"input_ids": IDS + 1000, "attention_mask": ONES})
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
 def test_session_accepts_what_it_should(session):
     got = session.run({"input_ids": IDS.astype(np.int32), "attention_mask": ONES.astype(bool)})["logits"]
     assert got.shape == (2, 4, 256)  # integer and boolean arrays are converted to the model's int64
