@@ -304,7 +304,8 @@ def _input_paths(args: argparse.Namespace, *files: str | Path | None) -> list[Pa
     paths = [Path(f) for f in files if f is not None]
     if getattr(args, "base", None) and isinstance(args.base, str):
         paths.append(Path(args.base))
-    for text in getattr(args, "adapter", None) or []:
+    adapters = getattr(args, "adapter", None) or []
+    for text in [adapters] if isinstance(adapters, str) else adapters:  # `adapter ADAPTER_DIR`: one path
         name, sep, path = text.partition("=")
         paths.append(Path(text) if not sep or Path(text).exists() else Path(path))
     return paths
