@@ -18,6 +18,7 @@ from road_export.adapter_files import PREFIX, ROAD_PARAMS, WEIGHTS_NAME, Adapter
 from road_export.config import RoadConfig
 from road_export.errors import RoadError
 from road_export.files import atomic_write
+from road_export.names import check_adapter_name
 from road_export.layers import RoadLayer, output_axis
 
 __all__ = ["ROAD_PARAMS", "AdapterFile", "apply_adapter", "from_peft", "load_adapter", "read_adapter", "save_adapter"]
@@ -36,6 +37,7 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, adapter_name: str = "d
     model's own. Raises RoadError, before touching the model, for a name already in use, modules the model lacks,
     widths not divisible by group_size, or tensors of the wrong shape.
     """
+    check_adapter_name(adapter_name)
     if adapter_name in road_model.adapter_names(model):
         raise RoadError(f"adapter {adapter_name!r} already exists on this model; pick another name")
     where = adapter.path / WEIGHTS_NAME
@@ -100,12 +102,29 @@ def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
         return model.get_buffer(key)
 
 
+def _head_mismatch(unplaced: list[str], present: set[str], model: nn.Module) -> str | None:
+    """Where the modules would sit when the adapter was made on the same base with another head: on a model with
+    a task head (`model.layers...` in a ...ForCausalLM, missing from a bare ...Model), or on the bare model. None
+    when neither fits (another architecture)."""
+    prefix = getattr(model, "base_model_prefix", "") or "model"
+    if all(m.split(".", 1)[-1] in present for m in unplaced if "." in m):
+        return f"under a task head's {unplaced[0].split('.', 1)[0]!r} (the model class with a head), not in this " \
+               f"{type(model).__name__}"
+    if all(f"{prefix}.{m}" in present for m in unplaced):
+        return f"in the bare model, not under this {type(model).__name__}'s {prefix!r}"
+    return None
+
+
 def _check_placement(model: nn.Module, adapter: AdapterFile) -> None:
     """Every module of the file must exist and be one the config targets, and vice versa."""
     present = {name for name, _ in model.named_modules()}
     unplaced = sorted(m for m in adapter.road if m not in present)
     if unplaced:
         shown = ", ".join(unplaced[:5]) + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else "")
+        head = _head_mismatch(unplaced, present, model)
+        if head:
+            raise RoadError(f"{adapter.path}: the task does not fit the adapter: its modules ({unplaced[0]}, ...) "
+                            f"sit {head}; pass the --task it was trained for (e.g. text-generation for a causal LM)")
         raise RoadError(
             f"{adapter.path}: {len(unplaced)} adapted module(s) do not exist in this {type(model).__name__}: "
             f"{shown}; the adapter was made for another architecture"

@@ -202,6 +202,21 @@ def _insert_rotation(model: ir.Model, out: ir.Value, c1: np.ndarray, c2: np.ndar
         node.outputs[0].name = f"{module}.road_out"
 
 
+def check_no_adapter(metadata: dict[str, str], path: str | Path) -> None:
+    """Refuse a base whose metadata (`road_export.adapters`) records adapters already merged or attached: attaching
+    again would rotate the rotated layers a second time. Raises RoadError (one line)."""
+    try:
+        recorded = json.loads(metadata.get(METADATA_ADAPTERS) or "[]")
+    except ValueError:
+        recorded = []
+    names = [str(a.get("name", "?")) for a in recorded if isinstance(a, dict)] if isinstance(recorded, list) else []
+    if names:
+        mode = metadata.get(METADATA_MODE, "?")
+        raise RoadError(f"{path}: already holds adapter(s) {', '.join(names)} ({mode}, recorded in its "
+                        f"{METADATA_ADAPTERS} metadata); attaching would apply a rotation twice; attach to the base "
+                        "model's ONNX file instead")
+
+
 def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mode: str = "rotate",
            quantize: str | None = None) -> AttachReport:
     """`road-export attach`: load BASE.onnx (external data lazy), attach, and save atomically.
@@ -209,10 +224,15 @@ def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mo
     Weights stream: those attach does not change are copied from BASE's `.data` by the kernel, folded ones are
     computed one at a time while they are written. A base quantized by `road-export --quantize` (MatMulNBits)
     takes rotate mode. `quantize` ("int4"/"int8") quantizes a float base's MatMul weights after attaching
-    (road_export.quantize; RoadError on a base that is quantized already)."""
+    (road_export.quantize; RoadError on a base that is quantized already).
+
+    Raises RoadError for a base that already records adapters (`check_no_adapter`), OUT the same file as BASE, or
+    adapters that do not fit."""
     if len(adapters) != 1:
         raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
                         "(road-export --adapter a=... --adapter b=... --mode rotate)")
+    if Path(out).resolve() == Path(base).resolve() or (Path(out).exists() and Path(out).samefile(base)):
+        raise RoadError(f"{out}: is the base model itself; the base is left unchanged, choose another output path")
     files = [read_adapter(a) for a in adapters]
     if quantize is not None:
         from road_export import quantize as quant
@@ -221,6 +241,7 @@ def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mo
     model, external = load_for_rewrite(base, out)
     if quantize is not None and quant.quantization(model) is not None:
         raise RoadError(f"{base}: is quantized already ({quant.quantization(model)}); --quantize takes a float base")
+    check_no_adapter(dict(model.metadata_props), base)
     report = attach_to_model(model, files[0], mode)
     model.metadata_props[METADATA_VERSION] = __version__
     model.metadata_props[METADATA_MODE] = mode

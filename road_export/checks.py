@@ -69,6 +69,30 @@ def check_output_model(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_not_input(output: str | os.PathLike, what: str, inputs) -> None:
+    """Refuse an output that is one of the command's inputs: the same path or file (hard links, symbolic links),
+    an ONNX input's `.data` file, or a file already inside an input directory (a base or adapter directory's file).
+
+    `inputs`: paths of the input files and directories (missing ones are skipped). Raises RoadError naming `what`.
+    """
+    out = Path(output)
+    for given in inputs:
+        if given is None:
+            continue
+        candidates = [Path(given)]
+        if Path(given).suffix == ".onnx":
+            candidates.append(Path(given).with_name(Path(given).name + ".data"))
+        for inp in candidates:
+            if not inp.exists():
+                continue
+            same = out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp))
+            inside = inp.is_dir() and out.is_file() and out.resolve().is_relative_to(inp.resolve())
+            if same or inside:
+                where = "is" if same else "is a file of"
+                raise RoadError(f"{what} {output}: {where} the input {inp}; inputs are left unchanged, choose "
+                                "another path")
+
+
 def check_output_dir(path: str | os.PathLike, *, what: str = "output directory") -> Path:
     """A directory about to be created (renamed into place): absent or empty, parent writable."""
     path = Path(path)

@@ -311,6 +311,29 @@ def _check_report(path: str | None, *others: Path) -> None:
                             "path")
 
 
+def _input_paths(args: argparse.Namespace, *files: str | Path | None) -> list[Path]:
+    """The command's inputs: `files`, --base (a directory) and the PATH of each --adapter [NAME=]PATH."""
+    paths = [Path(f) for f in files if f is not None]
+    if getattr(args, "base", None) and isinstance(args.base, str):
+        paths.append(Path(args.base))
+    adapters = getattr(args, "adapter", None) or []
+    for text in [adapters] if isinstance(adapters, str) else adapters:  # `adapter ADAPTER_DIR`: one path
+        name, sep, path = text.partition("=")
+        paths.append(Path(text) if not sep or Path(text).exists() else Path(path))
+    return paths
+
+
+def _check_outputs(args: argparse.Namespace, outputs: dict[str, Path | str | None], *inputs: str | Path | None
+                   ) -> None:
+    """Every output (name in the message -> path) differs from every input (`_input_paths`)."""
+    from road_export.checks import check_not_input
+
+    paths = _input_paths(args, *inputs)
+    for what, output in outputs.items():
+        if output is not None:
+            check_not_input(output, what, paths)
+
+
 def _is_onnxruntime_error(error: BaseException) -> bool:
     return type(error).__module__.startswith("onnxruntime")
 
@@ -380,6 +403,7 @@ def run_export(args: argparse.Namespace) -> int:
         used = "--report" if args.report else "--atol" if args.atol is not None else "--no-native"
         raise RoadError(f"{used} needs the parity check; drop --no-verify or {used}")
     _check_report(args.report, output, data)
+    _check_outputs(args, {"output": output, "external data file": data, "--report": args.report})
     if len(args.adapter) > 1 and args.mode != "rotate":
         raise RoadError(f"{len(args.adapter)} adapters cannot be merged into one set of weights; add --mode "
                         "rotate for one graph that serves them all (input adapter_ids)")
@@ -429,6 +453,7 @@ def _export_checks(args: argparse.Namespace, output: Path, *others: Path) -> Non
         used = "--report" if args.report else "--atol" if args.atol is not None else "--no-native"
         raise RoadError(f"{used} needs the parity check; drop --no-verify or {used}")
     _check_report(args.report, output, *others)
+    _check_outputs(args, {"output": output, "--report": args.report})
     if len(args.adapter) > 1 and args.mode != "rotate":
         raise RoadError(f"{len(args.adapter)} adapters cannot be merged into one set of weights; add --mode "
                         "rotate for one graph that serves them all (input adapter_ids)")
@@ -544,6 +569,7 @@ def run_verify(args: argparse.Namespace) -> int:
     args.model = str(model_file(args.model))
     proto = check_onnx_input(args.model)
     _check_report(args.report, Path(args.model))
+    _check_outputs(args, {"--report": args.report}, args.model)
     if args.against is not None:
         return _verify_against(args)
     _quiet_libraries()
@@ -612,6 +638,8 @@ def run_optimize(args: argparse.Namespace) -> int:
 
     check_onnx_input(args.source)
     output = check_output_model(args.output)
+    _check_outputs(args, {"OUT.onnx": output, "external data file": output.with_name(output.name + ".data")},
+                   args.source)
     from road_export.passes.pipeline import optimize_file
 
     with _writing(output), _created(output):
@@ -632,6 +660,7 @@ def run_adapter(args: argparse.Namespace) -> int:
     args.like = str(model_file(args.like))
     check_onnx_input(args.like)
     output = check_output_file(args.output, suffix=".onnx_adapter")
+    _check_outputs(args, {"OUT.onnx_adapter": output}, args.like)
     from road_export.swap import convert_adapter
 
     with _writing(output):
@@ -661,13 +690,19 @@ def run_attach(args: argparse.Namespace) -> int:
 
     if Path(args.base).is_dir():  # an encoder-decoder export: a directory of optimum's files
         return _attach_seq2seq(args)
-    check_onnx_input(args.base)
+    proto = check_onnx_input(args.base)
     if len(args.adapter) != 1:
         raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
                         "(road-export --adapter a=... --adapter b=... --mode rotate)")
     check_input_dir(args.adapter[0], "adapter")
     output = check_output_model(args.output)
-    from road_export.attach import attach
+    base, args.base = args.base, None  # BASE.onnx is an input file here, not a --base directory
+    _check_outputs(args, {"OUT.onnx": output, "external data file": output.with_name(output.name + ".data")}, base)
+    args.base = base
+    from road_export.attach import attach, check_no_adapter
+
+    check_no_adapter({p.key: p.value for p in proto.metadata_props}, args.base)
+    del proto
 
     with _writing(output), _created(output):
         report = attach(args.base, args.adapter, output, mode=args.mode, quantize=args.quantize)

@@ -15,7 +15,7 @@ from torch import nn
 from road_export.config import RoadConfig
 from road_export.errors import RoadError
 from road_export.layers import RoadLayer, is_supported_base
-from road_export.names import BASE_NAME
+from road_export.names import BASE_NAME, check_adapter_name
 
 # peft's TRANSFORMERS_MODELS_TO_ROAD_TARGET_MODULES_MAPPING (used instead where peft is installed), plus
 # architectures whose attention is fused.
@@ -147,8 +147,7 @@ def get_road_model(model: nn.Module, config: RoadConfig, adapter_name: str = "de
     """Add adapter `adapter_name` to every layer that `config` targets; returns `model`, changed in place."""
     if adapter_name in adapter_names(model):
         raise RoadError(f"adapter {adapter_name!r} already exists on this model; pick another name")
-    if adapter_name == BASE_NAME:
-        raise RoadError(f"{BASE_NAME!r} is reserved for rows without adapter; pick another name")
+    check_adapter_name(adapter_name)
     inject(model, resolve_targets(model, config), config, adapter_name)
     return model
 

@@ -13,7 +13,11 @@ sequence_length, vocab]; a mixed-adapter export adds `adapter_ids` [batch_size] 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+
+from road_export.errors import RoadError
 
 __all__ = [
     "ADAPTER_IDS",
@@ -33,6 +37,7 @@ __all__ = [
     "SEQ2SEQ_MERGED",
     "SEQUENCE",
     "TOTAL_SEQUENCE",
+    "check_adapter_name",
     "positions",
 ]
 
@@ -53,6 +58,22 @@ METADATA_TASK = METADATA_PREFIX + "task"
 METADATA_ADAPTERS = METADATA_PREFIX + "adapters"  # JSON list of {name, variant, group_size, layers[, id]}
 METADATA_SEQ2SEQ = METADATA_PREFIX + "seq2seq"  # JSON {part, decoder_start_token_id, eos_token_id, pad_token_id}
 METADATA_SWAP = METADATA_PREFIX + "swap"  # JSON {layer: {c1, c2, group_size, width, dtype}} (road_export.swap)
+
+
+# An adapter name becomes a torch ModuleDict key (no '.'), part of initializer names and of MODEL.NAME.onnx_adapter
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_adapter_name(name: str, where: str = "adapter name") -> str:
+    """Refuse a name peft or ONNX cannot carry: empty, with characters outside A-Z a-z 0-9 _ - (a '.' breaks
+    torch's ModuleDict and peft's key matching), longer than 64, or the reserved `"__base__"`. Returns `name`;
+    raises RoadError (one line naming `where`)."""
+    if name == BASE_NAME:
+        raise RoadError(f"{where} {name!r}: is reserved for rows without adapter (peft's name); pick another name")
+    if not ADAPTER_NAME.fullmatch(name or ""):
+        raise RoadError(f"{where} {name!r}: use 1 to 64 letters, digits, '_' or '-' (no '.', spaces or '/'); "
+                        "give one with NAME=PATH")
+    return name
 
 
 def positions(attention_mask: np.ndarray) -> np.ndarray:

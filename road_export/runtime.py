@@ -58,7 +58,8 @@ class RoadSession:
         if not self.path.is_file():
             raise RoadError(f"{self.path}: no such ONNX file")
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failed run comes back as one RoadError line, not also as
+        # onnxruntime's coloured error log on stderr (severity 3 still prints errors)
         if threads:
             options.intra_op_num_threads = threads
         for key, value in (session_config or {}).items():
@@ -88,6 +89,10 @@ class RoadSession:
         self._inputs = {i.name: (list(i.shape), _NUMPY.get(i.type)) for i in self.session.get_inputs()}
         self._swap_files: dict[str, Path] = {}  # adapter name -> its .onnx_adapter file (road_export.gpu binds it)
         self._swap_records = json.loads(meta["road_export.swap"]) if "road_export.swap" in meta else None
+        # token ids must be < vocab_size: the logits' static last size ([batch, sequence, vocab]); None if unknown
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        last = logits.shape[-1] if logits is not None and len(logits.shape) == 3 else None
+        self.vocab_size: int | None = last if isinstance(last, int) and last > 0 else None
         if not self.mixed and self._swap_records is not None:
             from road_export import swap
 
@@ -159,8 +164,9 @@ class RoadSession:
 
         Every input but `adapter_ids` must be given, and nothing else; each must have the input's rank, its fixed
         sizes, and its element type (integer arrays are converted to the model's integer type, other types are
-        refused). Axes of the same name must agree (`batch`, `sequence`, ...), only a past length may be 0, and
-        with a cache the attention mask must cover past + new tokens.
+        refused); token ids must lie in 0 .. vocab_size - 1 where the logits give the vocabulary size. Axes of the
+        same name must agree (`batch`, `sequence`, ...), only a past length may be 0, and with a cache the attention
+        mask must cover past + new tokens.
         """
         if not isinstance(inputs, Mapping):
             raise RoadError(f"inputs must be a mapping of input name to array, got {type(inputs).__name__}")
@@ -203,6 +209,13 @@ class RoadSession:
                     raise RoadError(f"{name} has {axis_name} {got}, {other} has {size}; they must agree")
                 sizes.setdefault(axis_name, (got, name))
             feeds[name] = value
+        ids = feeds.get("input_ids")
+        if ids is not None and ids.size and np.issubdtype(ids.dtype, np.integer) and self.vocab_size:
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise RoadError(f"input_ids holds token id {bad}; {self.path.name} takes ids 0 to "
+                                f"{self.vocab_size - 1} (vocab_size {self.vocab_size})")
         total, past, new = (sizes.get(k, (None,))[0] for k in (TOTAL_SEQUENCE, PAST_SEQUENCE, SEQUENCE))
         if None not in (total, past, new) and total != past + new:
             raise RoadError(f"attention_mask covers {total} positions; with {past} past and {new} new tokens it must "

@@ -28,6 +28,7 @@ from road_export.config import CONFIG_NAME, RoadConfig
 from road_export.errors import RoadError
 from road_export.export.tasks import CAUSAL, PEFT_TASK_TYPES, SEQ2SEQ, normalize_task
 from road_export.model import get_road_model
+from road_export.names import check_adapter_name
 
 PEFT_REFERENCE = "peft"
 OWN_REFERENCE = "road-export loader"
@@ -44,8 +45,9 @@ def parse_adapter(text: str, index: int) -> AdapterSpec:
     name, sep, path = text.partition("=")
     if not sep or Path(text).exists():
         name, path = ("default" if index == 0 else Path(text).name), text
-    if not name or not path:
+    if not path or (sep and not name and not Path(text).exists()):
         raise RoadError(f"--adapter {text!r}: expected [NAME=]PATH")
+    check_adapter_name(name, f"--adapter {text}: adapter name")
     return AdapterSpec(name, Path(path))
 
 
@@ -100,10 +102,14 @@ def resolve_task(task: str | None, adapters: list[AdapterFile]) -> str | None:
 
 def head_labels(base: Path, task: str | None, adapters: list[AdapterFile]) -> int | None:
     """For text-classification: the label count of the head the adapters bring (their modules_to_save tensors
-    whose first axis is the config's `num_labels` in the model), or None to keep the checkpoint's."""
+    whose first axis is the config's `num_labels` in the model), or None to keep the checkpoint's.
+    Raises RoadError when the base config has no `pad_token_id` (before the model is loaded or traced)."""
     if task != "text-classification":
         return None
     config = zoo.read_config(base)
+    if getattr(config, "pad_token_id", None) is None:  # ...ForSequenceClassification pools the last non-pad token
+        raise RoadError(f"{base}: text-classification needs the base's pad_token_id (transformers' classifier finds "
+                        "each row's last token by it for batch > 1); set pad_token_id in config.json")
     meta = zoo.meta_model(config, task)
     params = dict(meta.named_parameters())
     for adapter in adapters:
@@ -131,7 +137,9 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
     specs = [parse_adapter(a, i) for i, a in enumerate(adapters)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise RoadError(f"--adapter names must be unique, got {names}; use NAME=PATH")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise RoadError(f"--adapter names must be unique, {', '.join(twice)} given twice (names: {', '.join(names)}); "
+                        "use NAME=PATH")
     files = [read_adapter(s.path) for s in specs]  # check every adapter before loading the base
     task = resolve_task(task, files)
     path = zoo.resolve(base)
@@ -157,9 +165,26 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
         source.reference_name = PEFT_REFERENCE
     elif reference and peft_available():
         base_model = pristine if pristine is not None else _transformers_base(path, task, num_labels)
-        source.reference = peft_reference(base_model, specs)
-        source.reference_name = PEFT_REFERENCE
+        try:
+            source.reference = peft_reference(base_model, specs)
+            source.reference_name = PEFT_REFERENCE
+        except RoadError:
+            unwrappable = peft_cannot_wrap(model)
+            if not unwrappable:
+                raise
+            # peft's RoAd wraps nn.Linear only: an adapter on Conv1D layers (rx.save_adapter) has no peft model
+            source.reference_name = f"{OWN_REFERENCE} (peft cannot wrap {unwrappable})"
     return source
+
+
+def peft_cannot_wrap(model: nn.Module) -> str | None:
+    """The layer type(s) of road-export's adapted layers that peft's RoAd does not wrap (it wraps nn.Linear only,
+    peft/tuners/road/model.py `_create_new_module`), e.g. transformers' Conv1D; None when all are nn.Linear."""
+    from road_export.model import road_layers
+
+    kinds = sorted({type(layer.base_layer).__name__ for layer in road_layers(model).values()
+                    if not isinstance(layer.base_layer, nn.Linear)})
+    return ", ".join(kinds) or None
 
 
 def load_reference(base: str | Path, adapters: list[str], *, task: str | None = None, seed: int = 0) -> nn.Module:

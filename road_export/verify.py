@@ -12,10 +12,8 @@ model peft itself loads (see road_export.source), "road-export loader" for road-
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,76 +23,27 @@ import torch
 from torch import nn
 
 from road_export.errors import RoadError
-from road_export.export.tasks import TaskModule, infer_task, nest, sample_inputs, task_spec
+from road_export.export.tasks import TaskModule, infer_task, nest, normalize_task, sample_inputs, task_spec
+from road_export.names import PAST, PRESENT
+from road_export.parity import COSINE_MIN, TOLERANCE, OutputParity, ParityReport, compare
+
+__all__ = ["COSINE_MIN", "TOLERANCE", "OutputParity", "ParityReport", "compare", "onnx_dtype", "onnx_metadata",
+           "onnx_quantization", "verify", "verify_seq2seq"]
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (3, 7, 2), (2, 33, 5))  # (batch, seq, padding)
 MIXED_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (4, 7, 2), (3, 33, 5))  # every id appears
 # With a cache: (batch, new tokens, past length, padding): prefill, padded prefill, a decode step, a chunk after past
 CACHE_SHAPES: tuple[tuple[int, int, int, int], ...] = ((1, 1, 0, 0), (3, 7, 0, 2), (4, 1, 9, 3), (2, 4, 6, 1))
-TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
-COSINE_MIN = 0.98  # a quantized file (int4/int8 MatMul weights) is judged by cosine, not max abs
-
-
-@dataclass
-class OutputParity:
-    """One output on one input shape."""
-
-    output: str
-    case: str
-    shape: list[int]
-    max_abs: float
-    max_rel: float
-    cosine: float
-    top1: float | None
-    ok: bool
-
-
-@dataclass
-class ParityReport:
-    onnx_path: str
-    dtype: str
-    atol: float
-    rows: list[OutputParity] = field(default_factory=list)
-    kernels: str = "-"  # how the road ops ran: "native" kernels, standard-op "bodies", or "-" (none in the file)
-    reference: str = "road-export loader"  # what the file was compared with: "peft", or road-export's own model
-    quantized: str | None = None  # "int4"/"int8"/an op type: rows are then judged by cosine >= COSINE_MIN
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.rows) and all(r.ok for r in self.rows)
-
-    def to_json(self) -> str:
-        return json.dumps({"onnx_path": self.onnx_path, "dtype": self.dtype, "atol": self.atol,
-                           "quantized": self.quantized, "judged_by": self.judged_by, "reference": self.reference,
-                           "kernels": self.kernels, "passed": self.passed,
-                           "rows": [asdict(r) for r in self.rows]}, indent=2)
-
-    @property
-    def judged_by(self) -> str:
-        """What decides each row: "max abs <= atol" (float files) or "cosine >= 0.98" (quantized files)."""
-        return f"cosine >= {COSINE_MIN:g}" if self.quantized else f"max abs <= {self.atol:g}"
-
-    def table(self, color: bool = False) -> str:
-        """The report as a terminal table."""
-        from rich.console import Console
-        from rich.table import Table
-
-        road = "" if self.kernels == "-" else f", road ops: {self.kernels}"
-        judged = f"{self.quantized} quantized, judged by {self.judged_by}" if self.quantized else \
-            f"atol {self.atol:g}"
-        table = Table(title=f"parity: {Path(self.onnx_path).name} ({self.dtype}, {judged}, "
-                            f"reference: {self.reference}{road})")
-        result = f"result ({self.judged_by})"
-        for col in ("output", "input", "max abs", "max rel", "cosine", "top-1", result):
-            table.add_column(col, justify="left" if col in ("output", "input") else "right")
-        for r in self.rows:
-            top1 = "-" if r.top1 is None else f"{r.top1:.4f}"
-            table.add_row(r.output, r.case, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.6f}", top1,
-                          "ok" if r.ok else "FAIL")
-        buf = io.StringIO()
-        Console(file=buf, width=110, force_terminal=color, color_system="auto" if color else None).print(table)
-        verdict = "PASSED" if self.passed else "FAILED"
-        return buf.getvalue() + f"parity {verdict}: {sum(r.ok for r in self.rows)}/{len(self.rows)} checks\n"
+# Coverage checks run besides the shapes above (verify(coverage=True)):
+# - "vocabulary sweep": every token id once, in rows of SWEEP_ROW tokens (the last row wraps around), so a damaged
+#   embedding or tied-head row of any id is seen; special ids (0, 1, 2, the config's bos/eos/pad/unk/
+#   decoder_start) and the last id come first. Up to SWEEP_BUDGET ids the whole vocabulary; above it, the special
+#   ids plus a seeded random sample, SWEEP_BUDGET ids in all. Runs of at most SWEEP_CHUNK logits values each.
+# - "long sequence": one row of min(max_position_embeddings or n_positions, LONG_CAP) tokens, so a learned position
+#   table is checked up to its end when it is small (GPT-2's, OPT's, BERT's in the tiny models: 128).
+SWEEP_ROW, SWEEP_BUDGET, SWEEP_CHUNK = 64, 65536, 2**22
+LONG_CAP = 256
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id")
 
 
 def onnx_dtype(path: str | Path) -> str:
@@ -109,104 +58,6 @@ def onnx_dtype(path: str | Path) -> str:
 def onnx_metadata(path: str | Path) -> dict[str, str]:
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
-
-
-def verify(
-    onnx_path: str | Path,
-    torch_model: nn.Module,
-    *,
-    task: str | None = None,
-    shapes: tuple[tuple[int, ...], ...] = DEFAULT_SHAPES,
-    atol: float | None = None,
-    seed: int = 0,
-    session_options=None,
-    native: bool | None = None,
-    reference: str | None = None,
-) -> ParityReport:
-    """Compare the ONNX file with `torch_model` (float32 reference) on each shape in `shapes`.
-
-    `torch_model` is road-export's model or a peft model (`PeftModel`; a mixed-adapter file's rows then go through
-    peft's `adapter_names`). `reference` names it in the report (default: "peft" for a peft model, else
-    "road-export loader"). A shape is (batch, sequence, padding), or (batch, sequence, past length, padding) for a
-    graph with a cache. `native` says how road ops run: the native kernels (True), their standard-op bodies
-    (False), or the kernels where they build (None), as `RoadSession` does; the report records which.
-    Raises RoadError for a missing or unloadable file, or a file whose inputs the task does not have.
-    """
-    import onnxruntime as ort
-
-    from road_export import native as road_native
-
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise RoadError(f"{onnx_path}: no such ONNX file")
-    if session_options is None:
-        session_options = ort.SessionOptions()
-        session_options.log_severity_level = 3  # swappable coefficients make onnxruntime warn; not a parity matter
-        if onnx_path.with_name(onnx_path.name + ".data").is_file():
-            # a large model: onnxruntime maps the aligned `.data` file instead of copying prepacked weights, so
-            # verify holds the torch reference and one mapping of the weights, not the weights twice more
-            session_options.add_session_config_entry("session.disable_prepacking", "1")
-    kernels = "-"
-    if road_native.uses_road(onnx_path):
-        kernels = "native" if road_native.register(session_options, native) else "bodies"
-    try:
-        session = ort.InferenceSession(str(onnx_path), sess_options=session_options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise RoadError(f"{onnx_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
-    dtype = onnx_dtype(onnx_path)
-    atol = TOLERANCE[dtype] if atol is None else atol
-    meta = onnx_metadata(onnx_path)
-    quantized = onnx_quantization(onnx_path, meta)
-    task = task or meta.get("road_export.task") or infer_task(torch_model)
-    order: tuple[str, ...] = ()
-    if any(i.name == "adapter_ids" for i in session.get_inputs()):
-        order = tuple(a["name"] for a in sorted(json.loads(meta.get("road_export.adapters", "[]")),
-                                                 key=lambda a: a.get("id", 0)))
-    spec = task_spec(torch_model, task, order)
-    feeds_needed = [i.name for i in session.get_inputs()]
-    # the reference gets what the file gets: positions where the file takes them (an older file may not)
-    names = [n for n in spec.input_names if n in feeds_needed or n != "position_ids"]
-    if "position_ids" in feeds_needed and "position_ids" not in names:
-        names.insert(2, "position_ids")
-    spec = dataclasses.replace(spec, input_names=tuple(names))
-    missing = [n for n in feeds_needed if n not in spec.input_names]
-    if missing:
-        raise RoadError(f"{onnx_path}: inputs {missing} are not inputs of task {spec.task}")
-    ref_module = TaskModule(torch_model, spec).eval()
-    output_names = [o.name for o in session.get_outputs()]
-    if reference is None:
-        reference_name = "peft" if hasattr(torch_model, "peft_config") else "road-export loader"
-    else:
-        reference_name = reference
-    report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels, reference=reference_name,
-                          quantized=quantized)
-    if spec.cache and shapes == DEFAULT_SHAPES:
-        shapes = CACHE_SHAPES
-    elif order and shapes == DEFAULT_SHAPES:
-        shapes = MIXED_SHAPES
-    cases = [shape if len(shape) == 4 else (shape[0], shape[1], 0, shape[2]) for shape in shapes]
-    for batch, seq, past, pad in cases:
-        inputs = sample_inputs(torch_model, spec, batch=batch, seq=seq, seed=seed, pad=min(pad, past + seq - 1),
-                               past=past)
-        if dtype == "float16":  # the cache is fed in float16: give the reference the same rounded values
-            inputs = {k: v.half().float() if v.is_floating_point() else v for k, v in inputs.items()}
-        with torch.no_grad():
-            expected = ref_module(**nest(spec, inputs))
-        expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
-        feeds = {n: inputs[n].numpy() for n in feeds_needed}
-        if dtype == "float16":
-            feeds = {n: v.astype(np.float16) if v.dtype.kind == "f" else v for n, v in feeds.items()}
-        got = session.run(output_names, feeds)
-        mask = inputs["attention_mask"].numpy().astype(bool)
-        case = f"batch {batch}, seq {seq}" + (f", past {past}" if spec.cache else "") + (f", pad {pad}" if pad else "")
-        if order:
-            case += ", ids " + ",".join(str(int(i)) for i in inputs["adapter_ids"])
-        report.rows.append(compare(output_names[0], case, got[0], expected[0], mask[:, -seq:], atol,
-                                   logits=spec.output_name == "logits", by_cosine=bool(quantized)))
-        if spec.cache:
-            report.rows.append(_compare_cache(case, got[1:], expected[1:], mask, atol, by_cosine=bool(quantized)))
-    return report
 
 
 def onnx_quantization(path: str | Path, meta: dict[str, str] | None = None) -> str | None:
@@ -225,6 +76,248 @@ def onnx_quantization(path: str | Path, meta: dict[str, str] | None = None) -> s
     return next((n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS), None)
 
 
+def verify(
+    onnx_path: str | Path,
+    torch_model: nn.Module,
+    *,
+    task: str | None = None,
+    shapes: tuple[tuple[int, ...], ...] = DEFAULT_SHAPES,
+    atol: float | None = None,
+    seed: int = 0,
+    session_options=None,
+    native: bool | None = None,
+    reference: str | None = None,
+    coverage: bool = True,
+) -> ParityReport:
+    """Compare the ONNX file with `torch_model` (float32 reference) on each shape in `shapes`.
+
+    `torch_model` is road-export's model or a peft model (`PeftModel`; a mixed-adapter file's rows then go through
+    peft's `adapter_names`). `reference` names it in the report (default: "peft" for a peft model, else
+    "road-export loader"). A shape is (batch, sequence, padding), or (batch, sequence, past length, padding) for a
+    graph with a cache. `native` says how road ops run: the native kernels (True), their standard-op bodies
+    (False), or the kernels where they build (None), as `RoadSession` does; the report records which.
+    With `coverage` (default) two more checks run: a vocabulary sweep and a long sequence (see SWEEP_BUDGET and
+    LONG_CAP above); the report records the ids covered and the longest sequence. A swappable single-adapter
+    export's sidecar `MODEL.NAME.onnx_adapter` of its own adapter is checked too: the shapes again with it active
+    (an unreadable one is a failed row).
+    Raises RoadError for a missing or unloadable file, or a file whose inputs the task does not have.
+    """
+    import onnxruntime as ort
+
+    from road_export import native as road_native
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise RoadError(f"{onnx_path}: no such ONNX file")
+    if session_options is None:
+        session_options = ort.SessionOptions()
+        # fatal only: swappable coefficients make onnxruntime warn (not a parity matter), and a failure comes back
+        # as one line, not also as onnxruntime's coloured error log (severity 3 still prints errors)
+        session_options.log_severity_level = 4
+        if onnx_path.with_name(onnx_path.name + ".data").is_file():
+            # a large model: onnxruntime maps the aligned `.data` file instead of copying prepacked weights, so
+            # verify holds the torch reference and one mapping of the weights, not the weights twice more
+            session_options.add_session_config_entry("session.disable_prepacking", "1")
+    kernels = "-"
+    if road_native.uses_road(onnx_path):
+        kernels = "native" if road_native.register(session_options, native) else "bodies"
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=session_options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise RoadError(f"{onnx_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
+    dtype = onnx_dtype(onnx_path)
+    atol = TOLERANCE[dtype] if atol is None else atol
+    meta = onnx_metadata(onnx_path)
+    quantized = onnx_quantization(onnx_path, meta)
+    told = "--task" if task else "its road_export.task metadata" if meta.get("road_export.task") else "the model"
+    task = task or meta.get("road_export.task") or infer_task(torch_model)
+    order: tuple[str, ...] = ()
+    if any(i.name == "adapter_ids" for i in session.get_inputs()):
+        order = tuple(a["name"] for a in sorted(json.loads(meta.get("road_export.adapters", "[]")),
+                                                 key=lambda a: a.get("id", 0)))
+        check_adapter_names(onnx_path, order, torch_model)
+    file_inputs = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+    check_task_fits(onnx_path, normalize_task(task), told, file_inputs, output_names)
+    spec = task_spec(torch_model, task, order)
+    feeds_needed = [i.name for i in session.get_inputs()]
+    # the reference gets what the file gets: positions where the file takes them (an older file may not)
+    names = [n for n in spec.input_names if n in feeds_needed or n != "position_ids"]
+    if "position_ids" in feeds_needed and "position_ids" not in names:
+        names.insert(2, "position_ids")
+    spec = dataclasses.replace(spec, input_names=tuple(names))
+    missing = [n for n in feeds_needed if n not in spec.input_names]
+    if missing:
+        raise RoadError(f"{onnx_path}: inputs {missing} are not inputs of task {spec.task}")
+    ref_module = TaskModule(torch_model, spec).eval()
+    if reference is None:
+        reference_name = "peft" if hasattr(torch_model, "peft_config") else "road-export loader"
+    else:
+        reference_name = reference
+    report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels, reference=reference_name,
+                          quantized=quantized)
+    if spec.cache and shapes == DEFAULT_SHAPES:
+        shapes = CACHE_SHAPES
+    elif order and shapes == DEFAULT_SHAPES:
+        shapes = MIXED_SHAPES
+    cases = [shape if len(shape) == 4 else (shape[0], shape[1], 0, shape[2]) for shape in shapes]
+    vocab = int(getattr(torch_model.config, "vocab_size", 0) or 0)
+    seen: set[int] = set()
+
+    def check(case: str, batch: int, seq: int, past: int, pad: int, ids: np.ndarray | None = None,
+              run_options=None) -> list:
+        inputs = sample_inputs(torch_model, spec, batch=batch, seq=seq, seed=seed, pad=min(pad, past + seq - 1),
+                               past=past)
+        if ids is not None:
+            inputs["input_ids"] = torch.from_numpy(ids.reshape(batch, seq).astype(np.int64))
+        if dtype == "float16":  # the cache is fed in float16: give the reference the same rounded values
+            inputs = {k: v.half().float() if v.is_floating_point() else v for k, v in inputs.items()}
+        mask = inputs["attention_mask"].numpy().astype(bool)
+        seen.update(int(i) for i in inputs["input_ids"].numpy()[mask[:, -seq:]])
+        with torch.no_grad():
+            expected = ref_module(**nest(spec, inputs))
+        expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+        feeds = {n: inputs[n].numpy() for n in feeds_needed}
+        if dtype == "float16":
+            feeds = {n: v.astype(np.float16) if v.dtype.kind == "f" else v for n, v in feeds.items()}
+        got = session.run(output_names, feeds, run_options)
+        if order:
+            case += ", ids " + ",".join(str(int(i)) for i in inputs["adapter_ids"])
+        rows = [compare(output_names[0], case, got[0], expected[0], mask[:, -seq:], atol,
+                        logits=spec.output_name == "logits", by_cosine=bool(quantized))]
+        if spec.cache:
+            rows.append(_compare_cache(case, got[1:], expected[1:], mask, atol, by_cosine=bool(quantized)))
+        report.longest_sequence = max(report.longest_sequence, seq)
+        return rows
+
+    for batch, seq, past, pad in cases:
+        case = f"batch {batch}, seq {seq}" + (f", past {past}" if spec.cache else "") + (f", pad {pad}" if pad else "")
+        report.rows.extend(check(case, batch, seq, past, pad))
+    if coverage and vocab > 0:
+        longest = max_positions(torch_model)
+        row = min(SWEEP_ROW, longest)
+        ids = sweep_ids(torch_model, seed)
+        rows_needed = -(-len(ids) // row)
+        ids = np.resize(ids, rows_needed * row)  # the last row wraps around to the first ids
+        per_run = max(1, SWEEP_CHUNK // (row * max(vocab, 1)))
+        parts = []
+        for start in range(0, rows_needed, per_run):
+            chunk = ids[start * row:(start + per_run) * row]
+            parts.append(check("vocabulary sweep", len(chunk) // row, row, 0, 0, chunk))
+        swept = len(set(ids.tolist()))
+        report.rows.extend(merge_rows([p[i] for p in parts], f"vocabulary sweep: {swept} ids, {row} per row")
+                           for i in range(len(parts[0])))
+        report.rows.extend(check(f"long sequence: seq {longest}", 1, longest, 0, 0))
+    if vocab > 0:
+        report.ids_covered = f"{len(seen)}/{vocab}"
+    # a swappable single-adapter export's sidecar MODEL.NAME.onnx_adapter of the exported adapter holds the same
+    # coefficients as the file's initializers: run the shapes again with it active, against the same reference
+    for name, sidecar in sidecar_files(onnx_path, meta, order).items():
+        label = f"{sidecar.name}: "
+        try:
+            from road_export import swap
+
+            swap.check_adapter_file(sidecar, json.loads(meta["road_export.swap"]), onnx_path.name)
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(sidecar))
+            options = ort.RunOptions()
+            options.add_active_adapter(adapter)
+        except Exception as e:  # a damaged sidecar is a failed check, not a skipped one
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            report.rows.append(OutputParity(output_names[0], label + f"unreadable ({first})", [], math.inf,
+                                            math.inf, 0.0, None, False))
+            continue
+        for batch, seq, past, pad in cases:
+            case = label + f"batch {batch}, seq {seq}" + (f", past {past}" if spec.cache else "") + \
+                (f", pad {pad}" if pad else "")
+            report.rows.extend(check(case, batch, seq, past, pad, run_options=options))
+    return report
+
+
+def sidecar_files(path: Path, meta: dict[str, str], order: tuple[str, ...]) -> dict[str, Path]:
+    """A swappable single-adapter file's sidecars for its own adapter(s): MODEL.NAME.onnx_adapter beside it, NAME
+    among the adapters its metadata records ({name: path}); none for a mixed or fixed file."""
+    if order or "road_export.swap" not in meta:
+        return {}
+    names = [a.get("name") for a in json.loads(meta.get("road_export.adapters", "[]")) if isinstance(a, dict)]
+    found = {n: path.with_name(f"{path.stem}.{n}.onnx_adapter") for n in names if n}
+    return {n: p for n, p in found.items() if p.is_file()}
+
+
+def check_adapter_names(path: Path, order: tuple[str, ...], model: nn.Module) -> None:
+    """A mixed-adapter file routes rows by its adapters' names: the reference must hold the same names."""
+    if hasattr(model, "peft_config"):
+        have = set(model.peft_config)
+    else:
+        from road_export.model import adapter_names
+
+        have = set(adapter_names(model))
+    unknown = [n for n in order if n not in have]
+    if unknown:
+        example = " ".join(f"--adapter {n}=PATH" for n in order)
+        raise RoadError(f"{path.name} holds adapters {', '.join(order)}; the --adapter names must match the file's "
+                        f"(given: {', '.join(sorted(have)) or 'none'}); pass {example}")
+
+
+def check_task_fits(path: Path, task: str, told: str, inputs: list[str], outputs: list[str]) -> None:
+    """The task's inputs and outputs against the file's own, before anything runs (one line naming where the task
+    came from: --task, the file's metadata, or the model class)."""
+    cache = any(n.startswith(PAST) for n in inputs) or any(n.startswith(PRESENT) for n in outputs)
+    expected_out = "last_hidden_state" if task == "feature-extraction" else "logits"
+    problem = None
+    if task == "text-generation-with-past" and not cache:
+        problem = "takes no past_key_values inputs and gives no present outputs (no key/value cache)"
+    elif task != "text-generation-with-past" and cache:
+        problem = "has a key/value cache (past_key_values inputs); that is text-generation-with-past"
+    elif not outputs or outputs[0] != expected_out:
+        problem = f"gives {', '.join(outputs[:3])}, not {expected_out}"
+    if problem:
+        raise RoadError(f"{path.name}: task {task} (from {told}) does not fit the file: it {problem}; pass the "
+                        "--task it was exported with (road-export inspect shows its inputs and outputs)")
+
+
+def max_positions(model: nn.Module) -> int:
+    """The long check's length: the model's position table size (max_position_embeddings, n_positions) capped at
+    LONG_CAP; LONG_CAP where the config names none."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, LONG_CAP)
+    return LONG_CAP
+
+
+def special_ids(model: nn.Module) -> list[int]:
+    """0, 1, 2, the config's bos/eos/pad/unk/decoder_start ids where set (lists flattened) and the last id."""
+    config, vocab = model.config, int(model.config.vocab_size)
+    ids = [0, 1, 2]
+    for key in SPECIAL_ID_KEYS:
+        value = getattr(config, key, None)
+        ids += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int)]
+    ids.append(vocab - 1)
+    return list(dict.fromkeys(i for i in ids if 0 <= i < vocab))
+
+
+def sweep_ids(model: nn.Module, seed: int = 0) -> np.ndarray:
+    """The vocabulary sweep's ids: the special ids first, then every other id (vocab_size <= SWEEP_BUDGET), or a
+    seeded random sample of the others up to SWEEP_BUDGET ids in all."""
+    vocab = int(model.config.vocab_size)
+    first = special_ids(model)
+    rest = np.setdiff1d(np.arange(vocab), np.array(first, dtype=np.int64))
+    if vocab > SWEEP_BUDGET:
+        rest = np.sort(np.random.default_rng(seed).choice(rest, SWEEP_BUDGET - len(first), replace=False))
+    return np.concatenate([np.array(first, dtype=np.int64), rest.astype(np.int64)])
+
+
+def merge_rows(rows: list[OutputParity], case: str) -> OutputParity:
+    """Several runs of one check as one row: the largest errors, the smallest cosine, the mean top-1."""
+    top1 = [r.top1 for r in rows if r.top1 is not None]
+    return OutputParity(rows[0].output, case, [sum(r.shape[0] for r in rows), *rows[0].shape[1:]],
+                        max(r.max_abs for r in rows), max(r.max_rel for r in rows), min(r.cosine for r in rows),
+                        float(np.mean(top1)) if top1 else None, all(r.ok for r in rows))
+
+
 def _compare_cache(case: str, got: list[np.ndarray], expected: list[np.ndarray], mask: np.ndarray,
                    atol: float, by_cosine: bool = False) -> OutputParity:
     """All present keys/values as one row; positions under padding are left out ([b, h, t, d] -> [real, h, d])."""
@@ -234,30 +327,6 @@ def _compare_cache(case: str, got: list[np.ndarray], expected: list[np.ndarray],
     row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False, by_cosine=by_cosine)
     row.shape = list(got[0].shape)
     return row
-
-
-def compare(name: str, case: str, got: np.ndarray, expected: np.ndarray, mask: np.ndarray | None, atol: float,
-            logits: bool, by_cosine: bool = False) -> OutputParity:
-    """Errors of `got` against `expected`. Top-1 agreement is reported, not judged on its own: within max_abs <= atol
-    the argmax can only change where the reference's two best logits are within 2 * atol of each other.
-    `by_cosine` (a quantized file, whose weights differ from the reference's by design): the row passes when the
-    cosine is >= COSINE_MIN instead of max abs <= atol."""
-    got = got.astype(np.float32)
-    if got.shape != expected.shape:
-        return OutputParity(name, case, list(got.shape), math.inf, math.inf, 0.0, None, False)
-    if mask is not None and got.ndim == 3 and mask.shape == got.shape[:2]:
-        got, expected = got[mask], expected[mask]
-    diff = np.abs(got - expected)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float((diff / np.maximum(np.abs(expected), 1e-6)).max()) if diff.size else 0.0
-    denom = float(np.linalg.norm(got) * np.linalg.norm(expected))
-    cosine = float((got.ravel() @ expected.ravel()) / denom) if denom else 1.0
-    top1 = None
-    if logits and got.size:
-        g2, e2 = got.reshape(-1, got.shape[-1]), expected.reshape(-1, expected.shape[-1])
-        top1 = float((g2.argmax(-1) == e2.argmax(-1)).mean())
-    ok = bool(np.isfinite(got).all()) and (cosine >= COSINE_MIN if by_cosine else max_abs <= atol)
-    return OutputParity(name, case, list(got.shape), max_abs, max_rel, cosine, top1, ok)
 
 
 # Encoder-decoder cases: (batch, encoder length, encoder padding, decoder tokens, past decoder length)

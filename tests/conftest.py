@@ -33,6 +33,19 @@ def first_output(out) -> torch.Tensor:
     return out[0]
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_root_untouched():
+    """Tests write under tmp_path only: a file that appears in the repository root during the run fails the session
+    (a library that writes beside the current directory, e.g. external data, must run under monkeypatch.chdir)."""
+    before = set(os.listdir(_ROOT))
+    yield
+    appeared = sorted(set(os.listdir(_ROOT)) - before - {".pytest_cache", ".hypothesis", "__pycache__"})
+    assert not appeared, f"tests wrote into the repository root: {appeared}"
+
+
 @pytest.fixture
 def tmp_dir(tmp_path):
     return tmp_path

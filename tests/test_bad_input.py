@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import peft
 import pytest
 import torch
@@ -65,7 +66,13 @@ def build_inputs(root: Path) -> Path:
     model = rx.load_adapter(tiny("tiny-llama"), root / "road")
     rx.export(model, root / "rotate.onnx", mode="rotate")
     rx.export(model, root / "past.onnx", mode="rotate", task="text-generation-with-past")
-    rx.export(model, root / "ext.onnx", external_data=True)  # merged: attach places rotations on its MatMuls
+    rx.export(model, root / "ext.onnx", external_data=True)  # merged: its metadata records the adapter
+    rx.export(tiny("tiny-llama"), root / "plain.onnx", require_adapter=False, external_data=True)  # attach's base
+    two = rx.load_adapter(rx.load_adapter(tiny("tiny-llama"), root / "road", "a"), root / "road", "b")
+    rx.export(two, root / "mixed.onnx", mode="rotate")  # adapters a and b, input adapter_ids
+    mislabeled = onnx.load(str(root / "rotate.onnx"))  # metadata says with-past, the graph has no cache
+    next(p for p in mislabeled.metadata_props if p.key == "road_export.task").value = "text-generation-with-past"
+    onnx.save(mislabeled, str(root / "mislabeled.onnx"))
     data = (root / "rotate.onnx").read_bytes()
     (root / "empty.onnx").write_bytes(b"")
     (root / "truncated.onnx").write_bytes(data[: len(data) // 2])
@@ -130,6 +137,35 @@ CASES = [
                                          "{r}/afile"], "is a file"),
     ("merge-checkpoint-no-parent", ["merge-checkpoint", "--base", "{r}/base", "--adapter", "{r}/road",
                                     "{o}/no/dir"], "does not exist"),
+    # adapter names peft and ONNX can carry, refused before loading
+    ("adapter-name-dot", ["--adapter", "a.b={r}/road", "--mode", "rotate", "{o}/m.onnx"], "no '.'"),
+    ("adapter-name-reserved", ["--adapter", "__base__={r}/road", "--mode", "rotate", "{o}/m.onnx"], "is reserved"),
+    ("adapter-name-empty", ["--adapter", "={r}/road", "{o}/m.onnx"], "expected [NAME=]PATH"),
+    ("adapter-name-twice", ["--adapter", "a={r}/road", "--adapter", "a={r}/road", "--mode", "rotate", "{o}/m.onnx"],
+     "a given twice"),
+    ("verify-adapter-name-dot", ["verify", "{r}/rotate.onnx", "--adapter", "a.b={r}/road"], "no '.'"),
+    # the file's own adapter names, task, inputs and outputs, checked before anything runs
+    ("verify-mixed-names", ["verify", "{r}/mixed.onnx", "--base", "{r}/base", "--adapter", "x={r}/road", "--adapter",
+                            "y={r}/road"], "holds adapters a, b; the --adapter names must match the file's"),
+    ("verify-task-metadata", ["verify", "{r}/mislabeled.onnx", "--base", "{r}/base", "--adapter", "{r}/road"],
+     "task text-generation-with-past (from its road_export.task metadata) does not fit the file"),
+    ("verify-task-no-cache", ["verify", "{r}/rotate.onnx", "--base", "{r}/base", "--adapter", "{r}/road", "--task",
+                              "text-generation-with-past"], "(from --task) does not fit the file: it takes no "
+                                                            "past_key_values"),
+    ("verify-task-head", ["verify", "{r}/rotate.onnx", "--base", "{r}/base", "--adapter", "{r}/road", "--task",
+                          "feature-extraction"], "the task does not fit the adapter"),
+    # outputs never coincide with inputs
+    ("attach-twice", ["attach", "{r}/ext.onnx", "--adapter", "{r}/road", "{o}/x.onnx"], "already holds adapter(s) "
+                                                                                       "default (merge"),
+    ("attach-out-is-in", ["attach", "{r}/plain.onnx", "--adapter", "{r}/road", "{r}/plain.onnx"], "is the input"),
+    ("optimize-out-is-in", ["optimize", "{r}/rotate.onnx", "{r}/rotate.onnx"], "is the input"),
+    ("verify-report-is-model", ["verify", "{r}/rotate.onnx", "--report", "{r}/rotate.onnx"], "is also the command's"),
+    ("verify-report-is-data", ["verify", "{r}/ext.onnx", "--report", "{r}/ext.onnx.data"], "is the input"),
+    ("verify-report-in-adapter", ["verify", "{r}/rotate.onnx", "--adapter", "x={r}/road", "--report",
+                                  "{r}/road/adapter_config.json"], "is a file of the input"),
+    ("export-report-is-base-file", ["--base", "{r}/base", "--report", "{r}/base/config.json", "{o}/m.onnx"],
+     "is a file of the input"),
+    ("export-output-is-adapter", ["--adapter", "{r}/road", "{r}/road"], "exists and is not empty"),
     # empty, truncated or incomplete ONNX input
     *[(f"{cmd}-{kind}", argv, says)
       for kind, says in (("empty", "empty file"), ("truncated", "not a readable ONNX model"),
@@ -229,7 +265,7 @@ def small_fs(tmp_path):
 def test_full_file_system(ctx, small_fs, capsys, command):
     (small_fs / "old.onnx").write_bytes(b"x" * 1000)  # a target that exists must stay as it was
     argv = {"optimize": ["optimize", ctx / "rotate.onnx", small_fs / "old.onnx"],
-            "attach": ["attach", ctx / "ext.onnx", "--adapter", ctx / "road", small_fs / "m.onnx"],
+            "attach": ["attach", ctx / "plain.onnx", "--adapter", ctx / "road", small_fs / "m.onnx"],
             "adapter": ["adapter", ctx / "road", "--like", ctx / "rotate.onnx", small_fs / "m.big.onnx_adapter"],
             "merge-checkpoint": ["merge-checkpoint", "--base", ctx / "base", "--adapter", ctx / "road",
                                  small_fs / "merged"],
@@ -332,14 +368,16 @@ IDS = np.arange(8, dtype=np.int64).reshape(2, 4) + 3
 ONES = np.ones_like(IDS)
 
 SESSION_CASES = [
-    ("batch-0", {"input_ids": IDS[:0], "attention_mask": ONES[:0]}, {}, "empty on axis 0 (batch)"),
-    ("sequence-0", {"input_ids": IDS[:, :0], "attention_mask": ONES[:, :0]}, {}, "empty on axis 1 (sequence)"),
+    ("batch-0", {"input_ids": IDS[:0], "attention_mask": ONES[:0]}, {}, "empty on axis 0 (batch_size)"),
+    ("sequence-0", {"input_ids": IDS[:, :0], "attention_mask": ONES[:, :0]}, {},
+     "empty on axis 1 (sequence_length)"),
     ("mask-length", {"input_ids": IDS, "attention_mask": np.ones((2, 5), np.int64)}, {}, "they must agree"),
-    ("mask-batch", {"input_ids": IDS, "attention_mask": ONES[:1]}, {}, "attention_mask has batch 1, input_ids has 2"),
+    ("mask-batch", {"input_ids": IDS, "attention_mask": ONES[:1]}, {},
+     "attention_mask has batch_size 1, input_ids has 2"),
     ("ids-float", {"input_ids": IDS.astype(np.float32), "attention_mask": ONES}, {}, "dtype float32; rotate.onnx "
                                                                                     "takes int64"),
     ("mask-float", {"input_ids": IDS, "attention_mask": ONES.astype(np.float64)}, {}, "dtype float64"),
-    ("ids-rank", {"input_ids": IDS[0], "attention_mask": ONES}, {}, "takes rank 2 [batch, sequence]"),
+    ("ids-rank", {"input_ids": IDS[0], "attention_mask": ONES}, {}, "takes rank 2 [batch_size, sequence_length]"),
     ("unknown-input", {"input_ids": IDS, "attention_mask": ONES, "token_type_ids": ONES}, {}, "no input "
                                                                                              "token_type_ids"),
     ("missing-input", {"input_ids": IDS}, {}, "missing inputs ['attention_mask']"),
@@ -351,6 +389,8 @@ SESSION_CASES = [
     ("unknown-adapter", {"input_ids": IDS, "attention_mask": ONES}, {"adapter": "nope"}, "holds ['default'] only"),
     ("unknown-output", {"input_ids": IDS, "attention_mask": ONES}, {"output_names": ["hidden"]}, "no output hidden"),
     ("not-a-mapping", [IDS, ONES], {}, "must be a mapping"),
+    ("id-negative", {"input_ids": IDS - 4, "attention_mask": ONES}, {}, "token id -1; rotate.onnx takes ids 0 to 255"),
+    ("id-vocab", {"input_ids": IDS + 248, "attention_mask": ONES}, {}, "token id 258; rotate.onnx takes ids 0 to 255"),
 ]
 
 
@@ -360,6 +400,14 @@ def test_session_bad_input(session, inputs, kwargs, says):
     with pytest.raises(RoadError) as caught:
         session.run(inputs, **kwargs)
     assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_onnxruntime_errors_are_not_logged(session, capfd):
+    """Past the checks (run_feeds), onnxruntime's failure is one RoadError; its coloured error log stays quiet."""
+    capfd.readouterr()
+    with pytest.raises(RoadError, match="onnxruntime failed on inputs"):
+        session.run_feeds(None, {"input_ids": IDS + 1000, "attention_mask": ONES})
+    assert "onnxruntime" not in capfd.readouterr().err
 
 
 def test_session_accepts_what_it_should(session):
@@ -376,7 +424,8 @@ def test_session_with_cache_bad_input(past_session):
                                         r"cover 4"):
         past_session.run({**feeds, "attention_mask": np.ones((2, 2), np.int64)})
     wrong = {n: np.zeros((2, heads + 1, 3, size), np.float32) for n in past}
-    with pytest.raises(RoadError, match=r"has size 3 on axis 1; past.onnx takes \[batch, 2, past_sequence, 16\]"):
+    with pytest.raises(RoadError, match=r"has size 3 on axis 1; past.onnx takes "
+                                        r"\[batch_size, 2, past_sequence_length, 16\]"):
         past_session.run({**feeds, **wrong, "attention_mask": np.ones((2, 4), np.int64)})
     empty = {n: np.zeros((2, heads, 0, size), np.float32) for n in past}  # a prefill: past length 0 is fine
     out = past_session.run({**feeds, **empty, "attention_mask": np.ones((2, 1), np.int64)})
@@ -478,3 +527,10 @@ def test_onnxruntime_failures_are_one_line(ctx, session, capsys, monkeypatch):
     monkeypatch.setattr(road_export.verify, "verify", lambda path, *a, **k: _onnxruntime_refuses(path))
     code, out, err = cli(capsys, "verify", ctx / "rotate.onnx", "--base", "tiny-llama", "--adapter", ctx / "road")
     assert_one_line(code, err, out, "rotate.onnx: onnxruntime cannot run it (")
+
+
+@pytest.mark.parametrize("name", ["a.b", "__base__", "", "a b", "x/y"])
+def test_adapter_names_are_checked_in_the_api(name):
+    config = rx.RoadConfig(variant="road_1", group_size=8)
+    with pytest.raises(RoadError, match="reserved|letters, digits"):
+        rx.get_road_model(tiny("tiny-llama"), config, name)

@@ -100,7 +100,8 @@ def test_default_run(tmp_path):
 def test_base_and_peft_adapter(exported, mode):
     path, proc = exported[mode]
     assert proc.returncode == 0, proc.stderr
-    assert "parity PASSED: 3/3" in proc.stdout
+    # 3 shapes, the vocabulary sweep, the long sequence; rotate: the 3 shapes again with MODEL.default.onnx_adapter
+    assert f"parity PASSED: {5 if mode == 'merge' else 8}/{5 if mode == 'merge' else 8}" in proc.stdout
     info = json.loads(road_export("inspect", path, "--json").stdout)
     assert info["mode"] == mode
     assert info["road_nodes"] == (2 * 2 if mode == "rotate" else 0)  # q_proj, v_proj in 2 layers
@@ -247,7 +248,7 @@ def test_text_generation_with_past(llama_dirs, tmp_path):
             f"two={llama_dirs / 'other'}", "--task", "text-generation-with-past"]
     proc = road_export(*args, "--mode", "rotate", tmp_path / "decoder.onnx")
     assert proc.returncode == 0, proc.stderr
-    assert "parity PASSED: 8/8" in proc.stdout and "present.*" in proc.stdout and "past 9" in proc.stdout
+    assert "parity PASSED: 12/12" in proc.stdout and "present.*" in proc.stdout and "past 9" in proc.stdout
     info = json.loads(road_export("inspect", tmp_path / "decoder.onnx", "--json").stdout)
     assert info["task"] == "text-generation-with-past"
     assert "past_key_values.1.value" in [i["name"] for i in info["inputs"]]

@@ -324,6 +324,7 @@ def test_shape_inference_on_road_ops(road_files, op_type, tmp_path, monkeypatch)
                 x, y = info[node.input[0]], info[node.output[0]]
                 assert y.elem_type == x.elem_type and y.shape == x.shape and len(y.shape.dim) == 3
     out = tmp_path / "pre.onnx"
+    monkeypatch.chdir(tmp_path)  # onnxruntime's shape tools may write temporary files into the current directory
     quant_pre_process(str(road_files[op_type]), str(out))
     assert np.allclose(_logits(out), _logits(road_files[op_type]), atol=1e-5)  # pre-processed, it computes the same
 
@@ -346,7 +347,8 @@ def test_symbolic_shape_inference_fails_without_the_schemas(road_files, tmp_path
     """The planted fault: with the road schemas taken out of onnx's registry the tools fail as they did before."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    monkeypatch.chdir(tmp_path)  # onnxruntime's tool, failing, leaves a `<uuid>.data` file in the working directory
+    monkeypatch.chdir(tmp_path)  # on failure it saves sym_shape_infer_temp.onnx (+ external data) in the cwd
+
     model = onnx.load(road_files["RotateTied"])
     onnx.defs.deregister_schema(road_ops.TIED_OP_TYPE, road_ops.VERSION, road_ops.DOMAIN)
     try:

@@ -7,7 +7,9 @@ reference was peft and what the largest |onnxruntime - peft| was; a planted load
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -216,6 +218,14 @@ def test_seq_cls_adapter_on_a_causal_lm_base(tmp_path_factory, tmp_path, capsys)
                tmp_path / "x.onnx") == 2
     err = capsys.readouterr().err
     assert "trained for text-classification" in err and not (tmp_path / "x.onnx").exists()
+    shutil.copytree(root / "base", root / "nopad")  # no pad_token_id: refused before loading, with the fix
+    config = json.loads((root / "nopad" / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    (root / "nopad" / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    assert run("--base", root / "nopad", "--adapter", root / "road", tmp_path / "x.onnx") == 2
+    assert "set pad_token_id in config.json" in capsys.readouterr().err and time.perf_counter() - started < 5
+    assert not (tmp_path / "x.onnx").exists()
 
 
 @pytest.fixture(scope="module")
@@ -232,10 +242,10 @@ def test_opset_is_the_one_asked_for(llama, tmp_path, capsys):
     if code == 0:
         assert onnx.load(str(out)).opset_import[0].version == 17
     else:
-        assert code == 2 and "--opset 17" in capsys.readouterr().err and not out.exists()
+        assert code == 2 and "--opset: 17 is not supported" in capsys.readouterr().err and not out.exists()
     figure(f"--opset 17: exit {code}")
     code = run("--base", llama / "base", "--adapter", llama / "road", "--opset", "999", out, "--quiet")
-    assert code == 2 and "--opset 999" in capsys.readouterr().err
+    assert code == 2 and "--opset: 999 is not supported" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".m.onnx*"))
     code = run("--base", llama / "base", "--adapter", llama / "road", "--opset", "20", out, "--quiet",
                "--no-verify")
@@ -263,6 +273,24 @@ def test_a_planted_loader_fault_fails_the_harness(llama, tmp_path, monkeypatch, 
     monkeypatch.setattr("road_export.source.peft_available", lambda: False)
     code = run("verify", tmp_path / "m.onnx", "--base", llama / "base", "--adapter", llama / "road")
     assert "reference: road-export loader" in capsys.readouterr().out  # without peft the table says so
+
+
+def test_gpt2_conv1d_adapter_from_save_adapter_is_verified(dirs, tmp_path):
+    """peft's RoAd cannot wrap Conv1D: an adapter made by rx.save_adapter on GPT-2's c_attn is verified against
+    road-export's loader, the report saying so and why; a different adapter still fails (exit 1)."""
+    for seed in (1, 2):
+        model = zoo.load_model(dirs / "gpt2")
+        torch.manual_seed(seed)
+        rx.get_road_model(model, rx.RoadConfig(variant="road_2", group_size=8, init_weights=False,
+                                               target_modules=["c_attn"]))
+        rx.save_adapter(model, tmp_path / f"conv{seed}")
+    code, out, report = export_and_report(tmp_path, "--base", dirs / "gpt2", "--adapter", tmp_path / "conv1")
+    assert code == 0 and report["passed"], report
+    assert report["reference"] == "road-export loader (peft cannot wrap Conv1D)"
+    rep = tmp_path / "other.json"
+    assert run("verify", out, "--base", dirs / "gpt2", "--adapter", tmp_path / "conv2", "--report", rep,
+               "--quiet") == 1
+    assert report_of(rep)["reference"] == "road-export loader (peft cannot wrap Conv1D)"
 
 
 def test_openai_gpt_conv1d_merge_checkpoint(tmp_path):

@@ -22,13 +22,68 @@ def exported(tmp_path_factory):
 def test_report_shapes_and_json(exported):
     model, path = exported
     report = verify(path, model, shapes=((1, 1, 0), (3, 7, 2), (2, 33, 5), (4, 2, 1)))
-    assert report.passed and len(report.rows) == 4
+    assert report.passed and len(report.rows) == 10  # 4 shapes, the vocabulary sweep, the long sequence, the
+    # 4 shapes again with the sidecar m.default.onnx_adapter active
     assert [r.shape for r in report.rows][0] == [1, 256]  # padded positions left out, batch*seq kept
     assert all(r.top1 == 1.0 and r.cosine > 0.999999 for r in report.rows)
     assert '"passed": true' in report.to_json() and '"kernels": "native"' in report.to_json()
-    assert "parity PASSED: 4/4" in report.table() and "road ops: native" in report.table()
+    assert "parity PASSED: 10/10" in report.table() and "road ops: native" in report.table()
+    assert report.ids_covered == "256/256" and report.longest_sequence == 128  # tiny-qwen2: vocab 256, 128 positions
+    assert "ids covered: 256/256, longest sequence: 128" in report.table()
     bodies = verify(path, model, native=False)
     assert bodies.passed and bodies.kernels == "bodies"
+
+
+def _damage(path, out, name_part: str, rows) -> None:
+    """Copy the file with rows `rows` of the table that a Gather reads (its name contains `name_part`) changed: the
+    Gather reads a damaged copy, so a tied lm_head stays intact (embedding rows only, as a corrupted file's)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if name_part in i.name and len(i.dims) == 2)
+    array = numpy_helper.to_array(init).copy()
+    array[rows] += np.random.default_rng(0).standard_normal(array[rows].shape).astype(array.dtype)  # not uniform:
+    # a layer norm would cancel a constant shift
+    model.graph.initializer.append(numpy_helper.from_array(array, init.name + ".damaged"))
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == init.name]
+    assert gathers
+    for node in gathers:
+        node.input[0] = init.name + ".damaged"
+    onnx.save(model, str(out))
+
+
+@pytest.mark.parametrize("rows", [[0], [1, 2], [255]])
+def test_damaged_embedding_rows_of_any_id_fail(exported, tmp_path, rows):
+    """Special ids (0-2) and the last id: the vocabulary sweep sees each."""
+    model, path = exported
+    bad = tmp_path / "bad.onnx"
+    _damage(path, bad, "lm_head", rows)
+    report = verify(bad, model)
+    assert not report.passed and "vocabulary sweep: 256 ids, 64 per row" in [r.case for r in report.rows if not r.ok]
+    if rows != [255]:  # ids 0-2 are never in the random shapes: without the sweep the damage is not seen
+        assert verify(bad, model, coverage=False).passed
+
+
+@pytest.fixture(scope="module")
+def gpt2_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = rx.get_road_model(tiny("tiny-gpt2"), rx.RoadConfig(variant="road_1", group_size=8, init_weights=False,
+                                                               target_modules=["c_attn"]))
+    path = tmp_path_factory.mktemp("gpt2") / "g.onnx"
+    rx.export(model, path)
+    return model, path
+
+
+def test_damaged_late_position_rows_fail(gpt2_file, tmp_path):
+    """GPT-2's wpe rows 40-127: only the long-sequence check reaches them."""
+    model, path = gpt2_file
+    bad = tmp_path / "bad.onnx"
+    _damage(path, bad, "wpe", list(range(40, 128)))
+    report = verify(bad, model)
+    assert not report.passed and report.longest_sequence == 128
+    assert "long sequence: seq 128" in [r.case for r in report.rows if not r.ok]
+    assert verify(bad, model, coverage=False).passed  # without the long check the damage is not seen
 
 
 def test_a_different_adapter_fails(exported):
@@ -57,3 +112,31 @@ def test_shape_mismatch_fails():
 def test_nan_fails():
     got = np.full((1, 2, 3), np.nan, dtype=np.float32)
     assert not compare("x", "c", got, np.zeros((1, 2, 3), np.float32), None, atol=1.0, logits=False).ok
+
+
+def test_sidecar_adapter_file_is_verified(exported, tmp_path):
+    """The swappable export's MODEL.default.onnx_adapter runs against the same reference; a damaged one fails."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from road_export import swap
+
+    model, path = exported
+    sidecar = path.with_name(f"{path.stem}.default.onnx_adapter")
+    assert sidecar.is_file()
+    report = verify(path, model, coverage=False)
+    assert report.passed and sum(r.case.startswith(sidecar.name) for r in report.rows) == 3
+    copy = tmp_path / path.name
+    shutil.copy(path, copy)
+    params = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(sidecar)).get_parameters().items()}
+    first = sorted(params)[0]
+    params[first] = params[first] + np.random.default_rng(0).standard_normal(params[first].shape).astype(
+        params[first].dtype) * 0.1
+    swap.write_adapter_file(tmp_path / sidecar.name, params)
+    report = verify(copy, model, coverage=False)
+    failed = [r.case for r in report.rows if not r.ok]
+    assert not report.passed and failed and all(c.startswith(sidecar.name) for c in failed)
+    (tmp_path / sidecar.name).write_bytes(b"truncated")
+    report = verify(copy, model, coverage=False)
+    assert [r.case for r in report.rows if not r.ok][0].startswith(f"{sidecar.name}: unreadable")
