@@ -88,6 +88,10 @@ def model_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
+            if any((path / sub / "encoder_model.onnx").is_file() for sub in (".", "onnx")):
+                raise RoadError(f"{path}: is an encoder-decoder directory; this command takes one ONNX file: give "
+                                "one of its files (e.g. onnx/decoder_model.onnx), or convert an adapter for every "
+                                "file with road_export.seq2seq.convert_adapter")
             raise RoadError(f"{path}: is a directory without {MODEL_FILE}; give an ONNX file or a model directory "
                             "written by road-export")
         return path / MODEL_FILE

@@ -235,6 +235,10 @@ class RoadSession:
         names = list(adapter_names) if adapter_names is not None else [adapter or self._default()] * batch
         if len(names) != batch:
             raise RoadError(f"{len(names)} adapter names for a batch of {batch} rows; give one name per row")
+        odd = [n for n in names if not isinstance(n, str)]
+        if odd:
+            raise RoadError(f"adapter_names holds {odd[0]!r}; give each row an adapter name (a string), "
+                            f"{BASE_NAME!r} for no adapter")
         if self.mixed:
             return {"adapter_ids": self.ids(names)}, None
         if len(set(names)) == 1 and names[0] in self._swaps:

@@ -386,6 +386,8 @@ SESSION_CASES = [
     ("names-vs-batch", {"input_ids": IDS, "attention_mask": ONES}, {"adapter_names": ["default"] * 3},
      "3 adapter names for a batch of 2 rows"),
     ("names-string", {"input_ids": IDS, "attention_mask": ONES}, {"adapter_names": "default"}, "one name per row"),
+    ("names-none", {"input_ids": IDS, "attention_mask": ONES}, {"adapter_names": [None, "default"]},
+     "give each row an adapter name"),
     ("unknown-adapter", {"input_ids": IDS, "attention_mask": ONES}, {"adapter": "nope"}, "holds ['default'] only"),
     ("unknown-output", {"input_ids": IDS, "attention_mask": ONES}, {"output_names": ["hidden"]}, "no output hidden"),
     ("not-a-mapping", [IDS, ONES], {}, "must be a mapping"),

@@ -158,6 +158,14 @@ def test_seed_example_files_and_io(t5_mixed):
     assert [o.name for o in merged.output] == [o.name for o in first.output]
 
 
+def test_single_file_commands_name_the_encoder_decoder_directory(t5_mixed):
+    """inspect / adapter --like read one ONNX file: on an encoder-decoder directory they say which file to give."""
+    from road_export.model_dir import model_file
+
+    with pytest.raises(RoadError, match="encoder-decoder directory.*onnx/decoder_model.onnx"):
+        model_file(t5_mixed[1])
+
+
 def test_parity_rotate_every_variant(t5_mixed):
     model, directory, _ = t5_mixed
     report = verify_seq2seq(directory, model)
