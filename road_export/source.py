@@ -160,20 +160,17 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
     for spec, file in zip(specs, files, strict=True):
         apply_adapter(model, file, spec.name)
     source = Source(model.eval(), base, names, embedded=False, task=task)
-    if reference and peft_available() and defer:
+    unwrappable = peft_cannot_wrap(model) if reference and peft_available() else None
+    if unwrappable:
+        # peft's RoAd wraps nn.Linear only: an adapter on Conv1D layers (rx.save_adapter) has no peft model
+        source.reference_name = f"{OWN_REFERENCE} (peft cannot wrap {unwrappable})"
+    elif reference and peft_available() and defer:
         source.deferred = lambda: peft_reference(_transformers_base(path, task, num_labels), specs)
         source.reference_name = PEFT_REFERENCE
     elif reference and peft_available():
         base_model = pristine if pristine is not None else _transformers_base(path, task, num_labels)
-        try:
-            source.reference = peft_reference(base_model, specs)
-            source.reference_name = PEFT_REFERENCE
-        except RoadError:
-            unwrappable = peft_cannot_wrap(model)
-            if not unwrappable:
-                raise
-            # peft's RoAd wraps nn.Linear only: an adapter on Conv1D layers (rx.save_adapter) has no peft model
-            source.reference_name = f"{OWN_REFERENCE} (peft cannot wrap {unwrappable})"
+        source.reference = peft_reference(base_model, specs)
+        source.reference_name = PEFT_REFERENCE
     return source
 
 
