@@ -13,6 +13,7 @@ import torch
 from conftest import tiny
 from test_cli import assert_bad_input, road_export
 
+import road_export as rx
 from road_export import files, quantize
 from road_export.verify import COSINE_MIN, verify
 
@@ -34,6 +35,7 @@ def dirs(tmp_path_factory):
         assert proc.returncode == 0, proc.stderr + proc.stdout
     proc = road_export(*src, "--mode", "merge", "--no-verify", root / "float.onnx")
     assert proc.returncode == 0, proc.stderr
+    rx.export(tiny("tiny-llama"), root / "plain.onnx", require_adapter=False)  # attach's base: no adapter in it
     return root
 
 
@@ -105,9 +107,9 @@ def test_attach_rotate_onto_int4_base(dirs, tmp_path):
     """A float base quantized by the CLI, then attach --mode rotate: each rotation follows its MatMulNBits node,
     found through the module path copied onto it; parity against peft by cosine."""
     base_int4 = tmp_path / "base_int4.onnx"
-    proc = road_export("optimize", dirs / "float.onnx", base_int4, "--quantize", "int4", "--quiet")
+    proc = road_export("optimize", dirs / "plain.onnx", base_int4, "--quantize", "int4", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    # float.onnx carries the merged adapter; attach "other" onto its quantized copy and check the node placement
+    # attach "other" onto the base's quantized copy and check the node placement
     out = tmp_path / "attached.onnx"
     proc = road_export("attach", base_int4, "--adapter", dirs / "other", out)
     assert proc.returncode == 0, proc.stderr
@@ -124,13 +126,15 @@ def test_bad_input(dirs, tmp_path):
                      says="is quantized already (int4)", dirs=[tmp_path])
     assert_bad_input(road_export("--base", dirs / "base", "--adapter", dirs / "road", "--quantize", "int3", out),
                      says="--quantize", dirs=[tmp_path])
-    assert_bad_input(road_export("attach", dirs / "int4_merge.onnx", "--adapter", dirs / "other", "--mode", "merge",
-                                 out), says="cannot be folded into quantized weights", dirs=[tmp_path])
+    base_int4 = tmp_path / "base_int4.onnx"
+    assert road_export("optimize", dirs / "plain.onnx", base_int4, "--quantize", "int4", "--quiet").returncode == 0
+    assert_bad_input(road_export("attach", base_int4, "--adapter", dirs / "other", "--mode", "merge", out),
+                     says="cannot be folded into quantized weights", dirs=[tmp_path])
     # a layout attach cannot place onto: MatMulInteger from onnxruntime's dynamic quantization
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dynamic = tmp_path / "dynamic.onnx"
-    quantize_dynamic(str(dirs / "float.onnx"), str(dynamic), op_types_to_quantize=["MatMul"],
+    quantize_dynamic(str(dirs / "plain.onnx"), str(dynamic), op_types_to_quantize=["MatMul"],
                      weight_type=QuantType.QInt8)
     assert_bad_input(road_export("attach", dynamic, "--adapter", dirs / "other", out), says="is quantized as",
                      dirs=[tmp_path])

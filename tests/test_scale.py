@@ -107,6 +107,8 @@ def bases(tmp_path_factory):
                                "--mode", mode, root / f"{mode}_{name}.onnx")
             assert proc.returncode == 0, proc.stderr
     assert (root / "rotate_external.onnx.data").exists() and not (root / "rotate_single.onnx.data").exists()
+    for name, external in (("single", False), ("external", True)):  # attach's bases: no adapter recorded in them
+        rx.export(tiny("tiny-llama"), root / f"plain_{name}.onnx", require_adapter=False, external_data=external)
     return root
 
 
@@ -118,7 +120,7 @@ def test_attach_and_optimize_stream_the_same_bytes(bases, tmp_path, command):
     for name in ("single", "external"):
         out = tmp_path / f"{name}.onnx"
         if command == "attach":
-            argv = ["attach", bases / f"merge_{name}.onnx", "--adapter", bases / "adapter", "--mode", "merge", out]
+            argv = ["attach", bases / f"plain_{name}.onnx", "--adapter", bases / "adapter", "--mode", "merge", out]
         else:
             argv = ["optimize", bases / f"rotate_{name}.onnx", out, "--fold"]
         proc = road_export(*argv)
@@ -128,15 +130,15 @@ def test_attach_and_optimize_stream_the_same_bytes(bases, tmp_path, command):
     assert differing(weights(outs["single"]), weights(outs["external"])) == []
 
 
-def test_attach_in_place_over_its_own_data(bases, tmp_path):
-    """BASE == OUT with external data: the new `.data` is written beside, then moved in; the old one is read
-    until then."""
+def test_rewrite_in_place_is_refused_and_the_file_kept(bases, tmp_path):
+    """BASE == OUT with external data: refused up front (inputs are left unchanged), the file and its `.data`
+    byte-identical afterwards."""
     import shutil
 
     for suffix in ("", ".data"):  # the file names its data file: keep the names
         shutil.copy(bases / f"rotate_external.onnx{suffix}", tmp_path / f"rotate_external.onnx{suffix}")
-    model, reference = tmp_path / "rotate_external.onnx", tmp_path / "ref.onnx"
-    assert road_export("optimize", model, reference, "--fold").returncode == 0
+    model = tmp_path / "rotate_external.onnx"
+    before = [(model.with_name(model.name + s)).read_bytes() for s in ("", ".data")]
     proc = road_export("optimize", model, model, "--fold")
-    assert proc.returncode == 0, proc.stderr
-    assert differing(weights(reference), weights(model)) == []
+    assert proc.returncode == 2 and "is the input" in proc.stderr, proc.stderr
+    assert [(model.with_name(model.name + s)).read_bytes() for s in ("", ".data")] == before
