@@ -79,6 +79,28 @@ class Sampling:
         return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
 
 
+def check_request(session: Session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed: int | None,
+                  eos_token_id) -> tuple[np.ndarray, np.ndarray, np.random.Generator, np.ndarray]:
+    """A generation request checked against the file, shared by `stream` and the GPU loop (road_export.gpu):
+    (input_ids [batch, prompt] int64, attention_mask int64, the seeded rng, EOS ids [n] int64).
+
+    Raises RoadError for a bad prompt or mask, a non-integer or < 1 `max_new_tokens`, a non-integer
+    `pad_token_id`, a file that is not a causal LM export, or token ids outside the logits' vocabulary."""
+    ids, mask = _prompt(input_ids, attention_mask)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise RoadError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int | np.integer):
+        raise RoadError(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
+    if "input_ids" not in session.input_names or "logits" not in session.output_names:
+        raise RoadError(f"{session.path.name} is not a causal language model export (inputs {session.input_names}, "
+                        f"outputs {session.output_names}); export with --task text-generation-with-past")
+    vocab = session.session.get_outputs()[session.output_names.index("logits")].shape[-1]
+    if isinstance(vocab, int) and (ids.min() < 0 or ids.max() >= vocab):
+        raise RoadError(f"input_ids must lie in [0, {vocab}); got values from {ids.min()} to {ids.max()}")
+    eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
+    return ids, mask, np.random.default_rng(seed), eos
+
+
 def stream(
     session: Session,
     input_ids,
@@ -100,21 +122,10 @@ def stream(
     `input_ids` [batch, prompt] is left padded where `attention_mask` is 0. `adapter` runs every row through
     one adapter, `adapter_names` gives each row its own (a mixed-adapter export); see `RoadSession.run`.
     """
-    ids, mask = _prompt(input_ids, attention_mask)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
-        raise RoadError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int | np.integer):
-        raise RoadError(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
+    ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
+                                        eos_token_id)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
-    rng = np.random.default_rng(seed)
-    eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
     names = set(session.input_names)
-    if "input_ids" not in names or "logits" not in session.output_names:
-        raise RoadError(f"{session.path.name} is not a causal language model export (inputs {session.input_names}, "
-                        f"outputs {session.output_names}); export with --task text-generation-with-past")
-    vocab = session.session.get_outputs()[session.output_names.index("logits")].shape[-1]
-    if isinstance(vocab, int) and (ids.min() < 0 or ids.max() >= vocab):
-        raise RoadError(f"input_ids must lie in [0, {vocab}); got values from {ids.min()} to {ids.max()}")
     batch = ids.shape[0]
     route, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
     cached = any(n.startswith(PAST) for n in names)

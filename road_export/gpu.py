@@ -187,21 +187,12 @@ def generate(session: RoadSession, input_ids, attention_mask=None, *, max_new_to
     int64, the same tokens (options as there), with the KV cache and logits kept in device memory."""
     import onnxruntime as ort
 
-    from road_export.generation import PAST, PRESENT, Sampling, _prompt, positions
+    from road_export.generation import PAST, PRESENT, Sampling, check_request, positions
 
-    ids, mask = _prompt(input_ids, attention_mask)
-    if max_new_tokens < 1:
-        raise RoadError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
+                                        eos_token_id)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
-    rng = np.random.default_rng(seed)
-    eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
     names = set(session.input_names)
-    if "input_ids" not in names or "logits" not in session.output_names:
-        raise RoadError(f"{session.path.name} is not a causal language model export (inputs {session.input_names}, "
-                        f"outputs {session.output_names}); export with --task text-generation-with-past")
-    vocab = session.session.get_outputs()[session.output_names.index("logits")].shape[-1]
-    if isinstance(vocab, int) and (ids.min() < 0 or ids.max() >= vocab):
-        raise RoadError(f"input_ids must lie in [0, {vocab}); got values from {ids.min()} to {ids.max()}")
     batch = ids.shape[0]
     dev = device_id(session)
     selected = route(session, batch, adapter=adapter, adapter_names=adapter_names)
