@@ -8,6 +8,12 @@ step's `present.*` OrtValues (device memory) as `past_key_values.*`, and picks t
 on the GPU, so only the token ids [batch] cross to the host per step (sampling, which is done on the host, copies
 the last position's logits [batch, vocab]).
 
+Each MatMul that feeds a rotation runs with it as one node: the session opens the graph rewritten by
+`road_export.passes.matmul_rotate` (in memory; the file is not changed), whose `road.MatMulRotate` kernel calls
+cuBLAS and rotates in place. A decode step on the GPU is bound by onnxruntime's per-node host cost, so this, not the
+rotation's arithmetic, is what brings a rotate export to the base model's step time; in a mixed-adapter export the
+per-row coefficient gathers fold into the same node (`road.MatMulRotateRows`).
+
 A swapped adapter (`.onnx_adapter`) is bound as inputs, its coefficients copied to the GPU once: onnxruntime
 applies `RunOptions.add_active_adapter` in `InferenceSession.run` only, not with IOBinding.
 
@@ -57,6 +63,38 @@ def cuda_native(native: bool | None) -> bool:
                         "standard-op bodies on the GPU")
     logger.warning("road CUDA kernels unavailable (%s); the road ops run their standard-op bodies on the GPU", why)
     return False
+
+
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # onnxruntime session config key
+
+
+def fused_model(path, options) -> tuple[bytes | None, int]:
+    """The model at `path` with MatMul + rotation pairs fused (road_export/passes/matmul_rotate.py), serialized,
+    and the number of fused nodes; (None, 0) when nothing fuses or the MatMul kernels are unavailable
+    (`road_export.native.matmul_kernels`). Weights in external data stay there: `options` (onnxruntime
+    SessionOptions) gets the model's folder as `session.model_external_initializers_file_folder_path`, so
+    onnxruntime reads them from the original files. Raises RoadError when the file cannot be read as ONNX."""
+    from pathlib import Path
+
+    import onnx_ir as ir
+
+    from road_export import native as road_native
+    from road_export.passes.matmul_rotate import MatMulRotatePass
+
+    why = road_native.matmul_kernels()
+    if why is not None:
+        logger.info("road.MatMulRotate unavailable (%s); MatMul and rotation stay two nodes", why)
+        return None, 0
+    try:
+        model = ir.load(path)
+    except Exception as e:
+        raise RoadError(f"{path}: cannot read it as ONNX ({str(e).splitlines()[0]})") from e
+    result = MatMulRotatePass()(model)
+    if not result.fused:
+        return None, 0
+    proto = ir.serde.serialize_model(model)
+    options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(path).resolve().parent))
+    return proto.SerializeToString(), result.fused
 
 
 def cuda_providers(device_id: int = 0, *, cuda_graph: bool = False, tf32: bool = True) -> list:

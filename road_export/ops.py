@@ -3,10 +3,15 @@
     road.Rotate(X, C1, C2; group_size) -> Y        (domain "road", version 1)
     Y = X * C1 + rot(X) * C2,  rot maps each group [x1 | x2] of X's last axis to [-x2 | x1]
     road.RotateTied(X, C1, C2; group_size) -> Y    the same op when both halves of every group share C1/C2
+    road.MatMulRotate(X, W, C1, C2; group_size) -> Y               Y = Rotate(X @ W, C1, C2)
+    road.MatMulRotateRows(X, W, C1, C2, adapter_ids; group_size)   the same, row b of X using C1[adapter_ids[b]]
 
 X: any float tensor [..., d] (float, float16, bfloat16, double); C1 and C2 broadcast against X: shape [d], or
-[batch, 1, d] for per-row adapters; group_size g is even and divides d. The maths follows peft's
-`src/peft/tuners/road/layer.py` (`_apply_road`), see road_export/rotation.py.
+[batch, 1, d] for per-row adapters; group_size g is even and divides d. The MatMul forms take W [k, n] (X [..., k],
+Y [..., n]); in MatMulRotateRows C1/C2 are banks [adapters, n] and adapter_ids int64 [batch] picks a bank row
+for each index of X's first axis. They exist for onnxruntime's CUDA provider, where one node instead of two
+saves a node's host cost (passes/matmul_rotate.py writes them in memory when a session opens on CUDA). The maths
+follows peft's `src/peft/tuners/road/layer.py` (`_apply_road`), see road_export/rotation.py.
 
 Why nodes are emitted bare and the functions attached afterwards: `torch.onnx.export` runs its version
 converter, which inlines every model-local function, so a function handed to the exporter would vanish. A node
@@ -24,8 +29,9 @@ from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
 __all__ = [
-    "DOMAIN", "MICROSOFT", "OP_TYPE", "SCHEMA", "TIED_OP_TYPE", "TIED_SCHEMA", "VERSION", "Rotate", "RotateNode",
-    "attach_functions", "function_definition", "register_schemas", "road_opset", "tied_function_definition",
+    "DOMAIN", "MATMUL_OP_TYPE", "MATMUL_ROWS_OP_TYPE", "MICROSOFT", "OP_TYPE", "SCHEMA", "TIED_OP_TYPE", "TIED_SCHEMA",
+    "VERSION", "MatMulRotate", "MatMulRotateRows", "Rotate", "RotateNode", "attach_functions", "function_definition",
+    "register_schemas", "road_opset", "tied_function_definition",
 ]
 
 DOMAIN = "road"
@@ -34,6 +40,8 @@ OP_TYPE = "Rotate"
 
 _T = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 TIED_OP_TYPE = "RotateTied"  # road_1's coefficients: both halves of a group share c1/c2 (see passes/lower.py)
+MATMUL_OP_TYPE = "MatMulRotate"  # X @ W then the rotation (passes/matmul_rotate.py, for CUDA sessions)
+MATMUL_ROWS_OP_TYPE = "MatMulRotateRows"  # the same with coefficient banks picked per row by adapter_ids
 
 
 def _same_as_x(ctx) -> None:
@@ -57,10 +65,44 @@ def _schema(op_type: str, doc: str) -> OpSchema:
     return schema
 
 
+def _matmul_output(ctx) -> None:
+    """Type and shape inference of the MatMul forms: Y has X's element type and shape X[:-1] + [W's last axis]."""
+    if not ctx.has_input(0):
+        return
+    out = onnx.TypeProto()
+    out.CopyFrom(ctx.get_input_type(0))
+    w = ctx.get_input_type(1) if ctx.has_input(1) else None
+    dims = out.tensor_type.shape.dim
+    if len(dims) and w is not None and w.tensor_type.HasField("shape") and len(w.tensor_type.shape.dim) == 2:
+        dims[len(dims) - 1].CopyFrom(w.tensor_type.shape.dim[1])
+    elif len(dims):
+        dims[len(dims) - 1].Clear()
+    ctx.set_output_type(0, out)
+
+
+def _matmul_schema(op_type: str, rows: bool, doc: str) -> OpSchema:
+    names = ["X", "W", "C1", "C2"]
+    inputs = [OpSchema.FormalParameter(n, "T") for n in names]
+    constraints = [("T", _T, "float tensors")]
+    if rows:
+        inputs.append(OpSchema.FormalParameter("adapter_ids", "I"))
+        constraints.append(("I", ["tensor(int64)"], "adapter ids"))
+    schema = OpSchema(op_type, DOMAIN, VERSION, doc=doc, inputs=inputs,
+                      outputs=[OpSchema.FormalParameter("Y", "T")], type_constraints=constraints,
+                      attributes=[OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "even group size g")])
+    schema.set_type_and_shape_inference_function(_matmul_output)
+    return schema
+
+
 SCHEMA = _schema(OP_TYPE, "RoAd rotation: Y = X * C1 + rot(X) * C2, pairs (i, i + group_size/2) inside each group "
                  "of X's last axis.")
 TIED_SCHEMA = _schema(TIED_OP_TYPE, "RoAd rotation whose two halves of every group share C1/C2 (road_1): the same "
                       "Y = X * C1 + rot(X) * C2.")
+
+
+MATMUL_SCHEMA = _matmul_schema(MATMUL_OP_TYPE, False, "Y = Rotate(X @ W, C1, C2): W [k, n], X [..., k].")
+MATMUL_ROWS_SCHEMA = _matmul_schema(MATMUL_ROWS_OP_TYPE, True, "Y = Rotate(X @ W, C1[adapter_ids], C2[adapter_ids]): "
+                                    "banks C1/C2 [adapters, n], one id per index of X's first axis.")
 
 
 def register_schemas() -> list[str]:
@@ -73,7 +115,7 @@ def register_schemas() -> list[str]:
     process; `import road_export.ops` is enough to trigger it.
     """
     done = []
-    for schema in (SCHEMA, TIED_SCHEMA):
+    for schema in (SCHEMA, TIED_SCHEMA, MATMUL_SCHEMA, MATMUL_ROWS_SCHEMA):
         if not onnx.defs.has(schema.name, schema.since_version, schema.domain):
             onnx.defs.register_schema(schema)
             done.append(schema.name)
@@ -101,6 +143,45 @@ def Rotate(X, C1, C2, group_size: int):
     return op.Add(op.Mul(X, C1), op.Mul(swapped, signed))
 
 
+@onnxscript.script(road_opset, default_opset=op)
+def MatMulRotate(X, W, C1, C2, group_size: int):
+    """road.MatMulRotate's body: Rotate's body applied to MatMul(X, W)."""
+    Y = op.MatMul(X, W)
+    g = op.Constant(value_int=group_size)
+    half = op.Div(g, op.Constant(value_int=2))
+    grouped_shape = op.Concat(op.Constant(value_ints=[-1, 2]), op.Reshape(half, op.Constant(value_ints=[1])), axis=0)
+    grouped = op.Reshape(Y, grouped_shape)
+    swapped_grouped = op.Slice(grouped, op.Constant(value_ints=[-1]), op.Constant(value_ints=[-9223372036854775807]),
+                               op.Constant(value_ints=[1]), op.Constant(value_ints=[-1]))
+    swapped = op.Reshape(swapped_grouped, op.Shape(Y))
+    d = op.Squeeze(op.Shape(C2, start=-1))
+    pos = op.Mod(op.Range(op.Constant(value_int=0), d, op.Constant(value_int=1)), g)
+    signed = op.Where(op.Less(pos, half), op.Neg(C2), C2)
+    return op.Add(op.Mul(Y, C1), op.Mul(swapped, signed))
+
+
+@onnxscript.script(road_opset, default_opset=op)
+def MatMulRotateRows(X, W, C1, C2, adapter_ids, group_size: int):
+    """road.MatMulRotateRows's body: bank rows gathered by adapter_ids, shaped [batch, 1, ..., 1, n] against Y."""
+    Y = op.MatMul(X, W)
+    inner = op.Shape(Y, start=1, end=-1)
+    ones = op.Expand(op.Constant(value_ints=[1]), op.Shape(inner))
+    shape = op.Concat(op.Shape(adapter_ids), ones, op.Shape(C1, start=-1), axis=0)
+    R1 = op.Reshape(op.Gather(C1, adapter_ids, axis=0), shape)
+    R2 = op.Reshape(op.Gather(C2, adapter_ids, axis=0), shape)
+    g = op.Constant(value_int=group_size)
+    half = op.Div(g, op.Constant(value_int=2))
+    grouped_shape = op.Concat(op.Constant(value_ints=[-1, 2]), op.Reshape(half, op.Constant(value_ints=[1])), axis=0)
+    grouped = op.Reshape(Y, grouped_shape)
+    swapped_grouped = op.Slice(grouped, op.Constant(value_ints=[-1]), op.Constant(value_ints=[-9223372036854775807]),
+                               op.Constant(value_ints=[1]), op.Constant(value_ints=[-1]))
+    swapped = op.Reshape(swapped_grouped, op.Shape(Y))
+    d = op.Squeeze(op.Shape(C2, start=-1))
+    pos = op.Mod(op.Range(op.Constant(value_int=0), d, op.Constant(value_int=1)), g)
+    signed = op.Where(op.Less(pos, half), op.Neg(R2), R2)
+    return op.Add(op.Mul(Y, R1), op.Mul(swapped, signed))
+
+
 MICROSOFT = "com.microsoft"
 
 
@@ -110,6 +191,14 @@ def function_definition(opset: int) -> ir.Function:
     function = ir.serde.deserialize_function(proto)
     function.opset_imports[""] = opset
     return function
+
+
+def _script_definition(script) -> object:
+    def build(opset: int) -> ir.Function:
+        function = ir.serde.deserialize_function(script.to_function_proto())
+        function.opset_imports[""] = opset
+        return function
+    return build
 
 
 def tied_function_definition(opset: int) -> ir.Function:
@@ -181,7 +270,9 @@ def attach_functions(model: ir.Model) -> int:
     """Add the definitions of the `road` ops the graph uses; returns the number of road nodes."""
     used = {node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN}
     opset = model.opset_imports.get("", 18)
-    builders = {OP_TYPE: function_definition, TIED_OP_TYPE: tied_function_definition}
+    builders = {OP_TYPE: function_definition, TIED_OP_TYPE: tied_function_definition,
+                MATMUL_OP_TYPE: _script_definition(MatMulRotate),
+                MATMUL_ROWS_OP_TYPE: _script_definition(MatMulRotateRows)}
     for op_type in used:
         if op_type not in builders:
             raise ValueError(f"unknown op {DOMAIN}.{op_type}; road-export defines {', '.join(builders)}")

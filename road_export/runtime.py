@@ -39,7 +39,7 @@ class RoadSession:
         return super().__new__(cls)
 
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
-                 native: bool | None = None, session_config: Mapping[str, str] | None = None):
+                 native: bool | None = None, session_config: Mapping[str, str] | None = None, fuse: bool = True):
         """`native`: run road ops on the native kernels (True), their standard-op bodies (False), or the kernels
         where they build (None, the default); `self.native` says which. With CUDAExecutionProvider first in
         `providers` (a name or (name, options); see `road_export.gpu.cuda_providers`) the kernels are the
@@ -47,7 +47,9 @@ class RoadSession:
         `self.device` is "cuda"; with another execution provider first, None leaves the CPU kernels out, so the
         bodies run on that device rather than the rotations hopping to the CPU. `session_config`: onnxruntime
         session config entries (`SessionOptions.add_session_config_entry`, e.g.
-        {"session.intra_op.allow_spinning": "0"})."""
+        {"session.intra_op.allow_spinning": "0"}). `fuse` (CUDA with the kernels only): run each MatMul feeding a
+        rotation and the rotation as one `road.MatMulRotate` node, from a graph rewritten in memory
+        (`road_export.gpu.fused_model`); `self.fused` counts them. False opens the file as it is."""
         import onnxruntime as ort
 
         from road_export import native as road_native
@@ -73,8 +75,15 @@ class RoadSession:
         elif native is None and providers[0] != "CPUExecutionProvider":
             native = False
         self.native = road_native.uses_road(self.path) and road_native.register(options, native)
+        source: str | bytes = str(self.path)
+        self.fused = 0
+        if on_cuda and self.native and fuse:
+            from road_export.gpu import fused_model
+
+            rewritten, self.fused = fused_model(self.path, options)
+            source = rewritten if rewritten is not None else source
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as e:
             raise RoadError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
         self.device = "cuda" if on_cuda and "CUDAExecutionProvider" in self.session.get_providers() else "cpu"

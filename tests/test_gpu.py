@@ -16,7 +16,7 @@ import peft
 import pytest
 import torch
 from conftest import tiny
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 from test_native import NP, rotation_model
 
 import road_export as rx
@@ -39,7 +39,7 @@ RTOL = {TensorProto.FLOAT: 1e-5, TensorProto.DOUBLE: 1e-12, TensorProto.FLOAT16:
 def torch_rotate(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, g: int) -> torch.Tensor:
     """peft's RoAd rotation written in torch (an independent reference): y = x * c1 + rot(x) * c2, with rot mapping each
     group [x1 | x2] of the last axis to [-x2 | x1]."""
-    grouped = x.reshape(*x.shape[:-1], -1, 2, g // 2)
+    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // g, 2, g // 2)
     rotated = torch.cat([-grouped[..., 1:, :], grouped[..., :1, :]], -2).reshape(x.shape)
     return x * c1 + rotated * c2
 
@@ -102,6 +102,102 @@ def test_cuda_kernel_matches_cpu_kernel_and_torch(tmp_path, shape, g, per_row, v
     assert np.abs(got - on_cpu).max() <= RTOL[dtype] * scale
 
 
+def matmul_rotate_model(w: np.ndarray, c1: np.ndarray, c2: np.ndarray, g: int, dtype: int, rows: bool) -> bytes:
+    """y = road.MatMulRotate[Rows](x, W, C1, C2[, adapter_ids]) with no function bodies: only the CUDA kernel runs it.
+    bfloat16 is cast to and from float32 around the node."""
+    io_type = TensorProto.FLOAT if dtype == TensorProto.BFLOAT16 else dtype
+    op = road_op.MATMUL_ROWS_OP_TYPE if rows else road_op.MATMUL_OP_TYPE
+    names = ["x", "w", "c1", "c2"]
+    cast = [helper.make_node("Cast", [n], [n + "r"], to=dtype) for n in names]
+    node_inputs = [n + "r" for n in names] + (["adapter_ids"] if rows else [])
+    nodes = cast + [helper.make_node(op, node_inputs, ["yr"], domain=road_op.DOMAIN, group_size=g),
+                    helper.make_node("Cast", ["yr"], ["y"], to=io_type)]
+    inits = [numpy_helper.from_array(a.astype(NP[io_type]), n) for a, n in ((w, "w"), (c1, "c1"), (c2, "c2"))]
+    inputs = [helper.make_tensor_value_info("x", io_type, ["b", "s", w.shape[0]])]
+    if rows:
+        inputs.append(helper.make_tensor_value_info("adapter_ids", TensorProto.INT64, ["b"]))
+    output = helper.make_tensor_value_info("y", io_type, ["b", "s", w.shape[1]])
+    graph = helper.make_graph(nodes, "mm", inputs, [output], inits)
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid(road_op.DOMAIN, road_op.VERSION)]
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=11)
+    return proto.SerializeToString()
+
+
+MATMUL_SHAPES = [  # (batch, sequence, k, n, group size)
+    (1, 1, 2048, 2048, 64),   # a decode step at batch 1
+    (8, 1, 256, 704, 64),     # batch 8, n not a multiple of the kernel's 256-thread block
+    (3, 17, 96, 40, 8),       # odd sizes, 51 rows
+    (2, 3, 96, 40, 8),        # odd sizes, 6 rows: a partial column tile
+    (2, 0, 64, 64, 64),       # no rows
+]
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE],
+                         ids=["fp32", "fp16", "bf16", "fp64"])
+@pytest.mark.parametrize("rows", [False, True], ids=["one-adapter", "per-row-banks"])
+@pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=[str(s) for s in MATMUL_SHAPES])
+@pytest.mark.parametrize("path", ["auto", "cublas"])
+def test_matmul_rotate_kernel_matches_torch(tmp_path, monkeypatch, shape, rows, dtype, path):
+    """road.MatMulRotate against torch in float64: up to 8 rows in the one-launch GEMV kernel, more rows (or
+    ROAD_EXPORT_GEMV=0) as cuBLAS's GEMM then the rotation in place; per-row banks pick each row's adapter."""
+    if path == "cublas":
+        monkeypatch.setenv("ROAD_EXPORT_GEMV", "0")
+    batch, seq, k, n, g = shape
+    rng = np.random.default_rng(batch * 1000 + n)
+    io = NP.get(dtype, np.float32)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    x = rng.standard_normal((batch, seq, k)).astype(np.float32)
+    banks = [testutil.coefficients("road_4", n, g, rng) for _ in range(3)]
+    if rows:
+        c1 = np.stack([b[0] for b in banks]).astype(np.float32)
+        c2 = np.stack([b[1] for b in banks]).astype(np.float32)
+        ids = rng.integers(0, 3, batch).astype(np.int64)
+    else:
+        c1, c2 = banks[0]
+    model = matmul_rotate_model(w, c1, c2, g, dtype, rows)
+    s = cuda_session(model, profile=str(tmp_path / "mm"))
+    feeds = {"x": x.astype(io)}
+    if rows:
+        feeds["adapter_ids"] = ids
+    got = s.run(None, feeds)[0].astype(np.float64)
+    ran = {e["args"]["op_name"]: e["args"].get("provider") for e in json.load(open(s.end_profiling()))
+           if e.get("cat") == "Node"}
+    assert ran[road_op.MATMUL_ROWS_OP_TYPE if rows else road_op.MATMUL_OP_TYPE] == "CUDAExecutionProvider"
+
+    def rounded(a):
+        t = torch.from_numpy(a.astype(io).astype(np.float32))
+        return (t.to(torch.bfloat16).float() if dtype == TensorProto.BFLOAT16 else t).double()
+
+    product = rounded(x) @ rounded(w)
+    r1, r2 = rounded(c1), rounded(c2)
+    if rows:
+        r1, r2 = r1[torch.from_numpy(ids)][:, None, :], r2[torch.from_numpy(ids)][:, None, :]
+    expected = torch_rotate(product, r1, r2, g).numpy()
+    assert got.shape == expected.shape
+    if expected.size:
+        scale = np.abs(expected).max()
+        tol = {TensorProto.FLOAT: 1e-5, TensorProto.DOUBLE: 1e-12, TensorProto.FLOAT16: 2e-3,
+               TensorProto.BFLOAT16: 1.6e-2}[dtype]
+        assert np.abs(got - expected).max() <= tol * scale, np.abs(got - expected).max() / scale
+
+
+@pytest.mark.parametrize("path", ["auto", "cublas"])
+def test_matmul_rotate_rows_id_out_of_range_gives_nan_not_a_fault(monkeypatch, path):
+    """An adapter id outside the banks is not read: its rows come out NaN, the others are computed, and the CUDA
+    context stays usable (a later run is correct)."""
+    if path == "cublas":
+        monkeypatch.setenv("ROAD_EXPORT_GEMV", "0")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    c1, c2 = (np.stack(b) for b in zip(*[testutil.coefficients("road_4", 64, 8, rng) for _ in range(2)], strict=True))
+    s = cuda_session(matmul_rotate_model(w, c1, c2, 8, TensorProto.FLOAT, True))
+    x = rng.standard_normal((3, 2, 64)).astype(np.float32)
+    bad = s.run(None, {"x": x, "adapter_ids": np.array([1, 7, -1], np.int64)})[0]
+    assert np.isfinite(bad[0]).all() and np.isnan(bad[1]).all() and np.isnan(bad[2]).all()
+    good = s.run(None, {"x": x, "adapter_ids": np.array([1, 0, 1], np.int64)})[0]
+    assert np.isfinite(good).all() and np.array_equal(good[0], bad[0])
+
+
 def test_cuda_graph_capture_and_replay():
     """The kernel is graph safe: onnxruntime captures it (enable_cuda_graph) and each replay rotates the new contents
     of the bound input buffer."""
@@ -145,6 +241,12 @@ def test_without_the_driver_no_cuda_kernel_is_registered(tmp_path):
         assert done.stdout.strip().splitlines()[-1] == provider
 
 
+def road_nodes(path) -> int:
+    import onnx
+
+    return sum(1 for n in onnx.load(str(path), load_external_data=False).graph.node if n.domain == road_op.DOMAIN)
+
+
 def peft_model(variant="road_4", seed=0):
     torch.manual_seed(seed)
     config = peft.RoadConfig(variant=variant, group_size=8, init_weights=False, target_modules="all-linear")
@@ -186,6 +288,7 @@ def test_generate_on_the_gpu_equals_peft(rotate_export):
     model, path, _ = rotate_export
     session = RoadSession(path, providers=cuda_providers())
     assert session.device == "cuda" and session.native
+    assert session.fused == road_nodes(path)  # each MatMul + rotation: one node
     ids, mask = prompt(model.config.vocab_size)
     expected = peft_generate(model, ids, mask, 12)
     assert (session.generate(ids.numpy(), mask.numpy(), max_new_tokens=12) == expected).all()
@@ -233,7 +336,7 @@ def test_mixed_batch_on_the_gpu_equals_peft(tmp_path):
     ours.load_state_dict(state, strict=False)
     result = rx.export(ours, tmp_path / "mixed.onnx", mode="rotate", task="text-generation-with-past")
     session = RoadSession(result.path, providers=cuda_providers())
-    assert session.mixed and session.native and session.device == "cuda"
+    assert session.mixed and session.native and session.device == "cuda" and session.fused
     names = ["b", "__base__", "a"]
     ids, mask = prompt(base.config.vocab_size, batch=3, pad=2)
     got = session.generate(ids.numpy(), mask.numpy(), adapter_names=names, max_new_tokens=8)
@@ -260,6 +363,7 @@ def test_adapters_swap_on_the_gpu(tmp_path):
     convert_adapter(tmp_path / "second", result.path, tmp_path / "m.second.onnx_adapter")
     session = RoadSession(result.path, providers=cuda_providers())
     assert session.adapters == ["default", "second"] and session.native and session.device == "cuda"
+    assert session.fused  # the swapped coefficients are inputs of the fused nodes
     ids, mask = prompt(models[0].config.vocab_size)
     first, second = (peft_generate(m, ids, mask, 8) for m in models)
     assert (first != second).any()  # the two adapters really differ

@@ -6,11 +6,12 @@ IOBinding with every input and output in GPU memory (preallocated, so the same b
 figure is the median of paired ratios of interleaved runs (tools/benchlib.py: A B A B ...).
 
   - decode step with 256 cached positions at batch 1 and 8, and a prefill of 512 tokens at batch 1:
-    base, merged, rotate on the road CUDA kernels, rotate on the road ops' standard-op bodies (stock
+    base, merged, rotate on the road CUDA kernels (MatMul + rotation fused into road.MatMulRotate, as a GPU
+    RoadSession opens it), the same kernels unfused (fuse=False), rotate on the road ops' standard-op bodies (stock
     onnxruntime-gpu), and the peft-traced anchor (torch.onnx.export of the peft model);
     the same for base and rotate with onnxruntime's CUDA graphs (enable_cuda_graph, same settings for both);
   - a mixed export of 8 road_4 all-linear adapters: 8 rows on 8 adapters against one adapter on all rows and
-    against the base model's batch of 8;
+    against the base model's batch of 8 (fused, and unfused against the base);
   - RoadSession.generate tokens/s (GPU path: cache and logits on the GPU) against the base export;
   - parity: fp16 logits (kernels, bodies, merged) against torch fp32, and one rotation [512, 2048] in fp16 and
     bf16 on the CUDA kernel against torch fp32.
@@ -27,6 +28,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -192,9 +194,9 @@ def rotation_parity() -> list[str]:
     from onnx import TensorProto
 
     from road_export import native
-    from road_export.passes import testutil
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from passes import testutil
     from test_gpu import torch_rotate
     from test_native import rotation_model
 
@@ -248,11 +250,17 @@ def bench(root: Path, rounds: int, inner: int, new_tokens: int, skip: list[str])
                 continue
             start = time.perf_counter()
             sessions[name] = RoadSession(path, providers=providers())
+            if name in ("rotate", "mixed"):
+                sessions[f"{name}, unfused"] = RoadSession(path, providers=providers(), fuse=False)
+            if name == "rotate":  # fused, but every product on cuBLAS then the rotation (no one-launch GEMV)
+                os.environ["ROAD_EXPORT_GEMV"] = "0"
+                sessions["rotate, fused on cuBLAS"] = RoadSession(path, providers=providers())
+                del os.environ["ROAD_EXPORT_GEMV"]
             if name == "rotate":
                 sessions["rotate, bodies"] = RoadSession(path, providers=providers(), native=False)
                 assert sessions["rotate"].native and not sessions["rotate, bodies"].native
-            print(f"  loaded {name:<12} native={sessions[name].native} {time.perf_counter() - start:5.1f} s",
-                  flush=True)
+            print(f"  loaded {name:<12} native={sessions[name].native} fused={sessions[name].fused} "
+                  f"{time.perf_counter() - start:5.1f} s", flush=True)
 
     section("sessions", load)
 
@@ -272,7 +280,8 @@ def bench(root: Path, rounds: int, inner: int, new_tokens: int, skip: list[str])
         for column, make in shapes.items():
             base = make(sessions["base"])
             base_times = []
-            for name in ("merged", "rotate", "rotate, bodies", "peft-traced"):
+            for name in ("merged", "rotate", "rotate, fused on cuBLAS", "rotate, unfused", "rotate, bodies",
+                         "peft-traced"):
                 if name not in sessions:
                     continue
                 try:
@@ -320,6 +329,11 @@ def bench(root: Path, rounds: int, inner: int, new_tokens: int, skip: list[str])
         results["mixed"] = {"vs one adapter": r1, "vs base batch 8": r2}
         rows.append(("mixed", "8 rows on 8 adapters / one adapter on all 8 rows", f"{r1:.3f} x"))
         rows.append(("mixed", "8 rows on 8 adapters / base batch 8", f"{r2:.3f} x"))
+        if "mixed, unfused" in sessions:
+            unfused = decode_step(sessions["mixed, unfused"], 8, adapter_ids=list(range(1, ADAPTERS + 1)))
+            _, _, r3 = ratio_vs(unfused, base8, ("8 rows on 8 adapters, unfused", "base batch 8"))
+            results["mixed"]["unfused vs base batch 8"] = r3
+            rows.append(("mixed", "8 rows on 8 adapters, MatMul and rotation unfused / base batch 8", f"{r3:.3f} x"))
 
     section("mixed export: 8 road_4 all-linear adapters, decode step at batch 8", mixed)
 
@@ -328,7 +342,7 @@ def bench(root: Path, rounds: int, inner: int, new_tokens: int, skip: list[str])
         rates: dict[str, list[float]] = {"base": [], "rotate": []}
         outputs = {n: sessions[n].generate(ids, max_new_tokens=8) for n in rates}  # warm-up
         assert outputs["base"].shape == outputs["rotate"].shape
-        for _ in range(5):
+        for _ in range(9):
             for name in rates:
                 start = time.perf_counter()
                 sessions[name].generate(ids, max_new_tokens=new_tokens)

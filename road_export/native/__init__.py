@@ -12,7 +12,9 @@ under `$ROAD_EXPORT_CACHE` (default `~/.cache/road-export`), keyed by its source
 The same library holds CUDA kernels for the two ops (`road_cuda.h`), registered for onnxruntime's
 CUDAExecutionProvider where the CUDA driver (libcuda.so.1) and NVRTC (libnvrtc, e.g. the `nvidia-cuda-nvrtc`
 wheel) can be opened: the kernel is compiled by NVRTC at first use for the GPU's architecture and its cubin is
-cached in the same directory. `cuda_kernels()` says whether they are there, or why not.
+cached in the same directory. `cuda_kernels()` says whether they are there, or why not. Where cuBLAS opens too
+(onnxruntime-gpu's own copy), `road.MatMulRotate` / `road.MatMulRotateRows` register for CUDA as well: a GEMM and
+the rotation as one node (`matmul_kernels()`; road_export/passes/matmul_rotate.py writes them).
 """
 
 from __future__ import annotations
@@ -109,6 +111,20 @@ def nvrtc_path() -> Path | None:
     return None
 
 
+def cublas_path() -> Path | None:
+    """libcublas from the `nvidia-cublas` wheel (CUDA 13 or 12 layout) on sys.path, else None (the library then
+    takes the copy onnxruntime's CUDA provider loaded, or the system's libcublas.so.13 / .12)."""
+    import sys
+
+    for root in sys.path:
+        for rel in ("nvidia/cu13/lib/libcublas.so.13", "nvidia/cublas/lib/libcublas.so.12",
+                    "nvidia/cu12/lib/libcublas.so.12"):
+            candidate = Path(root or ".") / rel
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def _loadable(*names: str) -> bool:
     import ctypes
 
@@ -138,6 +154,20 @@ def cuda_kernels() -> str | None:
     return None
 
 
+@functools.cache
+def matmul_kernels() -> str | None:
+    """None when the library also registers `road.MatMulRotate` / `road.MatMulRotateRows` for CUDA (the CUDA kernels
+    plus cuBLAS), else the reason it does not."""
+    why = cuda_kernels()
+    if why is not None:
+        return why
+    found = cublas_path()
+    if not _loadable(*([str(found)] if found else []), "libcublas.so.13", "libcublas.so.12", "libcublas.so.11",
+                     "libcublas.so"):
+        return "no cuBLAS (pip install nvidia-cublas, matching the CUDA of onnxruntime-gpu)"
+    return None
+
+
 def _environment() -> None:
     """Tell the library where to cache cubins and which libnvrtc to open (read at its first CUDA use), and, under
     an onnxruntime without the CUDA provider, to leave the CUDA driver alone (ROAD_EXPORT_CUDA=0)."""
@@ -149,6 +179,9 @@ def _environment() -> None:
     found = nvrtc_path()
     if found:
         os.environ.setdefault("ROAD_EXPORT_NVRTC", str(found))
+    found = cublas_path()
+    if found:
+        os.environ.setdefault("ROAD_EXPORT_CUBLAS", str(found))
 
 
 def uses_road(path: str | Path) -> bool:

@@ -134,6 +134,9 @@ struct Params {
   long long c1_stride[kMaxRank];
   long long c2_stride[kMaxRank];
   int lead;
+  const long long* ids;   // per-row adapter ids (device memory) selecting rows of C1/C2 banks [banks, d], or null
+  long long rows_per_id;  // rows of X per id (X's rows over the ids' count)
+  long long banks;        // rows in C1/C2; an id outside [0, banks) writes NaN (no read out of bounds)
 };
 
 constexpr const char* kSource = R"CUDA(
@@ -143,6 +146,7 @@ struct Params {
   long long d, half, pairs, rows;
   long long lead_dims[ROAD_MAX_RANK]; long long c1_stride[ROAD_MAX_RANK]; long long c2_stride[ROAD_MAX_RANK];
   int lead;
+  const long long* ids; long long rows_per_id, banks;
 };
 struct h16 { unsigned short b; };
 struct b16 { unsigned short b; };
@@ -171,7 +175,17 @@ __device__ __forceinline__ void rotate(const Params& p) {
   const long long k = group * 2 * half + i;
   for (long long row = blockIdx.y; row < p.rows; row += gridDim.y) {
     long long o1 = 0, o2 = 0, r = row;
-    for (int a = p.lead - 1; a >= 0 && r; --a) {
+    if (p.ids) {  // a bank row per id: X's rows [ids, rows_per_id]
+      const long long id = p.ids[row / p.rows_per_id];
+      if (id < 0 || id >= p.banks) {
+        T* y = (T*)p.y + row * p.d + k;
+        st(y, __int_as_float(0x7fc00000));
+        st(y + half, __int_as_float(0x7fc00000));
+        continue;
+      }
+      o1 = o2 = id * p.d;
+    }
+    for (int a = p.lead - 1; a >= 0 && r && !p.ids; --a) {
       const long long q = r / p.lead_dims[a], idx = r - q * p.lead_dims[a];
       o1 += idx * p.c1_stride[a];
       o2 += idx * p.c2_stride[a];
@@ -190,9 +204,137 @@ extern "C" __global__ void __launch_bounds__(256) road_rotate_f32(Params p) { ro
 extern "C" __global__ void __launch_bounds__(256) road_rotate_f64(Params p) { rotate<double>(p); }
 extern "C" __global__ void __launch_bounds__(256) road_rotate_f16(Params p) { rotate<h16>(p); }
 extern "C" __global__ void __launch_bounds__(256) road_rotate_bf16(Params p) { rotate<b16>(p); }
+
+// Y = rotate(X @ W) for at most 8 rows of X (a decode step), one launch: block b computes output columns
+// [64 b, 64 b + 64) (whole groups: g divides 64) for every row. 256 threads = 32 k-lanes x 8 chunks of 8 columns;
+// a thread takes 8 consecutive k at a time: 8 rows of 8 weights and the rows' 8 inputs, as 16-byte loads, and keeps
+// rows x 8 sums in float. The k-lanes are reduced by warp shuffles and shared memory, then the rotation pairs
+// columns inside the tile. K must be a multiple of 8 (`gemv_fits`).
+#define GEMV_ROWS 8
+#define GEMV_TILE 64
+#define GEMV_THREADS 256
+#define GEMV_KLANES (GEMV_THREADS / 8)
+struct GemvParams { Params p; const void* w; long long k; };
+__device__ __forceinline__ bool coef_offset(const Params& p, long long row, long long* o1, long long* o2) {
+  *o1 = 0; *o2 = 0;
+  if (p.ids) {
+    const long long id = p.ids[row / p.rows_per_id];
+    if (id < 0 || id >= p.banks) return false;
+    *o1 = *o2 = id * p.d;
+    return true;
+  }
+  long long r = row;
+  for (int a = p.lead - 1; a >= 0 && r; --a) {
+    const long long q = r / p.lead_dims[a], idx = r - q * p.lead_dims[a];
+    *o1 += idx * p.c1_stride[a];
+    *o2 += idx * p.c2_stride[a];
+    r = q;
+  }
+  return true;
+}
+template <typename T>
+__device__ __forceinline__ void gemv(const GemvParams& g) {
+  typedef float F;
+  constexpr int kVec = sizeof(T) * 8 / 16;  // 16-byte loads per 8 values
+  const Params& p = g.p;
+  __shared__ F part[GEMV_THREADS / 32][GEMV_ROWS][GEMV_TILE];
+  __shared__ F sum[GEMV_ROWS][GEMV_TILE];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int chunk = lane & 7, klane = tid >> 3;
+  const long long n = p.d, k = g.k;
+  const int rows = (int)p.rows;
+  const long long col0 = (long long)blockIdx.x * GEMV_TILE + chunk * 8;
+  F acc[GEMV_ROWS][8];
+#pragma unroll
+  for (int m = 0; m < GEMV_ROWS; ++m)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[m][j] = 0;
+  const T* x = (const T*)p.x;
+  const T* w = (const T*)g.w;
+  if (col0 < n) {
+    for (long long k0 = (long long)klane * 8; k0 < k; k0 += GEMV_KLANES * 8) {
+      uint4 wraw[8][kVec];
+#pragma unroll
+      for (int r = 0; r < 8; ++r)
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) wraw[r][v] = __ldg((const uint4*)(w + (k0 + r) * n + col0) + v);
+      uint4 xraw[GEMV_ROWS][kVec];
+#pragma unroll
+      for (int m = 0; m < GEMV_ROWS; ++m)
+        if (m < rows)
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) xraw[m][v] = __ldg((const uint4*)(x + m * k + k0) + v);
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+        F wf[8];  // one k-row of weights, converted once for every row of X
+        const T* wv = (const T*)wraw[r];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) wf[j] = ld(wv[j]);
+#pragma unroll
+        for (int m = 0; m < GEMV_ROWS; ++m) {
+          if (m < rows) {
+            const F xm = ld(((const T*)xraw[m])[r]);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[m][j] += xm * wf[j];
+          }
+        }
+      }
+    }
+  }
+  // the 4 k-lanes of a warp (lanes 8 apart), then the warps
+#pragma unroll
+  for (int m = 0; m < GEMV_ROWS; ++m)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      F v = acc[m][j];
+      v += __shfl_xor_sync(0xffffffffu, v, 8);
+      v += __shfl_xor_sync(0xffffffffu, v, 16);
+      acc[m][j] = v;
+    }
+  if (lane < 8)
+#pragma unroll
+    for (int m = 0; m < GEMV_ROWS; ++m)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) part[warp][m][chunk * 8 + j] = acc[m][j];
+  __syncthreads();
+  for (int o = tid; o < rows * GEMV_TILE; o += GEMV_THREADS) {
+    const int m = o / GEMV_TILE, c = o % GEMV_TILE;
+    F total = 0;
+#pragma unroll
+    for (int v = 0; v < GEMV_THREADS / 32; ++v) total += part[v][m][c];
+    sum[m][c] = total;
+  }
+  __syncthreads();
+  for (int o = tid; o < rows * GEMV_TILE; o += GEMV_THREADS) {
+    const int m = o / GEMV_TILE, c = o % GEMV_TILE;
+    const long long col = (long long)blockIdx.x * GEMV_TILE + c;
+    if (col >= n) continue;
+    T* y = (T*)p.y + m * n + col;
+    long long o1, o2;
+    if (!coef_offset(p, m, &o1, &o2)) {
+      st(y, __int_as_float(0x7fc00000));
+      continue;
+    }
+    const long long half = p.half, j = col % (2 * half);
+    const F a = ld(((const T*)p.c1)[o1 + col]), b = ld(((const T*)p.c2)[o2 + col]);
+    st(y, j < half ? a * sum[m][c] - b * sum[m][c + half] : b * sum[m][c - half] + a * sum[m][c]);
+  }
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) road_gemv_f32(GemvParams p) { gemv<float>(p); }
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) road_gemv_f16(GemvParams p) { gemv<h16>(p); }
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) road_gemv_bf16(GemvParams p) { gemv<b16>(p); }
 )CUDA";
 
-constexpr const char* kNames[4] = {"road_rotate_f32", "road_rotate_f64", "road_rotate_f16", "road_rotate_bf16"};
+constexpr const char* kNames[8] = {"road_rotate_f32", "road_rotate_f64", "road_rotate_f16", "road_rotate_bf16",
+                                   "road_gemv_f32",   "road_gemv_f32",   "road_gemv_f16",   "road_gemv_bf16"};
+// (no float64 GEMV: its shared sums would not fit in 48 KB; float64 products take cuBLAS)
+constexpr int kGemvRows = 8, kGemvTile = 64, kGemvThreads = 256;  // as GEMV_ROWS, GEMV_TILE, GEMV_THREADS above
+
+struct GemvParams {
+  Params p;
+  const void* w;
+  long long k;
+};
 
 inline uint64_t fnv1a(const std::string& s) {
   uint64_t h = 1469598103934665603ull;
@@ -261,7 +403,7 @@ inline bool cubin_for(int arch, std::vector<char>* out, std::string* why) {
 }
 
 struct Functions {
-  CUfunction fn[4] = {};
+  CUfunction fn[8] = {};
 };
 
 inline std::string error_text(const Driver* d, CUresult r) {
@@ -315,7 +457,7 @@ inline bool functions_for(CUstream stream, const Functions** out, std::string* w
     *why = "cuModuleLoadData: " + error_text(d, r);
     ok = false;
   }
-  for (int i = 0; ok && i < 4; ++i) {
+  for (int i = 0; ok && i < 8; ++i) {
     if ((r = d->ModuleGetFunction(&functions.fn[i], module, kNames[i])) != 0) {
       *why = std::string("cuModuleGetFunction ") + kNames[i] + ": " + error_text(d, r);
       ok = false;
@@ -329,6 +471,93 @@ inline bool functions_for(CUstream stream, const Functions** out, std::string* w
   *out = last = &loaded.emplace(context, functions).first->second;  // std::map: the address stays valid
   last_stream = stream;
   last_current = current;
+  return true;
+}
+
+// --- cuBLAS, the entries used (cublas_api.h), for road.MatMulRotate ---------------------------------------------
+// onnxruntime's CUDA provider links cuBLAS, so a process running it has libcublas loaded: that copy is taken
+// (RTLD_NOLOAD) before any other, and the GEMM runs exactly as onnxruntime's own MatMul would call it.
+struct Cublas {
+  int (*Create)(void** handle);
+  int (*SetStream)(void* handle, CUstream stream);
+  int (*GemmEx)(void* handle, int transa, int transb, int m, int n, int k, const void* alpha, const void* a,
+                int a_type, int lda, const void* b, int b_type, int ldb, const void* beta, void* c, int c_type,
+                int ldc, int compute_type, int algo);
+};
+constexpr int kCudaR32F = 0, kCudaR64F = 1, kCudaR16F = 2, kCudaR16BF = 14;  // cudaDataType_t
+constexpr int kCompute32F = 68, kCompute64F = 70;                               // cublasComputeType_t
+constexpr int kGemmDefault = -1;                                                // CUBLAS_GEMM_DEFAULT
+constexpr int kOpN = 0;                                                         // CUBLAS_OP_N
+
+inline const Cublas* cublas() {
+  static const Cublas* loaded = [] () -> const Cublas* {
+    const char* names[] = {"libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"};
+    void* lib = nullptr;
+    for (const char* name : names)
+      if (!lib) lib = dlopen(name, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (const char* path = std::getenv("ROAD_EXPORT_CUBLAS"); !lib && path && *path)
+      lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    for (const char* name : names)
+      if (!lib) lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    if (!lib) return nullptr;
+    static Cublas c{};
+    const bool ok = resolve(lib, "cublasCreate_v2", &c.Create) && resolve(lib, "cublasSetStream_v2", &c.SetStream) &&
+                    resolve(lib, "cublasGemmEx", &c.GemmEx);
+    return ok ? &c : nullptr;
+  }();
+  return loaded;
+}
+
+// Y [m, n] = X [m, k] @ W [k, n], all row-major, on `stream` (column-major cuBLAS computes Y^T = W^T X^T);
+// fp32 accumulation (fp64 for double), `type_index` as for `launch`. One cuBLAS handle per thread and context.
+inline bool gemm(CUstream stream, int type_index, const void* x, const void* w, void* y, long long m, long long k,
+                 long long n, std::string* why) {
+  const Cublas* cb = cublas();
+  const Driver* d = driver();
+  if (!cb || !d) {
+    *why = "cuBLAS (libcublas) cannot be opened";
+    return false;
+  }
+  if (m == 0 || n == 0) return true;
+  if (m > 0x7fffffffLL || n > 0x7fffffffLL || k > 0x7fffffffLL) {
+    *why = "a matrix axis is over 2^31 - 1";
+    return false;
+  }
+  CUcontext context = nullptr;
+  CUresult r = d->StreamGetCtx(stream, &context);
+  if (r != 0) {
+    *why = "cuStreamGetCtx: " + error_text(d, r);
+    return false;
+  }
+  thread_local std::map<CUcontext, void*> handles;
+  void*& handle = handles[context];
+  if (!handle) {
+    CUcontext current = nullptr;
+    d->CtxGetCurrent(&current);
+    if (current != context) d->CtxPushCurrent(context);
+    const int status = cb->Create(&handle);
+    if (current != context) d->CtxPopCurrent(&current);
+    if (status != 0) {
+      handle = nullptr;
+      *why = "cublasCreate failed with status " + std::to_string(status);
+      return false;
+    }
+  }
+  int status = cb->SetStream(handle, stream);
+  static const int types[4] = {kCudaR32F, kCudaR64F, kCudaR16F, kCudaR16BF};
+  const int type = types[type_index];
+  const float alpha = 1.0f, beta = 0.0f;
+  const double alpha64 = 1.0, beta64 = 0.0;
+  const bool wide = type_index == 1;
+  if (status == 0)
+    status = cb->GemmEx(handle, kOpN, kOpN, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+                        wide ? static_cast<const void*>(&alpha64) : &alpha, w, type, static_cast<int>(n), x, type,
+                        static_cast<int>(k), wide ? static_cast<const void*>(&beta64) : &beta, y, type,
+                        static_cast<int>(n), wide ? kCompute64F : kCompute32F, kGemmDefault);
+  if (status != 0) {
+    *why = "cublasGemmEx failed with status " + std::to_string(status);
+    return false;
+  }
   return true;
 }
 
@@ -348,6 +577,32 @@ inline bool launch(CUstream stream, int type_index, const Params& params, std::s
   const Driver* d = driver();
   const CUresult r = d->LaunchKernel(functions->fn[type_index], static_cast<unsigned>(blocks), grid_y, 1, kThreads,
                                      1, 1, 0, stream, args, nullptr);
+  if (r != 0) {
+    *why = "cuLaunchKernel: " + error_text(d, r);
+    return false;
+  }
+  return true;
+}
+
+// Whether `gemv` takes a product: at most kGemvRows rows, whole groups in a tile, rows of X and W in 16-byte
+// steps (k and n multiples of 8; onnxruntime's buffers are 256-byte aligned).
+inline bool gemv_fits(long long rows, long long k, long long n, long long group_size, int type_index) {
+  return type_index != 1 && rows <= kGemvRows && group_size <= kGemvTile && kGemvTile % group_size == 0 &&
+         n % 8 == 0 && k % 8 == 0;
+}
+
+// Y = rotate(X @ W) in one launch for a decode-sized X (see `gemv_fits`): `params` as for `launch`, with x = X.
+inline bool launch_gemv(CUstream stream, int type_index, const Params& params, const void* w, long long k,
+                        std::string* why) {
+  const Functions* functions = nullptr;
+  if (!functions_for(stream, &functions, why)) return false;
+  if (params.rows == 0 || params.d == 0) return true;
+  GemvParams copy{params, w, k};
+  void* args[] = {&copy};
+  const Driver* d = driver();
+  const unsigned blocks = static_cast<unsigned>((params.d + kGemvTile - 1) / kGemvTile);
+  const CUresult r = d->LaunchKernel(functions->fn[4 + type_index], blocks, 1, 1, kGemvThreads, 1, 1, 0, stream,
+                                     args, nullptr);
   if (r != 0) {
     *why = "cuLaunchKernel: " + error_text(d, r);
     return false;

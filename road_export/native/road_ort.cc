@@ -9,6 +9,7 @@
 // per-row adapters). Half-precision inputs are computed in float and rounded once.
 // The CUDA kernels (road_cuda.h) register for the CUDA execution provider where the CUDA driver and NVRTC open.
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -183,11 +184,17 @@ struct Job {
   }
 };
 
+// What a node computes: a rotation of X, or (CUDA only) the rotation of X @ W, its coefficients given per
+// position or as banks selected per row by adapter ids.
+enum class Kind { kRotate, kMatMul, kMatMulRows };
+
 struct Kernel {
   const OrtApi* api;
   int64_t group_size;
   std::string name;
   bool cuda;  // runs on the CUDA execution provider: X, C1, C2 and Y are device memory
+  Kind kind;
+  bool gemv;  // MatMul forms: decode-sized products in one launch (ROAD_EXPORT_GEMV=0: always cuBLAS + rotation)
 };
 
 OrtStatus* fail(const OrtApi* api, const std::string& message) {
@@ -323,9 +330,108 @@ OrtStatus* rotate_cuda(const Kernel& kernel, OrtKernelContext* context, const Sh
   return nullptr;
 }
 
+// road.MatMulRotate(X, W, C1, C2) and road.MatMulRotateRows(X, W, C1, C2, adapter_ids) on CUDA: Y = X @ W by
+// cuBLAS into Y, then the rotation in place on Y (each thread reads both elements of its pair before writing them),
+// both on onnxruntime's stream: one node where the graph had MatMul and road.Rotate.
+OrtStatus* matmul_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
+  const OrtApi* api = kernel.api;
+  const size_t count = kernel.kind == Kind::kMatMulRows ? 5 : 4;
+  const OrtValue* in[5] = {};
+  Shape shapes[5];
+  for (size_t i = 0; i < count; ++i) {
+    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetInput,
+                                    static_cast<const OrtKernelContext*>(context), i, &in[i])));
+    if (!in[i]) return fail(api, kernel.name + ": input " + std::to_string(i) + " is missing");
+    ROAD_TRY(shape_of(api, in[i], &shapes[i]));
+  }
+  const Shape &x = shapes[0], &w = shapes[1];
+  if (x.rank < 1 || w.rank != 2 || x.dims[x.rank - 1] != w.dims[0])
+    return fail(api, kernel.name + ": X " + x.str() + " and W " + w.str() + " do not multiply (want W [k, n] with k "
+                "X's last axis)");
+  for (int i = 1; i < 4; ++i)
+    if (shapes[i].type != x.type) return fail(api, kernel.name + ": X, W, C1 and C2 must share one element type");
+  const int64_t n = w.dims[1];
+  if (n % kernel.group_size)
+    return fail(api, kernel.name + ": W's output axis " + std::to_string(n) + " is not a multiple of group_size " +
+                         std::to_string(kernel.group_size));
+  Shape y = x;
+  y.dims[y.rank - 1] = n;
+  OrtValue* out = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetOutput, context, size_t{0},
+                                  static_cast<const int64_t*>(y.dims), static_cast<size_t>(y.rank), &out)));
+  cuda::Params params{};
+  void* data[5] = {};
+  for (size_t i = 0; i < count; ++i)
+    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, const_cast<OrtValue*>(in[i]), &data[i])));
+  void* result = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, out, &result)));
+  params.x = result;
+  params.c1 = data[2];
+  params.c2 = data[3];
+  params.y = result;
+  params.d = n;
+  params.half = kernel.group_size / 2;
+  params.pairs = n / 2;
+  params.rows = n ? static_cast<long long>(y.count()) / n : 0;
+  params.lead = y.rank - 1;
+  std::string why;
+  if (kernel.kind == Kind::kMatMulRows) {
+    const Shape &b1 = shapes[2], &b2 = shapes[3], &ids = shapes[4];
+    if (b1.rank != 2 || b2.rank != 2 || b1.dims[1] != n || b2.dims[1] != n || b1.dims[0] != b2.dims[0])
+      return fail(api, kernel.name + ": coefficient banks " + b1.str() + " and " + b2.str() + " are not both [adapters, " +
+                           std::to_string(n) + "]");
+    if (ids.type != 7 || ids.rank != 1 || y.rank < 2 || ids.dims[0] != y.dims[0])
+      return fail(api, kernel.name + ": adapter_ids " + ids.str() + " must be int64 [batch] with X's batch " +
+                           std::to_string(y.rank ? y.dims[0] : 0));
+    params.ids = static_cast<const long long*>(data[4]);
+    params.banks = b1.dims[0];
+    params.rows_per_id = ids.dims[0] ? params.rows / ids.dims[0] : 1;
+    if (params.rows_per_id < 1) params.rows_per_id = 1;
+  } else {
+    int64_t s1[kMaxRank] = {}, s2[kMaxRank] = {};
+    if (!coefficient_strides(y, shapes[2], s1, &why) || !coefficient_strides(y, shapes[3], s2, &why))
+      return fail(api, kernel.name + ": " + why);
+    for (int a = 0; a < params.lead; ++a) {
+      params.lead_dims[a] = y.dims[a];
+      params.c1_stride[a] = s1[a];
+      params.c2_stride[a] = s2[a];
+    }
+  }
+  void* stream = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetGPUComputeStream,
+                                  static_cast<const OrtKernelContext*>(context), &stream)));
+  int type_index = 0;
+  switch (x.type) {
+    case ORT_TYPE_FLOAT: type_index = 0; break;
+    case ORT_TYPE_DOUBLE: type_index = 1; break;
+    case ORT_TYPE_FLOAT16: type_index = 2; break;
+    case ORT_TYPE_BFLOAT16: type_index = 3; break;
+    default: return fail(api, kernel.name + ": element type " + std::to_string(x.type) + " is not a float type");
+  }
+  const long long m = params.rows;
+  const auto on = static_cast<cuda::CUstream>(stream);
+  if (kernel.gemv && cuda::gemv_fits(m, w.dims[0], n, kernel.group_size, type_index)) {  // a decode step: one launch
+    params.x = data[0];
+    if (!cuda::launch_gemv(on, type_index, params, data[1], w.dims[0], &why))
+      return fail(api, kernel.name + " (CUDA): " + why);
+    return nullptr;
+  }
+  if (!cuda::gemm(on, type_index, data[0], data[1], result, m, w.dims[0], n, &why) ||
+      !cuda::launch(on, type_index, params, &why))
+    return fail(api, kernel.name + " (CUDA): " + why);
+  return nullptr;
+}
+
 OrtStatus* compute(void* self, OrtKernelContext* context) noexcept {
   const Kernel& kernel = *static_cast<Kernel*>(self);
   const OrtApi* api = kernel.api;
+  if (kernel.kind != Kind::kRotate) {
+    try {
+      return matmul_rotate_cuda(kernel, context);
+    } catch (const std::exception& e) {
+      return fail(api, kernel.name + ": " + e.what());
+    }
+  }
   const OrtValue* in[3] = {};
   Shape shapes[3];
   for (size_t i = 0; i < 3; ++i) {
@@ -366,6 +472,8 @@ struct RoadOp : OrtCustomOp {
   const char* name;
   int type;
   bool cuda;
+  Kind kind;
+  size_t inputs;
 };
 
 OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) noexcept {
@@ -376,25 +484,31 @@ OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKern
   if (group < 2 || group % 2)
     return fail(api, std::string("road.") + name + ": group_size must be even and >= 2, got " + std::to_string(group));
   try {
-    *out = new Kernel{api, group, std::string("road.") + name, road->cuda};
+    const char* gemv = std::getenv("ROAD_EXPORT_GEMV");
+    *out = new Kernel{api, group, std::string("road.") + name, road->cuda, road->kind,
+                      !(gemv && std::string(gemv) == "0")};
   } catch (const std::exception& e) {
     return fail(api, e.what());
   }
   return nullptr;
 }
 
-RoadOp make_op(const char* name, int type, bool cuda = false) {
+RoadOp make_op(const char* name, int type, bool cuda = false, Kind kind = Kind::kRotate) {
   RoadOp op{};
   op.version = ort::kApiVersion;
   op.name = name;
   op.type = type;
   op.cuda = cuda;
+  op.kind = kind;
+  op.inputs = kind == Kind::kMatMulRows ? 5 : kind == Kind::kMatMul ? 4 : 3;
   op.GetName = [](const OrtCustomOp* self) { return static_cast<const RoadOp*>(self)->name; };
   op.GetExecutionProviderType = [](const OrtCustomOp* self) -> const char* {
     return static_cast<const RoadOp*>(self)->cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
   };
-  op.GetInputType = [](const OrtCustomOp* self, size_t) { return static_cast<const RoadOp*>(self)->type; };
-  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
+  op.GetInputType = [](const OrtCustomOp* self, size_t index) {  // adapter_ids (input 4) is int64
+    return index == 4 ? 7 : static_cast<const RoadOp*>(self)->type;
+  };
+  op.GetInputTypeCount = [](const OrtCustomOp* self) -> size_t { return static_cast<const RoadOp*>(self)->inputs; };
   op.GetOutputType = [](const OrtCustomOp* self, size_t) { return static_cast<const RoadOp*>(self)->type; };
   op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
@@ -425,6 +539,17 @@ RoadOp cuda_ops[] = {
     make_op("RotateTied", ORT_TYPE_FLOAT, true),   make_op("RotateTied", ORT_TYPE_FLOAT16, true),
     make_op("RotateTied", ORT_TYPE_DOUBLE, true),  make_op("RotateTied", ORT_TYPE_BFLOAT16, true),
 };
+// X @ W then the rotation, one node (passes/matmul_rotate.py writes them for CUDA sessions); CUDA only, with cuBLAS.
+RoadOp matmul_ops[] = {
+    make_op("MatMulRotate", ORT_TYPE_FLOAT, true, Kind::kMatMul),
+    make_op("MatMulRotate", ORT_TYPE_FLOAT16, true, Kind::kMatMul),
+    make_op("MatMulRotate", ORT_TYPE_DOUBLE, true, Kind::kMatMul),
+    make_op("MatMulRotate", ORT_TYPE_BFLOAT16, true, Kind::kMatMul),
+    make_op("MatMulRotateRows", ORT_TYPE_FLOAT, true, Kind::kMatMulRows),
+    make_op("MatMulRotateRows", ORT_TYPE_FLOAT16, true, Kind::kMatMulRows),
+    make_op("MatMulRotateRows", ORT_TYPE_DOUBLE, true, Kind::kMatMulRows),
+    make_op("MatMulRotateRows", ORT_TYPE_BFLOAT16, true, Kind::kMatMulRows),
+};
 OrtCustomOpDomain* road_domain = nullptr;
 std::mutex domain_mutex;
 
@@ -447,6 +572,10 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
                                       static_cast<const OrtCustomOp*>(&op))));
     if (cuda::available())
       for (const RoadOp& op : cuda_ops)
+        ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain,
+                                        static_cast<const OrtCustomOp*>(&op))));
+    if (cuda::available() && cuda::cublas())
+      for (const RoadOp& op : matmul_ops)
         ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain,
                                         static_cast<const OrtCustomOp*>(&op))));
     road_domain = domain;
