@@ -142,17 +142,21 @@ class MatMulRotatePass(ir.passes.InPlacePass):
         kinds = (road_op.OP_TYPE, road_op.TIED_OP_TYPE)
         row_rules = pattern.RewriteRuleSet([FuseMatMulRotateRows.rule(k) for k in kinds])
         plain_rules = pattern.RewriteRuleSet([FuseMatMulRotate.rule(k) for k in kinds])
-        rows = row_rules.apply_to_model(model)
+        tracers = []
+        rows = row_rules.apply_to_model(model)  # first: the plain rule matches these too
+        if self.debug:  # a traced application only records matches; the near-misses left are what did not fire
+            tracers.append(MatchingTracer())
+            row_rules.apply_to_model(model, tracer=tracers[-1])
         plain = plain_rules.apply_to_model(model)
-        not_fired: list[str] = []
         if self.debug:
-            for rules in (row_rules, plain_rules):
-                tracer = MatchingTracer()
-                rules.apply_to_model(model, tracer=tracer)
-                for matches in tracer.best_matches_map.values():
-                    for info in matches:
-                        if info.status == MatchStatus.CONDITION_FAILED:
-                            not_fired.append(f"{info.root_node.name}: {info.match_result.reason}")
+            tracers.append(MatchingTracer())
+            plain_rules.apply_to_model(model, tracer=tracers[-1])
+        not_fired: list[str] = []
+        for tracer in tracers:
+            for matches in tracer.best_matches_map.values():
+                for info in matches:
+                    if info.status == MatchStatus.CONDITION_FAILED:
+                        not_fired.append(f"{info.root_node.name}: {info.match_result.reason}")
         if rows or plain:
             ir.passes.common.RemoveUnusedNodesPass()(model)
             road_op.attach_functions(model)
