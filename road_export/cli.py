@@ -616,6 +616,9 @@ def _verify_against(args: argparse.Namespace) -> int:
 
 def _verify_seq2seq(args: argparse.Namespace) -> int:
     """`road-export verify DIR` for an encoder-decoder export: encoder, first decoder step, step with past."""
+    if args.base is None:  # the embedded default is a decoder-only model: it cannot be this export's source
+        raise RoadError(f"{args.model}: an encoder-decoder export is checked against its source; pass --base (the "
+                        "base model directory or models/ name it was exported from) and --adapter, as for export")
     _check_report(args.report, Path(args.model))
     _quiet_libraries()
     from road_export.source import load_source

@@ -357,3 +357,14 @@ def test_generation_runs_without_torch(t5_swap, tmp_path):
     expected = session.generate(ids.numpy(), mask.numpy(), max_new_tokens=8,
                                 adapter="other" if "other" in session.adapters else None)
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+
+
+def test_verify_without_base_says_to_pass_it(t5_swap, capsys):
+    """`road-export verify DIR` on an encoder-decoder export without --base: the embedded default (a decoder-only
+    model) cannot be its source, so the command says to pass --base and exits 2 instead of blaming the task."""
+    from road_export.cli import main
+
+    _, directory, _ = t5_swap
+    assert main(["verify", str(directory)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --base" in err[0] and "text2text" not in err[0], err
