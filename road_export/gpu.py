@@ -9,8 +9,8 @@ on the GPU, so only the token ids [batch] cross to the host per step (sampling, 
 the last position's logits [batch, vocab]).
 
 Each MatMul that feeds a rotation runs with it as one node: the session opens the graph rewritten by
-`road_export.passes.matmul_rotate` (in memory; the file is not changed), whose `road.MatMulRotate` kernel calls
-cuBLAS and rotates in place. A decode step on the GPU is bound by onnxruntime's per-node host cost, so this, not the
+`road_export.passes.matmul_rotate` (in memory; the file is not changed), whose `road.MatMulRotate` kernel is one
+GEMV launch for decode-sized products, else cuBLAS's GEMM and the rotation in place. A decode step on the GPU is bound by onnxruntime's per-node host cost, so this, not the
 rotation's arithmetic, is what brings a rotate export to the base model's step time; in a mixed-adapter export the
 per-row coefficient gathers fold into the same node (`road.MatMulRotateRows`).
 
@@ -93,7 +93,9 @@ def fused_model(path, options) -> tuple[bytes | None, int]:
     if not result.fused:
         return None, 0
     proto = ir.serde.serialize_model(model)
-    options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(path).resolve().parent))
+    # absolute(), not resolve(): a symlinked model (a Hugging Face cache's snapshots/ -> blobs/) keeps its data
+    # file beside the link, not beside the link's target
+    options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(path).absolute().parent))
     return proto.SerializeToString(), result.fused
 
 

@@ -78,6 +78,17 @@ class RoadLayer(nn.Module):
         return output_axis(self.base_layer)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight, as peft's `BaseTunerLayer.weight` gives it: model code that reads
+        `module.weight` (transformers' T5 feed-forward checks `self.wo.weight.dtype`) sees the base layer's."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias (None when it has none), as peft's `BaseTunerLayer.bias`."""
+        return getattr(self.base_layer, "bias", None)
+
+    @property
     def out_features(self) -> int:
         """The width d the rotation acts on (the base layer's outputs)."""
         return int(self.base_layer.weight.shape[self.weight_axis])

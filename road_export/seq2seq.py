@@ -16,7 +16,7 @@ result is the decoder's tokens, starting with `decoder_start_token_id`, rows tha
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +74,14 @@ class Seq2SeqSession:
     """An encoder-decoder export on onnxruntime: `encoder`, `decoder`, `decoder_with_past` (or None) are
     `RoadSession`s; `generate` and `stream` decode, `run_encoder` / `run_decoder` run one part.
 
-    `threads`, `providers`, `native` as for `RoadSession`. Generation defaults (`decoder_start_token_id`,
+    `threads`, `providers`, `native`, `session_config`, `fuse` as for `RoadSession` (each file opens with them;
+    `fused` sums the files' fused nodes). Generation defaults (`decoder_start_token_id`,
     `eos_token_id`, `pad_token_id`) come from the directory's `generation_config.json`, else `config.json`, else
     the ids the exporter recorded in the decoder's metadata. Raises RoadError for a directory without the files.
     """
 
     def __init__(self, directory: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
-                 native: bool | None = None):
+                 native: bool | None = None, session_config: Mapping[str, str] | None = None, fuse: bool = True):
         from road_export.runtime import RoadSession
 
         self.path = Path(directory)
@@ -88,13 +89,19 @@ class Seq2SeqSession:
         if files is None:
             raise RoadError(f"{self.path}: no {ENCODER} and {DECODER} in it or in its onnx/ folder; give a directory "
                             "written by road-export for an encoder-decoder model")
-        opts = {"threads": threads, "providers": providers, "native": native}
+        opts = {"threads": threads, "providers": providers, "native": native, "session_config": session_config,
+                "fuse": fuse}
         self.encoder = RoadSession(files[ENCODER], **opts)
         self.decoder = RoadSession(files[DECODER], **opts)
         self.decoder_with_past = RoadSession(files[DECODER_WITH_PAST], **opts) if DECODER_WITH_PAST in files else None
         self.mode = self.decoder.mode
         self.adapters = list(dict.fromkeys(a for s in self.sessions for a in s.adapters))
         self.config = self._generation_config(files[DECODER])
+
+    @property
+    def fused(self) -> int:
+        """MatMul + rotation pairs running as one `road.MatMulRotate` node, over the files (CUDA only)."""
+        return sum(s.fused for s in self.sessions)
 
     @property
     def sessions(self) -> list:

@@ -182,8 +182,9 @@ def test_matmul_rotate_kernel_matches_torch(tmp_path, monkeypatch, shape, rows, 
 
 
 @pytest.mark.parametrize("path", ["auto", "cublas"])
-def test_matmul_rotate_rows_id_out_of_range_gives_nan_not_a_fault(monkeypatch, path):
-    """An adapter id outside the banks is not read: its rows come out NaN, the others are computed, and the CUDA
+def test_matmul_rotate_rows_ids_as_gathernd_reads_them(monkeypatch, path):
+    """adapter_ids as the unfused graph's GatherND reads them: negative ids count from the end, one id serves every
+    row; an id outside [-banks, banks) is not read: its rows come out NaN, the others are computed, and the CUDA
     context stays usable (a later run is correct)."""
     if path == "cublas":
         monkeypatch.setenv("ROAD_EXPORT_GEMV", "0")
@@ -192,10 +193,17 @@ def test_matmul_rotate_rows_id_out_of_range_gives_nan_not_a_fault(monkeypatch, p
     c1, c2 = (np.stack(b) for b in zip(*[testutil.coefficients("road_4", 64, 8, rng) for _ in range(2)], strict=True))
     s = cuda_session(matmul_rotate_model(w, c1, c2, 8, TensorProto.FLOAT, True))
     x = rng.standard_normal((3, 2, 64)).astype(np.float32)
-    bad = s.run(None, {"x": x, "adapter_ids": np.array([1, 7, -1], np.int64)})[0]
-    assert np.isfinite(bad[0]).all() and np.isnan(bad[1]).all() and np.isnan(bad[2]).all()
     good = s.run(None, {"x": x, "adapter_ids": np.array([1, 0, 1], np.int64)})[0]
-    assert np.isfinite(good).all() and np.array_equal(good[0], bad[0])
+    assert np.isfinite(good).all()
+    wrapped = s.run(None, {"x": x, "adapter_ids": np.array([-1, -2, 1], np.int64)})[0]
+    np.testing.assert_array_equal(wrapped, good)
+    one = s.run(None, {"x": x, "adapter_ids": np.array([1], np.int64)})[0]
+    np.testing.assert_array_equal(one[[0, 2]], good[[0, 2]])
+    bad = s.run(None, {"x": x, "adapter_ids": np.array([1, 7, -3], np.int64)})[0]
+    assert np.isfinite(bad[0]).all() and np.isnan(bad[1]).all() and np.isnan(bad[2]).all()
+    np.testing.assert_array_equal(bad[0], good[0])
+    again = s.run(None, {"x": x, "adapter_ids": np.array([1, 0, 1], np.int64)})[0]
+    np.testing.assert_array_equal(again, good)
 
 
 def test_cuda_graph_capture_and_replay():

@@ -136,7 +136,7 @@ struct Params {
   int lead;
   const long long* ids;   // per-row adapter ids (device memory) selecting rows of C1/C2 banks [banks, d], or null
   long long rows_per_id;  // rows of X per id (X's rows over the ids' count)
-  long long banks;        // rows in C1/C2; an id outside [0, banks) writes NaN (no read out of bounds)
+  long long banks;        // rows in C1/C2; ids in [-banks, 0) count from the end (as GatherND); others write NaN
 };
 
 constexpr const char* kSource = R"CUDA(
@@ -175,8 +175,9 @@ __device__ __forceinline__ void rotate(const Params& p) {
   const long long k = group * 2 * half + i;
   for (long long row = blockIdx.y; row < p.rows; row += gridDim.y) {
     long long o1 = 0, o2 = 0, r = row;
-    if (p.ids) {  // a bank row per id: X's rows [ids, rows_per_id]
-      const long long id = p.ids[row / p.rows_per_id];
+    if (p.ids) {  // a bank row per id: X's rows [ids, rows_per_id]; negative ids count from the end (GatherND)
+      long long id = p.ids[row / p.rows_per_id];
+      if (id < 0) id += p.banks;
       if (id < 0 || id >= p.banks) {
         T* y = (T*)p.y + row * p.d + k;
         st(y, __int_as_float(0x7fc00000));
@@ -218,7 +219,8 @@ struct GemvParams { Params p; const void* w; long long k; };
 __device__ __forceinline__ bool coef_offset(const Params& p, long long row, long long* o1, long long* o2) {
   *o1 = 0; *o2 = 0;
   if (p.ids) {
-    const long long id = p.ids[row / p.rows_per_id];
+    long long id = p.ids[row / p.rows_per_id];
+    if (id < 0) id += p.banks;
     if (id < 0 || id >= p.banks) return false;
     *o1 = *o2 = id * p.d;
     return true;
@@ -475,8 +477,9 @@ inline bool functions_for(CUstream stream, const Functions** out, std::string* w
 }
 
 // --- cuBLAS, the entries used (cublas_api.h), for road.MatMulRotate ---------------------------------------------
-// onnxruntime's CUDA provider links cuBLAS, so a process running it has libcublas loaded: that copy is taken
-// (RTLD_NOLOAD) before any other, and the GEMM runs exactly as onnxruntime's own MatMul would call it.
+// Opened at the first product, when onnxruntime's CUDA provider (linked to cuBLAS) has been loaded: the copy already
+// in the process is taken (RTLD_NOLOAD) before `ROAD_EXPORT_CUBLAS` (road_export.native points it at the nvidia
+// wheel's) and the system's. Registration only checks that some libcublas opens (`cublas_opens`).
 struct Cublas {
   int (*Create)(void** handle);
   int (*SetStream)(void* handle, CUstream stream);
@@ -488,17 +491,29 @@ constexpr int kCudaR32F = 0, kCudaR64F = 1, kCudaR16F = 2, kCudaR16BF = 14;  // 
 constexpr int kCompute32F = 68, kCompute64F = 70;                               // cublasComputeType_t
 constexpr int kGemmDefault = -1;                                                // CUBLAS_GEMM_DEFAULT
 constexpr int kOpN = 0;                                                         // CUBLAS_OP_N
+constexpr const char* kCublasNames[] = {"libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"};
+
+inline void* open_cublas() {
+  void* lib = nullptr;
+  for (const char* name : kCublasNames)
+    if (!lib) lib = dlopen(name, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+  if (const char* path = std::getenv("ROAD_EXPORT_CUBLAS"); !lib && path && *path)
+    lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  for (const char* name : kCublasNames)
+    if (!lib) lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+  return lib;
+}
+
+// Whether a libcublas can be opened here (checked at registration, without keeping it open).
+inline bool cublas_opens() {
+  void* lib = open_cublas();
+  if (lib) dlclose(lib);
+  return lib != nullptr;
+}
 
 inline const Cublas* cublas() {
   static const Cublas* loaded = [] () -> const Cublas* {
-    const char* names[] = {"libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"};
-    void* lib = nullptr;
-    for (const char* name : names)
-      if (!lib) lib = dlopen(name, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
-    if (const char* path = std::getenv("ROAD_EXPORT_CUBLAS"); !lib && path && *path)
-      lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    for (const char* name : names)
-      if (!lib) lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    void* lib = open_cublas();
     if (!lib) return nullptr;
     static Cublas c{};
     const bool ok = resolve(lib, "cublasCreate_v2", &c.Create) && resolve(lib, "cublasSetStream_v2", &c.SetStream) &&
@@ -509,7 +524,9 @@ inline const Cublas* cublas() {
 }
 
 // Y [m, n] = X [m, k] @ W [k, n], all row-major, on `stream` (column-major cuBLAS computes Y^T = W^T X^T);
-// fp32 accumulation (fp64 for double), `type_index` as for `launch`. One cuBLAS handle per thread and context.
+// fp32 accumulation (fp64 for double; TF32 is not used, whatever onnxruntime's use_tf32), `type_index` as for
+// `launch`. One cuBLAS handle per CUDA context for the process, created at its first product and used under a lock
+// (setting the stream and enqueueing the GEMM take microseconds), so threads that come and go leak nothing.
 inline bool gemm(CUstream stream, int type_index, const void* x, const void* w, void* y, long long m, long long k,
                  long long n, std::string* why) {
   const Cublas* cb = cublas();
@@ -529,7 +546,9 @@ inline bool gemm(CUstream stream, int type_index, const void* x, const void* w, 
     *why = "cuStreamGetCtx: " + error_text(d, r);
     return false;
   }
-  thread_local std::map<CUcontext, void*> handles;
+  static std::mutex mutex;
+  static std::map<CUcontext, void*> handles;
+  std::lock_guard<std::mutex> lock(mutex);
   void*& handle = handles[context];
   if (!handle) {
     CUcontext current = nullptr;
@@ -552,7 +571,7 @@ inline bool gemm(CUstream stream, int type_index, const void* x, const void* w, 
   if (status == 0)
     status = cb->GemmEx(handle, kOpN, kOpN, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
                         wide ? static_cast<const void*>(&alpha64) : &alpha, w, type, static_cast<int>(n), x, type,
-                        static_cast<int>(k), wide ? static_cast<const void*>(&beta64) : &beta, y, type,
+                        static_cast<int>(k > 0 ? k : 1), wide ? static_cast<const void*>(&beta64) : &beta, y, type,
                         static_cast<int>(n), wide ? kCompute64F : kCompute32F, kGemmDefault);
   if (status != 0) {
     *why = "cublasGemmEx failed with status " + std::to_string(status);
@@ -584,11 +603,13 @@ inline bool launch(CUstream stream, int type_index, const Params& params, std::s
   return true;
 }
 
-// Whether `gemv` takes a product: at most kGemvRows rows, whole groups in a tile, rows of X and W in 16-byte
-// steps (k and n multiples of 8; onnxruntime's buffers are 256-byte aligned).
-inline bool gemv_fits(long long rows, long long k, long long n, long long group_size, int type_index) {
+// Whether `gemv` takes a product: at most kGemvRows rows, whole groups in a tile, X and W 16-byte aligned with rows
+// in 16-byte steps (k and n multiples of 8; onnxruntime's own buffers are 256-byte aligned, a bound input may not be).
+inline bool gemv_fits(long long rows, long long k, long long n, long long group_size, int type_index, const void* x,
+                      const void* w) {
   return type_index != 1 && rows <= kGemvRows && group_size <= kGemvTile && kGemvTile % group_size == 0 &&
-         n % 8 == 0 && k % 8 == 0;
+         n % 8 == 0 && k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(w) % 16 == 0;
 }
 
 // Y = rotate(X @ W) in one launch for a decode-sized X (see `gemv_fits`): `params` as for `launch`, with x = X.

@@ -380,8 +380,8 @@ OrtStatus* matmul_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
     if (b1.rank != 2 || b2.rank != 2 || b1.dims[1] != n || b2.dims[1] != n || b1.dims[0] != b2.dims[0])
       return fail(api, kernel.name + ": coefficient banks " + b1.str() + " and " + b2.str() + " are not both [adapters, " +
                            std::to_string(n) + "]");
-    if (ids.type != 7 || ids.rank != 1 || y.rank < 2 || ids.dims[0] != y.dims[0])
-      return fail(api, kernel.name + ": adapter_ids " + ids.str() + " must be int64 [batch] with X's batch " +
+    if (ids.type != 7 || ids.rank != 1 || y.rank < 2 || (ids.dims[0] != y.dims[0] && ids.dims[0] != 1))
+      return fail(api, kernel.name + ": adapter_ids " + ids.str() + " must be int64 [batch] (or [1]) with X's batch " +
                            std::to_string(y.rank ? y.dims[0] : 0));
     params.ids = static_cast<const long long*>(data[4]);
     params.banks = b1.dims[0];
@@ -410,7 +410,7 @@ OrtStatus* matmul_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
   }
   const long long m = params.rows;
   const auto on = static_cast<cuda::CUstream>(stream);
-  if (kernel.gemv && cuda::gemv_fits(m, w.dims[0], n, kernel.group_size, type_index)) {  // a decode step: one launch
+  if (kernel.gemv && cuda::gemv_fits(m, w.dims[0], n, kernel.group_size, type_index, data[0], data[1])) {  // a decode step: one launch
     params.x = data[0];
     if (!cuda::launch_gemv(on, type_index, params, data[1], w.dims[0], &why))
       return fail(api, kernel.name + " (CUDA): " + why);
@@ -574,7 +574,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
       for (const RoadOp& op : cuda_ops)
         ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain,
                                         static_cast<const OrtCustomOp*>(&op))));
-    if (cuda::available() && cuda::cublas())
+    if (cuda::available() && cuda::cublas_opens())
       for (const RoadOp& op : matmul_ops)
         ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::CustomOpDomain_Add, domain,
                                         static_cast<const OrtCustomOp*>(&op))));

@@ -2,8 +2,9 @@
 
 On the GPU a decode step is bound by the host: onnxruntime spends a few microseconds per node whatever the node
 computes, so a rotation node after each adapted MatMul costs about as much as the MatMul itself (measured on an
-H200, `tools/bench_gpu.py`). The road kernel library's CUDA `road.MatMulRotate` runs cuBLAS's GEMM and the
-rotation in place, on onnxruntime's stream, as one node:
+H200, `tools/bench_gpu.py`). The road kernel library's CUDA `road.MatMulRotate` runs the product and the rotation
+as one node on onnxruntime's stream: one GEMV launch for up to 8 rows (decode), else cuBLAS's GEMM then the
+rotation in place:
 
     road.Rotate(MatMul(x, W), C1, C2)                       -> road.MatMulRotate(x, W, C1, C2)
     road.Rotate(MatMul(x, W), Reshape(GatherND(B1, Unsqueeze(adapter_ids, [1])), [-1, 1, n]),
@@ -75,16 +76,22 @@ class FuseMatMulRotateRows(pattern.RewriteRuleClassBase):
         self._ids: ir.Value | None = None
 
     def pattern(self, op, x, w, b1, i1, s1, b2, i2, s2):
-        c1 = op.Reshape(op.GatherND(b1, i1, _allow_other_attributes=True), s1, _allow_other_attributes=True)
-        c2 = op.Reshape(op.GatherND(b2, i2, _allow_other_attributes=True), s2, _allow_other_attributes=True)
+        c1 = op.Reshape(op.GatherND(b1, i1, _allow_other_attributes=True, _outputs=["g1"]), s1,
+                        _allow_other_attributes=True)
+        c2 = op.Reshape(op.GatherND(b2, i2, _allow_other_attributes=True, _outputs=["g2"]), s2,
+                        _allow_other_attributes=True)
         return getattr(op, self.op_type)(op.MatMul(x, w), c1, c2, _domain=road_op.DOMAIN, _allow_other_attributes=True,
                      _outputs=["y"])
 
-    def check(self, context, x, w, b1, i1, s1, b2, i2, s2, y, **_) -> pattern.MatchResult:
+    def check(self, context, x, w, b1, i1, s1, b2, i2, s2, y, g1, g2, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         failed = _weight_check(result, w, y)
         if failed is not None:
             return failed
+        for gathered in (g1, g2):
+            batch_dims = gathered.producer().attributes.get("batch_dims")
+            if batch_dims is not None and batch_dims.value != 0:
+                return result.fail(f"{gathered.name}: GatherND with batch_dims {batch_dims.value}, not 0", gathered)
         ids = []
         for index in (i1, i2):
             producer = index.producer()

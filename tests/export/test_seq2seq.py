@@ -368,3 +368,21 @@ def test_verify_without_base_says_to_pass_it(t5_swap, capsys):
     assert main(["verify", str(directory)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pass --base" in err[0] and "text2text" not in err[0], err
+
+
+def test_all_linear_adapter_including_the_feed_forward_output(tmp_path_factory):
+    """T5's feed-forward reads `self.wo.weight.dtype`: with `wo` adapted (target_modules "all-linear") the wrapped
+    layer must still answer `.weight`, as peft's layers do; the export then verifies against peft."""
+    model = peft_model("tiny-t5", {"default": {"variant": "road_2", "group_size": 16, "target_modules": "all-linear"}})
+    assert any(name.endswith("DenseReluDense.wo") for name, _ in model.named_modules())
+    directory, _ = export_dir(tmp_path_factory, model, "t5all", mode="rotate")
+    report = verify_seq2seq(directory, model)
+    assert report.passed, report.table()
+
+
+def test_session_options_reach_every_file(t5_swap):
+    """`RoadSession(directory, session_config=..., fuse=...)` opens a Seq2SeqSession with the same options (fused
+    nodes only on CUDA: none here)."""
+    _, directory, _ = t5_swap
+    session = RoadSession(directory, session_config={"session.intra_op.allow_spinning": "0"}, fuse=False)
+    assert isinstance(session, Seq2SeqSession) and session.fused == 0

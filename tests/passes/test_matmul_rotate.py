@@ -133,3 +133,35 @@ def test_fused_model_keeps_weights_in_external_data(tmp_path, monkeypatch):
     np.testing.assert_allclose(session.run(None, {"x": x})[0], before, atol=1e-5, rtol=0)
     monkeypatch.setattr(native, "matmul_kernels", lambda: "no cuBLAS")
     assert gpu.fused_model(path, ort.SessionOptions()) == (None, 0)
+
+
+def test_gather_with_batch_dims_is_not_folded():
+    """Planted: a GatherND with batch_dims 1 picks differently from a bank row per id: the rows rule refuses it."""
+    model = mixed_model()
+    for node in model.graph:
+        if node.op_type == "GatherND":
+            node.attributes["batch_dims"] = ir.AttrInt64("batch_dims", 1)
+    result = MatMulRotatePass(debug=True)(model)
+    assert result.rows == 0
+    assert any("batch_dims 1" in line for line in result.not_fired), result.not_fired
+
+
+def test_symlinked_model_reads_external_data_beside_the_link(tmp_path, monkeypatch):
+    """A Hugging Face cache links snapshots/<rev>/model.onnx to blobs/<hash>: the data file sits beside the link."""
+    from road_export import gpu, native
+
+    model = testutil.road_model(64, 64, 8, "road_4", bias=False, seed=6, rank=2)
+    x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+    before = testutil.run(model, x)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snap").mkdir()
+    ir.save(model, tmp_path / "snap" / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=0)
+    (tmp_path / "snap" / "m.onnx").rename(tmp_path / "blobs" / "abc123")
+    (tmp_path / "snap" / "m.onnx").symlink_to(tmp_path / "blobs" / "abc123")
+    monkeypatch.setattr(native, "matmul_kernels", lambda: None)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source, fused = gpu.fused_model(tmp_path / "snap" / "m.onnx", options)
+    assert fused == 1
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], before, atol=1e-5, rtol=0)
