@@ -62,19 +62,25 @@ class SamplingParams:
 @dataclass
 class GenerationRequest:
     """One sequence to generate: `prompt_ids` (token ids, BOS included where the tokenizer adds it) through the
-    adapter `model` (an adapter name, or the engine's base name)."""
+    adapter `model` (an adapter name, or the engine's base name).
+
+    `stream`: True, an `Output` every step (the new token and the text that became certain); False, one `Output`
+    when the request finishes, holding all its tokens and text (vLLM's FINAL_ONLY: a non-streaming response has
+    nothing to send before, so nothing is delivered and, without stop strings, the text is decoded once)."""
 
     model: str
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     arrival: float = field(default_factory=time.perf_counter)
+    stream: bool = True
 
 
 @dataclass
 class Output:
-    """What one step produced for one request: the new tokens and the text that became certain; `finish_reason`
-    ("stop", "length", "cancelled", or "error" with `error`) on the last output of a request."""
+    """What one step produced for one request: the new tokens and the text that became certain (for a request with
+    `stream=False`, everything, once); `finish_reason` ("stop", "length", "cancelled", or "error" with `error`) on
+    the last output of a request."""
 
     request_id: str
     token_ids: list[int]
@@ -335,8 +341,9 @@ class Engine:
         feeds = {"input_ids": ids, "attention_mask": mask, **self._empty_cache(len(requests))}
         if self._position_ids:
             feeds["position_ids"] = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1).astype(np.int64)
-        rows = [_Row(r, Detokenizer(self.tokenizer, r.params.stop), np.random.default_rng(r.params.seed),
-                     r.params.sampling(), length=len(r.prompt_ids)) for r in requests]
+        rows = [_Row(r, Detokenizer(self.tokenizer, r.params.stop, incremental=r.stream),
+                     np.random.default_rng(r.params.seed), r.params.sampling(), length=len(r.prompt_ids))
+                for r in requests]
         try:
             outputs = self._run(route, requests, feeds)
         except RoadError as e:
@@ -364,7 +371,7 @@ class Engine:
 
     def _advance(self, rows: list[_Row], logits: np.ndarray) -> list[Output]:
         """Choose each row's next token from its logits [rows, vocab]; emit text; finish rows that are done."""
-        logits = logits.astype(np.float32)
+        logits = logits.astype(np.float32, copy=False)
         greedy = logits.argmax(-1)
         outputs = []
         for i, row in enumerate(rows):
@@ -380,7 +387,7 @@ class Engine:
                 outputs.append(self._finish(row, "stop", [token], text))
             elif len(row.generated) >= row.request.params.max_tokens or row.length >= self.context_length:
                 outputs.append(self._finish(row, "length", [token], text))
-            else:
+            elif row.request.stream:
                 outputs.append(Output(row.request.request_id, [token], text))
         return outputs
 
@@ -389,6 +396,8 @@ class Engine:
         row.finish_reason = reason  # _drop_finished removes the row
         if reason in ("stop", "length"):
             text += row.detok.finish()
+        if not row.request.stream:  # the one output of the request: all of it
+            tokens, text = list(row.generated), row.detok.text
         for recorder in self.recorders:
             recorder.on_finish(row.request.model, reason, len(row.request.prompt_ids), len(row.generated))
         return Output(row.request.request_id, tokens, text, reason, len(row.request.prompt_ids), len(row.generated),

@@ -133,7 +133,7 @@ class OpenAIService:
                                 seed=None if seed is None else seed % 2**63, stop=tuple(stops),
                                 ignore_eos=ignore_eos)
         request = GenerationRequest(model, prompt_ids, params, request_id=f"{'chatcmpl' if chat else 'cmpl'}-"
-                                    f"{uuid.uuid4().hex}")
+                                    f"{uuid.uuid4().hex}", stream=stream)
         return request, stream, bool(options.get("include_usage"))
 
     def _prompt(self, body: dict) -> tuple[list[int], str]:
