@@ -160,6 +160,7 @@ class _Batch:
     rows: list[_Row] = field(default_factory=list)
     past: dict[str, np.ndarray] = field(default_factory=dict)
     mask: np.ndarray | None = None
+    selection: tuple | None = None  # (extra feeds, run options) for these rows; None when the rows changed
 
 
 class Engine:
@@ -319,8 +320,9 @@ class Engine:
     def _adapter_name(self, model: str) -> str:
         return BASE_NAME if model == self.base_name else model
 
-    def _run(self, route, rows, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        extra, options = self._route(route, rows)
+    def _run(self, route, rows, feeds: dict[str, np.ndarray], selection: tuple | None = None
+             ) -> dict[str, np.ndarray]:
+        extra, options = selection or self._route(route, rows)
         feeds.update(extra)
         started = time.perf_counter()
         values = self.session.run_feeds(None, feeds, options)
@@ -362,7 +364,8 @@ class Engine:
         if self._position_ids:
             feeds["position_ids"] = np.array([[r.length - 1] for r in rows], np.int64)
         try:
-            outputs = self._run(batch.route, rows, feeds)
+            batch.selection = batch.selection or self._route(batch.route, rows)  # kept while the rows stay
+            outputs = self._run(batch.route, rows, feeds, batch.selection)
         except RoadError as e:
             return [self._finish(r, "error", [], error=str(e)) for r in rows]
         batch.past = {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
@@ -412,7 +415,7 @@ class Engine:
         keep = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
         if len(keep) == len(batch.rows):
             return
-        batch.rows = [batch.rows[i] for i in keep]
+        batch.rows, batch.selection = [batch.rows[i] for i in keep], None
         if not keep:
             batch.past, batch.mask = {}, None
             return
@@ -429,7 +432,7 @@ class Engine:
 def _merge(batch: _Batch, rows: list[_Row], past: dict[str, np.ndarray], mask: np.ndarray) -> None:
     """Append rows with cache `past` and `mask` [rows, L] to `batch`, left padding whichever side is shorter."""
     if not batch.rows:
-        batch.rows, batch.past, batch.mask = list(rows), past, mask
+        batch.rows, batch.past, batch.mask, batch.selection = list(rows), past, mask, None
         return
     old, new = batch.mask.shape[1], mask.shape[1]
     width = max(old, new)
@@ -443,4 +446,4 @@ def _merge(batch: _Batch, rows: list[_Row], past: dict[str, np.ndarray], mask: n
 
     batch.past = {k: np.concatenate([pad(v, old, 2), pad(past[k], new, 2)], 0) for k, v in batch.past.items()}
     batch.mask = np.concatenate([pad(batch.mask, old, 1), pad(mask, new, 1)], 0)
-    batch.rows = batch.rows + list(rows)
+    batch.rows, batch.selection = batch.rows + list(rows), None
