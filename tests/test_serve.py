@@ -432,6 +432,36 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_disconnects(engine
     assert not engine.has_work() and stats.finish_reasons == {"cancelled": 1}
 
 
+def test_arrivals_wait_in_the_gatherer_only_while_the_engine_is_idle(engine):
+    """The Ray deployment's batch wait gathers arrivals into one prefill while the engine is idle; a request that
+    arrives while it runs is queued at once (it joins at the next step boundary) and not held in the gatherer."""
+    gathered = []
+
+    async def go():
+        looper = AsyncEngine(engine)
+
+        async def gather(request):
+            gathered.append(request.params.max_tokens)
+            return looper.submit_many([request])[0]
+
+        service = OpenAIService(looper, submit=gather)
+        body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        try:
+            first = asyncio.ensure_future(service.complete(body, chat=False))
+            while engine.running == 0:
+                await asyncio.sleep(0.001)
+            second = await service.complete({**body, "max_tokens": 3}, chat=False)
+            return await first, second
+        finally:
+            looper.close()
+
+    first, second = asyncio.run(go())
+    assert gathered == [30]  # only the request that found the engine idle went through the gatherer
+    assert first["usage"]["completion_tokens"] == 30 and second["usage"]["completion_tokens"] == 3
+    assert second["choices"][0]["text"] == run_engine(engine, [greedy("alpha", engine.tokenizer.encode(PROMPTS[0]), 3,
+                                                                      "s")])["s"][1]
+
+
 def test_service_refuses_before_queueing(engine):
     service = OpenAIService.__new__(OpenAIService)
     service.core = engine

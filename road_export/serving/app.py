@@ -3,8 +3,9 @@
 Each replica owns an `Engine` (one onnxruntime session, continuous batching across adapters) driven by an
 `AsyncEngine` thread, and serves `http.create_app`'s FastAPI routes through `serve.ingress` (late bound:
 `__serve_build_asgi_app__` builds the app after the constructor, so the routes reach this replica's engine).
-Arrivals are grouped by `@serve.batch` (`max_batch_size`, `batch_wait_timeout_s` = --batch-wait-ms) so that
-requests arriving together are prefilled in one run; the engine then decodes every running row in one run per step.
+While the engine is idle, arrivals are grouped by `@serve.batch` (`max_batch_size`, `batch_wait_timeout_s` =
+--batch-wait-ms) so that requests arriving together are prefilled in one run; while it runs, requests go to it at once
+and join at its next step boundary. The engine decodes every running row in one run per step.
 Ray Serve routes requests across replicas and across the machines of a Ray cluster.
 
 Metrics go through `ray.serve.metrics` (Counter, Histogram, Gauge; Ray exports them to Prometheus with the
@@ -87,7 +88,8 @@ class RoadServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def admit(self, requests: list[GenerationRequest]) -> list[Any]:
-        """Requests that arrived within the batch wait, queued on the engine together (one prefill)."""
+        """Requests that arrived within the batch wait while the engine was idle, queued on it together (one
+        prefill)."""
         return self.loop.submit_many(requests)
 
 
