@@ -15,7 +15,7 @@ The server is one Ray Serve replica (onnxruntime with --threads intra-op threads
 tokenizer trained offline and four RoAd adapters (road_serving.example.build_example), exported in rotate mode.
 
     python tools/bench_serve.py [--hidden 512] [--layers 4] [--tokens 32] [--rounds 3] [--requests 64] [--spin]
-                                [--threads 2] [--batch-wait-ms 5] [--model-dir DIR]
+                                [--threads 2] [--batch-wait-ms 0] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0, help="the server's --batch-wait-ms")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--spin", dest="no_spin", action="store_false", help="let onnxruntime's intra-op threads "
                         "spin-wait between runs (the server's default is not to: session.intra_op.allow_spinning 0)")
