@@ -180,6 +180,31 @@ def test_stop_strings_and_the_context_length(engine):
         engine.submit(greedy("delta", ids))
 
 
+def test_a_request_that_does_not_stream_gets_one_output_equal_to_the_stream(engine):
+    """stream=False: one Output, when the request finishes, holding the tokens and text the streamed outputs add up
+    to (ended by EOS, by a stop string, by max_tokens, sampled; alone and beside streaming rows)."""
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    stop = run_engine(engine, [greedy("alpha", ids[3], 20, "f")])["f"][1][5:8]
+
+    def requests(stream):
+        jobs = [("alpha", ids[1], SamplingParams(40, 0)), ("alpha", ids[3], SamplingParams(20, 0, stop=("zzz", stop))),
+                (engine.base_name, ids[0], SamplingParams(20, 0)), ("gamma", ids[2], SamplingParams(12, 1.3, seed=5))]
+        return [GenerationRequest(m, i, p, request_id=f"r{n}", stream=stream) for n, (m, i, p) in enumerate(jobs)]
+
+    want = run_engine(engine, requests(True))
+    assert [want[f"r{n}"][2] for n in range(4)] == ["stop", "stop", "length", "length"]
+    assert want["r0"][0][-1] in engine.eos_token_ids and len(want["r0"][0]) < 40  # r0 ends with EOS
+    for r in requests(False):
+        engine.submit(r)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    assert sorted(o.request_id for o in outputs) == sorted(want) and all(o.finished for o in outputs)
+    assert {o.request_id: (o.token_ids, o.text, o.finish_reason) for o in outputs} == want
+    mixed = requests(False)[:2] + requests(True)[2:]
+    assert run_engine(engine, mixed) == want
+
+
 def test_detokenizer_holds_back_partial_characters_and_stop_prefixes(engine):
     tokenizer: TextTokenizer = engine.tokenizer
     text = "Zwölf Boxkämpfer jagen Viktor"
@@ -405,6 +430,36 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_disconnects(engine
     finally:
         engine.recorders.remove(stats)
     assert not engine.has_work() and stats.finish_reasons == {"cancelled": 1}
+
+
+def test_arrivals_wait_in_the_gatherer_only_while_the_engine_is_idle(engine):
+    """The Ray deployment's batch wait gathers arrivals into one prefill while the engine is idle; a request that
+    arrives while it runs is queued at once (it joins at the next step boundary) and not held in the gatherer."""
+    gathered = []
+
+    async def go():
+        looper = AsyncEngine(engine)
+
+        async def gather(request):
+            gathered.append(request.params.max_tokens)
+            return looper.submit_many([request])[0]
+
+        service = OpenAIService(looper, submit=gather)
+        body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        try:
+            first = asyncio.ensure_future(service.complete(body, chat=False))
+            while engine.running == 0:
+                await asyncio.sleep(0.001)
+            second = await service.complete({**body, "max_tokens": 3}, chat=False)
+            return await first, second
+        finally:
+            looper.close()
+
+    first, second = asyncio.run(go())
+    assert gathered == [30]  # only the request that found the engine idle went through the gatherer
+    assert first["usage"]["completion_tokens"] == 30 and second["usage"]["completion_tokens"] == 3
+    assert second["choices"][0]["text"] == run_engine(engine, [greedy("alpha", engine.tokenizer.encode(PROMPTS[0]), 3,
+                                                                      "s")])["s"][1]
 
 
 def test_service_refuses_before_queueing(engine):

@@ -2,7 +2,9 @@
 
 1. Five concurrent requests, one per model (the base and four adapters), against one request alone: the wall time of
    the five together over the median time of a single request (interleaved: alone, together, alone, ...).
-   Goal: <= 1.6 x (RoAd's batching: five adapters cost about one).
+   Goal: <= 1.6 x (RoAd's batching: five adapters cost about one). Then the same on an in-process Engine (no HTTP,
+   no Ray) with where its time goes: the prefill run (one prompt, or five left-padded together), the decode runs
+   (how many, at how many rows, ms each), the engine's Python around them; and one onnxruntime decode step alone.
 2. 64 requests over four adapters: all sent at once (the server batches them, up to --max-batch-size rows per step)
    against the same 64 sent one at a time; throughput ratio, and p50/p95 latency of the concurrent ones.
    Goal: >= 3 x on 2 cores.
@@ -11,8 +13,12 @@ Every request generates exactly --tokens tokens (temperature 0, vLLM's ignore_eo
 The server is one Ray Serve replica (onnxruntime with --threads intra-op threads) on a local Ray instance, bound to
 127.0.0.1; the client (httpx) runs in this process. The model: Llama-shaped (hidden --hidden, --layers layers) with a
 tokenizer trained offline and four RoAd adapters (road_serving.example.build_example), exported in rotate mode.
+The default size is not the flattering one: measured on the 2-core machine, a 5-row decode step costs about 1.4-1.6 x
+a 1-row step at hidden 512, 1.55-1.6 x at hidden 1024 and 1.6-1.65 x at hidden 2048 (onnxruntime's fp32 MatMul
+alone, 2048 x 5504 weights: 5 rows take 1.7 x as long as 1), so a wider model does not bring the ratio down.
 
     python tools/bench_serve.py [--hidden 512] [--layers 4] [--tokens 32] [--rounds 3] [--requests 64] [--spin]
+                                [--threads 2] [--batch-wait-ms 0] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -71,31 +77,67 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+class Runs:
+    """An engine recorder: (rows, seconds) of every onnxruntime run since the last `take`."""
+
+    def __init__(self):
+        self.runs: list[tuple[int, float]] = []
+
+    def on_step(self, batch_size: int, adapters: int, seconds: float) -> None:
+        self.runs.append((batch_size, seconds))
+
+    def on_finish(self, model: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        pass
+
+    def take(self) -> list[tuple[int, float]]:
+        runs, self.runs = self.runs, []
+        return runs
+
+
 def engine_only(model: Path, models: list[str], args) -> None:
-    """The same five requests on an in-process Engine (no HTTP, no Ray): what onnxruntime's batch of 5 costs."""
+    """The same five requests on an in-process Engine (no HTTP, no Ray): what onnxruntime's batch of 5 costs, and
+    where the time goes (the prefill run, the decode runs, the engine's Python around them)."""
     from road_export.serving.engine import Engine, GenerationRequest, SamplingParams
 
     config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
-    engine = Engine(model, max_batch_size=args.max_batch_size, threads=args.threads, session_config=config)
+    runs = Runs()
+    engine = Engine(model, max_batch_size=args.max_batch_size, threads=args.threads, session_config=config,
+                    recorders=[runs])
     params = SamplingParams(args.tokens, 0, ignore_eos=True)
     five = [(m, engine.tokenizer.encode(PROMPTS[i % len(PROMPTS)])) for i, m in enumerate(models[:5])]
 
-    def run(jobs) -> float:
+    def run(jobs) -> tuple[float, float, list[tuple[int, float]]]:
+        """(wall, prefill seconds, decode runs) of `jobs` submitted together (non-streaming, as the HTTP side)."""
+        runs.take()
         started = time.perf_counter()
         for m, ids in jobs:
-            engine.submit(GenerationRequest(m, ids, params))
+            engine.submit(GenerationRequest(m, ids, params, stream=False))
         while engine.has_work():
             engine.step()
-        return time.perf_counter() - started
+        wall = time.perf_counter() - started
+        done = runs.take()
+        return wall, done[0][1], done[1:]
 
     run(five)
     alone, joint = [], []
     for r in range(args.rounds * 3):
         alone.append(run([five[r % len(five)]]))
         joint.append(run(five))
-    ratio = statistics.median(j / a for j, a in zip(joint, alone, strict=True))
-    print(f"   the same on the engine alone (no HTTP): one {statistics.median(alone) * 1000:8.1f} ms   five "
-          f"{statistics.median(joint) * 1000:8.1f} ms   ratio = {ratio:.2f} x")
+    ratio = statistics.median(j[0] / a[0] for j, a in zip(joint, alone, strict=True))
+    print(f"   the same on the engine alone (no HTTP): one {statistics.median(a[0] for a in alone) * 1000:8.1f} ms   "
+          f"five {statistics.median(j[0] for j in joint) * 1000:8.1f} ms   ratio = {ratio:.2f} x")
+
+    def parts(results):
+        prefill = statistics.median(r[1] for r in results) * 1000
+        step = statistics.median(s for r in results for _, s in r[2]) * 1000
+        host = statistics.median(r[0] - r[1] - sum(s for _, s in r[2]) for r in results) * 1000
+        rows = sorted({n for r in results for n, _ in r[2]})
+        return prefill, step, host, len(results[0][2]), rows
+
+    (p1, s1, h1, n1, _), (p5, s5, h5, n5, rows5) = parts(alone), parts(joint)
+    print(f"   where it goes: prefill run one {p1:.1f} ms, five {p5:.1f} ms ({p5 / p1:.2f} x); {n5} decode runs of "
+          f"{rows5} rows at {s5:.2f} ms against {n1} at {s1:.2f} ms ({s5 / s1:.2f} x); outside onnxruntime one "
+          f"{h1:.1f} ms, five {h5:.1f} ms")
     decode_step(engine, args)
 
 
@@ -135,14 +177,18 @@ async def bench(url: str, models: list[str], args) -> None:
         await together(client, [(m, PROMPTS[0]) for m in models], args.tokens)  # warm up every adapter
         five = [(m, PROMPTS[i % len(PROMPTS)]) for i, m in enumerate(models[:5])]
         alone, joint = [], []
+        before = (await client.get("/stats")).json()["batch_sizes"]
         for r in range(args.rounds * 3):
             model, prompt = five[r % len(five)]
             alone.append(await one(client, model, prompt, args.tokens))
             joint.append((await together(client, five, args.tokens))[0])
+        after = (await client.get("/stats")).json()["batch_sizes"]
         ratio = statistics.median(j / a for j, a in zip(joint, alone, strict=True))
         print(f"1. {len(five)} concurrent requests ({', '.join(m for m, _ in five)}), {args.tokens} tokens each:")
         print(f"   one alone {statistics.median(alone) * 1000:8.1f} ms   five together "
               f"{statistics.median(joint) * 1000:8.1f} ms   ratio together/alone = {ratio:.2f} x   (goal <= 1.6 x)")
+        runs = {k: after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0)}
+        print(f"   server: onnxruntime runs by rows {runs} (five that arrive apart start in separate prefills)")
 
         engine_only(args.model, models, args)
 
@@ -176,6 +222,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0, help="the server's --batch-wait-ms")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--spin", dest="no_spin", action="store_false", help="let onnxruntime's intra-op threads "
                         "spin-wait between runs (the server's default is not to: session.intra_op.allow_spinning 0)")
@@ -202,7 +249,7 @@ def main() -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
             serve.run(build_app(str(model), max_batch_size=args.max_batch_size, threads=args.threads,
-                                session_config=config),
+                                batch_wait_ms=args.batch_wait_ms, session_config=config),
                       name="road-export", route_prefix="/")
             from road_export.serving.engine import Engine
 
@@ -210,7 +257,8 @@ def main() -> None:
             args.model = model
             spin = "" if args.no_spin else " (spinning)"
             print(f"model: hidden {args.hidden}, {args.layers} layers, {len(models) - 1} adapters; one replica, "
-                  f"{args.threads} onnxruntime threads{spin}, max batch {args.max_batch_size}; client in-process")
+                  f"{args.threads} onnxruntime threads{spin}, max batch {args.max_batch_size}, batch wait "
+                  f"{args.batch_wait_ms:g} ms; client in-process")
             asyncio.run(bench(f"http://127.0.0.1:{port}", models, args))
         finally:
             serve.shutdown()

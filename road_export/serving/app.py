@@ -3,8 +3,10 @@
 Each replica owns an `Engine` (one onnxruntime session, continuous batching across adapters) driven by an
 `AsyncEngine` thread, and serves `http.create_app`'s FastAPI routes through `serve.ingress` (late bound:
 `__serve_build_asgi_app__` builds the app after the constructor, so the routes reach this replica's engine).
-Arrivals are grouped by `@serve.batch` (`max_batch_size`, `batch_wait_timeout_s` = --batch-wait-ms) so that
-requests arriving together are prefilled in one run; the engine then decodes every running row in one run per step.
+A request that finds the engine idle starts at once, or after --batch-wait-ms (default 0) in which `@serve.batch`
+(`max_batch_size`, `batch_wait_timeout_s`) gathers further arrivals into the same prefill; while the engine runs,
+requests go to it at once and join at its next step boundary. The engine decodes every running row in one run per
+step.
 Ray Serve routes requests across replicas and across the machines of a Ray cluster.
 
 Metrics go through `ray.serve.metrics` (Counter, Histogram, Gauge; Ray exports them to Prometheus with the
@@ -69,7 +71,7 @@ class RayMetrics:
 class RoadServer:
     """One replica: an Engine over `model_dir` behind OpenAI's routes (see the module docstring)."""
 
-    def __init__(self, model_dir: str, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
+    def __init__(self, model_dir: str, max_batch_size: int = 16, batch_wait_ms: float = 0.0,
                  threads: int | None = None, served_model_name: str | None = None, native: bool | None = None,
                  session_config: dict[str, str] | None = None):
         self.stats = Stats()
@@ -85,13 +87,14 @@ class RoadServer:
     def __serve_build_asgi_app__(self):
         return create_app(self.service, self.stats)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def admit(self, requests: list[GenerationRequest]) -> list[Any]:
-        """Requests that arrived within the batch wait, queued on the engine together (one prefill)."""
+        """Requests that arrived within the batch wait while the engine was idle, queued on it together (one
+        prefill)."""
         return self.loop.submit_many(requests)
 
 
-def build_app(model_dir: str, *, replicas: int = 1, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
+def build_app(model_dir: str, *, replicas: int = 1, max_batch_size: int = 16, batch_wait_ms: float = 0.0,
               threads: int | None = None, num_cpus: float | None = None, served_model_name: str | None = None,
               native: bool | None = None, session_config: dict[str, str] | None = None):
     """The bound application for `serve.run`: `replicas` copies of RoadServer, each taking `num_cpus` CPUs from

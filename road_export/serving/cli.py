@@ -63,8 +63,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         "cluster's machines (default 1)")
     parser.add_argument("--max-batch-size", type=_positive_int, default=16,
                         help="rows decoded together per replica (default 16)")
-    parser.add_argument("--batch-wait-ms", type=_milliseconds, default=5.0,
-                        help="how long arrivals are gathered into one prefill (default 5 ms)")
+    parser.add_argument("--batch-wait-ms", type=_milliseconds, default=0.0,
+                        help="how long an idle engine gathers arrivals into one prefill (default 0: the first "
+                        "starts at once; a running engine takes arrivals at its next step)")
     parser.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads per replica (default: "
                         "onnxruntime's); also the CPUs each replica reserves in Ray")
     parser.add_argument("--served-model-name", metavar="NAME", help="the `model` name that selects the base model "

@@ -62,19 +62,25 @@ class SamplingParams:
 @dataclass
 class GenerationRequest:
     """One sequence to generate: `prompt_ids` (token ids, BOS included where the tokenizer adds it) through the
-    adapter `model` (an adapter name, or the engine's base name)."""
+    adapter `model` (an adapter name, or the engine's base name).
+
+    `stream`: True, an `Output` every step (the new token and the text that became certain); False, one `Output`
+    when the request finishes, holding all its tokens and text (vLLM's FINAL_ONLY: a non-streaming response has
+    nothing to send before, so nothing is delivered and, without stop strings, the text is decoded once)."""
 
     model: str
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     arrival: float = field(default_factory=time.perf_counter)
+    stream: bool = True
 
 
 @dataclass
 class Output:
-    """What one step produced for one request: the new tokens and the text that became certain; `finish_reason`
-    ("stop", "length", "cancelled", or "error" with `error`) on the last output of a request."""
+    """What one step produced for one request: the new tokens and the text that became certain (for a request with
+    `stream=False`, everything, once); `finish_reason` ("stop", "length", "cancelled", or "error" with `error`) on
+    the last output of a request."""
 
     request_id: str
     token_ids: list[int]
@@ -154,6 +160,7 @@ class _Batch:
     rows: list[_Row] = field(default_factory=list)
     past: dict[str, np.ndarray] = field(default_factory=dict)
     mask: np.ndarray | None = None
+    selection: tuple | None = None  # (extra feeds, run options) for these rows; None when the rows changed
 
 
 class Engine:
@@ -313,8 +320,9 @@ class Engine:
     def _adapter_name(self, model: str) -> str:
         return BASE_NAME if model == self.base_name else model
 
-    def _run(self, route, rows, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        extra, options = self._route(route, rows)
+    def _run(self, route, rows, feeds: dict[str, np.ndarray], selection: tuple | None = None
+             ) -> dict[str, np.ndarray]:
+        extra, options = selection or self._route(route, rows)
         feeds.update(extra)
         started = time.perf_counter()
         values = self.session.run_feeds(None, feeds, options)
@@ -335,8 +343,9 @@ class Engine:
         feeds = {"input_ids": ids, "attention_mask": mask, **self._empty_cache(len(requests))}
         if self._position_ids:
             feeds["position_ids"] = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1).astype(np.int64)
-        rows = [_Row(r, Detokenizer(self.tokenizer, r.params.stop), np.random.default_rng(r.params.seed),
-                     r.params.sampling(), length=len(r.prompt_ids)) for r in requests]
+        rows = [_Row(r, Detokenizer(self.tokenizer, r.params.stop, incremental=r.stream),
+                     np.random.default_rng(r.params.seed), r.params.sampling(), length=len(r.prompt_ids))
+                for r in requests]
         try:
             outputs = self._run(route, requests, feeds)
         except RoadError as e:
@@ -355,7 +364,8 @@ class Engine:
         if self._position_ids:
             feeds["position_ids"] = np.array([[r.length - 1] for r in rows], np.int64)
         try:
-            outputs = self._run(batch.route, rows, feeds)
+            batch.selection = batch.selection or self._route(batch.route, rows)  # kept while the rows stay
+            outputs = self._run(batch.route, rows, feeds, batch.selection)
         except RoadError as e:
             return [self._finish(r, "error", [], error=str(e)) for r in rows]
         batch.past = {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
@@ -364,7 +374,7 @@ class Engine:
 
     def _advance(self, rows: list[_Row], logits: np.ndarray) -> list[Output]:
         """Choose each row's next token from its logits [rows, vocab]; emit text; finish rows that are done."""
-        logits = logits.astype(np.float32)
+        logits = logits.astype(np.float32, copy=False)
         greedy = logits.argmax(-1)
         outputs = []
         for i, row in enumerate(rows):
@@ -380,7 +390,7 @@ class Engine:
                 outputs.append(self._finish(row, "stop", [token], text))
             elif len(row.generated) >= row.request.params.max_tokens or row.length >= self.context_length:
                 outputs.append(self._finish(row, "length", [token], text))
-            else:
+            elif row.request.stream:
                 outputs.append(Output(row.request.request_id, [token], text))
         return outputs
 
@@ -389,6 +399,8 @@ class Engine:
         row.finish_reason = reason  # _drop_finished removes the row
         if reason in ("stop", "length"):
             text += row.detok.finish()
+        if not row.request.stream:  # the one output of the request: all of it
+            tokens, text = list(row.generated), row.detok.text
         for recorder in self.recorders:
             recorder.on_finish(row.request.model, reason, len(row.request.prompt_ids), len(row.generated))
         return Output(row.request.request_id, tokens, text, reason, len(row.request.prompt_ids), len(row.generated),
@@ -403,7 +415,7 @@ class Engine:
         keep = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
         if len(keep) == len(batch.rows):
             return
-        batch.rows = [batch.rows[i] for i in keep]
+        batch.rows, batch.selection = [batch.rows[i] for i in keep], None
         if not keep:
             batch.past, batch.mask = {}, None
             return
@@ -420,7 +432,7 @@ class Engine:
 def _merge(batch: _Batch, rows: list[_Row], past: dict[str, np.ndarray], mask: np.ndarray) -> None:
     """Append rows with cache `past` and `mask` [rows, L] to `batch`, left padding whichever side is shorter."""
     if not batch.rows:
-        batch.rows, batch.past, batch.mask = list(rows), past, mask
+        batch.rows, batch.past, batch.mask, batch.selection = list(rows), past, mask, None
         return
     old, new = batch.mask.shape[1], mask.shape[1]
     width = max(old, new)
@@ -434,4 +446,4 @@ def _merge(batch: _Batch, rows: list[_Row], past: dict[str, np.ndarray], mask: n
 
     batch.past = {k: np.concatenate([pad(v, old, 2), pad(past[k], new, 2)], 0) for k, v in batch.past.items()}
     batch.mask = np.concatenate([pad(batch.mask, old, 1), pad(mask, new, 1)], 0)
-    batch.rows = batch.rows + list(rows)
+    batch.rows, batch.selection = batch.rows + list(rows), None

@@ -59,8 +59,11 @@ def _number(body: dict, key: str, default, *, low: float, high: float, integer: 
 
 
 class OpenAIService:
-    """The API's handlers. `submit` queues requests on the engine and returns their output queues: by default
-    `AsyncEngine.submit_many`; the Ray deployment passes its `@serve.batch` method, which groups arrivals."""
+    """The API's handlers. `submit` gathers the requests that arrive while the engine is idle, so that they start in
+    one prefill, and returns their output queues: the Ray deployment passes its `@serve.batch` method (arrivals
+    within --batch-wait-ms); without it each request is queued at once. While the engine runs, requests are queued
+    on it at once either way: it admits everything that arrived at its next step boundary, so a wait would only
+    delay them."""
 
     def __init__(self, engine: AsyncEngine, *, submit: Callable[[GenerationRequest], Awaitable[Any]] | None = None):
         self.engine = engine
@@ -133,7 +136,7 @@ class OpenAIService:
                                 seed=None if seed is None else seed % 2**63, stop=tuple(stops),
                                 ignore_eos=ignore_eos)
         request = GenerationRequest(model, prompt_ids, params, request_id=f"{'chatcmpl' if chat else 'cmpl'}-"
-                                    f"{uuid.uuid4().hex}")
+                                    f"{uuid.uuid4().hex}", stream=stream)
         return request, stream, bool(options.get("include_usage"))
 
     def _prompt(self, body: dict) -> tuple[list[int], str]:
@@ -188,9 +191,9 @@ class OpenAIService:
         return self.core.tokenizer.encode(text, add_special_tokens=False), "messages"
 
     async def submit(self, request: GenerationRequest):
-        """The output queue of `request` (through the Ray batcher when there is one)."""
+        """The output queue of `request` (through the gatherer when there is one and the engine is idle)."""
         try:
-            if self._submit is not None:
+            if self._submit is not None and not self.core.has_work():
                 return await self._submit(request)
             return self.engine.submit_many([request])[0]
         except RoadError as e:

@@ -122,11 +122,15 @@ class Detokenizer:
 
     `add(token)` returns the text that may be sent now (possibly ""), `finish()` the rest; `stopped` says whether a
     stop string ended the text (the caller then ends generation, finish_reason "stop"). `text` is everything sent.
+    `incremental=False` (a caller that sends the text once, at the end): without stop strings `add` only collects
+    the ids and `finish` decodes them once, the text `decode` gives; with stop strings it decodes as it goes, since
+    a stop string must end generation when it appears.
     """
 
-    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = (), *, incremental: bool = True):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.incremental = incremental or bool(self.stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may still start a stop string
         self.ids: list[int] = []
         self.prefix, self.read = 0, 0  # offsets into ids: decoded context start, end of what became text
@@ -139,6 +143,8 @@ class Detokenizer:
         if self.stopped:
             return ""
         self.ids.append(int(token))
+        if not self.incremental:
+            return ""
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         after = self.tokenizer.decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
