@@ -10,9 +10,10 @@ the last position's logits [batch, vocab]).
 
 Each MatMul that feeds a rotation runs with it as one node: the session opens the graph rewritten by
 `road_export.passes.matmul_rotate` (in memory; the file is not changed), whose `road.MatMulRotate` kernel is one
-GEMV launch for decode-sized products, else cuBLAS's GEMM and the rotation in place. A decode step on the GPU is bound by onnxruntime's per-node host cost, so this, not the
-rotation's arithmetic, is what brings a rotate export to the base model's step time; in a mixed-adapter export the
-per-row coefficient gathers fold into the same node (`road.MatMulRotateRows`).
+GEMV launch for decode-sized products, else cuBLAS's GEMM and the rotation in place. A decode step on the GPU is
+bound by onnxruntime's per-node host cost, so this, not the rotation's arithmetic, is what brings a rotate export
+to the base model's step time; in a mixed-adapter export the per-row coefficient gathers fold into the same node
+(`road.MatMulRotateRows`).
 
 A swapped adapter (`.onnx_adapter`) is bound as inputs, its coefficients copied to the GPU once: onnxruntime
 applies `RunOptions.add_active_adapter` in `InferenceSession.run` only, not with IOBinding.
