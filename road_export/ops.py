@@ -145,41 +145,21 @@ def Rotate(X, C1, C2, group_size: int):
 
 @onnxscript.script(road_opset, default_opset=op)
 def MatMulRotate(X, W, C1, C2, group_size: int):
-    """road.MatMulRotate's body: Rotate's body applied to MatMul(X, W)."""
-    Y = op.MatMul(X, W)
-    g = op.Constant(value_int=group_size)
-    half = op.Div(g, op.Constant(value_int=2))
-    grouped_shape = op.Concat(op.Constant(value_ints=[-1, 2]), op.Reshape(half, op.Constant(value_ints=[1])), axis=0)
-    grouped = op.Reshape(Y, grouped_shape)
-    swapped_grouped = op.Slice(grouped, op.Constant(value_ints=[-1]), op.Constant(value_ints=[-9223372036854775807]),
-                               op.Constant(value_ints=[1]), op.Constant(value_ints=[-1]))
-    swapped = op.Reshape(swapped_grouped, op.Shape(Y))
-    d = op.Squeeze(op.Shape(C2, start=-1))
-    pos = op.Mod(op.Range(op.Constant(value_int=0), d, op.Constant(value_int=1)), g)
-    signed = op.Where(op.Less(pos, half), op.Neg(C2), C2)
-    return op.Add(op.Mul(Y, C1), op.Mul(swapped, signed))
+    """road.MatMulRotate's body: road.Rotate of MatMul(X, W) (attach_functions adds Rotate's definition)."""
+    return Rotate(op.MatMul(X, W), C1, C2, group_size=group_size)
 
 
 @onnxscript.script(road_opset, default_opset=op)
 def MatMulRotateRows(X, W, C1, C2, adapter_ids, group_size: int):
-    """road.MatMulRotateRows's body: bank rows gathered by adapter_ids, shaped [batch, 1, ..., 1, n] against Y."""
+    """road.MatMulRotateRows's body: bank rows gathered by adapter_ids, shaped [batch, 1, ..., 1, n] against the
+    product, into road.Rotate."""
     Y = op.MatMul(X, W)
     inner = op.Shape(Y, start=1, end=-1)
     ones = op.Expand(op.Constant(value_ints=[1]), op.Shape(inner))
     shape = op.Concat(op.Shape(adapter_ids), ones, op.Shape(C1, start=-1), axis=0)
     R1 = op.Reshape(op.Gather(C1, adapter_ids, axis=0), shape)
     R2 = op.Reshape(op.Gather(C2, adapter_ids, axis=0), shape)
-    g = op.Constant(value_int=group_size)
-    half = op.Div(g, op.Constant(value_int=2))
-    grouped_shape = op.Concat(op.Constant(value_ints=[-1, 2]), op.Reshape(half, op.Constant(value_ints=[1])), axis=0)
-    grouped = op.Reshape(Y, grouped_shape)
-    swapped_grouped = op.Slice(grouped, op.Constant(value_ints=[-1]), op.Constant(value_ints=[-9223372036854775807]),
-                               op.Constant(value_ints=[1]), op.Constant(value_ints=[-1]))
-    swapped = op.Reshape(swapped_grouped, op.Shape(Y))
-    d = op.Squeeze(op.Shape(C2, start=-1))
-    pos = op.Mod(op.Range(op.Constant(value_int=0), d, op.Constant(value_int=1)), g)
-    signed = op.Where(op.Less(pos, half), op.Neg(R2), R2)
-    return op.Add(op.Mul(Y, R1), op.Mul(swapped, signed))
+    return Rotate(Y, R1, R2, group_size=group_size)
 
 
 MICROSOFT = "com.microsoft"
@@ -269,6 +249,8 @@ def tied_function_definition(opset: int) -> ir.Function:
 def attach_functions(model: ir.Model) -> int:
     """Add the definitions of the `road` ops the graph uses; returns the number of road nodes."""
     used = {node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN}
+    if used & {MATMUL_OP_TYPE, MATMUL_ROWS_OP_TYPE}:
+        used.add(OP_TYPE)  # their bodies call road.Rotate
     opset = model.opset_imports.get("", 18)
     builders = {OP_TYPE: function_definition, TIED_OP_TYPE: tied_function_definition,
                 MATMUL_OP_TYPE: _script_definition(MatMulRotate),

@@ -97,32 +97,30 @@ def library_path() -> Path:
     return target
 
 
-def nvrtc_path() -> Path | None:
-    """libnvrtc from the `nvidia-cuda-nvrtc` wheel (CUDA 13 or 12 layout) on sys.path, else None (the library
-    then tries the system's libnvrtc.so.13 / .12 through the dynamic loader)."""
+def _wheel_library(*relative: str) -> Path | None:
+    """The first of `relative` (paths of an nvidia-* wheel's library under site-packages) found on sys.path."""
     import sys
 
     for root in sys.path:
-        for rel in ("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
-                    "nvidia/cu12/lib/libnvrtc.so.12"):
+        for rel in relative:
             candidate = Path(root or ".") / rel
             if candidate.is_file():
                 return candidate
     return None
+
+
+def nvrtc_path() -> Path | None:
+    """libnvrtc from the `nvidia-cuda-nvrtc` wheel (CUDA 13 or 12 layout) on sys.path, else None (the library
+    then tries the system's libnvrtc.so.13 / .12 through the dynamic loader)."""
+    return _wheel_library("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
+                          "nvidia/cu12/lib/libnvrtc.so.12")
 
 
 def cublas_path() -> Path | None:
     """libcublas from the `nvidia-cublas` wheel (CUDA 13 or 12 layout) on sys.path, else None (the library then
     takes the copy onnxruntime's CUDA provider loaded, or the system's libcublas.so.13 / .12)."""
-    import sys
-
-    for root in sys.path:
-        for rel in ("nvidia/cu13/lib/libcublas.so.13", "nvidia/cublas/lib/libcublas.so.12",
-                    "nvidia/cu12/lib/libcublas.so.12"):
-            candidate = Path(root or ".") / rel
-            if candidate.is_file():
-                return candidate
-    return None
+    return _wheel_library("nvidia/cu13/lib/libcublas.so.13", "nvidia/cublas/lib/libcublas.so.12",
+                          "nvidia/cu12/lib/libcublas.so.12")
 
 
 def _loadable(*names: str) -> bool:

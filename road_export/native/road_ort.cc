@@ -287,6 +287,42 @@ OrtStatus* rotate(const Kernel& kernel, OrtKernelContext* context, const Shape& 
                                &Job<T>::task, static_cast<size_t>(tasks), size_t{0}, static_cast<void*>(&job));
 }
 
+// The CUDA kernels' leading axes of X and the coefficients' row strides against them (see coefficient_strides).
+bool broadcast_params(const Shape& x, const Shape& c1, const Shape& c2, cuda::Params* params, std::string* why) {
+  int64_t s1[kMaxRank] = {}, s2[kMaxRank] = {};
+  if (!coefficient_strides(x, c1, s1, why) || !coefficient_strides(x, c2, s2, why)) return false;
+  for (int a = 0; a < x.rank - 1; ++a) {
+    params->lead_dims[a] = x.dims[a];
+    params->c1_stride[a] = s1[a];
+    params->c2_stride[a] = s2[a];
+  }
+  return true;
+}
+
+// The CUDA kernels' type index (road_cuda.h: f32, f64, f16, bf16) of an element type; -1 for other types.
+int cuda_type_index(int type) {
+  switch (type) {
+    case ORT_TYPE_FLOAT: return 0;
+    case ORT_TYPE_DOUBLE: return 1;
+    case ORT_TYPE_FLOAT16: return 2;
+    case ORT_TYPE_BFLOAT16: return 3;
+    default: return -1;
+  }
+}
+
+// onnxruntime's compute stream for this run and the kernels' type index of `type`.
+OrtStatus* cuda_target(const Kernel& kernel, OrtKernelContext* context, int type, cuda::CUstream* stream,
+                       int* type_index) {
+  void* raw = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(kernel.api, ort::slot::KernelContext_GetGPUComputeStream,
+                                  static_cast<const OrtKernelContext*>(context), &raw)));
+  *stream = static_cast<cuda::CUstream>(raw);
+  *type_index = cuda_type_index(type);
+  if (*type_index < 0)
+    return fail(kernel.api, kernel.name + ": element type " + std::to_string(type) + " is not a float type");
+  return nullptr;
+}
+
 // The CUDA kernel: one launch on onnxruntime's compute stream (road_cuda.h); the shapes are host metadata.
 OrtStatus* rotate_cuda(const Kernel& kernel, OrtKernelContext* context, const Shape& x, const Shape& c1,
                        const Shape& c2, const OrtValue* const* in, OrtValue* out) {
@@ -305,27 +341,12 @@ OrtStatus* rotate_cuda(const Kernel& kernel, OrtKernelContext* context, const Sh
   params.pairs = params.d / 2;
   params.rows = params.d ? static_cast<long long>(x.count()) / params.d : 0;
   params.lead = x.rank - 1;
-  int64_t s1[kMaxRank] = {}, s2[kMaxRank] = {};
   std::string why;
-  if (!coefficient_strides(x, c1, s1, &why) || !coefficient_strides(x, c2, s2, &why))
-    return fail(api, kernel.name + ": " + why);
-  for (int a = 0; a < params.lead; ++a) {
-    params.lead_dims[a] = x.dims[a];
-    params.c1_stride[a] = s1[a];
-    params.c2_stride[a] = s2[a];
-  }
-  void* stream = nullptr;
-  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetGPUComputeStream,
-                                  static_cast<const OrtKernelContext*>(context), &stream)));
+  if (!broadcast_params(x, c1, c2, &params, &why)) return fail(api, kernel.name + ": " + why);
+  cuda::CUstream stream = nullptr;
   int type_index = 0;
-  switch (x.type) {
-    case ORT_TYPE_FLOAT: type_index = 0; break;
-    case ORT_TYPE_DOUBLE: type_index = 1; break;
-    case ORT_TYPE_FLOAT16: type_index = 2; break;
-    case ORT_TYPE_BFLOAT16: type_index = 3; break;
-    default: return fail(api, kernel.name + ": element type " + std::to_string(x.type) + " is not a float type");
-  }
-  if (!cuda::launch(static_cast<cuda::CUstream>(stream), type_index, params, &why))
+  ROAD_TRY(cuda_target(kernel, context, x.type, &stream, &type_index));
+  if (!cuda::launch(stream, type_index, params, &why))
     return fail(api, kernel.name + " (CUDA): " + why);
   return nullptr;
 }
@@ -388,28 +409,13 @@ OrtStatus* matmul_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
     params.rows_per_id = ids.dims[0] ? params.rows / ids.dims[0] : 1;
     if (params.rows_per_id < 1) params.rows_per_id = 1;
   } else {
-    int64_t s1[kMaxRank] = {}, s2[kMaxRank] = {};
-    if (!coefficient_strides(y, shapes[2], s1, &why) || !coefficient_strides(y, shapes[3], s2, &why))
-      return fail(api, kernel.name + ": " + why);
-    for (int a = 0; a < params.lead; ++a) {
-      params.lead_dims[a] = y.dims[a];
-      params.c1_stride[a] = s1[a];
-      params.c2_stride[a] = s2[a];
-    }
+    if (!broadcast_params(y, shapes[2], shapes[3], &params, &why)) return fail(api, kernel.name + ": " + why);
   }
-  void* stream = nullptr;
-  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetGPUComputeStream,
-                                  static_cast<const OrtKernelContext*>(context), &stream)));
+  cuda::CUstream stream = nullptr;
   int type_index = 0;
-  switch (x.type) {
-    case ORT_TYPE_FLOAT: type_index = 0; break;
-    case ORT_TYPE_DOUBLE: type_index = 1; break;
-    case ORT_TYPE_FLOAT16: type_index = 2; break;
-    case ORT_TYPE_BFLOAT16: type_index = 3; break;
-    default: return fail(api, kernel.name + ": element type " + std::to_string(x.type) + " is not a float type");
-  }
+  ROAD_TRY(cuda_target(kernel, context, x.type, &stream, &type_index));
   const long long m = params.rows;
-  const auto on = static_cast<cuda::CUstream>(stream);
+  const cuda::CUstream on = stream;
   if (kernel.gemv && cuda::gemv_fits(m, w.dims[0], n, kernel.group_size, type_index, data[0], data[1])) {  // a decode step: one launch
     params.x = data[0];
     if (!cuda::launch_gemv(on, type_index, params, data[1], w.dims[0], &why))
