@@ -97,15 +97,22 @@ def compare(name: str, case: str, got: np.ndarray, expected: np.ndarray, mask: n
     max_abs <= atol the argmax can only change where the reference's two best logits are within 2 * atol of each
     other. `by_cosine` (a quantized file, whose weights differ from the reference's by design): the row passes when
     the cosine is >= COSINE_MIN instead of max abs <= atol."""
-    got = got.astype(np.float32)
-    expected = expected.astype(np.float32)
+    # no copy of a float32 array, and the error arrays computed in place: on a large vocabulary the logits of one
+    # long row are tens of MB each, and verify holds a torch model and an onnxruntime session beside them
+    got = np.asarray(got, dtype=np.float32)
+    expected = np.asarray(expected, dtype=np.float32)
     if got.shape != expected.shape:
         return OutputParity(name, case, list(got.shape), math.inf, math.inf, 0.0, None, False)
     if mask is not None and got.ndim == 3 and mask.shape == got.shape[:2]:
         got, expected = got[mask], expected[mask]
-    diff = np.abs(got - expected)
+    diff = np.subtract(got, expected)
+    np.abs(diff, out=diff)
     max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float((diff / np.maximum(np.abs(expected), 1e-6)).max()) if diff.size else 0.0
+    scale = np.abs(expected)
+    np.maximum(scale, 1e-6, out=scale)
+    np.divide(diff, scale, out=scale)
+    max_rel = float(scale.max()) if diff.size else 0.0
+    del diff, scale
     denom = float(np.linalg.norm(got) * np.linalg.norm(expected))
     cosine = float((got.ravel() @ expected.ravel()) / denom) if denom else 1.0
     top1 = None

@@ -13,6 +13,7 @@ being compared with itself. Without peft (or without adapter directories) the re
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,9 +74,24 @@ class Source:
 
     def release_model(self) -> None:
         """Drop road-export's model once exported, when the reference is peft's own (built or deferred): verify
-        then holds one torch model next to the onnxruntime session, not two."""
-        if self.reference is not None or self.deferred is not None:
-            self.model = None
+        then holds one torch model next to the onnxruntime session, not two.
+
+        Dropping the name is not enough: torch.export keeps its last trace (a graph module holding the traced
+        model's own parameter objects) in a module-level map until the next export, and the export leaves
+        reference cycles behind, so the weights (for a safetensors base, the map of the whole file) would stay
+        resident beside the reference and the onnxruntime session (measured: 3.1 x the weight bytes instead of
+        2.2 x on TinyLlama widths). The model is this Source's own (loaded by `load_source`), so its parameters
+        and buffers are emptied in place (`Tensor.set_()`), which frees their storage whoever still holds the
+        tensor objects, and the cycles are collected."""
+        if self.reference is None and self.deferred is None:
+            return
+        model, self.model = self.model, None
+        if model is not None:
+            with torch.no_grad():
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    tensor.set_()
+        del model
+        gc.collect()
 
 
 def resolve_task(task: str | None, adapters: list[AdapterFile]) -> str | None:

@@ -142,3 +142,61 @@ def test_rewrite_in_place_is_refused_and_the_file_kept(bases, tmp_path):
     proc = road_export("optimize", model, model, "--fold")
     assert proc.returncode == 2 and "is the input" in proc.stderr, proc.stderr
     assert [(model.with_name(model.name + s)).read_bytes() for s in ("", ".data")] == before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("merged", [False, True])
+def test_transposed_blocks_are_the_whole_tensor(monkeypatch, dtype, merged):
+    """TransposedTensor.tofile (blocks of W's columns, merged per block) writes the bytes of W.T or (R W).T computed
+    whole, for blocks that do and do not divide the width; a block merge that mixed columns would differ."""
+    import io
+
+    import torch
+
+    from road_export import rotation
+    from road_export.export.prepare import Merge
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 200).to(getattr(torch, dtype))
+    c1, c2 = torch.randn(48), torch.randn(48)
+    merge = Merge(c1, c2, 16, 0) if merged else None
+    whole = (merge.weight(w) if merged else w).T.contiguous().numpy().tobytes()
+    if merged:  # the merge itself against the dense R @ W
+        dense = rotation.dense_matrix(c1.double(), c2.double(), 16) @ w.double()
+        assert torch.allclose(merge.weight(w).double(), dense, atol=1e-2 if dtype == "float16" else 1e-5)
+    source = ir.tensor(w.numpy())
+    for block_bytes, align in ((1000, 1), (1000, 64), (48 * 64 * w.element_size(), 64), (2**30, 64)):
+        monkeypatch.setattr(stream.TransposedTensor, "BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(stream.TransposedTensor, "BLOCK_ALIGN", align)
+        calls = []
+        tensor = stream.TransposedTensor(source, (200, 48), lambda: calls.append(1), merge)
+        out = io.BytesIO()
+        tensor.tofile(out)
+        assert out.getvalue() == whole, (block_bytes, align)
+        assert tensor.tobytes() == whole and len(calls) == 2
+
+
+def test_release_model_frees_the_exported_weights(bases, tmp_path):
+    """After the export, the CLI's Source drops its own model for peft's reference: the tensors are emptied in place,
+    so a leftover holder (torch.export keeps its last trace's graph module) pins no weights; the reference, loaded
+    on its own, still runs. A source whose reference is its own model keeps it."""
+    import torch
+
+    from road_export.source import load_source
+
+    source = load_source(str(bases / "base"), [str(bases / "adapter")], defer_reference=True)
+    rx.export(source.model, tmp_path / "m.onnx", mode="merge")
+    held = list(source.model.parameters())  # as torch.export's leftover map holds them
+    assert all(p.numel() for p in held)
+    source.release_model()
+    assert source.model is None and all(p.numel() == 0 for p in held)
+    reference = source.reference_model
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        assert torch.isfinite(reference(input_ids=ids).logits).all()
+    assert all(p.numel() for p in reference.parameters())
+
+    embedded = load_source("default", [])  # no adapter directory: the reference is road-export's model itself
+    kept = list(embedded.model.parameters())
+    embedded.release_model()
+    assert embedded.model is not None and embedded.reference_model is embedded.model and all(p.numel() for p in kept)

@@ -6,7 +6,9 @@ of the weights before the trace would each hold a second copy of every weight un
 `LazyWeightsPass` runs before the optimizer instead: every `Transpose(initializer)` becomes an initializer whose
 value is an `ir.LazyTensor` (the transpose, computed from the torch tensor when the tensor is saved), and in merge
 mode every adapted layer's weight and bias become lazy merges (`prepare.Merge`: R W, R b) of the base tensors.
-onnx-ir's external-data save then evaluates one tensor at a time and drops it once written.
+onnx-ir's external-data save then evaluates one tensor at a time and drops it once written; a transposed weight,
+merged or not, is written in blocks of a few MB of columns (`TransposedTensor`), so the largest transient copy
+is a block, not a weight.
 
 The values are the eager path's, bit for bit: the same torch merge on the same tensors, and a transpose is a copy.
 """
@@ -42,29 +44,45 @@ def _lazy(source: ir.TensorProtocol, fn: Callable[[torch.Tensor], torch.Tensor],
 
 
 class TransposedTensor(ir.LazyTensor):
-    """The transpose of a 2-D torch tensor, as a lazy tensor whose `tofile` (what onnx-ir's external-data save
-    calls) writes it in blocks of rows of about `BLOCK_BYTES`, so the largest weight (an untied lm_head) is never
-    copied whole; `numpy()`/`tobytes()` (a single-file save) compute it at once. Same bytes either way."""
+    """The transpose of a 2-D torch tensor W [rows, cols], or of its merge R W (`merge`, a `prepare.Merge` whose
+    rotated axis is 0: nn.Linear's output rows), as a lazy tensor whose `tofile` (what onnx-ir's external-data
+    save calls) writes it in blocks of about `BLOCK_BYTES` of the file's rows (columns of W), so no weight is ever
+    copied whole, merged or not; `numpy()`/`tobytes()` (a single-file save) compute it at once. Same bytes either
+    way: R only mixes row i with row i + g/2 of the same column, so R applied to a block of W's columns is that
+    block of R W, the same products element for element (tests/test_scale.py compares the files byte for byte).
+    A block is a multiple of `BLOCK_ALIGN` columns where it can be, so the merge's elementwise kernels see the
+    same vector lengths as on the whole weight.
 
-    BLOCK_BYTES = 16 * 2**20
+    Shapes and dtypes: `source` [rows, cols] of any float dtype; the tensor is [cols, rows] of the same dtype.
+    `counted` is called once per evaluation (what a test counts)."""
 
-    def __init__(self, source: ir.TensorProtocol, dims: tuple[int, ...], counted: Callable[[], None]) -> None:
-        self._source, self._counted = source, counted
+    BLOCK_BYTES = 4 * 2**20
+    BLOCK_ALIGN = 64
+
+    def __init__(self, source: ir.TensorProtocol, dims: tuple[int, ...], counted: Callable[[], None],
+                 merge: Merge | None = None) -> None:
+        self._source, self._counted, self._merge = source, counted, merge
         super().__init__(self._whole, dtype=source.dtype, shape=ir.Shape(dims))
+
+    def _weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self._merge is None else self._merge.weight(weight)
 
     def _whole(self) -> ir.Tensor:
         self._counted()
         with torch.no_grad():
-            return ir.tensor(torch_value(self._source).detach().T.contiguous().numpy())
+            return ir.tensor(self._weight(torch_value(self._source).detach()).T.contiguous().numpy())
 
     def tofile(self, file) -> None:
         self._counted()
         with torch.no_grad():
             weight = torch_value(self._source).detach()  # [rows, cols]; the file gets weight.T, [cols, rows]
             step = max(1, self.BLOCK_BYTES // max(1, weight.shape[0] * weight.element_size()))
+            if step > self.BLOCK_ALIGN:
+                step -= step % self.BLOCK_ALIGN
             for start in range(0, weight.shape[1], step):
-                block = weight[:, start:start + step].T.contiguous().numpy()
+                block = self._weight(weight[:, start:start + step]).T.contiguous().numpy()
                 file.write(memoryview(block).cast("B"))
+                del block
 
 
 def _is_2d_transpose(node: ir.Node) -> bool:
@@ -100,9 +118,12 @@ class LazyWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        row_merges: dict[str, Merge] = {}  # weights whose rows R rotates: written transposed in blocks
         for path, merge in self.merges.items():
             fns[f"{PREFIX}{path}.weight"] = merge.weight
             fns[f"{PREFIX}{path}.bias"] = merge.bias
+            if merge.axis == 0:
+                row_merges[f"{PREFIX}{path}.weight"] = merge
         modified = False
         for value in list(graph.initializers.values()):
             tensor = value.const_value
@@ -118,8 +139,8 @@ class LazyWeightsPass(ir.passes.InPlacePass):
                 out = node.outputs[0]
                 dims = tuple(reversed(tensor.shape.numpy()))
                 new = ir.Value(name=None, shape=ir.Shape(dims), type=ir.TensorType(tensor.dtype))
-                if fn is None:  # a plain transpose: written in blocks
-                    new.const_value = TransposedTensor(tensor, dims, self._count)
+                if fn is None or value.name in row_merges:  # a plain or merged transpose: written in blocks
+                    new.const_value = TransposedTensor(tensor, dims, self._count, row_merges.get(value.name or ""))
                 else:
                     new.const_value = _lazy(tensor, self._counted(lambda t, base=base: base(t).T), dims, None)
                 out.replace_all_uses_with(new)
