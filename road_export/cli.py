@@ -152,8 +152,10 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
 
 def _quantize_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=("int4", "int8"), default=None,
-                        help="quantize the MatMul weights with onnxruntime's MatMulNBits (block size 32); road nodes "
-                        "and their coefficients stay float (parity then judged by cosine >= 0.98)")
+                        help="quantize the MatMul weights with onnxruntime's MatMulNBitsQuantizer (round to nearest, "
+                        "asymmetric). int4: 4 bits in blocks of 16, except the first two numbered layers (at most a "
+                        "quarter of them) and the output head, kept at 8 bits (blocks of 32); int8: 8 bits, blocks of "
+                        "32. road nodes and their coefficients stay float (parity then judged by cosine >= 0.98)")
 
 
 def _version() -> str:

@@ -1,26 +1,43 @@
 """Quantized bases with float RoAd on top, torch-free: onnxruntime's own weight-only quantizer on the MatMul weights.
 
-`quantize_model` runs `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer` (RTN, asymmetric, one
-scale and zero point per block of `BLOCK_SIZE` = 32 input rows) on every MatMul whose weight is a constant
-initializer: each becomes a `com.microsoft.MatMulNBits` node with `bits` = 4 (int4) or 8 (int8). Nothing else
-changes: `road` nodes, their C1/C2 coefficients (swappable graph inputs with defaults, or constants), Gather
-embeddings, norms and biases stay float, so an `.onnx_adapter` file still swaps adapters on the quantized file
-and `attach --mode rotate` still places a rotation after a quantized layer.
+`quantize_model` runs `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer` (its default
+algorithm: round to nearest, asymmetric, one scale and zero point per block of input rows) on every MatMul whose
+weight is a constant initializer: each becomes a `com.microsoft.MatMulNBits` node. Nothing else changes: `road`
+nodes, their C1/C2 coefficients (swappable graph inputs with defaults, or constants), Gather embeddings, norms and
+biases stay float, so an `.onnx_adapter` file still swaps adapters per Run on the quantized file and
+`attach --mode rotate` still places a rotation after a quantized layer.
 
-Block size 32: the finest block onnxruntime's kernels take; for random and trained weights it keeps the cosine of
-the logits against the float model well above 0.98 (tests/test_quantize.py), at 4 + 32/32 + 4/32 ~ 5.1 bits per
-int4 weight (~0.16 of float32, ~0.32 of float16); embeddings stay float.
+The schemes:
+- `int8`: 8 bits, blocks of `INT8_BLOCK_SIZE` = 32, every MatMul.
+- `int4`: 4 bits, blocks of `INT4_BLOCK_SIZE` = 16 (the finest block MatMulNBits takes), except where 4 bits cost
+  most accuracy, which get int8 (blocks of 32): the MatMuls of the first `INT8_LAYERS` = 2 numbered layers (at most
+  a quarter of them) and those outside every numbered layer (the output head). An error made in an early layer
+  passes through, and is amplified by, every layer after it: on the 8-layer random-weight model of
+  tools/bench_scale.py, int4 in layer 0 alone costs as much cosine as int4 in all the other layers together, int4
+  in layer 7 alone next to nothing. Measured there against peft float32 (cosine of the logits; batch 1 seq 1 /
+  batch 3 seq 7 / batch 2 seq 33 / vocabulary sweep / seq 256; file size / float32):
+    all int4, blocks of 32                     0.948 / 0.911 / 0.890 / 0.860 / 0.865   0.274
+    all int4, blocks of 16                     0.956 / 0.933 / 0.917 / 0.893 / 0.894   0.305
+    all int4, HQQ blocks of 16                 0.964 / 0.948 / 0.931 / 0.909 / 0.912   0.352
+    int4 (this scheme)                         0.990 / 0.987 / 0.985 / 0.984 / 0.985   0.335
+    all int8, blocks of 32                     0.9998 / 0.9997 / 0.9996 / 0.9994 / 0.9995   0.386
+  The layers are read from the exporter's module path on each node (`pkg.torch.onnx.name_scopes`, e.g.
+  `model.layers.0.mlp.down_proj`: a `layers`/`layer`/`h`/`block`/`blocks` index); a file without it is int4 all
+  through.
 
 The quantizer names each new node `<MatMul name>_Q<bits>` but drops the node's metadata; the exporter's module
-path (`pkg.torch.onnx.name_scopes`) is copied back onto it, which is how `attach` finds the layer of a quantized
-node. The file records `road_export.quantize` = {"scheme", "bits", "block_size", "quantizer"} in its metadata.
+path is copied back onto it, which is how `attach` finds the layer of a quantized node. The file records
+`road_export.quantize` = {"scheme", "bits", "block_size", "int8_nodes", "int8_block_size", "int8_layers",
+"quantizer"} in its metadata.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,26 +47,32 @@ import onnx_ir as ir
 from road_export.errors import RoadError
 
 __all__ = [
-    "BLOCK_SIZE", "METADATA_QUANTIZE", "QUANTIZED_OPS", "SCHEMES", "QuantizeReport", "quantization",
-    "quantize_file", "quantize_model",
+    "BLOCK_SIZE", "INT4_BLOCK_SIZE", "INT8_BLOCK_SIZE", "INT8_LAYERS", "METADATA_QUANTIZE", "QUANTIZED_OPS",
+    "SCHEMES", "QuantizeReport", "int8_nodes", "layer_index", "quantization", "quantize_file", "quantize_model",
 ]
 
 SCHEMES = {"int4": 4, "int8": 8}
-BLOCK_SIZE = 32
+INT4_BLOCK_SIZE = 16
+INT8_BLOCK_SIZE = 32
+BLOCK_SIZE = {"int4": INT4_BLOCK_SIZE, "int8": INT8_BLOCK_SIZE}
+INT8_LAYERS = 2  # the first numbered layers an int4 file keeps at int8 (at most a quarter of the layers)
 METADATA_QUANTIZE = "road_export.quantize"
 QUANTIZED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
                            "MatMulIntegerToFloat", "QGemm", "DequantizeLinear", "GatherBlockQuantized"})
 _SCOPES = "pkg.torch.onnx.name_scopes"
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 
 
 @dataclass
 class QuantizeReport:
-    """What `quantize_model` did: the scheme, bits, block size and how many MatMul weights it quantized."""
+    """What `quantize_model` did: the scheme, its bits and block size, how many MatMul weights it quantized in all
+    (`quantized`) and how many of them an int4 file keeps at int8 (`int8_nodes`, blocks of INT8_BLOCK_SIZE)."""
 
     scheme: str
     bits: int
     block_size: int
     quantized: int
+    int8_nodes: int = 0
 
 
 def quantization(model: ir.Model) -> str | None:
@@ -74,13 +97,59 @@ def check_scheme(scheme: str) -> int:
     return SCHEMES[scheme]
 
 
-def quantize_model(model: ir.Model, scheme: str, *, block_size: int = BLOCK_SIZE, where: str = "") -> tuple[
-        ir.Model, QuantizeReport]:
-    """`model` with its MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer (`scheme` int4 or int8),
-    as a new onnx-ir model; `model` itself is serialised to a protobuf for the quantizer (its weights are read).
+def layer_index(node: ir.Node) -> int | None:
+    """The numbered layer (`...layers.N...`, `h.N`, `layer.N`, `block.N`) of the module that the exporter recorded
+    as the node's deepest scope (`pkg.torch.onnx.name_scopes`); None outside numbered layers or without a record."""
+    text = node.metadata_props.get(_SCOPES)
+    if not text:
+        return None
+    try:
+        scopes = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    for scope in reversed(scopes if isinstance(scopes, list) else []):
+        match = _LAYER.search(str(scope))
+        if match:
+            return int(match.group(1))
+    return None
 
-    Raises RoadError for an unknown scheme, a model that is quantized already (`quantization`), or one without
-    a MatMul with a constant weight. `where` names the file in messages.
+
+def int8_nodes(model: ir.Model, layers: int = INT8_LAYERS) -> tuple[set[str], int]:
+    """(names of the MatMul nodes with a constant weight that an int4 file keeps at int8, how many first layers
+    that is): those of the first min(`layers`, L // 4) numbered layers (L: the number of layers) and those outside
+    every numbered layer (the output head). Nothing when no such node records a module path (another exporter's
+    file: int4 all through)."""
+    matmuls = [n for n in model.graph.all_nodes() if n.op_type == "MatMul" and len(n.inputs) == 2
+               and n.inputs[1] is not None and n.inputs[1].const_value is not None]
+    if not any(_SCOPES in n.metadata_props for n in matmuls):
+        return set(), 0
+    index = {n.name: layer_index(n) for n in matmuls}
+    numbered = [i for i in index.values() if i is not None]
+    if not numbered:
+        return set(), 0
+    first = min(layers, (max(numbered) + 1) // 4)
+    return {name for name, i in index.items() if i is None or i < first}, first
+
+
+def _name_nodes(model: ir.Model) -> None:
+    """Give every MatMul a unique name: the quantizer picks nodes by name (nodes_to_exclude)."""
+    seen: set[str] = set()
+    for i, node in enumerate(n for n in model.graph.all_nodes() if n.op_type == "MatMul"):
+        if not node.name or node.name in seen:
+            node.name = f"road_export_MatMul_{i}"
+        seen.add(node.name)
+
+
+def quantize_model(model: ir.Model, scheme: str, *, block_size: int | None = None, int8_layers: int = INT8_LAYERS,
+                   where: str = "") -> tuple[ir.Model, QuantizeReport]:
+    """`model` with its MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer (`scheme` int4 or int8, see
+    the module docstring), as a new onnx-ir model; `model` itself is serialised to a protobuf for the quantizer (its
+    weights are read; unnamed MatMul nodes get names). `block_size` overrides the scheme's 4- or 8-bit block size
+    (16 to 256, a power of two); `int8_layers=0` keeps only the output head of an int4 file at int8.
+
+    Float weights of any dtype (float32, float16) in, MatMulNBits with uint8 packed weights and scales of the
+    weight's dtype out. Raises RoadError for an unknown scheme, a model that is quantized already
+    (`quantization`), or one without a MatMul with a constant weight. `where` names the file in messages.
     """
     bits = check_scheme(scheme)
     already = quantization(model)
@@ -91,41 +160,53 @@ def quantize_model(model: ir.Model, scheme: str, *, block_size: int = BLOCK_SIZE
 
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    block_size = block_size or BLOCK_SIZE[scheme]
+    _name_nodes(model)
+    keep, first = int8_nodes(model, int8_layers) if bits == 4 else (set(), 0)
     scopes = {n.name: dict(n.metadata_props) for n in model.graph.all_nodes() if n.op_type == "MatMul" and n.name}
     base_dir = _external_base_dir(model)
     proto = ir.serde.serialize_model(model)  # external tensors stay references: the quantizer reads them one by one
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits,
-                                          op_types_to_quantize=("MatMul",))
+    # one quantizer run per bit width: int8 on the nodes kept at 8 bits, then the scheme's bits on the MatMuls left
+    runs = [(8, INT8_BLOCK_SIZE, [n for n in scopes if n not in keep])] if keep else []
+    runs.append((bits, block_size, []))
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)  # it logs every node at INFO
     try:
         with _working_directory(base_dir):  # onnx resolves external data paths against the working directory
-            quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
-                                             op_types_to_quantize=("MatMul",), algo_config=config)
-            del proto
-            quantizer.process()
+            for run_bits, run_block, exclude in runs:
+                config = DefaultWeightOnlyQuantConfig(block_size=run_block, is_symmetric=False, bits=run_bits,
+                                                      op_types_to_quantize=("MatMul",))
+                quantizer = MatMulNBitsQuantizer(proto, bits=run_bits, block_size=run_block, is_symmetric=False,
+                                                 nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",),
+                                                 algo_config=config)
+                del proto
+                quantizer.process()
+                proto = quantizer.model.model
+                del quantizer
     finally:
         logger.setLevel(level)
-    result = ir.serde.deserialize_model(quantizer.model.model)
-    del quantizer
+    result = ir.serde.deserialize_model(proto)
+    del proto
     if base_dir is not None:
         ir.external_data.set_base_dir(result.graph, base_dir)  # float weights left as they were: still in `.data`
-    count = 0
-    suffix = f"_Q{bits}"
+    count = eights = 0
     for node in result.graph.all_nodes():
         if node.op_type == "MatMulNBits":
             count += 1
-            original = scopes.get(node.name.removesuffix(suffix)) if node.name else None
+            node_bits = node.attributes.get_int("bits", bits)
+            eights += node_bits == 8 and bits == 4
+            original = scopes.get(node.name.removesuffix(f"_Q{node_bits}")) if node.name else None
             if original:
                 for key, value in original.items():
                     node.metadata_props.setdefault(key, value)
     if not count:
         raise RoadError(f"{where or 'the model'}: has no MatMul with a constant weight to quantize")
     result.metadata_props[METADATA_QUANTIZE] = json.dumps({
-        "scheme": scheme, "bits": bits, "block_size": block_size,
+        "scheme": scheme, "bits": bits, "block_size": block_size, "int8_nodes": eights,
+        "int8_block_size": INT8_BLOCK_SIZE, "int8_layers": first,
         "quantizer": "onnxruntime.quantization.MatMulNBitsQuantizer (RTN, asymmetric)"})
-    return result, QuantizeReport(scheme, bits, block_size, count)
+    return result, QuantizeReport(scheme, bits, block_size, count, eights)
 
 
 def _external_base_dir(model: ir.Model) -> str | None:
@@ -153,7 +234,7 @@ def _working_directory(path: str | None) -> Iterator[None]:
 
 
 def quantize_file(source: str | os.PathLike, target: str | os.PathLike, scheme: str, *,
-                  block_size: int = BLOCK_SIZE, external_data: bool | None = None,
+                  block_size: int | None = None, external_data: bool | None = None,
                   check: Callable[[Path], None] | None = None) -> QuantizeReport:
     """Quantize the ONNX file `source` into `target` (atomically; `external_data` and `check` as for
     `files.save_model`, which decides by size when None). A source with external data is read one weight at a

@@ -56,7 +56,8 @@ def test_int4_export_matches_peft_by_cosine(dirs, mode):
     assert ops.count("MatMulNBits") == 15  # 2 layers x 7 linears + lm_head
     assert ("Rotate" in ops or any(n.domain == "road" for n in model.graph.node)) == (mode == "rotate")
     record = json.loads({p.key: p.value for p in model.metadata_props}["road_export.quantize"])
-    assert record["bits"] == 4 and record["block_size"] == quantize.BLOCK_SIZE
+    assert record["bits"] == 4 and record["block_size"] == quantize.INT4_BLOCK_SIZE == 16
+    assert record["int8_nodes"] == 1 and record["int8_layers"] == 0  # 2 layers: only the output head at int8
 
 
 def test_cosine_judgement_can_fail(dirs):
@@ -140,3 +141,78 @@ def test_bad_input(dirs, tmp_path):
                      dirs=[tmp_path])
     assert not out.exists()
     assert files.load_model(dirs / "int4_merge.onnx") is not None
+
+
+def _bits_by_layer(path) -> dict:
+    """{layer index or "head": sorted set of (bits, block_size)} of a quantized file's MatMulNBits nodes."""
+    model = files.load_model(path)
+    out: dict = {}
+    for node in model.graph.all_nodes():
+        if node.op_type == "MatMulNBits":
+            key = quantize.layer_index(node)
+            out.setdefault("head" if key is None else key, set()).add(
+                (node.attributes.get_int("bits"), node.attributes.get_int("block_size")))
+    return out
+
+
+def test_int4_keeps_the_first_layers_and_the_head_at_int8(tmp_path):
+    """An 8-layer model: layers 0 and 1 (a quarter of 8) and the output head at int8 (blocks of 32), layers 2-7 at
+    int4 (blocks of 16); the record says so; parity against the model by cosine. `int8_layers=0` keeps only the
+    head; a model of 4 layers keeps one (a quarter)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=8, vocab_size=256, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    rx.get_road_model(model, rx.RoadConfig(variant="road_4", group_size=8, init_weights=False))
+    result = rx.export(model, tmp_path / "m.onnx", mode="rotate", quantize="int4")
+    layers = _bits_by_layer(result.path)
+    assert layers == {**{i: {(8, 32)} for i in (0, 1)}, **{i: {(4, 16)} for i in range(2, 8)}, "head": {(8, 32)}}
+    record = json.loads(onnx_meta(result.path)["road_export.quantize"])
+    assert record["int8_nodes"] == 2 * 7 + 1 and record["int8_layers"] == 2 and record["block_size"] == 16
+    report = verify(result.path, model)
+    assert report.passed and report.quantized == "int4"
+
+    float_file = rx.export(model, tmp_path / "f.onnx", mode="merge").path
+    ir_model = files.load_model(float_file)
+    assert quantize.int8_nodes(ir_model, layers=0)[1] == 0
+    quantized, rep = quantize.quantize_model(ir_model, "int4", int8_layers=0)
+    assert rep.int8_nodes == 1 and rep.quantized == 8 * 7 + 1
+    config.num_hidden_layers = 4
+    small = rx.export(LlamaForCausalLM(config).eval(), tmp_path / "s.onnx", require_adapter=False,
+                      quantize="int4").path
+    assert {k: v for k, v in _bits_by_layer(small).items() if v == {(8, 32)}}.keys() == {0, "head"}
+
+
+def test_int4_without_module_paths_is_int4_all_through(dirs, tmp_path):
+    """A file whose nodes carry no module path (another exporter's): no layer is known, every MatMul is int4."""
+    model = files.load_model(dirs / "float.onnx")
+    for node in model.graph.all_nodes():
+        node.metadata_props.pop("pkg.torch.onnx.name_scopes", None)
+    assert quantize.int8_nodes(model) == (set(), 0)
+    quantized, report = quantize.quantize_model(model, "int4")
+    assert report.int8_nodes == 0 and report.quantized == 15
+    assert {n.attributes.get_int("bits") for n in quantized.graph.all_nodes() if n.op_type == "MatMulNBits"} == {4}
+
+
+def test_layer_index_reads_the_module_path():
+    node = onnx_ir_node({"pkg.torch.onnx.name_scopes": "['', 'model', 'model.model.layers.12', "
+                                                       "'model.model.layers.12.mlp.down_proj', 'linear_3']"})
+    assert quantize.layer_index(node) == 12
+    assert quantize.layer_index(onnx_ir_node({"pkg.torch.onnx.name_scopes": "['', 'transformer.h.3.attn']"})) == 3
+    assert quantize.layer_index(onnx_ir_node({"pkg.torch.onnx.name_scopes": "['', 'model.lm_head']"})) is None
+    assert quantize.layer_index(onnx_ir_node({})) is None
+    assert quantize.layer_index(onnx_ir_node({"pkg.torch.onnx.name_scopes": "not a list ["})) is None
+
+
+def onnx_ir_node(metadata: dict):
+    import onnx_ir as ir
+
+    node = ir.Node("", "MatMul", [])
+    node.metadata_props.update(metadata)
+    return node
+
+
+def onnx_meta(path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

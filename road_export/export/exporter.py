@@ -82,7 +82,8 @@ def export(
     above `files.EXTERNAL_DATA_THRESHOLD`); False is the in-memory path (merged copies before the trace, transposes
     folded by the optimizer), kept as the reference the streaming path is tested against: same bytes.
     `quantize` "int4" or "int8": the MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer
-    (road_export.quantize; block size 32) while road nodes and their coefficients stay float and swappable. The
+    (road_export.quantize: int4 in blocks of 16 with the first two layers and the output head at int8, int8 in
+    blocks of 32) while road nodes and their coefficients stay float and swappable. The
     float model is streamed to a temporary file with external data first, and the quantizer reads it one weight at
     a time from there.
     `opset` is the default-domain opset the file is written with, exactly: when the exporter writes another one it
