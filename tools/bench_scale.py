@@ -2,7 +2,7 @@
 
     python tools/bench_scale.py                 # TinyLlama widths, 8 layers, float32: S ~ 1.9 GB of weights
     python tools/bench_scale.py --preset 7b     # Llama-7B shape, float16, 32 layers: S ~ 13.5 GB
-    python tools/bench_scale.py --preset small  # a quick check of the tool itself
+    python tools/bench_scale.py --preset small  # a quick check of the tool itself (small16: its float16 path)
 
 The base (random weights, fixed seed) is saved with transformers' `save_pretrained` (safetensors) and a peft RoAd
 adapter (road_4 on every linear layer of the decoder, random theta/alpha) beside it, both in a child process. Then
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from pathlib import Path
 PRESETS = {
     # hidden, intermediate, heads, kv heads, layers, vocab, dtype
     "small": (256, 704, 8, 2, 2, 32000, "float32"),
+    "small16": (256, 704, 8, 2, 2, 32000, "float16"),  # the 7b preset's float16 path, small
     "medium": (1024, 2816, 16, 4, 4, 32000, "float32"),
     "tinyllama8": (2048, 5632, 32, 4, 8, 32000, "float32"),
     "7b": (4096, 11008, 32, 32, 32, 32000, "float16"),
@@ -73,30 +75,49 @@ def run(argv: list[str], log: Path) -> tuple[float, int, int]:
         out.write(f"\n$ road-export {' '.join(argv)}\n".encode())
         out.flush()
         proc = subprocess.Popen([sys.executable, "-m", "road_export.cli", *argv], stdout=out, stderr=out)
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # stopped (SIGTERM from a time limit, Ctrl-C): the command removes its partial files
+            proc.terminate()
+            proc.wait()
+            raise
     wall = time.perf_counter() - start
     return wall, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)
 
 
-def commands(w: Path, dtype: str) -> list[tuple[str, list[str], str]]:
-    """(label, argv, goal) for each command, in order (later ones read earlier outputs)."""
+def commands(w: Path, dtype: str) -> list[tuple[str, list[str], str, str | None, tuple[str, ...]]]:
+    """(label, argv, goal, output stem, stems of earlier outputs it reads) for each command, in order."""
     src = ["--base", str(w / "base"), "--adapter", str(w / "adapter"), "--dtype", dtype, "--quiet"]
     return [
-        ("export merge, no verify", ["export", str(w / "merge.onnx"), *src, "--no-verify"], "1.3"),
+        ("export merge, no verify", ["export", str(w / "merge.onnx"), *src, "--no-verify"], "1.3", "merge", ()),
         ("export rotate, no verify", ["export", str(w / "rotate.onnx"), *src, "--mode", "rotate", "--no-verify"],
-         "1.3"),
-        ("export merge, with verify", ["export", str(w / "verified.onnx"), *src, "--atol", "1"], "2.3"),
-        ("attach merge onto merge.onnx (+.data)", ["attach", str(w / "merge.onnx"), "--adapter", str(w / "adapter"),
-                                                   "--mode", "merge", str(w / "attached.onnx"), "--quiet"],
-         "0.35+0.5GB/S"),
+         "1.3", "rotate", ()),
+        ("export merge, with verify", ["export", str(w / "verified.onnx"), *src, "--atol", "1"], "2.3", "verified",
+         ()),
+        ("attach merge onto a base export (+.data)", ["attach", str(w / "plain.onnx"), "--adapter",
+                                                      str(w / "adapter"), "--mode", "merge", str(w / "attached.onnx"),
+                                                      "--quiet"], "0.35+0.5GB/S", "attached", ("merge",)),
         ("optimize --fold rotate.onnx", ["optimize", str(w / "rotate.onnx"), str(w / "folded.onnx"), "--fold",
-                                         "--quiet"], "0.35+0.5GB/S"),
+                                         "--quiet"], "0.35+0.5GB/S", "folded", ("rotate",)),
         ("quantize int4: optimize merge.onnx --quantize int4", ["optimize", str(w / "merge.onnx"),
                                                                 str(w / "merge_int4.onnx"), "--quantize", "int4",
-                                                                "--quiet"], "-"),
+                                                                "--quiet"], "-", "merge_int4", ("merge",)),
         ("export rotate --quantize int4, no verify", ["export", str(w / "int4.onnx"), *src, "--mode", "rotate",
-                                                      "--quantize", "int4", "--no-verify"], "-"),
+                                                      "--quantize", "int4", "--no-verify"], "-", "int4", ()),
     ]
+
+
+def plain_base(work: Path) -> None:
+    """`plain.onnx`: merge.onnx's graph without its adapter record, its weights left in merge.onnx.data. attach
+    refuses a file that records an adapter, and a merge export's graph is the base model's export with other
+    values in the same tensors, so this measures attach on a base export of this size without a third export."""
+    import onnx
+
+    model = onnx.load(str(work / "merge.onnx"), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == "road_export.adapters":
+            prop.value = "[]"  # as a base export records it
+    onnx.save(model, str(work / "plain.onnx"))
 
 
 def file_bytes(path: Path) -> int:
@@ -114,6 +135,10 @@ def goal_ok(goal: str, ratio: float, size: int) -> str:
     return "ok" if ratio <= bound else "OVER"
 
 
+def _stop(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama8")
@@ -121,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only commands whose label starts with one of these, in "
                         "that order (later commands read merge.onnx / rotate.onnx: keep the exports first)")
     parser.add_argument("--keep", action="store_true", help="keep every output (default: outputs no later command "
-                        "reads are deleted once measured, which keeps a 7B run within a 64 GB disk)")
-    parser.add_argument("--json", help="write the rows as JSON here")
+                        "reads are deleted once measured and their sizes taken, which keeps a 7B run within a 64 GB "
+                        "disk)")
+    parser.add_argument("--json", help="write the rows as JSON here (rewritten after every command)")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)  # `timeout` on the device: the running command is stopped too
     if args.build_only:
         print(build(Path(args.workdir), args.preset))
         return 0
@@ -138,34 +165,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preset {args.preset}: S = {size / GB:.2f} GB of weights (built in {time.perf_counter() - t0:.0f} s); "
               f"log: {log}", flush=True)
         dtype = PRESETS[args.preset][-1]
-        rows = []
+        rows: list[dict] = []
+        sizes: dict[str, int] = {}  # output stem -> bytes (.onnx + .data), taken when written
         header = f"{'command':<50} {'wall s':>7} {'peak GB':>8} {'RSS/S':>6} {'goal':>13} {'':>4}"
         print(header, flush=True)
         selected = commands(work, dtype)
         if args.only:
             selected = [c for o in args.only for c in selected if c[0].startswith(o)]
-        for label, cmd, goal in selected:
+        for index, (label, cmd, goal, stem, _reads) in enumerate(selected):
+            if stem == "attached" and (work / "merge.onnx").exists():
+                plain_base(work)
             wall, rss, code = run(cmd, log)
             ratio = rss / size
             verdict = goal_ok(goal, ratio, size) if code in (0, 1) else f"exit {code}"
             if goal.startswith("0.35"):
                 goal = f"{0.35 + 0.5 * GB / size:.2f}"
+            if (work / f"{stem}.onnx").exists():
+                sizes[stem] = file_bytes(work / f"{stem}.onnx")
             rows.append({"command": label, "wall_s": wall, "peak_rss": rss, "ratio": ratio, "goal": goal,
-                         "exit": code})
+                         "exit": code, "verdict": verdict})
             print(f"{label:<50} {wall:7.1f} {rss / GB:8.2f} {ratio:6.2f} {goal:>13} {verdict:>4}", flush=True)
-            if not args.keep:
-                for name in ("verified", "attached", "folded"):
-                    for f in work.glob(f"{name}.*"):
+            if args.json:  # after every command: a run stopped by a time limit keeps the rows it measured
+                Path(args.json).write_text(json.dumps({"preset": args.preset, "S": size, "rows": rows,
+                                                       "sizes": sizes}, indent=2))
+            if not args.keep:  # outputs no later command reads (a 7B run's disk holds a few 13.5 GB files at most)
+                needed = {r for later in selected[index + 1:] for r in later[4]}
+                for name in set(sizes) - needed:
+                    for f in [*work.glob(f"{name}.*"), *(work.glob("plain.*") if name == "merge" else [])]:
                         f.unlink()
         for name in ("merge", "merge_int4", "rotate", "int4"):
-            if (work / f"{name}.onnx").exists():
-                print(f"file size {name}.onnx (+.data): {file_bytes(work / f'{name}.onnx') / GB:.3f} GB", flush=True)
+            if name in sizes:
+                print(f"file size {name}.onnx (+.data): {sizes[name] / GB:.3f} GB", flush=True)
         for quantized, plain in (("int4", "rotate"), ("merge_int4", "merge")):
-            if (work / f"{quantized}.onnx").exists() and (work / f"{plain}.onnx").exists():
-                ratio = file_bytes(work / f"{quantized}.onnx") / file_bytes(work / f"{plain}.onnx")
-                print(f"file size {quantized} / {plain} ({dtype}): {ratio:.3f} (goal <= 0.40)", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"preset": args.preset, "S": size, "rows": rows}, indent=2))
+            if quantized in sizes and plain in sizes:
+                print(f"file size {quantized} / {plain} ({dtype}): {sizes[quantized] / sizes[plain]:.3f} "
+                      "(goal <= 0.40)", flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
