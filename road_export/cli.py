@@ -430,7 +430,8 @@ def run_export(args: argparse.Namespace) -> int:
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
                            dtype=args.dtype, external_data=args.external_data or None,
                            target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step,
-                           quantize=args.quantize)
+                           quantize=args.quantize,
+                           on_weights_read=lambda: source.release_model(unverified=args.no_verify))
         report = None
         if not args.no_verify:
             source.release_model()  # with peft's reference: one torch model beside onnxruntime, not two

@@ -72,7 +72,7 @@ class Source:
             self.reference, self.deferred = self.deferred(), None
         return self.model if self.reference is None else self.reference
 
-    def release_model(self) -> None:
+    def release_model(self, *, unverified: bool = False) -> None:
         """Drop road-export's model once exported, when the reference is peft's own (built or deferred): verify
         then holds one torch model next to the onnxruntime session, not two.
 
@@ -82,8 +82,11 @@ class Source:
         resident beside the reference and the onnxruntime session (measured: 3.1 x the weight bytes instead of
         2.2 x on TinyLlama widths). The model is this Source's own (loaded by `load_source`), so its parameters
         and buffers are emptied in place (`Tensor.set_()`), which frees their storage whoever still holds the
-        tensor objects, and the cycles are collected."""
-        if self.reference is None and self.deferred is None:
+        tensor objects, and the cycles are collected.
+
+        `unverified=True`: no parity check follows, so the model is dropped even when it would have been its own
+        reference (an export with --no-verify frees it once its weights are written, before quantizing)."""
+        if self.reference is None and self.deferred is None and not unverified:
             return
         model, self.model = self.model, None
         if model is not None:

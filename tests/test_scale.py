@@ -200,3 +200,49 @@ def test_release_model_frees_the_exported_weights(bases, tmp_path):
     kept = list(embedded.model.parameters())
     embedded.release_model()
     assert embedded.model is not None and embedded.reference_model is embedded.model and all(p.numel() for p in kept)
+
+
+@pytest.mark.parametrize("mode,quantize", [("rotate", None), ("rotate", "int4"), ("merge", "int4")])
+def test_model_freed_once_its_weights_are_written(bases, tmp_path, mode, quantize, monkeypatch):
+    """`on_weights_read` (the CLI frees its model there on --no-verify) runs after the last weight is written and
+    before onnxruntime's load check and the quantizer; the files (the swap file included) are byte for byte those
+    of an export that kept its model to the end. Planted fault: the same release run before the weights are
+    written leaves empty tensors, which the comparison sees."""
+    from road_export import quantize as quant
+    from road_export.export import post
+    from road_export.source import load_source
+
+    events = []
+    check, quantize_file = post.check_loadable, quant.quantize_file
+    monkeypatch.setattr(post, "check_loadable", lambda p: events.append("check") or check(p))
+    monkeypatch.setattr(quant, "quantize_file", lambda *a, **k: events.append("quantize") or quantize_file(*a, **k))
+    paths = {}
+    for name in ("kept", "freed", "too early"):
+        source = load_source(str(bases / "base"), [str(bases / "adapter")], reference=False)
+        path = tmp_path / name.replace(" ", "_") / "m.onnx"
+        path.parent.mkdir()
+        if name == "too early":  # the exporter's save preceded by the release
+            from road_export.export import exporter
+
+            free = source.release_model
+            monkeypatch.setattr(exporter, "save_model",
+                                lambda *a, free=free, save=exporter.save_model, **k: (free(unverified=True),
+                                                                                      save(*a, **k))[1])
+        events.clear()
+        release = (lambda s=source: (events.append("release"), s.release_model(unverified=True))) \
+            if name == "freed" else None
+        try:
+            rx.export(source.model, path, mode=mode, quantize=quantize, on_weights_read=release)
+        except Exception:  # the planted fault may also stop the export itself: caught either way
+            paths[name] = None
+            continue
+        paths[name] = path
+        if name == "freed":
+            assert events[0] == "release" and source.model is None, events
+            assert events[1:] == (["quantize", "check"] if quantize else ["check"])
+    assert differing(weights(paths["kept"]), weights(paths["freed"])) == []
+    swaps = sorted(p.name for p in paths["kept"].parent.glob("*.onnx_adapter"))
+    assert swaps == (["m.default.onnx_adapter"] if mode == "rotate" else [])
+    for swap in swaps:
+        assert (paths["kept"].parent / swap).read_bytes() == (paths["freed"].parent / swap).read_bytes()
+    assert paths["too early"] is None or differing(weights(paths["kept"]), weights(paths["too early"]))
