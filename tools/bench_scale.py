@@ -101,9 +101,9 @@ def commands(w: Path, dtype: str) -> list[tuple[str, list[str], str, str | None,
                                          "--quiet"], "0.35+0.5GB/S", "folded", ("rotate",)),
         ("quantize int4: optimize merge.onnx --quantize int4", ["optimize", str(w / "merge.onnx"),
                                                                 str(w / "merge_int4.onnx"), "--quantize", "int4",
-                                                                "--quiet"], "-", "merge_int4", ("merge",)),
+                                                                "--quiet"], "0.35+0.5GB/S", "merge_int4", ("merge",)),
         ("export rotate --quantize int4, no verify", ["export", str(w / "int4.onnx"), *src, "--mode", "rotate",
-                                                      "--quantize", "int4", "--no-verify"], "-", "int4", ()),
+                                                      "--quantize", "int4", "--no-verify"], "1.3", "int4", ()),
     ]
 
 
