@@ -15,7 +15,9 @@ The server is one Ray Serve replica (onnxruntime with --threads intra-op threads
 tokenizer trained offline and four RoAd adapters (road_serving.example.build_example), exported in rotate mode.
 The default size is not the flattering one: measured on the 2-core machine, a 5-row decode step costs about 1.4-1.6 x
 a 1-row step at hidden 512, 1.55-1.6 x at hidden 1024 and 1.6-1.65 x at hidden 2048 (onnxruntime's fp32 MatMul
-alone, 2048 x 5504 weights: 5 rows take 1.7 x as long as 1), so a wider model does not bring the ratio down.
+alone, 2048 x 5504 weights: 5 rows take 1.7 x as long as 1), so a wider model does not bring the ratio down. (Those
+figures predate the attention pass, road_export/passes/attention.py; with it a 5-row step at hidden 512 costs
+1.3-1.6 x a 1-row step on the same machine, depending on its load: tools/bench_attention.py.)
 
     python tools/bench_serve.py [--hidden 512] [--layers 4] [--tokens 32] [--rounds 3] [--requests 64] [--spin]
                                 [--threads 2] [--batch-wait-ms 0] [--model-dir DIR]

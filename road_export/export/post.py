@@ -1,6 +1,7 @@
 """Post-export steps on the captured onnx-ir model, each an onnx-ir pass, chained by `post_export_passes` as one
 `ir.passes.Sequential`: the exact opset, the road function definitions, swappable coefficient inputs, onnxscript's
-optimizer without inlining, the road pass pipeline, optimum's output and axis names, and the metadata records.
+optimizer without inlining, the road pass pipeline (other modes: its attention pass alone), optimum's output and
+axis names, and the metadata records.
 
 Like torch's exporter, which runs its own passes on the captured program before saving, these touch the graph only:
 no torch here. `check_loadable` is the last check before a file is moved into place.
@@ -31,6 +32,7 @@ from road_export.names import (
     TOTAL_SEQUENCE,
 )
 from road_export.passes import pipeline
+from road_export.passes.attention import AttentionPass
 
 __all__ = [
     "AttachFunctionsPass", "ConvertOpsetPass", "MetadataPass", "OptimizePass", "OutputNamesPass", "SwappableInputsPass",
@@ -198,7 +200,9 @@ def post_export_passes(plan: PostExportPlan, on_step: Callable[[str], None] | No
     if plan.optimize:
         steps.append(OptimizePass(on_step))
     if plan.mode == "rotate":
-        steps.append(pipeline.passes(target=plan.target))
+        steps.append(pipeline.passes(target=plan.target))  # ends with the attention pass
+    elif plan.optimize:
+        steps.append(AttentionPass())  # merged and base exports run the same attention as rotate ones
     if plan.spec is not None:
         steps.append(OutputNamesPass(plan.spec))
     steps.append(MetadataPass(plan.mode, plan.spec.task if plan.spec else None, plan.adapters))

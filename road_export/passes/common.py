@@ -11,8 +11,8 @@ from road_export import ops as road_op
 from road_export import rotation
 
 __all__ = [
-    "MOVEMENT_OPS", "constant", "default_value", "dummy_for", "evaluate", "group_size", "is_road", "road_nodes",
-    "rotate_half_group", "shape_leaves", "unique_name", "upstream",
+    "MOVEMENT_OPS", "SHAPE_ARITHMETIC", "constant", "default_value", "dummy_for", "evaluate", "group_size", "is_road",
+    "road_nodes", "rotate_half_group", "shape_leaves", "unique_name", "upstream",
 ]
 
 # Ops that only move or negate data: a subgraph of these from x computes a signed permutation of x.
@@ -63,11 +63,18 @@ def group_size(node: ir.Node) -> int:
     return int(node.attributes["group_size"].as_int())
 
 
-def upstream(root: ir.Value, stop: ir.Value, limit: int = 64) -> list[ir.Node] | str:
+# Integer arithmetic the exporter writes on shapes (a sequence length plus a past length, ...); `upstream` admits it
+# on int64 values only when asked, so that the data path stays data movement.
+SHAPE_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Abs"})
+
+
+def upstream(root: ir.Value, stop: ir.Value, limit: int = 64,
+             shape_ops: frozenset[str] = frozenset()) -> list[ir.Node] | str:
     """Nodes computing `root` from `stop` and constants only, in topological order; or why not.
 
     A Shape node may read any tensor (the exporter often takes batch dims from a graph input): that tensor's
-    shape, not its data, becomes an input of the subgraph (see `shape_leaves`).
+    shape, not its data, becomes an input of the subgraph (see `shape_leaves`). `shape_ops` (e.g.
+    SHAPE_ARITHMETIC) are admitted besides MOVEMENT_OPS where every output is int64 (shape computations).
     """
     seen: dict[int, ir.Node] = {}
     order: list[ir.Node] = []
@@ -80,7 +87,8 @@ def upstream(root: ir.Value, stop: ir.Value, limit: int = 64) -> list[ir.Node] |
             return f"{value.name} depends on graph input {value.name!r}, not only on the rotated tensor"
         if id(node) in seen:
             return None
-        if node.domain not in ("", "ai.onnx") or node.op_type not in MOVEMENT_OPS:
+        shape_op = node.op_type in shape_ops and all(o.dtype == ir.DataType.INT64 for o in node.outputs)
+        if node.domain not in ("", "ai.onnx") or (node.op_type not in MOVEMENT_OPS and not shape_op):
             return f"{value.name} is computed by {node.op_type}, which is not a data-movement op"
         if len(seen) >= limit:
             return "the rotate-half subgraph is larger than expected"

@@ -1,12 +1,13 @@
 """The passes in order, as one `ir.passes.Sequential`:
 
-    unlower -> fold_constants -> fuse -> compose -> [freeze_swappable -> fold] -> lower
+    unlower -> fold_constants -> fuse -> compose -> [freeze_swappable -> fold] -> lower -> attention
 
 unlower first, so that an already lowered file's `road.RotateTied` nodes match compose and fold; fold_constants
 before fuse, so that coefficients computed from road_theta/road_alpha are constants; fuse next, so that rotations
 exported by others become road nodes; compose before fold, so that a chain folds once; lower last, on whatever
-road nodes remain. Each pass returns its own result (`FuseResult.fused`, `ComposeResult.composed`, ...);
-`Pipeline` keeps them in order and `report` turns them into a `PipelineReport`.
+road nodes remain; attention (the exported attention's key transposes and grouped-query repeats, standard ops
+only) touches no road node and runs on any decoder. Each pass returns its own result (`FuseResult.fused`,
+`ComposeResult.composed`, ...); `Pipeline` keeps them in order and `report` turns them into a `PipelineReport`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import onnx_ir as ir
 
 from road_export.errors import RoadError
 from road_export.files import load_for_rewrite, save_model
+from road_export.passes.attention import AttentionPass, AttentionResult
 from road_export.passes.common import road_nodes
 from road_export.passes.compose import ComposePass, ComposeResult
 from road_export.passes.fold import FoldPass, FoldResult, FreezeSwappablePass
@@ -56,7 +58,7 @@ def passes(*, fold: bool = False, target: str = "onnxruntime", debug: bool = Fal
     steps: list[ir.passes.PassBase] = [UnlowerPass(), FoldConstantsPass(), FusePass(debug=debug), ComposePass()]
     if fold:
         steps += [FreezeSwappablePass(), FoldPass()]
-    steps.append(LowerPass(target))
+    steps += [LowerPass(target), AttentionPass(debug=debug)]
     return Pipeline(*steps)
 
 
@@ -103,6 +105,9 @@ def _describe(result: ir.passes.PassResult, target: str) -> StepReport | None:
         return StepReport("compose", result.composed, f"{result.composed} pair(s) of rotations composed")
     if isinstance(result, FoldResult):
         return StepReport("fold", result.folded, f"{result.folded} rotation(s) folded into weights")
+    if isinstance(result, AttentionResult):
+        return StepReport("attention", result.swapped + result.grouped, f"{result.swapped} key transpose(s) made "
+                          f"one Transpose, {result.grouped} grouped-query product(s) without the repeat")
     if isinstance(result, LowerResult):
         return StepReport("lower", result.changed, f"{result.tied} tied (RotaryEmbedding), {result.generic} "
                           f"generic, for {target}")
@@ -120,7 +125,9 @@ def run(model: ir.Model, *, fold: bool = False, target: str = "onnxruntime", deb
         if described is not None:
             report.steps.append(described)
         if isinstance(step, FuseResult):
-            report.not_fired = step.not_fired
+            report.not_fired = step.not_fired + report.not_fired
+        if isinstance(step, AttentionResult):
+            report.not_fired += [f"(attention) {line}" for line in step.not_fired]
     report.nodes_after = len(list(model.graph.all_nodes()))
     report.road_after = len(road_nodes(model.graph))
     return report

@@ -47,6 +47,14 @@ def test_peft_export_gets_one_road_node_per_layer(peft_model, exporter_optimize,
     graph = onnx.load(tmp_path / "fused.onnx").graph
     assert sum(n.domain == "road" for n in graph.node) == adapted
     assert report.nodes_after < report.nodes_before - adapted
+    # tiny-llama: 4 query heads over 2 key/value heads; each layer's key transpose becomes one Transpose and, in
+    # the optimised export (the form road-export writes: shapes recorded, the repeat as Unsqueeze/Expand/Reshape),
+    # both products are regrouped; the unoptimised one spells the repeat with Slices and keeps it
+    assert report.step("attention").changed == (2 * 3 if exporter_optimize else 2)
+    if exporter_optimize:
+        expands = [sum(n.op_type == "Expand" for n in onnx.load(tmp_path / f).graph.node) for f in ("peft.onnx",
+                                                                                                    "fused.onnx")]
+        assert expands[0] - expands[1] == 2 * 2, expands  # the key and value repeats of both layers
     assert verify(tmp_path / "fused.onnx", peft_model, task="causal-lm").passed
 
     folded = optimize_file(tmp_path / "peft.onnx", tmp_path / "folded.onnx", fold=True)
