@@ -493,12 +493,14 @@ def _run_export_dir(args: argparse.Namespace) -> int:
         library = _kernels_library() if args.mode == "rotate" else None
 
         seq2seq = task in SEQ2SEQ  # onnx/encoder_model.onnx, onnx/decoder_model.onnx, ... (export/seq2seq.py)
+        if seq2seq and args.quantize:
+            raise RoadError(SEQ2SEQ_QUANTIZE.format(option=f"--quantize {args.quantize}", model=source.base))
 
         def write(path: Path):
             return rx.export(source.model, path.parent if seq2seq else path, mode=args.mode, task=task,
                              opset=args.opset, dtype=args.dtype,
                              external_data=args.external_data or None, target=args.target or "onnxruntime",
-                             swappable=not args.fixed, on_step=progress.step)
+                             swappable=not args.fixed, on_step=progress.step, quantize=args.quantize)
 
         written = model_dir.write_model_dir(output, write, config=config, generation=generation,
                                             tokenizer_dir=tokenizer_dir, custom_ops_library=library)
@@ -691,6 +693,10 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SEQ2SEQ_QUANTIZE = ("{option}: {model} is an encoder-decoder model, and road-export quantizes decoder-only and "
+                    "encoder-only models so far; drop {option} (the files are written in float)")
+
+
 def run_attach(args: argparse.Namespace) -> int:
     from road_export.checks import check_input_dir, check_onnx_input, check_output_model
 
@@ -727,6 +733,8 @@ def _attach_seq2seq(args: argparse.Namespace) -> int:
         raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
                         "(road-export --adapter a=... --adapter b=... --mode rotate)")
     check_input_dir(args.adapter[0], "adapter")
+    if args.quantize:
+        raise RoadError(SEQ2SEQ_QUANTIZE.format(option=f"--quantize {args.quantize}", model=args.base))
     output = check_output_dir(args.output, what="model directory")
     with _writing(output):
         report = attach_seq2seq(args.base, args.adapter[0], output, mode=args.mode)

@@ -48,7 +48,8 @@ from road_export.errors import RoadError
 
 __all__ = [
     "BLOCK_SIZE", "INT4_BLOCK_SIZE", "INT8_BLOCK_SIZE", "INT8_LAYERS", "METADATA_QUANTIZE", "QUANTIZED_OPS",
-    "SCHEMES", "QuantizeReport", "int8_nodes", "layer_index", "quantization", "quantize_file", "quantize_model",
+    "SCHEMES", "QuantizeReport", "gemm_as_matmul", "int8_nodes", "layer_index", "quantization", "quantize_file",
+    "quantize_model",
 ]
 
 SCHEMES = {"int4": 4, "int8": 8}
@@ -140,6 +141,52 @@ def _name_nodes(model: ir.Model) -> None:
         seen.add(node.name)
 
 
+def gemm_as_matmul(model: ir.Model) -> int:
+    """Rewrite, in place, each top-level Gemm with a constant 2-D weight (alpha = beta = 1, transA = 0: torch's
+    addmm, as GPT-2's Conv1D and other `x @ W + b` layers export) as MatMul(A, W) followed by Add(bias) when it has
+    one, so onnxruntime's quantizer (MatMul only) takes it. A transB weight is transposed into a new initializer,
+    one weight at a time. The Gemm's output value (its name and every consumer, a `road` rotation included) is
+    kept; the MatMul takes the Gemm's name and metadata (module paths, read by `int8_nodes`). Returns how many."""
+    import numpy as np
+
+    graph = model.graph
+    inputs = {id(v) for v in graph.inputs}
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        attrs = node.attributes
+        if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0 or \
+                attrs.get_int("transA", 0):
+            continue
+        a, weight = node.inputs[0], node.inputs[1]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if weight is None or weight.const_value is None or id(weight) in inputs or \
+                weight.name not in graph.initializers or len(weight.const_value.shape) != 2:
+            continue
+        if attrs.get_int("transB", 0):
+            array = np.ascontiguousarray(weight.const_value.numpy().T)
+            transposed = ir.Value(name=f"{weight.name}_transposed", shape=ir.Shape(array.shape),
+                                  type=ir.TensorType(weight.const_value.dtype), const_value=ir.tensor(array))
+            graph.register_initializer(transposed)
+            weight = transposed
+        output = node.outputs[0]
+        matmul = ir.node("MatMul", [a, weight], name=node.name or None)
+        matmul.metadata_props.update(node.metadata_props)
+        new_nodes = [matmul]
+        result = matmul.outputs[0]
+        if bias is not None:
+            add = ir.node("Add", [result, bias], name=f"{node.name}_bias" if node.name else None)
+            new_nodes.append(add)
+            result = add.outputs[0]
+        result.shape, result.type = output.shape, output.type
+        name = output.name
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [output], [result])
+        result.name = name
+        count += 1
+    return count
+
+
 def quantize_model(model: ir.Model, scheme: str, *, block_size: int | None = None, int8_layers: int = INT8_LAYERS,
                    where: str = "") -> tuple[ir.Model, QuantizeReport]:
     """`model` with its MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer (`scheme` int4 or int8, see
@@ -148,7 +195,8 @@ def quantize_model(model: ir.Model, scheme: str, *, block_size: int | None = Non
     (16 to 256, a power of two); `int8_layers=0` keeps only the output head of an int4 file at int8.
 
     Float weights of any dtype (float32, float16) in, MatMulNBits with uint8 packed weights and scales of the
-    weight's dtype out. Raises RoadError for an unknown scheme, a model that is quantized already
+    weight's dtype out. Gemm layers with a constant weight are rewritten as MatMul first (`gemm_as_matmul`) and
+    quantized alike. Raises RoadError for an unknown scheme, a model that is quantized already
     (`quantization`), or one without a MatMul with a constant weight. `where` names the file in messages.
     """
     bits = check_scheme(scheme)
@@ -161,6 +209,7 @@ def quantize_model(model: ir.Model, scheme: str, *, block_size: int | None = Non
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     block_size = block_size or BLOCK_SIZE[scheme]
+    gemm_as_matmul(model)
     _name_nodes(model)
     keep, first = int8_nodes(model, int8_layers) if bits == 4 else (set(), 0)
     scopes = {n.name: dict(n.metadata_props) for n in model.graph.all_nodes() if n.op_type == "MatMul" and n.name}

@@ -157,6 +157,10 @@ def verify(
         reference_name = reference
     report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels, reference=reference_name,
                           quantized=quantized)
+    if quantized:  # cosine cannot tell a small adapter from quantization error: the file must record it
+        row = adapter_record_row(meta, torch_model)
+        if row is not None:
+            report.rows.append(row)
     if spec.cache and shapes == DEFAULT_SHAPES:
         shapes = CACHE_SHAPES
     elif order and shapes == DEFAULT_SHAPES:
@@ -233,6 +237,42 @@ def verify(
                 (f", pad {pad}" if pad else "")
             report.rows.extend(check(case, batch, seq, past, pad, run_options=options))
     return report
+
+
+def reference_adapters(model: nn.Module) -> list[tuple[str, int]]:
+    """(variant or "?", adapted layer count) of each RoAd adapter of a torch model, sorted: peft's RoadLayer and
+    road-export's keep one entry per adapter name in `road_theta`; peft's `peft_config[name].variant` names the
+    variant (road-export's own layers: "?", not compared)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        theta = getattr(module, "road_theta", None)
+        if isinstance(theta, nn.ParameterDict):
+            for name in theta.keys():
+                counts[name] = counts.get(name, 0) + 1
+    configs = getattr(model, "peft_config", {}) or {}
+    return sorted((str(getattr(configs.get(n), "variant", "?")), c) for n, c in counts.items())
+
+
+def adapter_record_row(meta: dict[str, str], model: nn.Module) -> OutputParity | None:
+    """A failed "adapters" row when a road-export file (one with road_export.* metadata) records other adapters
+    than the reference carries: their number, each one's variant and adapted layer count (names are not compared,
+    the caller may load them under others). None when they agree or the file is not road-export's. Quantized files
+    need it: int4 noise and a small adapter both move the logits' cosine by about 0.01, so a file exported without
+    its adapter would otherwise pass."""
+    if not any(k.startswith("road_export.") for k in meta):
+        return None
+    try:
+        records = json.loads(meta.get("road_export.adapters") or "[]")
+        recorded = sorted((str(r.get("variant", "?")), len(r.get("layers", []))) for r in records)
+    except (ValueError, AttributeError, TypeError):
+        recorded = None
+    expected = reference_adapters(model)
+    if recorded is not None and len(recorded) == len(expected) and all(
+            c == ec and (v == ev or "?" in (v, ev)) for (v, c), (ev, ec) in zip(recorded, expected, strict=True)):
+        return None
+    say = lambda items: ", ".join(f"{v} on {c} layers" for v, c in items) or "none"  # noqa: E731
+    return OutputParity("adapters", f"file records {say(recorded) if recorded is not None else 'unreadable'}; "
+                        f"reference carries {say(expected)}", [], math.inf, math.inf, 0.0, None, False)
 
 
 def sidecar_files(path: Path, meta: dict[str, str], order: tuple[str, ...]) -> dict[str, Path]:
@@ -316,11 +356,12 @@ def sweep_ids(model: nn.Module, seed: int = 0) -> np.ndarray:
 
 
 def merge_rows(rows: list[OutputParity], case: str) -> OutputParity:
-    """Several runs of one check as one row: the largest errors, the smallest cosine, the mean top-1."""
+    """Several runs of one check as one row: the largest errors, the smallest cosines, the mean top-1."""
     top1 = [r.top1 for r in rows if r.top1 is not None]
     return OutputParity(rows[0].output, case, [sum(r.shape[0] for r in rows), *rows[0].shape[1:]],
                         max(r.max_abs for r in rows), max(r.max_rel for r in rows), min(r.cosine for r in rows),
-                        float(np.mean(top1)) if top1 else None, all(r.ok for r in rows))
+                        float(np.mean(top1)) if top1 else None, all(r.ok for r in rows),
+                        min((r.token_cosine for r in rows if r.token_cosine is not None), default=None))
 
 
 def _compare_cache(case: str, got: list[np.ndarray], expected: list[np.ndarray], mask: np.ndarray,

@@ -15,6 +15,7 @@ from test_cli import assert_bad_input, road_export
 
 import road_export as rx
 from road_export import files, quantize
+from road_export.parity import TOKEN_COSINE_MIN
 from road_export.verify import COSINE_MIN, verify
 
 
@@ -47,7 +48,7 @@ def peft_model(root, adapter="road"):
 def test_int4_export_matches_peft_by_cosine(dirs, mode):
     report = json.loads((dirs / f"{mode}.json").read_text())
     assert report["passed"] and report["quantized"] == "int4" and report["reference"] == "peft"
-    assert report["judged_by"] == f"cosine >= {COSINE_MIN:g}"
+    assert report["judged_by"] == f"cosine >= {COSINE_MIN:g}, each token >= {TOKEN_COSINE_MIN:g}"
     assert all(r["cosine"] >= COSINE_MIN for r in report["rows"])
     model = onnx.load(str(dirs / f"int4_{mode}.onnx"))
     ops = [n.op_type for n in model.graph.node]
@@ -216,3 +217,147 @@ def onnx_ir_node(metadata: dict):
 
 def onnx_meta(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def test_min_cosine_counts_zero_and_broken_tokens():
+    """Two zero vectors agree (1), a zero output against a nonzero one does not (0), NaN fails; the per-token
+    cosine sees one broken token that the whole output's cosine (>= 0.98) hides."""
+    from road_export.parity import TOKEN_COSINE_MIN, compare, min_cosine
+
+    rng = np.random.default_rng(0)
+    expected = rng.standard_normal((2, 60, 50)).astype(np.float32)
+    assert min_cosine(np.zeros((3, 4), np.float32), np.zeros((3, 4), np.float32), rows=True) == 1.0
+    assert min_cosine(np.zeros_like(expected), expected, rows=False) == 0.0
+    nan = expected.copy()
+    nan[0, 0, 0] = np.nan
+    assert np.isnan(min_cosine(nan, expected, rows=True))
+    got = expected + 0.05 * rng.standard_normal(expected.shape).astype(np.float32)
+    assert compare("logits", "noise", got, expected, None, 0.0, logits=True, by_cosine=True).ok
+    got[1, 7] = rng.standard_normal(50)  # one token's logits replaced by unrelated values
+    row = compare("logits", "one broken token", got, expected, None, 0.0, logits=True, by_cosine=True)
+    assert row.cosine >= COSINE_MIN and row.token_cosine < TOKEN_COSINE_MIN and not row.ok
+    zero = compare("logits", "zeros", np.zeros_like(expected), expected, None, 0.0, logits=True, by_cosine=True)
+    assert zero.cosine == 0.0 and not zero.ok
+
+
+def test_zero_logits_fail_the_check(dirs, tmp_path):
+    """Planted fault: the output head's scales zeroed in the int4 file (all logits 0). Before, the cosine of a
+    zero output counted 1 and the file passed."""
+    model = onnx.load(str(dirs / "int4_rotate.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    head = [n for n in model.graph.node if n.op_type == "MatMulNBits"][-1]
+    scales = onnx.numpy_helper.to_array(inits[head.input[2]])
+    inits[head.input[2]].CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(scales), head.input[2]))
+    broken = tmp_path / "zero.onnx"
+    onnx.save(model, str(broken))
+    report = verify(broken, peft_model(dirs), coverage=False)
+    assert not report.passed and all(r.cosine == 0.0 and not r.ok for r in report.rows)
+
+
+def test_a_file_without_its_adapter_fails(dirs, tmp_path):
+    """A quantized base export (no adapter in it) checked against peft with an adapter: int4 noise and a small
+    adapter move the cosine alike, so the file's adapter record decides: an "adapters" row fails. Against the
+    plain base model the same file passes."""
+    torch.manual_seed(5)
+    small = peft.get_peft_model(tiny("tiny-llama"), peft.RoadConfig(variant="road_1", group_size=8,
+                                                                     init_weights=False))
+    with torch.no_grad():
+        for name, p in small.named_parameters():
+            if "road_theta" in name:
+                p.mul_(0.02)
+            elif "road_alpha" in name:
+                p.copy_(1 + 0.02 * (p - 1))
+    small.eval()
+    base_int4 = tmp_path / "base_int4.onnx"
+    rx.export(tiny("tiny-llama"), base_int4, require_adapter=False, quantize="int4")
+    report = verify(base_int4, small, coverage=False)
+    assert not report.passed
+    assert [r.output for r in report.rows if not r.ok] == ["adapters"]
+    assert "file records none; reference carries road_1 on" in report.rows[0].case
+    assert verify(base_int4, tiny("tiny-llama"), coverage=False).passed
+
+
+def test_verify_against_a_float_file_judges_a_quantized_one_by_cosine(dirs, tmp_path):
+    """int4 against its float export passes by cosine (it failed on max abs before); the int4 file with its head
+    zeroed does not."""
+    from road_export.crosscheck import verify_against_file
+
+    float_rotate = tmp_path / "float_rotate.onnx"
+    proc = road_export("--base", dirs / "base", "--adapter", dirs / "road", "--mode", "rotate", "--no-verify",
+                       float_rotate)
+    assert proc.returncode == 0, proc.stderr
+    report = verify_against_file(dirs / "int4_rotate.onnx", float_rotate)
+    assert report.passed and report.quantized == "int4" and report.judged_by.startswith("cosine")
+    model = onnx.load(str(dirs / "int4_rotate.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    head = [n for n in model.graph.node if n.op_type == "MatMulNBits"][-1]
+    scales = onnx.numpy_helper.to_array(inits[head.input[2]])
+    inits[head.input[2]].CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(scales), head.input[2]))
+    broken = tmp_path / "zero.onnx"
+    onnx.save(model, str(broken))
+    assert not verify_against_file(broken, float_rotate).passed
+    same = verify_against_file(broken, dirs / "int4_rotate.onnx")  # quantized alike: judged by max abs
+    assert same.quantized is None and not same.passed
+
+
+def test_gemm_layers_are_quantized_too(tmp_path):
+    """GPT-2's Conv1D layers export as Gemm: rewritten as MatMul (+ Add) and quantized with the rest (before,
+    only the head was); the rewrite alone computes what the Gemm did, transB included; parity against the
+    model by cosine."""
+    import onnxruntime as ort
+    import onnx_ir as ir
+
+    graph_text = """
+        <ir_version: 10, opset_import: ["" : 18]>
+        g (float[3, 4] x) => (float[3, 5] y, float[3, 5] z) {
+            y = Gemm <transB = 1> (x, wt, b)
+            z = Gemm (x, w)
+        }"""
+    proto = onnx.parser.parse_model(graph_text)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 5)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(w.T.copy(), "wt"),
+                                    onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(p.SerializeToString()).run(None, {"x": x})  # noqa: E731
+    before = run(proto)
+    model = ir.serde.deserialize_model(proto)
+    assert quantize.gemm_as_matmul(model) == 2
+    after_proto = ir.serde.serialize_model(model)
+    assert sorted(n.op_type for n in after_proto.graph.node) == ["Add", "MatMul", "MatMul"]
+    assert [o.name for o in after_proto.graph.output] == ["y", "z"]
+    for got, want in zip(run(after_proto), before, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    gpt2 = tiny("tiny-gpt2")
+    torch.manual_seed(0)
+    rx.get_road_model(gpt2, rx.RoadConfig(variant="road_2", group_size=8, init_weights=False,
+                                          target_modules=["c_attn", "c_proj"]))
+    path = rx.export(gpt2, tmp_path / "g.onnx", mode="rotate", quantize="int4").path
+    saved = onnx.load(str(path))
+    ops = [n.op_type for n in saved.graph.node]
+    assert "Gemm" not in ops and ops.count("MatMulNBits") == 4 * gpt2.config.n_layer + 1  # c_attn, c_proj, c_fc,
+    # mlp c_proj per layer, and the head
+    assert verify(path, gpt2.eval(), coverage=False).passed
+
+
+def test_quantize_reaches_model_directories_and_refuses_seq2seq(dirs, tmp_path):
+    """`road-export ... --quantize int4 OUT_DIR` writes an int4 onnx/model.onnx (it was written float before);
+    an encoder-decoder model is refused with one line (it was silently written float)."""
+    out = tmp_path / "dir"
+    proc = road_export("--base", dirs / "base", "--adapter", dirs / "road", "--mode", "rotate", "--quantize", "int4",
+                       "--no-verify", out)
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(str(out / "onnx" / "model.onnx"))
+    assert any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    t5 = tmp_path / "t5"
+    tiny("tiny-t5").save_pretrained(t5)
+    peft.get_peft_model(tiny("tiny-t5"), peft.RoadConfig(variant="road_1", group_size=8, init_weights=False,
+                                                         target_modules=["q", "v"])).save_pretrained(str(t5 / "a"))
+    assert_bad_input(road_export("--base", t5, "--adapter", t5 / "a", "--quantize", "int4", "--no-verify",
+                                 tmp_path / "t5out"), says="encoder-decoder model", dirs=[tmp_path])
+    assert_bad_input(road_export("attach", t5, "--adapter", t5 / "a", "--quantize", "int4", tmp_path / "t5att"),
+                     says="encoder-decoder model", dirs=[tmp_path])
+    with pytest.raises(rx.RoadError, match="encoder-decoder"):
+        rx.export(tiny("tiny-t5"), tmp_path / "t5api", quantize="int4", require_adapter=False)

@@ -103,7 +103,7 @@ def export(
     Raises RoadError for bad arguments (mode, dtype, opset, path), a model without (or, in merge mode, with several)
     adapters, a model torch cannot export, or a file onnxruntime cannot load.
     """
-    seq2seq_result = _seq2seq(model, path, task, example_inputs, {
+    seq2seq_result = _seq2seq(model, path, task, example_inputs, quantize, {
         "mode": mode, "opset": opset, "dtype": dtype, "external_data": external_data, "optimize": optimize,
         "require_adapter": require_adapter, "target": target, "swappable": swappable, "on_step": on_step})
     if seq2seq_result is not None:
@@ -173,8 +173,9 @@ def export(
                         files)
 
 
-def _seq2seq(model: nn.Module, path, task: str | None, example_inputs, options: dict):
-    """An encoder-decoder export (road_export.export.seq2seq) when the task or the model asks for one, else None."""
+def _seq2seq(model: nn.Module, path, task: str | None, example_inputs, quantize: str | None, options: dict):
+    """An encoder-decoder export (road_export.export.seq2seq) when the task or the model asks for one, else None;
+    RoadError for `quantize` there (not supported for encoder-decoder files yet)."""
     from road_export.export import seq2seq
     from road_export.export.tasks import SEQ2SEQ, normalize_task
 
@@ -184,4 +185,7 @@ def _seq2seq(model: nn.Module, path, task: str | None, example_inputs, options: 
     if str(path).endswith(".onnx"):
         raise RoadError(f"{path}: {type(model).__name__} is an encoder-decoder model, written as several ONNX files "
                         "(encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx); give a directory")
+    if quantize is not None:
+        raise RoadError(f"quantize={quantize!r}: {type(model).__name__} is an encoder-decoder model, and road-export "
+                        "quantizes decoder-only and encoder-only models so far; export it without quantize")
     return seq2seq.export_seq2seq(model, path, task=task, **options)
