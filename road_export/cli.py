@@ -371,22 +371,46 @@ def _writing(output: str | Path) -> Iterator[None]:
         raise RoadError(f"{output}: cannot write ({write_failure_reason(e, output)})") from e
 
 
-@contextlib.contextmanager
-def _created(model: Path, *, swap_files: bool = False) -> Iterator[None]:
-    """On failure, remove what this command created (was absent before): the model, its `.data` file and, with
-    `swap_files`, the `MODEL.*.onnx_adapter` files that appeared meanwhile."""
-    paths = [model, model.with_name(model.name + ".data")]
-    absent = [p for p in paths if not p.exists()]
-    pattern = f"{model.stem}.*.onnx_adapter"
-    before = set(model.parent.glob(pattern)) if swap_files else set()
-    try:
-        yield
-    except BaseException:
-        appeared = set(model.parent.glob(pattern)) - before if swap_files else set()
-        for p in [*absent, *appeared]:
-            with contextlib.suppress(OSError):
-                p.unlink()
-        raise
+def _kept(model: Path, *others: str | Path | None, swap_files: bool = False):
+    """Leave the command's targets as they were when it fails or is interrupted (files.kept_on_failure): the model,
+    its `.data` file, `others` (e.g. --report) and, with `swap_files`, the `MODEL.*.onnx_adapter` files beside it;
+    those the command created are removed."""
+    from road_export.files import kept_on_failure
+
+    paths = [model, model.with_name(model.name + ".data"), *(Path(p) for p in others if p is not None)]
+    patterns = [(model.parent, f"{model.stem}.*.onnx_adapter")] if swap_files else []
+    return kept_on_failure(paths, patterns=patterns)
+
+
+def _kept_dir(directory: Path, report: str | None):
+    """`_kept` for a model directory (absent or empty before: removed, or emptied, on failure) and --report."""
+    from road_export.files import kept_on_failure
+
+    return kept_on_failure([directory, *([Path(report)] if report else [])])
+
+
+def _swap_file_paths(args: argparse.Namespace, output: Path) -> list[Path]:
+    """The `.onnx_adapter` swap file an export of one adapter in rotate mode writes beside `output` (none for
+    --fixed, several adapters, or merge mode): `OUTPUT_STEM.NAME.onnx_adapter`."""
+    if args.mode != "rotate" or args.fixed or len(args.adapter) > 1:
+        return []
+    name = "default"
+    if args.adapter:
+        from road_export.source import parse_adapter
+
+        name = parse_adapter(args.adapter[0], 0).name
+    return [output.with_name(f"{output.stem}.{name}.onnx_adapter")]
+
+
+def _check_implicit_outputs(outputs: dict[str, Path]) -> None:
+    """Files a command writes without being named (`.data`, swap files): none may be a directory or other
+    non-file, which the write would replace."""
+    for what, path in outputs.items():
+        if path.is_dir() and not path.is_symlink():
+            raise RoadError(f"{path}: is a directory, where the {what} would be written; remove or rename it")
+        if path.exists() and not path.is_file():
+            raise RoadError(f"{path}: exists and is not a regular file, where the {what} would be written; remove "
+                            "or rename it")
 
 
 # ---- runners: each checks every option and path first, then does the work ----
@@ -405,7 +429,9 @@ def run_export(args: argparse.Namespace) -> int:
         used = "--report" if args.report else "--atol" if args.atol is not None else "--no-native"
         raise RoadError(f"{used} needs the parity check; drop --no-verify or {used}")
     _check_report(args.report, output, data)
-    _check_outputs(args, {"output": output, "external data file": data, "--report": args.report})
+    swap = {f"swap file {p.name}": p for p in _swap_file_paths(args, output)}
+    _check_implicit_outputs(swap)
+    _check_outputs(args, {"output": output, "external data file": data, "--report": args.report, **swap})
     if len(args.adapter) > 1 and args.mode != "rotate":
         raise RoadError(f"{len(args.adapter)} adapters cannot be merged into one set of weights; add --mode "
                         "rotate for one graph that serves them all (input adapter_ids)")
@@ -420,7 +446,7 @@ def run_export(args: argparse.Namespace) -> int:
     from road_export.verify import verify
 
     progress = _Progress(args.quiet)
-    with progress.running(), _writing(output), _created(output, swap_files=True):
+    with progress.running(), _writing(output), _kept(output, args.report, swap_files=True):
         progress.step("loading")
         import torch
 
@@ -479,7 +505,7 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     from road_export.verify import verify
 
     progress = _Progress(args.quiet)
-    with progress.running(), _writing(output):
+    with progress.running(), _writing(output), _kept_dir(output, args.report):
         progress.step("loading")
         source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
         task = normalize_task(args.task) if args.task else None
@@ -648,7 +674,7 @@ def run_optimize(args: argparse.Namespace) -> int:
                    args.source)
     from road_export.passes.pipeline import optimize_file
 
-    with _writing(output), _created(output):
+    with _writing(output), _kept(output):
         report = optimize_file(args.source, output, fold=args.fold, target=args.target, debug=args.debug,
                                quantize=args.quantize)
     if not args.quiet:
@@ -710,7 +736,7 @@ def run_attach(args: argparse.Namespace) -> int:
     check_no_adapter({p.key: p.value for p in proto.metadata_props}, args.base)
     del proto
 
-    with _writing(output), _created(output):
+    with _writing(output), _kept(output):
         report = attach(args.base, args.adapter, output, mode=args.mode, quantize=args.quantize)
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
