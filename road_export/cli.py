@@ -2,7 +2,7 @@
 
 Exit codes: 0 success, 1 parity failed, 2 bad input (one line on stderr, no traceback, no output file),
 3 a bug of ours, 130 interrupted (SIGINT), 143 terminated (SIGTERM); on 130 and 143 temporary files are removed
-and the targets are left as they were.
+and the targets are left as they were. 141, silently, when stdout's reader went away (`road-export inspect X | head`).
 
 Every option and path is checked before any long step (loading, tracing, verifying). Heavy libraries (torch,
 transformers, onnx, onnxruntime) are imported by the runners only, so `road-export --help` answers at once.
@@ -25,6 +25,7 @@ from road_export.errors import RoadError
 
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 128 + signal.SIGTERM
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE
 # torch's ONNX exporter writes opset 18 at least (a lower --opset would be silently raised to 18); 25 is the
 # highest that the tested onnxruntime (1.32) loads.
 MIN_OPSET, MAX_OPSET = 18, 25
@@ -891,6 +892,14 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is left does not fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _fail(message: str, code: int) -> int:
     print(f"road-export: {message}", file=sys.stderr)
     return code
@@ -910,7 +919,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args = _parse(command, rest)
             except SystemExit as e:  # --help and --version print and exit 0
                 return e.code if isinstance(e.code, int) else EXIT_OK
-            return command.run(args)
+            code = command.run(args)
+            sys.stdout.flush()  # a closed pipe (`road-export inspect X | head`) fails here, not at exit
+            return code
+        except BrokenPipeError:  # the reader went away: exit quietly, as Unix tools do on SIGPIPE
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
         except RoadError as e:
             return _fail(f"error: {e}", EXIT_BAD_INPUT)
         except OSError as e:  # the file system refused: full, read-only, a directory where a file goes, ...

@@ -110,3 +110,25 @@ def test_kept_on_failure_restores_files_and_empty_directories(tmp_path):
         with files.atomic_write(old) as tmp:
             tmp.write_bytes(b"new")
     assert old.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "old.bin"]
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before road-export writes a line (`| head` done)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "road_export.cli", "inspect", str(tmp_path / "m.onnx")],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.stderr == "" and proc.returncode == 141, proc.stderr
