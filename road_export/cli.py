@@ -372,6 +372,38 @@ def _writing(output: str | Path) -> Iterator[None]:
         raise RoadError(f"{output}: cannot write ({write_failure_reason(e, output)})") from e
 
 
+def _scheme(proto) -> str | None:
+    """A loaded file's quantization: the scheme of its road_export.quantize record, or its first quantized op."""
+    import json
+
+    from road_export.quantize import METADATA_QUANTIZE, QUANTIZED_OPS
+
+    record = next((p.value for p in proto.metadata_props if p.key == METADATA_QUANTIZE), None)
+    if record:
+        try:
+            return json.loads(record)["scheme"]
+        except (ValueError, KeyError, TypeError):
+            return record
+    return next((n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS), None)
+
+
+def _check_atol_float(atol: float | None, path: str | Path, quantized: str | None) -> None:
+    """--atol judges float files; a quantized one is judged by cosine (parity.COSINE_MIN), which --atol would not
+    change: refused rather than silently ignored."""
+    if atol is not None and quantized:
+        from road_export.parity import COSINE_MIN
+
+        raise RoadError(f"--atol {atol:g}: {path} is quantized ({quantized}), and a quantized file's parity is judged "
+                        f"by cosine >= {COSINE_MIN:g}, not by a tolerance; drop --atol")
+
+
+def _quantized(path: Path) -> str | None:
+    """The written file's quantization in one phrase (inspection.quantization_summary), None for float weights."""
+    from road_export.inspection import quantization_summary
+
+    return quantization_summary(path)
+
+
 def _kept(model: Path, *others: str | Path | None, swap_files: bool = False):
     """Leave the command's targets as they were when it fails or is interrupted (files.kept_on_failure): the model,
     its `.data` file, `others` (e.g. --report) and, with `swap_files`, the `MODEL.*.onnx_adapter` files beside it;
@@ -429,6 +461,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.no_verify and (args.report or args.atol is not None or args.no_native):
         used = "--report" if args.report else "--atol" if args.atol is not None else "--no-native"
         raise RoadError(f"{used} needs the parity check; drop --no-verify or {used}")
+    _check_atol_float(args.atol, output, args.quantize)
     _check_report(args.report, output, data)
     swap = {f"swap file {p.name}": p for p in _swap_file_paths(args, output)}
     _check_implicit_outputs(swap)
@@ -469,7 +502,8 @@ def run_export(args: argparse.Namespace) -> int:
             _write_report(report, args.report)
     nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
     nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
-    progress.done(f"wrote {output} ({args.mode}, {args.dtype}, adapters: {', '.join(source.adapters)}"
+    weights = args.dtype + (f", {_quantized(output)}" if args.quantize else "")
+    progress.done(f"wrote {output} ({args.mode}, {weights}, adapters: {', '.join(source.adapters)}"
                   f"{' from the embedded config' if source.embedded else ''}{nodes})")
     if report is None:
         return EXIT_OK
@@ -482,6 +516,7 @@ def _export_checks(args: argparse.Namespace, output: Path, *others: Path) -> Non
     if args.no_verify and (args.report or args.atol is not None or args.no_native):
         used = "--report" if args.report else "--atol" if args.atol is not None else "--no-native"
         raise RoadError(f"{used} needs the parity check; drop --no-verify or {used}")
+    _check_atol_float(args.atol, output, args.quantize)
     _check_report(args.report, output, *others)
     _check_outputs(args, {"output": output, "--report": args.report})
     if len(args.adapter) > 1 and args.mode != "rotate":
@@ -520,12 +555,17 @@ def _run_export_dir(args: argparse.Namespace) -> int:
         library = _kernels_library() if args.mode == "rotate" else None
 
         seq2seq = task in SEQ2SEQ  # onnx/encoder_model.onnx, onnx/decoder_model.onnx, ... (export/seq2seq.py)
+        if seq2seq and args.quantize:
+            raise RoadError(f"--quantize: not supported for an encoder-decoder export ({task}); export without it, "
+                            "then quantize each file with road-export optimize IN.onnx OUT.onnx --quantize "
+                            f"{args.quantize}")
 
         def write(path: Path):
             return rx.export(source.model, path.parent if seq2seq else path, mode=args.mode, task=task,
                              opset=args.opset, dtype=args.dtype,
                              external_data=args.external_data or None, target=args.target or "onnxruntime",
-                             swappable=not args.fixed, on_step=progress.step)
+                             swappable=not args.fixed, on_step=progress.step,
+                             **({"quantize": args.quantize} if args.quantize else {}))
 
         written = model_dir.write_model_dir(output, write, config=config, generation=generation,
                                             tokenizer_dir=tokenizer_dir, custom_ops_library=library)
@@ -544,7 +584,8 @@ def _run_export_dir(args: argparse.Namespace) -> int:
                     report = verify(onnx_file, source.reference_model, task=result.task, atol=args.atol,
                                     native=False if args.no_native else None, reference=source.reference_name)
             _write_report(report, args.report)
-    notes = [f"{result.task}", f"{args.mode}", args.dtype, f"adapters: {', '.join(source.adapters)}"]
+    weights = args.dtype + (f", {_quantized(output / model_dir.MODEL_FILE)}" if args.quantize else "")
+    notes = [f"{result.task}", f"{args.mode}", weights, f"adapters: {', '.join(source.adapters)}"]
     if args.mode == "rotate":
         notes.append(f"{result.road_nodes} road nodes")
     if not any(Path(f).name in model_dir.TOKENIZER_FILES for f in written.files):
@@ -602,6 +643,7 @@ def run_verify(args: argparse.Namespace) -> int:
     _check_outputs(args, {"--report": args.report}, args.model)
     if args.against is not None:
         return _verify_against(args)
+    _check_atol_float(args.atol, args.model, _scheme(proto))
     _quiet_libraries()
     from road_export.export.tasks import normalize_task
     from road_export.inspection import check_fits
@@ -680,7 +722,8 @@ def run_optimize(args: argparse.Namespace) -> int:
                                quantize=args.quantize)
     if not args.quiet:
         print(report.text())
-        print(f"wrote {output}")
+        quantized = _quantized(output)
+        print(f"wrote {output}" + (f" (quantized: {quantized})" if quantized else ""))
     return EXIT_OK
 
 
@@ -741,7 +784,9 @@ def run_attach(args: argparse.Namespace) -> int:
         report = attach(args.base, args.adapter, output, mode=args.mode, quantize=args.quantize)
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
-        print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}")
+        quantized = _quantized(output)
+        print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}"
+              + (f"; weights {quantized}" if quantized else ""))
     return EXIT_OK
 
 

@@ -1,0 +1,100 @@
+"""What the commands say about quantized files: the scheme on every "wrote" line and in inspect, bad block sizes
+refused, --atol on a quantized file, attach onto bases quantized by other tools."""
+
+from __future__ import annotations
+
+import onnx
+import peft
+import pytest
+import torch
+from conftest import tiny
+from onnx import TensorProto, helper
+from test_cli import assert_bad_input, road_export
+
+import road_export as rx
+from road_export import quantize
+from road_export.errors import RoadError
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A tiny Llama base directory, a peft RoAd adapter, the base's export without adapter, its int4 export."""
+    root = tmp_path_factory.mktemp("quantize_messages")
+    tiny("tiny-llama").save_pretrained(root / "base")
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(tiny("tiny-llama"), peft.RoadConfig(variant="road_2", group_size=8, init_weights=False))
+    pm.save_pretrained(str(root / "road"))
+    rx.export(tiny("tiny-llama"), root / "plain.onnx", require_adapter=False)
+    return root
+
+
+def test_every_command_says_how_it_quantized(dirs, tmp_path):
+    src = ["--base", dirs / "base", "--adapter", dirs / "road"]
+    proc = road_export(*src, "--mode", "rotate", "--quantize", "int4", "--no-verify", tmp_path / "q.onnx")
+    assert proc.returncode == 0, proc.stderr
+    wrote = proc.stderr.strip().splitlines()[-1]
+    assert "float32, int4 (MatMulNBits, blocks of 16;" in wrote, wrote
+    total = sum(n.op_type == "MatMulNBits" for n in onnx.load(tmp_path / "q.onnx").graph.node)
+    assert f"{total} of {total} MatMul weights" in wrote, wrote
+    proc = road_export("inspect", tmp_path / "q.onnx")
+    assert "  quantized: int4 (MatMulNBits, blocks of 16;" in proc.stdout, proc.stdout
+    assert "int8 in blocks of 32" in proc.stdout and "the output head" in proc.stdout, proc.stdout
+    proc = road_export("optimize", dirs / "plain.onnx", tmp_path / "o.onnx", "--quantize", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {tmp_path / 'o.onnx'} (quantized: int8 (MatMulNBits, blocks of 32;" in proc.stdout, proc.stdout
+    proc = road_export("attach", dirs / "plain.onnx", "--adapter", dirs / "road", "--quantize", "int4",
+                       tmp_path / "a.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert "; weights int4 (MatMulNBits, blocks of 16;" in proc.stdout, proc.stdout
+    assert "quantized" not in road_export("inspect", dirs / "plain.onnx").stdout
+
+
+def _matmul_model():
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [64, 64], [0.01 * i for i in range(64 * 64)])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    import onnx_ir as ir
+
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+@pytest.mark.parametrize("block_size", [7, 8, 512, 48, 0])
+def test_bad_block_size_is_refused(block_size):
+    with pytest.raises(RoadError, match="block_size .*16 to 256 .*power of two"):
+        quantize.quantize_model(_matmul_model(), "int4", block_size=block_size)
+
+
+def test_good_block_size(tmp_path):
+    _, report = quantize.quantize_model(_matmul_model(), "int4", block_size=64)
+    assert report.block_size == 64 and report.quantized == 1
+
+
+def test_inspect_says_a_folded_rotate_file_is_folded(dirs, tmp_path):
+    rotate, folded = tmp_path / "r.onnx", tmp_path / "f.onnx"
+    assert road_export("--base", dirs / "base", "--adapter", dirs / "road", "--mode", "rotate", "--no-verify",
+                       rotate).returncode == 0
+    assert "mode:      rotate\n" in road_export("inspect", rotate).stdout
+    assert road_export("optimize", rotate, folded, "--fold").returncode == 0
+    proc = road_export("inspect", folded)
+    assert "mode:      rotate, folded: no road nodes left" in proc.stdout, proc.stdout
+
+
+def test_atol_on_a_quantized_file_is_refused(dirs, tmp_path):
+    src = ["--base", dirs / "base", "--adapter", dirs / "road"]
+    assert_bad_input(road_export(*src, "--quantize", "int4", "--atol", "1e-2", tmp_path / "x.onnx"),
+                     says="--atol 0.01: ", dirs=[tmp_path])
+    assert not (tmp_path / "x.onnx").exists()
+    q = tmp_path / "q.onnx"
+    assert road_export(*src, "--quantize", "int8", "--no-verify", q).returncode == 0
+    assert_bad_input(road_export("verify", q, *src, "--atol", "1e-3"),
+                     says="is quantized (int8), and a quantized file's parity is judged by cosine", dirs=[tmp_path])
+
+
+def test_model_directory_export_quantizes(dirs, tmp_path):
+    out = tmp_path / "d"
+    proc = road_export("--base", dirs / "base", "--adapter", dirs / "road", "--mode", "rotate", "--quantize", "int8",
+                       "--no-verify", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "int8 (MatMulNBits, blocks of 32;" in proc.stderr, proc.stderr
+    assert any(n.op_type == "MatMulNBits" for n in onnx.load(out / "onnx" / "model.onnx").graph.node)
