@@ -98,3 +98,24 @@ def test_model_directory_export_quantizes(dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "int8 (MatMulNBits, blocks of 32;" in proc.stderr, proc.stderr
     assert any(n.op_type == "MatMulNBits" for n in onnx.load(out / "onnx" / "model.onnx").graph.node)
+
+
+def test_no_room_for_the_float_intermediate_names_the_output(dirs, tmp_path, monkeypatch):
+    import errno
+
+    from road_export.export import exporter
+
+    real = exporter.save_model
+
+    def full(model, path, *args, **kwargs):
+        if path.parent.name.endswith(".float"):
+            raise RoadError(f"{path}: cannot write (No space left on device)") from OSError(
+                errno.ENOSPC, "No space left on device")
+        return real(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(exporter, "save_model", full)
+    out = tmp_path / "x.onnx"
+    proc = road_export("--base", dirs / "base", "--adapter", dirs / "road", "--quantize", "int4", "--no-verify", out)
+    assert_bad_input(proc, says=f"{out}: cannot write the float intermediate that --quantize reads", dirs=[tmp_path])
+    assert "needs free space next to the output for the float model (about " in proc.stderr, proc.stderr
+    assert ".float" not in proc.stderr and not out.exists()

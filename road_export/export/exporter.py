@@ -148,7 +148,7 @@ def export(
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".float", dir=path.parent) as stage:
-            save_model(ir_model, Path(stage) / path.name, external_data=True)
+            _save_float_intermediate(ir_model, Path(stage) / path.name, path)
             stream.release_weights(ir_model)
             if on_weights_read is not None:
                 on_weights_read()
@@ -171,6 +171,27 @@ def export(
         files.append(swap.write_adapter_file(swap.adapter_file_path(path, adapters[0]["name"]), values))
     return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, road_nodes, adapters, data,
                         files)
+
+
+def _save_float_intermediate(ir_model, staged: Path, path: Path) -> None:
+    """The float model that `quantize` reads, saved with external data in a hidden directory beside `path`; a
+    write that fails (a full disk) is blamed on `path`, saying how much room the intermediate needs."""
+    from road_export.files import tensor_bytes, write_failure_reason
+
+    try:
+        save_model(ir_model, staged, external_data=True)
+    except (OSError, RoadError) as e:
+        cause = e if isinstance(e, OSError) else e.__cause__
+        if not isinstance(cause, OSError):
+            raise
+        try:
+            n = tensor_bytes(ir_model)
+            size = f"about {n / 2**30:.1f} GiB" if n >= 2**30 else f"about {max(n / 2**20, 0.1):.1f} MiB"
+        except Exception:  # a lazy tensor that cannot tell its size
+            size = "about the float model's size"
+        raise RoadError(f"{path}: cannot write the float intermediate that --quantize reads, in a hidden directory "
+                        f"beside it ({write_failure_reason(cause, staged)}); it needs free space next to the output "
+                        f"for the float model ({size}), on top of the quantized file") from e
 
 
 def _seq2seq(model: nn.Module, path, task: str | None, example_inputs, options: dict):
