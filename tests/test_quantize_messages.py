@@ -119,3 +119,37 @@ def test_no_room_for_the_float_intermediate_names_the_output(dirs, tmp_path, mon
     assert_bad_input(proc, says=f"{out}: cannot write the float intermediate that --quantize reads", dirs=[tmp_path])
     assert "needs free space next to the output for the float model (about " in proc.stderr, proc.stderr
     assert ".float" not in proc.stderr and not out.exists()
+
+
+def test_attach_onto_bases_quantized_by_onnxruntime_tools(dirs, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = tmp_path / "out.onnx"
+    dynamic = tmp_path / "dynamic.onnx"  # MatMulInteger, the module paths dropped
+    quantize_dynamic(str(dirs / "plain.onnx"), str(dynamic), op_types_to_quantize=["MatMul"],
+                     weight_type=QuantType.QInt8)
+    assert_bad_input(road_export("attach", dynamic, "--adapter", dirs / "road", out),
+                     says="the base is quantized as MatMulInteger", dirs=[tmp_path])
+    proc = road_export("attach", dynamic, "--adapter", dirs / "road", out)
+    assert "and 4 of 4 adapted module(s) sit on such MatMuls" in proc.stderr, proc.stderr  # q, v of 2 layers
+    nbits = tmp_path / "nbits.onnx"  # onnxruntime's own MatMulNBits quantizer: no module paths on its nodes
+    quantizer = MatMulNBitsQuantizer(onnx.load(dirs / "plain.onnx"), block_size=32, is_symmetric=False)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(nbits))
+    assert_bad_input(road_export("attach", nbits, "--adapter", dirs / "road", out),
+                     says="cannot place 4 of 4 adapted module(s): the base's MatMuls are quantized (", dirs=[tmp_path])
+    proc = road_export("attach", nbits, "--adapter", dirs / "road", out)
+    assert "MatMulNBits) by another tool" in proc.stderr and "no MatMul/Gemm found" not in proc.stderr
+    assert not out.exists()
+
+
+def test_attach_names_peft_saved_base_weight_of_a_tied_head(dirs, tmp_path):
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(tiny("tiny-qwen2"), peft.RoadConfig(variant="road_1", group_size=8,
+                                                                 target_modules=["q_proj", "lm_head"]))
+    pm.save_pretrained(str(tmp_path / "tied"))
+    proc = road_export("attach", dirs / "plain.onnx", "--adapter", tmp_path / "tied", tmp_path / "out.onnx")
+    assert_bad_input(proc, says="carries the base weight of lm_head (lm_head.base_layer.weight), which peft saves "
+                     "for an adapted layer tied to the input embeddings", dirs=[tmp_path])
+    assert "modules_to_save" not in proc.stderr
