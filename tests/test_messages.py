@@ -1,5 +1,5 @@
-"""What the commands say about quantized files: the scheme on every "wrote" line and in inspect, bad block sizes
-refused, --atol on a quantized file, attach onto bases quantized by other tools."""
+"""What the commands say: the quantization on every "wrote" line and in inspect, bad block sizes refused, --atol on
+a quantized file, attach onto bases quantized by other tools, adapter --like on a model that takes no swap file."""
 
 from __future__ import annotations
 
@@ -153,3 +153,16 @@ def test_attach_names_peft_saved_base_weight_of_a_tied_head(dirs, tmp_path):
     assert_bad_input(proc, says="carries the base weight of lm_head (lm_head.base_layer.weight), which peft saves "
                      "for an adapted layer tied to the input embeddings", dirs=[tmp_path])
     assert "modules_to_save" not in proc.stderr
+
+
+def test_adapter_like_an_attach_output_says_why_it_takes_no_swap_file(dirs, tmp_path):
+    attached = tmp_path / "att.onnx"
+    assert road_export("attach", dirs / "plain.onnx", "--adapter", dirs / "road", attached).returncode == 0
+    assert_bad_input(road_export("adapter", dirs / "road", "--like", attached, tmp_path / "x.onnx_adapter"),
+                     says="road nodes hold fixed coefficients (written by road-export attach, or export --fixed)",
+                     dirs=[tmp_path])
+    merged = tmp_path / "m.onnx"
+    assert road_export("attach", dirs / "plain.onnx", "--adapter", dirs / "road", "--mode", "merge",
+                       merged).returncode == 0
+    assert_bad_input(road_export("adapter", dirs / "road", "--like", merged, tmp_path / "x.onnx_adapter"),
+                     says="its adapter is merged into the weights", dirs=[tmp_path])
