@@ -175,7 +175,7 @@ def swap_records(model_path: Path) -> tuple[dict[str, dict], set[str]]:
         raise RoadError(f"{model_path}: not a readable ONNX model ({str(e).splitlines()[0]})") from e
     meta = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in meta:
-        raise RoadError(f"{model_path}: {_not_swappable(proto, meta)}")
+        raise RoadError(f"{model_path}: not a swappable model: {_not_swappable(proto, meta)}")
     records = json.loads(meta[METADATA_KEY])
     tied_inputs = {n.input[1] for n in proto.graph.node if n.domain == road_op.DOMAIN
                    and n.op_type == road_op.TIED_OP_TYPE}
