@@ -134,6 +134,9 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"road-export {_version()}",
                         help="print the version and exit")
     _source_options(parser)
+    parser.add_argument("--no-adapter", action="store_true",
+                        help="export the base model alone, no adapter: e.g. the base that `road-export attach` "
+                        "adds adapters to (with --quantize: a quantized base for attach --mode rotate)")
     parser.add_argument("--mode", choices=("merge", "rotate"), default="merge",
                         help="merge the adapter into the weights (default), or keep road rotation nodes")
     parser.add_argument("--opset", type=_opset, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: the "
@@ -154,8 +157,8 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
 def _quantize_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=("int4", "int8"), default=None,
                         help="quantize the MatMul weights with onnxruntime's MatMulNBitsQuantizer (round to nearest, "
-                        "asymmetric). int4: 4 bits in blocks of 16, except the first two numbered layers (at most a "
-                        "quarter of them) and the output head, kept at 8 bits (blocks of 32); int8: 8 bits, blocks of "
+                        "asymmetric). int4: 4 bits in blocks of 16, except the first min(2, L // 4) of the L "
+                        "numbered layers and the output head, kept at 8 bits (blocks of 32); int8: 8 bits, blocks of "
                         "32. road nodes and their coefficients stay float (parity then judged by cosine >= 0.98)")
 
 
@@ -456,6 +459,7 @@ def run_export(args: argparse.Namespace) -> int:
         return _run_export_dir(args)
     output = check_output_model(args.output)
     data = output.with_name(output.name + ".data")
+    _check_no_adapter(args)
     if args.mode != "rotate" and (args.fixed or args.target):
         raise RoadError(f"--{'fixed' if args.fixed else 'target'} applies to --mode rotate only")
     if args.no_verify and (args.report or args.atol is not None or args.no_native):
@@ -486,8 +490,9 @@ def run_export(args: argparse.Namespace) -> int:
 
         load_dtype = torch.float16 if args.no_verify and args.dtype == "float16" else torch.float32  # no fp32 copy
         source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
-                             dtype=load_dtype, defer_reference=True)
+                             dtype=load_dtype, defer_reference=True, no_adapter=args.no_adapter)
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
+                           require_adapter=not args.no_adapter,
                            dtype=args.dtype, external_data=args.external_data or None,
                            target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step,
                            quantize=args.quantize,
@@ -503,14 +508,27 @@ def run_export(args: argparse.Namespace) -> int:
     nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
     nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
     weights = args.dtype + (f", {_quantized(output)}" if args.quantize else "")
-    progress.done(f"wrote {output} ({args.mode}, {weights}, adapters: {', '.join(source.adapters)}"
+    adapters = f"adapters: {', '.join(source.adapters)}" if source.adapters else "the base alone, no adapter"
+    progress.done(f"wrote {output} ({args.mode}, {weights}, {adapters}"
                   f"{' from the embedded config' if source.embedded else ''}{nodes})")
     if report is None:
         return EXIT_OK
     return _print_report(report, args.quiet)
 
 
+def _check_no_adapter(args: argparse.Namespace) -> None:
+    """--no-adapter: the base alone, so no --adapter and nothing to rotate."""
+    if not args.no_adapter:
+        return
+    if args.adapter:
+        raise RoadError("--no-adapter with --adapter: drop one (--no-adapter exports the base model alone)")
+    if args.mode == "rotate":
+        raise RoadError("--no-adapter with --mode rotate: the base alone has no rotations; drop --mode rotate "
+                        "(attach adds road nodes to the base later: road-export attach BASE.onnx --adapter DIR ...)")
+
+
 def _export_checks(args: argparse.Namespace, output: Path, *others: Path) -> None:
+    _check_no_adapter(args)
     if args.mode != "rotate" and (args.fixed or args.target):
         raise RoadError(f"--{'fixed' if args.fixed else 'target'} applies to --mode rotate only")
     if args.no_verify and (args.report or args.atol is not None or args.no_native):
@@ -543,7 +561,8 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     progress = _Progress(args.quiet)
     with progress.running(), _writing(output), _kept_dir(output, args.report):
         progress.step("loading")
-        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
+                             no_adapter=args.no_adapter)
         task = normalize_task(args.task) if args.task else None
         if task is None:
             from road_export.export.tasks import infer_task
@@ -564,7 +583,7 @@ def _run_export_dir(args: argparse.Namespace) -> int:
             return rx.export(source.model, path.parent if seq2seq else path, mode=args.mode, task=task,
                              opset=args.opset, dtype=args.dtype,
                              external_data=args.external_data or None, target=args.target or "onnxruntime",
-                             swappable=not args.fixed, on_step=progress.step,
+                             swappable=not args.fixed, on_step=progress.step, require_adapter=not args.no_adapter,
                              **({"quantize": args.quantize} if args.quantize else {}))
 
         written = model_dir.write_model_dir(output, write, config=config, generation=generation,
@@ -585,7 +604,8 @@ def _run_export_dir(args: argparse.Namespace) -> int:
                                     native=False if args.no_native else None, reference=source.reference_name)
             _write_report(report, args.report)
     weights = args.dtype + (f", {_quantized(output / model_dir.MODEL_FILE)}" if args.quantize else "")
-    notes = [f"{result.task}", f"{args.mode}", weights, f"adapters: {', '.join(source.adapters)}"]
+    notes = [f"{result.task}", f"{args.mode}", weights,
+             f"adapters: {', '.join(source.adapters)}" if source.adapters else "no adapter"]
     if args.mode == "rotate":
         notes.append(f"{result.road_nodes} road nodes")
     if not any(Path(f).name in model_dir.TOKENIZER_FILES for f in written.files):

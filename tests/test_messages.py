@@ -166,3 +166,32 @@ def test_adapter_like_an_attach_output_says_why_it_takes_no_swap_file(dirs, tmp_
                        merged).returncode == 0
     assert_bad_input(road_export("adapter", dirs / "road", "--like", merged, tmp_path / "x.onnx_adapter"),
                      says="its adapter is merged into the weights", dirs=[tmp_path])
+
+
+def test_export_the_base_alone_for_attach(dirs, tmp_path):
+    base = tmp_path / "base-int4.onnx"
+    proc = road_export("--base", dirs / "base", "--no-adapter", "--quantize", "int4", base)
+    assert proc.returncode == 0 and "parity PASSED" in proc.stdout, proc.stderr + proc.stdout
+    assert "the base alone, no adapter" in proc.stderr, proc.stderr
+    assert road_export("inspect", base, "--json").stdout.count('"adapters": []') == 1
+    proc = road_export("attach", base, "--adapter", dirs / "road", tmp_path / "road-int4.onnx")
+    assert proc.returncode == 0 and "4 module(s) placed, 4 road nodes; weights int4" in proc.stdout, proc.stderr
+    assert_bad_input(road_export("--base", dirs / "base", "--no-adapter", "--adapter", dirs / "road",
+                                 tmp_path / "x.onnx"), says="--no-adapter with --adapter", dirs=[tmp_path])
+    assert_bad_input(road_export("--base", dirs / "base", "--no-adapter", "--mode", "rotate", tmp_path / "x.onnx"),
+                     says="--no-adapter with --mode rotate", dirs=[tmp_path])
+
+
+def test_bench_scale_notes_the_interpreter_on_a_small_model():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    over = [{"verdict": "OVER"}, {"verdict": "ok"}]
+    note = bench.interpreter_note(int(0.2e9), over)  # --preset small: S ~ 0.2 GB
+    assert note and "the interpreter alone" in note and "2.00 x S" in note
+    assert bench.interpreter_note(int(13.5e9), over) is None  # 7b: the goals mean what they say
+    assert bench.interpreter_note(int(0.2e9), [{"verdict": "ok"}]) is None

@@ -72,8 +72,10 @@ def export(
 
     `task` (optimum's names) defaults to the one the transformers class implies; other modules need
     `example_inputs` (tensors, a sequence or a dict by input name). `dtype` float32 (default) or float16.
-    `external_data=None` writes `<path>.data` only for models over 2 GB. On failure no file is left behind.
-    `require_adapter=False` lets a model without adapter through in merge mode (the base model's export).
+    `external_data=None` writes `<path>.data` only when the initializers pass `files.EXTERNAL_DATA_THRESHOLD`
+    (256 MiB). On failure no file is left behind.
+    `require_adapter=False` lets a model without adapter through in merge mode (the base model's export; the CLI's
+    `--no-adapter`).
     `swappable` (rotate mode, one adapter): coefficients as overridable initializers plus an `.onnx_adapter` file,
     so onnxruntime can swap adapters per Run; False keeps them constants, which onnxruntime folds further.
     `target` picks the road function bodies (passes/lower.py): "onnxruntime" (road_1 through RotaryEmbedding) or
@@ -82,7 +84,8 @@ def export(
     `streaming` (default) keeps weights out of memory until they are written: transposed and merged weights are
     lazy tensors over the torch model's own (export/stream.py), evaluated one at a time by the save (external data
     above `files.EXTERNAL_DATA_THRESHOLD`); False is the in-memory path (merged copies before the trace, transposes
-    folded by the optimizer), kept as the reference the streaming path is tested against: same bytes.
+    folded by the optimizer), kept as the reference the streaming path is tested against: the same weights byte
+    for byte, the same nodes and metadata (the `.onnx` files differ in initializer order and value_info).
     `quantize` "int4" or "int8": the MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer
     (road_export.quantize: int4 in blocks of 16 with the first two layers and the output head at int8, int8 in
     blocks of 32) while road nodes and their coefficients stay float and swappable. The
