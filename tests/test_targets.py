@@ -132,3 +132,17 @@ def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
     finally:
         os.close(write)
     assert proc.stderr == "" and proc.returncode == 141, proc.stderr
+
+
+def test_interrupted_verify_of_a_model_directory_leaves_it_empty(llama_dirs, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(verify_module, "verify", interrupted)
+    out = tmp_path / "d"
+    out.mkdir()
+    proc = road_export("--base", llama_dirs / "base", "--adapter", llama_dirs / "road", out)
+    assert proc.returncode == 130, proc.stderr
+    assert out.is_dir() and list(out.iterdir()) == [] and leftovers(tmp_path) == []
+    proc = road_export("--base", llama_dirs / "base", "--adapter", llama_dirs / "road", tmp_path / "new")
+    assert proc.returncode == 130 and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
