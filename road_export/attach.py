@@ -113,15 +113,8 @@ def place(model: ir.Model, adapter: AdapterFile) -> dict[str, ir.Node]:
         else:
             problems.append(f"{module} ({'no MatMul/Gemm found' if not found else f'{len(found)} candidates'})")
     unplaceable = {m: n for m, n in placed.items() if n.op_type in UNPLACEABLE_OPS}
-    if problems and not unplaceable:  # quantizers that drop the module paths: name the layout, not the paths
-        first = next((n for n, _ in candidates if n.op_type in UNPLACEABLE_OPS), None)
-        if first is not None:
-            unplaceable = {problems[0].split(" ")[0]: first}
-    if unplaceable:
-        module, node = next(iter(unplaceable.items()))
-        raise RoadError(f"{adapter.path}: {module} is quantized as {node.op_type} ({len(unplaceable)} module(s) like "
-                        "it); attach places rotations after MatMul, Gemm or MatMulNBits only; quantize the float "
-                        "base with road-export --quantize int4|int8 (MatMulNBits) instead. Nothing was written.")
+    if unplaceable or problems:
+        _refuse_quantized(model, adapter, len(unplaceable) + len(problems), unplaceable)
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise RoadError(f"{adapter.path}: cannot place {len(problems)} of {len(adapter.road)} adapted module(s) in "
@@ -129,11 +122,44 @@ def place(model: ir.Model, adapter: AdapterFile) -> dict[str, ir.Node]:
     return placed
 
 
+def _refuse_quantized(model: ir.Model, adapter: AdapterFile, stuck: int, unplaceable: dict[str, ir.Node]) -> None:
+    """RoadError when the modules that could not be placed (`stuck`) sit in a base whose MatMuls another tool
+    quantized: ops attach cannot place after (MatMulInteger, QLinearMatMul, ...), QDQ (DequantizeLinear weights)
+    or MatMulNBits without the module paths that road-export --quantize keeps. Nothing when the base is float."""
+    from collections import Counter
+
+    nodes = list(model.graph.all_nodes())
+    ops = Counter(n.op_type for n in nodes if n.op_type in UNPLACEABLE_OPS)
+    qdq = sum(1 for n in nodes if n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1 and n.inputs[1] is not None
+              and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear")
+    nbits = sum(1 for n in nodes if n.op_type == "MatMulNBits")
+    total = len(adapter.road)
+    todo = ("attach to the float base, adding --quantize int4|int8 for a quantized result (MatMulNBits that attach "
+            "reads), or export from torch with road-export --quantize. Nothing was written.")
+    if unplaceable or ops:
+        op = next(iter(unplaceable.values())).op_type if unplaceable else ops.most_common(1)[0][0]
+        raise RoadError(f"{adapter.path}: the base is quantized as {op} ({ops[op]} node(s)), and {stuck} of {total} "
+                        f"adapted module(s) sit on such MatMuls; attach places rotations after float MatMul/Gemm or "
+                        f"MatMulNBits only: {todo}")
+    if qdq or nbits:
+        what = f"{qdq} MatMul weight(s) from DequantizeLinear (QDQ)" if qdq >= nbits else f"{nbits} MatMulNBits"
+        raise RoadError(f"{adapter.path}: cannot place {stuck} of {total} adapted module(s): the base's MatMuls are "
+                        f"quantized ({what}) by another tool, whose nodes attach cannot map to the adapter's modules "
+                        f"(road-export --quantize keeps their module paths); {todo}")
+
+
 def attach_to_model(model: ir.Model, adapter: AdapterFile, mode: str = "rotate",
                     name: str = "default") -> AttachReport:
     """Insert the adapter's rotations into `model` (in place); merge mode folds them into the weights."""
     if mode not in ("merge", "rotate"):
         raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
+    base_weights = [k for k in adapter.extra if ".base_layer." in k]
+    if base_weights:  # peft saves an adapted layer's base weight when it is tied to the input embeddings
+        module = base_weights[0].split(".base_layer.")[0]
+        raise RoadError(f"{adapter.path}: carries the base weight of {module} ({base_weights[0]}), which peft saves "
+                        "for an adapted layer tied to the input embeddings (tie_word_embeddings); attach places "
+                        "rotations only and cannot untie it: export from torch with road-export --base/--adapter "
+                        "instead")
     if adapter.extra:
         raise RoadError(f"{adapter.path}: carries modules_to_save tensors ({next(iter(adapter.extra))}); attach "
                         "places rotations only: export from torch with road-export --base/--adapter instead")

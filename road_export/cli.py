@@ -2,7 +2,7 @@
 
 Exit codes: 0 success, 1 parity failed, 2 bad input (one line on stderr, no traceback, no output file),
 3 a bug of ours, 130 interrupted (SIGINT), 143 terminated (SIGTERM); on 130 and 143 temporary files are removed
-and the targets are left as they were.
+and the targets are left as they were. 141, silently, when stdout's reader went away (`road-export inspect X | head`).
 
 Every option and path is checked before any long step (loading, tracing, verifying). Heavy libraries (torch,
 transformers, onnx, onnxruntime) are imported by the runners only, so `road-export --help` answers at once.
@@ -25,6 +25,7 @@ from road_export.errors import RoadError
 
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 128 + signal.SIGTERM
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE
 # torch's ONNX exporter writes opset 18 at least (a lower --opset would be silently raised to 18); 25 is the
 # highest that the tested onnxruntime (1.32) loads.
 MIN_OPSET, MAX_OPSET = 18, 25
@@ -133,6 +134,9 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"road-export {_version()}",
                         help="print the version and exit")
     _source_options(parser)
+    parser.add_argument("--no-adapter", action="store_true",
+                        help="export the base model alone, no adapter: e.g. the base that `road-export attach` "
+                        "adds adapters to (with --quantize: a quantized base for attach --mode rotate)")
     parser.add_argument("--mode", choices=("merge", "rotate"), default="merge",
                         help="merge the adapter into the weights (default), or keep road rotation nodes")
     parser.add_argument("--opset", type=_opset, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: the "
@@ -153,8 +157,8 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
 def _quantize_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=("int4", "int8"), default=None,
                         help="quantize the MatMul weights with onnxruntime's MatMulNBitsQuantizer (round to nearest, "
-                        "asymmetric). int4: 4 bits in blocks of 16, except the first two numbered layers (at most a "
-                        "quarter of them) and the output head, kept at 8 bits (blocks of 32); int8: 8 bits, blocks of "
+                        "asymmetric). int4: 4 bits in blocks of 16, except the first min(2, L // 4) of the L "
+                        "numbered layers and the output head, kept at 8 bits (blocks of 32); int8: 8 bits, blocks of "
                         "32. road nodes and their coefficients stay float (parity then judged by cosine >= 0.98)")
 
 
@@ -371,22 +375,78 @@ def _writing(output: str | Path) -> Iterator[None]:
         raise RoadError(f"{output}: cannot write ({write_failure_reason(e, output)})") from e
 
 
-@contextlib.contextmanager
-def _created(model: Path, *, swap_files: bool = False) -> Iterator[None]:
-    """On failure, remove what this command created (was absent before): the model, its `.data` file and, with
-    `swap_files`, the `MODEL.*.onnx_adapter` files that appeared meanwhile."""
-    paths = [model, model.with_name(model.name + ".data")]
-    absent = [p for p in paths if not p.exists()]
-    pattern = f"{model.stem}.*.onnx_adapter"
-    before = set(model.parent.glob(pattern)) if swap_files else set()
-    try:
-        yield
-    except BaseException:
-        appeared = set(model.parent.glob(pattern)) - before if swap_files else set()
-        for p in [*absent, *appeared]:
-            with contextlib.suppress(OSError):
-                p.unlink()
-        raise
+def _scheme(proto) -> str | None:
+    """A loaded file's quantization: the scheme of its road_export.quantize record, or its first quantized op."""
+    import json
+
+    from road_export.quantize import METADATA_QUANTIZE, QUANTIZED_OPS
+
+    record = next((p.value for p in proto.metadata_props if p.key == METADATA_QUANTIZE), None)
+    if record:
+        try:
+            return json.loads(record)["scheme"]
+        except (ValueError, KeyError, TypeError):
+            return record
+    return next((n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS), None)
+
+
+def _check_atol_float(atol: float | None, path: str | Path, quantized: str | None) -> None:
+    """--atol judges float files; a quantized one is judged by cosine (parity.COSINE_MIN), which --atol would not
+    change: refused rather than silently ignored."""
+    if atol is not None and quantized:
+        from road_export.parity import COSINE_MIN
+
+        raise RoadError(f"--atol {atol:g}: {path} is quantized ({quantized}), and a quantized file's parity is judged "
+                        f"by cosine >= {COSINE_MIN:g}, not by a tolerance; drop --atol")
+
+
+def _quantized(path: Path) -> str | None:
+    """The written file's quantization in one phrase (inspection.quantization_summary), None for float weights."""
+    from road_export.inspection import quantization_summary
+
+    return quantization_summary(path)
+
+
+def _kept(model: Path, *others: str | Path | None, swap_files: bool = False):
+    """Leave the command's targets as they were when it fails or is interrupted (files.kept_on_failure): the model,
+    its `.data` file, `others` (e.g. --report) and, with `swap_files`, the `MODEL.*.onnx_adapter` files beside it;
+    those the command created are removed."""
+    from road_export.files import kept_on_failure
+
+    paths = [model, model.with_name(model.name + ".data"), *(Path(p) for p in others if p is not None)]
+    patterns = [(model.parent, f"{model.stem}.*.onnx_adapter")] if swap_files else []
+    return kept_on_failure(paths, patterns=patterns)
+
+
+def _kept_dir(directory: Path, report: str | None):
+    """`_kept` for a model directory (absent or empty before: removed, or emptied, on failure) and --report."""
+    from road_export.files import kept_on_failure
+
+    return kept_on_failure([directory, *([Path(report)] if report else [])])
+
+
+def _swap_file_paths(args: argparse.Namespace, output: Path) -> list[Path]:
+    """The `.onnx_adapter` swap file an export of one adapter in rotate mode writes beside `output` (none for
+    --fixed, several adapters, or merge mode): `OUTPUT_STEM.NAME.onnx_adapter`."""
+    if args.mode != "rotate" or args.fixed or len(args.adapter) > 1:
+        return []
+    name = "default"
+    if args.adapter:
+        from road_export.source import parse_adapter
+
+        name = parse_adapter(args.adapter[0], 0).name
+    return [output.with_name(f"{output.stem}.{name}.onnx_adapter")]
+
+
+def _check_implicit_outputs(outputs: dict[str, Path]) -> None:
+    """Files a command writes without being named (`.data`, swap files): none may be a directory or other
+    non-file, which the write would replace."""
+    for what, path in outputs.items():
+        if path.is_dir() and not path.is_symlink():
+            raise RoadError(f"{path}: is a directory, where the {what} would be written; remove or rename it")
+        if path.exists() and not path.is_file():
+            raise RoadError(f"{path}: exists and is not a regular file, where the {what} would be written; remove "
+                            "or rename it")
 
 
 # ---- runners: each checks every option and path first, then does the work ----
@@ -399,13 +459,17 @@ def run_export(args: argparse.Namespace) -> int:
         return _run_export_dir(args)
     output = check_output_model(args.output)
     data = output.with_name(output.name + ".data")
+    _check_no_adapter(args)
     if args.mode != "rotate" and (args.fixed or args.target):
         raise RoadError(f"--{'fixed' if args.fixed else 'target'} applies to --mode rotate only")
     if args.no_verify and (args.report or args.atol is not None or args.no_native):
         used = "--report" if args.report else "--atol" if args.atol is not None else "--no-native"
         raise RoadError(f"{used} needs the parity check; drop --no-verify or {used}")
+    _check_atol_float(args.atol, output, args.quantize)
     _check_report(args.report, output, data)
-    _check_outputs(args, {"output": output, "external data file": data, "--report": args.report})
+    swap = {f"swap file {p.name}": p for p in _swap_file_paths(args, output)}
+    _check_implicit_outputs(swap)
+    _check_outputs(args, {"output": output, "external data file": data, "--report": args.report, **swap})
     if len(args.adapter) > 1 and args.mode != "rotate":
         raise RoadError(f"{len(args.adapter)} adapters cannot be merged into one set of weights; add --mode "
                         "rotate for one graph that serves them all (input adapter_ids)")
@@ -420,14 +484,15 @@ def run_export(args: argparse.Namespace) -> int:
     from road_export.verify import verify
 
     progress = _Progress(args.quiet)
-    with progress.running(), _writing(output), _created(output, swap_files=True):
+    with progress.running(), _writing(output), _kept(output, args.report, swap_files=True):
         progress.step("loading")
         import torch
 
         load_dtype = torch.float16 if args.no_verify and args.dtype == "float16" else torch.float32  # no fp32 copy
         source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
-                             dtype=load_dtype, defer_reference=True)
+                             dtype=load_dtype, defer_reference=True, no_adapter=args.no_adapter)
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
+                           require_adapter=not args.no_adapter,
                            dtype=args.dtype, external_data=args.external_data or None,
                            target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step,
                            quantize=args.quantize,
@@ -442,19 +507,34 @@ def run_export(args: argparse.Namespace) -> int:
             _write_report(report, args.report)
     nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
     nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
-    progress.done(f"wrote {output} ({args.mode}, {args.dtype}, adapters: {', '.join(source.adapters)}"
+    weights = args.dtype + (f", {_quantized(output)}" if args.quantize else "")
+    adapters = f"adapters: {', '.join(source.adapters)}" if source.adapters else "the base alone, no adapter"
+    progress.done(f"wrote {output} ({args.mode}, {weights}, {adapters}"
                   f"{' from the embedded config' if source.embedded else ''}{nodes})")
     if report is None:
         return EXIT_OK
     return _print_report(report, args.quiet)
 
 
+def _check_no_adapter(args: argparse.Namespace) -> None:
+    """--no-adapter: the base alone, so no --adapter and nothing to rotate."""
+    if not args.no_adapter:
+        return
+    if args.adapter:
+        raise RoadError("--no-adapter with --adapter: drop one (--no-adapter exports the base model alone)")
+    if args.mode == "rotate":
+        raise RoadError("--no-adapter with --mode rotate: the base alone has no rotations; drop --mode rotate "
+                        "(attach adds road nodes to the base later: road-export attach BASE.onnx --adapter DIR ...)")
+
+
 def _export_checks(args: argparse.Namespace, output: Path, *others: Path) -> None:
+    _check_no_adapter(args)
     if args.mode != "rotate" and (args.fixed or args.target):
         raise RoadError(f"--{'fixed' if args.fixed else 'target'} applies to --mode rotate only")
     if args.no_verify and (args.report or args.atol is not None or args.no_native):
         used = "--report" if args.report else "--atol" if args.atol is not None else "--no-native"
         raise RoadError(f"{used} needs the parity check; drop --no-verify or {used}")
+    _check_atol_float(args.atol, output, args.quantize)
     _check_report(args.report, output, *others)
     _check_outputs(args, {"output": output, "--report": args.report})
     if len(args.adapter) > 1 and args.mode != "rotate":
@@ -479,9 +559,10 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     from road_export.verify import verify
 
     progress = _Progress(args.quiet)
-    with progress.running(), _writing(output):
+    with progress.running(), _writing(output), _kept_dir(output, args.report):
         progress.step("loading")
-        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify)
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
+                             no_adapter=args.no_adapter)
         task = normalize_task(args.task) if args.task else None
         if task is None:
             from road_export.export.tasks import infer_task
@@ -500,7 +581,8 @@ def _run_export_dir(args: argparse.Namespace) -> int:
             return rx.export(source.model, path.parent if seq2seq else path, mode=args.mode, task=task,
                              opset=args.opset, dtype=args.dtype,
                              external_data=args.external_data or None, target=args.target or "onnxruntime",
-                             swappable=not args.fixed, on_step=progress.step, quantize=args.quantize)
+                             swappable=not args.fixed, on_step=progress.step, require_adapter=not args.no_adapter,
+                             quantize=args.quantize)
 
         written = model_dir.write_model_dir(output, write, config=config, generation=generation,
                                             tokenizer_dir=tokenizer_dir, custom_ops_library=library)
@@ -519,7 +601,9 @@ def _run_export_dir(args: argparse.Namespace) -> int:
                     report = verify(onnx_file, source.reference_model, task=result.task, atol=args.atol,
                                     native=False if args.no_native else None, reference=source.reference_name)
             _write_report(report, args.report)
-    notes = [f"{result.task}", f"{args.mode}", args.dtype, f"adapters: {', '.join(source.adapters)}"]
+    weights = args.dtype + (f", {_quantized(output / model_dir.MODEL_FILE)}" if args.quantize else "")
+    notes = [f"{result.task}", f"{args.mode}", weights,
+             f"adapters: {', '.join(source.adapters)}" if source.adapters else "no adapter"]
     if args.mode == "rotate":
         notes.append(f"{result.road_nodes} road nodes")
     if not any(Path(f).name in model_dir.TOKENIZER_FILES for f in written.files):
@@ -577,6 +661,7 @@ def run_verify(args: argparse.Namespace) -> int:
     _check_outputs(args, {"--report": args.report}, args.model)
     if args.against is not None:
         return _verify_against(args)
+    _check_atol_float(args.atol, args.model, _scheme(proto))
     _quiet_libraries()
     from road_export.export.tasks import normalize_task
     from road_export.inspection import check_fits
@@ -650,12 +735,13 @@ def run_optimize(args: argparse.Namespace) -> int:
                    args.source)
     from road_export.passes.pipeline import optimize_file
 
-    with _writing(output), _created(output):
+    with _writing(output), _kept(output):
         report = optimize_file(args.source, output, fold=args.fold, target=args.target, debug=args.debug,
                                quantize=args.quantize)
     if not args.quiet:
         print(report.text())
-        print(f"wrote {output}")
+        quantized = _quantized(output)
+        print(f"wrote {output}" + (f" (quantized: {quantized})" if quantized else ""))
     return EXIT_OK
 
 
@@ -716,11 +802,13 @@ def run_attach(args: argparse.Namespace) -> int:
     check_no_adapter({p.key: p.value for p in proto.metadata_props}, args.base)
     del proto
 
-    with _writing(output), _created(output):
+    with _writing(output), _kept(output):
         report = attach(args.base, args.adapter, output, mode=args.mode, quantize=args.quantize)
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
-        print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}")
+        quantized = _quantized(output)
+        print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}"
+              + (f"; weights {quantized}" if quantized else ""))
     return EXIT_OK
 
 
@@ -873,6 +961,14 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is left does not fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _fail(message: str, code: int) -> int:
     print(f"road-export: {message}", file=sys.stderr)
     return code
@@ -892,7 +988,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args = _parse(command, rest)
             except SystemExit as e:  # --help and --version print and exit 0
                 return e.code if isinstance(e.code, int) else EXIT_OK
-            return command.run(args)
+            code = command.run(args)
+            sys.stdout.flush()  # a closed pipe (`road-export inspect X | head`) fails here, not at exit
+            return code
+        except BrokenPipeError:  # the reader went away: exit quietly, as Unix tools do on SIGPIPE
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
         except RoadError as e:
             return _fail(f"error: {e}", EXIT_BAD_INPUT)
         except OSError as e:  # the file system refused: full, read-only, a directory where a file goes, ...

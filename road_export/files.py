@@ -41,8 +41,8 @@ if TYPE_CHECKING:  # onnx-ir (and onnx under it) load on first use: `road-export
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD", "atomic_write", "check_output", "check_writable", "deferred_signals",
-    "load_for_rewrite", "load_model", "needs_external_data", "os_error_reason", "probe_writable", "save_model",
-    "release", "tensor_bytes", "write_failure_reason", "write_text_atomic",
+    "kept_on_failure", "load_for_rewrite", "load_model", "needs_external_data", "os_error_reason", "probe_writable",
+    "save_model", "release", "tensor_bytes", "write_failure_reason", "write_text_atomic",
 ]
 
 TWO_GB = 2**31
@@ -171,6 +171,9 @@ def deferred_signals() -> Iterator[None]:
 
 
 def _replace(new: Path, path: Path, stage: Path) -> None:
+    if path.is_dir() and not path.is_symlink() and not new.is_dir():
+        # a file never replaces a directory: that would delete whatever the directory holds
+        raise RoadError(f"{path}: is a directory, where a file would be written; remove or rename it")
     if path.is_dir() and not path.is_symlink():
         old = stage / ".replaced"
         os.replace(path, old)  # the old directory waits in the stage, which is removed after the rename
@@ -181,6 +184,96 @@ def _replace(new: Path, path: Path, stage: Path) -> None:
             raise
         return
     os.replace(new, path)
+
+
+@contextlib.contextmanager
+def kept_on_failure(paths: Sequence[str | os.PathLike], *,
+                    patterns: Sequence[tuple[str | os.PathLike, str]] = ()) -> Iterator[None]:
+    """Leave `paths` exactly as they were when the block fails or is interrupted (any BaseException:
+    KeyboardInterrupt, a SIGTERM handler's exception): for the writes of one command, which replace several files
+    one after the other (a model, its `.data`, its `.onnx_adapter` files) and check them afterwards.
+
+    Before the block each existing file gets a hard link (a copy where the file system has none) in a hidden
+    `.<name>.<random>.keep` beside it; `atomic_write` replaces a file by renaming a new one over it, so the link
+    keeps the old bytes. On failure the links are renamed back over the paths, paths that did not exist are
+    removed (a directory with what it holds: it was created by the block), and an empty directory that was there is
+    made empty again; on success the links are dropped. `patterns` are (directory, glob) pairs of further files the
+    block may write (e.g. `MODEL.*.onnx_adapter`): those that exist are kept the same way, new ones removed on
+    failure. The restore runs with SIGINT/SIGTERM held back (`deferred_signals`).
+    """
+    paths = [Path(p) for p in paths]
+    matches = lambda: {m for d, pattern in patterns for m in Path(d).glob(pattern)  # noqa: E731
+                       if not m.name.startswith(".") and (m.is_symlink() or m.is_file())}
+    before = matches()
+    paths = list(dict.fromkeys([*paths, *sorted(before)]))
+    kept: dict[Path, Path] = {}
+    empty_dirs: list[Path] = []
+    absent: list[Path] = []
+    with deferred_signals():
+        try:
+            for path in paths:
+                if path.is_symlink() or path.is_file():
+                    kept[path] = _keep(path)
+                elif path.is_dir():
+                    if any(path.iterdir()):
+                        raise RoadError(f"{path}: exists and is not empty; choose a new path")
+                    empty_dirs.append(path)
+                else:
+                    absent.append(path)
+        except BaseException:
+            for link in kept.values():
+                link.unlink(missing_ok=True)
+            raise
+    try:
+        yield
+    except BaseException:
+        with deferred_signals():
+            for path in [*absent, *(matches() - before)]:
+                _remove(path)
+            for path in empty_dirs:
+                if not path.is_dir() or path.is_symlink() or any(path.iterdir()):
+                    _remove(path)
+                    with contextlib.suppress(OSError):
+                        path.mkdir()
+            for path, link in kept.items():
+                try:
+                    os.replace(link, path)
+                    # rename() between two links of one file does nothing: the file was never replaced
+                    link.unlink(missing_ok=True)
+                except OSError:
+                    if path.is_dir() and not path.is_symlink():  # a directory came in its place: ours
+                        _remove(path)
+                        os.replace(link, path)
+                    else:
+                        raise
+        raise
+    for link in kept.values():
+        link.unlink(missing_ok=True)
+
+
+def _keep(path: Path) -> Path:
+    """A hidden hard link to `path` beside it (a copy where hard links are refused)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".keep", dir=_parent(path))
+    os.close(fd)
+    os.unlink(name)
+    try:
+        os.link(path, name, follow_symlinks=False)
+    except OSError:
+        try:
+            shutil.copy2(path, name, follow_symlinks=False)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+    return Path(name)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or directory tree; nothing when absent."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def check_writable(path: str | os.PathLike) -> None:

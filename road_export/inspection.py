@@ -33,6 +33,8 @@ class Inspection:
     op_counts: dict[str, int]
     external_data: bool
     metadata: dict[str, str] = field(default_factory=dict)
+    quantization: str | None = None
+    folded: bool = False  # exported with road nodes (rotate), none left: folded into the weights since
 
     def to_json(self) -> str:
         """The inspection as indented JSON (`road-export inspect --json`)."""
@@ -40,13 +42,18 @@ class Inspection:
 
     def text(self) -> str:
         """The inspection as the lines `road-export inspect` prints."""
-        lines = [f"{self.path}", f"  mode:      {self.mode or 'unknown (not written by road-export)'}"]
+        mode = self.mode or "unknown (not written by road-export)"
+        if self.folded:
+            mode += ", folded: no road nodes left (the rotations are in the weights, e.g. by optimize --fold)"
+        lines = [f"{self.path}", f"  mode:      {mode}"]
         if self.task:
             lines.append(f"  task:      {self.task}")
         opsets = ", ".join(f"{domain or 'ai.onnx'} {version}" for domain, version in sorted(self.opsets.items()))
         lines.append(f"  opsets:    {opsets}")
         lines.append(f"  nodes:     {self.nodes}, of which road: {self.road_nodes}"
                      + (f" (functions: {', '.join(self.road_functions)})" if self.road_functions else ""))
+        if self.quantization:
+            lines.append(f"  quantized: {self.quantization}")
         lines.append(f"  adapters:  {len(self.adapters) or 'none recorded'}")
         if any(i["name"] == "adapter_ids" for i in self.inputs):
             lines.append("  mixed:     adapter_ids picks each row's adapter (0 = base model)")
@@ -123,7 +130,47 @@ def inspect_model(path: str | Path) -> Inspection:
         op_counts=dict(Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in nodes).most_common()),
         external_data=external,
         metadata=meta,
+        quantization=quantization_summary(model),
+        folded=(meta.get("road_export.mode") == "rotate" and any(a.get("layers") for a in adapters
+                                                                   if isinstance(a, dict))
+                and not any(n.domain == "road" for n in nodes)),
     )
+
+
+def quantization_summary(model: onnx.ModelProto | str | Path) -> str | None:
+    """How a file's weights are quantized, in one phrase, or None for a float file: from road-export's
+    `road_export.quantize` record, e.g. "int4 (MatMulNBits, blocks of 16; 5 of them int8 in blocks of 32: layers 0-1
+    and the output head; 15 of 15 MatMul weights)", else the quantized op types another tool wrote. `model`: the
+    protobuf, or a path (read without its external data)."""
+    from road_export.quantize import METADATA_QUANTIZE, QUANTIZED_OPS
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    initializers = {t.name for t in model.graph.initializer}
+    ops = Counter(n.op_type for n in model.graph.node)
+    float_matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
+                        and n.input[1] in initializers)
+    record = meta.get(METADATA_QUANTIZE)
+    if record:
+        try:
+            info = json.loads(record)
+            scheme, block = info["scheme"], info["block_size"]
+        except (ValueError, KeyError, TypeError):
+            return f"{record} (an unreadable road_export.quantize record)"
+        quantized = ops.get("MatMulNBits", 0)
+        parts = [f"MatMulNBits, blocks of {block}"]
+        eights, first = int(info.get("int8_nodes") or 0), int(info.get("int8_layers") or 0)
+        if eights:
+            where = (f"layer{'s 0-' + str(first - 1) if first > 1 else ' 0'} and the output head" if first else
+                     "the output head")
+            parts.append(f"{eights} of them int8 in blocks of {info.get('int8_block_size', 32)}: {where}")
+        parts.append(f"{quantized} of {quantized + float_matmuls} MatMul weights")
+        return f"{scheme} ({'; '.join(parts)})"
+    found = [op for op in ops if op in QUANTIZED_OPS]
+    if not found:
+        return None
+    return f"{', '.join(f'{ops[op]} {op}' for op in found)} (not recorded by road-export)"
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:

@@ -200,6 +200,10 @@ def quantize_model(model: ir.Model, scheme: str, *, block_size: int | None = Non
     (`quantization`), or one without a MatMul with a constant weight. `where` names the file in messages.
     """
     bits = check_scheme(scheme)
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or not 16 <= block_size <= 256 or block_size & (block_size - 1)):
+        raise RoadError(f"block_size {block_size!r}: MatMulNBits takes blocks of 16 to 256 rows, a power of two "
+                        "(16, 32, 64, 128, 256); choose one of those, or None for the scheme's")
     already = quantization(model)
     if already is not None:
         raise RoadError(f"{where or 'the model'}: is quantized already ({already}); --quantize takes a float "

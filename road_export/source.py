@@ -142,7 +142,8 @@ def head_labels(base: Path, task: str | None, adapters: list[AdapterFile]) -> in
 
 
 def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: str | None = None,
-                reference: bool = True, dtype: torch.dtype = torch.float32, defer_reference: bool = False) -> Source:
+                reference: bool = True, dtype: torch.dtype = torch.float32, defer_reference: bool = False,
+                no_adapter: bool = False) -> Source:
     """Load the base (a directory or a name under models/), put the adapters on it, and build the reference.
 
     `task` (optimum's name or a synonym) picks the model class; without it the adapters' `task_type` does, else
@@ -150,6 +151,7 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
     precision the model is loaded in (float32 unless an export without verify asks for float16).
     `defer_reference`: for a base directory, peft's reference is loaded when `reference_model` is first asked for
     (after the export, once `release_model` dropped the exported model), so two models are never held at once.
+    `no_adapter`: the base alone, no adapter (not even the embedded default's); it is its own reference.
     Raises RoadError for bad input (one line: which file, what is wrong).
     """
     base = base or zoo.DEFAULT_MODEL
@@ -165,6 +167,8 @@ def load_source(base: str | None, adapters: list[str], *, seed: int = 0, task: s
     num_labels = head_labels(path, task, files)
     brought = tuple(k.removesuffix(".weight").removesuffix(".bias") for f in files for k in f.extra)
     model = zoo.load_model(base, seed=seed, task=task, num_labels=num_labels, allow_missing=brought, dtype=dtype)
+    if not specs and no_adapter:
+        return Source(model.eval(), base, [], embedded=False, task=task)
     if not specs:
         embedded = path / CONFIG_NAME
         if not embedded.is_file():

@@ -175,12 +175,34 @@ def swap_records(model_path: Path) -> tuple[dict[str, dict], set[str]]:
         raise RoadError(f"{model_path}: not a readable ONNX model ({str(e).splitlines()[0]})") from e
     meta = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in meta:
-        raise RoadError(f"{model_path}: not a swappable road-export model; export one adapter with --mode rotate")
+        raise RoadError(f"{model_path}: not a swappable model: {_not_swappable(proto, meta)}")
     records = json.loads(meta[METADATA_KEY])
     tied_inputs = {n.input[1] for n in proto.graph.node if n.domain == road_op.DOMAIN
                    and n.op_type == road_op.TIED_OP_TYPE}
     tied = {layer for layer, r in records.items() if r["c1"] in tied_inputs}
     return records, tied
+
+
+def _not_swappable(proto: onnx.ModelProto, meta: dict[str, str]) -> str:
+    """Why a model without swap records takes no `.onnx_adapter` file, and what to do instead."""
+    from road_export.names import METADATA_MODE
+
+    swap = ("export from torch with --mode rotate and one adapter (without --fixed) for a model that swaps "
+            "adapters per Run")
+    mode = meta.get(METADATA_MODE)
+    road = sum(n.domain == road_op.DOMAIN for n in proto.graph.node)
+    if mode is None:
+        return f"not written by road-export (no swap records); {swap}"
+    if mode == "merge":
+        return f"its adapter is merged into the weights (mode merge), nothing to swap; {swap}"
+    if road == 0:
+        return f"its rotations were folded into the weights (no road nodes left), nothing to swap; {swap}"
+    if "adapter_ids" in {i.name for i in proto.graph.input}:
+        return (f"it holds several adapters picked by adapter_ids, with fixed coefficients; export one adapter to "
+                f"swap files for it ({swap})")
+    return (f"its {road} road nodes hold fixed coefficients (written by road-export attach, or export --fixed), not "
+            f"swappable inputs, so no adapter file fits it; for another adapter attach it to the base again "
+            f"(road-export attach BASE.onnx --adapter DIR OUT.onnx), or {swap}")
 
 
 def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | Path, *,

@@ -72,8 +72,10 @@ def export(
 
     `task` (optimum's names) defaults to the one the transformers class implies; other modules need
     `example_inputs` (tensors, a sequence or a dict by input name). `dtype` float32 (default) or float16.
-    `external_data=None` writes `<path>.data` only for models over 2 GB. On failure no file is left behind.
-    `require_adapter=False` lets a model without adapter through in merge mode (the base model's export).
+    `external_data=None` writes `<path>.data` only when the initializers pass `files.EXTERNAL_DATA_THRESHOLD`
+    (256 MiB). On failure no file is left behind.
+    `require_adapter=False` lets a model without adapter through in merge mode (the base model's export; the CLI's
+    `--no-adapter`).
     `swappable` (rotate mode, one adapter): coefficients as overridable initializers plus an `.onnx_adapter` file,
     so onnxruntime can swap adapters per Run; False keeps them constants, which onnxruntime folds further.
     `target` picks the road function bodies (passes/lower.py): "onnxruntime" (road_1 through RotaryEmbedding) or
@@ -82,7 +84,8 @@ def export(
     `streaming` (default) keeps weights out of memory until they are written: transposed and merged weights are
     lazy tensors over the torch model's own (export/stream.py), evaluated one at a time by the save (external data
     above `files.EXTERNAL_DATA_THRESHOLD`); False is the in-memory path (merged copies before the trace, transposes
-    folded by the optimizer), kept as the reference the streaming path is tested against: same bytes.
+    folded by the optimizer), kept as the reference the streaming path is tested against: the same weights byte
+    for byte, the same nodes and metadata (the `.onnx` files differ in initializer order and value_info).
     `quantize` "int4" or "int8": the MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer
     (road_export.quantize: int4 in blocks of 16 with the first two layers and the output head at int8, int8 in
     blocks of 32) while road nodes and their coefficients stay float and swappable. The
@@ -148,7 +151,7 @@ def export(
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".float", dir=path.parent) as stage:
-            save_model(ir_model, Path(stage) / path.name, external_data=True)
+            _save_float_intermediate(ir_model, Path(stage) / path.name, path)
             stream.release_weights(ir_model)
             if on_weights_read is not None:
                 on_weights_read()
@@ -171,6 +174,27 @@ def export(
         files.append(swap.write_adapter_file(swap.adapter_file_path(path, adapters[0]["name"]), values))
     return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, road_nodes, adapters, data,
                         files)
+
+
+def _save_float_intermediate(ir_model, staged: Path, path: Path) -> None:
+    """The float model that `quantize` reads, saved with external data in a hidden directory beside `path`; a
+    write that fails (a full disk) is blamed on `path`, saying how much room the intermediate needs."""
+    from road_export.files import tensor_bytes, write_failure_reason
+
+    try:
+        save_model(ir_model, staged, external_data=True)
+    except (OSError, RoadError) as e:
+        cause = e if isinstance(e, OSError) else e.__cause__
+        if not isinstance(cause, OSError):
+            raise
+        try:
+            n = tensor_bytes(ir_model)
+            size = f"about {n / 2**30:.1f} GiB" if n >= 2**30 else f"about {max(n / 2**20, 0.1):.1f} MiB"
+        except Exception:  # a lazy tensor that cannot tell its size
+            size = "about the float model's size"
+        raise RoadError(f"{path}: cannot write the float intermediate that --quantize reads, in a hidden directory "
+                        f"beside it ({write_failure_reason(cause, staged)}); it needs free space next to the output "
+                        f"for the float model ({size}), on top of the quantized file") from e
 
 
 def _seq2seq(model: nn.Module, path, task: str | None, example_inputs, quantize: str | None, options: dict):
