@@ -240,16 +240,21 @@ def test_min_cosine_counts_zero_and_broken_tokens():
     assert zero.cosine == 0.0 and not zero.ok
 
 
-def test_zero_logits_fail_the_check(dirs, tmp_path):
-    """Planted fault: the output head's scales zeroed in the int4 file (all logits 0). Before, the cosine of a
-    zero output counted 1 and the file passed."""
-    model = onnx.load(str(dirs / "int4_rotate.onnx"))
+def zero_head(path, out):
+    """A copy of the quantized file `path` at `out` with its output head's scales zeroed: all logits 0."""
+    model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
     head = [n for n in model.graph.node if n.op_type == "MatMulNBits"][-1]
     scales = onnx.numpy_helper.to_array(inits[head.input[2]])
     inits[head.input[2]].CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(scales), head.input[2]))
-    broken = tmp_path / "zero.onnx"
-    onnx.save(model, str(broken))
+    onnx.save(model, str(out))
+    return out
+
+
+def test_zero_logits_fail_the_check(dirs, tmp_path):
+    """Planted fault: the output head's scales zeroed in the int4 file (all logits 0). Before, the cosine of a
+    zero output counted 1 and the file passed."""
+    broken = zero_head(dirs / "int4_rotate.onnx", tmp_path / "zero.onnx")
     report = verify(broken, peft_model(dirs), coverage=False)
     assert not report.passed and all(r.cosine == 0.0 and not r.ok for r in report.rows)
 
@@ -288,13 +293,7 @@ def test_verify_against_a_float_file_judges_a_quantized_one_by_cosine(dirs, tmp_
     assert proc.returncode == 0, proc.stderr
     report = verify_against_file(dirs / "int4_rotate.onnx", float_rotate)
     assert report.passed and report.quantized == "int4" and report.judged_by.startswith("cosine")
-    model = onnx.load(str(dirs / "int4_rotate.onnx"))
-    inits = {i.name: i for i in model.graph.initializer}
-    head = [n for n in model.graph.node if n.op_type == "MatMulNBits"][-1]
-    scales = onnx.numpy_helper.to_array(inits[head.input[2]])
-    inits[head.input[2]].CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(scales), head.input[2]))
-    broken = tmp_path / "zero.onnx"
-    onnx.save(model, str(broken))
+    broken = zero_head(dirs / "int4_rotate.onnx", tmp_path / "zero.onnx")
     assert not verify_against_file(broken, float_rotate).passed
     same = verify_against_file(broken, dirs / "int4_rotate.onnx")  # quantized alike: judged by max abs
     assert same.quantized is None and not same.passed
