@@ -491,12 +491,27 @@ def run_export(args: argparse.Namespace) -> int:
         load_dtype = torch.float16 if args.no_verify and args.dtype == "float16" else torch.float32  # no fp32 copy
         source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
                              dtype=load_dtype, defer_reference=True, no_adapter=args.no_adapter)
+        float_rows: list = []
+
+        def check_float(path: Path) -> None:
+            """--quantize with verify: the float model written for the quantizer is checked against the reference
+            by max abs (the tolerance of its dtype), so everything but the quantizer's rounding is held to the float
+            bar; its rows lead the report, marked "float, before quantizing"."""
+            progress.step("verifying the float model")
+            with _blame(output, "run"):
+                checked = verify(path, source.reference_model, task=args.task, native=False if args.no_native
+                                 else None, reference=source.reference_name)
+            for row in checked.rows:
+                row.case = f"float, before quantizing (max abs <= {checked.atol:g}): {row.case}"
+            float_rows.extend(checked.rows)
+
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
                            require_adapter=not args.no_adapter,
                            dtype=args.dtype, external_data=args.external_data or None,
                            target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step,
                            quantize=args.quantize,
-                           on_weights_read=lambda: source.release_model(unverified=args.no_verify))
+                           on_weights_read=lambda: source.release_model(unverified=args.no_verify),
+                           on_float_saved=None if args.no_verify else check_float)
         report = None
         if not args.no_verify:
             source.release_model()  # with peft's reference: one torch model beside onnxruntime, not two
@@ -504,6 +519,8 @@ def run_export(args: argparse.Namespace) -> int:
             with _blame(output, "run"):
                 report = verify(output, source.reference_model, task=result.task, atol=args.atol,
                                 native=False if args.no_native else None, reference=source.reference_name)
+            if float_rows:  # the float model the quantizer read, judged by max abs first
+                report.rows[:0] = float_rows
             _write_report(report, args.report)
     nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
     nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)

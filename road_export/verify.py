@@ -157,10 +157,12 @@ def verify(
         reference_name = reference
     report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels, reference=reference_name,
                           quantized=quantized)
-    if quantized:  # cosine cannot tell a small adapter from quantization error: the file must record it
+    if quantized:  # cosine cannot tell a small adapter from quantization error: the file must record it, and a
+        # swappable file's coefficients (and its sidecars') must be the reference adapter's, value for value
         row = adapter_record_row(meta, torch_model)
         if row is not None:
             report.rows.append(row)
+        report.rows.extend(coefficient_rows(onnx_path, meta, torch_model, order))
     if spec.cache and shapes == DEFAULT_SHAPES:
         shapes = CACHE_SHAPES
     elif order and shapes == DEFAULT_SHAPES:
@@ -273,6 +275,76 @@ def adapter_record_row(meta: dict[str, str], model: nn.Module) -> OutputParity |
     say = lambda items: ", ".join(f"{v} on {c} layers" for v, c in items) or "none"  # noqa: E731
     return OutputParity("adapters", f"file records {say(recorded) if recorded is not None else 'unreadable'}; "
                         f"reference carries {say(expected)}", [], math.inf, math.inf, 0.0, None, False)
+
+
+COEFFICIENT_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+def coefficient_rows(path: Path, meta: dict[str, str], model: nn.Module, order: tuple[str, ...]) -> list:
+    """Rows checking a swappable single-adapter file's rotation coefficients, and those of its sidecar
+    `.onnx_adapter` files, against the reference's adapter: for every layer of the file's `road_export.swap`
+    record, (c1, c2) computed from the reference module's road_theta / road_alpha by `rotation.coefficients` (peft's
+    `_prepare_cols` layout; property-tested against peft) must equal the stored values within
+    COEFFICIENT_TOLERANCE of their dtype. Empty for other files. A quantized file needs it: its logits cannot tell
+    a small adapter, or another adapter, from int4 noise. peft's RoadLayer and road-export's keep `variant`,
+    `group_size`, `road_theta` and `road_alpha` per adapter name; the reference's adapter is its only one, else the
+    one of the file's recorded name."""
+    from road_export import rotation
+
+    if order or "road_export.swap" not in meta:
+        return []
+    records = json.loads(meta["road_export.swap"])
+    recorded = [a.get("name") for a in json.loads(meta.get("road_export.adapters") or "[]") if isinstance(a, dict)]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(base.named_modules())
+    expected: dict[str, np.ndarray] = {}
+    for layer, record in records.items():
+        module = modules.get(layer)
+        theta = getattr(module, "road_theta", None)
+        if not isinstance(theta, nn.ParameterDict) or not len(theta):
+            return [OutputParity("coefficients", f"the reference has no RoAd adapter on {layer}", [], math.inf,
+                                 math.inf, 0.0, None, False)]
+        name = next(iter(theta.keys())) if len(theta) == 1 else (recorded[0] if recorded else "default")
+        if name not in theta:
+            return [OutputParity("coefficients", f"the reference's adapters on {layer} are {sorted(theta.keys())}, "
+                                 f"none named {name!r}", [], math.inf, math.inf, 0.0, None, False)]
+        with torch.no_grad():
+            c1, c2 = rotation.coefficients(module.variant[name], module.group_size[name], theta[name].float(),
+                                           module.road_alpha[name].float())
+        expected[record["c1"]], expected[record["c2"]] = c1.numpy(), c2.numpy()
+    proto = onnx.load(str(path), load_external_data=False)  # only the coefficients' bytes are read below
+    stored = {}
+    for tensor in proto.graph.initializer:
+        if tensor.name in expected:
+            if onnx.external_data_helper.uses_external_data(tensor):
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+            stored[tensor.name] = onnx.numpy_helper.to_array(tensor)
+    del proto
+    sources = [("file", stored)]
+    for name, sidecar in sidecar_files(path, meta, order).items():
+        try:
+            import onnxruntime as ort
+
+            values = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(sidecar)).get_parameters().items()}
+        except Exception:  # an unreadable sidecar is a failed row of the sidecar checks already
+            continue
+        sources.append((sidecar.name, values))
+    rows = []
+    for label, values in sources:
+        worst, dtype, missing = 0.0, "float32", []
+        for key, want in expected.items():
+            got = values.get(key)
+            if got is None or got.size != want.size:
+                missing.append(key)
+                continue
+            dtype = str(got.dtype)
+            worst = max(worst, float(np.abs(got.astype(np.float32).ravel() - want.ravel()).max()))
+        ok = not missing and worst <= COEFFICIENT_TOLERANCE.get(dtype, 1e-5)
+        case = f"{label}: {len(records)} layers' c1/c2 against the reference adapter's" + \
+            (f" ({len(missing)} missing or misshapen, e.g. {missing[0]})" if missing else "")
+        rows.append(OutputParity("coefficients", case, [len(expected)], math.inf if missing else worst,
+                                 math.inf if missing else worst, 1.0 if ok else 0.0, None, ok))
+    return rows
 
 
 def sidecar_files(path: Path, meta: dict[str, str], order: tuple[str, ...]) -> dict[str, Path]:

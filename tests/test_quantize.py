@@ -360,3 +360,54 @@ def test_quantize_reaches_model_directories_and_refuses_seq2seq(dirs, tmp_path):
                      says="encoder-decoder model", dirs=[tmp_path])
     with pytest.raises(rx.RoadError, match="encoder-decoder"):
         rx.export(tiny("tiny-t5"), tmp_path / "t5api", quantize="int4", require_adapter=False)
+
+
+def test_the_float_model_is_checked_before_quantizing(dirs, tmp_path, monkeypatch):
+    """`export --quantize` verifies the float model the quantizer reads against peft by max abs, ahead of the
+    quantized file's cosine rows. Planted fault: road-export's loader adds 0.01 to one q_proj weight, a change the
+    int4 file's cosine is not built to see; the float rows fail and so does the export (exit 1)."""
+    from road_export import zoo
+    from road_export.cli import main
+
+    load = zoo.load_model
+
+    def faulty(*args, **kwargs):
+        model = load(*args, **kwargs)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+        return model
+
+    for name, loader in (("clean", load), ("faulty", faulty)):
+        monkeypatch.setattr(zoo, "load_model", loader)
+        out, rep = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
+        code = main([str(a) for a in ("--base", dirs / "base", "--adapter", dirs / "road", "--mode", "rotate",
+                                      "--quantize", "int4", "--report", rep, "--quiet", out)])
+        report = json.loads(rep.read_text())
+        floats = [r for r in report["rows"] if r["case"].startswith("float, before quantizing (max abs <= 0.0001)")]
+        assert len(floats) >= 5 and len(floats) < len(report["rows"])
+        if name == "clean":
+            assert code == 0 and report["passed"] and all(r["max_abs"] <= 1e-4 for r in floats)
+        else:
+            failed = [r["case"] for r in floats if not r["ok"]]  # seq 1 attends to one key: q does not matter there
+            assert code == 1 and not report["passed"] and len(failed) >= 3, failed
+
+
+def test_coefficients_are_checked_against_the_reference_adapter(dirs, tmp_path):
+    """A swappable quantized file's c1/c2, and its sidecar's, must be the reference adapter's value for value: the
+    clean file passes these rows; planted fault: the sidecar `.default.onnx_adapter` replaced by another adapter's
+    (converted with `adapter --like`), which the cosine rows may not tell from int4 noise, fails its row."""
+    import shutil
+
+    copy = tmp_path / "m.onnx"
+    shutil.copy(dirs / "int4_rotate.onnx", copy)
+    shutil.copy(dirs / "int4_rotate.default.onnx_adapter", tmp_path / "m.default.onnx_adapter")
+    report = verify(copy, peft_model(dirs), coverage=False)
+    rows = [r for r in report.rows if r.output == "coefficients"]
+    assert [r.case.split(":")[0] for r in rows] == ["file", "m.default.onnx_adapter"] and all(r.ok for r in rows)
+    assert report.passed
+    proc = road_export("adapter", dirs / "other", "--like", copy, tmp_path / "m.default.onnx_adapter")
+    assert proc.returncode == 0, proc.stderr
+    report = verify(copy, peft_model(dirs), coverage=False)
+    failed = [r.case.split(":")[0] for r in report.rows if not r.ok]
+    assert "m.default.onnx_adapter" in failed and not report.passed
+    assert [r.ok for r in report.rows if r.output == "coefficients"] == [True, False]

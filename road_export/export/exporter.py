@@ -67,6 +67,7 @@ def export(
     streaming: bool = True,
     quantize: str | None = None,
     on_weights_read: Callable[[], None] | None = None,
+    on_float_saved: Callable[[Path], None] | None = None,
 ) -> ExportResult:
     """Export a RoAd-adapted model (ours, or a live peft model) to ONNX at `path`.
 
@@ -95,6 +96,9 @@ def export(
     quantizing, before onnxruntime's load check of the file): a caller that owns the model and needs it no further
     frees it there, so the quantizer's memory comes in place of the model's, not on top of it (the CLI does; an
     int4 export of a 7B model then peaks at the model's size, not 1.45 x it).
+    `on_float_saved(path)` (with `quantize`) is called with the float model written for the quantizer, before it
+    runs: the CLI verifies that file against the reference by max abs, which judges everything but the quantizer's
+    rounding (the quantized file itself can only be judged by cosine). The file is removed after quantizing.
     `opset` is the default-domain opset the file is written with, exactly: when the exporter writes another one it
     is converted, and when that fails (or onnxruntime cannot load the result) RoadError is raised and nothing is
     written. Every file is loaded by onnxruntime before it is moved into place.
@@ -155,6 +159,8 @@ def export(
             stream.release_weights(ir_model)
             if on_weights_read is not None:
                 on_weights_read()
+            if on_float_saved is not None:
+                on_float_saved(Path(stage) / path.name)
             step("quantizing")
             quant.quantize_file(Path(stage) / path.name, path, quantize, external_data=external_data,
                                 check=post.check_loadable)
