@@ -492,26 +492,14 @@ def run_export(args: argparse.Namespace) -> int:
         source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, reference=not args.no_verify,
                              dtype=load_dtype, defer_reference=True, no_adapter=args.no_adapter)
         float_rows: list = []
-
-        def check_float(path: Path) -> None:
-            """--quantize with verify: the float model written for the quantizer is checked against the reference
-            by max abs (the tolerance of its dtype), so everything but the quantizer's rounding is held to the float
-            bar; its rows lead the report, marked "float, before quantizing"."""
-            progress.step("verifying the float model")
-            with _blame(output, "run"):
-                checked = verify(path, source.reference_model, task=args.task, native=False if args.no_native
-                                 else None, reference=source.reference_name)
-            for row in checked.rows:
-                row.case = f"float, before quantizing (max abs <= {checked.atol:g}): {row.case}"
-            float_rows.extend(checked.rows)
-
+        check_float = _float_check(args, source, progress, output, float_rows)
         result = rx.export(source.model, output, mode=args.mode, task=args.task, opset=args.opset,
                            require_adapter=not args.no_adapter,
                            dtype=args.dtype, external_data=args.external_data or None,
                            target=args.target or "onnxruntime", swappable=not args.fixed, on_step=progress.step,
                            quantize=args.quantize,
                            on_weights_read=lambda: source.release_model(unverified=args.no_verify),
-                           on_float_saved=None if args.no_verify else check_float)
+                           on_float_saved=check_float)
         report = None
         if not args.no_verify:
             source.release_model()  # with peft's reference: one torch model beside onnxruntime, not two
@@ -519,8 +507,7 @@ def run_export(args: argparse.Namespace) -> int:
             with _blame(output, "run"):
                 report = verify(output, source.reference_model, task=result.task, atol=args.atol,
                                 native=False if args.no_native else None, reference=source.reference_name)
-            if float_rows:  # the float model the quantizer read, judged by max abs first
-                report.rows[:0] = float_rows
+            report.rows[:0] = float_rows  # with --quantize: the float model the quantizer read, by max abs
             _write_report(report, args.report)
     nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
     nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
@@ -531,6 +518,27 @@ def run_export(args: argparse.Namespace) -> int:
     if report is None:
         return EXIT_OK
     return _print_report(report, args.quiet)
+
+
+def _float_check(args: argparse.Namespace, source, progress, output: Path, rows: list):
+    """`on_float_saved` for an export with --quantize and the check on (else None): the float model written for the
+    quantizer is verified against the reference by max abs (the tolerance of its dtype), so everything but the
+    quantizer's rounding is held to the float bar; its rows go to `rows`, marked "float, before quantizing", to
+    lead the report."""
+    if args.no_verify or not args.quantize:
+        return None
+    from road_export.verify import verify
+
+    def check(path: Path) -> None:
+        progress.step("verifying the float model")
+        with _blame(output, "run"):
+            checked = verify(path, source.reference_model, task=args.task, native=False if args.no_native else None,
+                             reference=source.reference_name)
+        for row in checked.rows:
+            row.case = f"float, before quantizing (max abs <= {checked.atol:g}): {row.case}"
+        rows.extend(checked.rows)
+
+    return check
 
 
 def _check_no_adapter(args: argparse.Namespace) -> None:
@@ -594,12 +602,15 @@ def _run_export_dir(args: argparse.Namespace) -> int:
         if seq2seq and args.quantize:
             raise RoadError(SEQ2SEQ_QUANTIZE.format(option=f"--quantize {args.quantize}", model=source.base))
 
+        float_rows: list = []
+        check_float = _float_check(args, source, progress, output, float_rows)
+
         def write(path: Path):
             return rx.export(source.model, path.parent if seq2seq else path, mode=args.mode, task=task,
                              opset=args.opset, dtype=args.dtype,
                              external_data=args.external_data or None, target=args.target or "onnxruntime",
                              swappable=not args.fixed, on_step=progress.step, require_adapter=not args.no_adapter,
-                             quantize=args.quantize)
+                             quantize=args.quantize, on_float_saved=check_float)
 
         written = model_dir.write_model_dir(output, write, config=config, generation=generation,
                                             tokenizer_dir=tokenizer_dir, custom_ops_library=library)
@@ -617,6 +628,7 @@ def _run_export_dir(args: argparse.Namespace) -> int:
                 else:
                     report = verify(onnx_file, source.reference_model, task=result.task, atol=args.atol,
                                     native=False if args.no_native else None, reference=source.reference_name)
+            report.rows[:0] = float_rows
             _write_report(report, args.report)
     weights = args.dtype + (f", {_quantized(output / model_dir.MODEL_FILE)}" if args.quantize else "")
     notes = [f"{result.task}", f"{args.mode}", weights,
