@@ -4,7 +4,9 @@ The case this serves: a CI job holds a file it trusts (the export it verified ag
 own export before an `attach`/`optimize`/quantization step) and must prove a new file computes the same. Both files
 are run on identical feeds generated from the files' own inputs, on the shapes the torch harness uses (batch 1 and
 more, sequence 1 and longer, left padding; a prefill, a decode step and a chunk after cached positions for a
-KV-cache decoder), and every output is compared on the positions that are not padding.
+KV-cache decoder), and every output is compared on the positions that are not padding. Two coverage checks follow,
+as in the torch harness: a vocabulary sweep (every id of the embedding table once, in rows of SWEEP_ROW) and a long
+sequence (LONG_CAP tokens, or fewer when the file's absolute position table is smaller: see `_position_rows`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import numpy as np
 
 from road_export.errors import RoadError
 from road_export.names import ADAPTER_IDS, METADATA_ADAPTERS, PAST, PRESENT, positions
-from road_export.parity import TOLERANCE, OutputParity, ParityReport, compare
+from road_export.parity import (LONG_CAP, SWEEP_BUDGET, SWEEP_CHUNK, SWEEP_ROW, TOLERANCE, OutputParity,
+                                 ParityReport, compare, merge_rows)
 
 __all__ = ["SHAPES", "CACHE_SHAPES", "verify_against_file"]
 
@@ -47,12 +50,82 @@ def _vocab_size(path: Path, session) -> int | None:
     return None
 
 
+def _position_rows(path: Path) -> int | None:
+    """Positions the file's absolute position table holds, None without one.
+
+    The table is a 2-D initializer that a Gather indexes with values computed from the `position_ids` input alone
+    (GPT-2's wpe; OPT's offset table through `position_ids + 2`: its rows less the constant added), or, in a file
+    without that input, from initializers and a Shape alone (BERT's position buffer sliced to the sequence
+    length: a Shape of an input passes a length, not values). The smallest such table counts. Token tables (fed
+    from input_ids, token_type_ids) and rotary caches computed without a Gather are not position tables."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    graph_inputs = {i.name for i in graph.input} - set(inits)
+
+    def scalar(name: str) -> int | None:
+        tensor = inits.get(name)
+        if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL or np.prod(tensor.dims) != 1:
+            return None
+        value = numpy_helper.to_array(tensor).ravel()[0]
+        return int(value) if np.issubdtype(value.dtype, np.integer) else None
+
+    def sources(name: str) -> tuple[set[str], int, bool]:
+        """The graph inputs whose values reach `name`, the integer constants added on the way, and whether a
+        Shape is on the way."""
+        found, offset, shaped, todo, seen = set(), 0, False, [name], set()
+        while todo:
+            current = todo.pop()
+            if current in seen or not current or current in inits:
+                continue
+            seen.add(current)
+            if current in graph_inputs:
+                found.add(current)
+                continue
+            node = producer.get(current)
+            shaped = shaped or (node is not None and node.op_type == "Shape")
+            if node is None or node.op_type == "Shape":
+                continue
+            if node.op_type == "Add" and len(node.input) == 2:
+                added = [scalar(i) for i in node.input]
+                offset += next((a for a in added if a is not None), 0)
+            todo.extend(node.input)
+        return found, offset, shaped
+
+    rows = []
+    for node in graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and len(node.input) == 2 else None
+        if table is None or len(table.dims) != 2:
+            continue
+        found, offset, shaped = sources(node.input[1])
+        if found == {"position_ids"} or (not found and shaped and "position_ids" not in graph_inputs):
+            rows.append(int(table.dims[0]) - max(offset, 0))
+    return min(rows) if rows else None
+
+
+def _sweep_ids(vocab: int, seed: int) -> np.ndarray:
+    """The vocabulary sweep's ids: 0, 1, 2 and the last id first (the file has no config naming its special ids),
+    then every other id in order (vocab <= SWEEP_BUDGET), or a seeded random sample of them, SWEEP_BUDGET in all."""
+    first = np.array(list(dict.fromkeys(i for i in (0, 1, 2, vocab - 1) if 0 <= i < vocab)), dtype=np.int64)
+    rest = np.setdiff1d(np.arange(vocab, dtype=np.int64), first)
+    if vocab > SWEEP_BUDGET:
+        rest = np.sort(np.random.default_rng(seed).choice(rest, SWEEP_BUDGET - len(first), replace=False))
+    return np.concatenate([first, rest.astype(np.int64)])
+
+
 def _feeds(inputs: dict[str, tuple[str, list]], batch: int, seq: int, past: int, pad: int, vocab: int,
-           adapters: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
-    if seq >= 4:  # the usual special ids and the last id (a shorter case keeps its random ids: id 0 alone, often
-        # the padding id with a zero embedding row, would compare two zero outputs)
-        ids[-1, -4:] = np.array([0, 1, 2, vocab - 1], dtype=np.int64)  # a left-padded row's last positions are real
+           adapters: int, rng: np.random.Generator, ids: np.ndarray | None = None,
+           first_row: int = 0) -> dict[str, np.ndarray]:
+    """One case's feeds; `ids` [batch, seq] replaces the random token ids, `first_row` continues the adapter ids'
+    cycle from an earlier run's rows (the sweep's runs)."""
+    if ids is None:
+        ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
+        if seq >= 4:  # the usual special ids and the last id (a shorter case keeps its random ids: id 0 alone, often
+            # the padding id with a zero embedding row, would compare two zero outputs)
+            ids[-1, -4:] = np.array([0, 1, 2, vocab - 1], dtype=np.int64)  # a left-padded row's last positions
     mask = np.ones((batch, past + seq), dtype=np.int64)
     mask[0, :pad] = 0
     feeds: dict[str, np.ndarray] = {}
@@ -66,7 +139,7 @@ def _feeds(inputs: dict[str, tuple[str, list]], batch: int, seq: int, past: int,
         elif name == "token_type_ids":
             feeds[name] = np.zeros((batch, seq), dtype=np.int64)
         elif name == ADAPTER_IDS:
-            feeds[name] = (np.arange(batch, dtype=np.int64) + 1) % (adapters + 1)
+            feeds[name] = (np.arange(batch, dtype=np.int64) + 1 + first_row) % (adapters + 1)
         elif name.startswith(PAST):
             heads, dim = shape[1], shape[3]
             feeds[name] = rng.standard_normal((batch, heads, past, dim)).astype(_FLOATS.get(kind, np.float32))
@@ -89,6 +162,11 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
     from the mask as transformers derives them, `adapter_ids` cycling through the file's adapters, random
     `past_key_values.*` [batch, kv_heads, past, head_dim]. Logits and hidden states are compared where the mask is
     1; `present.*` on the unpadded positions.
+    After the shapes, as verify does against torch: a vocabulary sweep (every id of the embedding table once, in
+    rows of SWEEP_ROW tokens, 0, 1, 2 and the last id first; above SWEEP_BUDGET ids a seeded sample; several rows
+    per run, SWEEP_CHUNK logits values at most; one merged row per output) and a long sequence of LONG_CAP tokens,
+    fewer when the file has a smaller absolute position table (`_position_rows`); both unpadded, prefills with an
+    empty cache for a decoder with past. The report records `ids_covered` and `longest_sequence`.
     `atol` defaults by the reference's output dtype (1e-4 float32, 2e-2 float16). `native` runs road ops on the
     native kernels (True), the bodies (False) or the kernels where they build (None), as RoadSession does.
 
@@ -130,10 +208,13 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
                           quantized=(schemes[0] or schemes[1]) if by_cosine else None)
     cache = any(n.startswith(PAST) for n in inputs)
     cases = CACHE_SHAPES if cache else tuple((b, s, 0, p) for b, s, p in SHAPES)
-    rng = np.random.default_rng(seed)
-    for batch, seq, past, pad in cases:
-        pad = min(pad, past + seq - 1)
-        feeds = _feeds(inputs, batch, seq, past, pad, vocab, adapters, rng)
+    present = [n for n in outputs if n.startswith(PRESENT)]
+    seen: set[int] = set()
+
+    def check(case: str, batch: int, seq: int, past: int, pad: int, ids: np.ndarray | None = None,
+              first_row: int = 0) -> list[OutputParity]:
+        """Both files on one case's feeds: a row per output (the present.* outputs as one row)."""
+        feeds = _feeds(inputs, batch, seq, past, pad, vocab, adapters, rng, ids, first_row)
         try:
             got = dict(zip(outputs, got_session.session.run(outputs, feeds), strict=True))
             expected = dict(zip(outputs, ref_session.session.run(outputs, feeds), strict=True))
@@ -141,17 +222,40 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
             raise RoadError(f"{onnx_path}: onnxruntime cannot run it on generated inputs "
                             f"({str(e).splitlines()[0]})") from e
         mask = feeds["attention_mask"].astype(bool) if "attention_mask" in feeds else np.ones((batch, seq), bool)
-        case = f"batch {batch}, seq {seq}" + (f", past {past}" if cache else "") + (f", pad {pad}" if pad else "")
-        for name in outputs:
-            if name.startswith(PRESENT):
-                continue
-            expect = expected[name].astype(np.float32)
-            report.rows.append(compare(name, case, got[name], expect, mask[:, -seq:], atol, logits=name == "logits",
-                                       by_cosine=by_cosine))
-        present = [n for n in outputs if n.startswith(PRESENT)]
+        if "input_ids" in feeds:
+            seen.update(np.unique(feeds["input_ids"][mask[:, -seq:]]).tolist())
+        report.longest_sequence = max(report.longest_sequence, seq)
+        rows = [compare(name, case, got[name], expected[name].astype(np.float32), mask[:, -seq:], atol,
+                        logits=name == "logits", by_cosine=by_cosine)
+                for name in outputs if not name.startswith(PRESENT)]
         if present:
-            report.rows.append(_present(case, [got[n] for n in present], [expected[n] for n in present], mask, atol,
-                                        by_cosine))
+            rows.append(_present(case, [got[n] for n in present], [expected[n] for n in present], mask, atol,
+                                 by_cosine))
+        return rows
+
+    rng = np.random.default_rng(seed)
+    for batch, seq, past, pad in cases:
+        pad = min(pad, past + seq - 1)
+        case = f"batch {batch}, seq {seq}" + (f", past {past}" if cache else "") + (f", pad {pad}" if pad else "")
+        report.rows.extend(check(case, batch, seq, past, pad))
+    if "input_ids" in inputs:
+        # the coverage checks, as verify runs them against torch (prefills with an empty cache for a decoder with
+        # past): every id of the embedding table once, in rows of SWEEP_ROW, and one long row
+        longest = min(LONG_CAP, _position_rows(reference_path) or LONG_CAP)
+        row = min(SWEEP_ROW, longest)
+        ids = _sweep_ids(vocab, seed)
+        rows_needed = -(-len(ids) // row)
+        ids = np.resize(ids, rows_needed * row)  # the last row wraps around to the first ids
+        per_run = max(1, SWEEP_CHUNK // (row * vocab))
+        parts = []
+        for first in range(0, rows_needed, per_run):
+            chunk = ids[first * row:(first + per_run) * row].reshape(-1, row)
+            parts.append(check("vocabulary sweep", len(chunk), row, 0, 0, chunk, first))
+        swept = len(set(ids.tolist()))
+        report.rows.extend(merge_rows([p[i] for p in parts], f"vocabulary sweep: {swept} ids, {row} per row")
+                           for i in range(len(parts[0])))
+        report.rows.extend(check(f"long sequence: seq {longest}", 1, longest, 0, 0))
+        report.ids_covered = f"{len(seen)}/{vocab}"
     return report
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COSINE_MIN", "TOKEN_COSINE_MIN", "TOLERANCE", "OutputParity", "ParityReport", "compare", "min_cosine"]
+__all__ = ["COSINE_MIN", "LONG_CAP", "SWEEP_BUDGET", "SWEEP_CHUNK", "SWEEP_ROW", "TOKEN_COSINE_MIN", "TOLERANCE",
+           "OutputParity", "ParityReport", "compare", "merge_rows", "min_cosine"]
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 COSINE_MIN = 0.98  # a quantized file (int4/int8 MatMul weights) is judged by cosine, not max abs
@@ -23,6 +24,11 @@ COSINE_MIN = 0.98  # a quantized file (int4/int8 MatMul weights) is judged by co
 # token among many (an output of zeros for one id, a damaged embedding row), which this catches. int4 tokens
 # measured 0.97-0.995 on random models (the lowest of a 1,024-token sweep 0.977); a broken one is near 0.
 TOKEN_COSINE_MIN = 0.9
+# The coverage checks (road_export.verify against torch, road_export.crosscheck against another file): a vocabulary
+# sweep feeds every id once in rows of SWEEP_ROW tokens (above SWEEP_BUDGET ids a seeded sample of SWEEP_BUDGET),
+# in runs of at most SWEEP_CHUNK logits values; a long sequence feeds at most LONG_CAP tokens.
+SWEEP_ROW, SWEEP_BUDGET, SWEEP_CHUNK = 64, 65536, 2**22
+LONG_CAP = 256
 
 
 @dataclass
@@ -153,3 +159,12 @@ def compare(name: str, case: str, got: np.ndarray, expected: np.ndarray, mask: n
         close = max_abs <= atol
     ok = bool(np.isfinite(got).all()) and close
     return OutputParity(name, case, list(got.shape), max_abs, max_rel, cosine, top1, ok, token_cosine)
+
+
+def merge_rows(rows: list[OutputParity], case: str) -> OutputParity:
+    """Several runs of one check as one row: the largest errors, the smallest cosines, the mean top-1."""
+    top1 = [r.top1 for r in rows if r.top1 is not None]
+    return OutputParity(rows[0].output, case, [sum(r.shape[0] for r in rows), *rows[0].shape[1:]],
+                        max(r.max_abs for r in rows), max(r.max_rel for r in rows), min(r.cosine for r in rows),
+                        float(np.mean(top1)) if top1 else None, all(r.ok for r in rows),
+                        min((r.token_cosine for r in rows if r.token_cosine is not None), default=None))

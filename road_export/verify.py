@@ -25,7 +25,8 @@ from torch import nn
 from road_export.errors import RoadError
 from road_export.export.tasks import TaskModule, infer_task, nest, normalize_task, sample_inputs, task_spec
 from road_export.names import PAST, PRESENT
-from road_export.parity import COSINE_MIN, TOLERANCE, OutputParity, ParityReport, compare
+from road_export.parity import (COSINE_MIN, LONG_CAP, SWEEP_BUDGET, SWEEP_CHUNK, SWEEP_ROW, TOLERANCE, OutputParity,
+                                ParityReport, compare, merge_rows)
 
 __all__ = ["COSINE_MIN", "TOLERANCE", "OutputParity", "ParityReport", "compare", "onnx_dtype", "onnx_metadata",
            "onnx_quantization", "verify", "verify_seq2seq"]
@@ -34,15 +35,14 @@ DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (3, 7, 2), (2, 33
 MIXED_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (4, 7, 2), (3, 33, 5))  # every id appears
 # With a cache: (batch, new tokens, past length, padding): prefill, padded prefill, a decode step, a chunk after past
 CACHE_SHAPES: tuple[tuple[int, int, int, int], ...] = ((1, 1, 0, 0), (3, 7, 0, 2), (4, 1, 9, 3), (2, 4, 6, 1))
-# Coverage checks run besides the shapes above (verify(coverage=True)):
+# Coverage checks run besides the shapes above (verify(coverage=True)); SWEEP_ROW, SWEEP_BUDGET, SWEEP_CHUNK and
+# LONG_CAP live in road_export.parity, shared with crosscheck's file-against-file check:
 # - "vocabulary sweep": every token id once, in rows of SWEEP_ROW tokens (the last row wraps around), so a damaged
 #   embedding or tied-head row of any id is seen; special ids (0, 1, 2, the config's bos/eos/pad/unk/
 #   decoder_start) and the last id come first. Up to SWEEP_BUDGET ids the whole vocabulary; above it, the special
 #   ids plus a seeded random sample, SWEEP_BUDGET ids in all. Runs of at most SWEEP_CHUNK logits values each.
 # - "long sequence": one row of min(max_position_embeddings or n_positions, LONG_CAP) tokens, so a learned position
 #   table is checked up to its end when it is small (GPT-2's, OPT's, BERT's in the tiny models: 128).
-SWEEP_ROW, SWEEP_BUDGET, SWEEP_CHUNK = 64, 65536, 2**22
-LONG_CAP = 256
 SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id")
 
 
@@ -425,15 +425,6 @@ def sweep_ids(model: nn.Module, seed: int = 0) -> np.ndarray:
     if vocab > SWEEP_BUDGET:
         rest = np.sort(np.random.default_rng(seed).choice(rest, SWEEP_BUDGET - len(first), replace=False))
     return np.concatenate([np.array(first, dtype=np.int64), rest.astype(np.int64)])
-
-
-def merge_rows(rows: list[OutputParity], case: str) -> OutputParity:
-    """Several runs of one check as one row: the largest errors, the smallest cosines, the mean top-1."""
-    top1 = [r.top1 for r in rows if r.top1 is not None]
-    return OutputParity(rows[0].output, case, [sum(r.shape[0] for r in rows), *rows[0].shape[1:]],
-                        max(r.max_abs for r in rows), max(r.max_rel for r in rows), min(r.cosine for r in rows),
-                        float(np.mean(top1)) if top1 else None, all(r.ok for r in rows),
-                        min((r.token_cosine for r in rows if r.token_cosine is not None), default=None))
 
 
 def _compare_cache(case: str, got: list[np.ndarray], expected: list[np.ndarray], mask: np.ndarray,
