@@ -148,9 +148,23 @@ def _refuse_quantized(model: ir.Model, adapter: AdapterFile, stuck: int, unplace
                         f"(road-export --quantize keeps their module paths); {todo}")
 
 
+def _refuse_merge_into_quantized(model: ir.Model, where: str | None, quantized: int, placed: int) -> None:
+    """RoadError for --mode merge onto a base whose MatMul weights are MatMulNBits (`quantized` of the adapter's
+    `placed` modules sit on them): the message names the base and counts its MatMulNBits by bits."""
+    from collections import Counter
+
+    bits = Counter(n.attributes.get_int("bits", 4) for n in model.graph.all_nodes() if n.op_type == "MatMulNBits")
+    counts = ", ".join(f"{count} int{b}" for b, count in sorted(bits.items()))
+    modules = "" if quantized == placed else f" ({quantized} of the adapter's {placed} modules sit on them)"
+    raise RoadError(f"{where or 'the base'}: its MatMul weights are quantized (MatMulNBits: {counts}){modules}, and "
+                    "a rotation cannot be folded into quantized weights; use --mode rotate (road nodes after the "
+                    "quantized layers), or attach --mode merge to the float base and --quantize the result")
+
+
 def attach_to_model(model: ir.Model, adapter: AdapterFile, mode: str = "rotate",
-                    name: str = "default") -> AttachReport:
-    """Insert the adapter's rotations into `model` (in place); merge mode folds them into the weights."""
+                    name: str = "default", where: str | None = None) -> AttachReport:
+    """Insert the adapter's rotations into `model` (in place); merge mode folds them into the weights. `where`
+    names the model in messages about it (the BASE.onnx path; "the base" without)."""
     if mode not in ("merge", "rotate"):
         raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
     base_weights = [k for k in adapter.extra if ".base_layer." in k]
@@ -169,11 +183,7 @@ def attach_to_model(model: ir.Model, adapter: AdapterFile, mode: str = "rotate",
     placed = place(model, adapter)
     quantized = [m for m, n in placed.items() if n.op_type == "MatMulNBits"]
     if quantized and mode == "merge":
-        bits = placed[quantized[0]].attributes.get_int("bits", 4)
-        raise RoadError(f"{adapter.path}: {quantized[0]} ({len(quantized)} module(s)) has int{bits} "
-                        "MatMulNBits weights; a rotation cannot be folded into "
-                        "quantized weights: use --mode rotate (road nodes after the quantized layers), or attach "
-                        "--mode merge to the float base and --quantize the result")
+        _refuse_merge_into_quantized(model, where, len(quantized), len(placed))
     for module, node in placed.items():
         found = _linear_output(node)
         if found is None:
@@ -268,7 +278,7 @@ def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mo
     if quantize is not None and quant.quantization(model) is not None:
         raise RoadError(f"{base}: is quantized already ({quant.quantization(model)}); --quantize takes a float base")
     check_no_adapter(dict(model.metadata_props), base)
-    report = attach_to_model(model, files[0], mode)
+    report = attach_to_model(model, files[0], mode, where=str(base))
     model.metadata_props[METADATA_VERSION] = __version__
     model.metadata_props[METADATA_MODE] = mode
     model.metadata_props[METADATA_ADAPTERS] = json.dumps([{
@@ -326,7 +336,7 @@ def attach_seq2seq(base: str | Path, adapter: str | Path, out: str | Path, mode:
         for name, model in models.items():
             subset = subsets[name]
             if subset.road:
-                report = attach_to_model(model, subset, mode)
+                report = attach_to_model(model, subset, mode, where=str(folder / name))
                 total.placed.update({f"{name}:{m}": n for m, n in report.placed.items()})
                 total.road_nodes += report.road_nodes
                 total.folded += report.folded

@@ -407,22 +407,28 @@ def _quantized(path: Path) -> str | None:
     return quantization_summary(path)
 
 
-def _kept(model: Path, *others: str | Path | None, swap_files: bool = False):
-    """Leave the command's targets as they were when it fails or is interrupted (files.kept_on_failure): the model,
-    its `.data` file, `others` (e.g. --report) and, with `swap_files`, the `MODEL.*.onnx_adapter` files beside it;
-    those the command created are removed."""
+def _kept_paths(*paths: str | Path | None, patterns: Sequence[tuple[Path, str]] = ()):
+    """Leave `paths` (None: skipped) as they were when the command fails or is interrupted, remove those it created
+    (files.kept_on_failure). Its successful end is the command's commit point: from there on SIGINT and SIGTERM
+    are ignored (`_signals`), so a command whose files are in place exits with its own code. Every command that
+    writes wraps its writes, and whatever may still fail (reading the written file back for the message), in
+    one, and prints its result after it."""
     from road_export.files import kept_on_failure
 
-    paths = [model, model.with_name(model.name + ".data"), *(Path(p) for p in others if p is not None)]
+    return kept_on_failure([Path(p) for p in paths if p is not None], patterns=patterns, on_commit=_commit)
+
+
+def _kept(model: Path, *others: str | Path | None, swap_files: bool = False):
+    """`_kept_paths` for a model, its `.data` file, `others` (e.g. --report) and, with `swap_files`, the
+    `MODEL.*.onnx_adapter` files beside it."""
     patterns = [(model.parent, f"{model.stem}.*.onnx_adapter")] if swap_files else []
-    return kept_on_failure(paths, patterns=patterns)
+    return _kept_paths(model, model.with_name(model.name + ".data"), *others, patterns=patterns)
 
 
 def _kept_dir(directory: Path, report: str | None):
-    """`_kept` for a model directory (absent or empty before: removed, or emptied, on failure) and --report."""
-    from road_export.files import kept_on_failure
-
-    return kept_on_failure([directory, *([Path(report)] if report else [])])
+    """`_kept_paths` for a model directory (absent or empty before: removed, or emptied, on failure) and
+    --report."""
+    return _kept_paths(directory, report)
 
 
 def _swap_file_paths(args: argparse.Namespace, output: Path) -> list[Path]:
@@ -509,10 +515,10 @@ def run_export(args: argparse.Namespace) -> int:
                                 native=False if args.no_native else None, reference=source.reference_name)
             report.rows[:0] = float_rows  # with --quantize: the float model the quantizer read, by max abs
             _write_report(report, args.report)
-    nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
-    nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
-    weights = args.dtype + (f", {_quantized(output)}" if args.quantize else "")
-    adapters = f"adapters: {', '.join(source.adapters)}" if source.adapters else "the base alone, no adapter"
+        nodes = f", {result.road_nodes} road nodes" if args.mode == "rotate" else ""
+        nodes += "".join(f", swap file {f.name}" for f in result.adapter_files)
+        weights = args.dtype + (f", {_quantized(output)}" if args.quantize else "")
+        adapters = f"adapters: {', '.join(source.adapters)}" if source.adapters else "the base alone, no adapter"
     progress.done(f"wrote {output} ({args.mode}, {weights}, {adapters}"
                   f"{' from the embedded config' if source.embedded else ''}{nodes})")
     if report is None:
@@ -630,7 +636,7 @@ def _run_export_dir(args: argparse.Namespace) -> int:
                                     native=False if args.no_native else None, reference=source.reference_name)
             report.rows[:0] = float_rows
             _write_report(report, args.report)
-    weights = args.dtype + (f", {_quantized(output / model_dir.MODEL_FILE)}" if args.quantize else "")
+        weights = args.dtype + (f", {_quantized(output / model_dir.MODEL_FILE)}" if args.quantize else "")
     notes = [f"{result.task}", f"{args.mode}", weights,
              f"adapters: {', '.join(source.adapters)}" if source.adapters else "no adapter"]
     if args.mode == "rotate":
@@ -710,7 +716,8 @@ def run_verify(args: argparse.Namespace) -> int:
         with _blame(args.model, "run"):
             report = verify(args.model, source.reference_model, task=args.task, atol=args.atol,
                             native=False if args.no_native else None, reference=source.reference_name)
-    _write_report(report, args.report)
+    with _kept_paths(args.report):
+        _write_report(report, args.report)
     return _print_report(report, args.quiet)
 
 
@@ -729,7 +736,8 @@ def _verify_against(args: argparse.Namespace) -> int:
     with _blame(args.model, "run"):
         report = verify_against_file(args.model, args.against, atol=args.atol,
                                      native=False if args.no_native else None)
-    _write_report(report, args.report)
+    with _kept_paths(args.report):
+        _write_report(report, args.report)
     return _print_report(report, args.quiet)
 
 
@@ -751,7 +759,8 @@ def _verify_seq2seq(args: argparse.Namespace) -> int:
         with _blame(args.model, "run"):
             report = verify_seq2seq(args.model, source.reference_model, atol=args.atol,
                                     native=False if args.no_native else None, reference=source.reference_name)
-    _write_report(report, args.report)
+    with _kept_paths(args.report):
+        _write_report(report, args.report)
     return _print_report(report, args.quiet)
 
 
@@ -767,9 +776,9 @@ def run_optimize(args: argparse.Namespace) -> int:
     with _writing(output), _kept(output):
         report = optimize_file(args.source, output, fold=args.fold, target=args.target, debug=args.debug,
                                quantize=args.quantize)
+        quantized = None if args.quiet else _quantized(output)
     if not args.quiet:
         print(report.text())
-        quantized = _quantized(output)
         print(f"wrote {output}" + (f" (quantized: {quantized})" if quantized else ""))
     return EXIT_OK
 
@@ -786,7 +795,7 @@ def run_adapter(args: argparse.Namespace) -> int:
     _check_outputs(args, {"OUT.onnx_adapter": output}, args.like)
     from road_export.swap import convert_adapter
 
-    with _writing(output):
+    with _writing(output), _kept_paths(output):
         path = convert_adapter(args.adapter, args.like, output)
     print(f"wrote {path}")
     return EXIT_OK
@@ -797,10 +806,10 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
 
     check_input_dir(args.base, "base model")
     check_input_dir(args.adapter, "adapter")
-    check_output_dir(args.output)
+    output = check_output_dir(args.output)
     from road_export.checkpoint import merge_checkpoint
 
-    with _writing(args.output):
+    with _writing(output), _kept_dir(output, None):
         report = merge_checkpoint(args.base, args.adapter, args.output)
     if not args.quiet:
         print(f"wrote {report.out_dir}: {report.shards} shard(s), {len(report.merged)} tensors rotated, "
@@ -833,9 +842,9 @@ def run_attach(args: argparse.Namespace) -> int:
 
     with _writing(output), _kept(output):
         report = attach(args.base, args.adapter, output, mode=args.mode, quantize=args.quantize)
+        quantized = None if args.quiet else _quantized(output)
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
-        quantized = _quantized(output)
         print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}"
               + (f"; weights {quantized}" if quantized else ""))
     return EXIT_OK
@@ -853,7 +862,7 @@ def _attach_seq2seq(args: argparse.Namespace) -> int:
     if args.quantize:
         raise RoadError(SEQ2SEQ_QUANTIZE.format(option=f"--quantize {args.quantize}", model=args.base))
     output = check_output_dir(args.output, what="model directory")
-    with _writing(output):
+    with _writing(output), _kept_dir(output, None):
         report = attach_seq2seq(args.base, args.adapter[0], output, mode=args.mode)
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
@@ -865,13 +874,14 @@ def run_kernels(args: argparse.Namespace) -> int:
     from road_export import native
 
     if args.genai_config is not None:
-        from road_export.model_dir import set_custom_ops_library
+        from road_export.model_dir import GENAI_CONFIG, library_name, set_custom_ops_library
 
         check_dir = Path(args.genai_config)
         if not check_dir.is_dir():
             raise RoadError(f"--genai-config {check_dir}: no such model directory")
         library = native.library_path()
-        path = set_custom_ops_library(check_dir, library)
+        with _kept_paths(check_dir / GENAI_CONFIG, check_dir / library_name(library)):
+            path = set_custom_ops_library(check_dir, library)
         print(f"wrote {path} (custom_ops_library: {library})")
         return EXIT_OK
     print(native.library_path())
@@ -970,24 +980,54 @@ def _parse(command: Command, argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_committed = False  # the running command's files are in place (`_kept_paths`): a signal no longer stops it
+
+
+def _commit() -> None:
+    global _committed
+    _committed = True
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _committed:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM waits until the cleanup is done
+    raise Terminated()
+
+
+def _on_sigint(signum, frame) -> None:
+    if _committed:
+        return
+    raise KeyboardInterrupt()
+
+
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def _signals(exiting: bool) -> Iterator[None]:
     """While the command runs, SIGTERM raises `Terminated` in the main thread (a second one is ignored, so cleanup
-    finishes); the previous handler comes back afterwards. Outside the main thread, nothing changes."""
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated()
-
+    finishes) and SIGINT KeyboardInterrupt (where Python's own handler was there: an ignored SIGINT, as in a
+    shell's background job, stays ignored). Once the command has committed its files (`_commit`, at the end of
+    `_kept_paths`) both are ignored: it exits with its own code, not 130/143 with the new files in place. The
+    previous handlers come back afterwards; with `exiting` (main called for the process's own command line, the
+    interpreter exits next) a committed command leaves both ignored, so no signal between here and the exit can
+    turn it into 130/143 either. Outside the main thread, nothing changes."""
+    global _committed
+    _committed = False
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm)}
     except ValueError:  # not the main thread
         yield
         return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            if exiting and _committed:
+                signal.signal(s, signal.SIG_IGN)
+            else:
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        _committed = False
 
 
 def _silence_stdout() -> None:
@@ -1005,12 +1045,13 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code. The one place where exceptions become exit codes and one line."""
+    exiting = argv is None  # the process's own command line: the interpreter exits after main returns
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from road_export.checks import os_error_line
 
-    with _sigterm_raises():
+    with _signals(exiting):
         try:
             command, rest = _command(argv)
             try:

@@ -188,7 +188,8 @@ def _replace(new: Path, path: Path, stage: Path) -> None:
 
 @contextlib.contextmanager
 def kept_on_failure(paths: Sequence[str | os.PathLike], *,
-                    patterns: Sequence[tuple[str | os.PathLike, str]] = ()) -> Iterator[None]:
+                    patterns: Sequence[tuple[str | os.PathLike, str]] = (),
+                    on_commit: Callable[[], None] | None = None) -> Iterator[None]:
     """Leave `paths` exactly as they were when the block fails or is interrupted (any BaseException:
     KeyboardInterrupt, a SIGTERM handler's exception): for the writes of one command, which replace several files
     one after the other (a model, its `.data`, its `.onnx_adapter` files) and check them afterwards.
@@ -200,6 +201,11 @@ def kept_on_failure(paths: Sequence[str | os.PathLike], *,
     made empty again; on success the links are dropped. `patterns` are (directory, glob) pairs of further files the
     block may write (e.g. `MODEL.*.onnx_adapter`): those that exist are kept the same way, new ones removed on
     failure. The restore runs with SIGINT/SIGTERM held back (`deferred_signals`).
+
+    The commit, when the block has succeeded, is one step with SIGINT/SIGTERM held back: the links are dropped and
+    `on_commit()` runs (the CLI's: from here on a signal is ignored, the command exits with its own code); a
+    signal that arrives before it (after the block's last rename too) restores the old files, one held back
+    during it is delivered afterwards to a handler that knows the command has committed.
     """
     paths = [Path(p) for p in paths]
     matches = lambda: {m for d, pattern in patterns for m in Path(d).glob(pattern)  # noqa: E731
@@ -224,9 +230,18 @@ def kept_on_failure(paths: Sequence[str | os.PathLike], *,
             for link in kept.values():
                 link.unlink(missing_ok=True)
             raise
+    committed = False
     try:
         yield
+        with deferred_signals():  # the commit point: the new files stay
+            for link in kept.values():
+                link.unlink(missing_ok=True)
+            committed = True
+            if on_commit is not None:
+                on_commit()
     except BaseException:
+        if committed:  # a signal delivered after the commit, or on_commit failed: the new files are final
+            raise
         with deferred_signals():
             for path in [*absent, *(matches() - before)]:
                 _remove(path)
@@ -247,8 +262,6 @@ def kept_on_failure(paths: Sequence[str | os.PathLike], *,
                     else:
                         raise
         raise
-    for link in kept.values():
-        link.unlink(missing_ok=True)
 
 
 def _keep(path: Path) -> Path:

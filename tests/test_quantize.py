@@ -130,8 +130,11 @@ def test_bad_input(dirs, tmp_path):
                      says="--quantize", dirs=[tmp_path])
     base_int4 = tmp_path / "base_int4.onnx"
     assert road_export("optimize", dirs / "plain.onnx", base_int4, "--quantize", "int4", "--quiet").returncode == 0
-    assert_bad_input(road_export("attach", base_int4, "--adapter", dirs / "other", "--mode", "merge", out),
-                     says="cannot be folded into quantized weights", dirs=[tmp_path])
+    proc = road_export("attach", base_int4, "--adapter", dirs / "other", "--mode", "merge", out)
+    assert_bad_input(proc, says="cannot be folded into quantized weights", dirs=[tmp_path])
+    # the base is to blame, not the adapter
+    assert f"error: {base_int4}: its MatMul weights are quantized (MatMulNBits: " in proc.stderr
+    assert str(dirs / "other") not in proc.stderr
     # a layout attach cannot place onto: MatMulInteger from onnxruntime's dynamic quantization
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -146,3 +146,100 @@ def test_interrupted_verify_of_a_model_directory_leaves_it_empty(llama_dirs, tmp
     assert out.is_dir() and list(out.iterdir()) == [] and leftovers(tmp_path) == []
     proc = road_export("--base", llama_dirs / "base", "--adapter", llama_dirs / "road", tmp_path / "new")
     assert proc.returncode == 130 and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+# ---- signals around the commit point: old files back before it, the command's own exit code after it ----
+
+@pytest.fixture(scope="module")
+def onnx_files(llama_dirs):
+    """A rotate export of llama_dirs' adapter and the float base alone (for optimize, adapter, attach, verify)."""
+    root = llama_dirs / "onnx"
+    root.mkdir()
+    for argv in (["--adapter", llama_dirs / "road", "--mode", "rotate", root / "rotate.onnx"],
+                 ["--no-adapter", "--mode", "merge", root / "base.onnx"]):
+        proc = road_export("--base", llama_dirs / "base", "--no-verify", *argv)
+        assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def _command(name, dirs, onnx, out):
+    """(argv, the targets that exist before the command) of each writing command."""
+    base, road = dirs / "base", dirs / "road"
+    return {
+        "export": (["--base", base, "--adapter", road, "--mode", "rotate", "--no-verify", "--external-data",
+                    out / "x.onnx"], ["x.onnx", "x.onnx.data", "x.default.onnx_adapter"]),
+        "optimize": (["optimize", onnx / "rotate.onnx", out / "x.onnx"], ["x.onnx"]),
+        "adapter": (["adapter", road, "--like", onnx / "rotate.onnx", out / "x.onnx_adapter"], ["x.onnx_adapter"]),
+        "attach": (["attach", onnx / "base.onnx", "--adapter", road, out / "x.onnx"], ["x.onnx"]),
+        "merge-checkpoint": (["merge-checkpoint", "--base", base, "--adapter", road, out / "merged"], []),
+        "verify": (["verify", onnx / "rotate.onnx", "--base", base, "--adapter", road, "--report", out / "r.json"],
+                   ["r.json"]),
+    }[name]
+
+
+def _signal_at(monkeypatch, moment, sig):
+    """Send `sig` to this process just before the commit (after the block's last write), at the commit (inside
+    it, where signals are held back) or while the result is printed."""
+    import builtins
+    import contextlib
+    import os
+
+    send = lambda: os.kill(os.getpid(), sig)  # noqa: E731
+    real = files.kept_on_failure
+
+    @contextlib.contextmanager
+    def kept(*args, on_commit=None, **kwargs):
+        def commit():
+            on_commit()
+            if moment == "commit":
+                send()
+
+        with real(*args, on_commit=commit, **kwargs):
+            yield
+            if moment == "before":
+                send()
+
+    monkeypatch.setattr(files, "kept_on_failure", kept)
+    if moment == "print":
+        done = cli._Progress.done
+
+        def printing(*args, **kwargs):
+            send()
+            builtins.print(*args, **kwargs)
+
+        monkeypatch.setattr(cli, "print", printing, raising=False)
+        monkeypatch.setattr(cli._Progress, "done", lambda self, message: (send(), done(self, message)))
+
+
+@pytest.mark.parametrize(("command", "moment", "sig"), [
+    ("export", "before", "SIGTERM"), ("export", "commit", "SIGTERM"), ("export", "print", "SIGINT"),
+    ("optimize", "before", "SIGINT"), ("optimize", "print", "SIGTERM"),
+    ("adapter", "before", "SIGTERM"), ("adapter", "commit", "SIGINT"),
+    ("attach", "before", "SIGTERM"), ("attach", "print", "SIGTERM"),
+    ("merge-checkpoint", "before", "SIGTERM"), ("merge-checkpoint", "print", "SIGTERM"),
+    ("verify", "before", "SIGINT"), ("verify", "print", "SIGTERM"),
+])
+def test_a_signal_before_the_commit_restores_after_it_is_ignored(llama_dirs, onnx_files, tmp_path, monkeypatch,
+                                                                    command, moment, sig):
+    import signal as signals
+
+    from test_bad_input import snapshot
+
+    out = tmp_path / "out"
+    out.mkdir()
+    argv, existing = _command(command, llama_dirs, onnx_files, out)
+    for name in existing:
+        (out / name).write_bytes(f"old {name}\n".encode())
+    before = snapshot(out)
+    sig = getattr(signals, sig)
+    _signal_at(monkeypatch, moment, sig)
+    proc = road_export(*argv)
+    if moment == "before":
+        assert proc.returncode == (143 if sig == signals.SIGTERM else 130), proc.stderr
+        assert snapshot(out) == before  # byte-identical, new files removed, nothing hidden left
+        return
+    assert proc.returncode == 0, proc.stderr  # committed: the command's own code, its files in place
+    assert "Traceback" not in proc.stderr, proc.stderr
+    after = snapshot(out)
+    assert after != before and all(after[str(out / name)] != before[str(out / name)] for name in existing)
+    assert leftovers(out) == []
