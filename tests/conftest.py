@@ -24,6 +24,17 @@ def token_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 5, seed: int
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def perturbing(load, amount: float):
+    """A planted loader fault: `load` (zoo.load_model) whose model gets `amount` added to layer 0's q_proj weight."""
+    def faulty(*args, **kwargs):
+        model = load(*args, **kwargs)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight.add_(amount)
+        return model
+
+    return faulty
+
+
 def first_output(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out

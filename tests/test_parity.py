@@ -18,7 +18,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import tiny
+from conftest import perturbing, tiny
 
 import road_export as rx
 from road_export import rotation, zoo
@@ -255,15 +255,7 @@ def test_opset_is_the_one_asked_for(llama, tmp_path, capsys):
 
 def test_a_planted_loader_fault_fails_the_harness(llama, tmp_path, monkeypatch, capsys):
     """road-export's loader perturbs one weight: peft's independent reference catches it (exit 1, FAILED)."""
-    load = zoo.load_model
-
-    def faulty(*args, **kwargs):
-        model = load(*args, **kwargs)
-        with torch.no_grad():
-            model.model.layers[0].self_attn.q_proj.weight.add_(0.05)
-        return model
-
-    monkeypatch.setattr(zoo, "load_model", faulty)
+    monkeypatch.setattr(zoo, "load_model", perturbing(zoo.load_model, 0.05))
     code, _, report = export_and_report(tmp_path, "--base", llama / "base", "--adapter", llama / "road")
     assert code == 1 and report["reference"] == "peft" and not report["passed"]
     figure(f"planted fault: verdict {'PASSED' if report['passed'] else 'FAILED'}, max |ORT - peft| = "

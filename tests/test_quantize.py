@@ -10,7 +10,7 @@ import onnx
 import peft
 import pytest
 import torch
-from conftest import tiny
+from conftest import perturbing, tiny
 from test_cli import assert_bad_input, road_export
 
 import road_export as rx
@@ -374,14 +374,7 @@ def test_the_float_model_is_checked_before_quantizing(dirs, tmp_path, monkeypatc
     from road_export.cli import main
 
     load = zoo.load_model
-
-    def faulty(*args, **kwargs):
-        model = load(*args, **kwargs)
-        with torch.no_grad():
-            model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
-        return model
-
-    for name, loader in (("clean", load), ("faulty", faulty)):
+    for name, loader in (("clean", load), ("faulty", perturbing(load, 0.01))):
         monkeypatch.setattr(zoo, "load_model", loader)
         out, rep = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
         code = main([str(a) for a in ("--base", dirs / "base", "--adapter", dirs / "road", "--mode", "rotate",
