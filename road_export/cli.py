@@ -276,6 +276,7 @@ class _Progress:
             yield self
 
     def step(self, name: str) -> None:
+        _stop_if_signalled()  # a signal whose exception was dropped stops the command here
         if self.status is not None and self.console.is_terminal:
             self.status.update(f"{name} ...")
 
@@ -981,16 +982,30 @@ def _parse(command: Command, argv: list[str]) -> argparse.Namespace:
 
 
 _committed = False  # the running command's files are in place (`_kept_paths`): a signal no longer stops it
+# signals taken before the commit: Python drops an exception a handler raises while a weakref or __del__
+# callback runs (torch's weak maps run them), so the command may run on; it is stopped at its next step
+# (`_stop_if_signalled`) and at the latest at its commit, which then restores the old files instead
+_received: list[int] = []
+
+
+def _stop_if_signalled() -> None:
+    """Raise the exception of a signal taken before the commit whose first raise was dropped."""
+    if _received and not _committed:
+        raise Terminated() if _received[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _commit() -> None:
+    """`kept_on_failure`'s commit: a dropped signal fails it (the old files come back), else from here on
+    signals are ignored."""
     global _committed
+    _stop_if_signalled()
     _committed = True
 
 
 def _on_sigterm(signum, frame) -> None:
     if _committed:
         return
+    _received.append(signum)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM waits until the cleanup is done
     raise Terminated()
 
@@ -998,6 +1013,7 @@ def _on_sigterm(signum, frame) -> None:
 def _on_sigint(signum, frame) -> None:
     if _committed:
         return
+    _received.append(signum)
     raise KeyboardInterrupt()
 
 
@@ -1012,6 +1028,7 @@ def _signals(exiting: bool) -> Iterator[None]:
     turn it into 130/143 either. Outside the main thread, nothing changes."""
     global _committed
     _committed = False
+    _received.clear()
     try:
         previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm)}
     except ValueError:  # not the main thread

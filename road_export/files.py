@@ -202,8 +202,9 @@ def kept_on_failure(paths: Sequence[str | os.PathLike], *,
     block may write (e.g. `MODEL.*.onnx_adapter`): those that exist are kept the same way, new ones removed on
     failure. The restore runs with SIGINT/SIGTERM held back (`deferred_signals`).
 
-    The commit, when the block has succeeded, is one step with SIGINT/SIGTERM held back: the links are dropped and
-    `on_commit()` runs (the CLI's: from here on a signal is ignored, the command exits with its own code); a
+    The commit, when the block has succeeded, is one step with SIGINT/SIGTERM held back: `on_commit()` runs (the
+    CLI's: it raises for a signal taken earlier whose exception Python dropped, and the old files are restored;
+    else from here on a signal is ignored, the command exits with its own code), then the links are dropped; a
     signal that arrives before it (after the block's last rename too) restores the old files, one held back
     during it is delivered afterwards to a handler that knows the command has committed.
     """
@@ -234,13 +235,13 @@ def kept_on_failure(paths: Sequence[str | os.PathLike], *,
     try:
         yield
         with deferred_signals():  # the commit point: the new files stay
+            if on_commit is not None:
+                on_commit()  # may refuse (raise): the block is then undone like a failed one
             for link in kept.values():
                 link.unlink(missing_ok=True)
             committed = True
-            if on_commit is not None:
-                on_commit()
     except BaseException:
-        if committed:  # a signal delivered after the commit, or on_commit failed: the new files are final
+        if committed:  # a signal delivered after the commit: the new files are final
             raise
         with deferred_signals():
             for path in [*absent, *(matches() - before)]:
