@@ -288,13 +288,25 @@ def coefficient_rows(path: Path, meta: dict[str, str], model: nn.Module, order: 
     COEFFICIENT_TOLERANCE of their dtype. Empty for other files. A quantized file needs it: its logits cannot tell
     a small adapter, or another adapter, from int4 noise. peft's RoadLayer and road-export's keep `variant`,
     `group_size`, `road_theta` and `road_alpha` per adapter name; the reference's adapter is its only one, else the
-    one of the file's recorded name."""
+    one of the file's recorded name. An `attach --mode rotate` file (no swap record) is checked the same way
+    through its coefficients' names (MODULE.road_c1_NAME), where they are stored whole."""
     from road_export import rotation
 
-    if order or "road_export.swap" not in meta:
+    if order:
         return []
-    records = json.loads(meta["road_export.swap"])
-    recorded = [a.get("name") for a in json.loads(meta.get("road_export.adapters") or "[]") if isinstance(a, dict)]
+    adapters = [a for a in json.loads(meta.get("road_export.adapters") or "[]") if isinstance(a, dict)]
+    recorded = [a.get("name") for a in adapters]
+    strict = "road_export.swap" in meta
+    if strict:
+        records = json.loads(meta["road_export.swap"])
+    elif len(adapters) == 1 and meta.get("road_export.mode") == "rotate":
+        # attach's rotations: fixed coefficients named MODULE.road_c1_NAME / road_c2_NAME; those stored in another
+        # form (a lowered tied pair) are left out below
+        name = adapters[0].get("name", "default")
+        records = {layer: {"c1": f"{layer}.road_c1_{name}", "c2": f"{layer}.road_c2_{name}"}
+                   for layer in adapters[0].get("layers", [])}
+    else:
+        return []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = dict(base.named_modules())
     expected: dict[str, np.ndarray] = {}
@@ -320,12 +332,18 @@ def coefficient_rows(path: Path, meta: dict[str, str], model: nn.Module, order: 
                 onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
             stored[tensor.name] = onnx.numpy_helper.to_array(tensor)
     del proto
+    if not strict:
+        expected = {k: v for k, v in expected.items() if k in stored and stored[k].size == v.size}
+        if not expected:
+            return []
     sources = [("file", stored)]
     for name, sidecar in sidecar_files(path, meta, order).items():
         try:
             import onnxruntime as ort
 
-            values = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(sidecar)).get_parameters().items()}
+            adapter_file = ort.AdapterFormat.read_adapter(str(sidecar))  # its values live as long as it does: copied
+            values = {k: np.array(v.numpy(), copy=True) for k, v in adapter_file.get_parameters().items()}
+            del adapter_file
         except Exception:  # an unreadable sidecar is a failed row of the sidecar checks already
             continue
         sources.append((sidecar.name, values))
@@ -340,7 +358,7 @@ def coefficient_rows(path: Path, meta: dict[str, str], model: nn.Module, order: 
             dtype = str(got.dtype)
             worst = max(worst, float(np.abs(got.astype(np.float32).ravel() - want.ravel()).max()))
         ok = not missing and worst <= COEFFICIENT_TOLERANCE.get(dtype, 1e-5)
-        case = f"{label}: {len(records)} layers' c1/c2 against the reference adapter's" + \
+        case = f"{label}: {len(expected) // 2} layers' c1/c2 against the reference adapter's" + \
             (f" ({len(missing)} missing or misshapen, e.g. {missing[0]})" if missing else "")
         rows.append(OutputParity("coefficients", case, [len(expected)], math.inf if missing else worst,
                                  math.inf if missing else worst, 1.0 if ok else 0.0, None, ok))
