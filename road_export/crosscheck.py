@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from road_export.errors import RoadError
-from road_export.names import ADAPTER_IDS, METADATA_ADAPTERS, PAST, PRESENT, positions
+from road_export.names import ADAPTER_IDS, METADATA_ADAPTERS, METADATA_SWAP, PAST, PRESENT, positions
 from road_export.parity import (LONG_CAP, SWEEP_BUDGET, SWEEP_CHUNK, SWEEP_ROW, TOLERANCE, OutputParity,
                                  ParityReport, compare, merge_rows)
 
@@ -169,15 +169,29 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
     empty cache for a decoder with past. The report records `ids_covered` and `longest_sequence`.
     `atol` defaults by the reference's output dtype (1e-4 float32, 2e-2 float16). `native` runs road ops on the
     native kernels (True), the bodies (False) or the kernels where they build (None), as RoadSession does.
+    When both files are swappable, one row per adapter sidecar beside either (`_sidecar_rows`).
 
-    Raises RoadError when a file is missing or unloadable, when the files' inputs or outputs differ, or when an
-    input cannot be generated (an input name this check does not know, or an embedding table it cannot find).
+    Raises RoadError when a file is missing or unloadable, when the files' inputs or outputs differ, when an
+    input cannot be generated (an input name this check does not know, or an embedding table it cannot find), or
+    when `atol` is given for files compared by cosine (one quantized, the other not or otherwise).
     """
     onnx_path, reference_path = Path(onnx_path), Path(reference_path)
     if onnx_path.resolve() == reference_path.resolve():
         raise RoadError(f"--against {reference_path}: the reference is the file being verified; give the file "
                         "you trust (e.g. the verified export before attach/optimize/quantization)")
     got_session, ref_session = _session(onnx_path, native), _session(reference_path, native)
+    # a quantized file against a float one (or another scheme) differs by design: judged by cosine, as verify
+    # judges a quantized file against peft; two files quantized alike must agree within atol
+    schemes = [_quantization(p) for p in (onnx_path, reference_path)]
+    by_cosine = schemes[0] != schemes[1]
+    if by_cosine and atol is not None:  # a tolerance would not change the verdict: refused, not silently ignored
+        from road_export.parity import COSINE_MIN, TOKEN_COSINE_MIN
+
+        first, second = (onnx_path, reference_path) if schemes[0] else (reference_path, onnx_path)
+        other = f"is {schemes[1]}-quantized" if schemes[0] and schemes[1] else "is not"
+        raise RoadError(f"--atol {atol:g}: {first} is {schemes[0] or schemes[1]}-quantized and {second} {other}, "
+                        f"so the files are compared by cosine (>= {COSINE_MIN:g}, each token >= "
+                        f"{TOKEN_COSINE_MIN:g}); drop --atol")
     (inputs, outputs), (ref_inputs, ref_outputs) = _signature(got_session.session), _signature(ref_session.session)
     if {n: (t, len(s)) for n, (t, s) in inputs.items()} != {n: (t, len(s)) for n, (t, s) in ref_inputs.items()}:
         raise RoadError(f"{onnx_path}: its inputs {sorted(inputs)} differ from {reference_path.name}'s "
@@ -200,10 +214,6 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
     from road_export import native as road_native
 
     kernels = "native" if got_session.native else ("bodies" if road_native.uses_road(onnx_path) else "-")
-    # a quantized file against a float one (or another scheme) differs by design: judged by cosine, as verify
-    # judges a quantized file against peft; two files quantized alike must agree within atol
-    schemes = [_quantization(p) for p in (onnx_path, reference_path)]
-    by_cosine = schemes[0] != schemes[1]
     report = ParityReport(str(onnx_path), dtype, atol, kernels=kernels, reference=f"file {reference_path.name}",
                           quantized=(schemes[0] or schemes[1]) if by_cosine else None)
     cache = any(n.startswith(PAST) for n in inputs)
@@ -256,7 +266,63 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
                            for i in range(len(parts[0])))
         report.rows.extend(check(f"long sequence: seq {longest}", 1, longest, 0, 0))
         report.ids_covered = f"{len(seen)}/{vocab}"
+    if all(METADATA_SWAP in s.session.get_modelmeta().custom_metadata_map for s in (got_session, ref_session)):
+        report.rows.extend(_sidecar_rows(onnx_path, reference_path, atol))
     return report
+
+
+def _sidecars(path: Path) -> dict[str, Path]:
+    """The `.onnx_adapter` files beside `path`: {adapter name: file}, named `<stem>.<name>.onnx_adapter` with no
+    dot in the name (as swap.discover takes them; fingerprints are not checked here: the values are compared)."""
+    from road_export.swap import SUFFIX
+
+    found = {}
+    for file in sorted(path.parent.glob(f"{path.stem}.*{SUFFIX}")):
+        name = file.name[len(path.stem) + 1:-len(SUFFIX)]
+        if name and "." not in name:
+            found[name] = file
+    return found
+
+
+def _sidecar_rows(onnx_path: Path, reference_path: Path, atol: float) -> list[OutputParity]:
+    """One row per adapter sidecar beside either swappable file (`NEW.stem.NAME.onnx_adapter` against
+    `TRUSTED.stem.NAME.onnx_adapter`): it passes when both files exist, hold the same parameter names and shapes, and
+    their values agree within `atol`; a sidecar beside one file only, or an unreadable one, fails."""
+    import onnxruntime as ort
+
+    got_files, ref_files = _sidecars(onnx_path), _sidecars(reference_path)
+
+    def failed(case: str) -> OutputParity:
+        return OutputParity("sidecar", case, [], float("inf"), float("inf"), 0.0, None, False)
+
+    def values(file: Path) -> dict[str, np.ndarray]:
+        adapter = ort.AdapterFormat.read_adapter(str(file))  # held while copying: the values are views of its memory
+        values = {k: np.array(v.numpy(), dtype=np.float32, copy=True) for k, v in adapter.get_parameters().items()}
+        del adapter
+        return values
+
+    rows = []
+    for name in sorted(set(got_files) | set(ref_files)):
+        got_file, ref_file = got_files.get(name), ref_files.get(name)
+        if got_file is None or ref_file is None:
+            there, missing = (ref_file, onnx_path) if got_file is None else (got_file, reference_path)
+            rows.append(failed(f"sidecar {name}: only {there.name}, none beside {missing.name}"))
+            continue
+        try:
+            got, expected = values(got_file), values(ref_file)
+        except Exception as e:
+            rows.append(failed(f"sidecar {name}: unreadable ({str(e).strip().splitlines()[0][:80]})"))
+            continue
+        case = f"sidecar {name}: parameters of {got_file.name}"
+        if {k: v.shape for k, v in got.items()} != {k: v.shape for k, v in expected.items()}:
+            rows.append(failed(f"{case}: names or shapes differ from {ref_file.name}'s"))
+            continue
+        keys = sorted(got)
+        flat = lambda d: np.concatenate([d[k].ravel() for k in keys]) if keys else np.zeros(0, np.float32)  # noqa: E731
+        row = compare("sidecar", case, flat(got), flat(expected), None, atol, logits=False)
+        row.shape = [len(keys)]
+        rows.append(row)
+    return rows
 
 
 def _quantization(path: Path) -> str | None:

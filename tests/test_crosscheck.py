@@ -174,3 +174,65 @@ def test_vocab_from_the_embedding_table(exported):
     table = next(i for i in onnx.load(str(merged), load_external_data=False).graph.initializer
                  if "embed_tokens" in i.name)
     assert np.prod(table.dims) > 0
+
+
+def test_atol_refused_when_one_file_is_quantized(exported, tmp_path):
+    """int4 against float is judged by cosine: an explicit --atol would be ignored, so it is refused (both ways);
+    without --atol the check runs."""
+    from road_export.quantize import quantize_file
+
+    merged, _ = exported["merge"]
+    int4 = tmp_path / "int4.onnx"
+    quantize_file(merged, int4, "int4")
+    with pytest.raises(rx.RoadError, match="drop --atol"):
+        verify_against_file(int4, merged, atol=1e-3)
+    assert_bad_input(road_export("verify", int4, "--against", merged, "--atol", "1e-3"),
+                     says=f"--atol 0.001: {int4} is int4-quantized and {merged} is not, so the files are compared "
+                          "by cosine (>= 0.98, each token >= 0.9); drop --atol")
+    assert_bad_input(road_export("verify", merged, "--against", int4, "--atol", "1e-3"),
+                     says=f"{int4} is int4-quantized and {merged} is not")
+    assert verify_against_file(int4, merged).quantized == "int4"
+
+
+@pytest.fixture
+def swappable_pair(exported, tmp_path):
+    """Two copies of the single-adapter rotate export (swappable), each with its `default` sidecar."""
+    rotated, _ = exported["rotate"]
+    sidecar = rotated.with_name(f"{rotated.stem}.default.onnx_adapter")
+    assert sidecar.is_file()
+    for stem in ("new", "trusted"):
+        shutil.copy(rotated, tmp_path / f"{stem}.onnx")
+        shutil.copy(sidecar, tmp_path / f"{stem}.default.onnx_adapter")
+    return tmp_path / "new.onnx", tmp_path / "trusted.onnx"
+
+
+def test_sidecars_compared(swappable_pair):
+    import onnxruntime as ort
+
+    from road_export.swap import write_adapter_file
+
+    new, trusted = swappable_pair
+    report = verify_against_file(new, trusted)
+    rows = [r for r in report.rows if r.output == "sidecar"]
+    assert report.passed and len(rows) == 1
+    assert rows[0].case == "sidecar default: parameters of new.default.onnx_adapter"
+    assert rows[0].max_abs == 0, report.table()
+
+    file = new.with_name("new.default.onnx_adapter")
+    adapter = ort.AdapterFormat.read_adapter(str(file))  # held while copying: the values are views of its memory
+    values = {k: v.numpy().copy() for k, v in adapter.get_parameters().items()}
+    first = sorted(values)[0]
+    values[first].flat[0] += 5e-4
+    write_adapter_file(file, values)
+    report = verify_against_file(new, trusted)
+    assert failed(report) == ["sidecar default: parameters of new.default.onnx_adapter"], report.table()
+    assert 4e-4 < report.rows[-1].max_abs < 6e-4
+
+    file.unlink()
+    report = verify_against_file(new, trusted)
+    assert failed(report) == ["sidecar default: only trusted.default.onnx_adapter, none beside new.onnx"], \
+        report.table()
+    shutil.copy(trusted.with_name("trusted.default.onnx_adapter"), new.with_name("new.other.onnx_adapter"))
+    shutil.copy(trusted.with_name("trusted.default.onnx_adapter"), file)
+    report = verify_against_file(new, trusted)
+    assert failed(report) == ["sidecar other: only new.other.onnx_adapter, none beside trusted.onnx"], report.table()
