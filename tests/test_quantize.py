@@ -120,6 +120,12 @@ def test_attach_rotate_onto_int4_base(dirs, tmp_path):
     roads = [n for n in model.graph.node if n.domain == "road"]
     assert len(roads) == 4  # peft's default targets: q_proj, v_proj of 2 layers
     assert all(producers[n.input[0]].op_type in ("MatMulNBits", "Add") for n in roads)
+    # its fixed coefficients are checked against the reference adapter by name; planted: the reference holds
+    # the other adapter (same config, other values), which cosine alone may not tell from int4 noise
+    right = verify(out, peft_model(dirs, "other"), coverage=False)
+    assert right.passed and [r.ok for r in right.rows if r.output == "coefficients"] == [True]
+    wrong = verify(out, peft_model(dirs, "road"), coverage=False)
+    assert [r.ok for r in wrong.rows if r.output == "coefficients"] == [False] and not wrong.passed
 
 
 def test_bad_input(dirs, tmp_path):
