@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # onnx-ir (and onnx under it) load on first use: `road-export
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD", "atomic_write", "check_output", "check_writable", "deferred_signals",
     "kept_on_failure", "load_for_rewrite", "load_model", "needs_external_data", "os_error_reason", "probe_writable",
-    "save_model", "release", "tensor_bytes", "write_failure_reason", "write_text_atomic",
+    "save_model", "release", "staging_dir", "tensor_bytes", "write_failure_reason", "write_text_atomic",
 ]
 
 TWO_GB = 2**31
@@ -184,6 +184,20 @@ def _replace(new: Path, path: Path, stage: Path) -> None:
             raise
         return
     os.replace(new, path)
+
+
+@contextlib.contextmanager
+def staging_dir(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """A hidden directory beside `path` (`.NAME.<random><suffix>`) for intermediate files, e.g. the float model
+    `--quantize` reads; removed afterwards whatever happens, with SIGINT/SIGTERM held back (`deferred_signals`) so
+    an interruption cannot leave half of it behind (as it could inside tempfile.TemporaryDirectory's cleanup)."""
+    path = Path(path)
+    stage = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        yield stage
+    finally:
+        with deferred_signals():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -15,9 +15,8 @@ checked by onnxruntime (road_export.files) and the `.onnx_adapter` swap file.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch import nn
 from road_export import ops as road_op
 from road_export.errors import RoadError
 from road_export.export import capture, post, prepare, stream
-from road_export.files import check_output, save_model
+from road_export.files import check_output, save_model, staging_dir
 
 __all__ = ["ExportResult", "export"]
 
@@ -153,7 +152,7 @@ def export(
     values = {v.name: np.array(v.const_value.numpy(), copy=True) for v in ir_model.graph.inputs
               if v.const_value is not None} if swappable else {}
     if quantize is not None:
-        with _staging(path) as stage:
+        with staging_dir(path, suffix=".float") as stage:
             _save_float_intermediate(ir_model, Path(stage) / path.name, path)
             stream.release_weights(ir_model)
             if on_weights_read is not None:
@@ -179,24 +178,6 @@ def export(
         files.append(swap.write_adapter_file(swap.adapter_file_path(path, adapters[0]["name"]), values))
     return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, road_nodes, adapters, data,
                         files)
-
-
-@contextlib.contextmanager
-def _staging(path: Path) -> Iterator[str]:
-    """A hidden directory beside `path` for the float model the quantizer reads, removed afterwards whatever
-    happens: the removal runs with SIGINT/SIGTERM held back (files.deferred_signals), so an interruption cannot
-    leave half of it behind, as it could inside tempfile.TemporaryDirectory's own cleanup."""
-    import shutil
-    import tempfile
-
-    from road_export.files import deferred_signals
-
-    stage = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".float", dir=path.parent)
-    try:
-        yield stage
-    finally:
-        with deferred_signals():
-            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _save_float_intermediate(ir_model, staged: Path, path: Path) -> None:
