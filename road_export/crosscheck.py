@@ -288,7 +288,7 @@ def _sidecar_rows(onnx_path: Path, reference_path: Path, atol: float) -> list[Ou
     """One row per adapter sidecar beside either swappable file (`NEW.stem.NAME.onnx_adapter` against
     `TRUSTED.stem.NAME.onnx_adapter`): it passes when both files exist, hold the same parameter names and shapes, and
     their values agree within `atol`; a sidecar beside one file only, or an unreadable one, fails."""
-    import onnxruntime as ort
+    from road_export.swap import read_adapter_values
 
     got_files, ref_files = _sidecars(onnx_path), _sidecars(reference_path)
 
@@ -296,10 +296,7 @@ def _sidecar_rows(onnx_path: Path, reference_path: Path, atol: float) -> list[Ou
         return OutputParity("sidecar", case, [], float("inf"), float("inf"), 0.0, None, False)
 
     def values(file: Path) -> dict[str, np.ndarray]:
-        adapter = ort.AdapterFormat.read_adapter(str(file))  # held while copying: the values are views of its memory
-        values = {k: np.array(v.numpy(), dtype=np.float32, copy=True) for k, v in adapter.get_parameters().items()}
-        del adapter
-        return values
+        return {k: v.astype(np.float32, copy=False) for k, v in read_adapter_values(file).items()}
 
     rows = []
     for name in sorted(set(got_files) | set(ref_files)):

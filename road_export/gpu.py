@@ -142,11 +142,10 @@ def route(session: RoadSession, batch: int, *, adapter: str | None = None,
     cached = _DEVICE_ADAPTERS.setdefault(session, {})
     if name not in cached:
         dev = device_id(session)
-        adapter_file = ort.AdapterFormat.read_adapter(str(session._swap_files[name]))  # alive while its values
-        params = adapter_file.get_parameters()  # are read: they point into its memory
-        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy(), copy=True), "cuda", dev)
-                        for k, v in params.items()}
-        del adapter_file
+        from road_export.swap import read_adapter_values
+
+        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", dev)
+                        for k, v in read_adapter_values(session._swap_files[name]).items()}
     return {**extra, **cached[name]}
 
 

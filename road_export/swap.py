@@ -60,6 +60,17 @@ def read_adapter_file(path: str | Path) -> tuple[int, dict[str, tuple[tuple[int,
         raise RoadError(f"{path}: not an onnxruntime adapter file, or truncated ({first})") from e
 
 
+def read_adapter_values(path: str | Path) -> dict[str, np.ndarray]:
+    """{parameter: values} of an `.onnx_adapter` file, copied: onnxruntime's values are views of the
+    AdapterFormat object's memory, read while it is alive. Raises what onnxruntime raises for an unreadable file."""
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat.read_adapter(str(path))
+    values = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
+    del adapter
+    return values
+
+
 _NUMPY_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
                  "tensor(bfloat16)": "bfloat16"}
 

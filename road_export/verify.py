@@ -339,11 +339,9 @@ def coefficient_rows(path: Path, meta: dict[str, str], model: nn.Module, order: 
     sources = [("file", stored)]
     for name, sidecar in sidecar_files(path, meta, order).items():
         try:
-            import onnxruntime as ort
+            from road_export.swap import read_adapter_values
 
-            adapter_file = ort.AdapterFormat.read_adapter(str(sidecar))  # its values live as long as it does: copied
-            values = {k: np.array(v.numpy(), copy=True) for k, v in adapter_file.get_parameters().items()}
-            del adapter_file
+            values = read_adapter_values(sidecar)
         except Exception:  # an unreadable sidecar is a failed row of the sidecar checks already
             continue
         sources.append((sidecar.name, values))
