@@ -7,6 +7,7 @@ local Ray Serve application for the module and shut Ray down after.
 """
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -547,9 +548,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_url(example):
-    """`road-export serve` as users start it (a subprocess, a local Ray instance); SIGINT stops it, exit code 0."""
+@contextlib.contextmanager
+def _serving(model, *options):
+    """`road-export serve MODEL` as users start it (a subprocess, a local Ray instance), yielding its URL; SIGINT
+    stops it, exit code 0."""
     import os
     import signal
     import subprocess
@@ -560,8 +562,8 @@ def ray_url(example):
     pytest.importorskip("httpx")
     port = _free_port()
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local instance, never a cluster running here
-    proc = subprocess.Popen([sys.executable, "-m", "road_export.cli", "serve", str(example.model), "--port", str(port),
-                             "--max-batch-size", "8", "--threads", "1"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "road_export.cli", "serve", str(model), "--port", str(port),
+                             "--max-batch-size", "8", "--threads", "1", *options], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     try:
@@ -580,6 +582,12 @@ def ray_url(example):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_url(example):
+    with _serving(example.model) as url:
+        yield url
 
 
 def test_ray_serves_concurrent_adapters_as_alone(ray_url, engine):
@@ -628,3 +636,70 @@ def test_the_openai_client_talks_to_it(ray_url, engine):
     assert "".join(c.choices[0].text for c in stream if c.choices) == want
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="delta", prompt="x")
+
+
+# ---- on the GPU (marked gpu; skipped where onnxruntime has no CUDA provider) ----
+
+def _cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_serve_on_cuda_without_onnxruntime_gpu_is_one_line(example):
+    if _cuda():
+        pytest.skip("onnxruntime here has the CUDA provider")
+    from test_cli import assert_bad_input, road_export
+
+    assert_bad_input(road_export("serve", example.model, "--device", "cuda"), says="no CUDAExecutionProvider")
+    assert_bad_input(road_export("serve", example.model, "--device", "tpu"), says="invalid choice")
+
+
+@pytest.mark.gpu
+def test_the_engine_on_cuda_equals_peft_and_batches_across_adapters(example, reference, engine):
+    """The same engine on onnxruntime's CUDA provider (TF32 off: float32 products as on the CPU): greedy text of
+    each model equals peft's generate, and requests for different adapters in one batch equal each alone."""
+    if not _cuda():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    from road_export.gpu import cuda_providers
+
+    gpu = Engine(example.model, max_batch_size=8, providers=cuda_providers(tf32=False))
+    assert gpu.session.device == "cuda"
+    tokenizer = reference[1]
+    for model in gpu.model_names:
+        ids = tokenizer(PROMPTS[0])["input_ids"]
+        want_ids, want_text = peft_generate(reference, None if model == gpu.base_name else model, ids)
+        assert run_engine(gpu, [greedy(model, ids, rid="one")])["one"][:2] == (want_ids, want_text), model
+    names = gpu.model_names
+    requests = [greedy(names[i % len(names)], gpu.tokenizer.encode(PROMPTS[i % len(PROMPTS)]), 6 + 2 * i, f"r{i}")
+                for i in range(6)]
+    alone = {r.request_id: run_engine(engine, [greedy(r.model, r.prompt_ids, r.params.max_tokens, r.request_id)])
+             [r.request_id] for r in requests}
+    stats = Stats()
+    gpu.recorders.append(stats)
+    assert run_engine(gpu, requests[:4], arrive={2: requests[4:]}) == alone
+    assert max(stats.adapters_per_batch) >= 4
+
+
+@pytest.mark.gpu
+def test_ray_serves_on_cuda(example, engine):
+    """`road-export serve --device cuda` as users start it: the replica takes the GPU and its completions for
+    different adapters sent together equal the CPU engine's."""
+    if not _cuda():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    pytest.importorskip("ray.serve")
+    import httpx
+
+    with _serving(example.model, "--device", "cuda") as url:
+        names = engine.model_names
+        requests = [{"model": names[i % 4], "prompt": PROMPTS[i % 4], "max_tokens": 8, "temperature": 0}
+                    for i in range(4)]
+        alone = {i: run_engine(engine, [greedy(r["model"], engine.tokenizer.encode(r["prompt"]), 8, "x")])["x"][1]
+                 for i, r in enumerate(requests)}
+
+        async def send_all():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                return await asyncio.gather(*(c.post("/v1/completions", json=r) for r in requests))
+
+        responses = asyncio.run(send_all())
+        assert {i: r.json()["choices"][0]["text"] for i, r in enumerate(responses)} == alone

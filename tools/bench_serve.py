@@ -20,7 +20,7 @@ figures predate the attention pass, road_export/passes/attention.py; with it a 5
 1.3-1.6 x a 1-row step on the same machine, depending on its load: tools/bench_attention.py.)
 
     python tools/bench_serve.py [--hidden 512] [--layers 4] [--tokens 32] [--rounds 3] [--requests 64] [--spin]
-                                [--threads 2] [--batch-wait-ms 0] [--model-dir DIR]
+                                [--threads 2] [--batch-wait-ms 0] [--model-dir DIR] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -99,12 +99,13 @@ class Runs:
 def engine_only(model: Path, models: list[str], args) -> None:
     """The same five requests on an in-process Engine (no HTTP, no Ray): what onnxruntime's batch of 5 costs, and
     where the time goes (the prefill run, the decode runs, the engine's Python around them)."""
+    from road_export.serving.app import providers_for
     from road_export.serving.engine import Engine, GenerationRequest, SamplingParams
 
     config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
     runs = Runs()
     engine = Engine(model, max_batch_size=args.max_batch_size, threads=args.threads, session_config=config,
-                    recorders=[runs])
+                    recorders=[runs], providers=providers_for(args.device))
     params = SamplingParams(args.tokens, 0, ignore_eos=True)
     five = [(m, engine.tokenizer.encode(PROMPTS[i % len(PROMPTS)])) for i, m in enumerate(models[:5])]
 
@@ -226,6 +227,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=0.0, help="the server's --batch-wait-ms")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the server's --device (cuda: "
+                        "onnxruntime-gpu, one GPU)")
     parser.add_argument("--spin", dest="no_spin", action="store_false", help="let onnxruntime's intra-op threads "
                         "spin-wait between runs (the server's default is not to: session.intra_op.allow_spinning 0)")
     parser.add_argument("--model-dir", help="serve this model directory instead of building one (needs adapters "
@@ -251,16 +254,16 @@ def main() -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
             serve.run(build_app(str(model), max_batch_size=args.max_batch_size, threads=args.threads,
-                                batch_wait_ms=args.batch_wait_ms, session_config=config),
+                                batch_wait_ms=args.batch_wait_ms, session_config=config, device=args.device),
                       name="road-export", route_prefix="/")
             from road_export.serving.engine import Engine
 
             models = Engine(model, threads=1).model_names
             args.model = model
             spin = "" if args.no_spin else " (spinning)"
-            print(f"model: hidden {args.hidden}, {args.layers} layers, {len(models) - 1} adapters; one replica, "
-                  f"{args.threads} onnxruntime threads{spin}, max batch {args.max_batch_size}, batch wait "
-                  f"{args.batch_wait_ms:g} ms; client in-process")
+            print(f"model: hidden {args.hidden}, {args.layers} layers, {len(models) - 1} adapters; one replica on "
+                  f"{args.device}, {args.threads} onnxruntime threads{spin}, max batch {args.max_batch_size}, "
+                  f"batch wait {args.batch_wait_ms:g} ms; client in-process")
             asyncio.run(bench(f"http://127.0.0.1:{port}", models, args))
         finally:
             serve.shutdown()

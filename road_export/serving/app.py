@@ -1,6 +1,7 @@
 """The Ray Serve application: one `RoadServer` deployment (N replicas) serving a model directory over OpenAI's API.
 
-Each replica owns an `Engine` (one onnxruntime session, continuous batching across adapters) driven by an
+Each replica owns an `Engine` (one onnxruntime session, continuous batching across adapters; on the CPU, or with
+`device="cuda"` on one GPU that Ray assigns it, through onnxruntime's CUDA execution provider) driven by an
 `AsyncEngine` thread, and serves `http.create_app`'s FastAPI routes through `serve.ingress` (late bound:
 `__serve_build_asgi_app__` builds the app after the constructor, so the routes reach this replica's engine).
 A request that finds the engine idle starts at once, or after --batch-wait-ms (default 0) in which `@serve.batch`
@@ -29,8 +30,9 @@ from road_export.serving.http import create_app
 from road_export.serving.loop import AsyncEngine
 from road_export.serving.protocol import OpenAIService
 
-__all__ = ["RayMetrics", "RoadServer", "build_app"]
+__all__ = ["RayMetrics", "RoadServer", "build_app", "providers_for"]
 
+DEVICES = ("cpu", "cuda")
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
@@ -73,11 +75,11 @@ class RoadServer:
 
     def __init__(self, model_dir: str, max_batch_size: int = 16, batch_wait_ms: float = 0.0,
                  threads: int | None = None, served_model_name: str | None = None, native: bool | None = None,
-                 session_config: dict[str, str] | None = None):
+                 session_config: dict[str, str] | None = None, device: str = "cpu"):
         self.stats = Stats()
         self.engine = Engine(model_dir, max_batch_size=max_batch_size, threads=threads, native=native,
                              served_model_name=served_model_name, recorders=[self.stats],
-                             session_config=session_config)
+                             session_config=session_config, providers=providers_for(device))
         self.engine.recorders.append(RayMetrics(self.engine))
         self.loop = AsyncEngine(self.engine)
         self.admit.set_max_batch_size(max_batch_size)
@@ -94,14 +96,34 @@ class RoadServer:
         return self.loop.submit_many(requests)
 
 
+def providers_for(device: str) -> list | None:
+    """onnxruntime's providers for a replica on `device`: "cpu" (None: the CPU provider) or "cuda" (the CUDA
+    provider on device 0 of those Ray made visible to the replica, then the CPU; `road_export.gpu.cuda_providers`
+    with TF32 off, as torch's default: float32 products at full precision, so a float32 model's text is the CPU's).
+    Raises ValueError for another device."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return None
+    from road_export.gpu import cuda_providers
+
+    return cuda_providers(tf32=False)
+
+
 def build_app(model_dir: str, *, replicas: int = 1, max_batch_size: int = 16, batch_wait_ms: float = 0.0,
               threads: int | None = None, num_cpus: float | None = None, served_model_name: str | None = None,
-              native: bool | None = None, session_config: dict[str, str] | None = None):
+              native: bool | None = None, session_config: dict[str, str] | None = None, device: str = "cpu"):
     """The bound application for `serve.run`: `replicas` copies of RoadServer, each taking `num_cpus` CPUs from
-    Ray's scheduler (default: `threads`, else 1) and accepting up to 4 × max_batch_size requests at once.
-    `session_config`: onnxruntime session config entries for each replica's session."""
+    Ray's scheduler (default: `threads`, else 1), with `device="cuda"` one GPU too (Ray sets the replica's
+    CUDA_VISIBLE_DEVICES to it), and accepting up to 4 × max_batch_size requests at once.
+    `session_config`: onnxruntime session config entries for each replica's session. Raises ValueError for a
+    device other than "cpu" and "cuda"."""
+    if device not in DEVICES:  # checked before anything is deployed, not in a replica's crash loop
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    options: dict[str, Any] = {"num_cpus": num_cpus if num_cpus is not None else (threads or 1)}
+    if device == "cuda":
+        options["num_gpus"] = 1
     deployment = serve.deployment(RoadServer, name="RoadServer").options(
-        num_replicas=replicas, max_ongoing_requests=max(4 * max_batch_size, 8),
-        ray_actor_options={"num_cpus": num_cpus if num_cpus is not None else (threads or 1)})
+        num_replicas=replicas, max_ongoing_requests=max(4 * max_batch_size, 8), ray_actor_options=options)
     return deployment.bind(str(model_dir), max_batch_size, batch_wait_ms, threads, served_model_name, native,
-                           session_config)
+                           session_config, device)

@@ -4,7 +4,9 @@ Every option and the model directory are checked before Ray starts; a missing Ra
 install it. Without --address, `ray.init()` joins the Ray instance already running on this machine (RAY_ADDRESS,
 or the latest `ray start`) or starts a local one, which stops on exit; with --address the application is deployed
 on that cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on the others). On
-SIGINT/SIGTERM the application is deleted and the cluster left running.
+SIGINT/SIGTERM the application is deleted and the cluster left running. With --device cuda each replica runs on
+onnxruntime's CUDA execution provider (onnxruntime-gpu) and reserves one GPU in Ray: a CPU-only onnxruntime, or
+fewer GPUs in the cluster than replicas, is one line before anything is deployed.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         "(default: the directory's name)")
     parser.add_argument("--address", metavar="HOST:PORT", help="join this Ray cluster (default: start a local "
                         "Ray instance)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each replica runs its "
+                        "model: cpu (default) or cuda (onnxruntime-gpu's CUDA execution provider; each replica "
+                        "takes one GPU from Ray)")
     parser.add_argument("--no-native", action="store_true", help="run road ops on their standard-op bodies")
     parser.add_argument("--spin", action="store_true", help="let onnxruntime's intra-op threads spin-wait between "
                         "runs (default: they sleep, leaving the cores to the HTTP side; "
@@ -97,6 +102,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from road_export.serving.app import build_app
     from road_export.serving.engine import Engine
 
+    if args.device == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RoadError(f"--device cuda: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider "
+                            f"(it has {', '.join(ort.get_available_providers())}); pip uninstall onnxruntime && "
+                            "pip install onnxruntime-gpu, or serve with --device cpu")
+
     # the model is checked here first, so that a bad directory is one line and not a replica crash loop
     engine = Engine(model, max_batch_size=args.max_batch_size, threads=1,
                     served_model_name=args.served_model_name, native=False if args.no_native else None)
@@ -106,15 +119,22 @@ def run_serve(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(address=args.address, include_dashboard=False)
+        if args.device == "cuda":
+            gpus = ray.cluster_resources().get("GPU", 0)
+            if gpus < args.replicas:  # else serve.run would wait for GPUs that never come
+                raise RoadError(f"--device cuda: each replica takes one GPU and the Ray cluster has {gpus:g} for "
+                                f"{args.replicas} replica(s); lower --replicas, or join GPU machines to the "
+                                "cluster (ray start --address=HEAD:6379 on each)")
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_app(str(model.resolve()), replicas=args.replicas, max_batch_size=args.max_batch_size,
                         batch_wait_ms=args.batch_wait_ms, threads=args.threads,
                         served_model_name=args.served_model_name or model.resolve().name,
                         native=False if args.no_native else None,
-                        session_config={"session.intra_op.allow_spinning": "1" if args.spin else "0"})
+                        session_config={"session.intra_op.allow_spinning": "1" if args.spin else "0"},
+                        device=args.device)
         serve.run(app, name=APP_NAME, route_prefix="/")
-        print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 ({args.replicas} replica(s), "
-              f"max batch {args.max_batch_size}); Ctrl-C stops", flush=True)
+        print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 ({args.replicas} replica(s) on "
+              f"{args.device}, max batch {args.max_batch_size}); Ctrl-C stops", flush=True)
         stop.wait()
     finally:
         for s, handler in previous.items():
