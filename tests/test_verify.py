@@ -140,3 +140,58 @@ def test_sidecar_adapter_file_is_verified(exported, tmp_path):
     (tmp_path / sidecar.name).write_bytes(b"truncated")
     report = verify(copy, model, coverage=False)
     assert [r.case for r in report.rows if not r.ok][0].startswith(f"{sidecar.name}: unreadable")
+
+
+def test_equal_weights_are_lent_and_a_damaged_one_is_not(tmp_path, monkeypatch):
+    """verify lends onnxruntime the reference's memory for a weight the file holds byte for byte (the embedding);
+    planted fault: one damaged byte in the file's embedding (in `.data`) and it is not lent, onnxruntime runs the
+    file's own bytes and the vocabulary sweep fails."""
+    import onnx
+    import onnxruntime as ort
+
+    from road_export import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "LEND_MIN_BYTES", 4096)  # tiny-llama's embedding is 64 KiB
+    torch.manual_seed(0)
+    model = rx.get_road_model(tiny("tiny-llama"), rx.RoadConfig(variant="road_2", group_size=8, init_weights=False))
+    path = rx.export(model, tmp_path / "m.onnx", mode="merge", external_data=True).path
+    embedding = model.model.embed_tokens.weight.detach().numpy()
+    lent = verify_module.lend_equal_weights(path, model, ort.SessionOptions())
+    assert any(v.shape() == list(embedding.shape) for v in lent)
+    assert verify(path, model).passed
+
+    proto = onnx.load(str(path), load_external_data=False)
+    init = next(i for i in proto.graph.initializer if i.name.endswith("embed_tokens.weight"))
+    offset = int(next(e.value for e in init.external_data if e.key == "offset"))
+    data = path.with_name(path.name + ".data")
+    raw = bytearray(data.read_bytes())
+    row = 200  # an id only the vocabulary sweep feeds
+    raw[offset + (row * embedding.shape[1] + 5) * 4 + 3] ^= 0x40  # the exponent byte of one float
+    data.write_bytes(bytes(raw))
+    assert not any(v.shape() == list(embedding.shape) for v in verify_module.lend_equal_weights(
+        path, model, ort.SessionOptions()))
+    report = verify(path, model)
+    assert not report.passed
+    assert [r.case for r in report.rows if not r.ok] == ["vocabulary sweep: 256 ids, 64 per row"]
+
+
+def test_the_file_runs_the_fixed_cases_before_the_reference(exported, monkeypatch):
+    """The three shapes and the long sequence run on onnxruntime before the reference runs at all (its weights,
+    mapped from the checkpoint, are paged in only after the file's activations are gone); the rows keep their
+    order."""
+    import onnxruntime as ort
+
+    model, path = exported
+    events = []
+    run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: events.append("file") or run(self, *a, **k))
+    hook = model.register_forward_pre_hook(lambda *_: events.append("torch"))
+    try:
+        report = verify(path, model)
+    finally:
+        hook.remove()
+    assert report.passed
+    assert events[:5] == ["file"] * 4 + ["torch"]
+    cases = [r.case for r in report.rows]
+    assert cases[:5] == ["batch 1, seq 1", "batch 3, seq 7, pad 2", "batch 2, seq 33, pad 5",
+                         "vocabulary sweep: 256 ids, 64 per row", "long sequence: seq 128"]

@@ -145,12 +145,14 @@ def infer_task(model: nn.Module) -> str:
     )
 
 
-def task_spec(model: nn.Module, task: str, adapter_order: tuple[str, ...] = ()) -> TaskSpec:
+def task_spec(model: nn.Module, task: str, adapter_order: tuple[str, ...] = (),
+              positions: bool | None = None) -> TaskSpec:
     """Inputs and outputs of `task` for `model` (optimum's names and order).
 
     A `text-generation` graph takes `position_ids` when the model's outputs depend on absolute positions
-    (`uses_absolute_positions`), so a left-padded row runs at the positions transformers' generate gives it;
-    `text-generation-with-past` takes them whenever the forward accepts them.
+    (`uses_absolute_positions`, a probe that runs the model), so a left-padded row runs at the positions
+    transformers' generate gives it; `positions` answers that without the probe (verify reads it off the file's
+    inputs). `text-generation-with-past` takes them whenever the forward accepts them.
     """
     task = normalize_task(task)
     if task in SEQ2SEQ:
@@ -162,7 +164,7 @@ def task_spec(model: nn.Module, task: str, adapter_order: tuple[str, ...] = ()) 
     causal = task in CAUSAL
     if not causal and "token_type_ids" in params and getattr(inner.config, "type_vocab_size", 0):
         names.append("token_type_ids")
-    if task == "text-generation" and uses_absolute_positions(inner):
+    if task == "text-generation" and (uses_absolute_positions(inner) if positions is None else positions):
         names.append("position_ids")
     outputs = ["last_hidden_state" if task == "feature-extraction" else "logits"]
     cache = None
