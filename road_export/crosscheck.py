@@ -323,7 +323,7 @@ def _sidecar_rows(onnx_path: Path, reference_path: Path, atol: float) -> list[Ou
 
 
 def _quantization(path: Path) -> str | None:
-    """road_export.quantize's scheme of the file, or its first quantized op type; None for a float file (the
+    """road_export.quantize's scheme of the file, or its quantized nodes by op type; None for a float file (the
     graph is read, external weights are not)."""
     import onnx_ir as ir
 

@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,18 +78,17 @@ class QuantizeReport:
 
 
 def quantization(model: ir.Model) -> str | None:
-    """How `model` is quantized already: its `road_export.quantize` scheme, or the first quantized op type found
-    (MatMulNBits, MatMulInteger, QLinearMatMul, DequantizeLinear, ...); None for a float model."""
+    """How `model` is quantized already: its `road_export.quantize` scheme, or its quantized nodes counted by op
+    type, most first ("15 MatMulInteger, 1 DequantizeLinear"; MatMulNBits, MatMulInteger, QLinearMatMul,
+    DequantizeLinear, ...); None for a float model."""
     record = model.metadata_props.get(METADATA_QUANTIZE)
     if record:
         try:
             return json.loads(record)["scheme"]
         except (ValueError, KeyError, TypeError):
             return record
-    for node in model.graph.all_nodes():
-        if node.op_type in QUANTIZED_OPS:
-            return node.op_type
-    return None
+    counts = Counter(node.op_type for node in model.graph.all_nodes() if node.op_type in QUANTIZED_OPS)
+    return ", ".join(f"{n} {op}" for op, n in counts.most_common()) or None
 
 
 def check_scheme(scheme: str) -> int:

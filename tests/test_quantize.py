@@ -150,6 +150,10 @@ def test_bad_input(dirs, tmp_path):
     assert_bad_input(road_export("attach", dynamic, "--adapter", dirs / "other", out), says="is quantized as",
                      dirs=[tmp_path])
     assert not out.exists()
+    # quantizing it again names what it holds: every MatMulInteger, not only the first quantized node
+    matmuls = sum(n.op_type == "MatMulInteger" for n in files.load_model(dynamic).graph.all_nodes())
+    assert_bad_input(road_export("optimize", dynamic, out, "--quantize", "int4"),
+                     says=f"is quantized already ({matmuls} MatMulInteger", dirs=[tmp_path])
     assert files.load_model(dirs / "int4_merge.onnx") is not None
 
 
