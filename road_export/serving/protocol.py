@@ -58,6 +58,26 @@ def _number(body: dict, key: str, default, *, low: float, high: float, integer: 
     return value
 
 
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it sample greedily
+
+
+def _check_text(value: Any, where: str | None = None) -> None:
+    """Refuse strings that are not Unicode text anywhere in the body: lone surrogates, which JSON's "\\ud800"
+    escapes can carry and UTF-8 cannot encode."""
+    if isinstance(value, str):
+        bad = next((c for c in value if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if bad is not None:
+            raise ApiError(f"{where or 'the request'} holds a lone surrogate (\\u{ord(bad):04x}), which is not "
+                           "Unicode text; send text that encodes as UTF-8", param=where, code="invalid_value")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where)
+            _check_text(item, key if where is None else f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]")
+
+
 class OpenAIService:
     """The API's handlers. `submit` gathers the requests that arrive while the engine is idle, so that they start in
     one prefill, and returns their output queues: the Ray deployment passes its `@serve.batch` method (arrivals
@@ -86,10 +106,14 @@ class OpenAIService:
         """(the engine request, stream, include_usage) for a request body; raises ApiError."""
         if not isinstance(body, dict):
             raise ApiError("the request body must be a JSON object")
+        _check_text(body)
         model = body.get("model")
-        if not isinstance(model, str) or not model:
+        if model is None or model == "":
             raise ApiError("model is required: the base model's name or an adapter's (GET /v1/models)",
-                           param="model", code="missing_required_parameter" if model is None else "invalid_value")
+                           param="model", code="missing_required_parameter")
+        if not isinstance(model, str):
+            raise ApiError(f"model must be a string (the base model's name or an adapter's), got {model!r}",
+                           param="model", code="invalid_value")
         if model not in self.core.model_names:
             raise ApiError(f"The model `{model}` does not exist; this server has {self.core.model_names}",
                            status=404, param="model", code="model_not_found")
@@ -97,7 +121,7 @@ class OpenAIService:
             if key in body and body[key] not in off:
                 raise ApiError(f"{key} is not supported by this server; leave it out", param=key,
                                code="unsupported_parameter")
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
             raise ApiError(f"n must be 1 (one choice per request), got {body.get('n')!r}", param="n",
                            code="invalid_value")
         prompt_ids, param = self._chat_prompt(body) if chat else self._prompt(body)
@@ -115,18 +139,22 @@ class OpenAIService:
                            f"length of the {'messages' if chat else 'prompt'} or {key}.", param=key,
                            code="context_length_exceeded")
         temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
+        if temperature < GREEDY_BELOW:  # as vLLM: a temperature this close to 0 is greedy (dividing by it overflows)
+            temperature = 0.0
         top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0)
         if top_p == 0:
-            raise ApiError("top_p must be > 0", param="top_p", code="invalid_value")
+            raise ApiError("top_p must be a number above 0.0, up to 1.0, got 0", param="top_p", code="invalid_value")
         seed = _number(body, "seed", None, low=-(2**63), high=2**63 - 1, integer=True)
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
             raise ApiError("stop must be a string or a list of up to 4 strings", param="stop", code="invalid_value")
-        stream = body.get("stream", False)
+        stream = body.get("stream")
+        stream = False if stream is None else stream
         if not isinstance(stream, bool):
             raise ApiError("stream must be true or false", param="stream", code="invalid_value")
-        ignore_eos = body.get("ignore_eos", False)
+        ignore_eos = body.get("ignore_eos")
+        ignore_eos = False if ignore_eos is None else ignore_eos
         if not isinstance(ignore_eos, bool):
             raise ApiError("ignore_eos must be true or false", param="ignore_eos", code="invalid_value")
         options = body.get("stream_options") or {}
@@ -146,6 +174,7 @@ class OpenAIService:
         if isinstance(prompt, str):
             if not prompt:
                 raise ApiError("prompt is empty", param="prompt", code="invalid_value")
+            self._check_length(prompt, "prompt")
             return self.core.tokenizer.encode(prompt), "prompt"
         vocab = self.core.tokenizer.vocab_size
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
@@ -153,8 +182,11 @@ class OpenAIService:
             if not all(0 <= t < vocab for t in prompt):
                 raise ApiError(f"prompt token ids must lie in [0, {vocab})", param="prompt", code="invalid_value")
             return list(prompt), "prompt"
-        if isinstance(prompt, list) and len(prompt) > 1:
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
             raise ApiError("give one prompt per request (a string or a list of token ids)", param="prompt",
+                           code="invalid_value")
+        if isinstance(prompt, list) and prompt:
+            raise ApiError("prompt must be a string or a list of integer token ids", param="prompt",
                            code="invalid_value")
         raise ApiError("prompt is required: a string or a list of token ids", param="prompt",
                        code="missing_required_parameter" if prompt is None else "invalid_value")
@@ -183,12 +215,23 @@ class OpenAIService:
                 raise ApiError(f"messages[{i}].content must be a string", param=f"messages[{i}].content",
                                code="invalid_value")
             plain.append({**message, "content": content})
+        self._check_length("".join(m["content"] for m in plain), "messages")
         try:
             text = self.core.tokenizer.apply_chat_template(plain, add_generation_prompt=True)
         except Exception as e:  # jinja2's TemplateError from the template's raise_exception, or a bad template
             raise ApiError(f"the chat template refused the messages: {e}", param="messages",
                            code="invalid_value") from e
         return self.core.tokenizer.encode(text, add_special_tokens=False), "messages"
+
+    def _check_length(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing it, a text that cannot fit the context whatever its tokens: more characters
+        than the context length times `TextTokenizer.max_token_chars` (a 10 MB prompt would otherwise hold the
+        event loop, and every other request, while it is tokenized)."""
+        limit = self.core.context_length * self.core.tokenizer.max_token_chars
+        if len(text) > limit:
+            raise ApiError(f"This model's maximum context length is {self.core.context_length} tokens. However, "
+                           f"your {param} has {len(text)} characters, more than that many tokens can hold "
+                           f"({limit}). Please shorten it.", param=param, code="context_length_exceeded")
 
     async def submit(self, request: GenerationRequest):
         """The output queue of `request` (through the gatherer when there is one and the engine is idle)."""

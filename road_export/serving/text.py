@@ -14,6 +14,7 @@ could still become a stop string is held back.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -66,6 +67,14 @@ class TextTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters of text one token stands for: 4 x the longest vocabulary entry (at
+        least 100, WordPiece's longest word for its unknown token), the 4 a margin for normalizers that drop
+        characters. A text longer than the context length times this cannot fit the context."""
+        longest = max((len(t) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
+        return 4 * max(longest, 100)
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
