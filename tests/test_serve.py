@@ -629,7 +629,7 @@ def test_serve_refuses_bad_input_in_one_line(example, tmp_path, monkeypatch):
                                  _free_port()), says="2 replica(s) reserve 2 CPU(s) each (--threads) and the Ray "
                      "cluster has 2")
 
-    assert_bad_input(road_export("serve", tmp_path / "nothing"), says="not a model directory")
+    assert_bad_input(road_export("serve", tmp_path / "nothing"), says="nothing: no such directory")
     assert_bad_input(road_export("serve", example.model, "--port", "70000"), says="not a TCP port")
     assert_bad_input(road_export("serve", example.model, "--max-batch-size", "0"), says="must be >= 1")
     assert_bad_input(road_export("serve", example.base), says="not a model directory")

@@ -204,6 +204,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from road_export.model_dir import is_model_dir
 
     model = Path(args.model)
+    if not model.exists():
+        raise RoadError(f"{model}: no such directory; give a model directory written by road-export ... --mode "
+                        "rotate OUT_DIR")
     if not is_model_dir(model):
         raise RoadError(f"{model}: not a model directory (no onnx/model.onnx); write one with road-export --base B "
                         "--adapter NAME=DIR --mode rotate OUT_DIR")
