@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, Terminated
 
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 128 + signal.SIGTERM
@@ -45,10 +45,6 @@ EXAMPLES = """examples:
   road-export kernels --genai-config ./llama-road          ... and name them in the directory's genai_config.json
   road-export help verify                                  one command's options
 """
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt so every writer's cleanup runs."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,5 +1,12 @@
-"""The one error type road-export raises for bad input: the CLI prints it as one line and exits 2."""
+"""The one error type road-export raises for bad input (the CLI prints it as one line and exits 2), and the
+exception a SIGTERM becomes (the CLI exits 143). Both live here, below every module that raises them, so that
+`python -m road_export.cli` (the CLI module loaded twice: as __main__ and as road_export.cli) catches the class
+the serving code raises."""
 
 
 class RoadError(ValueError):
     """Bad input: the message names the file, module or tensor, and says how to fix it."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so every writer's cleanup runs."""

@@ -416,6 +416,9 @@ def test_messages_say_what_is_wrong_and_nulls_are_defaults(client):
     done = client.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 3, "temperature": 0,
                                                 "n": None, "stream": None, "ignore_eos": None})
     assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] >= 1
+    deep = "[" * 5000 + "]" * 5000  # deeper than json's decoder goes: RecursionError, not a 500
+    response = client.post("/v1/completions", content=deep, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not JSON" in response.json()["error"]["message"]
     for response in (client.get("/v1/nothing"), client.get("/v1/completions")):
         error = response.json()["error"]
         assert response.status_code in (404, 405) and error["type"] == "invalid_request_error" and error["message"]

@@ -234,7 +234,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     served_model_name=args.served_model_name, native=False if args.no_native else None)
     names = engine.model_names
     del engine
-    from road_export.cli import Terminated
+    from road_export.errors import Terminated
 
     stop, serving = threading.Event(), threading.Event()
 
@@ -247,7 +247,12 @@ def run_serve(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     ours = False
     try:
-        ours = start_ray(args.address, args.ingress, include_dashboard=False)
+        try:
+            ours = start_ray(args.address, args.ingress, include_dashboard=False)
+        except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit(15)), in place while it starts
+            if e.code == signal.SIGTERM:
+                raise Terminated() from None
+            raise
         for s in previous:  # ray.init puts its own SIGTERM handler (sys.exit) in place of ours
             signal.signal(s, on_signal)
         if ours:  # the HTTP port is this machine's (a joined instance may serve on it already)

@@ -54,8 +54,8 @@ def create_app(service: OpenAIService, stats: Any = None):
     async def complete(request: Request, chat: bool):
         try:
             body = json.loads(await request.body())
-        except ValueError as e:
-            raise ApiError(f"the request body is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the decoder goes
+            raise ApiError(f"the request body is not JSON that can be read ({type(e).__name__}: {e})") from None
         work = asyncio.ensure_future(service.complete(body, chat=chat))
         result = await _unless_disconnected(request, work)
         if isinstance(result, dict):

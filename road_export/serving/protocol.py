@@ -229,8 +229,9 @@ class OpenAIService:
         event loop, and every other request, while it is tokenized)."""
         limit = self.core.context_length * self.core.tokenizer.max_token_chars
         if len(text) > limit:
+            verb = "have" if param == "messages" else "has"
             raise ApiError(f"This model's maximum context length is {self.core.context_length} tokens. However, "
-                           f"your {param} has {len(text)} characters, more than that many tokens can hold "
+                           f"your {param} {verb} {len(text)} characters, more than that many tokens can hold "
                            f"({limit}). Please shorten it.", param=param, code="context_length_exceeded")
 
     async def submit(self, request: GenerationRequest):
