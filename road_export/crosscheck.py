@@ -182,7 +182,9 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
     got_session, ref_session = _session(onnx_path, native), _session(reference_path, native)
     # a quantized file against a float one (or another scheme) differs by design: judged by cosine, as verify
     # judges a quantized file against peft; two files quantized alike must agree within atol
-    schemes = [_quantization(p) for p in (onnx_path, reference_path)]
+    from road_export.quantize import file_quantization
+
+    schemes = [file_quantization(p) for p in (onnx_path, reference_path)]
     by_cosine = schemes[0] != schemes[1]
     if by_cosine and atol is not None:  # a tolerance would not change the verdict: refused, not silently ignored
         from road_export.parity import COSINE_MIN, TOKEN_COSINE_MIN
@@ -271,26 +273,14 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
     return report
 
 
-def _sidecars(path: Path) -> dict[str, Path]:
-    """The `.onnx_adapter` files beside `path`: {adapter name: file}, named `<stem>.<name>.onnx_adapter` with no
-    dot in the name (as swap.discover takes them; fingerprints are not checked here: the values are compared)."""
-    from road_export.swap import SUFFIX
-
-    found = {}
-    for file in sorted(path.parent.glob(f"{path.stem}.*{SUFFIX}")):
-        name = file.name[len(path.stem) + 1:-len(SUFFIX)]
-        if name and "." not in name:
-            found[name] = file
-    return found
-
-
 def _sidecar_rows(onnx_path: Path, reference_path: Path, atol: float) -> list[OutputParity]:
     """One row per adapter sidecar beside either swappable file (`NEW.stem.NAME.onnx_adapter` against
     `TRUSTED.stem.NAME.onnx_adapter`): it passes when both files exist, hold the same parameter names and shapes, and
     their values agree within `atol`; a sidecar beside one file only, or an unreadable one, fails."""
-    from road_export.swap import read_adapter_values
+    from road_export.swap import read_adapter_values, sidecar_candidates
 
-    got_files, ref_files = _sidecars(onnx_path), _sidecars(reference_path)
+    # by name only, fingerprints unchecked: the values are compared
+    got_files, ref_files = sidecar_candidates(onnx_path), sidecar_candidates(reference_path)
 
     def failed(case: str) -> OutputParity:
         return OutputParity("sidecar", case, [], float("inf"), float("inf"), 0.0, None, False)
@@ -320,16 +310,6 @@ def _sidecar_rows(onnx_path: Path, reference_path: Path, atol: float) -> list[Ou
         row.shape = [len(keys)]
         rows.append(row)
     return rows
-
-
-def _quantization(path: Path) -> str | None:
-    """road_export.quantize's scheme of the file, or its quantized nodes by op type; None for a float file (the
-    graph is read, external weights are not)."""
-    import onnx_ir as ir
-
-    from road_export.quantize import quantization
-
-    return quantization(ir.load(str(path)))
 
 
 def _present(case: str, got: list[np.ndarray], expected: list[np.ndarray], mask: np.ndarray,

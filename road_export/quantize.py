@@ -83,12 +83,23 @@ def quantization(model: ir.Model) -> str | None:
     DequantizeLinear, ...); None for a float model."""
     record = model.metadata_props.get(METADATA_QUANTIZE)
     if record:
-        try:
-            return json.loads(record)["scheme"]
-        except (ValueError, KeyError, TypeError):
-            return record
+        return recorded_scheme(record)
     counts = Counter(node.op_type for node in model.graph.all_nodes() if node.op_type in QUANTIZED_OPS)
     return ", ".join(f"{n} {op}" for op, n in counts.most_common()) or None
+
+
+def recorded_scheme(record: str) -> str:
+    """The scheme ("int4", "int8") of a `road_export.quantize` metadata record; the record itself when it is not
+    the JSON this module writes."""
+    try:
+        return json.loads(record)["scheme"]
+    except (ValueError, KeyError, TypeError):
+        return record
+
+
+def file_quantization(path: str | os.PathLike) -> str | None:
+    """`quantization` of an ONNX file, its graph read without its weights (onnx-ir leaves external data unread)."""
+    return quantization(ir.load(str(path)))
 
 
 def check_scheme(scheme: str) -> int:

@@ -97,6 +97,19 @@ def check_adapter_file(path: str | Path, records: dict[str, dict], model_name: s
     return version
 
 
+def sidecar_candidates(model_path: str | Path) -> dict[str, Path]:
+    """The `.onnx_adapter` files beside a model by their names alone, sorted: {adapter name: path} for every
+    `<model stem>.<name>.onnx_adapter` with no dot in `name` (so a sibling model's `<model stem>.v2.<name>.onnx_adapter`
+    is not one). Nothing is read: `discover` checks their contents."""
+    model_path = Path(model_path)
+    found: dict[str, Path] = {}
+    for file in sorted(model_path.parent.glob(f"{model_path.stem}.*{SUFFIX}")):
+        name = file.name[len(model_path.stem) + 1:-len(SUFFIX)]
+        if name and "." not in name:
+            found[name] = file
+    return found
+
+
 def discover(model_path: str | Path, records: dict[str, dict]) -> dict[str, Path]:
     """The `.onnx_adapter` files beside a model that were made for it: {adapter name: path}.
 
@@ -108,11 +121,7 @@ def discover(model_path: str | Path, records: dict[str, dict]) -> dict[str, Path
     model_path = Path(model_path)
     expected = fingerprint(parameters(records))
     found: dict[str, Path] = {}
-    prefix = f"{model_path.stem}."
-    for file in sorted(model_path.parent.glob(f"{model_path.stem}.*{SUFFIX}")):
-        name = file.name[len(prefix):-len(SUFFIX)]
-        if not name or "." in name:
-            continue
+    for name, file in sidecar_candidates(model_path).items():
         try:
             version = check_adapter_file(file, records, model_path.name)
         except RoadError as e:

@@ -61,19 +61,13 @@ def onnx_metadata(path: str | Path) -> dict[str, str]:
 
 
 def onnx_quantization(path: str | Path, meta: dict[str, str] | None = None) -> str | None:
-    """The file's quantization ("int4", "int8" from road_export.quantize's record, or the first quantized op type
-    in the graph); None for a float file. Reads the graph without its weights."""
-    meta = onnx_metadata(path) if meta is None else meta
-    record = meta.get("road_export.quantize")
-    if record:
-        try:
-            return json.loads(record)["scheme"]
-        except (ValueError, KeyError, TypeError):
-            return record
-    from road_export.quantize import QUANTIZED_OPS
+    """The file's quantization ("int4", "int8" from road_export.quantize's record, given in `meta` when the caller
+    has read it, else its quantized nodes by op type: `road_export.quantize.quantization`); None for a float file.
+    Reads the graph without its weights."""
+    from road_export.quantize import METADATA_QUANTIZE, file_quantization, recorded_scheme
 
-    model = onnx.load(str(path), load_external_data=False)
-    return next((n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS), None)
+    record = (onnx_metadata(path) if meta is None else meta).get(METADATA_QUANTIZE)
+    return recorded_scheme(record) if record else file_quantization(path)
 
 
 def verify(

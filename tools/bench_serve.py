@@ -220,6 +220,8 @@ async def bench(url: str, models: list[str], args) -> None:
 
 
 def main() -> None:
+    from road_export.serving.cli import INGRESSES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
@@ -229,7 +231,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=0.0, help="the server's --batch-wait-ms")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy", help="the server's --ingress")
+    parser.add_argument("--ingress", choices=INGRESSES, default="proxy", help="the server's --ingress")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the server's --device (cuda: "
                         "onnxruntime-gpu, one GPU)")
     parser.add_argument("--spin", dest="no_spin", action="store_false", help="let onnxruntime's intra-op threads "

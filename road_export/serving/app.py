@@ -96,13 +96,17 @@ class RoadServer:
         return self.loop.submit_many(requests)
 
 
+def _check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+
+
 def providers_for(device: str) -> list | None:
     """onnxruntime's providers for a replica on `device`: "cpu" (None: the CPU provider) or "cuda" (the CUDA
     provider on device 0 of those Ray made visible to the replica, then the CPU; `road_export.gpu.cuda_providers`
     with TF32 off, as torch's default: float32 products at full precision, so a float32 model's text is the CPU's).
     Raises ValueError for another device."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    _check_device(device)
     if device == "cpu":
         return None
     from road_export.gpu import cuda_providers
@@ -118,8 +122,7 @@ def build_app(model_dir: str, *, replicas: int = 1, max_batch_size: int = 16, ba
     CUDA_VISIBLE_DEVICES to it), and accepting up to 4 × max_batch_size requests at once.
     `session_config`: onnxruntime session config entries for each replica's session. Raises ValueError for a
     device other than "cpu" and "cuda"."""
-    if device not in DEVICES:  # checked before anything is deployed, not in a replica's crash loop
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    _check_device(device)  # before anything is deployed, not in a replica's crash loop
     options: dict[str, Any] = {"num_cpus": num_cpus if num_cpus is not None else (threads or 1)}
     if device == "cuda":
         options["num_gpus"] = 1

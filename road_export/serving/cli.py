@@ -18,7 +18,7 @@ import signal
 import threading
 from pathlib import Path
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, Terminated
 
 __all__ = ["run_serve", "serve_parser", "start_ray"]
 
@@ -90,8 +90,6 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
-
-
 INGRESSES = ("proxy", "haproxy")
 
 
@@ -234,8 +232,6 @@ def run_serve(args: argparse.Namespace) -> int:
                     served_model_name=args.served_model_name, native=False if args.no_native else None)
     names = engine.model_names
     del engine
-    from road_export.errors import Terminated
-
     stop, serving = threading.Event(), threading.Event()
 
     def on_signal(signum, _frame):

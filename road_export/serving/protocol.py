@@ -58,6 +58,16 @@ def _number(body: dict, key: str, default, *, low: float, high: float, integer: 
     return value
 
 
+def _flag(body: dict, key: str) -> bool:
+    """An optional boolean: false when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(f"{key} must be true or false", param=key, code="invalid_value")
+    return value
+
+
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it sample greedily
 
 
@@ -149,14 +159,7 @@ class OpenAIService:
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
             raise ApiError("stop must be a string or a list of up to 4 strings", param="stop", code="invalid_value")
-        stream = body.get("stream")
-        stream = False if stream is None else stream
-        if not isinstance(stream, bool):
-            raise ApiError("stream must be true or false", param="stream", code="invalid_value")
-        ignore_eos = body.get("ignore_eos")
-        ignore_eos = False if ignore_eos is None else ignore_eos
-        if not isinstance(ignore_eos, bool):
-            raise ApiError("ignore_eos must be true or false", param="ignore_eos", code="invalid_value")
+        stream, ignore_eos = _flag(body, "stream"), _flag(body, "ignore_eos")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError("stream_options must be an object", param="stream_options", code="invalid_value")
