@@ -5,12 +5,21 @@
     road.RotateTied(X, C1, C2; group_size) -> Y    the same op when both halves of every group share C1/C2
     road.MatMulRotate(X, W, C1, C2; group_size) -> Y               Y = Rotate(X @ W, C1, C2)
     road.MatMulRotateRows(X, W, C1, C2, adapter_ids; group_size)   the same, row b of X using C1[adapter_ids[b]]
+    road.LinearRotate(X, W, C1, C2; group_size) -> Y               Y = Rotate(X @ W^T, C1, C2), W [n, k]
+    road.LinearRotateRows(X, W, C1, C2, adapter_ids; group_size)   the same with banks
+    road.MatMulNBitsRotate(A, B, scales, C1, C2; K, N, bits, block_size, group_size)
+                                                     Y = Rotate(com.microsoft.MatMulNBits(A, B, scales), C1, C2)
+    road.MatMulNBitsRotateRows(A, B, scales, C1, C2, adapter_ids; K, N, bits, block_size, group_size)
 
 X: any float tensor [..., d] (float, float16, bfloat16, double); C1 and C2 broadcast against X: shape [d], or
 [batch, 1, d] for per-row adapters; group_size g is even and divides d. The MatMul forms take W [k, n] (X [..., k],
 Y [..., n]); in MatMulRotateRows C1/C2 are banks [adapters, n] and adapter_ids int64 [batch] picks a bank row
 for each index of X's first axis. They exist for onnxruntime's CUDA provider, where one node instead of two
-saves a node's host cost (passes/matmul_rotate.py writes them in memory when a session opens on CUDA). The maths
+saves a node's host cost (passes/matmul_rotate.py writes them in memory when a session opens on CUDA). The
+Linear and MatMulNBits forms keep the weight as [n, k] rows (a torch Linear weight; MatMulNBits' quantized blocks
+[N, K / block_size, block_size * bits / 8] with scales [N * K / block_size], symmetric: no zero points), the layout
+in which the CUDA kernel reads each output column's weights contiguously (passes/linear_rotate.py writes them into
+onnxruntime-genai model directories for CUDA, where the file itself must hold the fused node). The maths
 follows peft's `src/peft/tuners/road/layer.py` (`_apply_road`), see road_export/rotation.py.
 
 Why nodes are emitted bare and the functions attached afterwards: `torch.onnx.export` runs its version
@@ -29,9 +38,11 @@ from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
 __all__ = [
-    "DOMAIN", "MATMUL_OP_TYPE", "MATMUL_ROWS_OP_TYPE", "MICROSOFT", "OP_TYPE", "SCHEMA", "TIED_OP_TYPE", "TIED_SCHEMA",
-    "VERSION", "MatMulRotate", "MatMulRotateRows", "Rotate", "RotateNode", "attach_functions", "function_definition",
-    "register_schemas", "road_opset", "tied_function_definition",
+    "DOMAIN", "LINEAR_OP_TYPE", "LINEAR_ROWS_OP_TYPE", "MATMUL_OP_TYPE", "MATMUL_ROWS_OP_TYPE", "MICROSOFT",
+    "NBITS_OP_TYPE", "NBITS_ROWS_OP_TYPE", "OP_TYPE", "SCHEMA", "TIED_OP_TYPE", "TIED_SCHEMA", "VERSION",
+    "LinearRotate", "LinearRotateRows", "MatMulNBitsRotate", "MatMulNBitsRotateRows", "MatMulRotate",
+    "MatMulRotateRows", "Rotate", "RotateNode", "attach_functions", "function_definition", "register_schemas",
+    "road_opset", "tied_function_definition",
 ]
 
 DOMAIN = "road"
@@ -42,6 +53,11 @@ _T = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 TIED_OP_TYPE = "RotateTied"  # road_1's coefficients: both halves of a group share c1/c2 (see passes/lower.py)
 MATMUL_OP_TYPE = "MatMulRotate"  # X @ W then the rotation (passes/matmul_rotate.py, for CUDA sessions)
 MATMUL_ROWS_OP_TYPE = "MatMulRotateRows"  # the same with coefficient banks picked per row by adapter_ids
+LINEAR_OP_TYPE = "LinearRotate"  # X @ W^T (W [n, k]) then the rotation (passes/linear_rotate.py)
+LINEAR_ROWS_OP_TYPE = "LinearRotateRows"
+NBITS_OP_TYPE = "MatMulNBitsRotate"  # com.microsoft.MatMulNBits then the rotation (passes/linear_rotate.py)
+NBITS_ROWS_OP_TYPE = "MatMulNBitsRotateRows"
+MICROSOFT = "com.microsoft"
 
 
 def _same_as_x(ctx) -> None:
@@ -94,6 +110,52 @@ def _matmul_schema(op_type: str, rows: bool, doc: str) -> OpSchema:
     return schema
 
 
+def _linear_output(ctx) -> None:
+    """Type and shape inference of the Linear forms: Y has X's type and shape X[:-1] + [W's first axis]."""
+    _product_output(ctx, lambda w: w.tensor_type.shape.dim[0] if len(w.tensor_type.shape.dim) == 2 else None)
+
+
+def _nbits_output(ctx) -> None:
+    """Type and shape inference of the MatMulNBits forms: Y has A's type and shape A[:-1] + [N]."""
+    n = ctx.get_attribute("N") if hasattr(ctx, "get_attribute") else None
+    value = onnx.helper.get_attribute_value(n) if n is not None else None
+    dim = onnx.TensorShapeProto.Dimension(dim_value=value) if isinstance(value, int) else None
+    _product_output(ctx, lambda w: dim)
+
+
+def _product_output(ctx, last) -> None:
+    if not ctx.has_input(0):
+        return
+    out = onnx.TypeProto()
+    out.CopyFrom(ctx.get_input_type(0))
+    w = ctx.get_input_type(1) if ctx.has_input(1) else None
+    dims = out.tensor_type.shape.dim
+    found = last(w) if w is not None and w.tensor_type.HasField("shape") else None
+    if len(dims) and found is not None:
+        dims[len(dims) - 1].CopyFrom(found)
+    elif len(dims):
+        dims[len(dims) - 1].Clear()
+    ctx.set_output_type(0, out)
+
+
+def _product_schema(op_type: str, names: list[str], rows: bool, nbits: bool, doc: str, infer) -> OpSchema:
+    inputs = [OpSchema.FormalParameter(n, "Q" if n == "B" and nbits else "T") for n in names]
+    constraints = [("T", _T[:3] if nbits else _T, "float tensors")]
+    if nbits:
+        constraints.append(("Q", ["tensor(uint8)"], "quantized blocks"))
+    if rows:
+        inputs.append(OpSchema.FormalParameter("adapter_ids", "I"))
+        constraints.append(("I", ["tensor(int64)"], "adapter ids"))
+    attributes = [OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "even group size g")]
+    if nbits:
+        attributes += [OpSchema.Attribute(a, OpSchema.AttrType.INT, f"MatMulNBits' {a}")
+                       for a in ("K", "N", "bits", "block_size")]
+    schema = OpSchema(op_type, DOMAIN, VERSION, doc=doc, inputs=inputs, outputs=[OpSchema.FormalParameter("Y", "T")],
+                      type_constraints=constraints, attributes=attributes)
+    schema.set_type_and_shape_inference_function(infer)
+    return schema
+
+
 SCHEMA = _schema(OP_TYPE, "RoAd rotation: Y = X * C1 + rot(X) * C2, pairs (i, i + group_size/2) inside each group "
                  "of X's last axis.")
 TIED_SCHEMA = _schema(TIED_OP_TYPE, "RoAd rotation whose two halves of every group share C1/C2 (road_1): the same "
@@ -103,6 +165,16 @@ TIED_SCHEMA = _schema(TIED_OP_TYPE, "RoAd rotation whose two halves of every gro
 MATMUL_SCHEMA = _matmul_schema(MATMUL_OP_TYPE, False, "Y = Rotate(X @ W, C1, C2): W [k, n], X [..., k].")
 MATMUL_ROWS_SCHEMA = _matmul_schema(MATMUL_ROWS_OP_TYPE, True, "Y = Rotate(X @ W, C1[adapter_ids], C2[adapter_ids]): "
                                     "banks C1/C2 [adapters, n], one id per index of X's first axis.")
+LINEAR_SCHEMA = _product_schema(LINEAR_OP_TYPE, ["X", "W", "C1", "C2"], False, False,
+                                "Y = Rotate(X @ W^T, C1, C2): W [n, k], X [..., k].", _linear_output)
+LINEAR_ROWS_SCHEMA = _product_schema(LINEAR_ROWS_OP_TYPE, ["X", "W", "C1", "C2"], True, False,
+                                     "Y = Rotate(X @ W^T, C1[adapter_ids], C2[adapter_ids]).", _linear_output)
+NBITS_SCHEMA = _product_schema(NBITS_OP_TYPE, ["A", "B", "scales", "C1", "C2"], False, True,
+                               "Y = Rotate(com.microsoft.MatMulNBits(A, B, scales), C1, C2), symmetric blocks.",
+                               _nbits_output)
+NBITS_ROWS_SCHEMA = _product_schema(NBITS_ROWS_OP_TYPE, ["A", "B", "scales", "C1", "C2"], True, True,
+                                    "Y = Rotate(com.microsoft.MatMulNBits(A, B, scales), C1[adapter_ids], "
+                                    "C2[adapter_ids]).", _nbits_output)
 
 
 def register_schemas() -> list[str]:
@@ -115,7 +187,8 @@ def register_schemas() -> list[str]:
     process; `import road_export.ops` is enough to trigger it.
     """
     done = []
-    for schema in (SCHEMA, TIED_SCHEMA, MATMUL_SCHEMA, MATMUL_ROWS_SCHEMA):
+    for schema in (SCHEMA, TIED_SCHEMA, MATMUL_SCHEMA, MATMUL_ROWS_SCHEMA, LINEAR_SCHEMA, LINEAR_ROWS_SCHEMA,
+                   NBITS_SCHEMA, NBITS_ROWS_SCHEMA):
         if not onnx.defs.has(schema.name, schema.since_version, schema.domain):
             onnx.defs.register_schema(schema)
             done.append(schema.name)
@@ -162,7 +235,45 @@ def MatMulRotateRows(X, W, C1, C2, adapter_ids, group_size: int):
     return Rotate(Y, R1, R2, group_size=group_size)
 
 
-MICROSOFT = "com.microsoft"
+msft = onnxscript.values.Opset(MICROSOFT, 1)
+
+
+@onnxscript.script(road_opset, default_opset=op)
+def LinearRotate(X, W, C1, C2, group_size: int):
+    """road.LinearRotate's body: road.Rotate of X @ W^T (W [n, k], a Linear weight)."""
+    return Rotate(op.MatMul(X, op.Transpose(W, perm=[1, 0])), C1, C2, group_size=group_size)
+
+
+@onnxscript.script(road_opset, default_opset=op)
+def LinearRotateRows(X, W, C1, C2, adapter_ids, group_size: int):
+    """road.LinearRotateRows's body: as MatMulRotateRows's, with W [n, k]."""
+    Y = op.MatMul(X, op.Transpose(W, perm=[1, 0]))
+    inner = op.Shape(Y, start=1, end=-1)
+    ones = op.Expand(op.Constant(value_ints=[1]), op.Shape(inner))
+    shape = op.Concat(op.Shape(adapter_ids), ones, op.Shape(C1, start=-1), axis=0)
+    R1 = op.Reshape(op.Gather(C1, adapter_ids, axis=0), shape)
+    R2 = op.Reshape(op.Gather(C2, adapter_ids, axis=0), shape)
+    return Rotate(Y, R1, R2, group_size=group_size)
+
+
+@onnxscript.script(road_opset, default_opset=op)
+def MatMulNBitsRotate(A, B, scales, C1, C2, K: int, N: int, bits: int, block_size: int, group_size: int):
+    """road.MatMulNBitsRotate's body: road.Rotate of onnxruntime's com.microsoft.MatMulNBits(A, B, scales)."""
+    return Rotate(msft.MatMulNBits(A, B, scales, K=K, N=N, bits=bits, block_size=block_size), C1, C2,
+                  group_size=group_size)
+
+
+@onnxscript.script(road_opset, default_opset=op)
+def MatMulNBitsRotateRows(A, B, scales, C1, C2, adapter_ids, K: int, N: int, bits: int, block_size: int,
+                          group_size: int):
+    """road.MatMulNBitsRotateRows's body: MatMulNBits, then the bank rows picked by adapter_ids into road.Rotate."""
+    Y = msft.MatMulNBits(A, B, scales, K=K, N=N, bits=bits, block_size=block_size)
+    inner = op.Shape(Y, start=1, end=-1)
+    ones = op.Expand(op.Constant(value_ints=[1]), op.Shape(inner))
+    shape = op.Concat(op.Shape(adapter_ids), ones, op.Shape(C1, start=-1), axis=0)
+    R1 = op.Reshape(op.Gather(C1, adapter_ids, axis=0), shape)
+    R2 = op.Reshape(op.Gather(C2, adapter_ids, axis=0), shape)
+    return Rotate(Y, R1, R2, group_size=group_size)
 
 
 def function_definition(opset: int) -> ir.Function:
@@ -249,12 +360,16 @@ def tied_function_definition(opset: int) -> ir.Function:
 def attach_functions(model: ir.Model) -> int:
     """Add the definitions of the `road` ops the graph uses; returns the number of road nodes."""
     used = {node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN}
-    if used & {MATMUL_OP_TYPE, MATMUL_ROWS_OP_TYPE}:
+    if used & {MATMUL_OP_TYPE, MATMUL_ROWS_OP_TYPE, LINEAR_OP_TYPE, LINEAR_ROWS_OP_TYPE, NBITS_OP_TYPE,
+               NBITS_ROWS_OP_TYPE}:
         used.add(OP_TYPE)  # their bodies call road.Rotate
     opset = model.opset_imports.get("", 18)
     builders = {OP_TYPE: function_definition, TIED_OP_TYPE: tied_function_definition,
                 MATMUL_OP_TYPE: _script_definition(MatMulRotate),
-                MATMUL_ROWS_OP_TYPE: _script_definition(MatMulRotateRows)}
+                MATMUL_ROWS_OP_TYPE: _script_definition(MatMulRotateRows),
+                LINEAR_OP_TYPE: _script_definition(LinearRotate), LINEAR_ROWS_OP_TYPE: _script_definition(LinearRotateRows),
+                NBITS_OP_TYPE: _script_definition(MatMulNBitsRotate),
+                NBITS_ROWS_OP_TYPE: _script_definition(MatMulNBitsRotateRows)}
     for op_type in used:
         if op_type not in builders:
             raise ValueError(f"unknown op {DOMAIN}.{op_type}; road-export defines {', '.join(builders)}")

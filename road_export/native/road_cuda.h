@@ -325,10 +325,162 @@ __device__ __forceinline__ void gemv(const GemvParams& g) {
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) road_gemv_f32(GemvParams p) { gemv<float>(p); }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) road_gemv_f16(GemvParams p) { gemv<h16>(p); }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) road_gemv_bf16(GemvParams p) { gemv<b16>(p); }
+// Y = rotate(X @ W^T) with W [n, k] row-major, one launch for any number of rows: W is a Linear weight ([out, in],
+// as torch and onnxruntime's MatMulNBits keep it) or MatMulNBits' 4/8-bit blocks [n, k / bs, bs * bits / 8] with
+// scales [n, k / bs] (symmetric: zero point 2^(bits-1)). One warp per rotation pair: columns c1 = group * g + i and
+// c2 = c1 + g/2, so the rotation needs no shared memory; 8 pairs (8 warps) per block, n/16 blocks, so a decode
+// step's product spreads over every SM. A lane takes 16 bytes of each of the two weight rows at a time, strided by
+// 32 lanes along k (coalesced: the warp reads 512 contiguous bytes of a row), and keeps up to 8 rows of X in
+// float sums; blockIdx.y walks chunks of 8 rows (a prefill reads the weights once per chunk).
+#define LIN_ROWS 8
+struct LinParams { Params p; const void* w; const void* scales; long long k, blocks_per_col; int block_size, bits; };
+template <typename T>
+__device__ __forceinline__ void linear_dot8(const T* x, long long k, int rows, long long kk, const float* w1,
+                                            const float* w2, float* acc1, float* acc2) {
+  // 8 consecutive k of up to LIN_ROWS rows of X against two weight rows (already floats)
+#pragma unroll
+  for (int m = 0; m < LIN_ROWS; ++m) {
+    if (m < rows) {
+      float xv[8];
+      if (sizeof(T) == 2) {
+        uint4 raw = __ldg((const uint4*)(x + m * k + kk));
+        const T* v = (const T*)&raw;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) xv[j] = ld(v[j]);
+      } else {
+        uint4 r0 = __ldg((const uint4*)(x + m * k + kk)), r1 = __ldg((const uint4*)(x + m * k + kk) + 1);
+        const T* v0 = (const T*)&r0; const T* v1 = (const T*)&r1;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) { xv[j] = ld(v0[j]); xv[j + 4] = ld(v1[j]); }
+      }
+      float s1 = 0, s2 = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) { s1 += xv[j] * w1[j]; s2 += xv[j] * w2[j]; }
+      acc1[m] += s1;
+      acc2[m] += s2;
+    }
+  }
+}
+template <typename T>
+__device__ __forceinline__ void load8(const T* w, float* out) {  // 8 weights of a float row, as floats
+  if (sizeof(T) == 2) {
+    uint4 raw = __ldg((const uint4*)w);
+    const T* v = (const T*)&raw;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = ld(v[j]);
+  } else {
+    uint4 r0 = __ldg((const uint4*)w), r1 = __ldg((const uint4*)w + 1);
+    const T* v0 = (const T*)&r0; const T* v1 = (const T*)&r1;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) { out[j] = ld(v0[j]); out[j + 4] = ld(v1[j]); }
+  }
+}
+template <typename T, int BITS>
+__device__ __forceinline__ void linear(const LinParams& g) {
+  const Params& p = g.p;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long pair = (long long)blockIdx.x * 8 + warp;
+  if (pair * 2 >= p.d) return;
+  const long long half = p.half, group = pair / half;
+  const long long c1 = group * 2 * half + (pair - group * half), c2 = c1 + half;
+  const long long k = g.k, row0 = (long long)blockIdx.y * LIN_ROWS;
+  const int rows = (int)(p.rows - row0 < LIN_ROWS ? p.rows - row0 : LIN_ROWS);
+  const T* x = (const T*)p.x + row0 * k;
+  float acc1[LIN_ROWS], acc2[LIN_ROWS];
+#pragma unroll
+  for (int m = 0; m < LIN_ROWS; ++m) { acc1[m] = 0; acc2[m] = 0; }
+  if constexpr (BITS == 0) {  // float weights: 8 values (16 or 32 bytes) per lane and step
+    const T* w1 = (const T*)g.w + c1 * k;
+    const T* w2 = (const T*)g.w + c2 * k;
+    for (long long kk = (long long)lane * 8; kk < k; kk += 32 * 8) {
+      float a[8], b[8];
+      load8<T>(w1 + kk, a);
+      load8<T>(w2 + kk, b);
+      linear_dot8<T>(x, k, rows, kk, a, b, acc1, acc2);
+    }
+  } else {  // 16 bytes of quantized blocks per lane and step: 128 / BITS values, dequantized 8 at a time
+    constexpr int kPer = 128 / BITS;
+    const long long row_bytes = g.blocks_per_col * (long long)g.block_size * BITS / 8;
+    const unsigned char* w1 = (const unsigned char*)g.w + c1 * row_bytes;
+    const unsigned char* w2 = (const unsigned char*)g.w + c2 * row_bytes;
+    const T* s1 = (const T*)g.scales + c1 * g.blocks_per_col;
+    const T* s2 = (const T*)g.scales + c2 * g.blocks_per_col;
+    const float zero = (float)(1 << (BITS - 1));
+    for (long long kk = (long long)lane * kPer; kk < k; kk += 32 * kPer) {
+      const uint4 q1 = __ldg((const uint4*)(w1 + kk * BITS / 8));
+      const uint4 q2 = __ldg((const uint4*)(w2 + kk * BITS / 8));
+      const unsigned* u1 = (const unsigned*)&q1;
+      const unsigned* u2 = (const unsigned*)&q2;
+#pragma unroll
+      for (int part = 0; part < kPer / 8; ++part) {
+        const long long at = kk + part * 8;
+        const float f1 = ld(s1[at / g.block_size]), f2 = ld(s2[at / g.block_size]);
+        float a[8], b[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          unsigned v1, v2;
+          if constexpr (BITS == 4) {  // 8 nibbles in one 32-bit word, low nibble first (MatMulNBits' order)
+            v1 = (u1[part] >> (4 * j)) & 15u;
+            v2 = (u2[part] >> (4 * j)) & 15u;
+          } else {          // 8 bytes in two words
+            v1 = (u1[part * 2 + j / 4] >> (8 * (j & 3))) & 255u;
+            v2 = (u2[part * 2 + j / 4] >> (8 * (j & 3))) & 255u;
+          }
+          a[j] = ((float)v1 - zero) * f1;
+          b[j] = ((float)v2 - zero) * f2;
+        }
+        if (at < k) linear_dot8<T>(x, k, rows, at, a, b, acc1, acc2);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < LIN_ROWS; ++m) {
+    if (m < rows) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        acc1[m] += __shfl_xor_sync(0xffffffffu, acc1[m], o);
+        acc2[m] += __shfl_xor_sync(0xffffffffu, acc2[m], o);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < LIN_ROWS; ++m) {
+    if (m < rows && lane == m) {
+      const long long row = row0 + m;
+      T* y = (T*)p.y + row * p.d;
+      long long o1, o2;
+      if (!coef_offset(p, row, &o1, &o2)) {
+        st(y + c1, __int_as_float(0x7fc00000));
+        st(y + c2, __int_as_float(0x7fc00000));
+      } else {
+        const T* a = (const T*)p.c1 + o1;
+        const T* b = (const T*)p.c2 + o2;
+        st(y + c1, ld(a[c1]) * acc1[m] - ld(b[c1]) * acc2[m]);
+        st(y + c2, ld(b[c2]) * acc1[m] + ld(a[c2]) * acc2[m]);
+      }
+    }
+  }
+}
+extern "C" __global__ void __launch_bounds__(256) road_linear_f32(LinParams p) { linear<float, 0>(p); }
+extern "C" __global__ void __launch_bounds__(256) road_linear_f16(LinParams p) { linear<h16, 0>(p); }
+extern "C" __global__ void __launch_bounds__(256) road_linear_bf16(LinParams p) { linear<b16, 0>(p); }
+extern "C" __global__ void __launch_bounds__(256) road_nbits4_f32(LinParams p) { linear<float, 4>(p); }
+extern "C" __global__ void __launch_bounds__(256) road_nbits4_f16(LinParams p) { linear<h16, 4>(p); }
+extern "C" __global__ void __launch_bounds__(256) road_nbits4_bf16(LinParams p) { linear<b16, 4>(p); }
+extern "C" __global__ void __launch_bounds__(256) road_nbits8_f32(LinParams p) { linear<float, 8>(p); }
+extern "C" __global__ void __launch_bounds__(256) road_nbits8_f16(LinParams p) { linear<h16, 8>(p); }
+extern "C" __global__ void __launch_bounds__(256) road_nbits8_bf16(LinParams p) { linear<b16, 8>(p); }
 )CUDA";
 
-constexpr const char* kNames[8] = {"road_rotate_f32", "road_rotate_f64", "road_rotate_f16", "road_rotate_bf16",
-                                   "road_gemv_f32",   "road_gemv_f32",   "road_gemv_f16",   "road_gemv_bf16"};
+// kernel names, by index: rotations 0-3 and GEMVs 4-7 by type index (f32, f64, f16, bf16); then the W^T products
+// (`linear_index`: 8 + 3 * {float, 4-bit, 8-bit} + {f32, f16, bf16})
+constexpr int kKernels = 17;
+constexpr const char* kNames[kKernels] = {
+    "road_rotate_f32", "road_rotate_f64", "road_rotate_f16", "road_rotate_bf16",
+    "road_gemv_f32",   "road_gemv_f32",   "road_gemv_f16",   "road_gemv_bf16",
+    "road_linear_f32", "road_linear_f16", "road_linear_bf16",
+    "road_nbits4_f32", "road_nbits4_f16", "road_nbits4_bf16",
+    "road_nbits8_f32", "road_nbits8_f16", "road_nbits8_bf16"};
 // (no float64 GEMV: its shared sums would not fit in 48 KB; float64 products take cuBLAS)
 constexpr int kGemvRows = 8, kGemvTile = 64, kGemvThreads = 256;  // as GEMV_ROWS, GEMV_TILE, GEMV_THREADS above
 
@@ -405,7 +557,7 @@ inline bool cubin_for(int arch, std::vector<char>* out, std::string* why) {
 }
 
 struct Functions {
-  CUfunction fn[8] = {};
+  CUfunction fn[kKernels] = {};
 };
 
 inline std::string error_text(const Driver* d, CUresult r) {
@@ -459,7 +611,7 @@ inline bool functions_for(CUstream stream, const Functions** out, std::string* w
     *why = "cuModuleLoadData: " + error_text(d, r);
     ok = false;
   }
-  for (int i = 0; ok && i < 8; ++i) {
+  for (int i = 0; ok && i < kKernels; ++i) {
     if ((r = d->ModuleGetFunction(&functions.fn[i], module, kNames[i])) != 0) {
       *why = std::string("cuModuleGetFunction ") + kNames[i] + ": " + error_text(d, r);
       ok = false;
@@ -490,7 +642,7 @@ struct Cublas {
 constexpr int kCudaR32F = 0, kCudaR64F = 1, kCudaR16F = 2, kCudaR16BF = 14;  // cudaDataType_t
 constexpr int kCompute32F = 68, kCompute64F = 70;                               // cublasComputeType_t
 constexpr int kGemmDefault = -1;                                                // CUBLAS_GEMM_DEFAULT
-constexpr int kOpN = 0;                                                         // CUBLAS_OP_N
+constexpr int kOpN = 0, kOpT = 1;                                               // CUBLAS_OP_N, _T
 constexpr const char* kCublasNames[] = {"libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"};
 
 inline void* open_cublas() {
@@ -523,12 +675,13 @@ inline const Cublas* cublas() {
   return loaded;
 }
 
-// Y [m, n] = X [m, k] @ W [k, n], all row-major, on `stream` (column-major cuBLAS computes Y^T = W^T X^T);
+// Y [m, n] = X [m, k] @ W [k, n] (W [n, k] with `trans_w`), all row-major, on `stream` (column-major cuBLAS computes
+// Y^T = W^T X^T);
 // fp32 accumulation (fp64 for double; TF32 is not used, whatever onnxruntime's use_tf32), `type_index` as for
 // `launch`. One cuBLAS handle per CUDA context for the process, created at its first product and used under a lock
 // (setting the stream and enqueueing the GEMM take microseconds), so threads that come and go leak nothing.
 inline bool gemm(CUstream stream, int type_index, const void* x, const void* w, void* y, long long m, long long k,
-                 long long n, std::string* why) {
+                 long long n, std::string* why, bool trans_w = false) {
   const Cublas* cb = cublas();
   const Driver* d = driver();
   if (!cb || !d) {
@@ -569,8 +722,9 @@ inline bool gemm(CUstream stream, int type_index, const void* x, const void* w, 
   const double alpha64 = 1.0, beta64 = 0.0;
   const bool wide = type_index == 1;
   if (status == 0)
-    status = cb->GemmEx(handle, kOpN, kOpN, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
-                        wide ? static_cast<const void*>(&alpha64) : &alpha, w, type, static_cast<int>(n), x, type,
+    status = cb->GemmEx(handle, trans_w ? kOpT : kOpN, kOpN, static_cast<int>(n), static_cast<int>(m),
+                        static_cast<int>(k), wide ? static_cast<const void*>(&alpha64) : &alpha, w, type,
+                        static_cast<int>(trans_w ? k : n), x, type,
                         static_cast<int>(k > 0 ? k : 1), wide ? static_cast<const void*>(&beta64) : &beta, y, type,
                         static_cast<int>(n), wide ? kCompute64F : kCompute32F, kGemmDefault);
   if (status != 0) {
@@ -624,6 +778,54 @@ inline bool launch_gemv(CUstream stream, int type_index, const Params& params, c
   const unsigned blocks = static_cast<unsigned>((params.d + kGemvTile - 1) / kGemvTile);
   const CUresult r = d->LaunchKernel(functions->fn[4 + type_index], blocks, 1, 1, kGemvThreads, 1, 1, 0, stream,
                                      args, nullptr);
+  if (r != 0) {
+    *why = "cuLaunchKernel: " + error_text(d, r);
+    return false;
+  }
+  return true;
+}
+
+// --- road.LinearRotate / road.MatMulNBitsRotate: Y = rotate(X @ W^T), W [n, k] ------------------------------------
+struct LinParams {  // as in kSource
+  Params p;
+  const void* w;
+  const void* scales;
+  long long k, blocks_per_col;
+  int block_size, bits;
+};
+
+// Whether `linear` takes a product of W [n, k] (bits 0: float W of X's type; 4 or 8: MatMulNBits blocks of
+// `block_size` with `blocks_per_col` blocks a row): whole groups (g even), k a multiple of 8 and, for blocks, each
+// row a whole number of 16-byte loads; X, W and scales aligned as the 16-byte loads need. float64 is not taken.
+inline bool linear_fits(int type_index, long long k, long long n, long long group_size, int bits, int block_size,
+                        long long blocks_per_col, const void* x, const void* w) {
+  if (type_index == 1 || k % 8 || n % group_size || group_size % 2) return false;
+  if (reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16) return false;
+  if (bits == 0) return true;
+  if ((bits != 4 && bits != 8) || block_size < 8 || block_size % 8) return false;
+  const long long values = blocks_per_col * block_size, per_load = 128 / bits;
+  return values >= k && values % per_load == 0 && (values * bits / 8) % 16 == 0;
+}
+
+// Launch `linear` (see kSource) on `stream`: `params` as for `launch`, with x = X and y = Y; every row of X, in
+// chunks of 8 on the grid's second axis.
+inline bool launch_linear(CUstream stream, int type_index, const Params& params, const void* w, const void* scales,
+                          long long k, long long blocks_per_col, int block_size, int bits, std::string* why) {
+  const Functions* functions = nullptr;
+  if (!functions_for(stream, &functions, why)) return false;
+  if (params.rows == 0 || params.d == 0) return true;
+  const long long chunks = (params.rows + 7) / 8, blocks = (params.d / 2 + 7) / 8;
+  if (chunks > 65535 || blocks > 0x7fffffffLL) {
+    *why = "too many rows for one launch (" + std::to_string(params.rows) + ")";
+    return false;
+  }
+  const int by_type = type_index == 0 ? 0 : type_index == 2 ? 1 : 2;
+  const int kernel = 8 + 3 * (bits == 0 ? 0 : bits == 4 ? 1 : 2) + by_type;
+  LinParams copy{params, w, scales, k, blocks_per_col, block_size, bits};
+  void* args[] = {&copy};
+  const Driver* d = driver();
+  const CUresult r = d->LaunchKernel(functions->fn[kernel], static_cast<unsigned>(blocks),
+                                     static_cast<unsigned>(chunks), 1, 256, 1, 1, 0, stream, args, nullptr);
   if (r != 0) {
     *why = "cuLaunchKernel: " + error_text(d, r);
     return false;

@@ -184,9 +184,29 @@ struct Job {
   }
 };
 
-// What a node computes: a rotation of X, or (CUDA only) the rotation of X @ W, its coefficients given per
-// position or as banks selected per row by adapter ids.
-enum class Kind { kRotate, kMatMul, kMatMulRows };
+// What a node computes: a rotation of X, or (CUDA only) the rotation of X @ W (W [k, n]), of X @ W^T (LinearRotate:
+// W [n, k]) or of MatMulNBits(X, B, scales), its coefficients given per position or as banks selected per row by
+// adapter ids.
+enum class Kind { kRotate, kMatMul, kMatMulRows, kLinear, kLinearRows, kNBits, kNBitsRows };
+
+inline bool rows_kind(Kind kind) {
+  return kind == Kind::kMatMulRows || kind == Kind::kLinearRows || kind == Kind::kNBitsRows;
+}
+// The op's input count, and the element type of input `index` (adapter_ids int64, MatMulNBits' B uint8).
+inline size_t input_count(Kind kind) {
+  switch (kind) {
+    case Kind::kRotate: return 3;
+    case Kind::kMatMul: case Kind::kLinear: return 4;
+    case Kind::kMatMulRows: case Kind::kLinearRows: case Kind::kNBits: return 5;
+    case Kind::kNBitsRows: return 6;
+  }
+  return 3;
+}
+inline int input_type(Kind kind, size_t index, int type) {
+  if (rows_kind(kind) && index + 1 == input_count(kind)) return 7;  // ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+  if ((kind == Kind::kNBits || kind == Kind::kNBitsRows) && index == 1) return 2;  // UINT8
+  return type;
+}
 
 struct Kernel {
   const OrtApi* api;
@@ -195,6 +215,7 @@ struct Kernel {
   bool cuda;  // runs on the CUDA execution provider: X, C1, C2 and Y are device memory
   Kind kind;
   bool gemv;  // MatMul forms: decode-sized products in one launch (ROAD_EXPORT_GEMV=0: always cuBLAS + rotation)
+  int64_t k = 0, n = 0, bits = 0, block_size = 0;  // MatMulNBits forms: its attributes K, N, bits, block_size
 };
 
 OrtStatus* fail(const OrtApi* api, const std::string& message) {
@@ -428,11 +449,114 @@ OrtStatus* matmul_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
   return nullptr;
 }
 
+// road.LinearRotate(X, W, C1, C2) / road.LinearRotateRows(X, W, B1, B2, adapter_ids), W [n, k] (a Linear weight),
+// and road.MatMulNBitsRotate(A, B, scales, C1, C2) / road.MatMulNBitsRotateRows(A, B, scales, B1, B2, adapter_ids)
+// (B, scales as onnxruntime's MatMulNBits keeps them, symmetric: no zero points), on CUDA: one launch of `linear`
+// (road_cuda.h) for any number of rows; a LinearRotate that does not fit it (float64, unaligned) or a prefill of
+// more than 8 rows takes cuBLAS, then the rotation in place.
+OrtStatus* linear_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
+  const OrtApi* api = kernel.api;
+  const bool nbits = kernel.kind == Kind::kNBits || kernel.kind == Kind::kNBitsRows;
+  const bool banks = rows_kind(kernel.kind);
+  const size_t count = input_count(kernel.kind), first_coef = nbits ? 3 : 2;
+  const OrtValue* in[6] = {};
+  Shape shapes[6];
+  for (size_t i = 0; i < count; ++i) {
+    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetInput,
+                                    static_cast<const OrtKernelContext*>(context), i, &in[i])));
+    if (!in[i]) return fail(api, kernel.name + ": input " + std::to_string(i) + " is missing");
+    ROAD_TRY(shape_of(api, in[i], &shapes[i]));
+  }
+  const Shape &x = shapes[0], &w = shapes[1];
+  if (x.rank < 1) return fail(api, kernel.name + ": X must have at least one axis");
+  const int64_t k = x.dims[x.rank - 1];
+  int64_t n = 0, blocks_per_col = 0;
+  if (nbits) {
+    n = kernel.n;
+    blocks_per_col = (kernel.k + kernel.block_size - 1) / kernel.block_size;
+    const int64_t blob = kernel.block_size * kernel.bits / 8;
+    if (k != kernel.k || w.rank != 3 || w.dims[0] != n || w.dims[1] != blocks_per_col || w.dims[2] != blob ||
+        shapes[2].count() != static_cast<size_t>(n * blocks_per_col) || shapes[2].type != x.type)
+      return fail(api, kernel.name + ": A " + x.str() + ", B " + w.str() + " and scales " + shapes[2].str() +
+                           " do not fit K=" + std::to_string(kernel.k) + ", N=" + std::to_string(n) + ", block_size=" +
+                           std::to_string(kernel.block_size) + ", bits=" + std::to_string(kernel.bits));
+  } else {
+    if (w.rank != 2 || w.dims[1] != k || w.type != x.type)
+      return fail(api, kernel.name + ": X " + x.str() + " and W " + w.str() + " do not multiply (want W [n, k] of X's "
+                  "type with k X's last axis)");
+    n = w.dims[0];
+  }
+  for (size_t i = first_coef; i < first_coef + 2; ++i)
+    if (shapes[i].type != x.type) return fail(api, kernel.name + ": X and the coefficients must share one element type");
+  if (n % kernel.group_size)
+    return fail(api, kernel.name + ": the output axis " + std::to_string(n) + " is not a multiple of group_size " +
+                         std::to_string(kernel.group_size));
+  Shape y = x;
+  y.dims[y.rank - 1] = n;
+  OrtValue* out = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetOutput, context, size_t{0},
+                                  static_cast<const int64_t*>(y.dims), static_cast<size_t>(y.rank), &out)));
+  void* data[6] = {};
+  for (size_t i = 0; i < count; ++i)
+    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, const_cast<OrtValue*>(in[i]), &data[i])));
+  void* result = nullptr;
+  ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::GetTensorMutableData, out, &result)));
+  cuda::Params params{};
+  params.x = data[0];
+  params.c1 = data[first_coef];
+  params.c2 = data[first_coef + 1];
+  params.y = result;
+  params.d = n;
+  params.half = kernel.group_size / 2;
+  params.pairs = n / 2;
+  params.rows = n ? static_cast<long long>(y.count()) / n : 0;
+  params.lead = y.rank - 1;
+  std::string why;
+  if (banks) {
+    const Shape &b1 = shapes[first_coef], &b2 = shapes[first_coef + 1], &ids = shapes[count - 1];
+    if (b1.rank != 2 || b2.rank != 2 || b1.dims[1] != n || b2.dims[1] != n || b1.dims[0] != b2.dims[0])
+      return fail(api, kernel.name + ": coefficient banks " + b1.str() + " and " + b2.str() + " are not both [adapters, " +
+                           std::to_string(n) + "]");
+    if (ids.type != 7 || ids.rank != 1 || y.rank < 2 || (ids.dims[0] != y.dims[0] && ids.dims[0] != 1))
+      return fail(api, kernel.name + ": adapter_ids " + ids.str() + " must be int64 [batch] (or [1]) with X's batch " +
+                           std::to_string(y.rank ? y.dims[0] : 0));
+    params.ids = static_cast<const long long*>(data[count - 1]);
+    params.banks = b1.dims[0];
+    params.rows_per_id = ids.dims[0] ? params.rows / ids.dims[0] : 1;
+    if (params.rows_per_id < 1) params.rows_per_id = 1;
+  } else if (!broadcast_params(y, shapes[first_coef], shapes[first_coef + 1], &params, &why)) {
+    return fail(api, kernel.name + ": " + why);
+  }
+  cuda::CUstream stream = nullptr;
+  int type_index = 0;
+  ROAD_TRY(cuda_target(kernel, context, x.type, &stream, &type_index));
+  const int bits = nbits ? static_cast<int>(kernel.bits) : 0;
+  const bool fits = cuda::linear_fits(type_index, k, n, kernel.group_size, bits, static_cast<int>(kernel.block_size),
+                                      blocks_per_col, data[0], data[1]);
+  if (nbits && !fits)
+    return fail(api, kernel.name + " (CUDA): a product of K=" + std::to_string(k) + ", block_size=" +
+                         std::to_string(kernel.block_size) + ", bits=" + std::to_string(bits) + " in element type " +
+                         std::to_string(x.type) + " is not one the kernel takes (float, float16 or bfloat16; "
+                         "rows of whole 16-byte loads)");
+  if (fits && (nbits || (kernel.gemv && params.rows <= 8))) {
+    if (!cuda::launch_linear(stream, type_index, params, data[1], nbits ? data[2] : nullptr, k, blocks_per_col,
+                             static_cast<int>(kernel.block_size), bits, &why))
+      return fail(api, kernel.name + " (CUDA): " + why);
+    return nullptr;
+  }
+  params.x = result;
+  if (!cuda::gemm(stream, type_index, data[0], data[1], result, params.rows, k, n, &why, true) ||
+      !cuda::launch(stream, type_index, params, &why))
+    return fail(api, kernel.name + " (CUDA): " + why);
+  return nullptr;
+}
+
 OrtStatus* compute(void* self, OrtKernelContext* context) noexcept {
   const Kernel& kernel = *static_cast<Kernel*>(self);
   const OrtApi* api = kernel.api;
   if (kernel.kind != Kind::kRotate) {
     try {
+      if (kernel.kind != Kind::kMatMul && kernel.kind != Kind::kMatMulRows) return linear_rotate_cuda(kernel, context);
       return matmul_rotate_cuda(kernel, context);
     } catch (const std::exception& e) {
       return fail(api, kernel.name + ": " + e.what());
@@ -491,8 +615,28 @@ OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKern
     return fail(api, std::string("road.") + name + ": group_size must be even and >= 2, got " + std::to_string(group));
   try {
     const char* gemv = std::getenv("ROAD_EXPORT_GEMV");
-    *out = new Kernel{api, group, std::string("road.") + name, road->cuda, road->kind,
-                      !(gemv && std::string(gemv) == "0")};
+    Kernel* kernel = new Kernel{api, group, std::string("road.") + name, road->cuda, road->kind,
+                                !(gemv && std::string(gemv) == "0")};
+    *out = kernel;
+    if (road->kind == Kind::kNBits || road->kind == Kind::kNBitsRows) {
+      for (auto [attribute, value] : {std::pair<const char*, int64_t*>{"K", &kernel->k}, {"N", &kernel->n},
+                                      {"bits", &kernel->bits}, {"block_size", &kernel->block_size}}) {
+        if (OrtStatus* status = ort::call<OrtStatus*>(api, ort::slot::KernelInfoGetAttribute_int64, info, attribute,
+                                                      value)) {
+          delete kernel;
+          *out = nullptr;
+          return status;
+        }
+      }
+      if ((kernel->bits != 4 && kernel->bits != 8) || kernel->block_size < 16 || kernel->k < 1 || kernel->n < 1) {
+        const std::string message = std::string("road.") + name + ": bits must be 4 or 8, block_size >= 16, K and "
+                                    "N >= 1; got bits " + std::to_string(kernel->bits) + ", block_size " +
+                                    std::to_string(kernel->block_size);
+        delete kernel;
+        *out = nullptr;
+        return fail(api, message);
+      }
+    }
   } catch (const std::exception& e) {
     return fail(api, e.what());
   }
@@ -506,13 +650,14 @@ RoadOp make_op(const char* name, int type, bool cuda = false, Kind kind = Kind::
   op.type = type;
   op.cuda = cuda;
   op.kind = kind;
-  op.inputs = kind == Kind::kMatMulRows ? 5 : kind == Kind::kMatMul ? 4 : 3;
+  op.inputs = input_count(kind);
   op.GetName = [](const OrtCustomOp* self) { return static_cast<const RoadOp*>(self)->name; };
   op.GetExecutionProviderType = [](const OrtCustomOp* self) -> const char* {
     return static_cast<const RoadOp*>(self)->cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
   };
-  op.GetInputType = [](const OrtCustomOp* self, size_t index) {  // adapter_ids (input 4) is int64
-    return index == 4 ? 7 : static_cast<const RoadOp*>(self)->type;
+  op.GetInputType = [](const OrtCustomOp* self, size_t index) {  // adapter_ids int64, MatMulNBits' B uint8
+    const RoadOp* road = static_cast<const RoadOp*>(self);
+    return input_type(road->kind, index, road->type);
   };
   op.GetInputTypeCount = [](const OrtCustomOp* self) -> size_t { return static_cast<const RoadOp*>(self)->inputs; };
   op.GetOutputType = [](const OrtCustomOp* self, size_t) { return static_cast<const RoadOp*>(self)->type; };
@@ -545,7 +690,8 @@ RoadOp cuda_ops[] = {
     make_op("RotateTied", ORT_TYPE_FLOAT, true),   make_op("RotateTied", ORT_TYPE_FLOAT16, true),
     make_op("RotateTied", ORT_TYPE_DOUBLE, true),  make_op("RotateTied", ORT_TYPE_BFLOAT16, true),
 };
-// X @ W then the rotation, one node (passes/matmul_rotate.py writes them for CUDA sessions); CUDA only, with cuBLAS.
+// X @ W (or X @ W^T, or MatMulNBits) then the rotation, one node (passes/matmul_rotate.py and passes/linear_rotate.py
+// write them); CUDA only, with cuBLAS.
 RoadOp matmul_ops[] = {
     make_op("MatMulRotate", ORT_TYPE_FLOAT, true, Kind::kMatMul),
     make_op("MatMulRotate", ORT_TYPE_FLOAT16, true, Kind::kMatMul),
@@ -555,6 +701,20 @@ RoadOp matmul_ops[] = {
     make_op("MatMulRotateRows", ORT_TYPE_FLOAT16, true, Kind::kMatMulRows),
     make_op("MatMulRotateRows", ORT_TYPE_DOUBLE, true, Kind::kMatMulRows),
     make_op("MatMulRotateRows", ORT_TYPE_BFLOAT16, true, Kind::kMatMulRows),
+    make_op("LinearRotate", ORT_TYPE_FLOAT, true, Kind::kLinear),
+    make_op("LinearRotate", ORT_TYPE_FLOAT16, true, Kind::kLinear),
+    make_op("LinearRotate", ORT_TYPE_DOUBLE, true, Kind::kLinear),
+    make_op("LinearRotate", ORT_TYPE_BFLOAT16, true, Kind::kLinear),
+    make_op("LinearRotateRows", ORT_TYPE_FLOAT, true, Kind::kLinearRows),
+    make_op("LinearRotateRows", ORT_TYPE_FLOAT16, true, Kind::kLinearRows),
+    make_op("LinearRotateRows", ORT_TYPE_DOUBLE, true, Kind::kLinearRows),
+    make_op("LinearRotateRows", ORT_TYPE_BFLOAT16, true, Kind::kLinearRows),
+    make_op("MatMulNBitsRotate", ORT_TYPE_FLOAT, true, Kind::kNBits),
+    make_op("MatMulNBitsRotate", ORT_TYPE_FLOAT16, true, Kind::kNBits),
+    make_op("MatMulNBitsRotate", ORT_TYPE_BFLOAT16, true, Kind::kNBits),
+    make_op("MatMulNBitsRotateRows", ORT_TYPE_FLOAT, true, Kind::kNBitsRows),
+    make_op("MatMulNBitsRotateRows", ORT_TYPE_FLOAT16, true, Kind::kNBitsRows),
+    make_op("MatMulNBitsRotateRows", ORT_TYPE_BFLOAT16, true, Kind::kNBitsRows),
 };
 OrtCustomOpDomain* road_domain = nullptr;
 std::mutex domain_mutex;

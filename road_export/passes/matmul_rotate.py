@@ -31,7 +31,8 @@ from road_export import names
 from road_export import ops as road_op
 from road_export.passes import common
 
-__all__ = ["MatMulRotateResult", "MatMulRotatePass", "FuseMatMulRotate", "FuseMatMulRotateRows"]
+__all__ = ["MatMulRotateResult", "MatMulRotatePass", "FuseMatMulRotate", "FuseMatMulRotateRows", "bank_ids",
+           "not_fired_reasons"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,49 @@ def _weight_check(result: pattern.MatchResult, w: ir.Value, y: ir.Value) -> patt
             and w.shape[1] != y.shape[-1]:
         return result.fail(f"W's output axis {w.shape[1]} is not the rotation's last axis {y.shape[-1]}", w)
     return None
+
+
+def bank_ids(result: pattern.MatchResult, b1: ir.Value, i1: ir.Value, s1: ir.Value, b2: ir.Value, i2: ir.Value,
+             s2: ir.Value, y: ir.Value, g1: ir.Value, g2: ir.Value) -> ir.Value | pattern.MatchResult:
+    """The graph input `adapter_ids` when the rotation's coefficients are bank rows gathered by it (GatherND of
+    banks [adapters, n] by Unsqueeze(adapter_ids, [1]), reshaped to [-1, 1, ..., n] against the output `y`), else
+    the failed match with the reason."""
+    for gathered in (g1, g2):
+        batch_dims = gathered.producer().attributes.get("batch_dims")
+        if batch_dims is not None and batch_dims.value != 0:
+            return result.fail(f"{gathered.name}: GatherND with batch_dims {batch_dims.value}, not 0", gathered)
+    ids = []
+    for index in (i1, i2):
+        producer = index.producer()
+        if producer is None or producer.op_type != "Unsqueeze" or producer.domain not in ("", "ai.onnx"):
+            return result.fail(f"{index.name} is not Unsqueeze(adapter_ids, [1])", index)
+        source, axes = producer.inputs[0], common.constant(producer.inputs[1]) if len(producer.inputs) > 1 \
+            else None
+        if source is None or source.name != names.ADAPTER_IDS or not source.is_graph_input():
+            return result.fail(f"{index.name} does not index by the graph input {names.ADAPTER_IDS}", index)
+        if axes is None or axes.reshape(-1).tolist() not in ([1], [-1]):
+            return result.fail(f"{index.name} unsqueezes adapter_ids on axes {axes}, not [1]", index)
+        ids.append(source)
+    for bank, shape in ((b1, s1), (b2, s2)):
+        if bank.shape is None or len(bank.shape) != 2:
+            return result.fail(f"bank {bank.name} is not 2-D [adapters, n] (shape {bank.shape})", bank)
+        target = common.constant(shape)
+        n = bank.shape[1]
+        if target is None or y.shape is None or len(target) != len(y.shape) or target[0] != -1 \
+                or not np.all(target[1:-1] == 1) or target[-1] != n:
+            return result.fail(f"coefficients reshaped to {None if target is None else target.tolist()}, not "
+                               f"[-1, 1, ..., {n}] against a rank-{None if y.shape is None else len(y.shape)} "
+                               "output", shape)
+    return ids[0]
+
+
+def not_fired_reasons(rules: pattern.RewriteRuleSet, model: ir.Model) -> list[str]:
+    """`node: reason` for each near-match of `rules` on `model` whose condition failed (a traced application only
+    records matches: run it after the real one, and what is left is what did not fire)."""
+    tracer = MatchingTracer()
+    rules.apply_to_model(model, tracer=tracer)
+    return [f"{info.root_node.name}: {info.match_result.reason}" for matches in tracer.best_matches_map.values()
+            for info in matches if info.status == MatchStatus.CONDITION_FAILED]
 
 
 class FuseMatMulRotate(pattern.RewriteRuleClassBase):
@@ -88,33 +132,10 @@ class FuseMatMulRotateRows(pattern.RewriteRuleClassBase):
         failed = _weight_check(result, w, y)
         if failed is not None:
             return failed
-        for gathered in (g1, g2):
-            batch_dims = gathered.producer().attributes.get("batch_dims")
-            if batch_dims is not None and batch_dims.value != 0:
-                return result.fail(f"{gathered.name}: GatherND with batch_dims {batch_dims.value}, not 0", gathered)
-        ids = []
-        for index in (i1, i2):
-            producer = index.producer()
-            if producer is None or producer.op_type != "Unsqueeze" or producer.domain not in ("", "ai.onnx"):
-                return result.fail(f"{index.name} is not Unsqueeze(adapter_ids, [1])", index)
-            source, axes = producer.inputs[0], common.constant(producer.inputs[1]) if len(producer.inputs) > 1 \
-                else None
-            if source is None or source.name != names.ADAPTER_IDS or not source.is_graph_input():
-                return result.fail(f"{index.name} does not index by the graph input {names.ADAPTER_IDS}", index)
-            if axes is None or axes.reshape(-1).tolist() not in ([1], [-1]):
-                return result.fail(f"{index.name} unsqueezes adapter_ids on axes {axes}, not [1]", index)
-            ids.append(source)
-        for bank, shape, gather in ((b1, s1, i1), (b2, s2, i2)):
-            if bank.shape is None or len(bank.shape) != 2:
-                return result.fail(f"bank {bank.name} is not 2-D [adapters, n] (shape {bank.shape})", bank)
-            target = common.constant(shape)
-            n = bank.shape[1]
-            if target is None or y.shape is None or len(target) != len(y.shape) or target[0] != -1 \
-                    or not np.all(target[1:-1] == 1) or target[-1] != n:
-                return result.fail(f"coefficients reshaped to {None if target is None else target.tolist()}, not "
-                                   f"[-1, 1, ..., {n}] against a rank-{None if y.shape is None else len(y.shape)} "
-                                   "output", shape)
-        self._ids = ids[0]
+        found = bank_ids(result, b1, i1, s1, b2, i2, s2, y, g1, g2)
+        if not isinstance(found, ir.Value):
+            return found
+        self._ids = found
         return result
 
     def rewrite(self, op, x, w, b1, b2, y, **_):
@@ -149,21 +170,13 @@ class MatMulRotatePass(ir.passes.InPlacePass):
         kinds = (road_op.OP_TYPE, road_op.TIED_OP_TYPE)
         row_rules = pattern.RewriteRuleSet([FuseMatMulRotateRows.rule(k) for k in kinds])
         plain_rules = pattern.RewriteRuleSet([FuseMatMulRotate.rule(k) for k in kinds])
-        tracers = []
+        not_fired: list[str] = []
         rows = row_rules.apply_to_model(model)  # first: the plain rule matches these too
-        if self.debug:  # a traced application only records matches; the near-misses left are what did not fire
-            tracers.append(MatchingTracer())
-            row_rules.apply_to_model(model, tracer=tracers[-1])
+        if self.debug:
+            not_fired += not_fired_reasons(row_rules, model)
         plain = plain_rules.apply_to_model(model)
         if self.debug:
-            tracers.append(MatchingTracer())
-            plain_rules.apply_to_model(model, tracer=tracers[-1])
-        not_fired: list[str] = []
-        for tracer in tracers:
-            for matches in tracer.best_matches_map.values():
-                for info in matches:
-                    if info.status == MatchStatus.CONDITION_FAILED:
-                        not_fired.append(f"{info.root_node.name}: {info.match_result.reason}")
+            not_fired += not_fired_reasons(plain_rules, model)
         if rows or plain:
             ir.passes.common.RemoveUnusedNodesPass()(model)
             road_op.attach_functions(model)
