@@ -1,0 +1,227 @@
+"""RoAd on onnxruntime-genai's model builder graphs on the GPU: tokens/s side by side in one run.
+
+Model: a Llama with TinyLlama-1.1B widths (hidden 2048, MLP 5632, 32 heads, 4 KV heads, vocab 32000), 22 layers by
+default, random weights (seed 0); RoAd road_4, group size 64, on all linear layers (seed 1), and 8 such adapters
+(seeds 100..107) for the mixed form. Everything through onnxruntime-genai's generator on the CUDA provider, greedy,
+prompt 32, 64 new tokens, batch 1 and 8, rounds interleaved (every runner once a round), medians of paired ratios:
+
+    builder base              the builder's graph (`-p fp16|int4 -e cuda`), no RoAd
+    builder base + graph      the same with onnxruntime's CUDA graphs (`enable_cuda_graph`)
+    RoAd                      the same graph with one adapter attached, swappable (road-export attach: packed
+                              parts side by side, coefficients overridable initializers + .onnx_adapter), the
+                              rotations fused into their products (passes/linear_rotate.py: road.LinearRotate /
+                              road.MatMulNBitsRotate, one launch each, road kernels named in genai_config.json)
+    RoAd + graph              the same with CUDA graphs
+    mixed                     8 adapters in one graph (adapter_ids), 8 rows on 8 adapters (batch 8)
+
+    python tools/bench_builder_gpu.py prep W [--layers 22]   # torch + CPU: HF model, adapters, builder graphs, RoAd
+    python tools/bench_builder_gpu.py bench W OUT [--rounds 7] # onnxruntime-genai-cuda: the table, JSON in OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VOCAB, HIDDEN = 32000, 2048
+PROMPT, NEW = 32, 64
+ADAPTERS = 8
+
+
+def config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=HIDDEN, intermediate_size=HIDDEN * 11 // 4, num_hidden_layers=layers,
+                       num_attention_heads=HIDDEN // 64, num_key_value_heads=HIDDEN // 512, vocab_size=VOCAB,
+                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+
+
+def save_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over the vocabulary (the builder wants one; the benchmark feeds token ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<unk>").save_pretrained(path)
+
+
+def road_directory(base_dir: Path, adapters: list[Path], names: list[str], out: Path) -> None:
+    """A genai directory: the builder's files, RoAd attached (swappable for one adapter, adapter_ids for several),
+    the rotations fused for CUDA, the road kernels named in genai_config.json."""
+    import shutil
+
+    from road_export.attach import attach
+    from road_export.files import load_model, save_model
+    from road_export.passes.linear_rotate import LinearRotatePass
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in base_dir.iterdir():
+        if f.is_file() and not f.name.startswith("model.onnx"):
+            shutil.copy(f, out / f.name)
+    staged = out / "attached"
+    staged.mkdir(exist_ok=True)
+    attach(base_dir / "model.onnx", adapters, staged / "model.onnx", names=names)
+    model = load_model(staged / "model.onnx")
+    result = LinearRotatePass()(model)
+    print(f"{out.name}: fused {result.linear} LinearRotate, {result.nbits} MatMulNBitsRotate ({result.rows} per-row)",
+          flush=True)
+    save_model(model, out / "model.onnx", True)  # lazy tensors read from the staged files while they are written
+    for swap in staged.glob("*.onnx_adapter"):
+        shutil.move(swap, out / swap.name)
+    shutil.rmtree(staged)
+    subprocess.run([sys.executable, "-m", "road_export.cli", "kernels", "--genai-config", str(out)], check=True)
+
+
+def prep(w: Path, layers: int) -> None:
+    import peft
+    import torch
+    from transformers import LlamaForCausalLM
+
+    w.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config(layers)).eval()
+    base.save_pretrained(w / "hf")
+    save_tokenizer(w / "hf")
+    road = dict(variant="road_4", group_size=64, init_weights=False, target_modules="all-linear")
+    for i, seed in [(-1, 1), *[(i, 100 + i) for i in range(ADAPTERS)]]:
+        torch.manual_seed(seed)
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.RoadConfig(**road))
+        pm.save_pretrained(w / ("adapter" if i < 0 else f"a{i}"))
+    for precision, name in (("fp16", "gb16"), ("int4", "gb4")):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(w / "hf"), "-o",
+                        str(w / name), "-p", precision, "-e", "cuda", "-c", str(w / "cache")], check=True,
+                       capture_output=True)
+        print(f"builder {precision}: {time.perf_counter() - start:.1f} s", flush=True)
+        road_directory(w / name, [w / "adapter"], ["default"], w / f"{name}_road")
+        road_directory(w / name, [w / f"a{i}" for i in range(ADAPTERS)], [f"a{i}" for i in range(ADAPTERS)],
+                       w / f"{name}_mixed")
+    (w / "prep.done").write_text("ok")
+
+
+def runner(model_dir: Path, cuda_graph: bool, adapter_ids: list[int] | None = None):
+    import onnxruntime_genai as og
+
+    cfg = og.Config(str(model_dir))
+    cfg.clear_providers()
+    cfg.append_provider("cuda")
+    if cuda_graph:
+        cfg.set_provider_option("cuda", "enable_cuda_graph", "1")
+    model = og.Model(cfg)
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + NEW, min_length=ids.shape[1] + NEW, do_sample=False,
+                                  batch_size=ids.shape[0])
+        gen = og.Generator(model, params)
+        if adapter_ids is not None:
+            gen.set_model_input("adapter_ids", np.asarray(adapter_ids[: ids.shape[0]], np.int64))
+        gen.append_tokens(ids.astype(np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
+        return np.stack([np.asarray(gen.get_sequence(i)) for i in range(ids.shape[0])])
+
+    return run
+
+
+COMPARISONS = [  # (what, batch, numerator, denominator, goal)
+    ("fp16 RoAd + graph / builder base + graph", 1, "fp16 RoAd + graph", "fp16 base + graph", 0.97),
+    ("fp16 RoAd / builder base", 1, "fp16 RoAd", "fp16 base", None),
+    ("fp16 RoAd / builder base", 8, "fp16 RoAd", "fp16 base", 0.97),
+    ("fp16 8 rows on 8 adapters / builder base", 8, "fp16 mixed", "fp16 base", 0.95),
+    ("int4 RoAd + graph / builder int4 + graph", 1, "int4 RoAd + graph", "int4 base + graph", 0.97),
+    ("int4 RoAd / builder int4", 1, "int4 RoAd", "int4 base", None),
+    ("int4 RoAd / builder int4", 8, "int4 RoAd", "int4 base", 0.97),
+    ("int4 8 rows on 8 adapters / builder int4", 8, "int4 mixed", "int4 base", 0.95),
+]
+
+
+def bench(w: Path, out: Path, rounds: int) -> None:
+    import onnxruntime as ort
+
+    out.mkdir(parents=True, exist_ok=True)
+    ids_of = list(range(1, ADAPTERS + 1))
+    makers = {}
+    for p, name in (("fp16", "gb16"), ("int4", "gb4")):
+        makers |= {
+            (f"{p} base", (1, 8)): lambda d=w / name: runner(d, False),
+            (f"{p} base + graph", (1,)): lambda d=w / name: runner(d, True),
+            (f"{p} RoAd", (1, 8)): lambda d=w / f"{name}_road": runner(d, False),
+            (f"{p} RoAd + graph", (1,)): lambda d=w / f"{name}_road": runner(d, True),
+            (f"{p} mixed", (8,)): lambda d=w / f"{name}_mixed": runner(d, False, ids_of),
+        }
+    runners, errors = {}, {}
+    for key, make in makers.items():
+        try:
+            runners[key] = make()
+        except Exception:
+            errors[key[0]] = traceback.format_exc()[-1500:]
+            print(f"setup {key[0]} failed:\n{errors[key[0]]}", flush=True)
+    results: dict = {"onnxruntime": ort.__version__, "rounds": rounds, "tokens_per_s": {}, "ratios": {}}
+    for batch in (1, 8):
+        ids = np.random.default_rng(1).integers(3, VOCAB, (batch, PROMPT)).astype(np.int64)
+        live, tokens = {}, {}
+        for (name, batches), run in runners.items():
+            if batch not in batches:
+                continue
+            try:
+                tokens[name] = run(ids)[:, PROMPT:]
+                run(ids)
+                live[name] = run
+            except Exception:
+                errors[f"{name} b{batch}"] = traceback.format_exc()[-1500:]
+                print(f"run {name} b{batch} failed:\n{errors[f'{name} b{batch}']}", flush=True)
+        times = {n: [] for n in live}
+        for _ in range(rounds):
+            for name, run in live.items():
+                start = time.perf_counter()
+                run(ids)
+                times[name].append(time.perf_counter() - start)
+        for name in live:
+            rate = batch * NEW / statistics.median(times[name])
+            results["tokens_per_s"][f"b{batch} {name}"] = rate
+            print(f"b{batch} {name:<22} {rate:9.1f} tok/s", flush=True)
+        for what, b, num, den, goal in COMPARISONS:
+            if b != batch or num not in times or den not in times:
+                continue
+            ratio = statistics.median(d / n for n, d in zip(times[num], times[den], strict=True))  # tokens/s ratio
+            same = float((tokens[num] == tokens[den]).mean()) if tokens[num].shape == tokens[den].shape else None
+            results["ratios"][f"b{batch} {what}"] = {"ratio": ratio, "goal": goal}
+            mark = "" if goal is None else ("  meets" if ratio >= goal else "  MISSES") + f" {goal}"
+            print(f"b{batch} {what:<44} {ratio:6.3f}x{mark}  (tokens equal to the denominator's: {same})", flush=True)
+    results["errors"] = errors
+    (out / "bench_builder_gpu.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["prep", "bench"])
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("out", type=Path, nargs="?", default=Path("."))
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.phase == "prep":
+        prep(args.workdir, args.layers)
+    else:
+        bench(args.workdir, args.out, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
