@@ -104,8 +104,11 @@ def providers_ran(session) -> dict[str, str]:
                          ids=["fp32", "fp16", "bf16", "fp64"])
 @pytest.mark.parametrize("rows", [False, True], ids=["one-adapter", "per-row-banks"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
-def test_linear_rotate_kernel_matches_torch(tmp_path, shape, rows, dtype):
-    """W [n, k]: up to 8 rows in the one-launch kernel, more (and float64) through cuBLAS then the rotation."""
+@pytest.mark.parametrize("form", ["tile", "warp"])
+def test_linear_rotate_kernel_matches_torch(tmp_path, monkeypatch, shape, rows, dtype, form):
+    """W [n, k]: up to 8 rows in the one-launch kernel (the block form, or ROAD_EXPORT_LINEAR=warp), more (and
+    float64) through cuBLAS then the rotation."""
+    monkeypatch.setenv("ROAD_EXPORT_LINEAR", form)
     batch, seq, k, n, g = shape
     rng = np.random.default_rng(batch * 1000 + n)
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
@@ -128,9 +131,12 @@ NBITS_SHAPES = [s for s in SHAPES if s[2] % 32 == 0]
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("rows", [False, True], ids=["one-adapter", "per-row-banks"])
 @pytest.mark.parametrize("shape", NBITS_SHAPES, ids=[str(s) for s in NBITS_SHAPES])
-def test_nbits_rotate_kernel_matches_torch_on_the_dequantized_weights(tmp_path, shape, rows, dtype, bits):
+@pytest.mark.parametrize("form", ["tile", "warp"])
+def test_nbits_rotate_kernel_matches_torch_on_the_dequantized_weights(tmp_path, monkeypatch, shape, rows, dtype, bits,
+                                                                      form):
     """MatMulNBits' blocks (4 and 8 bits, symmetric, block 32) decoded in the kernel equal the dequantized weights
     (the layout is checked against onnxruntime's own MatMulNBits in tests/passes/test_linear_rotate.py)."""
+    monkeypatch.setenv("ROAD_EXPORT_LINEAR", form)
     batch, seq, k, n, g = shape
     rng = np.random.default_rng(batch * 1000 + n + bits)
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -178,7 +184,8 @@ def test_nbits_rotate_equals_onnxruntime_matmulnbits_then_rotation():
         assert np.abs(ours - theirs).max() <= 4e-3 * np.abs(theirs).max()
 
 
-def test_linear_kernel_is_captured_by_cuda_graphs():
+@pytest.mark.parametrize("rows", [1, 8])
+def test_linear_kernel_is_captured_by_cuda_graphs(rows):
     """onnxruntime's enable_cuda_graph captures the one-launch kernel and each replay computes the new input."""
     rng = np.random.default_rng(0)
     k, n, g = 256, 128, 64
@@ -191,13 +198,13 @@ def test_linear_kernel_is_captured_by_cuda_graphs():
     options.log_severity_level = 3
     assert native.register(options, True)
     s = ort.InferenceSession(model, options, providers=cuda_providers(cuda_graph=True))
-    x = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, k), np.float32), "cuda", 0)
-    y = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, n), np.float32), "cuda", 0)
+    x = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, k), np.float32), "cuda", 0)
+    y = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, n), np.float32), "cuda", 0)
     io = s.io_binding()
     io.bind_ortvalue_input("x", x)
     io.bind_ortvalue_output("y", y)
     for _ in range(4):  # plain runs, the capture, then replays
-        new = rng.standard_normal((1, 1, k)).astype(np.float32)
+        new = rng.standard_normal((rows, 1, k)).astype(np.float32)
         x.update_inplace(new)
         s.run_with_iobinding(io)
         expected = reference(new, dequant, c1, c2, g, TensorProto.FLOAT)

@@ -88,6 +88,7 @@ def road_directory(base_dir: Path, adapters: list[Path], names: list[str], out: 
 
 
 def prep(w: Path, layers: int) -> None:
+    """The HF model, the adapters and the builder's fp16 and int4 CUDA graphs."""
     import peft
     import torch
     from transformers import LlamaForCausalLM
@@ -108,6 +109,12 @@ def prep(w: Path, layers: int) -> None:
                         str(w / name), "-p", precision, "-e", "cuda", "-c", str(w / "cache")], check=True,
                        capture_output=True)
         print(f"builder {precision}: {time.perf_counter() - start:.1f} s", flush=True)
+    (w / "base.done").write_text("ok")
+
+
+def prep_road(w: Path) -> None:
+    """The RoAd directories on the builder's graphs (prep's second half: needs road-export, not torch)."""
+    for name in ("gb16", "gb4"):
         road_directory(w / name, [w / "adapter"], ["default"], w / f"{name}_road")
         road_directory(w / name, [w / f"a{i}" for i in range(ADAPTERS)], [f"a{i}" for i in range(ADAPTERS)],
                        w / f"{name}_mixed")
@@ -210,15 +217,17 @@ def bench(w: Path, out: Path, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["prep", "bench"])
+    parser.add_argument("phase", choices=["prep", "base", "road", "bench"])
     parser.add_argument("workdir", type=Path)
     parser.add_argument("out", type=Path, nargs="?", default=Path("."))
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    if args.phase == "prep":
+    if args.phase in ("prep", "base"):
         prep(args.workdir, args.layers)
+    if args.phase in ("prep", "road"):
+        prep_road(args.workdir)
     else:
         bench(args.workdir, args.out, args.rounds)
 

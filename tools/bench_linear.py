@@ -7,7 +7,8 @@ onnxruntime's CUDA graphs (`enable_cuda_graph`, IOBinding), timed interleaved (t
 
     base       MatMul (or MatMulNBits) alone: what onnxruntime-genai's model builder graph runs
     unfused    the product, then road.Rotate on the road CUDA kernel (two launches)
-    fused      road.LinearRotate / road.MatMulNBitsRotate (passes/linear_rotate.py): one launch
+    fused      road.LinearRotate / road.MatMulNBitsRotate (passes/linear_rotate.py): one launch (the block form)
+    warp       the same ops on the warp-per-pair kernel (ROAD_EXPORT_LINEAR=warp)
 
 and prints fused / base and unfused / base, the figures the model-level benchmark (tools/bench_builder.py) adds up.
 
@@ -77,9 +78,12 @@ def graph(kind: str, precision: str, k: int, n: int, seed: int = 0) -> bytes:
 
 
 class Bound:
-    """A CUDA-graph session with its input and outputs bound to fixed GPU buffers."""
+    """A CUDA-graph session with its input and outputs bound to fixed GPU buffers (`form`: ROAD_EXPORT_LINEAR for
+    its kernels, read when the session creates them)."""
 
-    def __init__(self, model: bytes, rows: int, k: int, n: int):
+    def __init__(self, model: bytes, rows: int, k: int, n: int, form: str = "tile"):
+        import os
+
         import onnxruntime as ort
 
         from road_export import native
@@ -88,7 +92,9 @@ class Bound:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         assert native.register(options, True)
+        os.environ["ROAD_EXPORT_LINEAR"] = form
         self.session = ort.InferenceSession(model, options, providers=cuda_providers(cuda_graph=True))
+        os.environ.pop("ROAD_EXPORT_LINEAR")
         x = np.random.default_rng(1).standard_normal((rows, 1, k)).astype(np.float16)
         self.x = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
         self.io = self.session.io_binding()
@@ -112,19 +118,23 @@ def main() -> None:
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}; R = {R} products a run, CUDA graphs, medians of paired ratios")
-    print(f"{'precision':>9} {'proj':>8} {'rows':>4} {'base us':>8} {'fused/base':>10} {'unfused/base':>12}")
+    print(f"{'precision':>9} {'proj':>8} {'rows':>4} {'base us':>8} {'fused/base':>10} {'warp/base':>9} "
+          f"{'unfused/base':>12}")
     for precision in ("fp16", "int4"):
         for proj, (k, n) in SHAPES.items():
             models = {kind: graph(kind, precision, k, n) for kind in ("base", "fused", "unfused")}
             for rows in (1, 8):
                 sessions = {kind: Bound(model, rows, k, n) for kind, model in models.items()}
+                sessions["warp"] = Bound(models["fused"], rows, k, n, form="warp")
                 fused = interleave(sessions["fused"].call, sessions["base"].call, rounds=args.rounds,
                                    inner=args.inner, names=("fused", "base"))
+                warp = interleave(sessions["warp"].call, sessions["base"].call, rounds=args.rounds,
+                                  inner=args.inner, names=("warp", "base"))
                 unfused = interleave(sessions["unfused"].call, sessions["base"].call, rounds=args.rounds,
                                      inner=args.inner, names=("unfused", "base"))
                 base_us = fused.median_b / R * 1e6
-                print(f"{precision:>9} {proj:>8} {rows:>4} {base_us:8.2f} {fused.ratio:10.3f} {unfused.ratio:12.3f}",
-                      flush=True)
+                print(f"{precision:>9} {proj:>8} {rows:>4} {base_us:8.2f} {fused.ratio:10.3f} {warp.ratio:9.3f} "
+                      f"{unfused.ratio:12.3f}", flush=True)
 
 
 if __name__ == "__main__":

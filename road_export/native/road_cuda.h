@@ -470,17 +470,168 @@ extern "C" __global__ void __launch_bounds__(256) road_nbits4_bf16(LinParams p) 
 extern "C" __global__ void __launch_bounds__(256) road_nbits8_f32(LinParams p) { linear<float, 8>(p); }
 extern "C" __global__ void __launch_bounds__(256) road_nbits8_f16(LinParams p) { linear<h16, 8>(p); }
 extern "C" __global__ void __launch_bounds__(256) road_nbits8_bf16(LinParams p) { linear<b16, 8>(p); }
+// The block form of the same product (the default; `linear` above stays for ROAD_EXPORT_LINEAR=warp): a block of 8
+// warps takes 4 rotation pairs (8 columns: c1 and c2 of each) and splits k among its 256 threads, 8 values a thread
+// and step. A thread issues its 8 columns' weight loads before using any (8 loads in flight), converts its rows' 8
+// inputs once for all 8 columns, and keeps R x 8 sums; a warp reduces them by a reduce-scatter of shuffles (each
+// step halves what a lane holds), the 8 warps through shared memory. n/8 blocks; R = 1 (a decode step at batch 1)
+// or 8 rows a chunk, chunks on the grid's second axis.
+template <typename T, int BITS> struct WRaw;
+template <> struct WRaw<h16, 0> { uint4 v; };
+template <> struct WRaw<b16, 0> { uint4 v; };
+template <> struct WRaw<float, 0> { uint4 v[2]; };
+template <typename T> struct WRaw<T, 4> { unsigned v; float scale; };
+template <typename T> struct WRaw<T, 8> { uint2 v; float scale; };
+template <typename T, int BITS>
+__device__ __forceinline__ void wload(const LinParams& g, long long col, long long kk, WRaw<T, BITS>* r) {
+  if constexpr (BITS == 0) {
+    const uint4* at = (const uint4*)((const T*)g.w + col * g.k + kk);
+    if constexpr (sizeof(T) == 4) { r->v[0] = __ldg(at); r->v[1] = __ldg(at + 1); } else { r->v = __ldg(at); }
+  } else {
+    const long long row_bytes = g.blocks_per_col * (long long)g.block_size * BITS / 8;
+    const unsigned char* at = (const unsigned char*)g.w + col * row_bytes + kk * BITS / 8;
+    if constexpr (BITS == 4) r->v = __ldg((const unsigned*)at); else r->v = __ldg((const uint2*)at);
+    r->scale = ld(((const T*)g.scales)[col * g.blocks_per_col + kk / g.block_size]);
+  }
+}
+template <typename T, int BITS>
+__device__ __forceinline__ void wdecode(const WRaw<T, BITS>& r, float* w) {
+  if constexpr (BITS == 0) {
+    const T* v = (const T*)&r.v;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w[j] = ld(v[j]);
+  } else if constexpr (BITS == 4) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w[j] = ((float)((r.v >> (4 * j)) & 15u) - 8.0f) * r.scale;
+  } else {
+    const unsigned* u = (const unsigned*)&r.v;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w[j] = ((float)((u[j >> 2] >> (8 * (j & 3))) & 255u) - 128.0f) * r.scale;
+  }
+}
+template <typename T, int BITS, int R>
+__device__ __forceinline__ void tile(const LinParams& g) {
+  const Params& p = g.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const long long pairs = p.d / 2, half = p.half;
+  long long cols[8];
+  int valid = 0;  // pairs of this block inside the output (a last block may hold fewer than 4)
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    long long pair = (long long)blockIdx.x * 4 + j;
+    if (pair < pairs) valid = j + 1; else pair = (long long)blockIdx.x * 4;  // read again, never written
+    const long long group = pair / half, c1 = group * 2 * half + (pair - group * half);
+    cols[2 * j] = c1;
+    cols[2 * j + 1] = c1 + half;
+  }
+  const long long k = g.k, row0 = (long long)blockIdx.y * R;
+  const int rows = (int)(p.rows - row0 < R ? p.rows - row0 : R);
+  const T* x = (const T*)p.x + row0 * k;
+  float acc[R * 8];
+#pragma unroll
+  for (int i = 0; i < R * 8; ++i) acc[i] = 0;
+  for (long long kk = (long long)tid * 8; kk < k; kk += 256 * 8) {
+    WRaw<T, BITS> raw[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) wload<T, BITS>(g, cols[c], kk, &raw[c]);
+    float xf[R][8];
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+      if (m < rows) {
+        float v[8];
+        load8<T>(x + m * k + kk, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) xf[m][j] = v[j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) xf[m][j] = 0;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      float w[8];
+      wdecode<T, BITS>(raw[c], w);
+#pragma unroll
+      for (int m = 0; m < R; ++m) {
+        float s = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s += xf[m][j] * w[j];
+        acc[m * 8 + c] += s;
+      }
+    }
+  }
+  // reduce-scatter across the warp: at offset o a lane keeps the half its bit o selects and adds the partner's copy
+  // of it; after the steps that halve R * 8 values down to 2 (R = 8) or 1 (R = 1), the rest are plain sums.
+#pragma unroll
+  for (int step = 0; step < 5; ++step) {
+    const int o = 16 >> step, n = (R * 8) >> step;
+    const bool upper = (lane & o) != 0;
+    if (n >= 2 && (R == 1 || n > 2)) {
+#pragma unroll
+      for (int i = 0; i < n / 2; ++i) {
+        const float send = upper ? acc[i] : acc[i + n / 2];
+        const float keep = upper ? acc[i + n / 2] : acc[i];
+        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+      }
+    } else {
+      acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
+      if (R > 1) acc[1] += __shfl_xor_sync(0xffffffffu, acc[1], o);
+    }
+  }
+  __shared__ float part[8][R * 8];
+  if constexpr (R == 1) {
+    if ((lane & 3) == 0) part[warp][lane >> 2] = acc[0];   // lane L holds value L / 4
+  } else {
+    part[warp][2 * lane] = acc[0];                          // lane L holds values 2L and 2L + 1
+    part[warp][2 * lane + 1] = acc[1];
+  }
+  __syncthreads();
+  if (tid < R * 4) {
+    const int m = tid / 4, j = tid % 4;  // (row, pair)
+    if (m < rows && j < valid) {
+      float s1 = 0, s2 = 0;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) { s1 += part[w][m * 8 + 2 * j]; s2 += part[w][m * 8 + 2 * j + 1]; }
+      const long long row = row0 + m, c1 = cols[2 * j], c2 = cols[2 * j + 1];
+      T* y = (T*)p.y + row * p.d;
+      long long o1, o2;
+      if (!coef_offset(p, row, &o1, &o2)) {
+        st(y + c1, __int_as_float(0x7fc00000));
+        st(y + c2, __int_as_float(0x7fc00000));
+      } else {
+        const T* a = (const T*)p.c1 + o1;
+        const T* b = (const T*)p.c2 + o2;
+        st(y + c1, ld(a[c1]) * s1 - ld(b[c1]) * s2);
+        st(y + c2, ld(b[c2]) * s1 + ld(a[c2]) * s2);
+      }
+    }
+  }
+}
+#define ROAD_TILE(R, BITS, NAME, T) \
+  extern "C" __global__ void __launch_bounds__(256) road_tile##R##_##NAME(LinParams p) { tile<T, BITS, R>(p); }
+ROAD_TILE(1, 0, f32, float) ROAD_TILE(1, 0, f16, h16) ROAD_TILE(1, 0, bf16, b16)
+ROAD_TILE(1, 4, nb4_f32, float) ROAD_TILE(1, 4, nb4_f16, h16) ROAD_TILE(1, 4, nb4_bf16, b16)
+ROAD_TILE(1, 8, nb8_f32, float) ROAD_TILE(1, 8, nb8_f16, h16) ROAD_TILE(1, 8, nb8_bf16, b16)
+ROAD_TILE(8, 0, f32, float) ROAD_TILE(8, 0, f16, h16) ROAD_TILE(8, 0, bf16, b16)
+ROAD_TILE(8, 4, nb4_f32, float) ROAD_TILE(8, 4, nb4_f16, h16) ROAD_TILE(8, 4, nb4_bf16, b16)
+ROAD_TILE(8, 8, nb8_f32, float) ROAD_TILE(8, 8, nb8_f16, h16) ROAD_TILE(8, 8, nb8_bf16, b16)
 )CUDA";
 
-// kernel names, by index: rotations 0-3 and GEMVs 4-7 by type index (f32, f64, f16, bf16); then the W^T products
-// (`linear_index`: 8 + 3 * {float, 4-bit, 8-bit} + {f32, f16, bf16})
-constexpr int kKernels = 17;
+// kernel names, by index: rotations 0-3 and GEMVs 4-7 by type index (f32, f64, f16, bf16); then the W^T products:
+// the warp form 8-16 and the block form 17-34 (`linear_index`)
+constexpr int kKernels = 35;
 constexpr const char* kNames[kKernels] = {
     "road_rotate_f32", "road_rotate_f64", "road_rotate_f16", "road_rotate_bf16",
     "road_gemv_f32",   "road_gemv_f32",   "road_gemv_f16",   "road_gemv_bf16",
     "road_linear_f32", "road_linear_f16", "road_linear_bf16",
     "road_nbits4_f32", "road_nbits4_f16", "road_nbits4_bf16",
-    "road_nbits8_f32", "road_nbits8_f16", "road_nbits8_bf16"};
+    "road_nbits8_f32", "road_nbits8_f16", "road_nbits8_bf16",
+    "road_tile1_f32", "road_tile1_f16", "road_tile1_bf16",
+    "road_tile1_nb4_f32", "road_tile1_nb4_f16", "road_tile1_nb4_bf16",
+    "road_tile1_nb8_f32", "road_tile1_nb8_f16", "road_tile1_nb8_bf16",
+    "road_tile8_f32", "road_tile8_f16", "road_tile8_bf16",
+    "road_tile8_nb4_f32", "road_tile8_nb4_f16", "road_tile8_nb4_bf16",
+    "road_tile8_nb8_f32", "road_tile8_nb8_f16", "road_tile8_nb8_bf16"};
 // (no float64 GEMV: its shared sums would not fit in 48 KB; float64 products take cuBLAS)
 constexpr int kGemvRows = 8, kGemvTile = 64, kGemvThreads = 256;  // as GEMV_ROWS, GEMV_TILE, GEMV_THREADS above
 
@@ -807,25 +958,34 @@ inline bool linear_fits(int type_index, long long k, long long n, long long grou
   return values >= k && values % per_load == 0 && (values * bits / 8) % 16 == 0;
 }
 
-// Launch `linear` (see kSource) on `stream`: `params` as for `launch`, with x = X and y = Y; every row of X, in
-// chunks of 8 on the grid's second axis.
+// Launch `tile` (or, with `warp_form`, `linear`; see kSource) on `stream`: `params` as for `launch`, with x = X and
+// y = Y; every row of X, in chunks of 8 on the grid's second axis (one row: the R = 1 tile).
 inline bool launch_linear(CUstream stream, int type_index, const Params& params, const void* w, const void* scales,
-                          long long k, long long blocks_per_col, int block_size, int bits, std::string* why) {
+                          long long k, long long blocks_per_col, int block_size, int bits, bool warp_form,
+                          std::string* why) {
   const Functions* functions = nullptr;
   if (!functions_for(stream, &functions, why)) return false;
   if (params.rows == 0 || params.d == 0) return true;
   const long long chunks = (params.rows + 7) / 8, blocks = (params.d / 2 + 7) / 8;
-  if (chunks > 65535 || blocks > 0x7fffffffLL) {
+  if (chunks > 65535 || (params.d / 2 + 3) / 4 > 0x7fffffffLL) {
     *why = "too many rows for one launch (" + std::to_string(params.rows) + ")";
     return false;
   }
   const int by_type = type_index == 0 ? 0 : type_index == 2 ? 1 : 2;
-  const int kernel = 8 + 3 * (bits == 0 ? 0 : bits == 4 ? 1 : 2) + by_type;
+  const int variant = 3 * (bits == 0 ? 0 : bits == 4 ? 1 : 2) + by_type;
   LinParams copy{params, w, scales, k, blocks_per_col, block_size, bits};
   void* args[] = {&copy};
   const Driver* d = driver();
-  const CUresult r = d->LaunchKernel(functions->fn[kernel], static_cast<unsigned>(blocks),
-                                     static_cast<unsigned>(chunks), 1, 256, 1, 1, 0, stream, args, nullptr);
+  CUresult r;
+  if (warp_form) {
+    r = d->LaunchKernel(functions->fn[8 + variant], static_cast<unsigned>(blocks), static_cast<unsigned>(chunks), 1,
+                        256, 1, 1, 0, stream, args, nullptr);
+  } else {  // the block form: 4 pairs a block; one row (a decode step at batch 1) or chunks of 8
+    const bool one = params.rows == 1;
+    const long long tiles = (params.d / 2 + 3) / 4;
+    r = d->LaunchKernel(functions->fn[(one ? 17 : 26) + variant], static_cast<unsigned>(tiles),
+                        static_cast<unsigned>(chunks), 1, 256, 1, 1, 0, stream, args, nullptr);
+  }
   if (r != 0) {
     *why = "cuLaunchKernel: " + error_text(d, r);
     return false;
