@@ -158,6 +158,24 @@ COMPARISONS = [  # (what, batch, numerator, denominator, goal)
 ]
 
 
+def peft_tokens(w: Path, ids: np.ndarray) -> np.ndarray:
+    """peft's own greedy tokens for `ids` (torch, fp16 on the GPU): the reference the RoAd directory's tokens are
+    compared with (fp16 on both sides, so a late token may differ by rounding)."""
+    import peft
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(w / "hf", dtype=torch.float16).cuda().eval()
+    model = peft.PeftModel.from_pretrained(model, w / "adapter").eval()
+    with torch.no_grad():
+        t = torch.from_numpy(ids).cuda()
+        out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=NEW, min_new_tokens=NEW,
+                             do_sample=False, pad_token_id=0)
+    del model
+    torch.cuda.empty_cache()
+    return out[:, ids.shape[1]:].cpu().numpy()
+
+
 def bench(w: Path, out: Path, rounds: int) -> None:
     import onnxruntime as ort
 
@@ -193,6 +211,17 @@ def bench(w: Path, out: Path, rounds: int) -> None:
             except Exception:
                 errors[f"{name} b{batch}"] = traceback.format_exc()[-1500:]
                 print(f"run {name} b{batch} failed:\n{errors[f'{name} b{batch}']}", flush=True)
+        if batch == 1:
+            try:
+                reference = peft_tokens(w, ids)
+                for name in ("fp16 RoAd", "fp16 RoAd + graph"):
+                    if name in tokens:
+                        agree = np.cumprod(tokens[name][0] == reference[0])
+                        results[f"b1 {name} tokens equal to peft's (fp16), leading"] = int(agree.sum())
+                        print(f"b1 {name}: first {int(agree.sum())} of {NEW} tokens equal peft's (torch fp16)",
+                              flush=True)
+            except Exception:
+                errors["peft tokens"] = traceback.format_exc()[-1500:]
         times = {n: [] for n in live}
         for _ in range(rounds):
             for name, run in live.items():
@@ -228,7 +257,7 @@ def main() -> None:
         prep(args.workdir, args.layers)
     if args.phase in ("prep", "road"):
         prep_road(args.workdir)
-    else:
+    if args.phase == "bench":
         bench(args.workdir, args.out, args.rounds)
 
 

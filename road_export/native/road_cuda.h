@@ -509,6 +509,20 @@ __device__ __forceinline__ void wdecode(const WRaw<T, BITS>& r, float* w) {
     for (int j = 0; j < 8; ++j) w[j] = ((float)((u[j >> 2] >> (8 * (j & 3))) & 255u) - 128.0f) * r.scale;
   }
 }
+template <int N, int O>
+__device__ __forceinline__ void scatter(float* acc, int lane) {
+  const bool upper = (lane & O) != 0;
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float send = upper ? acc[i] : acc[i + N / 2];
+    const float keep = upper ? acc[i + N / 2] : acc[i];
+    acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+  }
+}
+__device__ __forceinline__ long long pair_column(long long pair, long long half) {  // c1 of a rotation pair
+  const long long group = pair / half;
+  return group * 2 * half + (pair - group * half);
+}
 template <typename T, int BITS, int R>
 __device__ __forceinline__ void tile(const LinParams& g) {
   const Params& p = g.p;
@@ -520,9 +534,8 @@ __device__ __forceinline__ void tile(const LinParams& g) {
   for (int j = 0; j < 4; ++j) {
     long long pair = (long long)blockIdx.x * 4 + j;
     if (pair < pairs) valid = j + 1; else pair = (long long)blockIdx.x * 4;  // read again, never written
-    const long long group = pair / half, c1 = group * 2 * half + (pair - group * half);
-    cols[2 * j] = c1;
-    cols[2 * j + 1] = c1 + half;
+    cols[2 * j] = pair_column(pair, half);
+    cols[2 * j + 1] = cols[2 * j] + half;
   }
   const long long k = g.k, row0 = (long long)blockIdx.y * R;
   const int rows = (int)(p.rows - row0 < R ? p.rows - row0 : R);
@@ -561,22 +574,20 @@ __device__ __forceinline__ void tile(const LinParams& g) {
     }
   }
   // reduce-scatter across the warp: at offset o a lane keeps the half its bit o selects and adds the partner's copy
-  // of it; after the steps that halve R * 8 values down to 2 (R = 8) or 1 (R = 1), the rest are plain sums.
-#pragma unroll
-  for (int step = 0; step < 5; ++step) {
-    const int o = 16 >> step, n = (R * 8) >> step;
-    const bool upper = (lane & o) != 0;
-    if (n >= 2 && (R == 1 || n > 2)) {
-#pragma unroll
-      for (int i = 0; i < n / 2; ++i) {
-        const float send = upper ? acc[i] : acc[i + n / 2];
-        const float keep = upper ? acc[i + n / 2] : acc[i];
-        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-      }
-    } else {
-      acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
-      if (R > 1) acc[1] += __shfl_xor_sync(0xffffffffu, acc[1], o);
-    }
+  // of it; after the steps that halve R * 8 values down to 2 (R = 8) or 1 (R = 1), the rest are plain sums
+  // (`scatter` takes the counts as template arguments, so every index is static and acc stays in registers).
+  if constexpr (R == 1) {
+    scatter<8, 16>(acc, lane);
+    scatter<4, 8>(acc, lane);
+    scatter<2, 4>(acc, lane);
+    acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], 2);
+    acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], 1);
+  } else {
+    scatter<64, 16>(acc, lane);
+    scatter<32, 8>(acc, lane);
+    scatter<16, 4>(acc, lane);
+    scatter<8, 2>(acc, lane);
+    scatter<4, 1>(acc, lane);
   }
   __shared__ float part[8][R * 8];
   if constexpr (R == 1) {
@@ -592,7 +603,7 @@ __device__ __forceinline__ void tile(const LinParams& g) {
       float s1 = 0, s2 = 0;
 #pragma unroll
       for (int w = 0; w < 8; ++w) { s1 += part[w][m * 8 + 2 * j]; s2 += part[w][m * 8 + 2 * j + 1]; }
-      const long long row = row0 + m, c1 = cols[2 * j], c2 = cols[2 * j + 1];
+      const long long row = row0 + m, c1 = pair_column((long long)blockIdx.x * 4 + j, half), c2 = c1 + half;
       T* y = (T*)p.y + row * p.d;
       long long o1, o2;
       if (!coef_offset(p, row, &o1, &o2)) {
