@@ -1,0 +1,224 @@
+"""Rope types whose frequencies depend on the sequence length, exported and generated across their thresholds against
+peft's own generate; the parity harness's threshold check and its planted faults (road_export.crossing)."""
+
+import json
+
+import numpy as np
+import onnx
+import peft
+import pytest
+import torch
+from conftest import tiny
+
+import road_export as rx
+from road_export import RoadError
+from road_export.verify import verify
+from road_export.crossing import reference_generate
+from road_export.export import rope
+from road_export.names import METADATA_ROPE
+from road_export.runtime import RoadSession
+
+TASK = "text-generation-with-past"
+SWITCH = 16  # original_max_position_embeddings / max_position_embeddings of the tiny models: cheap to cross
+HALF = 8  # rotary dim / 2 of the tiny models (head_dim 16)
+LLAMA_ROPES = {
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": SWITCH},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": SWITCH},
+}
+
+
+def phi3_longrope():
+    """Tiny Phi-3 with longrope switching at 16 tokens; long factors far from the short ones."""
+    from transformers import Phi3ForCausalLM
+
+    config = tiny("tiny-phi3").config
+    config.max_position_embeddings = 4 * SWITCH
+    config.original_max_position_embeddings = SWITCH
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+                              "original_max_position_embeddings": SWITCH,
+                              "short_factor": [1.0 + 0.05 * i for i in range(HALF)],
+                              "long_factor": [1.0 + 3.0 * i for i in range(HALF)]}
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(config).eval()
+
+
+def llama(kind):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    data = tiny("tiny-llama").config.to_dict()
+    data["max_position_embeddings"] = SWITCH if kind == "dynamic" else 4 * SWITCH
+    data["rope_parameters"] = {"rope_theta": 10000.0, **LLAMA_ROPES[kind]}
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**data)).eval()
+
+
+def sharpen(model, scale=12.0):
+    """Query and key weights scaled up: a random tiny model's attention is otherwise nearly uniform, so no rope could
+    change its logits and these tests would pass whatever the positions."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(scale)
+            elif name.endswith("qkv_proj.weight"):  # Phi-3: [q | k | v] rows
+                param[: param.shape[0] * 2 // 3].mul_(scale)
+    return model
+
+
+def with_road(model, variant="road_1", seed=1):
+    sharpen(model)
+    torch.manual_seed(seed)
+    config = peft.RoadConfig(variant=variant, group_size=8, init_weights=False, target_modules="all-linear")
+    return peft.get_peft_model(model, config).eval()
+
+
+BUILD = {"longrope": phi3_longrope, **{k: (lambda k=k: llama(k)) for k in LLAMA_ROPES}}
+MODES = {"longrope": "rotate", "dynamic": "merge", "llama3": "rotate", "yarn": "merge"}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """kind -> (peft model, exported path), each exported once."""
+    root = tmp_path_factory.mktemp("rope")
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            model = with_road(BUILD[kind]())
+            cache[kind] = model, rx.export(model, root / f"{kind}.onnx", mode=MODES[kind], task=TASK).path
+        return cache[kind]
+
+    return get
+
+
+def prompt(vocab, length, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.int64)
+    ids[0, :2], mask[0, :2] = 0, 0
+    return ids, mask
+
+
+def ort_generate(path, ids, mask, new):
+    steps = list(RoadSession(path).stream(ids.numpy(), mask.numpy(), max_new_tokens=new))
+    return np.stack([s.tokens for s in steps], 1), np.stack([s.logits for s in steps], 1)
+
+
+@pytest.mark.parametrize("kind", list(BUILD))
+def test_generation_across_the_threshold_equals_peft_generate(exports, kind):
+    """Prompt of 10 tokens, 14 new: the sequence passes 16 (the longrope switch, where dynamic NTK starts growing,
+    llama3's / yarn's original length) and keeps going; every step's tokens and logits are peft's."""
+    model, path = exports(kind)
+    ids, mask = prompt(model.config.vocab_size, 10)
+    want_tokens, want_logits = reference_generate(model, ids, mask, 14)
+    got_tokens, got_logits = ort_generate(path, ids, mask, 14)
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    error = float(np.abs(got_logits - want_logits).max())
+    print(f"{kind}: max |ORT - peft| over 14 steps across {SWITCH}: {error:.2e}")
+    assert error <= 1e-4
+
+
+def test_longrope_file_records_the_cache_recompute_and_switches_in_the_graph(exports):
+    model, path = exports("longrope")
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert json.loads(meta[METADATA_ROPE]) == {"rope_type": "longrope", "original_max_position_embeddings": SWITCH,
+                                               "recompute_cache_at": SWITCH + 1}
+    # one forward past the switch: the graph takes the long factors from the positions it is fed, as transformers
+    ids, mask = prompt(model.config.vocab_size, SWITCH + 4)
+    session = RoadSession(path)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+             "position_ids": np.where(mask.numpy() == 0, 1, mask.numpy().cumsum(-1) - 1)}
+    feeds.update({i.name: np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32)
+                  for i in session.session.get_inputs() if i.name.startswith("past_key_values")})
+    got = session.run(feeds)["logits"]
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    m = mask.numpy().astype(bool)
+    assert np.abs(got[m] - want[m]).max() <= 1e-4
+
+
+def test_dynamic_ntk_is_computed_in_the_graph(exports):
+    """The NTK base grows with the sequence in the file (no Python-side guard): a 40-token prefill against peft."""
+    model, path = exports("dynamic")
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert json.loads(meta[METADATA_ROPE]) == {"rope_type": "dynamic", "max_position_embeddings": SWITCH}
+    ids, mask = prompt(model.config.vocab_size, 40)
+    tokens, logits = ort_generate(path, ids, mask, 1)
+    want_tokens, want_logits = reference_generate(model, ids, mask, 1)
+    assert np.abs(logits - want_logits).max() <= 1e-4
+    with torch.no_grad():  # not vacuous: the default rope's logits differ at this length
+        rotary = model.get_base_model().model.rotary_emb
+        saved = rotary.rope_type, rotary.inv_freq
+        rotary.rope_type, rotary.inv_freq = "default", rotary.original_inv_freq.clone()
+        try:
+            fixed = model(input_ids=ids, attention_mask=mask).logits[:, -1].numpy()
+        finally:
+            rotary.rope_type, rotary.inv_freq = saved
+    assert np.abs(fixed - logits[:, 0]).max() > 1e-3
+
+
+def test_verify_generates_across_each_threshold(exports):
+    model, path = exports("longrope")
+    report = verify(path, model, coverage=False)
+    crossing = [r for r in report.rows if r.case.startswith("generate across")]
+    assert [r.case for r in crossing] == ["generate across longrope rope original_max_position_embeddings 16: "
+                                          "prompt 14, 5 new"]
+    assert report.passed, report.table()
+    print(f"longrope verify crossing row: max abs {crossing[0].max_abs:.2e}")
+
+
+def test_verify_fails_a_longrope_file_that_keeps_short_factor_keys(exports, tmp_path):
+    """Planted fault: the same graph without the recompute record (a file exported the old way) keeps the keys it
+    cached with the short factors past the switch. Every forward check passes; the generation across the switch
+    fails."""
+    model, path = exports("longrope")
+    proto = onnx.load(str(path))
+    kept = [p for p in proto.metadata_props if p.key != METADATA_ROPE]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    old = tmp_path / "old-way.onnx"
+    onnx.save(proto, str(old))
+    report = verify(old, model, coverage=False)
+    crossing = [r for r in report.rows if r.case.startswith("generate across")]
+    assert len(crossing) == 1 and not crossing[0].ok and crossing[0].max_abs > 1e-2, report.table()
+    assert all(r.ok for r in report.rows if r not in crossing), report.table()
+    assert not report.passed
+    print(f"planted short-factor keys: verify FAILED, crossing row max abs {crossing[0].max_abs:.2e}")
+
+
+def test_verify_fails_a_longrope_graph_without_its_long_factors(tmp_path):
+    """Planted fault: a graph whose long-factor branch computes the short factors (exported with them) fails both
+    the crossing check and nothing else that stays below the switch."""
+    model = with_road(phi3_longrope())
+    rotary = model.get_base_model().model.rotary_emb
+    rotary.long_inv_freq = rotary.original_inv_freq.clone()  # transformers computes it once, when unset
+    try:
+        path = rx.export(model, tmp_path / "short.onnx", mode="merge", task=TASK).path
+    finally:
+        rotary.long_inv_freq = None
+    report = verify(path, model, coverage=False)
+    crossing = [r for r in report.rows if r.case.startswith("generate across")]
+    assert len(crossing) == 1 and not crossing[0].ok, report.table()
+    assert all(r.ok for r in report.rows if r not in crossing), report.table()
+
+
+def test_models_without_thresholds_pay_nothing():
+    assert rope.thresholds(tiny("tiny-llama")) == []
+    assert rope.rope_record(tiny("tiny-phi3")) is None
+    assert rope.thresholds(llama("yarn")) == [(SWITCH, "yarn rope original_max_position_embeddings")]
+
+
+def test_unknown_rope_type_is_refused_before_tracing(monkeypatch, tmp_path):
+    """A rope type registered by user code in transformers' ROPE_INIT_FUNCTIONS: road-export cannot know whether it
+    changes with the length, so it refuses with one line naming it, and writes nothing."""
+    from transformers import modeling_rope_utils as mru
+
+    monkeypatch.setitem(mru.ROPE_INIT_FUNCTIONS, "mine", mru.ROPE_INIT_FUNCTIONS["linear"])
+    model = with_road(llama("llama3"))
+    model.config.rope_parameters["rope_type"] = "mine"
+    with pytest.raises(RoadError) as info:
+        rx.export(model, tmp_path / "mine.onnx", mode="merge", task=TASK)
+    message = str(info.value)
+    assert "\n" not in message and "rope_type 'mine'" in message and "longrope or dynamic" in message
+    assert not list(tmp_path.iterdir())
