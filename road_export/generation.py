@@ -166,23 +166,35 @@ def stream(
             step_ids = sequence
 
 
+def _rope_value(session: Session, key: str) -> int | None:
+    """An integer field of the file's `road_export.rope` record (None when absent). Raises RoadError for a record
+    that is not road-export's JSON or a field that is not a positive integer."""
+    meta = session.session.get_modelmeta().custom_metadata_map
+    if METADATA_ROPE not in meta:
+        return None
+    try:
+        value = json.loads(meta[METADATA_ROPE]).get(key)
+    except (ValueError, AttributeError) as e:
+        raise RoadError(f"{session.path.name}: its {METADATA_ROPE} metadata is not road-export's record ({e}); "
+                        "export the model again") from e
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise RoadError(f"{session.path.name}: {METADATA_ROPE} {key} must be a positive integer, got {value!r}; "
+                        "export the model again")
+    return value
+
+
 def recompute_length(session: Session) -> int | None:
     """The sequence length (padding included) at which generation drops the cache and re-runs the whole sequence:
     the file's `road_export.rope` record's `recompute_cache_at` (transformers' Phi-3 generation does this when the
     length first passes `original_max_position_embeddings`, so that every key uses the long rope factors); None for
     any other file. Raises RoadError for a record that is not road-export's JSON."""
-    meta = session.session.get_modelmeta().custom_metadata_map
-    if METADATA_ROPE not in meta:
-        return None
-    try:
-        value = json.loads(meta[METADATA_ROPE]).get("recompute_cache_at")
-    except (ValueError, AttributeError) as e:
-        raise RoadError(f"{session.path.name}: its {METADATA_ROPE} metadata is not road-export's record ({e}); "
-                        "export the model again") from e
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise RoadError(f"{session.path.name}: {METADATA_ROPE} recompute_cache_at must be a positive integer, got "
-                        f"{value!r}; export the model again")
-    return value
+    return _rope_value(session, "recompute_cache_at")
+
+
+def rope_switch(session: Session) -> int | None:
+    """The longrope switch of the file: past this many tokens (the largest position + 1 in a run, over the whole
+    batch, as transformers' `longrope_frequency_update`) the graph uses the long factors; None for other files."""
+    return _rope_value(session, "original_max_position_embeddings")
 
 
 def generate(session: Session, input_ids, attention_mask=None, **options) -> np.ndarray:

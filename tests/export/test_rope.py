@@ -222,3 +222,47 @@ def test_unknown_rope_type_is_refused_before_tracing(monkeypatch, tmp_path):
     message = str(info.value)
     assert "\n" not in message and "rope_type 'mine'" in message and "longrope or dynamic" in message
     assert not list(tmp_path.iterdir())
+
+
+def test_serve_generates_each_request_as_peft_alone_across_the_switch(exports, tmp_path, monkeypatch):
+    """The serving engine with a longrope file: a request crossing the switch (recompute at 17 tokens) batched with
+    one that stays below it; each gets the tokens peft's generate gives it alone."""
+    import shutil
+
+    from road_export.serving import engine as engine_module
+    from road_export.serving.engine import Engine, GenerationRequest, SamplingParams
+    from road_export.serving.example import _tokenizer
+
+    model, path = exports("longrope")
+    directory = tmp_path / "served"
+    (directory / "onnx").mkdir(parents=True)
+    shutil.copy(path, directory / "onnx" / "model.onnx")
+    for sidecar in path.parent.glob(path.stem + ".*.onnx_adapter"):
+        shutil.copy(sidecar, directory / "onnx" / ("model" + sidecar.name[len(path.stem):]))
+    (directory / "config.json").write_text(model.config.to_json_string())
+    _tokenizer(256).save_pretrained(directory)
+    g = torch.Generator().manual_seed(9)
+    prompts = {"crosses": torch.randint(3, 256, (10,), generator=g).tolist(),
+               "stays": torch.randint(3, 256, (3,), generator=g).tolist()}
+    new = {"crosses": 12, "stays": 10}
+
+    def serve():
+        engine = Engine(directory, max_batch_size=4, threads=1)
+        (adapter,) = engine.model_names
+        for rid, ids in prompts.items():
+            engine.submit(GenerationRequest(adapter, ids, SamplingParams(max_tokens=new[rid], temperature=0,
+                                                                         ignore_eos=True), request_id=rid))
+        got = {rid: [] for rid in prompts}
+        while engine.has_work():
+            for output in engine.step():
+                got[output.request_id] += output.token_ids
+        return got
+
+    got = serve()
+    want = {rid: reference_generate(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.int64),
+                                    new[rid])[0][0].tolist() for rid, ids in prompts.items()}
+    assert got == want
+    # not vacuous: an engine that ignores the switch (one batch, the cache kept) serves other tokens
+    monkeypatch.setattr(engine_module, "rope_switch", lambda session: None)
+    monkeypatch.setattr(engine_module, "recompute_length", lambda session: None)
+    assert serve() != want
