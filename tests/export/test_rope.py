@@ -66,8 +66,9 @@ def sharpen(model, scale=12.0):
     return model
 
 
-def with_road(model, variant="road_1", seed=1):
-    sharpen(model)
+def with_road(model, variant="road_1", seed=1, sharpened=False):
+    if not sharpened:
+        sharpen(model)
     torch.manual_seed(seed)
     config = peft.RoadConfig(variant=variant, group_size=8, init_weights=False, target_modules="all-linear")
     return peft.get_peft_model(model, config).eval()
@@ -266,3 +267,44 @@ def test_serve_generates_each_request_as_peft_alone_across_the_switch(exports, t
     monkeypatch.setattr(engine_module, "rope_switch", lambda session: None)
     monkeypatch.setattr(engine_module, "recompute_length", lambda session: None)
     assert serve() != want
+
+
+def test_cli_export_verifies_across_the_switch_and_genai_stops_at_it(tmp_path, capsys):
+    """`road-export --base B --adapter A OUT_DIR` on a saved longrope Phi-3: the verification after export generates
+    across the switch (and passes); genai_config.json caps max_length at the switch, where onnxruntime-genai's tokens
+    are still peft's (genai keeps the short-factor keys past it: measured below, documented in the README)."""
+    import os
+
+    from road_export.cli import main
+
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
+    plain = sharpen(phi3_longrope())
+    plain.save_pretrained(base)
+    model = with_road(plain, sharpened=True)
+    model.save_pretrained(str(adapter))
+    os.environ.setdefault("COLUMNS", "200")
+    assert main([str(x) for x in ("--base", base, "--adapter", adapter, out, "--mode", "merge")]) == 0
+    printed = capsys.readouterr().out
+    assert "generate across" in printed and "parity PASSED" in printed, printed
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["search"]["max_length"] == SWITCH
+    og = pytest.importorskip("onnxruntime_genai")
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    want, _ = reference_generate(model, ids, torch.ones_like(ids), 12)
+
+    def genai(max_length):
+        m = og.Model(str(out))
+        params = og.GeneratorParams(m)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        generator = og.Generator(m, params)
+        generator.append_tokens(ids.numpy().astype(np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+        return [int(t) for t in generator.get_sequence(0)][10:]
+
+    assert genai(SWITCH) == want[0, :SWITCH - 10].tolist()
+    past = genai(22)
+    print(f"genai past the switch: {past} vs peft {want[0].tolist()}")
+    # onnxruntime-genai 0.18 keeps the cached short-factor keys: the cap is what keeps its directory on peft's tokens
+    # (should a genai release recompute the cache at the switch, this fails and the cap can go)
+    assert past[:SWITCH - 10] == want[0, :SWITCH - 10].tolist() and past != want[0].tolist()
