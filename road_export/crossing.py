@@ -5,7 +5,8 @@ changes mid-sequence. Here a decoder with a KV cache generates greedily on onnxr
 loop `RoadSession.generate` runs) and with the reference's own `generate` (peft's, for a peft model), from a prompt
 two tokens short of each threshold (`road_export.export.rope.thresholds`: the longrope switch and other ropes'
 `original_max_position_embeddings`, where dynamic NTK starts growing, sliding windows) to three tokens past it, and
-compares every step's logits and tokens. A Phi-3 longrope file that keeps its short-factor keys past the switch
+compares every step's logits and tokens; a model with a learned position table (GPT-2, OPT) generates up to the
+table's last row. A Phi-3 longrope file that keeps its short-factor keys past the switch
 (exported before road-export followed transformers' cache recompute, or with the long factors lost) fails here
 while every forward check passes.
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from road_export import generation
 from road_export.export.rope import thresholds
+from road_export.export.tasks import uses_absolute_positions
 from road_export.names import ADAPTER_IDS, PAST
 from road_export.parity import OutputParity, compare
 
@@ -73,7 +75,8 @@ def reference_generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, 
 def crossing_rows(path: Path, session, model: nn.Module, *, atol: float, exact: bool, by_cosine: bool = False,
                   seed: int = 0) -> list[OutputParity]:
     """One row per threshold of `model` for the decoder file at `path` (its onnxruntime `session`): the logits of
-    CROSS_NEW greedy steps from a prompt of threshold - 2 tokens (batch 2, row 0 left padded by one) against
+    CROSS_NEW greedy steps from a prompt of threshold - 2 tokens (for a learned position table, a prompt whose last
+    step runs at the table's last row; batch 2, row 0 left padded by one) against
     `reference_generate`, judged as verify's rows (max abs <= atol, or cosine with `by_cosine`). `exact` (a float32
     file) also requires the same tokens; otherwise steps after the first differing token are not compared (their
     inputs differ). [] for a file without a cache, a mixed-adapter file, or a model without thresholds."""
@@ -84,9 +87,13 @@ def crossing_rows(path: Path, session, model: nn.Module, *, atol: float, exact: 
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or CROSS_CAP)
     rows = []
-    for length, why in thresholds(model):
-        prompt = length - 2
-        if prompt < 2 or vocab < 4 or length + CROSS_NEW - 2 > min(limit, CROSS_CAP):
+    crossings = [(length, why, length - 2) for length, why in thresholds(model)]
+    if limit <= CROSS_CAP and uses_absolute_positions(model):  # the last position the table has
+        crossings.append((limit, "position table end", limit - CROSS_NEW + 1))
+    for length, why, prompt in crossings:
+        # past the position range only where the model means to go there (dynamic NTK grows beyond it)
+        if prompt < 2 or vocab < 4 or length > CROSS_CAP or \
+                (prompt + CROSS_NEW - 1 > limit and "dynamic" not in why):
             continue
         gen = torch.Generator().manual_seed(seed + length)
         ids = torch.randint(3, vocab, (2, prompt), generator=gen)

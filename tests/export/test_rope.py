@@ -159,14 +159,15 @@ def test_dynamic_ntk_is_computed_in_the_graph(exports):
     assert np.abs(fixed - logits[:, 0]).max() > 1e-3
 
 
-def test_verify_generates_across_each_threshold(exports):
-    model, path = exports("longrope")
+@pytest.mark.parametrize(("kind", "why"), [("longrope", "longrope rope original_max_position_embeddings"),
+                                         ("dynamic", "dynamic rope growth")])
+def test_verify_generates_across_each_threshold(exports, kind, why):
+    model, path = exports(kind)
     report = verify(path, model, coverage=False)
     crossing = [r for r in report.rows if r.case.startswith("generate across")]
-    assert [r.case for r in crossing] == ["generate across longrope rope original_max_position_embeddings 16: "
-                                          "prompt 14, 5 new"]
+    assert [r.case for r in crossing] == [f"generate across {why} 16: prompt 14, 5 new"]
     assert report.passed, report.table()
-    print(f"longrope verify crossing row: max abs {crossing[0].max_abs:.2e}")
+    print(f"{kind} verify crossing row: max abs {crossing[0].max_abs:.2e}")
 
 
 def test_verify_fails_a_longrope_file_that_keeps_short_factor_keys(exports, tmp_path):
