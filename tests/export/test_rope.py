@@ -210,6 +210,27 @@ def test_models_without_thresholds_pay_nothing():
     assert rope.thresholds(tiny("tiny-llama")) == []
     assert rope.rope_record(tiny("tiny-phi3")) is None
     assert rope.thresholds(llama("yarn")) == [(SWITCH, "yarn rope original_max_position_embeddings")]
+    qwen = tiny("tiny-qwen2")  # a window that its config switches off is no threshold
+    qwen.config.sliding_window = 6
+    assert rope.thresholds(qwen) == []
+    mistral = tiny("tiny-mistral")
+    mistral.config.sliding_window = 6
+    assert rope.thresholds(mistral) == [(6, "sliding_window")]
+
+
+def test_verify_generates_across_a_sliding_window(tmp_path):
+    """Mistral with a 6-token window: the harness generates from 4 tokens to 8 against peft, and passes."""
+    from transformers import MistralForCausalLM
+
+    config = tiny("tiny-mistral").config
+    config.sliding_window = 6
+    torch.manual_seed(0)
+    model = with_road(MistralForCausalLM(config).eval(), variant="road_2")
+    path = rx.export(model, tmp_path / "window.onnx", mode="merge", task=TASK).path
+    report = verify(path, model, coverage=False)
+    crossing = [r for r in report.rows if r.case.startswith("generate across")]
+    assert [r.case for r in crossing] == ["generate across sliding_window 6: prompt 4, 5 new"]
+    assert report.passed, report.table()
 
 
 def test_unknown_rope_type_is_refused_before_tracing(monkeypatch, tmp_path):
