@@ -331,3 +331,16 @@ def test_cli_export_verifies_across_the_switch_and_genai_stops_at_it(tmp_path, c
     # onnxruntime-genai 0.18 keeps the cached short-factor keys: the cap is what keeps its directory on peft's tokens
     # (should a genai release recompute the cache at the switch, this fails and the cap can go)
     assert past[:SWITCH - 10] == want[0, :SWITCH - 10].tolist() and past != want[0].tolist()
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="onnxruntime without the CUDA provider")
+def test_gpu_generation_follows_the_switch(exports):
+    """road_export.gpu.generate (RoadSession on CUDA) recomputes the cache at the switch as the CPU loop does."""
+    from road_export.gpu import cuda_providers
+
+    model, path = exports("longrope")
+    ids, mask = prompt(model.config.vocab_size, 10)
+    want, _ = reference_generate(model, ids, mask, 14)
+    got = RoadSession(path, providers=cuda_providers()).generate(ids.numpy(), mask.numpy(), max_new_tokens=14)
+    np.testing.assert_array_equal(got[:, 10:], want)
