@@ -26,6 +26,10 @@ LLAMA_ROPES = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": SWITCH},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": SWITCH},
+    # longrope on a model whose generation keeps its cache at the switch (no Phi-3 recompute)
+    "llama-longrope": {"rope_type": "longrope", "original_max_position_embeddings": SWITCH,
+                       "short_factor": [1.0 + 0.05 * i for i in range(HALF)],
+                       "long_factor": [1.0 + 3.0 * i for i in range(HALF)]},
 }
 
 
@@ -75,7 +79,7 @@ def with_road(model, variant="road_1", seed=1, sharpened=False):
 
 
 BUILD = {"longrope": phi3_longrope, **{k: (lambda k=k: llama(k)) for k in LLAMA_ROPES}}
-MODES = {"longrope": "rotate", "dynamic": "merge", "llama3": "rotate", "yarn": "merge"}
+MODES = {"longrope": "rotate", "dynamic": "merge", "llama3": "rotate", "yarn": "merge", "llama-longrope": "rotate"}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +129,9 @@ def test_longrope_file_records_the_cache_recompute_and_switches_in_the_graph(exp
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert json.loads(meta[METADATA_ROPE]) == {"rope_type": "longrope", "original_max_position_embeddings": SWITCH,
                                                "recompute_cache_at": SWITCH + 1}
+    _, kept = exports("llama-longrope")  # Llama's generation keeps its cache: asked of the model, not of a list
+    meta = {p.key: p.value for p in onnx.load(str(kept), load_external_data=False).metadata_props}
+    assert json.loads(meta[METADATA_ROPE])["recompute_cache_at"] is None
     # one forward past the switch: the graph takes the long factors from the positions it is fed, as transformers
     ids, mask = prompt(model.config.vocab_size, SWITCH + 4)
     session = RoadSession(path)
@@ -248,16 +255,18 @@ def test_unknown_rope_type_is_refused_before_tracing(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_serve_generates_each_request_as_peft_alone_across_the_switch(exports, tmp_path, monkeypatch):
-    """The serving engine with a longrope file: a request crossing the switch (recompute at 17 tokens) batched with
-    one that stays below it; each gets the tokens peft's generate gives it alone."""
+@pytest.mark.parametrize("kind", ["longrope", "llama-longrope"])
+def test_serve_generates_each_request_as_peft_alone_across_the_switch(exports, tmp_path, monkeypatch, kind):
+    """The serving engine with a longrope file: a request crossing the switch (Phi-3: recompute at 17 tokens; Llama:
+    the row moves with its cache) batched with one that stays below it; each gets the tokens peft's generate gives
+    it alone."""
     import shutil
 
     from road_export.serving import engine as engine_module
     from road_export.serving.engine import Engine, GenerationRequest, SamplingParams
     from road_export.serving.example import _tokenizer
 
-    model, path = exports("longrope")
+    model, path = exports(kind)
     directory = tmp_path / "served"
     (directory / "onnx").mkdir(parents=True)
     shutil.copy(path, directory / "onnx" / "model.onnx")
