@@ -4,6 +4,11 @@ A `text-generation-with-past` export runs the prompt once with an empty cache (t
 step, feeding each step's `present.*` back as `past_key_values.*`. A `text-generation` export without cache still
 works: every step reruns the whole sequence, which is what the cache saves. Wherever the file takes `position_ids`
 (every absolute-position model's export), they are transformers' positions for the left-padded mask.
+
+A file whose rope switches at a length (Phi-3's longrope: the `road_export.rope` record's `recompute_cache_at`) is
+generated as transformers' generation of that model does it (`Phi3ForCausalLM.prepare_inputs_for_generation`): when
+the sequence first reaches that many tokens, the cache is dropped and the whole sequence runs again, so every key
+is computed with the long factors the graph then chooses.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import json
+
 import numpy as np
 
 from road_export.errors import RoadError
-from road_export.names import PAST, PRESENT, positions
+from road_export.names import METADATA_ROPE, PAST, PRESENT, positions
 
 
 class Session(Protocol):
@@ -130,8 +137,9 @@ def stream(
     route, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
     cached = any(n.startswith(PAST) for n in names)
     past = _empty_cache(session, batch) if cached else {}
+    recompute_at = recompute_length(session) if cached else None
     pos = positions(mask)
-    step_ids, unfinished = ids, np.ones(batch, dtype=bool)
+    step_ids, unfinished, sequence = ids, np.ones(batch, dtype=bool), ids
     for step in range(max_new_tokens):
         feeds = {"input_ids": step_ids, "attention_mask": mask, **past}
         if "position_ids" in names:
@@ -148,11 +156,45 @@ def stream(
             return
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
         pos = np.concatenate([pos, pos[:, -1:] + 1], 1)
-        if cached:
+        sequence = np.concatenate([sequence, tokens[:, None]], 1)
+        if cached and mask.shape[1] == recompute_at:  # the rope switch: the whole sequence again, empty cache
+            past, step_ids = _empty_cache(session, batch), sequence
+        elif cached:
             past = {PAST + name[len(PRESENT):]: value for name, value in outputs.items() if name.startswith(PRESENT)}
             step_ids = tokens[:, None]
         else:
-            step_ids = np.concatenate([step_ids, tokens[:, None]], 1)
+            step_ids = sequence
+
+
+def _rope_value(session: Session, key: str) -> int | None:
+    """An integer field of the file's `road_export.rope` record (None when absent). Raises RoadError for a record
+    that is not road-export's JSON or a field that is not a positive integer."""
+    meta = session.session.get_modelmeta().custom_metadata_map
+    if METADATA_ROPE not in meta:
+        return None
+    try:
+        value = json.loads(meta[METADATA_ROPE]).get(key)
+    except (ValueError, AttributeError) as e:
+        raise RoadError(f"{session.path.name}: its {METADATA_ROPE} metadata is not road-export's record ({e}); "
+                        "export the model again") from e
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise RoadError(f"{session.path.name}: {METADATA_ROPE} {key} must be a positive integer, got {value!r}; "
+                        "export the model again")
+    return value
+
+
+def recompute_length(session: Session) -> int | None:
+    """The sequence length (padding included) at which generation drops the cache and re-runs the whole sequence:
+    the file's `road_export.rope` record's `recompute_cache_at` (transformers' Phi-3 generation does this when the
+    length first passes `original_max_position_embeddings`, so that every key uses the long rope factors); None for
+    any other file. Raises RoadError for a record that is not road-export's JSON."""
+    return _rope_value(session, "recompute_cache_at")
+
+
+def rope_switch(session: Session) -> int | None:
+    """The longrope switch of the file: past this many tokens (the largest position + 1 in a run, over the whole
+    batch, as transformers' `longrope_frequency_update`) the graph uses the long factors; None for other files."""
+    return _rope_value(session, "original_max_position_embeddings")
 
 
 def generate(session: Session, input_ids, attention_mask=None, **options) -> np.ndarray:

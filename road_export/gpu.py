@@ -230,7 +230,7 @@ def generate(session: RoadSession, input_ids, attention_mask=None, *, max_new_to
     int64, the same tokens (options as there), with the KV cache and logits kept in device memory."""
     import onnxruntime as ort
 
-    from road_export.generation import PAST, PRESENT, Sampling, check_request, positions
+    from road_export.generation import PAST, PRESENT, Sampling, check_request, positions, recompute_length
 
     ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
                                         eos_token_id)
@@ -250,6 +250,7 @@ def generate(session: RoadSession, input_ids, attention_mask=None, *, max_new_to
             io.bind_cpu_input(name, value)
     pos = positions(mask)
     step_ids, unfinished, new = ids, np.ones(batch, dtype=bool), []
+    recompute_at, sequence = recompute_length(session) if cached else None, ids
     for _ in range(max_new_tokens):
         io.bind_cpu_input("input_ids", np.ascontiguousarray(step_ids))
         io.bind_cpu_input("attention_mask", mask)
@@ -276,11 +277,14 @@ def generate(session: RoadSession, input_ids, attention_mask=None, *, max_new_to
             break
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
         pos = np.concatenate([pos, pos[:, -1:] + 1], 1)
-        if cached:
+        sequence = np.concatenate([sequence, tokens[:, None]], 1)
+        if cached and mask.shape[1] == recompute_at:  # the rope switch, as road_export.generation.stream
+            past, step_ids = _empty_cache(session, batch), sequence
+        elif cached:
             past = {PAST + name[len(PRESENT):]: value for name, value in outputs.items() if name.startswith(PRESENT)}
             step_ids = tokens[:, None]
         else:
-            step_ids = np.concatenate([step_ids, tokens[:, None]], 1)
+            step_ids = sequence
     return np.concatenate([ids, *new], 1)
 
 

@@ -21,6 +21,12 @@ and src/config.cpp in microsoft/onnxruntime-genai): `model.type` is transformers
 `model.decoder.inputs/outputs` name the graph's I/O (`%d` stands for the layer), and `search.past_present_share_buffer`
 is false because these graphs take a past of length P and return a present of length P + S (a shared buffer would
 need present to alias a max-length past).
+
+A longrope file (Phi-3; its `road_export.rope` record) gets `search.max_length` capped at the rope switch
+(`original_max_position_embeddings`): onnxruntime-genai 0.18 keeps every cached key when a sequence passes the switch
+(its own builder's Phi-3 graphs pick the long cos/sin caches from the attention mask's length, for the new tokens
+only), while transformers' Phi-3 generation re-runs the whole sequence with the long factors; up to the switch both
+generate the same tokens. A caller who raises `max_length` gets genai's behaviour past it, not peft's.
 """
 
 from __future__ import annotations
@@ -105,6 +111,21 @@ def tokenizer_files(base: str | os.PathLike | None) -> list[Path]:
     return [Path(base) / name for name in TOKENIZER_FILES if (Path(base) / name).is_file()]
 
 
+def _longrope_switch(onnx_path: Path) -> int | None:
+    """The longrope switch of a road-export file (its `road_export.rope` record), None for any other file."""
+    import onnx
+
+    from road_export.names import METADATA_ROPE
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    record = next((p.value for p in proto.metadata_props if p.key == METADATA_ROPE), None)
+    try:
+        value = json.loads(record).get("original_max_position_embeddings") if record else None
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _graph_io(onnx_path: Path) -> tuple[list[str], list[str], dict[str, list]]:
     """(input names, output names, {input name: dims}) of an ONNX file, external data not read."""
     import onnx
@@ -130,6 +151,7 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
     Raises RoadError when the file is not a decoder with past_key_values inputs.
     """
     inputs, outputs, dims = _graph_io(Path(onnx_path))
+    switch = _longrope_switch(Path(onnx_path))
     if "input_ids" not in inputs or "past_key_values.0.key" not in inputs or "logits" not in outputs:
         raise RoadError(f"{onnx_path}: onnxruntime-genai needs a decoder with a key/value cache; export with "
                         "--task text-generation-with-past")
@@ -178,7 +200,7 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
         model["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
     search = {
         "do_sample": bool(generation.get("do_sample", False)),
-        "max_length": int(generation.get("max_length") or context),
+        "max_length": min(int(generation.get("max_length") or context), switch or context),
         "min_length": 0,
         "num_beams": 1,
         "num_return_sequences": 1,

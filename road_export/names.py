@@ -26,6 +26,7 @@ __all__ = [
     "METADATA_ADAPTERS",
     "METADATA_MODE",
     "METADATA_PREFIX",
+    "METADATA_ROPE",
     "METADATA_SEQ2SEQ",
     "METADATA_SWAP",
     "METADATA_TASK",
@@ -58,6 +59,10 @@ METADATA_TASK = METADATA_PREFIX + "task"
 METADATA_ADAPTERS = METADATA_PREFIX + "adapters"  # JSON list of {name, variant, group_size, layers[, id]}
 METADATA_SEQ2SEQ = METADATA_PREFIX + "seq2seq"  # JSON {part, decoder_start_token_id, eos_token_id, pad_token_id}
 METADATA_SWAP = METADATA_PREFIX + "swap"  # JSON {layer: {c1, c2, group_size, width, dtype}} (road_export.swap)
+# JSON {rope_type, original_max_position_embeddings, recompute_cache_at, max_position_embeddings} of a rope that
+# changes with the sequence length (road_export.export.rope); generation re-runs the whole sequence, with an empty
+# cache, when it first reaches `recompute_cache_at` tokens, as transformers' generation of that model does
+METADATA_ROPE = METADATA_PREFIX + "rope"
 
 
 # An adapter name becomes a torch ModuleDict key (no '.'), part of initializer names and of MODEL.NAME.onnx_adapter

@@ -240,6 +240,11 @@ def verify(
         report.rows.extend(merge_rows([p[i] for p in parts], f"vocabulary sweep: {swept} ids, {row} per row")
                            for i in range(len(parts[0])))
         report.rows.extend(fixed_rows[-1])  # the long sequence
+    if spec.cache and not order:  # generation across the lengths where the model changes (export/rope.thresholds)
+        from road_export.crossing import crossing_rows
+
+        report.rows.extend(crossing_rows(onnx_path, session, torch_model, atol=atol, by_cosine=bool(quantized),
+                                         exact=dtype == "float32" and not quantized, seed=seed))
     if vocab > 0:
         report.ids_covered = f"{len(seen)}/{vocab}"
     # a swappable single-adapter export's sidecar MODEL.NAME.onnx_adapter of the exported adapter holds the same

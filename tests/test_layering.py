@@ -5,7 +5,7 @@
     3 passes                passes.*, attach
     4 export (torch)        layers, model, adapters, zoo, source, checkpoint, export.*
     4 runtime (ORT)         runtime, generation, native, seq2seq, gpu
-    5 harness, CLI, server  verify, crosscheck, testing, cli, serving.*
+    5 harness, CLI, server  verify, crossing, crosscheck, testing, cli, serving.*
 
 A module may import its own layer and any layer below; the two halves of layer 4 are siblings. Lazy imports inside
 functions count too. Layers 1-3 and the runtime are the serving floor: they must not import torch, transformers or
@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     **{m: (3, "passes") for m in ("passes", "attach")},
     **{m: (4, "export") for m in ("layers", "model", "adapters", "zoo", "source", "checkpoint", "export")},
     **{m: (4, "runtime") for m in ("runtime", "generation", "native", "seq2seq", "gpu")},
-    **{m: (5, "top") for m in ("verify", "crosscheck", "testing", "cli", "serving")},
+    **{m: (5, "top") for m in ("verify", "crossing", "crosscheck", "testing", "cli", "serving")},
 }
 FLOOR_MAX = 3
 TORCH_SIDE = ("torch", "transformers", "peft", "safetensors.torch")

@@ -26,7 +26,7 @@ from torch import nn
 
 from road_export import ops as road_op
 from road_export.errors import RoadError
-from road_export.export import capture, post, prepare, stream
+from road_export.export import capture, post, prepare, rope, stream
 from road_export.files import check_output, save_model, staging_dir
 
 __all__ = ["ExportResult", "export"]
@@ -123,6 +123,7 @@ def export(
     if mode not in prepare.MODES:
         raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
     capture.check_opset(opset)
+    rope.check_rope(model)
     dtype = prepare.parse_dtype(dtype)
     path = check_output(path)
     with prepare.adopted(model) as adapted:
@@ -132,7 +133,9 @@ def export(
         with prepare.prepared(adapted, mode, dtype, order, lazy_merges=merges) as prepared:
             module, args, names, spec, dynamic = capture.trace_plan(prepared, task, example_inputs, dtype, order)
             step("tracing")
-            ir_model = capture.torch_export(module, args, names, dynamic, opset)
+            with rope.traceable_rope(prepared):
+                ir_model = capture.torch_export(module, args, names, dynamic, opset)
+            rope_metadata = rope.metadata(prepared) if spec is not None else {}
     if streaming:
         stream.LazyWeightsPass(merges)(ir_model)
     swappable = swappable and mode == "rotate" and not order and bool(adapters) and spec is not None
@@ -144,6 +147,7 @@ def export(
     plan = post.PostExportPlan(mode, spec, adapters, opset=opset, swappable_layers=layer_of, optimize=optimize,
                                target=target)
     post.post_export_passes(plan, on_step=step)(ir_model)
+    ir_model.metadata_props.update(rope_metadata)
     outputs = [v.name for v in ir_model.graph.outputs]
     road_nodes = sum(1 for node in ir_model.graph.all_nodes() if node.domain == road_op.DOMAIN)
     step("writing")

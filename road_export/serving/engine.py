@@ -10,7 +10,13 @@
 3. drops the rows that finished (EOS, `max_tokens`, a stop string, the context length) or were cancelled, and the
    leading cache columns that no remaining row attends to.
 
-Rows join and leave between steps, so a short request never waits for a long one. The cache layout is
+Rows join and leave between steps, so a short request never waits for a long one.
+
+A longrope file (Phi-3; the `road_export.rope` record) chooses its rope factors from the largest position of a run,
+over the whole batch, as transformers does: every request is generated as transformers' `generate` would generate
+it alone, so rows at or below the switch and rows past it run in separate batches, and a row whose sequence reaches
+`recompute_cache_at` tokens re-runs its whole sequence with an empty cache, as Phi-3's generation does (a longrope
+file without that field moves the row with its cache). The cache layout is
 `road_export.generation`'s: past [batch, kv_heads, past, head_dim], attention_mask [batch, past + new] with 0 on
 left padding, positions from `names.positions`. A mixed-adapter export (`adapter_ids`) runs all rows in one
 onnxruntime run per step; a single-adapter swappable export (`.onnx_adapter` files) runs one batch per adapter,
@@ -34,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from road_export.errors import RoadError
-from road_export.generation import NUMPY_TYPES, Sampling
+from road_export.generation import NUMPY_TYPES, Sampling, recompute_length, rope_switch
 from road_export.names import BASE_NAME, PAST, PRESENT
 from road_export.serving.text import Detokenizer, TextTokenizer
 
@@ -211,10 +217,11 @@ class Engine:
         self.recorders = list(recorders)
         self._past_inputs = [i for i in self.session.session.get_inputs() if i.name.startswith(PAST)]
         self._position_ids = "position_ids" in names
+        self._switch, self._recompute_at = rope_switch(self.session), recompute_length(self.session)
         self._waiting: deque[GenerationRequest] = deque()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
-        self._batches: dict[str | None, _Batch] = {}
+        self._batches: dict[tuple[str | None, bool], _Batch] = {}  # (route, past the longrope switch)
         self._ids = itertools.count()
 
     def _json(self, name: str) -> dict[str, Any]:
@@ -295,14 +302,67 @@ class Engine:
                 if row.request.request_id in cancelled:
                     outputs.append(self._finish(row, "cancelled", []))
         for route, group in self._by_route(admitted).items():
-            outputs += self._prefill(route, group)
-        for batch in list(self._batches.values()):
+            by_phase: dict[bool, list[GenerationRequest]] = {}
+            for request in group:
+                by_phase.setdefault(self._long(len(request.prompt_ids)), []).append(request)
+            for phase, requests in by_phase.items():
+                outputs += self._prefill(route, requests, phase)
+        crossing = []
+        for (route, phase), batch in list(self._batches.items()):
             self._drop_finished(batch)
+            if not phase and self._switch is not None:
+                crossing += [(route, *moved) for moved in [self._take(batch, self._long)] if moved[0]]
             if batch.rows:
                 outputs += self._decode(batch)
                 self._drop_finished(batch)
+        for route, rows, past, mask in crossing:  # after the decode: one step per row per call
+            outputs += self._cross(route, rows, past, mask)
         self._batches = {k: b for k, b in self._batches.items() if b.rows}
         return outputs
+
+    def _long(self, length: int) -> bool:
+        """Whether a row whose next run ends at `length` tokens runs past the longrope switch (its own batch)."""
+        return self._switch is not None and length > self._switch
+
+    def _take(self, batch: _Batch, leaving) -> tuple[list[_Row], dict[str, np.ndarray], np.ndarray | None]:
+        """Remove the rows for which `leaving(row.length)` holds from `batch`: (rows, their cache, their mask)."""
+        out = [i for i, r in enumerate(batch.rows) if leaving(r.length)]
+        if not out:
+            return [], {}, None
+        rows, past, mask = [batch.rows[i] for i in out], {k: v[out] for k, v in batch.past.items()}, batch.mask[out]
+        keep = [i for i in range(len(batch.rows)) if i not in out]
+        batch.rows, batch.selection = [batch.rows[i] for i in keep], None
+        batch.past = {k: v[keep] for k, v in batch.past.items()}
+        batch.mask = batch.mask[keep] if keep else None
+        if keep:
+            start = int(np.argmax(batch.mask.any(0)))  # leading columns no remaining row attends to
+            batch.mask = np.ascontiguousarray(batch.mask[:, start:])
+            batch.past = {k: np.ascontiguousarray(v[:, :, start:]) for k, v in batch.past.items()}
+        else:
+            batch.past = {}
+        return rows, past, mask
+
+    def _cross(self, route: str | None, rows: list[_Row], past: dict[str, np.ndarray], mask: np.ndarray
+               ) -> list[Output]:
+        """Rows whose next step passes the longrope switch join the long batch: with `recompute_cache_at` (Phi-3) by
+        running their whole sequence with an empty cache (that run chooses their next token), else with their cache."""
+        batch = self._batches.setdefault((route, True), _Batch(route))
+        if self._recompute_at is None or any(r.length != self._recompute_at for r in rows):
+            _merge(batch, rows, past, mask)
+            return []
+        sequences = [list(r.request.prompt_ids) + r.generated for r in rows]
+        ids = np.array(sequences, np.int64)
+        mask = np.ones_like(ids)
+        feeds = {"input_ids": ids, "attention_mask": mask, **self._empty_cache(len(rows))}
+        if self._position_ids:
+            feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        try:
+            outputs = self._run(route, rows, feeds)
+        except RoadError as e:
+            return [self._finish(r, "error", [], error=str(e)) for r in rows]
+        present = {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
+        _merge(batch, rows, present, mask)
+        return self._advance(rows, outputs["logits"][:, -1])
 
     def _by_route(self, requests: list[GenerationRequest]) -> dict[str | None, list[GenerationRequest]]:
         groups: dict[str | None, list[GenerationRequest]] = {}
@@ -335,7 +395,7 @@ class Engine:
             recorder.on_step(len(rows), adapters, time.perf_counter() - started)
         return outputs
 
-    def _prefill(self, route: str | None, requests: list[GenerationRequest]) -> list[Output]:
+    def _prefill(self, route: str | None, requests: list[GenerationRequest], phase: bool = False) -> list[Output]:
         """One run over the new prompts (left padded), first tokens chosen, cache rows merged into the batch."""
         width = max(len(r.prompt_ids) for r in requests)
         ids = np.zeros((len(requests), width), np.int64)
@@ -354,7 +414,7 @@ class Engine:
         except RoadError as e:
             return [Output(r.request_id, [], "", "error", len(r.prompt_ids), 0, error=str(e)) for r in requests]
         present = {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
-        batch = self._batches.setdefault(route, _Batch(route))
+        batch = self._batches.setdefault((route, phase), _Batch(route))
         _merge(batch, rows, present, mask)
         return self._advance(rows, outputs["logits"][:, -1])
 
