@@ -87,6 +87,7 @@ class RoadServer:
                  threads: int | None = None, served_model_name: str | None = None, native: bool | None = None,
                  session_config: dict[str, str] | None = None, device: str = "cpu", max_queue: int | None = None,
                  api_key: str | None = None, body_timeout_s: float = 30.0, max_body_bytes: int = 16 * 2**20):
+        replica_grpc_on_loopback()
         self.stats = Stats()
         self.engine = Engine(model_dir, max_batch_size=max_batch_size, threads=threads, native=native,
                              served_model_name=served_model_name, recorders=[self.stats],
@@ -106,6 +107,37 @@ class RoadServer:
         """Requests that arrived within the batch wait while the engine was idle, queued on it together (one
         prefill)."""
         return self.loop.submit_many(requests)
+
+
+def replica_grpc_on_loopback() -> bool:
+    """On a node whose address is loopback (the local instance `road-export serve` starts), make this replica's
+    inter-deployment gRPC server listen on 127.0.0.1 rather than on every interface; returns whether it did.
+
+    Ray Serve 2.60 binds that server to "[::]:0" whatever the node's address (ray/serve/_private/replica.py,
+    `_on_initialized`, which runs after the deployment's constructor), with no option to choose; its callers reach
+    it at the node's address, here loopback. There is no public API for it, so the module's
+    `add_port_to_grpc_server` is wrapped to swap that one address; where a Ray lacks it nothing changes, and the
+    listener test (tests/test_serve.py) sees a wildcard listener again."""
+    import ipaddress
+
+    import ray
+
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return False
+    add = getattr(replica, "add_port_to_grpc_server", None)
+    if add is None or not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return False
+    if getattr(add, "road_loopback", False):
+        return True
+
+    def on_loopback(server, address):
+        return add(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    on_loopback.road_loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+    return True
 
 
 def _check_device(device: str) -> None:
