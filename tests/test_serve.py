@@ -509,15 +509,16 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def guarded(engine):
-    """The FastAPI app in this process with an API key, a 2000-byte body limit and a queue of 1."""
+def guarded(example):
+    """The FastAPI app in this process with an API key, a 2000-byte body limit and a queue of 1, on an engine of
+    its own (one loop thread per engine)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
     from road_export.serving.http import create_app
 
-    looper = AsyncEngine(engine)
+    looper = AsyncEngine(Engine(example.model, max_batch_size=8, threads=1))
     service = OpenAIService(looper, max_queue=1)
     with TestClient(create_app(service, Stats(), api_key=KEY, max_body_bytes=2000)) as c:
         yield c, service
@@ -558,10 +559,11 @@ def test_header_and_body_limits(guarded):
     assert client.post("/v1/completions", json=small, headers=AUTH).status_code == 200
 
 
-def test_a_full_replica_answers_429_with_retry_after(guarded, engine, monkeypatch):
+def test_a_full_replica_answers_429_with_retry_after(guarded, monkeypatch):
     """With max_batch_size rows running and max_queue waiting, one more request gets OpenAI's 429 with
     Retry-After, before it is parsed; /stats says what runs and waits."""
     client, service = guarded
+    engine = service.core
     body = {"model": "alpha", "prompt": "x", "max_tokens": 2}
     monkeypatch.setattr(AsyncEngine, "in_flight", property(lambda self: engine.max_batch_size + 1))
     response = client.post("/v1/completions", json=body, headers=AUTH)

@@ -318,11 +318,17 @@ def run_serve(args: argparse.Namespace) -> int:
                         "--ingress, or leave --address unset")
     # a local instance's environment goes in before Ray is imported (its constants read it at import)
     environment = local_ray_environment(args.ingress, args.host) if args.address is None else None
+    previous = {name: os.environ.get(name) for name in environment or {}}
     if environment is not None:
         os.environ.update(environment)
     try:
         return _serve(args, model, api_key, environment)
     finally:
+        for name, value in previous.items():  # as it was for whatever runs next in this process
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         if environment is not None and HA_PROXY in environment:  # the private directory made for HAProxy's files
             import shutil
 
