@@ -730,6 +730,43 @@ def test_serve_refuses_bad_input_in_one_line(example, tmp_path, monkeypatch):
     assert_bad_input(road_export("serve", example.model, "--port", "70000"), says="not a TCP port")
     assert_bad_input(road_export("serve", example.model, "--max-batch-size", "0"), says="must be >= 1")
     assert_bad_input(road_export("serve", example.base), says="not a model directory")
+    assert_bad_input(road_export("serve", example.model, "--max-queue", "-1"), says="must be >= 0")
+    assert_bad_input(road_export("serve", example.model, "--body-timeout", "0"), says="must be above 0")
+    assert_bad_input(road_export("serve", example.model, "--max-body-mb", "nan"), says="must be above 0")
+    monkeypatch.setenv("ROAD_EXPORT_API_KEY", " ")
+    assert_bad_input(road_export("serve", example.model), says="--api-key / ROAD_EXPORT_API_KEY: empty")
+
+
+def test_on_a_cluster_an_application_of_another_is_neither_replaced_nor_deleted(example, monkeypatch):
+    """Joining a cluster (--address) where an application of the same name runs: refused in one line, and the
+    exit deletes nothing (planted: the name is free, so the command deploys, and then deletes only its own)."""
+    from test_cli import assert_bad_input, road_export
+
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from road_export.serving import cli as serve_cli
+
+    deleted, ran = [], []
+    monkeypatch.setattr(serve_cli, "start_ray", lambda *a, **k: False)  # joined, not started
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "delete", deleted.append)
+    monkeypatch.setattr(serve, "start", lambda **k: None)
+    monkeypatch.setattr(serve, "status", lambda: type("S", (), {"applications": {"road-export": object()}})())
+    assert_bad_input(road_export("serve", example.model, "--address", "10.0.0.5:6379"),
+                     says="--app-name road-export: the Ray cluster at 10.0.0.5:6379 already runs an application")
+    assert deleted == []
+
+    def run(app, name, route_prefix):
+        ran.append(name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(serve, "run", run)
+    done = road_export("serve", example.model, "--address", "10.0.0.5:6379", "--app-name", "mine")
+    assert done.returncode == 3 and "stop here" in done.stderr  # serve.run failing half way: a bug, exit 3
+    assert ran == ["mine"] and deleted == ["mine"]
 
 
 # ---- on Ray Serve: one local application for the module ----
