@@ -238,7 +238,6 @@ class OpenAIService:
                 raise ApiError(f"messages[{i}].content must be a string", param=f"messages[{i}].content",
                                code="invalid_value")
             plain.append({**message, "content": content})
-        self._check_length("".join(m["content"] for m in plain), "messages", chars=_rendered_chars(messages))
         try:
             text = self.core.tokenizer.apply_chat_template(plain, add_generation_prompt=True)
         except Exception as e:  # jinja2's TemplateError from the template's raise_exception, or a bad template
