@@ -875,7 +875,7 @@ def test_start_ray_starts_its_own_or_joins_only_when_asked(monkeypatch):
     assert calls[-1] == "shutdown"
 
 
-def test_haproxy_files_are_private_and_a_loopback_server_refuses_it(example):
+def test_haproxy_files_are_private_and_a_loopback_server_refuses_it(example, tmp_path, monkeypatch):
     """Ray's HAProxy template opens its admin socket `mode 666 level admin` and binds its stats and metrics on
     every interface: road-export puts the socket, configuration and state in a directory only its user can enter,
     and refuses the HAProxy ingress for a loopback --host (in one line)."""
@@ -903,6 +903,15 @@ def test_haproxy_files_are_private_and_a_loopback_server_refuses_it(example):
     assert local_ray_environment("proxy", "127.0.0.1").keys() == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
                                                                  "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
     assert_bad_input(road_export("serve", "--ingress", "haproxy", example.model), says="Ray's HAProxy opens its stats")
+    # HAProxy refuses socket paths over 97 characters, and Ray adds a 56-character directory: a long TMPDIR is one line
+    import tempfile
+
+    long = tmp_path / ("t" * 40)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    with pytest.raises(RoadError, match="set TMPDIR to a shorter directory"):
+        local_ray_environment("haproxy", "0.0.0.0")
+    assert list(long.iterdir()) == []
 
 
 def together_and_alone(url, engine, count, max_tokens):

@@ -138,6 +138,7 @@ def _megabytes(text: str) -> float:
 
 
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
+HAPROXY_PATH_MAX = 97  # HAProxy 2.8's longest UNIX socket path ("socket path ... too long (max 97)")
 INGRESSES = ("proxy", "haproxy")
 
 
@@ -168,7 +169,13 @@ def local_ray_environment(ingress: str = "proxy", host: str = "127.0.0.1") -> di
             raise RoadError(f"--ingress haproxy --host {host}: Ray's HAProxy opens its stats and metrics ports on "
                             "every interface, which a loopback server must not; serve with --ingress proxy, or "
                             "with --host 0.0.0.0 behind a firewall")
-        private = tempfile.mkdtemp(prefix="road-export-haproxy-")  # mode 0700: others cannot reach the socket
+        private = tempfile.mkdtemp(prefix="rex-")  # mode 0700: others cannot reach the socket
+        # Ray puts the socket in a 56-character subdirectory of this one; HAProxy takes paths of 97 characters at most
+        if len(private) + len("/" + "0" * 56 + "/metrics.sock") > HAPROXY_PATH_MAX:
+            os.rmdir(private)
+            raise RoadError(f"--ingress haproxy: the temporary directory {tempfile.gettempdir()} makes HAProxy's "
+                            f"socket paths longer than its {HAPROXY_PATH_MAX} characters; set TMPDIR to a shorter "
+                            "directory (e.g. /tmp)")
         env.update({HA_PROXY: "1", "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(private, "admin.sock"),
                     "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(private, "haproxy.cfg"),
                     "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": private,
