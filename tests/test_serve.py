@@ -575,6 +575,46 @@ def test_a_full_replica_answers_429_with_retry_after(guarded, monkeypatch):
     assert client.post("/v1/completions", json=body, headers=AUTH).status_code == 200
 
 
+def test_proxy_errors_answer_for_a_replica_that_died():
+    """ProxyErrors (in Ray's proxy): a response never started becomes OpenAI's 503, a started event stream ends
+    with an error event and [DONE], a complete response passes untouched (planted: inner apps that stop short)."""
+    from road_export.serving.http import ProxyErrors
+
+    async def run(inner):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await ProxyErrors(inner)({"type": "http", "path": "/v1/completions", "headers": []}, receive, send)
+        return sent
+
+    async def dies_before(scope, receive, send):
+        raise RuntimeError("ActorDiedError")
+
+    async def dies_streaming(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type",
+                                                                              b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+
+    async def answers(scope, receive, send):
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    sent = asyncio.run(run(dies_before))
+    assert sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["error"]["code"] == "replica_failed"
+    sent = asyncio.run(run(dies_streaming))
+    events = sent[-1]["body"].decode().split("\n\n")
+    assert sent[-1]["more_body"] is False and events[1] == "data: [DONE]"
+    assert json.loads(events[0][len("data: "):])["error"]["type"] == "server_error"
+    assert [m.get("status") for m in asyncio.run(run(answers))] == [404, None]
+    assert len(asyncio.run(run(answers))) == 2
+
+
 def test_a_non_streaming_request_is_cancelled_when_its_client_disconnects(engine):
     from road_export.serving.http import _unless_disconnected
 
@@ -900,8 +940,8 @@ def test_haproxy_files_are_private_and_a_loopback_server_refuses_it(example, tmp
         assert not {env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]} & {"8404", "9101"}
     finally:
         os.rmdir(private)
-    assert local_ray_environment("proxy", "127.0.0.1").keys() == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                                                                 "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+    assert local_ray_environment("proxy", "127.0.0.1").keys() == {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"}
     assert_bad_input(road_export("serve", "--ingress", "haproxy", example.model), says="Ray's HAProxy opens its stats")
     # HAProxy refuses socket paths over 97 characters, and Ray adds a 56-character directory: a long TMPDIR is one line
     import tempfile
@@ -1112,6 +1152,56 @@ def test_a_second_server_on_this_machine_takes_nothing_from_the_first(ray_url, e
     response = httpx.post(f"{ray_url}/v1/completions", headers=AUTH, timeout=30,
                           json={"model": first[0], "prompt": "x", "max_tokens": 2})
     assert response.status_code == 200
+
+
+def test_a_replica_crash_gives_openai_errors_and_ray_restarts_it(ray_url):
+    """The replica killed (SIGKILL) with a streaming and a non-streaming request in flight: the non-streaming one
+    gets OpenAI's 503 JSON, the stream ends with an error event and [DONE]; Ray restarts the replica and a
+    completion succeeds again (within 90 s here). Last of the Ray tests: the module's server restarts its replica."""
+    import httpx
+    import psutil
+
+    replicas = [p for p in psutil.Process(SERVERS[ray_url]).children(recursive=True) if "ServeReplica" in p.name()]
+    assert replicas
+    long = {"model": "beta", "prompt": "x", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+    got, streaming = {}, threading.Event()
+
+    def plain():
+        got["plain"] = httpx.post(f"{ray_url}/v1/completions", json=long, headers=AUTH, timeout=60)
+
+    def stream():
+        lines = []
+        with httpx.stream("POST", f"{ray_url}/v1/completions", json={**long, "stream": True}, headers=AUTH,
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    streaming.set()
+        got["stream"] = lines
+
+    threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+    for t in threads:
+        t.start()
+    assert streaming.wait(30)
+    for p in replicas:
+        p.kill()
+    for t in threads:
+        t.join(60)
+    assert got["plain"].status_code == 503, got["plain"].text
+    assert got["plain"].json()["error"]["code"] == "replica_failed"
+    assert got["stream"][-1] == "data: [DONE]"
+    assert json.loads(got["stream"][-2][len("data: "):])["error"]["code"] == "replica_failed"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(f"{ray_url}/v1/completions", headers=AUTH, timeout=10,
+                          json={"model": "alpha", "prompt": "x", "max_tokens": 2}).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("the replica did not come back within 90 s")
 
 
 # ---- on the GPU (marked gpu; skipped where onnxruntime has no CUDA provider) ----

@@ -138,6 +138,7 @@ def _megabytes(text: str) -> float:
 
 
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
+PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # Ray Serve: a function returning the proxy's middlewares
 HAPROXY_PATH_MAX = 97  # HAProxy 2.8's longest UNIX socket path ("socket path ... too long (max 97)")
 INGRESSES = ("proxy", "haproxy")
 
@@ -152,6 +153,8 @@ def local_ray_environment(ingress: str = "proxy", host: str = "127.0.0.1") -> di
       loopback). One machine's instance needs no other address.
     - RAY_AUTH_MODE=token and a fresh RAY_AUTH_TOKEN: Ray's token authentication (Ray >= 2.52) on the control
       ports, with a token of this process (in the environment, not written to ~/.ray/auth_token).
+    - RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: `road_export.serving.http.proxy_middlewares`, so that Ray's
+      HTTP proxy answers for a replica that died mid-request in OpenAI's error shape (`ProxyErrors`).
     - for `ingress="haproxy"`: RAY_SERVE_ENABLE_HA_PROXY=1, HAProxy's admin socket, configuration and state files
       in a new directory only this user can enter (Ray's template opens the socket `mode 666 level admin` in
       /tmp/haproxy-serve, shared by every server on the machine), and free stats and metrics ports.
@@ -163,7 +166,7 @@ def local_ray_environment(ingress: str = "proxy", host: str = "127.0.0.1") -> di
     import tempfile
 
     env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), PROXY_CALLBACK: "road_export.serving.http.proxy_middlewares"}
     if ingress == "haproxy":
         if _is_loopback(host):
             raise RoadError(f"--ingress haproxy --host {host}: Ray's HAProxy opens its stats and metrics ports on "

@@ -21,7 +21,7 @@ from typing import Any
 
 from road_export.serving.protocol import ApiError, OpenAIService
 
-__all__ = ["MAX_HEADER_BYTES", "create_app"]
+__all__ = ["MAX_HEADER_BYTES", "ProxyErrors", "create_app", "proxy_middlewares"]
 
 MAX_HEADER_BYTES = 64 * 1024  # names and values of all headers together (HAProxy's default buffer holds 16 KiB)
 OPEN_PATHS = ("/health",)  # answered without the API key (liveness probes)
@@ -159,6 +159,61 @@ class _Guard:
                                  code="invalid_api_key")
                 return await _send_json(send, 401, error.body(), [(b"www-authenticate", b"Bearer")])
         return await self.app(scope, receive, send)
+
+
+class ProxyErrors:
+    """ASGI middleware for Ray Serve's HTTP proxy (`HTTPOptions.middlewares`): when the replica serving a request
+    dies (killed, out of memory, a crash in onnxruntime), the proxy gets an actor error and answers nothing itself
+    (ray/serve/_private/http_util.py, `send_http_response_on_exception`, only answers 408, 429 and 503), so the
+    client saw uvicorn's plain-text 500, or a stream cut without an end. Here a response that was never started
+    becomes OpenAI's 503 (`server_error`, code `replica_failed`), and a started event stream ends with an error
+    event and `data: [DONE]`. A response the inner app completed passes untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "ended": False, "events": False}
+
+        async def tracking(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                state["events"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                      for k, v in message.get("headers", []))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        failure = None
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as e:  # the proxy raising on a dead replica: answered below in OpenAI's shape
+            failure = e
+        if state["ended"]:
+            return
+        error = ApiError("the server's replica for this request stopped before it finished (it crashed or was "
+                         f"killed{f': {type(failure).__name__}' if failure else ''}); Ray restarts it, retry",
+                         status=503, type="server_error", code="replica_failed")
+        try:
+            if not state["started"]:
+                await _send_json(send, 503, error.body())
+            elif state["events"]:
+                event = f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception:  # the client is gone too: nobody to tell
+            pass
+
+
+def proxy_middlewares() -> list:
+    """The Starlette middlewares for Ray Serve's HTTP proxy: [ProxyErrors]. Ray calls it in the proxy actor when
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names it (`road_export.serving.cli.local_ray_environment` does)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ProxyErrors)]
 
 
 async def _unless_disconnected(request, work: asyncio.Future):
