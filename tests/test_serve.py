@@ -941,7 +941,8 @@ def test_haproxy_files_are_private_and_a_loopback_server_refuses_it(example, tmp
     finally:
         os.rmdir(private)
     assert local_ray_environment("proxy", "127.0.0.1").keys() == {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"}
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"}
     assert_bad_input(road_export("serve", "--ingress", "haproxy", example.model), says="Ray's HAProxy opens its stats")
     # HAProxy refuses socket paths over 97 characters, and Ray adds a 56-character directory: a long TMPDIR is one line
     import tempfile

@@ -216,7 +216,8 @@ def crash(server: Server) -> str:
                         streaming.set()
             results["stream"] = f"{r.status_code}, {len(lines)} events, last {lines[-1][:80] if lines else ''!r}"
         except httpx.HTTPError as e:
-            results["stream"] = f"{type(e).__name__} after {len(lines)} events, last {lines[-1][:60] if lines else ''!r}"
+            last = lines[-1][:60] if lines else ""
+            results["stream"] = f"{type(e).__name__} after {len(lines)} events, last {last!r}"
 
     threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
     for t in threads:
