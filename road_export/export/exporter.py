@@ -132,7 +132,8 @@ def export(
         with prepare.prepared(adapted, mode, dtype, order, lazy_merges=merges) as prepared:
             module, args, names, spec, dynamic = capture.trace_plan(prepared, task, example_inputs, dtype, order)
             step("tracing")
-            ir_model = capture.torch_export(module, args, names, dynamic, opset)
+            ir_model = capture.torch_export(module, args, names, dynamic, opset, what=f"task {spec.task}" if spec
+                                            else "", user_inputs=example_inputs is not None)
     if streaming:
         stream.LazyWeightsPass(merges)(ir_model)
     swappable = swappable and mode == "rotate" and not order and bool(adapters) and spec is not None
