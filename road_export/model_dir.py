@@ -134,13 +134,18 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
         raise RoadError(f"{onnx_path}: onnxruntime-genai needs a decoder with a key/value cache; export with "
                         "--task text-generation-with-past")
     generation = dict(generation or {})
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    hidden = int(config["hidden_size"])
+    get = config_reader(config)
+    heads = _required(get, "num_attention_heads", onnx_path)
+    hidden = _required(get, "hidden_size", onnx_path)
     past_dims = dims["past_key_values.0.key"]
-    head_size = past_dims[3] if isinstance(past_dims[3], int) and past_dims[3] else \
-        int(config.get("head_dim") or hidden // heads)
-    context = int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+    # the graph's own cache layout first ([batch, kv_heads, past, head_dim]), the config's where a dim is symbolic
+    fixed = lambda i: past_dims[i] if len(past_dims) == 4 and isinstance(past_dims[i], int) and past_dims[i] \
+        else None  # noqa: E731
+    kv_heads = fixed(1) or int(get("num_key_value_heads") or heads)
+    head_size = fixed(3) or int(get("head_dim") or hidden // heads)
+    layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key")) or \
+        _required(get, "num_hidden_layers", onnx_path)
+    context = int(get("max_position_embeddings") or get("n_positions") or 2048)
     names = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids"}
     decoder_inputs = {key: name for key, name in names.items() if name in inputs}
     decoder_inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
@@ -149,12 +154,12 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
         session_options["custom_ops_library"] = str(custom_ops_library)
 
     def token(key: str):
-        value = generation.get(key, config.get(key))
+        value = generation.get(key, get(key))
         return value if value is not None else None
 
     model: dict[str, Any] = {
-        "type": config["model_type"],
-        "vocab_size": int(config["vocab_size"]),
+        "type": genai_type(str(get("model_type")), onnx_path),
+        "vocab_size": _required(get, "vocab_size", onnx_path),
         "context_length": context,
         "decoder": {
             "session_options": session_options,
@@ -162,7 +167,7 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
             "head_size": int(head_size),
             "hidden_size": hidden,
             "num_attention_heads": heads,
-            "num_hidden_layers": int(config["num_hidden_layers"]),
+            "num_hidden_layers": layers,
             "num_key_value_heads": kv_heads,
             "inputs": decoder_inputs,
             "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
@@ -173,6 +178,14 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
         value = token(key)
         if value is not None:
             model[key] = value
+    vocab = model["vocab_size"]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # onnxruntime-genai refuses the directory else
+        ids = model.get(key)
+        outside = [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int) and not 0 <= i < vocab]
+        if outside:
+            raise RoadError(f"{onnx_path}: onnxruntime-genai needs {key} within the vocabulary, the model's config "
+                            f"gives {outside[0]} with vocab_size {vocab}; set {key} in the base's config.json "
+                            "(or generation_config.json), or export to a .onnx file instead of a model directory")
     if "pad_token_id" not in model and "eos_token_id" in model:
         eos = model["eos_token_id"]
         model["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
@@ -189,6 +202,43 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
         "top_p": float(generation.get("top_p", 1.0)),
     }
     return {"model": model, "search": search}
+
+
+def config_reader(config: dict[str, Any]) -> Callable[[str], Any]:
+    """`get(key)` over a config.json dict as transformers reads it: through the model type's config class, so
+    `attribute_map` aliases resolve (GPT-2 `n_head`/`n_layer`/`n_embd`/`n_positions`, GPT-Neo `num_heads`/
+    `num_layers`, Bloom `n_head`/`n_layer`, Falcon, GPT-J, ...) and keys a diff-saved config leaves out take the
+    class's defaults, as `AutoConfig.from_pretrained` would. The raw dict (attribute_map applied) where transformers
+    is not installed or does not know the model type. Missing keys give None."""
+    try:
+        from transformers import AutoConfig
+
+        loaded = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
+    except (ImportError, ValueError, TypeError, KeyError):
+        return lambda key: config.get(key)
+    return lambda key: getattr(loaded, key, None)
+
+
+def _required(get: Callable[[str], Any], key: str, onnx_path) -> int:
+    value = get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise RoadError(f"{onnx_path}: onnxruntime-genai's config needs {key}, which the model's config does not "
+                        f"give (got {value!r}); export to a .onnx file instead of a model directory")
+    return value
+
+
+# The decoder-only model types onnxruntime-genai runs by name (its src/models/model_type.h, `LLM`); any other
+# decoder is declared as the generic "decoder", whose I/O genai_config.json names in full. Not "gpt2": genai runs
+# that type with GPT-2's old combined past inputs, which road-export's files do not have ("Model input was not found").
+GENAI_TYPES = ("chatglm", "decoder", "ernie4_5", "gemma", "gemma2", "gemma3_text", "gptoss", "granite",
+               "llama", "mistral", "nemotron", "olmo", "phi", "phimoe", "phi3", "phi3small", "qwen2", "qwen3",
+               "smollm3")  # those of onnxruntime-genai 0.18 that are plain decoders
+
+
+def genai_type(model_type: str, onnx_path) -> str:
+    """genai_config.json's `model.type` for a transformers `model_type`: itself where onnxruntime-genai knows it,
+    else "decoder" (the generic decoder-only type)."""
+    return model_type if model_type in GENAI_TYPES else "decoder"
 
 
 def library_name(library: str | os.PathLike) -> str:
