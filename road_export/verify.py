@@ -655,12 +655,13 @@ def verify_seq2seq(
         raise RoadError(f"{directory}: no encoder_model.onnx and decoder_model.onnx in it or in its onnx/ folder")
     first = files[seq2seq.SEQ2SEQ_FILES[1]]
     dtype = onnx_dtype(first)
-    # float16 without --atol: judged relative to the outputs' size (T5's grow past 10; `parity.compare`)
-    scaled = dtype == "float16" and atol is None
+    # float16 without --atol: each row may differ by the reference's own float16 error (`parity.compare`'s budget),
+    # measured on a float16 copy of the reference
+    half = _half_copy(torch_model) if dtype == "float16" and atol is None else None
     atol = TOLERANCE[dtype] if atol is None else atol
     task = "text2text-generation-with-past" if seq2seq.SEQ2SEQ_FILES[2] in files else "text2text-generation"
     reference_name = reference or ("peft" if hasattr(torch_model, "peft_config") else "road-export loader")
-    report = ParityReport(str(directory), dtype, atol, reference=reference_name, scaled=scaled)
+    report = ParityReport(str(directory), dtype, atol, reference=reference_name, budgeted=half is not None)
     kernels = set()
     merged = None
     if seq2seq.SEQ2SEQ_MERGED in files:
@@ -703,6 +704,7 @@ def verify_seq2seq(
             with torch.no_grad():
                 expected = ref(*inputs.values())
             expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+            budgets = _half_budgets(half, part, order, inputs, expected) if half is not None else None
             feeds = cast_feeds({n: inputs[n].numpy() for n in names}, declared)
             got = session.run(outputs, feeds)
             case = f"{part.file}: batch {batch}, encoder {enc}" + (f", pad {pad}" if pad else "")
@@ -713,17 +715,42 @@ def verify_seq2seq(
             mask = inputs["attention_mask" if part.name == seq2seq.ENCODER else "encoder_attention_mask"]
             row_mask = mask.numpy().astype(bool) if part.name == seq2seq.ENCODER else None
             report.rows.append(compare(outputs[0], case, got[0], expected[0], row_mask, atol,
-                                       logits=outputs[0] == "logits", scaled=scaled))
+                                       logits=outputs[0] == "logits", budget=budgets[0] if budgets else None))
+            rest = max(budgets[1:]) if budgets and len(budgets) > 1 else None
             if len(got) > 1:
-                report.rows.append(_compare_flat(case, got[1:], expected[1:], atol, scaled))
+                report.rows.append(_compare_flat(case, got[1:], expected[1:], atol, rest))
             if merged is not None and part.name != seq2seq.ENCODER:
-                report.rows += _merged_rows(merged, part, feeds, inputs, expected, case, atol, scaled)
+                report.rows += _merged_rows(merged, part, feeds, inputs, expected, case, atol, budgets)
     report.kernels = "/".join(sorted(kernels)) or "-"
     return report
 
 
+def _half_copy(model: nn.Module) -> nn.Module:
+    """A float16 copy of the reference (its own float16 error is a float16 file's budget)."""
+    import copy
+
+    return copy.deepcopy(model).half().eval()
+
+
+def _half_budgets(half: nn.Module, part, order: tuple[str, ...], inputs: dict, expected: list) -> list[float]:
+    """Per output of one part, max |reference in float16 - reference in float32| on the same inputs (float inputs
+    in float16); 0 where the float16 reference gives non-finite values or another shape (no budget then: the
+    row is judged by atol alone)."""
+    from road_export.export import seq2seq
+
+    with torch.no_grad():
+        out = seq2seq.part_module(half, part, order)(*(v.half() if v.is_floating_point() else v
+                                                       for v in inputs.values()))
+    out = [t.float().numpy() for t in (out if isinstance(out, tuple) else (out,))]
+    budgets = []
+    for got, want in zip(out, expected, strict=True):
+        ok = got.shape == want.shape and bool(np.isfinite(got).all())
+        budgets.append(float(np.abs(got - want).max()) if ok and got.size else 0.0)
+    return budgets
+
+
 def _merged_rows(session, part, feeds: dict, inputs: dict, expected: list, case: str, atol: float,
-                 scaled: bool = False) -> list:
+                 budgets: list[float] | None = None) -> list:
     """decoder_model_merged.onnx on the same step: `use_cache_branch` false with an empty past for the first step,
     true (encoder_hidden_states unused, zeros) for a step with past; its logits and the part's presents compared."""
     from road_export.export import seq2seq
@@ -744,8 +771,10 @@ def _merged_rows(session, part, feeds: dict, inputs: dict, expected: list, case:
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, feeds), strict=True))
     case = case.replace(part.file, f"{seq2seq.SEQ2SEQ_MERGED} ({'first step' if first else 'with past'})")
-    rows = [compare("logits", case, got["logits"], expected[0], None, atol, logits=True, scaled=scaled)]
-    rows.append(_compare_flat(case, [got[n] for n in part.output_names[1:]], expected[1:], atol, scaled))
+    rows = [compare("logits", case, got["logits"], expected[0], None, atol, logits=True,
+                    budget=budgets[0] if budgets else None)]
+    rows.append(_compare_flat(case, [got[n] for n in part.output_names[1:]], expected[1:], atol,
+                              max(budgets[1:]) if budgets and len(budgets) > 1 else None))
     return rows
 
 
@@ -768,11 +797,11 @@ def _real_past(model: nn.Module, part, inputs: dict, order: tuple[str, ...], bat
 
 
 def _compare_flat(case: str, got: list[np.ndarray], expected: list[np.ndarray], atol: float,
-                  scaled: bool = False) -> OutputParity:
+                  budget: float | None = None) -> OutputParity:
     """All present keys/values of differing lengths (decoder and encoder ones) as one row."""
     if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected, strict=False)):
         return OutputParity("present.*", case, [len(got)], math.inf, math.inf, 0.0, None, False)
     flat = lambda ts: np.concatenate([t.astype(np.float32).ravel() for t in ts])  # noqa: E731
-    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False, scaled=scaled)
+    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False, budget=budget)
     row.shape = list(got[0].shape)
     return row
