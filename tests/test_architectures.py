@@ -424,3 +424,23 @@ def test_a_torch_export_failure_on_our_inputs_is_our_bug(monkeypatch, tmp_path, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("road-export: internal error: ExportBug: torch.onnx.export "
                                                    "failed tracing LlamaForCausalLM"), lines
+
+
+def test_file_against_file_long_check_skips_what_neither_file_runs(roberta, tmp_path):
+    """`verify NEW --against TRUSTED` has no config to read the offset from: a long row neither file runs is a
+    skipped row, not a failure of the file. Planted fault: a trusted file whose position table is longer runs it,
+    so the new file that cannot is refused."""
+    from road_export.crosscheck import verify_against_file
+
+    root, _ = roberta
+    new = tmp_path / "new.onnx"
+    new.write_bytes((root / "model.onnx").read_bytes())
+    report = verify_against_file(new, root / "model.onnx")
+    assert report.passed and [r.case.split(":")[0] for r in report.rows if r.skipped] == ["long sequence"]
+    longer = onnx.load(str(root / "model.onnx"))
+    init = next(i for i in longer.graph.initializer if "position_embeddings" in i.name)
+    table = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array(np.concatenate([table, table[-1:].repeat(170, 0)]), init.name))
+    onnx.save(longer, str(tmp_path / "trusted.onnx"))
+    with pytest.raises(RoadError, match="cannot run it on generated inputs"):
+        verify_against_file(new, tmp_path / "trusted.onnx")
