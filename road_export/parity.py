@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BUDGET_FACTOR", "COSINE_MIN", "LONG_CAP", "SWEEP_BUDGET", "SWEEP_CHUNK", "SWEEP_ROW", "TOKEN_COSINE_MIN", "TOLERANCE",
-           "OutputParity", "ParityReport", "compare", "merge_rows", "min_cosine", "skipped_row"]
+__all__ = ["BUDGET_FACTOR", "COSINE_MIN", "LONG_CAP", "SWEEP_BUDGET", "SWEEP_CHUNK", "SWEEP_ROW", "TOKEN_COSINE_MIN",
+           "TOLERANCE", "OutputParity", "ParityReport", "compare", "merge_rows", "min_cosine", "skipped_row"]
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 COSINE_MIN = 0.98  # a quantized file (int4/int8 MatMul weights) is judged by cosine, not max abs

@@ -22,7 +22,8 @@ from conftest import tiny
 from onnx import numpy_helper
 
 import road_export as rx
-from road_export import model_dir, verify as verify_mod, zoo
+from road_export import model_dir, zoo
+from road_export import verify as verify_mod
 from road_export.cli import main
 from road_export.errors import ExportBug, RoadError
 from road_export.legacy_tokenizers import TRANSFORMERS_4_TOKENIZERS
