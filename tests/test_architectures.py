@@ -445,3 +445,25 @@ def test_file_against_file_long_check_skips_what_neither_file_runs(roberta, tmp_
     onnx.save(longer, str(tmp_path / "trusted.onnx"))
     with pytest.raises(RoadError, match="cannot run it on generated inputs"):
         verify_against_file(new, tmp_path / "trusted.onnx")
+
+
+def test_float16_value_branch_is_refused_before_tracing(tmp_path, monkeypatch):
+    """BART's layers branch on their values in float16 (transformers' overflow clamp): one line naming the layer and
+    the way out, before any tracing; the same model in float32 and T5 (its clamp is a torch.where, traceable) are
+    not refused. Planted fault: tracing is made to fail, so a refusal that came late would surface as ExportBug."""
+    from road_export.export import capture, prepare
+
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("traced")
+
+    monkeypatch.setattr(capture, "torch_export", no_tracing)
+    torch.manual_seed(0)
+    bart = peft.get_peft_model(tiny("tiny-bart"), peft.RoadConfig(variant="road_1", group_size=8,
+                                                                   target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(RoadError, match="BartForConditionalGeneration: Bart(Encoder|Decoder)Layer branches on its "
+                                        "values in float16.*export it in float32"):
+        rx.export(bart, tmp_path / "bart", dtype="float16")
+    prepare.check_traceable(bart, torch.float32)
+    prepare.check_traceable(tiny("tiny-t5"), torch.float16)
+    prepare.check_traceable(tiny("tiny-llama"), torch.float16)
+    assert not (tmp_path / "bart").exists()
