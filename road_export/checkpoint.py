@@ -104,6 +104,7 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         shown = ", ".join(unplaced[:5]) + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else "")
         raise RoadError(f"{adapter.path}: {len(unplaced)} adapted tensor(s) have no place in {base}: {shown}; "
                         "the adapter was made for another model")
+    _check_extra_shapes(adapter.path, extra, stored_as, headers, where, base)
     plan: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     axes: dict[str, int] = {}
     for module, params in adapter.road.items():
@@ -164,6 +165,26 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
             if item.is_file() and item.suffix != ".safetensors" and not (tmp / item.name).exists():
                 shutil.copy2(item, tmp / item.name)
     return report
+
+
+def _check_extra_shapes(adapter_path: Path, extra: dict[str, torch.Tensor], stored_as: dict[str, str | None],
+                        headers: dict, where: dict, base: Path) -> None:
+    """Every modules_to_save tensor (and every base_layer weight peft saves for a targeted head) has the shape of
+    the checkpoint tensor it replaces, checked before anything is written. An adapter saved after
+    `resize_token_embeddings` carries embeddings and a head of the resized vocabulary: RoadError (exit 2) naming the
+    tensor, both shapes and the fix, instead of a failure in the shard writer with half a directory written."""
+    for key, tensor in extra.items():
+        stored = stored_as[key]
+        shape = tuple(headers[where[stored]][1][stored]["shape"])
+        got = tuple(tensor.shape)
+        if got == shape:
+            continue
+        hint = "it was made for another model"
+        if len(got) == len(shape) == 2 and got[1:] == shape[1:]:
+            hint = (f"the adapter was saved from a model with {got[0]} rows (resize_token_embeddings); resize the base "
+                    f"the same way (model.resize_token_embeddings({got[0]})), save it, and merge into that")
+        raise RoadError(f"{adapter_path}: tensor {key} has shape {got}, the checkpoint's {stored} in {base} is "
+                        f"{shape}; {hint}")
 
 
 def _layer(meta, module: str):

@@ -598,7 +598,7 @@ def _run_export_dir(args: argparse.Namespace) -> int:
             task = infer_task(source.model)
         if task in ("text-generation", "text2text-generation") and not args.task:
             task += "-with-past"  # optimum's default for a decoder; what the clients generate with
-        config, generation, tokenizer_dir = _directory_configs(source, args.base)
+        config, generation, tokenizer_dir, fields = _directory_configs(source, args.base)
         library = _kernels_library() if args.mode == "rotate" else None
 
         seq2seq = task in SEQ2SEQ  # onnx/encoder_model.onnx, onnx/decoder_model.onnx, ... (export/seq2seq.py)
@@ -616,7 +616,7 @@ def _run_export_dir(args: argparse.Namespace) -> int:
                              quantize=args.quantize, on_float_saved=check_float)
 
         written = model_dir.write_model_dir(output, write, config=config, generation=generation,
-                                            tokenizer_dir=tokenizer_dir, custom_ops_library=library)
+                                            tokenizer_dir=tokenizer_dir, custom_ops_library=library, fields=fields)
         result = written.result
         report = None
         if not args.no_verify:
@@ -648,13 +648,14 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     return _print_report(report, args.quiet)
 
 
-def _directory_configs(source, base: str | None) -> tuple[dict, dict, Path | None]:
-    """(config.json, generation_config.json, tokenizer directory) for a model directory, from the loaded base:
-    transformers' own serialisations (`to_diff_dict`, as `save_pretrained` writes them); the base directory's
-    generation_config.json when it has one."""
+def _directory_configs(source, base: str | None) -> tuple[dict, dict, Path | None, dict]:
+    """(config.json, generation_config.json, tokenizer directory, genai's config values) for a model directory, from
+    the loaded base: transformers' own serialisations (`to_diff_dict`, as `save_pretrained` writes them); the base
+    directory's generation_config.json when it has one; the values genai_config.json needs read through the config
+    object (`model_dir.config_fields`: attribute_map aliases and class defaults)."""
     import transformers
 
-    from road_export import zoo
+    from road_export import model_dir, zoo
 
     inner = source.model.get_base_model() if hasattr(source.model, "get_base_model") else source.model
     config = inner.config
@@ -666,7 +667,8 @@ def _directory_configs(source, base: str | None) -> tuple[dict, dict, Path | Non
     config_dict = config.to_diff_dict()
     config_dict.setdefault("model_type", config.model_type)
     tokenizer_dir = None if zoo.is_named(base or zoo.DEFAULT_MODEL) else path
-    return config_dict, generation.to_diff_dict(), tokenizer_dir
+    fields = model_dir.config_fields(lambda key: getattr(config, key, None))
+    return config_dict, generation.to_diff_dict(), tokenizer_dir, fields
 
 
 def _kernels_library() -> str | None:

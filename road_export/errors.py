@@ -1,11 +1,18 @@
-"""The one error type road-export raises for bad input (the CLI prints it as one line and exits 2), and the
-exception a SIGTERM becomes (the CLI exits 143). Both live here, below every module that raises them, so that
+"""The one error type road-export raises for bad input (the CLI prints it as one line and exits 2), the one for an
+export that fails on a model road-export takes (ExportBug, exit 3), and the exception a SIGTERM becomes (the CLI
+exits 143). Both live here, below every module that raises them, so that
 `python -m road_export.cli` (the CLI module loaded twice: as __main__ and as road_export.cli) catches the class
 the serving code raises."""
 
 
 class RoadError(ValueError):
     """Bad input: the message names the file, module or tensor, and says how to fix it."""
+
+
+class ExportBug(RuntimeError):
+    """torch could not export a model road-export exports, on inputs road-export built for it: a bug of ours, not bad
+    input (the CLI exits 3). The message names the model class, the part being traced and where in the model's code
+    the trace stopped."""
 
 
 class Terminated(BaseException):

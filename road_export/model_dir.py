@@ -6,7 +6,8 @@ with the model under `onnx/` as transformers.js expects it):
     OUT_DIR/
       config.json               the base model's transformers config  (optimum, transformers.js)
       generation_config.json    transformers' generation defaults      (optimum, transformers.js)
-      tokenizer.json ...        the base model's tokenizer files, copied when the base directory has them
+      tokenizer.json ...        the base model's tokenizer files, copied when the base directory has them (a
+                                tokenizer_class transformers 4.x lacks written as PreTrainedTokenizerFast)
       genai_config.json         onnxruntime-genai's config: decoder file, I/O names, head sizes, search defaults
       onnx/model.onnx           the exported graph (+ onnx/model.onnx.data with external data)
       onnx/model.<adapter>.onnx_adapter   rotate mode, one adapter: its swap file
@@ -45,11 +46,14 @@ from road_export.files import atomic_write, write_text_atomic
 __all__ = [
     "CONFIG",
     "GENAI_CONFIG",
+    "GENAI_KEYS",
     "GENERATION_CONFIG",
     "MODEL_FILE",
     "TOKENIZER_FILES",
     "ModelDir",
+    "config_fields",
     "genai_config",
+    "portable_tokenizer_config",
     "is_dir_output",
     "is_model_dir",
     "model_file",
@@ -126,6 +130,31 @@ def _longrope_switch(onnx_path: Path) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+# what transformers 4.x and 5 both load for a tokenizer kept whole in tokenizer.json
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def portable_tokenizer_config(path: Path) -> str | None:
+    """Rewrite `tokenizer_config.json` at `path` (a copy inside a model directory) so that optimum's transformers
+    (< 4.58) loads it as well as transformers 5 does: a `tokenizer_class` 4.x cannot resolve
+    (`legacy_tokenizers.legacy_resolves`, e.g. transformers 5's "TokenizersBackend") becomes
+    PreTrainedTokenizerFast where tokenizer.json sits beside it (both versions load that class from it: the same
+    tokenizer, the same ids); other names and the rest of the file stay as they are. Returns the class name it
+    replaced, else None. An unreadable file is left alone (the client's error names it)."""
+    from road_export.legacy_tokenizers import legacy_resolves
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    name = data.get("tokenizer_class") if isinstance(data, dict) else None
+    if not isinstance(name, str) or legacy_resolves(name) or not (path.parent / "tokenizer.json").is_file():
+        return None
+    data["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return name
+
+
 def _graph_io(onnx_path: Path) -> tuple[list[str], list[str], dict[str, list]]:
     """(input names, output names, {input name: dims}) of an ONNX file, external data not read."""
     import onnx
@@ -141,14 +170,16 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
                  generation: dict[str, Any] | None = None, custom_ops_library: str | None = None) -> dict[str, Any]:
     """onnxruntime-genai's `genai_config.json` for a decoder with a KV cache exported by road-export.
 
-    config: the base model's transformers config as a dict (model_type, vocab_size, num_hidden_layers,
-    num_attention_heads, num_key_value_heads, hidden_size, head_dim, max_position_embeddings, token ids).
+    config: the base model's config values by their canonical names (`config_fields`: GENAI_KEYS read through the
+    transformers config class; config.json's raw dict misses aliased keys such as GPT-2's `n_head`). The cache
+    layout (kv heads, head size, layers) is read off the graph's past inputs where they are fixed.
     onnx_path: the exported `text-generation-with-past` file; its inputs/outputs decide the I/O names (position_ids
     only when the graph takes it). generation: generation_config.json's dict, for the search defaults
     (do_sample, temperature, top_k, top_p, repetition_penalty, max_length). custom_ops_library: the native road
     kernel library's path relative to the directory (onnxruntime-genai loads custom-op libraries from within the
     model directory only), written to `model.decoder.session_options.custom_ops_library`.
-    Raises RoadError when the file is not a decoder with past_key_values inputs.
+    Raises RoadError when the file is not a decoder with past_key_values inputs, when a value genai needs is missing
+    from `config`, or a token id lies outside the vocabulary (onnxruntime-genai would refuse the directory).
     """
     inputs, outputs, dims = _graph_io(Path(onnx_path))
     switch = _longrope_switch(Path(onnx_path))
@@ -156,13 +187,18 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
         raise RoadError(f"{onnx_path}: onnxruntime-genai needs a decoder with a key/value cache; export with "
                         "--task text-generation-with-past")
     generation = dict(generation or {})
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    hidden = int(config["hidden_size"])
+    get = config.get
+    heads = _required(get, "num_attention_heads", onnx_path)
+    hidden = _required(get, "hidden_size", onnx_path)
     past_dims = dims["past_key_values.0.key"]
-    head_size = past_dims[3] if isinstance(past_dims[3], int) and past_dims[3] else \
-        int(config.get("head_dim") or hidden // heads)
-    context = int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+    # the graph's own cache layout first ([batch, kv_heads, past, head_dim]), the config's where a dim is symbolic
+    fixed = lambda i: past_dims[i] if len(past_dims) == 4 and isinstance(past_dims[i], int) and past_dims[i] \
+        else None  # noqa: E731
+    kv_heads = fixed(1) or int(get("num_key_value_heads") or heads)
+    head_size = fixed(3) or int(get("head_dim") or hidden // heads)
+    layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key")) or \
+        _required(get, "num_hidden_layers", onnx_path)
+    context = int(get("max_position_embeddings") or get("n_positions") or 2048)
     names = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids"}
     decoder_inputs = {key: name for key, name in names.items() if name in inputs}
     decoder_inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
@@ -171,12 +207,12 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
         session_options["custom_ops_library"] = str(custom_ops_library)
 
     def token(key: str):
-        value = generation.get(key, config.get(key))
+        value = generation.get(key, get(key))
         return value if value is not None else None
 
     model: dict[str, Any] = {
-        "type": config["model_type"],
-        "vocab_size": int(config["vocab_size"]),
+        "type": genai_type(str(get("model_type")), onnx_path),
+        "vocab_size": _required(get, "vocab_size", onnx_path),
         "context_length": context,
         "decoder": {
             "session_options": session_options,
@@ -184,7 +220,7 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
             "head_size": int(head_size),
             "hidden_size": hidden,
             "num_attention_heads": heads,
-            "num_hidden_layers": int(config["num_hidden_layers"]),
+            "num_hidden_layers": layers,
             "num_key_value_heads": kv_heads,
             "inputs": decoder_inputs,
             "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
@@ -195,6 +231,14 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
         value = token(key)
         if value is not None:
             model[key] = value
+    vocab = model["vocab_size"]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # onnxruntime-genai refuses the directory else
+        ids = model.get(key)
+        outside = [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int) and not 0 <= i < vocab]
+        if outside:
+            raise RoadError(f"{onnx_path}: onnxruntime-genai needs {key} within the vocabulary, the model's config "
+                            f"gives {outside[0]} with vocab_size {vocab}; set {key} in the base's config.json "
+                            "(or generation_config.json), or export to a .onnx file instead of a model directory")
     if "pad_token_id" not in model and "eos_token_id" in model:
         eos = model["eos_token_id"]
         model["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
@@ -211,6 +255,50 @@ def genai_config(config: dict[str, Any], onnx_path: str | os.PathLike, *, filena
         "top_p": float(generation.get("top_p", 1.0)),
     }
     return {"model": model, "search": search}
+
+
+# the config values genai_config.json is written from, by their canonical transformers names
+GENAI_KEYS = ("model_type", "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_hidden_layers", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def config_fields(read: Callable[[str], Any]) -> dict[str, Any]:
+    """{key: read(key)} for GENAI_KEYS, None values left out. `read` is `getattr` on the model's transformers config
+    object (the caller's, this module stays torch- and transformers-free): through the config class, so
+    `attribute_map` aliases resolve (GPT-2 `n_head`/`n_layer`/`n_embd`/`n_positions`, GPT-Neo `num_heads`/
+    `num_layers`, Bloom `n_head`/`n_layer`, Falcon, GPT-J, ...) and keys a diff-saved config.json leaves out take
+    the class's defaults, as `AutoConfig.from_pretrained` gives them; config.json's own dict does neither."""
+    out = {}
+    for key in GENAI_KEYS:
+        try:
+            value = read(key)
+        except AttributeError:
+            value = None
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _required(get: Callable[[str], Any], key: str, onnx_path) -> int:
+    value = get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise RoadError(f"{onnx_path}: onnxruntime-genai's config needs {key}, which the model's config does not "
+                        f"give (got {value!r}); export to a .onnx file instead of a model directory")
+    return value
+
+
+# The decoder-only model types onnxruntime-genai runs by name (its src/models/model_type.h, `LLM`); any other
+# decoder is declared as the generic "decoder", whose I/O genai_config.json names in full. Not "gpt2": genai runs
+# that type with GPT-2's old combined past inputs, which road-export's files do not have ("Model input was not found").
+GENAI_TYPES = ("chatglm", "decoder", "ernie4_5", "gemma", "gemma2", "gemma3_text", "gptoss", "granite",
+               "llama", "mistral", "nemotron", "olmo", "phi", "phimoe", "phi3", "phi3small", "qwen2", "qwen3",
+               "smollm3")  # those of onnxruntime-genai 0.18 that are plain decoders
+
+
+def genai_type(model_type: str, onnx_path) -> str:
+    """genai_config.json's `model.type` for a transformers `model_type`: itself where onnxruntime-genai knows it,
+    else "decoder" (the generic decoder-only type)."""
+    return model_type if model_type in GENAI_TYPES else "decoder"
 
 
 def library_name(library: str | os.PathLike) -> str:
@@ -266,13 +354,14 @@ class ModelDir:
 
 def write_model_dir(directory: str | os.PathLike, export: Callable[[Path], Any], *, config: dict[str, Any],
                     generation: dict[str, Any] | None = None, tokenizer_dir: str | os.PathLike | None = None,
-                    custom_ops_library: str | None = None) -> ModelDir:
+                    custom_ops_library: str | None = None, fields: dict[str, Any] | None = None) -> ModelDir:
     """Write a model directory at `directory` atomically: `export(onnx path)` writes `onnx/model.onnx` (and
     whatever goes beside it), then the configs and tokenizer files are added and the whole renamed into place.
 
     config/generation: transformers' config and generation config as dicts (written as config.json and
     generation_config.json). tokenizer_dir: the base model directory, whose tokenizer files are copied. The
-    genai config is written when the graph is a decoder with a cache. Paths in `export`'s result point into the
+    genai config is written when the graph is a decoder with a cache, from `fields` (`config_fields`; without
+    them, `config` as it is). Paths in `export`'s result point into the
     staging directory; `ModelDir.final` maps them. Raises RoadError when `directory` exists and is not empty or
     cannot be written; on any failure or interruption nothing is left at `directory`.
     """
@@ -284,8 +373,11 @@ def write_model_dir(directory: str | os.PathLike, export: Callable[[Path], Any],
         result = export(tmp / MODEL_FILE)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / GENERATION_CONFIG).write_text(json.dumps(generation or {}, indent=2, sort_keys=True) + "\n")
-        for file in tokenizer_files(tokenizer_dir):
+        copied = tokenizer_files(tokenizer_dir)
+        for file in copied:
             shutil.copyfile(file, tmp / file.name)
+        if (tmp / "tokenizer_config.json").is_file():
+            portable_tokenizer_config(tmp / "tokenizer_config.json")
         # an encoder-decoder export writes onnx/encoder_model.onnx, ... instead (no genai config: a decoder only)
         inputs, outputs, _ = _graph_io(tmp / MODEL_FILE) if (tmp / MODEL_FILE).is_file() else ([], [], {})
         if "past_key_values.0.key" in inputs and "logits" in outputs:
@@ -293,7 +385,8 @@ def write_model_dir(directory: str | os.PathLike, export: Callable[[Path], Any],
             if custom_ops_library is not None:
                 library = library_name(custom_ops_library)
                 shutil.copyfile(custom_ops_library, tmp / library)
-            genai = genai_config(config, tmp / MODEL_FILE, generation=generation, custom_ops_library=library)
+            genai = genai_config(config if fields is None else fields, tmp / MODEL_FILE, generation=generation,
+                                 custom_ops_library=library)
             (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=4) + "\n")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     return ModelDir(directory, files, result, tmp)

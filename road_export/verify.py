@@ -26,7 +26,7 @@ from road_export.errors import RoadError
 from road_export.export.tasks import TaskModule, infer_task, nest, normalize_task, sample_inputs, task_spec
 from road_export.names import PAST, PRESENT
 from road_export.parity import (COSINE_MIN, LONG_CAP, SWEEP_BUDGET, SWEEP_CHUNK, SWEEP_ROW, TOLERANCE, OutputParity,
-                                ParityReport, compare, merge_rows)
+                                ParityReport, compare, merge_rows, skipped_row)
 
 __all__ = ["COSINE_MIN", "TOLERANCE", "OutputParity", "ParityReport", "compare", "onnx_dtype", "onnx_metadata",
            "onnx_quantization", "verify", "verify_seq2seq"]
@@ -140,6 +140,7 @@ def verify(
     output_names = [o.name for o in session.get_outputs()]
     check_task_fits(onnx_path, normalize_task(task), told, file_inputs, output_names)
     feeds_needed = [i.name for i in session.get_inputs()]
+    declared = declared_types(session)
     # whether positions are fed is the file's to say (below); asking the model would run it, paging its weights in
     # before the file's own runs (see `fixed`)
     spec = task_spec(torch_model, task, order, positions="position_ids" in feeds_needed)
@@ -177,14 +178,11 @@ def verify(
                                past=past)
         if ids is not None:
             inputs["input_ids"] = torch.from_numpy(ids.reshape(batch, seq).astype(np.int64))
-        if dtype == "float16":  # the cache is fed in float16: give the reference the same rounded values
-            inputs = {k: v.half().float() if v.is_floating_point() else v for k, v in inputs.items()}
-        return inputs
+        # float feeds go in the file's declared types (a float16 cache): give the reference the same rounded values
+        return round_as_fed(inputs, declared)
 
     def run_file(inputs: dict, run_options=None) -> list:
-        feeds = {n: inputs[n].numpy() for n in feeds_needed}
-        if dtype == "float16":
-            feeds = {n: v.astype(np.float16) if v.dtype.kind == "f" else v for n, v in feeds.items()}
+        feeds = cast_feeds({n: inputs[n].numpy() for n in feeds_needed}, declared)
         try:
             return session.run(output_names, feeds, run_options)
         finally:
@@ -219,15 +217,27 @@ def verify(
     # checkpoint and paged in as they are used): onnxruntime's activations for the long sequence, the largest of
     # verify, come and go while one model's weights are resident, not two. Its outputs are kept for the comparison.
     ran = []
-    for _case, batch, seq, past, pad in fixed:
+    long_skipped = None
+    for index, (case, batch, seq, past, pad) in enumerate(fixed):
         inputs = prepare(batch, seq, past, pad)
-        ran.append((inputs, run_file(inputs)))
+        try:
+            ran.append((inputs, run_file(inputs)))
+        except Exception:
+            if not longest or index != len(fixed) - 1:
+                raise
+            # the long sequence, built from the model's config: when the reference cannot run it either, the check
+            # cannot be built for this model (say so in the table); when the reference runs it, the file is wrong
+            reason = _reference_refuses(ref_module, spec, inputs)
+            if reason is None:
+                raise
+            long_skipped = skipped_row(output_names[0], case, f"the reference cannot run it either: {reason}")
+            fixed.pop()
     fixed_rows = [check(*case, ran=outputs) for case, outputs in zip(fixed, ran, strict=True)]
     del ran
     for rows in fixed_rows[:len(cases)]:
         report.rows.extend(rows)
     if coverage and vocab > 0:
-        row = min(SWEEP_ROW, longest)
+        row = min(SWEEP_ROW, longest or SWEEP_ROW)
         ids = sweep_ids(torch_model, seed)
         rows_needed = -(-len(ids) // row)
         ids = np.resize(ids, rows_needed * row)  # the last row wraps around to the first ids
@@ -239,7 +249,7 @@ def verify(
         swept = len(set(ids.tolist()))
         report.rows.extend(merge_rows([p[i] for p in parts], f"vocabulary sweep: {swept} ids, {row} per row")
                            for i in range(len(parts[0])))
-        report.rows.extend(fixed_rows[-1])  # the long sequence
+        report.rows.extend([long_skipped] if long_skipped else fixed_rows[-1])  # the long sequence
     if spec.cache and not order:  # generation across the lengths where the model changes (export/rope.thresholds)
         from road_export.crossing import crossing_rows
 
@@ -269,6 +279,40 @@ def verify(
                 (f", pad {pad}" if pad else "")
             report.rows.extend(check(case, batch, seq, past, pad, run_options=options))
     return report
+
+
+# onnxruntime's element type names (NodeArg.type) of the float feeds numpy can hold
+_FLOAT_FEEDS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def declared_types(session) -> dict[str, type]:
+    """{input name: numpy float type} of an onnxruntime session's float inputs, as the file declares them
+    (`NodeArg.type`, e.g. "tensor(float16)" for a float16 export's past keys/values and encoder states)."""
+    return {i.name: _FLOAT_FEEDS[i.type] for i in session.get_inputs() if i.type in _FLOAT_FEEDS}
+
+
+def cast_feeds(feeds: dict[str, np.ndarray], declared: dict[str, type]) -> dict[str, np.ndarray]:
+    """Each float feed in the type the file declares for it (`declared_types`); other feeds as they are."""
+    return {n: v.astype(declared[n]) if n in declared and v.dtype.kind == "f" and v.dtype != declared[n] else v
+            for n, v in feeds.items()}
+
+
+def round_as_fed(inputs: dict[str, torch.Tensor], declared: dict[str, type]) -> dict[str, torch.Tensor]:
+    """The reference's float inputs rounded as the file is fed them (float16 where it declares float16), kept
+    float32, so both sides see the same values."""
+    return {k: v.half().float() if v.is_floating_point() and declared.get(k) is np.float16 else v
+            for k, v in inputs.items()}
+
+
+def _reference_refuses(ref_module: nn.Module, spec, inputs: dict) -> str | None:
+    """None when the reference runs `inputs`, else the first line of its error (the input is beyond what the model
+    accepts: the check cannot be built, and the file is not to blame)."""
+    try:
+        with torch.no_grad():
+            ref_module(**nest(spec, inputs))
+    except Exception as e:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return None
 
 
 def reference_adapters(model: nn.Module) -> list[tuple[str, int]]:
@@ -518,14 +562,35 @@ def check_task_fits(path: Path, task: str, told: str, inputs: list[str], outputs
 
 
 def max_positions(model: nn.Module) -> int:
-    """The long check's length: the model's position table size (max_position_embeddings, n_positions) capped at
-    LONG_CAP; LONG_CAP where the config names none."""
+    """The long check's length: the positions the model accepts (`usable_positions`) capped at LONG_CAP; LONG_CAP
+    where the config names none."""
+    usable = usable_positions(model)
+    return LONG_CAP if usable is None else max(1, min(usable, LONG_CAP))
+
+
+def usable_positions(model: nn.Module) -> int | None:
+    """The longest row the model's position table takes (None where the config names no table size).
+
+    The config's size (max_position_embeddings, n_positions), less the first row a padding-offset table leaves
+    unused: the RoBERTa family (RoBERTa, XLM-RoBERTa, CamemBERT, BERTweet, Longformer, ...; fairseq's convention)
+    keeps `nn.Embedding(max_position_embeddings, hidden, padding_idx=pad_token_id)` and numbers a row's tokens
+    from `padding_idx + 1` (transformers' `RobertaEmbeddings.create_position_ids_from_input_ids`), so a table of
+    130 rows with padding_idx 1 takes 128 tokens. Read off the model's own position table (an nn.Embedding named
+    `position_embeddings` / `embed_positions` with a padding_idx), not a list of model types."""
     config = model.config
+    size = None
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
-            return min(value, LONG_CAP)
-    return LONG_CAP
+            size = value
+            break
+    if size is None:
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "embed_positions") \
+                and module.padding_idx is not None and module.num_embeddings == size:
+            return size - (module.padding_idx + 1)
+    return size
 
 
 def special_ids(model: nn.Module) -> list[int]:
@@ -595,10 +660,13 @@ def verify_seq2seq(
         raise RoadError(f"{directory}: no encoder_model.onnx and decoder_model.onnx in it or in its onnx/ folder")
     first = files[seq2seq.SEQ2SEQ_FILES[1]]
     dtype = onnx_dtype(first)
+    # float16 without --atol: each row may differ by the reference's own float16 error (`parity.compare`'s budget),
+    # measured on a float16 copy of the reference
+    half = _half_copy(torch_model) if dtype == "float16" and atol is None else None
     atol = TOLERANCE[dtype] if atol is None else atol
     task = "text2text-generation-with-past" if seq2seq.SEQ2SEQ_FILES[2] in files else "text2text-generation"
     reference_name = reference or ("peft" if hasattr(torch_model, "peft_config") else "road-export loader")
-    report = ParityReport(str(directory), dtype, atol, reference=reference_name)
+    report = ParityReport(str(directory), dtype, atol, reference=reference_name, budgeted=half is not None)
     kernels = set()
     merged = None
     if seq2seq.SEQ2SEQ_MERGED in files:
@@ -636,14 +704,13 @@ def verify_seq2seq(
                                            past=past, pad=min(pad, enc - 1), seed=seed, adapters=len(order))
             if part.name == seq2seq.DECODER_WITH_PAST:
                 inputs.update(_real_past(torch_model, part, inputs, order, batch, enc, past, seed))
-            if dtype == "float16":
-                inputs = {k: v.half().float() if v.is_floating_point() else v for k, v in inputs.items()}
+            declared = declared_types(session)
+            inputs = round_as_fed(inputs, declared)
             with torch.no_grad():
                 expected = ref(*inputs.values())
             expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
-            feeds = {n: inputs[n].numpy() for n in names}
-            if dtype == "float16":
-                feeds = {n: v.astype(np.float16) if v.dtype.kind == "f" else v for n, v in feeds.items()}
+            budgets = _half_budgets(half, part, order, inputs, expected) if half is not None else None
+            feeds = cast_feeds({n: inputs[n].numpy() for n in names}, declared)
             got = session.run(outputs, feeds)
             case = f"{part.file}: batch {batch}, encoder {enc}" + (f", pad {pad}" if pad else "")
             if part.name != seq2seq.ENCODER:
@@ -653,36 +720,66 @@ def verify_seq2seq(
             mask = inputs["attention_mask" if part.name == seq2seq.ENCODER else "encoder_attention_mask"]
             row_mask = mask.numpy().astype(bool) if part.name == seq2seq.ENCODER else None
             report.rows.append(compare(outputs[0], case, got[0], expected[0], row_mask, atol,
-                                       logits=outputs[0] == "logits"))
+                                       logits=outputs[0] == "logits", budget=budgets[0] if budgets else None))
+            rest = max(budgets[1:]) if budgets and len(budgets) > 1 else None
             if len(got) > 1:
-                report.rows.append(_compare_flat(case, got[1:], expected[1:], atol))
+                report.rows.append(_compare_flat(case, got[1:], expected[1:], atol, rest))
             if merged is not None and part.name != seq2seq.ENCODER:
-                report.rows += _merged_rows(merged, part, feeds, inputs, expected, case, atol)
+                report.rows += _merged_rows(merged, part, feeds, inputs, expected, case, atol, budgets)
     report.kernels = "/".join(sorted(kernels)) or "-"
     return report
 
 
-def _merged_rows(session, part, feeds: dict, inputs: dict, expected: list, case: str, atol: float) -> list:
+def _half_copy(model: nn.Module) -> nn.Module:
+    """A float16 copy of the reference (its own float16 error is a float16 file's budget)."""
+    import copy
+
+    return copy.deepcopy(model).half().eval()
+
+
+def _half_budgets(half: nn.Module, part, order: tuple[str, ...], inputs: dict, expected: list) -> list[float]:
+    """Per output of one part, max |reference in float16 - reference in float32| on the same inputs (float inputs
+    in float16); 0 where the float16 reference gives non-finite values or another shape (no budget then: the
+    row is judged by atol alone)."""
+    from road_export.export import seq2seq
+
+    with torch.no_grad():
+        out = seq2seq.part_module(half, part, order)(*(v.half() if v.is_floating_point() else v
+                                                       for v in inputs.values()))
+    out = [t.float().numpy() for t in (out if isinstance(out, tuple) else (out,))]
+    budgets = []
+    for got, want in zip(out, expected, strict=True):
+        ok = got.shape == want.shape and bool(np.isfinite(got).all())
+        budgets.append(float(np.abs(got - want).max()) if ok and got.size else 0.0)
+    return budgets
+
+
+def _merged_rows(session, part, feeds: dict, inputs: dict, expected: list, case: str, atol: float,
+                 budgets: list[float] | None = None) -> list:
     """decoder_model_merged.onnx on the same step: `use_cache_branch` false with an empty past for the first step,
     true (encoder_hidden_states unused, zeros) for a step with past; its logits and the part's presents compared."""
     from road_export.export import seq2seq
 
     batch, enc = inputs["encoder_attention_mask"].shape
-    feeds = dict(feeds)
+    declared = declared_types(session)
+    feeds = cast_feeds(dict(feeds), declared)
     first = part.name == seq2seq.DECODER
     feeds["use_cache_branch"] = np.array([not first])
     for value in session.get_inputs():
         if value.name in feeds or value.name == "use_cache_branch":
             continue
         if value.name.startswith("past_key_values."):
-            feeds[value.name] = np.zeros((batch, value.shape[1], 0 if first else enc, value.shape[3]), np.float32)
+            feeds[value.name] = np.zeros((batch, value.shape[1], 0 if first else enc, value.shape[3]),
+                                         declared.get(value.name, np.float32))
         elif value.name == "encoder_hidden_states":
-            feeds[value.name] = np.zeros((batch, enc, value.shape[2]), np.float32)
+            feeds[value.name] = np.zeros((batch, enc, value.shape[2]), declared.get(value.name, np.float32))
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, feeds), strict=True))
     case = case.replace(part.file, f"{seq2seq.SEQ2SEQ_MERGED} ({'first step' if first else 'with past'})")
-    rows = [compare("logits", case, got["logits"], expected[0], None, atol, logits=True)]
-    rows.append(_compare_flat(case, [got[n] for n in part.output_names[1:]], expected[1:], atol))
+    rows = [compare("logits", case, got["logits"], expected[0], None, atol, logits=True,
+                    budget=budgets[0] if budgets else None)]
+    rows.append(_compare_flat(case, [got[n] for n in part.output_names[1:]], expected[1:], atol,
+                              max(budgets[1:]) if budgets and len(budgets) > 1 else None))
     return rows
 
 
@@ -704,11 +801,12 @@ def _real_past(model: nn.Module, part, inputs: dict, order: tuple[str, ...], bat
             for name, value in zip(first.output_names[1:], out[1:], strict=True)}
 
 
-def _compare_flat(case: str, got: list[np.ndarray], expected: list[np.ndarray], atol: float) -> OutputParity:
+def _compare_flat(case: str, got: list[np.ndarray], expected: list[np.ndarray], atol: float,
+                  budget: float | None = None) -> OutputParity:
     """All present keys/values of differing lengths (decoder and encoder ones) as one row."""
     if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected, strict=False)):
         return OutputParity("present.*", case, [len(got)], math.inf, math.inf, 0.0, None, False)
     flat = lambda ts: np.concatenate([t.astype(np.float32).ravel() for t in ts])  # noqa: E731
-    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False)
+    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False, budget=budget)
     row.shape = list(got[0].shape)
     return row

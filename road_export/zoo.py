@@ -83,7 +83,8 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task:
 
     `task` (optimum's name) picks the Auto class; without it the checkpoint's own class (`config.architectures`).
     `num_labels` sets the classification head's size. Weights that the checkpoint lacks and transformers would
-    initialise at random are refused, unless `allow_missing` names them (an adapter brings them: modules_to_save).
+    initialise at random are refused, unless `allow_missing` names them (an adapter brings them: modules_to_save)
+    or they feed none of the outputs the task exports (`feeds_no_output`: a pooler under feature-extraction).
     Raises RoadError for a directory without loadable weights, a task the model cannot serve, or a broken file.
     """
     path = resolve(name_or_path)
@@ -97,7 +98,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task:
                 torch.manual_seed(seed)
                 model = cls._from_config(config, dtype=dtype)
         else:
-            model = from_pretrained(cls, path, config, allow_missing, dtype=dtype)
+            model = from_pretrained(cls, path, config, allow_missing, dtype=dtype, task=task)
     except RoadError:
         raise
     except Exception as e:
@@ -107,9 +108,10 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task:
 
 
 def from_pretrained(cls: type, path: Path, config, allow_missing: tuple[str, ...] = (),
-                    dtype: torch.dtype = torch.float32) -> nn.Module:
-    """`cls.from_pretrained(path)` in float32 (or `dtype`), offline; a directory without weights or with missing ones
-    is refused (transformers itself would fill them with random values)."""
+                    dtype: torch.dtype = torch.float32, task: str | None = None) -> nn.Module:
+    """`cls.from_pretrained(path)` in float32 (or `dtype`), offline; a directory without weights is refused, and so
+    are missing weights that feed an output `task` exports (transformers itself would fill them with random values);
+    missing ones that feed none (`feeds_no_output`) stay as transformers initialised them, as peft loads them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -122,10 +124,60 @@ def from_pretrained(cls: type, path: Path, config, allow_missing: tuple[str, ...
     missing = [k for k in info.get("missing_keys", ()) if not any(k == a or k.startswith(a + ".")
                                                                   for a in allow_missing)]
     if missing:
+        unused = set(feeds_no_output(model, missing, task))
+        missing = [k for k in missing if k not in unused]
+    if missing:
         shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise RoadError(f"{path}: {len(missing)} weight(s) of {cls.__name__} are not in the checkpoint ({shown}); "
                         "transformers would draw them at random; is this the right --task or checkpoint?")
     return model
+
+
+def feeds_no_output(model: nn.Module, names: list[str], task: str | None = None) -> list[str]:
+    """Those of the parameters `names` that no output exported for `task` depends on (None: the task the model
+    class implies, `export.tasks.infer_task`), e.g. RobertaModel's pooler under feature-extraction, whose
+    `last_hidden_state` it does not feed (roberta-large's masked-LM checkpoint ships no pooler).
+
+    Found by autograd, not by name: one forward pass of two tokens (encoder-decoders: the same two as decoder
+    input), and the gradient of every exported output (logits or last_hidden_state, and the key/value cache a
+    `-with-past` export returns) with respect to those parameters; a parameter with no gradient path feeds none.
+    Buffers, and anything the probe cannot run, are reported as feeding (the caller stays strict)."""
+    from road_export.export.tasks import _first_tensor, infer_task, normalize_task
+
+    params = dict(model.named_parameters())
+    wanted = [params.get(n) for n in names]
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    if not names or any(p is None or not p.is_floating_point() for p in wanted) or vocab < 2:
+        return []
+    try:
+        task = normalize_task(task) if task else infer_task(model)
+        ids = torch.tensor([[min(3, vocab - 1), vocab - 1]], dtype=torch.int64)
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "return_dict": True}
+        if task.startswith("text2text"):
+            kwargs["decoder_input_ids"] = ids
+        was = [p.requires_grad for p in wanted]
+        for p in wanted:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                out = model(**kwargs)
+                outputs = [_first_tensor(out)]
+                if task.endswith("-with-past") or task.startswith("text2text"):
+                    cache = getattr(out, "past_key_values", None)
+                    layers = getattr(getattr(cache, "self_attention_cache", cache), "layers", None) or []
+                    outputs += [t for layer in layers for t in (getattr(layer, "keys", None),
+                                                                 getattr(layer, "values", None)) if t is not None]
+                    outputs.append(getattr(out, "encoder_last_hidden_state", None))
+                total = sum(t.float().sum() for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad)
+                if not isinstance(total, torch.Tensor):
+                    return []
+                grads = torch.autograd.grad(total, wanted, allow_unused=True)
+        finally:
+            for p, flag in zip(wanted, was, strict=True):
+                p.requires_grad_(flag)
+    except Exception:  # the probe could not run: nothing is excused
+        return []
+    return [n for n, g in zip(names, grads, strict=True) if g is None]
 
 
 def model_class(config, task: str | None = None, *, where: str = "") -> type:

@@ -1,6 +1,6 @@
 """The package's layering: nothing imports a layer above its own, and export and runtime do not import each other.
 
-    1 maths and config      errors, config, rotation, names
+    1 maths and config      errors, config, rotation, names, legacy_tokenizers (data)
     2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir, quantize, parity
     3 passes                passes.*, attach
     4 export (torch)        layers, model, adapters, zoo, source, checkpoint, export.*
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "road_export"
 
 LAYERS: dict[str, tuple[int, str]] = {
-    **{m: (1, "base") for m in ("errors", "config", "rotation", "names", "requires_export")},
+    **{m: (1, "base") for m in ("errors", "config", "rotation", "names", "requires_export", "legacy_tokenizers")},
     **{m: (2, "onnx") for m in ("ops", "files", "checks", "adapter_files", "swap", "inspection", "model_dir",
                                 "quantize", "parity")},
     **{m: (3, "passes") for m in ("passes", "attach")},

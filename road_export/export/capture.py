@@ -8,15 +8,18 @@ torch's `torch/onnx/_internal/exporter/_core.py` for what the call does; post-ex
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import traceback
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import onnx_ir as ir
 import torch
 from torch import nn
 
-from road_export.errors import RoadError
+from road_export.errors import ExportBug, RoadError
 from road_export.export import op as torch_op
 from road_export.export.tasks import TaskModule, TaskSpec, dynamic_shapes, infer_task, nest, task_spec, trace_inputs
 
@@ -81,11 +84,18 @@ class _Positional(nn.Module):
         return self.model(*args)
 
 
-def torch_export(module: nn.Module, args: tuple | dict, names: list[str], dynamic, opset: int | None) -> ir.Model:
+def torch_export(module: nn.Module, args: tuple | dict, names: list[str], dynamic, opset: int | None, *,
+                 what: str = "", user_inputs: bool = False) -> ir.Model:
     """`torch.onnx.export(dynamo=True, optimize=False)` with the road translation table; the program's onnx-ir model.
 
-    Raises RoadError naming the model and the root cause when torch cannot export it."""
-    with warnings.catch_warnings(), quiet():
+    `what` names the part being traced (e.g. "decoder_model.onnx"). When torch cannot export it: RoadError naming the
+    root cause when the caller gave the example inputs (`user_inputs`: they may be what is wrong), else ExportBug
+    (exit 3: road-export built the inputs for a model it takes, so the failure is ours to fix) naming the model
+    class, the part and the line of the model's code where the trace stopped."""
+    # torch prints the graph it could not export (hundreds of lines) to stderr: kept off the user's terminal, the
+    # failure is reported in one line below
+    printed = io.StringIO()
+    with warnings.catch_warnings(), quiet(), contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
         warnings.simplefilter("ignore")
         try:
             kwargs = args if isinstance(args, dict) else None
@@ -108,8 +118,31 @@ def torch_export(module: nn.Module, args: tuple | dict, names: list[str], dynami
             while root.__cause__ is not None:
                 root = root.__cause__
             first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
-            raise RoadError(f"torch.onnx.export failed for {type(module.model).__name__}: {first}") from e
+            traced = type(getattr(module, "model", module)).__name__
+            if user_inputs:
+                raise RoadError(f"torch.onnx.export failed for {traced}: {first}") from e
+            at = model_frame(root)
+            part = f", {what}" if what else ""
+            raise ExportBug(f"torch.onnx.export failed tracing {traced} ({torch_dtype(module)}{part}"
+                            f"{', at ' + at if at else ''}): {first}; road-export takes this model, so this is a "
+                            "bug of road-export: please report it with the model's config.json") from e
     return program.model
+
+
+def model_frame(error: BaseException) -> str:
+    """`file.py:line` of the innermost frame of `error`'s traceback in transformers' or peft's code (where a model's
+    forward stopped the trace), else ""."""
+    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
+    for frame in reversed(frames):
+        if any(f"{sep}{lib}{sep}" in frame.filename for lib in ("transformers", "peft") for sep in ("/", "\\")):
+            return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+    return ""
+
+
+def torch_dtype(module: nn.Module) -> str:
+    """The dtype of the module's first float parameter ("float32" without any)."""
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return str(param.dtype).removeprefix("torch.") if param is not None else "float32"
 
 
 @contextlib.contextmanager

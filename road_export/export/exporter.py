@@ -108,8 +108,11 @@ def export(
     refused for it.
 
     Raises RoadError for bad arguments (mode, dtype, opset, path), a model without (or, in merge mode, with several)
-    adapters, a model torch cannot export, or a file onnxruntime cannot load.
+    adapters, a model road-export does not export in `dtype` (`prepare.check_traceable`, before tracing), torch
+    failing on `example_inputs` the caller gave, or a file onnxruntime cannot load; ExportBug when torch fails on
+    inputs road-export built (a bug of ours).
     """
+    prepare.check_traceable(model, prepare.parse_dtype(dtype))
     seq2seq_result = _seq2seq(model, path, task, example_inputs, quantize, {
         "mode": mode, "opset": opset, "dtype": dtype, "external_data": external_data, "optimize": optimize,
         "require_adapter": require_adapter, "target": target, "swappable": swappable, "on_step": on_step})
@@ -134,7 +137,8 @@ def export(
             module, args, names, spec, dynamic = capture.trace_plan(prepared, task, example_inputs, dtype, order)
             step("tracing")
             with rope.traceable_rope(prepared):
-                ir_model = capture.torch_export(module, args, names, dynamic, opset)
+                ir_model = capture.torch_export(module, args, names, dynamic, opset, what=f"task {spec.task}" if spec
+                                                else "", user_inputs=example_inputs is not None)
             rope_metadata = rope.metadata(prepared) if spec is not None else {}
     if streaming:
         stream.LazyWeightsPass(merges)(ir_model)

@@ -43,6 +43,37 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return table[dtype]
 
 
+# transformers' float16 overflow clamp, which branches on the values (`if hidden_states.dtype == torch.float16 and
+# not torch.isfinite(hidden_states).all(): clamp`): torch.export cannot trace a branch on data ("Could not guard on
+# data-dependent expression"); BART, Marian, PLBart, LED, BlenderbotSmall, ... carry it in their layers
+_VALUE_BRANCH = re.compile(r"float16.*\n?.*isfinite\([^)]*\)\.all\(\)|isfinite\([^)]*\)\.all\(\).*float16")
+
+
+def check_traceable(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Refuse, before any tracing, a model road-export cannot export in `dtype`: in float16, a layer whose forward
+    branches on its values in float16 (transformers' overflow clamp, found in the layer class's own source, see
+    _VALUE_BRANCH). One line naming the model, the layer class and the way out (float32). Raises RoadError."""
+    import inspect
+
+    if dtype != torch.float16:
+        return
+    seen: set[type] = set()
+    for module in model.modules():
+        cls = type(module)
+        if cls in seen or not cls.__module__.startswith("transformers."):
+            continue
+        seen.add(cls)
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        if _VALUE_BRANCH.search(source):
+            name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+            raise RoadError(f"{name}: {cls.__name__} branches on its values in float16 (transformers' overflow clamp "
+                            "`if ... torch.float16 and not torch.isfinite(hidden_states).all()`), which torch.export "
+                            "cannot trace; export it in float32 (without --dtype float16)")
+
+
 def describe_adapters(model: nn.Module) -> list[dict]:
     """Name, variant, group size and adapted layers of every adapter on the model (the `road_export.adapters`
     metadata record: {"name", "variant", "group_size", "layers"})."""

@@ -342,7 +342,7 @@ def _export_part(prepared: nn.Module, part: Part, directory: Path, mode: str, ta
     step(f"tracing {part.file}")
     dynamic = (tuple(part.axes[name] for name in part.input_names),)  # forward(*args)
     with _frozen(prepared):
-        ir_model = capture.torch_export(module, args, list(part.input_names), dynamic, opset)
+        ir_model = capture.torch_export(module, args, list(part.input_names), dynamic, opset, what=part.file)
     records = [{**a, "layers": [p for p in a["layers"] if p in ran]} for a in adapters]
     records = [r for r in records if r["layers"]] if mode == "rotate" else adapters
     return _finish(ir_model, directory / part.file, part, mode, task, records, order,
