@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from road_export import generation
+from road_export import generation, kvcache
 from road_export.errors import RoadError
 from road_export.names import BASE_NAME, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 
@@ -102,6 +102,9 @@ class RoadSession:
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         last = logits.shape[-1] if logits is not None and len(logits.shape) == 3 else None
         self.vocab_size: int | None = last if isinstance(last, int) and last > 0 else None
+        # how the file takes its key/value cache: road-export's left-padded growing past, or a model builder
+        # graph's GroupQueryAttention rows with a shared buffer (road_export.kvcache); None without a cache
+        self.cache_layout = kvcache.cache_layout(self)
         if not self.mixed and self._swap_records is not None:
             from road_export import swap
 
