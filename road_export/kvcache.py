@@ -200,6 +200,11 @@ class KVCache:
     def update(self, outputs: Mapping[str, Any]) -> None:
         self.past = {past: outputs[present] for past, present in self.layout.pairs}
 
+    @property
+    def aligned(self) -> bool:
+        """Whether every row's last real token of the last feeds is the logits' last position."""
+        return True
+
     def shared_outputs(self) -> dict[str, Any]:
         """{present output: the value to bind as it} where the run writes into the past in place (IOBinding)."""
         return {}
@@ -335,8 +340,12 @@ class GqaCache(KVCache):
             return {}
         return {present: self.past[past] for past, present in self.layout.pairs}
 
+    @property
+    def aligned(self) -> bool:
+        return self._new == 1 or bool((self.lengths == self._new).all())
+
     def last_logits(self, logits: np.ndarray) -> np.ndarray:
-        if self._new == 1:
+        if self.aligned:
             return logits[:, -1]
         return np.asarray(logits)[np.arange(self.rows), self.lengths - 1]
 

@@ -25,18 +25,9 @@ class RoadSession:
 
     `run(inputs, adapter="name")` runs every row through one adapter; `run(inputs, adapter_names=[...])` gives each
     row its own ("__base__": no adapter). Both need a mixed-adapter export (several adapters, rotate mode) unless
-    they name the file's only adapter.
+    they name the file's only adapter. An encoder-decoder directory opens with `road_export.sessions.open_session`
+    (a `Seq2SeqSession`), which opens anything else as a RoadSession.
     """
-
-    def __new__(cls, path: str | Path | None = None, *args, **kwargs):
-        """A directory holding an encoder-decoder export (encoder_model.onnx, decoder_model.onnx, ...) opens as a
-        `road_export.seq2seq.Seq2SeqSession` (same keyword options), which runs the files together."""
-        if cls is RoadSession and path is not None and not args:
-            from road_export.seq2seq import Seq2SeqSession, is_seq2seq_dir
-
-            if is_seq2seq_dir(path):
-                return Seq2SeqSession(path, **kwargs)
-        return super().__new__(cls)
 
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
                  native: bool | None = None, session_config: Mapping[str, str] | None = None, fuse: bool = True):
@@ -287,6 +278,15 @@ class RoadSession:
     def stream(self, input_ids, attention_mask=None, **options):
         """Yield each step's tokens and logits as they are decoded; see `road_export.generation.stream`."""
         return generation.stream(self, input_ids, attention_mask, **options)
+
+    def default_adapter(self) -> str:
+        """The adapter a run without adapter= / adapter_names= uses: a single-adapter file's own adapter. Raises
+        RoadError for a mixed-adapter file (each run names its adapters)."""
+        return self._default()
+
+    def adapter_file(self, name: str) -> Path | None:
+        """The `.onnx_adapter` file that adapter `name` was loaded from (`load_adapter`), None if none."""
+        return self._swap_files.get(name)
 
     def _default(self) -> str:
         if not self.mixed and self.adapters:
