@@ -38,7 +38,8 @@ import numpy as np
 from road_export.errors import RoadError
 from road_export.names import PAST, PRESENT, positions
 
-__all__ = ["GQA_CHUNK_RULE", "CacheLayout", "GqaCache", "KVCache", "PaddedCache", "cache_layout", "new_cache"]
+__all__ = ["GQA_CHUNK_RULE", "CacheLayout", "GqaCache", "KVCache", "PaddedCache", "cache_layout", "file_layout",
+           "new_cache", "with_share_buffer"]
 
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                "tensor(bfloat16)": np.float32}
@@ -122,18 +123,24 @@ def _gqa_head_size(path: Path, nodes: list, graph) -> int | None:
 
 
 def cache_layout(session) -> CacheLayout | None:
-    """The cache layout of `session` (a RoadSession: `path`, `session`, `input_names`), None without a cache.
+    """The cache layout of `session` (a RoadSession: `path`, `session`), None without a cache: `file_layout`."""
+    return file_layout(session.path, session.session)
+
+
+def file_layout(path: str | Path, ort_session) -> CacheLayout | None:
+    """The cache layout of the ONNX file at `path` opened as `ort_session` (onnxruntime.InferenceSession), None
+    without a cache.
 
     GroupQueryAttention in the graph makes it a `GqaCache` file; its `past_present_share_buffer` comes from
     genai_config.json beside the file (true when there is none: the builder's default), head_size from the
     config's `decoder.head_size` or the attention's query projection. Raises RoadError for a past input whose
     head counts or head size cannot be known."""
-    path = Path(session.path)
-    inputs = {i.name: i for i in session.session.get_inputs()}
+    path = Path(path)
+    inputs = {i.name: i for i in ort_session.get_inputs()}
     past = [n for n in inputs if n.startswith(PAST)]
     if not past:
         return None
-    outputs = {o.name for o in session.session.get_outputs()}
+    outputs = {o.name for o in ort_session.get_outputs()}
     pairs = tuple((n, PRESENT + n[len(PAST):]) for n in past if PRESENT + n[len(PAST):] in outputs)
     if len(pairs) != len(past):
         raise RoadError(f"{path.name}: past inputs {past} lack present outputs of the same names")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["COSINE_MIN", "LONG_CAP", "SWEEP_BUDGET", "SWEEP_CHUNK", "SWEEP_ROW", "TOKEN_COSINE_MIN", "TOLERANCE",
-           "OutputParity", "ParityReport", "compare", "merge_rows", "min_cosine"]
+           "OutputParity", "ParityReport", "compare", "merge_rows", "min_cosine", "skipped_row"]
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 COSINE_MIN = 0.98  # a quantized file (int4/int8 MatMul weights) is judged by cosine, not max abs
@@ -44,6 +44,12 @@ class OutputParity:
     top1: float | None
     ok: bool
     token_cosine: float | None = None  # logits: the smallest cosine of one token's logits (judged on quantized files)
+    skipped: str | None = None  # why the case did not run (an input the runtime's operators refuse), not a failure
+
+
+def skipped_row(output: str, case: str, why: str) -> OutputParity:
+    """A case the file's operators cannot take (e.g. GroupQueryAttention's input rules): reported, not judged."""
+    return OutputParity(output, case, [], 0.0, 0.0, 1.0, None, True, skipped=why)
 
 
 @dataclass
@@ -62,7 +68,7 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.rows) and all(r.ok for r in self.rows)
+        return any(r.skipped is None for r in self.rows) and all(r.ok for r in self.rows)
 
     @property
     def judged_by(self) -> str:
@@ -92,6 +98,10 @@ class ParityReport:
         for col in ("output", "input", "max abs", "max rel", "cosine", *token, "top-1", result):
             table.add_column(col, justify="left" if col in ("output", "input") else "right")
         for r in self.rows:
+            if r.skipped is not None:
+                table.add_row(r.output, f"{r.case} ({r.skipped})", "-", "-", "-", *(("-",) if self.quantized else ()),
+                              "-", "skipped")
+                continue
             top1 = "-" if r.top1 is None else f"{r.top1:.4f}"
             cells = ("-" if r.token_cosine is None else f"{r.token_cosine:.4f}",) if self.quantized else ()
             table.add_row(r.output, r.case, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.6f}", *cells, top1,
@@ -101,7 +111,10 @@ class ParityReport:
         verdict = "PASSED" if self.passed else "FAILED"
         coverage = "" if self.ids_covered == "-" else \
             f" (ids covered: {self.ids_covered}, longest sequence: {self.longest_sequence})"
-        return buf.getvalue() + f"parity {verdict}: {sum(r.ok for r in self.rows)}/{len(self.rows)} checks{coverage}\n"
+        ran = [r for r in self.rows if r.skipped is None]
+        skipped = len(self.rows) - len(ran)
+        skips = f", {skipped} skipped (the file's operators do not take them)" if skipped else ""
+        return buf.getvalue() + f"parity {verdict}: {sum(r.ok for r in ran)}/{len(ran)} checks{skips}{coverage}\n"
 
 
 def min_cosine(got: np.ndarray, expected: np.ndarray, rows: bool) -> float:
