@@ -236,3 +236,83 @@ def test_serve_engine_on_a_builder_directory(built, hf_llama):
         ids = np.array([prompt])
         assert tokens[rid] == transformers_generate(hf_llama, ids, np.ones_like(ids), new)[0, len(prompt):].tolist()
 
+
+
+# ---- RoAd on a builder graph ----
+
+@pytest.fixture(scope="module")
+def adapters(built, tmp_path_factory):
+    """Two peft RoAd adapters (road_1, group 8, random coefficients) on the tiny Llama, and peft's greedy tokens
+    for `prompts(256)` through each: {name: (directory, tokens)}."""
+    import copy
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    base = AutoModelForCausalLM.from_pretrained(built["hf-llama"]).eval()
+    ids, mask = prompts(256)
+    out = {}
+    for seed, name in ((1, "one"), (2, "two")):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(copy.deepcopy(base), peft.RoadConfig(variant="road_1", group_size=8,
+                                                                          init_weights=False,
+                                                                          target_modules="all-linear"))
+        model.save_pretrained(root / name)
+        out[name] = (root / name, transformers_generate(model.eval(), ids, mask))
+    return out
+
+
+def test_road_attached_by_hand_to_a_builder_graph_gives_pefts_tokens(built, adapters, tmp_path):
+    """The workaround of issue 29 (unpacked q/k/v, `attn` named `self_attn`), attach_to_model's rotations, then
+    RoadSession's GroupQueryAttention cache: peft's tokens; verify with the adapter passes."""
+    import onnx_ir as ir
+
+    from road_export.adapter_files import read_adapter
+    from road_export.attach import attach_to_model
+
+    unpacked = _build(built["hf-llama"], tmp_path / "unpacked", "fp32", "--extra_options", "fuse_qkv=false")
+    model = ir.load(unpacked / "model.onnx")
+    for node in model.graph:
+        node.name = (node.name or "").replace("/attn/", "/self_attn/")
+    report = attach_to_model(model, read_adapter(adapters["one"][0]), "rotate")
+    assert len(report.placed) == 14
+    attached = tmp_path / "attached"
+    attached.mkdir()
+    ir.save(model, attached / "model.onnx", external_data="model.onnx.data")
+    shutil.copy(unpacked / "genai_config.json", attached)
+    ids, mask = prompts(256)
+    session = RoadSession(attached)
+    assert session.cache_layout.share_buffer
+    np.testing.assert_array_equal(session.generate(ids, mask, max_new_tokens=NEW), adapters["one"][1])
+    code, text = _verify("verify", attached / "model.onnx", "--base", built["hf-llama"], "--adapter",
+                         adapters["one"][0], "--no-native")
+    assert code == 0 and "skipped" in text, text
+
+
+def test_mixed_and_swapped_adapters_on_an_attached_builder_graph(built, adapters, tmp_path):
+    """`road-export attach` on the builder graph itself (packed qkv_proj): a swappable file whose second adapter
+    is swapped in by name, and a mixed file whose rows each take their own; peft's tokens for each row."""
+    one, two = adapters["one"], adapters["two"]
+    for name in ("swap", "mixed"):
+        (tmp_path / name).mkdir()
+        for file in ("genai_config.json", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(built["llama"] / file, tmp_path / name)
+    code, text = _verify("attach", built["llama"] / "model.onnx", "--adapter", one[0],
+                         tmp_path / "swap" / "model.onnx")
+    if code == 2 and ("cannot place" in text or "one --adapter" in text):
+        pytest.skip(f"attach does not place RoAd on a packed builder graph here: {text.strip()}")
+    assert code == 0, text
+    assert _verify("adapter", two[0], "--like", tmp_path / "swap" / "model.onnx",
+                   tmp_path / "swap" / "model.two.onnx_adapter")[0] == 0
+    ids, mask = prompts(256)
+    swap = RoadSession(tmp_path / "swap")
+    np.testing.assert_array_equal(swap.generate(ids, mask, max_new_tokens=NEW), one[1])
+    np.testing.assert_array_equal(swap.generate(ids, mask, max_new_tokens=NEW, adapter="two"), two[1])
+    code, text = _verify("attach", built["llama"] / "model.onnx", "--adapter", f"one={one[0]}", "--adapter",
+                         f"two={two[0]}", tmp_path / "mixed" / "model.onnx")
+    assert code == 0, text
+    mixed = RoadSession(tmp_path / "mixed")
+    got = mixed.generate(ids, mask, max_new_tokens=NEW, adapter_names=["two", "one"])
+    np.testing.assert_array_equal(got[0], two[1][0])
+    np.testing.assert_array_equal(got[1], one[1][1])
