@@ -141,12 +141,17 @@ def route(session: Session, batch: int, *, adapter: str | None = None,
         return extra  # the adapter the file was exported with: its initializers already hold these values
     cached = _DEVICE_ADAPTERS.setdefault(session, {})
     if name not in cached:
-        dev = device_id(session)
+        kind, dev = _memory(session)
         from road_export.swap import read_adapter_values
 
-        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", dev)
+        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(v, kind, dev)
                         for k, v in read_adapter_values(session.adapter_file(name)).items()}
     return {**extra, **cached[name]}
+
+
+def _memory(session: Session) -> tuple[str, int]:
+    """Where the bound loop keeps its values: ("cuda", device id) for a CUDA session, ("cpu", 0) otherwise."""
+    return ("cuda", device_id(session)) if getattr(session, "device", "cuda") == "cuda" else ("cpu", 0)
 
 
 def run_on_device(session: Session, inputs: Mapping[str, object], *, adapter: str | None = None,
@@ -227,7 +232,8 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> np.ndarray:
     """`road_export.generation.generate` on the GPU: the prompt followed by the new tokens, [batch, prompt + new]
-    int64, the same tokens (options as there), with the KV cache and logits kept in device memory.
+    int64, the same tokens (options as there), with the KV cache and logits kept in device memory. On a CPU
+    session the same IOBinding loop runs in host memory (the shared buffer then is written in place too).
 
     The cache is `road_export.kvcache`'s strategy for the file (`generation.decode_cache`): a growing past whose
     `present.*` OrtValues are bound as the next step's past, or a model builder graph's shared buffer, allocated
@@ -241,16 +247,16 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
                                         eos_token_id)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     batch = ids.shape[0]
-    dev = device_id(session)
+    kind, dev = _memory(session)
     selected = route(session, batch, adapter=adapter, adapter_names=adapter_names)
 
     def allocate(shape, dtype):
         if not shape[2]:  # length 0: copied as numpy
             return np.zeros(shape, dtype)
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), "cuda", dev)
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), kind, dev)
 
     cache = decode_cache(session, mask, max_new_tokens, allocate=allocate)
-    select = None if do_sample else _Selector(session)
+    select = None if do_sample or kind != "cuda" else _Selector(session)
     io = session.session.io_binding()
     for name, value in selected.items():
         if isinstance(value, ort.OrtValue):
@@ -276,7 +282,7 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
             if name in shared:
                 io.bind_ortvalue_output(name, shared[name])  # the past buffer, written in place
             else:
-                io.bind_output(name, "cuda", dev)
+                io.bind_output(name, kind, dev)
         session.session.run_with_iobinding(io)
         outputs = dict(zip(session.output_names, io.get_outputs(), strict=True))
         if select is not None and (cache is None or cache.aligned):
@@ -284,7 +290,7 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
         else:
             logits = outputs["logits"].numpy()
             logits = cache.last_logits(logits) if cache is not None else logits[:, -1]
-            chosen = logits.argmax(-1) if select is not None else sampling.choose(logits.astype(np.float32), rng)
+            chosen = sampling.choose(logits.astype(np.float32), rng)
         tokens = np.where(unfinished, chosen, pad_token_id).astype(np.int64)
         new.append(tokens[:, None])
         unfinished &= ~np.isin(tokens, eos)

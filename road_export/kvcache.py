@@ -336,8 +336,11 @@ class GqaCache(KVCache):
 
     def update(self, outputs: Mapping[str, Any]) -> None:
         if self.layout.share_buffer:
-            for past, present in self.layout.pairs:  # the same buffer where bound so (IOBinding), else a copy of it
-                if outputs.get(present) is not None and outputs[present] is not self.past[past]:
+            # bound as the output (IOBinding, `shared_outputs`): the run wrote into the past buffer, which stays (the
+            # returned OrtValue is another handle on it; the allocated one keeps its host memory alive); from
+            # InferenceSession.run: a numpy copy of the written buffer, the next run's past
+            for past, present in self.layout.pairs:
+                if isinstance(outputs.get(present), np.ndarray):
                     self.past[past] = outputs[present]
             return
         super().update(outputs)

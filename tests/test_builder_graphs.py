@@ -316,3 +316,33 @@ def test_mixed_and_swapped_adapters_on_an_attached_builder_graph(built, adapters
     got = mixed.generate(ids, mask, max_new_tokens=NEW, adapter_names=["two", "one"])
     np.testing.assert_array_equal(got[0], two[1][0])
     np.testing.assert_array_equal(got[1], one[1][1])
+
+
+def test_the_iobinding_loop_binds_the_shared_buffer_in_place(built, hf_llama, monkeypatch):
+    """road_export.gpu's loop (CUDA's, here on a CPU session: the same code in host memory) binds the shared buffer
+    as past and present: transformers' tokens, and the buffer it allocated is the one the graph wrote."""
+    from road_export import gpu, kvcache
+
+    session = RoadSession(built["llama"])
+    ids, mask = prompts(256)
+    seen = []
+    original = kvcache.GqaCache.update
+
+    def update(self, outputs):
+        original(self, outputs)
+        seen.append({name: (id(value), np.array(value.numpy())) for name, value in self.past.items()})
+
+    monkeypatch.setattr(kvcache.GqaCache, "update", update)
+    got = gpu.generate(session, ids, mask, max_new_tokens=NEW)
+    np.testing.assert_array_equal(got, transformers_generate(hf_llama, ids, mask))
+    # the buffers bound before the first run stay the past, and hold the prompt's and each step's keys: written in
+    # place by the graph, never copied out
+    assert len(seen) == NEW - 1
+    assert all({name: handle for name, (handle, _) in step.items()} == {name: handle for name, (handle, _) in
+                                                                         seen[0].items()} for step in seen)
+    # after the prefill row 0 fills positions 0..6; each step writes the next, and nothing beyond it yet
+    assert all(np.any(value[0, :, 6 + step]) and not np.any(value[0, :, 7 + step:])
+               for step, values in enumerate(seen) for _, value in values.values())
+    monkeypatch.undo()
+    sampled = dict(do_sample=True, temperature=0.8, top_p=0.9, seed=3, max_new_tokens=NEW)
+    np.testing.assert_array_equal(gpu.generate(session, ids, mask, **sampled), session.generate(ids, mask, **sampled))
