@@ -129,7 +129,7 @@ def cache_layout(session) -> CacheLayout | None:
 
 def file_layout(path: str | Path, ort_session) -> CacheLayout | None:
     """The cache layout of the ONNX file at `path` opened as `ort_session` (onnxruntime.InferenceSession), None
-    without a cache.
+    without a cache or with past inputs that have no present output of the same name (an encoder-decoder part).
 
     GroupQueryAttention in the graph makes it a `GqaCache` file; its `past_present_share_buffer` comes from
     genai_config.json beside the file (true when there is none: the builder's default), head_size from the
@@ -143,7 +143,7 @@ def file_layout(path: str | Path, ort_session) -> CacheLayout | None:
     outputs = {o.name for o in ort_session.get_outputs()}
     pairs = tuple((n, PRESENT + n[len(PAST):]) for n in past if PRESENT + n[len(PAST):] in outputs)
     if len(pairs) != len(past):
-        raise RoadError(f"{path.name}: past inputs {past} lack present outputs of the same names")
+        return None  # an encoder-decoder part's cross-attention past has no present: Seq2SeqSession drives it
     nodes, graph = _graph_facts(path) if path.is_file() else ([], None)
     genai = _genai_config(path)
     model = genai.get("model", {}) if isinstance(genai.get("model"), dict) else {}

@@ -16,6 +16,9 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(do
           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
+_UNREAD = object()  # RoadSession._cache_layout before its first read
+
+
 def _show(shape: list) -> str:
     return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
 
@@ -93,14 +96,26 @@ class RoadSession:
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         last = logits.shape[-1] if logits is not None and len(logits.shape) == 3 else None
         self.vocab_size: int | None = last if isinstance(last, int) and last > 0 else None
-        # how the file takes its key/value cache: road-export's left-padded growing past, or a model builder
-        # graph's GroupQueryAttention rows with a shared buffer (road_export.kvcache); None without a cache
-        self.cache_layout = kvcache.cache_layout(self)
+        self._cache_layout: object = _UNREAD
         if not self.mixed and self._swap_records is not None:
             from road_export import swap
 
             for name, file in swap.discover(self.path, self._swap_records).items():
                 self.load_adapter(file, name)
+
+    @property
+    def cache_layout(self) -> kvcache.CacheLayout | None:
+        """How the file takes its key/value cache (`road_export.kvcache.CacheLayout`): road-export's left-padded
+        growing past, or a model builder graph's GroupQueryAttention rows with a shared buffer; None without a
+        cache. Read on first use (RoadError there for a past whose head counts or size cannot be known); may be
+        set (e.g. `kvcache.with_share_buffer(session.cache_layout, False)`)."""
+        if self._cache_layout is _UNREAD:
+            self._cache_layout = kvcache.cache_layout(self)
+        return self._cache_layout  # type: ignore[return-value]
+
+    @cache_layout.setter
+    def cache_layout(self, layout: kvcache.CacheLayout | None) -> None:
+        self._cache_layout = layout
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Make an `.onnx_adapter` file (see `road-export adapter`) selectable by name; returns the name."""
