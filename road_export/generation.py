@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from road_export.errors import RoadError
-from road_export.kvcache import NUMPY_TYPES, KVCache, new_cache
-from road_export.names import PAST, PRESENT, positions  # noqa: F401  (PRESENT: tools import it from here)
+from road_export.kvcache import NUMPY_TYPES, KVCache, new_cache  # noqa: F401  (NUMPY_TYPES: re-exported)
+from road_export.names import PAST, PRESENT, positions  # noqa: F401  (PAST, PRESENT: tools import them from here)
 
 
 class Session(Protocol):
