@@ -36,6 +36,7 @@ _LAZY = {
     "unload": "road_export.model",
     "unmerge_adapter": "road_export.model",
     "RoadSession": "road_export.runtime",
+    "open_session": "road_export.sessions",
 }
 
 __all__ = sorted([*_LAZY, "export", "export_model"])

@@ -705,9 +705,13 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.task is not None:
         normalize_task(args.task)
     progress = _Progress(args.quiet)
+    # a file without RoAd (a base export, an onnxruntime-genai builder graph) against --base alone: no --adapter
+    records = {p.key: p.value for p in proto.metadata_props}.get("road_export.adapters", "[]")
+    bare = not args.adapter and args.base is not None and records in ("", "[]") and \
+        not any(n.domain == "road" for n in proto.graph.node)
     with progress.running():
         progress.step("loading")
-        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task)
+        source = load_source(args.base, args.adapter, seed=args.seed, task=args.task, no_adapter=bare)
         check_fits(proto, source.model.config, args.model,
                    hint="pass the --base (and --adapter) it was exported from")
         del proto

@@ -23,7 +23,8 @@ import json
 import numpy as np
 
 from road_export.errors import RoadError
-from road_export.names import METADATA_ROPE, PAST, PRESENT, positions
+from road_export.kvcache import NUMPY_TYPES, KVCache, new_cache  # noqa: F401  (NUMPY_TYPES: re-exported)
+from road_export.names import METADATA_ROPE, PAST, PRESENT, positions  # noqa: F401  (PAST, PRESENT: tools import them)
 
 
 class Session(Protocol):
@@ -33,6 +34,7 @@ class Session(Protocol):
     session: Any  # onnxruntime.InferenceSession
     input_names: list[str]
     output_names: list[str]
+    cache_layout: Any  # road_export.kvcache.CacheLayout | None
 
     def route(self, batch: int, *, adapter: str | None = None, adapter_names: Sequence[str] | None = None
               ) -> tuple[dict[str, np.ndarray], Any]: ...
@@ -42,7 +44,6 @@ class Session(Protocol):
     def run_feeds(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray], options: Any = None
                   ) -> list[np.ndarray]: ...
 
-NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 @dataclass
@@ -132,38 +133,41 @@ def stream(
     ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
                                         eos_token_id)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
-    names = set(session.input_names)
     batch = ids.shape[0]
     route, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
-    cached = any(n.startswith(PAST) for n in names)
-    past = _empty_cache(session, batch) if cached else {}
-    recompute_at = recompute_length(session) if cached else None
-    pos = positions(mask)
-    step_ids, unfinished, sequence = ids, np.ones(batch, dtype=bool), ids
-    for step in range(max_new_tokens):
-        feeds = {"input_ids": step_ids, "attention_mask": mask, **past}
-        if "position_ids" in names:
-            feeds["position_ids"] = pos[:, -step_ids.shape[1]:]
-        if step == 0:
-            feeds = session.check_feeds(feeds)  # the prompt against the model's inputs, once
+    cache = decode_cache(session, mask, max_new_tokens)
+    recompute_at = recompute_length(session) if cache is not None else None
+    if cache is not None:
+        feeds = cache.prefill(ids, mask)
+    else:  # no cache: every step reruns the whole sequence
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in session.input_names:
+            feeds["position_ids"] = positions(mask)
+    feeds = session.check_feeds(feeds)  # the prompt against the model's inputs, once
+    unfinished, sequence = np.ones(batch, dtype=bool), ids
+    for count in range(1, max_new_tokens + 1):
         feeds.update(route)
         outputs = dict(zip(session.output_names, session.run_feeds(None, feeds, options), strict=True))
-        logits = outputs["logits"][:, -1].astype(np.float32)
+        logits = (cache.last_logits(outputs["logits"]) if cache is not None else outputs["logits"][:, -1])
+        logits = logits.astype(np.float32)
         tokens = np.where(unfinished, sampling.choose(logits, rng), pad_token_id).astype(np.int64)
         yield Step(tokens, logits)
         unfinished &= ~np.isin(tokens, eos)
-        if not unfinished.any():
+        if not unfinished.any() or count == max_new_tokens:
             return
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
-        pos = np.concatenate([pos, pos[:, -1:] + 1], 1)
         sequence = np.concatenate([sequence, tokens[:, None]], 1)
-        if cached and mask.shape[1] == recompute_at:  # the rope switch: the whole sequence again, empty cache
-            past, step_ids = _empty_cache(session, batch), sequence
-        elif cached:
-            past = {PAST + name[len(PRESENT):]: value for name, value in outputs.items() if name.startswith(PRESENT)}
-            step_ids = tokens[:, None]
+        if cache is not None and mask.shape[1] == recompute_at:
+            # the rope switch: the whole sequence again from an empty cache (transformers' Phi-3 generation)
+            cache = decode_cache(session, mask, max_new_tokens - count)
+            feeds = cache.prefill(sequence, mask)
+        elif cache is not None:
+            cache.update(outputs)
+            feeds = cache.step(tokens)
         else:
-            step_ids = sequence
+            feeds = {"input_ids": sequence, "attention_mask": mask}
+            if "position_ids" in session.input_names:
+                feeds["position_ids"] = positions(mask)
 
 
 def _rope_value(session: Session, key: str) -> int | None:
@@ -197,6 +201,22 @@ def rope_switch(session: Session) -> int | None:
     return _rope_value(session, "original_max_position_embeddings")
 
 
+def decode_cache(session: Session, mask: np.ndarray, max_new_tokens: int, **options) -> KVCache | None:
+    """The key/value cache strategy (`road_export.kvcache`) for generating `max_new_tokens` after prompts with
+    attention `mask` [batch, prompt]; None for a file without a cache. A GroupQueryAttention graph's shared buffer
+    holds the longest prompt plus the new tokens; prompt + new tokens past the file's context length (its rotary
+    tables, genai_config.json's `context_length`) raise RoadError. `options` go to `kvcache.new_cache`."""
+    layout = getattr(session, "cache_layout", None)
+    if layout is None:
+        return None
+    need = int(mask.sum(-1).max()) + max_new_tokens - 1
+    if layout.gqa and layout.context_length and need > layout.context_length:
+        raise RoadError(f"a prompt of {int(mask.sum(-1).max())} tokens and max_new_tokens {max_new_tokens} need "
+                        f"{need} positions; {session.path.name} holds {layout.context_length} (its context length): "
+                        "shorten the prompt or generate fewer tokens")
+    return new_cache(layout, capacity=need if layout.share_buffer else None, **options)
+
+
 def generate(session: Session, input_ids, attention_mask=None, **options) -> np.ndarray:
     """The prompt followed by the new tokens, [batch, prompt + new] int64 (options as for `stream`)."""
     ids, _ = _prompt(input_ids, attention_mask)
@@ -227,13 +247,8 @@ def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _empty_cache(session: Session, batch: int) -> dict[str, np.ndarray]:
-    """Past length 0 for every past_key_values input: the first run is the prefill."""
-    out = {}
-    for value in session.session.get_inputs():
-        if not value.name.startswith(PAST):
-            continue
-        shape = value.shape
-        if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
-            raise RoadError(f"{value.name} has shape {shape}; expected [batch, kv_heads, past_sequence, head_dim]")
-        out[value.name] = np.zeros((batch, shape[1], 0, shape[3]), dtype=NUMPY_TYPES.get(value.type, np.float32))
-    return out
+    """Past length 0 for every past_key_values input: the first run is the prefill (`kvcache.KVCache.empty`)."""
+    layout = getattr(session, "cache_layout", None)
+    if layout is None:
+        return {}
+    return new_cache(layout, batch).empty(batch, 0)

@@ -42,7 +42,7 @@ import numpy as np
 from road_export.errors import RoadError
 
 if TYPE_CHECKING:
-    from road_export.runtime import RoadSession
+    from road_export.generation import Session
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def cuda_providers(device_id: int = 0, *, cuda_graph: bool = False, tf32: bool =
     return [(CUDA, options), "CPUExecutionProvider"]
 
 
-def device_id(session: RoadSession) -> int:
+def device_id(session: Session) -> int:
     """The CUDA device the session runs on."""
     options = session.session.get_provider_options().get(CUDA)
     if options is None:
@@ -123,7 +123,7 @@ def device_id(session: RoadSession) -> int:
 _DEVICE_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> {adapter: {name: OrtValue}}
 
 
-def route(session: RoadSession, batch: int, *, adapter: str | None = None,
+def route(session: Session, batch: int, *, adapter: str | None = None,
           adapter_names: Sequence[str] | None = None) -> dict[str, object]:
     """The extra inputs that select the adapters on the GPU: `adapter_ids` (mixed export), or a swapped adapter's
     coefficients as OrtValues in device memory (copied there once per session and adapter).
@@ -135,21 +135,26 @@ def route(session: RoadSession, batch: int, *, adapter: str | None = None,
     extra, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
     if options is None:
         return extra
-    name = list(adapter_names)[0] if adapter_names is not None else adapter or session._default()
+    name = list(adapter_names)[0] if adapter_names is not None else adapter or session.default_adapter()
     own = session.path.with_name(f"{session.path.stem}.{name}.onnx_adapter")
-    if name == session.adapters[0] and session._swap_files.get(name) == own:
+    if name == session.adapters[0] and session.adapter_file(name) == own:
         return extra  # the adapter the file was exported with: its initializers already hold these values
     cached = _DEVICE_ADAPTERS.setdefault(session, {})
     if name not in cached:
-        dev = device_id(session)
+        kind, dev = _memory(session)
         from road_export.swap import read_adapter_values
 
-        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", dev)
-                        for k, v in read_adapter_values(session._swap_files[name]).items()}
+        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(v, kind, dev)
+                        for k, v in read_adapter_values(session.adapter_file(name)).items()}
     return {**extra, **cached[name]}
 
 
-def run_on_device(session: RoadSession, inputs: Mapping[str, object], *, adapter: str | None = None,
+def _memory(session: Session) -> tuple[str, int]:
+    """Where the bound loop keeps its values: ("cuda", device id) for a CUDA session, ("cpu", 0) otherwise."""
+    return ("cuda", device_id(session)) if getattr(session, "device", "cuda") == "cuda" else ("cpu", 0)
+
+
+def run_on_device(session: Session, inputs: Mapping[str, object], *, adapter: str | None = None,
                   adapter_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
                   outputs: Mapping[str, object] | None = None) -> dict[str, object]:
     """One run whose outputs stay on the GPU: {name: onnxruntime.OrtValue in device memory}.
@@ -202,7 +207,7 @@ def _selector_model(logits_type: int) -> bytes:
 class _Selector:
     """Greedy choice on the GPU: the logits never leave it, the token ids [batch] come back."""
 
-    def __init__(self, session: RoadSession):
+    def __init__(self, session: Session):
         import onnxruntime as ort
         from onnx import TensorProto
 
@@ -222,73 +227,86 @@ class _Selector:
         return self.io.copy_outputs_to_cpu()[0][:, 0]
 
 
-def generate(session: RoadSession, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
+def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
              adapter: str | None = None, adapter_names: Sequence[str] | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> np.ndarray:
     """`road_export.generation.generate` on the GPU: the prompt followed by the new tokens, [batch, prompt + new]
-    int64, the same tokens (options as there), with the KV cache and logits kept in device memory."""
+    int64, the same tokens (options as there), with the KV cache and logits kept in device memory. On a CPU
+    session the same IOBinding loop runs in host memory (the shared buffer then is written in place too).
+
+    The cache is `road_export.kvcache`'s strategy for the file (`generation.decode_cache`): a growing past whose
+    `present.*` OrtValues are bound as the next step's past, or a model builder graph's shared buffer, allocated
+    once in device memory and bound as both `past_key_values.*` and `present.*`, which GroupQueryAttention then
+    writes in place."""
     import onnxruntime as ort
 
-    from road_export.generation import PAST, PRESENT, Sampling, check_request, positions, recompute_length
+    from road_export.generation import Sampling, check_request, decode_cache, positions, recompute_length
 
     ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
                                         eos_token_id)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
-    names = set(session.input_names)
     batch = ids.shape[0]
-    dev = device_id(session)
+    kind, dev = _memory(session)
     selected = route(session, batch, adapter=adapter, adapter_names=adapter_names)
-    cached = any(n.startswith(PAST) for n in names)
-    past: dict[str, object] = _empty_cache(session, batch) if cached else {}  # length 0: copied as numpy
-    select = None if do_sample else _Selector(session)
+
+    def allocate(shape, dtype):
+        if not shape[2]:  # length 0: copied as numpy
+            return np.zeros(shape, dtype)
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), kind, dev)
+
+    cache = decode_cache(session, mask, max_new_tokens, allocate=allocate)
+    select = None if do_sample or kind != "cuda" else _Selector(session)
     io = session.session.io_binding()
     for name, value in selected.items():
         if isinstance(value, ort.OrtValue):
             io.bind_ortvalue_input(name, value)
         else:
             io.bind_cpu_input(name, value)
-    pos = positions(mask)
-    step_ids, unfinished, new = ids, np.ones(batch, dtype=bool), []
-    recompute_at, sequence = recompute_length(session) if cached else None, ids
-    for _ in range(max_new_tokens):
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(step_ids))
-        io.bind_cpu_input("attention_mask", mask)
-        if "position_ids" in names:
-            io.bind_cpu_input("position_ids", np.ascontiguousarray(pos[:, -step_ids.shape[1]:]))
-        for name, value in past.items():
+    if cache is not None:
+        feeds = cache.prefill(ids, mask)
+    else:
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in session.input_names:
+            feeds["position_ids"] = positions(mask)
+    unfinished, new, sequence = np.ones(batch, dtype=bool), [], ids
+    recompute_at = recompute_length(session) if cache is not None else None
+    for count in range(1, max_new_tokens + 1):
+        for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
                 io.bind_ortvalue_input(name, value)
             else:
-                io.bind_cpu_input(name, value)
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
         io.clear_binding_outputs()  # fresh device outputs: the last step's present.* are this step's inputs
+        shared = cache.shared_outputs() if cache is not None else {}
         for name in session.output_names:
-            io.bind_output(name, "cuda", dev)
+            if name in shared:
+                io.bind_ortvalue_output(name, shared[name])  # the past buffer, written in place
+            else:
+                io.bind_output(name, kind, dev)
         session.session.run_with_iobinding(io)
         outputs = dict(zip(session.output_names, io.get_outputs(), strict=True))
-        if select is not None:
+        if select is not None and (cache is None or cache.aligned):
             chosen = select(outputs["logits"])
         else:
-            chosen = sampling.choose(outputs["logits"].numpy()[:, -1].astype(np.float32), rng)
+            logits = outputs["logits"].numpy()
+            logits = cache.last_logits(logits) if cache is not None else logits[:, -1]
+            chosen = sampling.choose(logits.astype(np.float32), rng)
         tokens = np.where(unfinished, chosen, pad_token_id).astype(np.int64)
         new.append(tokens[:, None])
         unfinished &= ~np.isin(tokens, eos)
-        if not unfinished.any():
+        if not unfinished.any() or count == max_new_tokens:
             break
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
-        pos = np.concatenate([pos, pos[:, -1:] + 1], 1)
         sequence = np.concatenate([sequence, tokens[:, None]], 1)
-        if cached and mask.shape[1] == recompute_at:  # the rope switch, as road_export.generation.stream
-            past, step_ids = _empty_cache(session, batch), sequence
-        elif cached:
-            past = {PAST + name[len(PRESENT):]: value for name, value in outputs.items() if name.startswith(PRESENT)}
-            step_ids = tokens[:, None]
+        if cache is not None and mask.shape[1] == recompute_at:  # the rope switch, as road_export.generation.stream
+            cache = decode_cache(session, mask, max_new_tokens - count, allocate=allocate)
+            feeds = cache.prefill(sequence, mask)
+        elif cache is not None:
+            cache.update(outputs)
+            feeds = cache.step(tokens)
         else:
-            step_ids = sequence
+            feeds = {"input_ids": sequence, "attention_mask": mask}
+            if "position_ids" in session.input_names:
+                feeds["position_ids"] = positions(mask)
     return np.concatenate([ids, *new], 1)
-
-
-def _empty_cache(session: RoadSession, batch: int) -> dict[str, np.ndarray]:
-    from road_export.generation import _empty_cache as empty
-
-    return empty(session, batch)

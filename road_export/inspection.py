@@ -207,8 +207,10 @@ def check_fits(model: onnx.ModelProto, config, path: str | Path, hint: str) -> N
     head_dim = get("head_dim") or (get("hidden_size") // get("num_attention_heads")
                                    if isinstance(get("hidden_size"), int) and get("num_attention_heads") else None)
     for name, dims in past.items():
+        # a symbolic head size (the model builder's `kv_cache_dim`) is the attention's to check, not the shape's
+        size = dims[3] if len(dims) == 4 and isinstance(dims[3], int) else head_dim
         if len(dims) == 4 and isinstance(dims[1], int) and isinstance(heads, int) and isinstance(head_dim, int) \
-                and (dims[1], dims[3]) != (heads, head_dim):
+                and (dims[1], size) != (heads, head_dim):
             problems.append(f"its {name} has {dims[1]} heads of size {dims[3]}, the source model's are {heads} of "
                             f"size {head_dim}")
             break

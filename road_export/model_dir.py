@@ -92,12 +92,15 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 
 def model_file(path: str | os.PathLike) -> Path:
-    """The ONNX file a command should read: `path/onnx/model.onnx` for a model directory, `path` itself otherwise.
+    """The ONNX file a command should read: `path/onnx/model.onnx` for a model directory, `path/model.onnx` for an
+    onnxruntime-genai model builder directory (model.onnx beside genai_config.json), `path` itself otherwise.
 
     Raises RoadError for a directory without `onnx/model.onnx` (one line saying what is expected)."""
     path = Path(path)
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
+            if (path / GENAI_CONFIG).is_file() and (path / "model.onnx").is_file():
+                return path / "model.onnx"
             if any((path / sub / "encoder_model.onnx").is_file() for sub in (".", "onnx")):
                 raise RoadError(f"{path}: is an encoder-decoder directory; this command takes one ONNX file: give "
                                 "one of its files (e.g. onnx/decoder_model.onnx), or convert an adapter for every "

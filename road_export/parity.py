@@ -46,13 +46,14 @@ class OutputParity:
     top1: float | None
     ok: bool
     token_cosine: float | None = None  # logits: the smallest cosine of one token's logits (judged on quantized files)
-    skipped: str | None = None  # a check that cannot be built for this model: why (the row neither passes nor fails)
+    skipped: str | None = None  # a check that cannot be built or run for this model: why (neither passes nor fails)
 
 
 def skipped_row(output: str, case: str, reason: str) -> OutputParity:
-    """A row saying that the check `case` cannot be built for this model and why (e.g. the reference itself cannot
-    run the input); it does not fail the file and is shown as "skipped" in the table."""
-    return OutputParity(output, f"{case}: skipped ({reason})", [], 0.0, 0.0, 1.0, None, True, skipped=reason)
+    """A row saying that the check `case` cannot be built for this model, or run by its operators (e.g. the
+    reference itself cannot run the input, or GroupQueryAttention refuses it), and why: it does not fail the file
+    and is shown as "skipped" in the table, with the reason."""
+    return OutputParity(output, case, [], 0.0, 0.0, 1.0, None, True, skipped=reason)
 
 
 @dataclass
@@ -105,11 +106,12 @@ class ParityReport:
         for col in ("output", "input", "max abs", "max rel", "cosine", *token, "top-1", result):
             table.add_column(col, justify="left" if col in ("output", "input") else "right")
         for r in self.rows:
+            if r.skipped is not None:
+                table.add_row(r.output, f"{r.case} ({r.skipped})", "-", "-", "-", *(("-",) if self.quantized else ()),
+                              "-", "skipped")
+                continue
             top1 = "-" if r.top1 is None else f"{r.top1:.4f}"
             cells = ("-" if r.token_cosine is None else f"{r.token_cosine:.4f}",) if self.quantized else ()
-            if r.skipped is not None:
-                table.add_row(r.output, r.case, "-", "-", "-", *(("-",) if self.quantized else ()), "-", "skipped")
-                continue
             table.add_row(r.output, r.case, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.6f}", *cells, top1,
                           "ok" if r.ok else "FAIL")
         buf = io.StringIO()

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from road_export import generation
+from road_export import generation, kvcache
 from road_export.errors import RoadError
 from road_export.names import BASE_NAME, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+_UNREAD = object()  # RoadSession._cache_layout before its first read
 
 
 def _show(shape: list) -> str:
@@ -25,18 +28,9 @@ class RoadSession:
 
     `run(inputs, adapter="name")` runs every row through one adapter; `run(inputs, adapter_names=[...])` gives each
     row its own ("__base__": no adapter). Both need a mixed-adapter export (several adapters, rotate mode) unless
-    they name the file's only adapter.
+    they name the file's only adapter. An encoder-decoder directory opens with `road_export.sessions.open_session`
+    (a `Seq2SeqSession`), which opens anything else as a RoadSession.
     """
-
-    def __new__(cls, path: str | Path | None = None, *args, **kwargs):
-        """A directory holding an encoder-decoder export (encoder_model.onnx, decoder_model.onnx, ...) opens as a
-        `road_export.seq2seq.Seq2SeqSession` (same keyword options), which runs the files together."""
-        if cls is RoadSession and path is not None and not args:
-            from road_export.seq2seq import Seq2SeqSession, is_seq2seq_dir
-
-            if is_seq2seq_dir(path):
-                return Seq2SeqSession(path, **kwargs)
-        return super().__new__(cls)
 
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
                  native: bool | None = None, session_config: Mapping[str, str] | None = None, fuse: bool = True):
@@ -102,11 +96,26 @@ class RoadSession:
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         last = logits.shape[-1] if logits is not None and len(logits.shape) == 3 else None
         self.vocab_size: int | None = last if isinstance(last, int) and last > 0 else None
+        self._cache_layout: object = _UNREAD
         if not self.mixed and self._swap_records is not None:
             from road_export import swap
 
             for name, file in swap.discover(self.path, self._swap_records).items():
                 self.load_adapter(file, name)
+
+    @property
+    def cache_layout(self) -> kvcache.CacheLayout | None:
+        """How the file takes its key/value cache (`road_export.kvcache.CacheLayout`): road-export's left-padded
+        growing past, or a model builder graph's GroupQueryAttention rows with a shared buffer; None without a
+        cache. Read on first use (RoadError there for a past whose head counts or size cannot be known); may be
+        set (e.g. `kvcache.with_share_buffer(session.cache_layout, False)`)."""
+        if self._cache_layout is _UNREAD:
+            self._cache_layout = kvcache.cache_layout(self)
+        return self._cache_layout  # type: ignore[return-value]
+
+    @cache_layout.setter
+    def cache_layout(self, layout: kvcache.CacheLayout | None) -> None:
+        self._cache_layout = layout
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Make an `.onnx_adapter` file (see `road-export adapter`) selectable by name; returns the name."""
@@ -284,6 +293,15 @@ class RoadSession:
     def stream(self, input_ids, attention_mask=None, **options):
         """Yield each step's tokens and logits as they are decoded; see `road_export.generation.stream`."""
         return generation.stream(self, input_ids, attention_mask, **options)
+
+    def default_adapter(self) -> str:
+        """The adapter a run without adapter= / adapter_names= uses: a single-adapter file's own adapter. Raises
+        RoadError for a mixed-adapter file (each run names its adapters)."""
+        return self._default()
+
+    def adapter_file(self, name: str) -> Path | None:
+        """The `.onnx_adapter` file that adapter `name` was loaded from (`load_adapter`), None if none."""
+        return self._swap_files.get(name)
 
     def _default(self) -> str:
         if not self.mixed and self.adapters:

@@ -3,7 +3,7 @@
 `Seq2SeqSession(directory)` opens `encoder_model.onnx`, `decoder_model.onnx` and, when there,
 `decoder_with_past_model.onnx` (in the directory or its `onnx/` folder, as optimum and transformers.js place them),
 each as a `RoadSession`, so adapter routing (a swapped `.onnx_adapter`, or `adapter_ids` rows) is the one the
-single-file runtime has. `RoadSession(directory)` returns one for such a directory.
+single-file runtime has. `road_export.sessions.open_session(directory)` returns one for such a directory.
 
 Generation mirrors transformers' `generate` for encoder-decoder models (GenerationMixin: `_prepare_encoder_decoder_
 kwargs_for_generation`, `_prepare_decoder_input_ids_for_generation`): the encoder runs once; the decoder starts from
@@ -49,7 +49,7 @@ def is_seq2seq_dir(path: str | Path) -> bool:
 
 def convert_adapter(adapter_dir: str | Path, directory: str | Path, name: str) -> dict[str, Path]:
     """A peft RoAd adapter directory -> one `.onnx_adapter` per file of a swappable encoder-decoder export that holds
-    rotations, written beside it as `<file stem>.<name>.onnx_adapter` (so `RoadSession(directory)` finds it);
+    rotations, written beside it as `<file stem>.<name>.onnx_adapter` (so `open_session(directory)` finds it);
     returns {onnx file name: adapter file}. Each file takes the adapter's layers that run in it
     (`swap.convert_adapter(..., other_files=True)`). Raises RoadError when the adapter does not fit a file, or no
     file of the directory is swappable."""

@@ -4,7 +4,7 @@
     2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir, quantize, parity
     3 passes                passes.*, attach
     4 export (torch)        layers, model, adapters, zoo, source, checkpoint, export.*
-    4 runtime (ORT)         runtime, generation, native, seq2seq, gpu
+    4 runtime (ORT)         runtime, generation, native, seq2seq, gpu, kvcache, sessions
     5 harness, CLI, server  verify, crossing, crosscheck, testing, cli, serving.*
 
 A module may import its own layer and any layer below; the two halves of layer 4 are siblings. Lazy imports inside
@@ -26,7 +26,8 @@ LAYERS: dict[str, tuple[int, str]] = {
                                 "quantize", "parity")},
     **{m: (3, "passes") for m in ("passes", "attach")},
     **{m: (4, "export") for m in ("layers", "model", "adapters", "zoo", "source", "checkpoint", "export")},
-    **{m: (4, "runtime") for m in ("runtime", "generation", "native", "seq2seq", "gpu")},
+    **{m: (4, "runtime") for m in ("runtime", "generation", "native", "seq2seq", "gpu", "kvcache",
+                                   "sessions")},
     **{m: (5, "top") for m in ("verify", "crossing", "crosscheck", "testing", "cli", "serving")},
 }
 FLOOR_MAX = 3

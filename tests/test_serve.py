@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from road_export.serving import engine as engine_module
+from road_export.kvcache import PaddedCache
 from road_export.serving.engine import Engine, GenerationRequest, SamplingParams, Stats
 from road_export.serving.example import build_example
 from road_export.serving.loop import AsyncEngine
@@ -144,16 +144,17 @@ def test_masking_the_merged_padding_matters(engine, monkeypatch):
 
     reqs = requests()
     right = run_engine(engine, reqs[:1], arrive={2: reqs[1:]})
-    original = engine_module._merge
+    original = PaddedCache.extend  # the engine's batches merge joining rows through the runtime's cache
 
-    def merge_unmasked(batch, rows, past, mask):
-        if batch.rows and batch.mask.shape[1] > mask.shape[1]:
-            mask = np.concatenate([np.ones((len(rows), batch.mask.shape[1] - mask.shape[1]), np.int64), mask], 1)
-            past = {k: np.concatenate([np.zeros(v.shape[:2] + (mask.shape[1] - v.shape[2],) + v.shape[3:],
-                                                v.dtype), v], 2) for k, v in past.items()}
-        return original(batch, rows, past, mask)
+    def merge_unmasked(cache, other):
+        if cache.rows and cache.mask.shape[1] > other.mask.shape[1]:
+            extra = cache.mask.shape[1] - other.mask.shape[1]
+            other.mask = np.concatenate([np.ones((other.rows, extra), np.int64), other.mask], 1)
+            other.past = {k: np.concatenate([np.zeros(v.shape[:2] + (extra,) + v.shape[3:], v.dtype), v], 2)
+                          for k, v in other.past.items()}
+        return original(cache, other)
 
-    monkeypatch.setattr(engine_module, "_merge", merge_unmasked)
+    monkeypatch.setattr(PaddedCache, "extend", merge_unmasked)
     reqs = requests()
     wrong = run_engine(engine, reqs[:1], arrive={2: reqs[1:]})
     assert wrong["long"] == right["long"] and wrong["short"] != right["short"]

@@ -10,15 +10,16 @@
 3. drops the rows that finished (EOS, `max_tokens`, a stop string, the context length) or were cancelled, and the
    leading cache columns that no remaining row attends to.
 
-Rows join and leave between steps, so a short request never waits for a long one.
+Rows join and leave between steps, so a short request never waits for a long one. The cache is the runtime's
+`road_export.kvcache` component, in the file's layout: road-export's (past [batch, kv_heads, past, head_dim],
+attention_mask [batch, past + new] with 0 on left padding, positions from `names.positions`), or a model builder
+graph's GroupQueryAttention rows (each row's tokens from position 0, one shared buffer of the context length).
 
 A longrope file (Phi-3; the `road_export.rope` record) chooses its rope factors from the largest position of a run,
 over the whole batch, as transformers does: every request is generated as transformers' `generate` would generate
 it alone, so rows at or below the switch and rows past it run in separate batches, and a row whose sequence reaches
 `recompute_cache_at` tokens re-runs its whole sequence with an empty cache, as Phi-3's generation does (a longrope
-file without that field moves the row with its cache). The cache layout is
-`road_export.generation`'s: past [batch, kv_heads, past, head_dim], attention_mask [batch, past + new] with 0 on
-left padding, positions from `names.positions`. A mixed-adapter export (`adapter_ids`) runs all rows in one
+file without that field moves the row with its cache). A mixed-adapter export (`adapter_ids`) runs all rows in one
 onnxruntime run per step; a single-adapter swappable export (`.onnx_adapter` files) runs one batch per adapter,
 since onnxruntime activates one adapter set per Run.
 
@@ -27,6 +28,7 @@ Thread safety: `submit` and `cancel` may be called from any thread; `step` from 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import threading
@@ -40,8 +42,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from road_export.errors import RoadError
-from road_export.generation import NUMPY_TYPES, Sampling, recompute_length, rope_switch
-from road_export.names import BASE_NAME, PAST, PRESENT
+from road_export.generation import Sampling, recompute_length, rope_switch
+from road_export.kvcache import KVCache, new_cache
+from road_export.names import BASE_NAME, PAST
 from road_export.serving.text import Detokenizer, TextTokenizer
 
 __all__ = ["Engine", "GenerationRequest", "Output", "Recorder", "SamplingParams", "Stats"]
@@ -160,12 +163,11 @@ class _Row:
 
 @dataclass
 class _Batch:
-    """Rows that run together: their cache [rows, kv_heads, T, head_dim] per name, attention_mask [rows, T]."""
+    """Rows that run together and their cache (`road_export.kvcache.KVCache`, one row per row)."""
 
     route: str | None  # None: a mixed-adapter session (adapter_ids per row); else the adapter of every row
     rows: list[_Row] = field(default_factory=list)
-    past: dict[str, np.ndarray] = field(default_factory=dict)
-    mask: np.ndarray | None = None
+    cache: KVCache | None = None
     selection: tuple | None = None  # (extra feeds, run options) for these rows; None when the rows changed
 
 
@@ -202,7 +204,8 @@ class Engine:
         genai = genai.get("model") if isinstance(genai, dict) else None
         self.context_length = int(config.get("max_position_embeddings") or config.get("n_positions")
                                   or (genai.get("context_length") if isinstance(genai, dict) else None) or 2048)
-        eos = generation.get("eos_token_id", config.get("eos_token_id"))
+        eos = generation.get("eos_token_id", config.get("eos_token_id",
+                                                        genai.get("eos_token_id") if isinstance(genai, dict) else None))
         if eos is None:
             eos = self.tokenizer.token_id(self.tokenizer.special["eos_token"])
         self.eos_token_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
@@ -215,8 +218,7 @@ class Engine:
         self.serves_base = self.session.mixed or not self.adapters
         self.max_batch_size = max_batch_size
         self.recorders = list(recorders)
-        self._past_inputs = [i for i in self.session.session.get_inputs() if i.name.startswith(PAST)]
-        self._position_ids = "position_ids" in names
+        self._layout = self.session.cache_layout
         self._switch, self._recompute_at = rope_switch(self.session), recompute_length(self.session)
         self._waiting: deque[GenerationRequest] = deque()
         self._cancelled: set[str] = set()
@@ -315,8 +317,8 @@ class Engine:
             if batch.rows:
                 outputs += self._decode(batch)
                 self._drop_finished(batch)
-        for route, rows, past, mask in crossing:  # after the decode: one step per row per call
-            outputs += self._cross(route, rows, past, mask)
+        for route, rows, cache in crossing:  # after the decode: one step per row per call
+            outputs += self._cross(route, rows, cache)
         self._batches = {k: b for k, b in self._batches.items() if b.rows}
         return outputs
 
@@ -324,45 +326,43 @@ class Engine:
         """Whether a row whose next run ends at `length` tokens runs past the longrope switch (its own batch)."""
         return self._switch is not None and length > self._switch
 
-    def _take(self, batch: _Batch, leaving) -> tuple[list[_Row], dict[str, np.ndarray], np.ndarray | None]:
-        """Remove the rows for which `leaving(row.length)` holds from `batch`: (rows, their cache, their mask)."""
+    def _take(self, batch: _Batch, leaving) -> tuple[list[_Row], KVCache | None]:
+        """Remove the rows for which `leaving(row.length)` holds from `batch`: (rows, their cache)."""
         out = [i for i, r in enumerate(batch.rows) if leaving(r.length)]
         if not out:
-            return [], {}, None
-        rows, past, mask = [batch.rows[i] for i in out], {k: v[out] for k, v in batch.past.items()}, batch.mask[out]
+            return [], None
         keep = [i for i in range(len(batch.rows)) if i not in out]
+        rows, cache = [batch.rows[i] for i in out], copy.copy(batch.cache)
+        cache.keep(out)  # keep() rebinds its arrays: the copy and the batch's cache share nothing after it
         batch.rows, batch.selection = [batch.rows[i] for i in keep], None
-        batch.past = {k: v[keep] for k, v in batch.past.items()}
-        batch.mask = batch.mask[keep] if keep else None
-        if keep:
-            start = int(np.argmax(batch.mask.any(0)))  # leading columns no remaining row attends to
-            batch.mask = np.ascontiguousarray(batch.mask[:, start:])
-            batch.past = {k: np.ascontiguousarray(v[:, :, start:]) for k, v in batch.past.items()}
-        else:
-            batch.past = {}
-        return rows, past, mask
+        batch.cache.keep(keep)
+        return rows, cache
 
-    def _cross(self, route: str | None, rows: list[_Row], past: dict[str, np.ndarray], mask: np.ndarray
-               ) -> list[Output]:
+    def _join(self, route: str | None, phase: bool, rows: list[_Row], cache: KVCache) -> None:
+        """Add rows with their cache to the batch of (route, phase)."""
+        batch = self._batches.setdefault((route, phase), _Batch(route))
+        if batch.cache is None or not batch.rows:
+            batch.cache = cache
+        else:
+            batch.cache.extend(cache)
+        batch.rows, batch.selection = batch.rows + rows, None
+
+    def _cross(self, route: str | None, rows: list[_Row], cache: KVCache) -> list[Output]:
         """Rows whose next step passes the longrope switch join the long batch: with `recompute_cache_at` (Phi-3) by
         running their whole sequence with an empty cache (that run chooses their next token), else with their cache."""
-        batch = self._batches.setdefault((route, True), _Batch(route))
         if self._recompute_at is None or any(r.length != self._recompute_at for r in rows):
-            _merge(batch, rows, past, mask)
+            self._join(route, True, rows, cache)
             return []
-        sequences = [list(r.request.prompt_ids) + r.generated for r in rows]
-        ids = np.array(sequences, np.int64)
-        mask = np.ones_like(ids)
-        feeds = {"input_ids": ids, "attention_mask": mask, **self._empty_cache(len(rows))}
-        if self._position_ids:
-            feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        ids = np.array([list(r.request.prompt_ids) + r.generated for r in rows], np.int64)
+        cache = new_cache(self._layout, capacity=self.context_length if self._layout.share_buffer else None)
+        feeds = cache.prefill(ids, np.ones_like(ids))
         try:
             outputs = self._run(route, rows, feeds)
         except RoadError as e:
             return [self._finish(r, "error", [], error=str(e)) for r in rows]
-        present = {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
-        _merge(batch, rows, present, mask)
-        return self._advance(rows, outputs["logits"][:, -1])
+        cache.update(outputs)
+        self._join(route, True, rows, cache)
+        return self._advance(rows, cache.last_logits(outputs["logits"]))
 
     def _by_route(self, requests: list[GenerationRequest]) -> dict[str | None, list[GenerationRequest]]:
         groups: dict[str | None, list[GenerationRequest]] = {}
@@ -403,9 +403,9 @@ class Engine:
         for i, r in enumerate(requests):
             ids[i, width - len(r.prompt_ids):] = r.prompt_ids
             mask[i, width - len(r.prompt_ids):] = 1
-        feeds = {"input_ids": ids, "attention_mask": mask, **self._empty_cache(len(requests))}
-        if self._position_ids:
-            feeds["position_ids"] = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1).astype(np.int64)
+        # a shared buffer (a builder graph's) holds the context length, so rows that join later fit beside
+        cache = new_cache(self._layout, capacity=self.context_length if self._layout.share_buffer else None)
+        feeds = cache.prefill(ids, mask)
         rows = [_Row(r, Detokenizer(self.tokenizer, r.params.stop, incremental=r.stream),
                      np.random.default_rng(r.params.seed), r.params.sampling(), length=len(r.prompt_ids))
                 for r in requests]
@@ -413,27 +413,21 @@ class Engine:
             outputs = self._run(route, requests, feeds)
         except RoadError as e:
             return [Output(r.request_id, [], "", "error", len(r.prompt_ids), 0, error=str(e)) for r in requests]
-        present = {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
-        batch = self._batches.setdefault((route, phase), _Batch(route))
-        _merge(batch, rows, present, mask)
-        return self._advance(rows, outputs["logits"][:, -1])
+        cache.update(outputs)
+        self._join(route, phase, rows, cache)
+        return self._advance(rows, cache.last_logits(outputs["logits"]))
 
     def _decode(self, batch: _Batch) -> list[Output]:
         """One token for every row of `batch`."""
         rows = batch.rows
-        ids = np.array([[r.last] for r in rows], np.int64)
-        mask = np.concatenate([batch.mask, np.ones((len(rows), 1), np.int64)], 1)
-        feeds = {"input_ids": ids, "attention_mask": mask, **batch.past}
-        if self._position_ids:
-            feeds["position_ids"] = np.array([[r.length - 1] for r in rows], np.int64)
         try:
+            feeds = batch.cache.step(np.array([r.last for r in rows], np.int64))
             batch.selection = batch.selection or self._route(batch.route, rows)  # kept while the rows stay
             outputs = self._run(batch.route, rows, feeds, batch.selection)
         except RoadError as e:
             return [self._finish(r, "error", [], error=str(e)) for r in rows]
-        batch.past = {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
-        batch.mask = mask
-        return self._advance(rows, outputs["logits"][:, -1])
+        batch.cache.update(outputs)
+        return self._advance(rows, batch.cache.last_logits(outputs["logits"]))
 
     def _advance(self, rows: list[_Row], logits: np.ndarray) -> list[Output]:
         """Choose each row's next token from its logits [rows, vocab]; emit text; finish rows that are done."""
@@ -484,34 +478,4 @@ class Engine:
         if len(keep) == len(batch.rows):
             return
         batch.rows, batch.selection = [batch.rows[i] for i in keep], None
-        if not keep:
-            batch.past, batch.mask = {}, None
-            return
-        mask = batch.mask[keep]
-        start = int(np.argmax(mask.any(0)))  # leading columns no remaining row attends to
-        batch.mask = np.ascontiguousarray(mask[:, start:])
-        batch.past = {k: np.ascontiguousarray(v[keep][:, :, start:]) for k, v in batch.past.items()}
-
-    def _empty_cache(self, rows: int) -> dict[str, np.ndarray]:
-        return {i.name: np.zeros((rows, i.shape[1], 0, i.shape[3]), NUMPY_TYPES.get(i.type, np.float32))
-                for i in self._past_inputs}
-
-
-def _merge(batch: _Batch, rows: list[_Row], past: dict[str, np.ndarray], mask: np.ndarray) -> None:
-    """Append rows with cache `past` and `mask` [rows, L] to `batch`, left padding whichever side is shorter."""
-    if not batch.rows:
-        batch.rows, batch.past, batch.mask, batch.selection = list(rows), past, mask, None
-        return
-    old, new = batch.mask.shape[1], mask.shape[1]
-    width = max(old, new)
-
-    def pad(x: np.ndarray, have: int, axis: int) -> np.ndarray:
-        if have == width:
-            return x
-        shape = list(x.shape)
-        shape[axis] = width - have
-        return np.concatenate([np.zeros(shape, x.dtype), x], axis)
-
-    batch.past = {k: np.concatenate([pad(v, old, 2), pad(past[k], new, 2)], 0) for k, v in batch.past.items()}
-    batch.mask = np.concatenate([pad(batch.mask, old, 1), pad(mask, new, 1)], 0)
-    batch.rows, batch.selection = batch.rows + list(rows), None
+        batch.cache.keep(keep)

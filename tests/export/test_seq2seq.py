@@ -16,7 +16,7 @@ from conftest import tiny
 
 import road_export as rx
 from road_export import RoadError
-from road_export.runtime import RoadSession
+from road_export.sessions import open_session
 from road_export.seq2seq import Seq2SeqSession
 from road_export.verify import verify_seq2seq
 
@@ -178,7 +178,7 @@ def test_parity_rotate_every_variant(t5_mixed):
 @pytest.mark.parametrize("native", [True, False], ids=["native", "bodies"])
 def test_mixed_batch_generate_equals_peft(t5_mixed, native):
     model, directory, _ = t5_mixed
-    session = RoadSession(directory, native=native)
+    session = open_session(directory, native=native)
     assert isinstance(session, Seq2SeqSession) and session.adapters == ["road_1", "road_2", "road_4"]
     names = ["road_4", "__base__", "road_1", "road_2"]
     ids, mask = prompt(model, batch=4)
@@ -198,7 +198,7 @@ def test_greedy_and_swap_equal_peft(t5_swap, tmp_path):
                                             "decoder_model_merged.default.onnx_adapter",
                                             "decoder_with_past_model.default.onnx_adapter"]
     assert verify_seq2seq(directory, model).passed
-    session = RoadSession(directory)
+    session = open_session(directory)
     ids, mask = prompt(model)
     np.testing.assert_array_equal(session.generate(ids.numpy(), mask.numpy(), max_new_tokens=8),
                                   peft_generate(model, ids, mask))
@@ -210,7 +210,7 @@ def test_greedy_and_swap_equal_peft(t5_swap, tmp_path):
 
     files = convert_adapter(tmp_path / "other", directory, "other")
     assert sorted(files) == sorted([*FILES[1:], MERGED])
-    assert RoadSession(directory).adapters == ["default", "other"]  # found beside the files by name and fingerprint
+    assert open_session(directory).adapters == ["default", "other"]  # found beside the files by name and fingerprint
     session.load_adapter("other", files)
     swapped = session.generate(ids.numpy(), mask.numpy(), max_new_tokens=8, adapter="other")
     np.testing.assert_array_equal(swapped, peft_generate(other, ids, mask))
@@ -221,7 +221,7 @@ def test_greedy_and_swap_equal_peft(t5_swap, tmp_path):
 
 def test_sampling_reproducible_and_cache_consistent(t5_swap):
     model, directory, _ = t5_swap
-    session = RoadSession(directory)
+    session = open_session(directory)
     ids, mask = prompt(model)
     opts = {"max_new_tokens": 10, "do_sample": True, "temperature": 0.8, "top_k": 40, "seed": 3}
     cached = session.generate(ids.numpy(), mask.numpy(), **opts)
@@ -237,7 +237,7 @@ def test_untied_t5_merged_equals_peft(t5_untied_merged):
     report = verify_seq2seq(directory, model)
     assert report.passed, report.table()
     ids, mask = prompt(model)
-    np.testing.assert_array_equal(RoadSession(directory).generate(ids.numpy(), mask.numpy(), max_new_tokens=8),
+    np.testing.assert_array_equal(open_session(directory).generate(ids.numpy(), mask.numpy(), max_new_tokens=8),
                                   peft_generate(model, ids, mask))
 
 
@@ -253,7 +253,7 @@ def test_bart_rotations_in_every_file(bart_rotated):
     ids, mask = prompt(model, batch=3)
     names = ["road_2", "road_1", "__base__"]
     np.testing.assert_array_equal(
-        RoadSession(directory).generate(ids.numpy(), mask.numpy(), max_new_tokens=8, adapter_names=names),
+        open_session(directory).generate(ids.numpy(), mask.numpy(), max_new_tokens=8, adapter_names=names),
         peft_generate(model, ids, mask, adapter_names=names))
 
 
@@ -269,7 +269,7 @@ def test_marian_attached_equals_peft(marian_attached, mode):
     report = verify_seq2seq(directory, model)
     assert report.passed, report.table()
     ids, mask = prompt(model)
-    np.testing.assert_array_equal(RoadSession(directory).generate(ids.numpy(), mask.numpy(), max_new_tokens=8),
+    np.testing.assert_array_equal(open_session(directory).generate(ids.numpy(), mask.numpy(), max_new_tokens=8),
                                   peft_generate(model, ids, mask))
     base = verify_seq2seq(root / "base", model)  # the base alone is not the adapted model: parity must fail
     assert not base.passed
@@ -335,7 +335,7 @@ def test_merge_checkpoint_of_t5_equals_peft(t5_swap, tmp_path):
 
 
 def test_generation_runs_without_torch(t5_swap, tmp_path):
-    """The serving floor: RoadSession(directory) opens and generates with torch, transformers and peft blocked."""
+    """The serving floor: open_session(directory) opens and generates with torch, transformers and peft blocked."""
     from test_floor import BLOCK_TORCH, run_python
 
     model, directory, _ = t5_swap
@@ -344,8 +344,8 @@ def test_generation_runs_without_torch(t5_swap, tmp_path):
     np.save(tmp_path / "mask.npy", mask.numpy())
     code = BLOCK_TORCH + (
         "import sys, numpy as np\n"
-        "from road_export.runtime import RoadSession\n"
-        f"s = RoadSession({str(directory)!r})\n"
+        "from road_export.sessions import open_session\n"
+        f"s = open_session({str(directory)!r})\n"
         f"out = s.generate(np.load({str(tmp_path / 'ids.npy')!r}), np.load({str(tmp_path / 'mask.npy')!r}), "
         "max_new_tokens=8, adapter='other' if 'other' in s.adapters else None)\n"
         f"np.save({str(tmp_path / 'out.npy')!r}, out)\n"
@@ -353,7 +353,7 @@ def test_generation_runs_without_torch(t5_swap, tmp_path):
         "print(type(s).__name__)\n")
     done = run_python(code, tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "Seq2SeqSession", done.stderr
-    session = RoadSession(directory)
+    session = open_session(directory)
     expected = session.generate(ids.numpy(), mask.numpy(), max_new_tokens=8,
                                 adapter="other" if "other" in session.adapters else None)
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
@@ -381,8 +381,8 @@ def test_all_linear_adapter_including_the_feed_forward_output(tmp_path_factory):
 
 
 def test_session_options_reach_every_file(t5_swap):
-    """`RoadSession(directory, session_config=..., fuse=...)` opens a Seq2SeqSession with the same options (fused
+    """`open_session(directory, session_config=..., fuse=...)` opens a Seq2SeqSession with the same options (fused
     nodes only on CUDA: none here)."""
     _, directory, _ = t5_swap
-    session = RoadSession(directory, session_config={"session.intra_op.allow_spinning": "0"}, fuse=False)
+    session = open_session(directory, session_config={"session.intra_op.allow_spinning": "0"}, fuse=False)
     assert isinstance(session, Seq2SeqSession) and session.fused == 0
