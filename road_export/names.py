@@ -23,7 +23,9 @@ __all__ = [
     "ADAPTER_IDS",
     "BASE_NAME",
     "BATCH",
+    "GRAPH_BUILDER",
     "METADATA_ADAPTERS",
+    "METADATA_GRAPH",
     "METADATA_MODE",
     "METADATA_PREFIX",
     "METADATA_SEQ2SEQ",
@@ -58,6 +60,10 @@ METADATA_TASK = METADATA_PREFIX + "task"
 METADATA_ADAPTERS = METADATA_PREFIX + "adapters"  # JSON list of {name, variant, group_size, layers[, id]}
 METADATA_SEQ2SEQ = METADATA_PREFIX + "seq2seq"  # JSON {part, decoder_start_token_id, eos_token_id, pad_token_id}
 METADATA_SWAP = METADATA_PREFIX + "swap"  # JSON {layer: {c1, c2, group_size, width, dtype}} (road_export.swap)
+# "genai-builder": the graph was written by onnxruntime-genai's model builder and RoAd attached to it
+# (road_export.builder_graph); its swap records add "parts": [[peft module, offset, width], ...] per packed layer
+METADATA_GRAPH = METADATA_PREFIX + "graph"
+GRAPH_BUILDER = "genai-builder"
 
 
 # An adapter name becomes a torch ModuleDict key (no '.'), part of initializer names and of MODEL.NAME.onnx_adapter
