@@ -225,6 +225,48 @@ def _not_swappable(proto: onnx.ModelProto, meta: dict[str, str]) -> str:
             f"(road-export attach BASE.onnx --adapter DIR OUT.onnx), or {swap}")
 
 
+def packed_values(records: dict[str, dict], adapter, model_name: str) -> dict[str, np.ndarray]:
+    """{c1/c2 input name: values} of a peft adapter for a model whose swap records list the peft modules each
+    rotation covers ("parts": [[module, offset, width], ...], written by attach on a model builder graph): the
+    parts' coefficients side by side, identity (c1 = 1, c2 = 0) on parts the adapter does not target.
+
+    Raises RoadError for an adapter module on no rotated projection, another group size, or a part the adapter's
+    tensors do not fit."""
+    config = adapter.config
+    where: dict[str, tuple[str, int, int]] = {}
+    for layer, record in records.items():
+        for module, offset, width in record.get("parts", []):
+            where[module] = (layer, int(offset), int(width))
+    extra = sorted(set(adapter.road) - set(where))
+    if extra:
+        raise RoadError(f"{adapter.path}: does not fit {model_name}: {len(extra)} of its modules are on no rotated "
+                        f"projection, e.g. {extra[0]}; attach it to the base graph (road-export attach) so that "
+                        "the graph rotates them")
+    values: dict[str, np.ndarray] = {}
+    for layer, record in records.items():
+        width = int(record["width"])
+        values[record["c1"]] = np.ones(width, np.float32)
+        values[record["c2"]] = np.zeros(width, np.float32)
+    for module in sorted(adapter.road):
+        layer, offset, width = where[module]
+        record = records[layer]
+        if config.group_size != record["group_size"]:
+            raise RoadError(f"{adapter.path}: group_size {config.group_size} does not fit {model_name}, attached "
+                            f"with group size {record['group_size']} at {layer}")
+        theta = adapter.road[module]["road_theta"].astype(np.float32)
+        alpha = adapter.road[module]["road_alpha"].astype(np.float32)
+        expected = rotation.params_length(config.variant, width)
+        if theta.shape != (expected,) or offset % config.group_size or width % config.group_size:
+            raise RoadError(f"{adapter.path}: {module}.road_theta has shape {theta.shape}, expected ({expected},) "
+                            f"for {config.variant} on outputs {offset}:{offset + width} of {layer} with group size "
+                            f"{config.group_size}")
+        c1, c2 = rotation.coefficients(config.variant, config.group_size, theta, alpha)
+        values[record["c1"]][offset:offset + width] = c1
+        values[record["c2"]][offset:offset + width] = c2
+    return {name: v.astype(records_dtype) for name, v, records_dtype in
+            ((r[k], values[r[k]], r["dtype"]) for r in records.values() for k in ("c1", "c2"))}
+
+
 def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | Path, *,
                     other_files: bool = False) -> Path:
     """A peft RoAd adapter directory -> an `.onnx_adapter` file for `model_path`; refuses what does not fit.
@@ -241,6 +283,8 @@ def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | 
     records, tied = swap_records(model_path)
     adapter = read_adapter(adapter_dir)
     config = adapter.config
+    if any("parts" in r for r in records.values()):
+        return write_adapter_file(out, packed_values(records, adapter, model_path.name))
     mine, theirs = set(records), set(adapter.road)
     if other_files:
         theirs &= mine
