@@ -385,6 +385,25 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def adapter_specs(texts: Sequence[str]) -> list[tuple[str, Path]]:
+    """`[NAME=]DIR` texts -> [(name, path)]: without NAME the first is "default" and later ones take their folder's
+    name (the rule of road_export.source.parse_adapter, torch-free). Raises RoadError for a bad or repeated name."""
+    from road_export.names import check_adapter_name
+
+    specs = []
+    for i, text in enumerate(texts):
+        name, sep, path = text.partition("=")
+        if not sep or Path(text).exists():
+            name, path = ("default" if i == 0 else Path(text).name), text
+        if not path or not name:
+            raise RoadError(f"--adapter {text!r}: expected [NAME=]DIR")
+        check_adapter_name(name, f"--adapter {text}: adapter name")
+        specs.append((name, Path(path)))
+    if len({n for n, _ in specs}) != len(specs):
+        raise RoadError(f"--adapter: names {', '.join(n for n, _ in specs)} repeat; give each NAME=DIR its own")
+    return specs
+
+
 def check_no_adapter(metadata: dict[str, str], path: str | Path) -> None:
     """Refuse a base whose metadata (`road_export.adapters`) records adapters already merged or attached: attaching
     again would rotate the rotated layers a second time. Raises RoadError (one line)."""
