@@ -711,7 +711,7 @@ def _run_builder_dir(args: argparse.Namespace, output: Path, why: str) -> int:
     library = _kernels_library() if args.mode == "rotate" and specs else None
     progress = _Progress(args.quiet)
     if not args.quiet:
-        print(f"path: onnxruntime-genai model builder graph ({why})", file=sys.stderr)
+        print(f"path: onnxruntime-genai model builder graph ({why})", flush=True)
     with progress.running(), _writing(output), _kept_dir(output, None):
         result = genai_builder.build(args.base, [(s.name, s.path) for s in specs], output, mode=args.mode,
                                      dtype=args.dtype, quantize=args.quantize, provider=args.device or "cpu",

@@ -224,7 +224,7 @@ def builder_dir(built, tmp_path_factory):
 def test_directory_command_writes_a_genai_directory(builder_dir):
     done, out = builder_dir
     assert done.returncode == 0, done.stderr
-    assert "path: onnxruntime-genai model builder graph (--graph builder" in done.stderr
+    assert "path: onnxruntime-genai model builder graph (--graph builder" in done.stdout
     assert "ok   adapter a" in done.stdout
     config = json.loads((out / "genai_config.json").read_text())
     decoder = config["model"]["decoder"]
@@ -332,3 +332,40 @@ def test_graph_auto_picks_the_builder_for_llama(built):
     graph, why = genai_builder.choose_graph("auto", str(built["llama"]["hf"]), directory=True, task=None,
                                             blockers=["--opset"])
     assert graph == "road" and "--opset" in why
+
+
+def test_fixed_attach_keeps_constants(built, tmp_path):
+    out = tmp_path / "model.onnx"
+    done = road_export("attach", built["llama"]["fp32"], "--adapter", built["llama"]["b"], "--fixed", out)
+    assert done.returncode == 0, done.stderr
+    assert "on the model builder graph" in done.stdout and "swappable" not in done.stdout
+    proto = onnx.load(str(out), load_external_data=False)
+    assert "road_export.swap" not in {p.key for p in proto.metadata_props}
+    assert not any("road_c1" in i.name for i in proto.graph.input) and not list(tmp_path.glob("*.onnx_adapter"))
+    ids = _ids()
+    assert np.abs(_prefill(out, ids) - _peft(built["llama"], ["b"], ids)).max() <= 1e-4
+
+
+def test_adapter_of_another_group_size_is_refused_for_a_builder_graph(built, builder_dir, tmp_path):
+    _, out = builder_dir
+    assert_bad_input(road_export("adapter", built["llama"]["c"], "--like", out, tmp_path / "m.c.onnx_adapter"),
+                     says="group_size 32 does not fit model.onnx, attached with group size 16", dirs=[tmp_path])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--graph", "builder", "x.onnx"], "--graph builder writes a model directory"),
+    (["--dtype", "bfloat16", "x.onnx"], "--dtype bfloat16 applies to the model builder's graph"),
+    (["--device", "cuda", "--graph", "road", "out_dir"], "--device applies to the model builder's graph"),
+    (["--graph", "builder", "--base", "tiny-llama", "out_dir"], "--graph builder: --base is not a transformers"),
+])
+def test_builder_path_bad_input(args, says, tmp_path):
+    assert_bad_input(road_export(*args, cwd=tmp_path), says=says, dirs=[tmp_path])
+    assert not (tmp_path / "out_dir").exists()
+
+
+def test_builder_failure_is_one_line(tmp_path):
+    tiny("tiny-bert").save_pretrained(tmp_path / "bert")
+    done = road_export("--graph", "builder", "--base", tmp_path / "bert", tmp_path / "out")
+    assert_bad_input(done, says="onnxruntime-genai's model builder failed (-p fp32 -e cpu): NotImplementedError",
+                     dirs=[tmp_path])
+    assert not (tmp_path / "out").exists()
