@@ -336,7 +336,7 @@ def attach_builder(model: ir.Model, adapters: dict[str, AdapterFile], mode: str 
                 out = node.outputs[0]
                 report.road_nodes += 1
         for name, modules in placement.modules.items():
-            for module, _, _ in modules:
+            for module, _, _, _ in modules:
                 report.placed[module] = linear.node.name or linear.node.op_type
     road_op.attach_functions(model)
     if mode == "merge":
@@ -350,7 +350,7 @@ def attach_builder(model: ir.Model, adapters: dict[str, AdapterFile], mode: str 
         by_path = {p.linear.path: p for p in placements}
         values: dict[str, np.ndarray] = {}
         for layer, record in records.items():
-            record["parts"] = _part_modules(by_path[layer])
+            record["parts"] = _part_modules(by_path[layer])  # [[peft module, offset, width, source offset]]
             c1, c2 = coefficients[id(by_path[layer])][names[0]]
             values[record["c1"]], values[record["c2"]] = c1.astype(record["dtype"]), c2.astype(record["dtype"])
         report.swap_values[names[0]] = values
@@ -364,15 +364,16 @@ def _part_modules(placement) -> list[list]:
     one entry when a module covers the whole projection (a transformers model with its own packed `qkv_proj`)."""
     modules = [m for ms in placement.modules.values() for m in ms]
     width = placement.linear.width
-    whole = [m for m, offset, w in modules if offset == 0 and w == width]
+    whole = [(m, source) for m, offset, w, source in modules if offset == 0 and w == width]
     if whole:
-        return [[whole[0], 0, width]]
-    known = {(offset, w): m for m, offset, w in modules}
+        return [[whole[0][0], 0, width, whole[0][1]]]
+    known = {(offset, w): (m, source) for m, offset, w, source in modules}
     template = modules[0][0]
     stem = template.rsplit(".", 1)[0]
     out, offset = [], 0
     for part, w in placement.linear.parts:
-        out.append([known.get((offset, w), f"{stem}.{part}"), offset, w])
+        module, source = known.get((offset, w), (f"{stem}.{part}", 0))
+        out.append([module, offset, w, source])
         offset += w
     return out
 

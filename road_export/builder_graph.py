@@ -29,7 +29,7 @@ from road_export.adapter_files import AdapterFile
 from road_export.errors import RoadError
 from road_export.passes import common
 
-__all__ = ["BuilderLinear", "Placement", "builder_linears", "is_builder_graph", "locate_module", "plan"]
+__all__ = ["BuilderLinear", "Placement", "builder_linears", "is_builder_graph", "locate_module", "module_width", "plan"]
 
 # the builder's node names (builders/base.py make_attention / make_mlp_proj / make_matmul)
 _NODE = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<proj>\w+)/MatMul(?:_Q\d+)?$")
@@ -62,27 +62,37 @@ class BuilderLinear:
 
 @dataclass
 class Placement:
-    """A builder projection and, per adapter name, the adapter's modules on it: [(module, offset, width)]."""
+    """A builder projection and, per adapter name, the adapter's modules on it: [(module, offset, width, source)]:
+    outputs offset:offset+width of the projection are the module's outputs source:source+width (source > 0 only
+    for a module the builder split over several projections, e.g. Phi-3's `gate_up_proj` as gate_proj, up_proj)."""
 
     linear: BuilderLinear
-    modules: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    modules: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)
 
     def coefficients(self, adapter: AdapterFile, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(c1, c2) float32 [width] of adapter `name` on this projection: its modules' coefficients at their
-        offsets (rotation.coefficients, peft's `_prepare_cols`), identity elsewhere."""
+        offsets (rotation.coefficients, peft's `_prepare_cols`), identity elsewhere. A module the builder split
+        over several projections (an entry with a source offset) contributes its slice."""
         width = self.linear.width
         c1, c2 = np.ones(width, np.float32), np.zeros(width, np.float32)
         config = adapter.config
-        for module, offset, part in self.modules.get(name, []):
+        for module, offset, part, source in self.modules.get(name, []):
             theta = adapter.road[module]["road_theta"].astype(np.float32)
             alpha = adapter.road[module]["road_alpha"].astype(np.float32)
-            if theta.shape != (rotation.params_length(config.variant, part),) or part % config.group_size:
+            full = module_width(config.variant, theta.size)
+            if full is None or full < source + part or part % config.group_size or source % config.group_size:
                 raise RoadError(f"{adapter.path}: {module} has {part} outputs in the graph (part of "
                                 f"{self.linear.path}); its {config.variant} tensors of {theta.size} with group size "
                                 f"{config.group_size} do not fit")
             p1, p2 = rotation.coefficients(config.variant, config.group_size, theta, alpha)
-            c1[offset:offset + part], c2[offset:offset + part] = p1, p2
+            c1[offset:offset + part], c2[offset:offset + part] = p1[source:source + part], p2[source:source + part]
         return c1, c2
+
+
+def module_width(variant: str, params: int) -> int | None:
+    """The output width d of a layer whose road_theta has `params` elements (rotation.params_length inverted)."""
+    d = {"road_1": 2 * params, "road_2": params, "road_4": params // 2}.get(variant)
+    return d if d is not None and rotation.params_length(variant, d) == params else None
 
 
 def is_builder_graph(model: ir.Model) -> bool:
@@ -181,13 +191,33 @@ def plan(model: ir.Model, adapters: dict[str, AdapterFile], where: str = "the ba
         problems = []
         for module in adapter.road:
             key = locate_module(module)
-            hit = index.get(key) if key is not None else None
-            if hit is None:
+            hits = []
+            if key is not None and key in index:
+                linear, offset, width = index[key]
+                hits = [(linear, offset, width, 0)]
+            elif key is not None and key[2] in PACKED:  # a packed transformers module the builder wrote unpacked
+                source = 0
+                for part in PACKED[key[2]]:
+                    found = index.get((key[0], key[1], part))
+                    if found is None:
+                        hits = []
+                        break
+                    linear, offset, width = found
+                    hits.append((linear, offset, width, source))
+                    source += width
+            if not hits:
                 problems.append(module)
                 continue
-            linear, offset, width = hit
-            placement = placements.setdefault(id(linear.node), Placement(linear))
-            placement.modules.setdefault(name, []).append((module, offset, width))
+            theta = adapter.road[module]["road_theta"]
+            full = module_width(adapter.config.variant, theta.size)
+            if full != sum(h[2] for h in hits) or full % adapter.config.group_size:
+                raise RoadError(f"{adapter.path}: {module} has {sum(h[2] for h in hits)} outputs in the graph "
+                                f"({', '.join(h[0].path for h in hits)}); its {adapter.config.variant} tensors of "
+                                f"{theta.size} with group size {adapter.config.group_size} do not fit. Nothing was "
+                                "written.")
+            for linear, offset, width, source in hits:
+                placement = placements.setdefault(id(linear.node), Placement(linear))
+                placement.modules.setdefault(name, []).append((module, offset, width, source))
         if problems:
             layers = sorted({f"{lin.block}/{lin.proj}" for lin in linears})
             raise RoadError(f"{adapter.path}: cannot place {len(problems)} of {len(adapter.road)} adapted module(s) "
@@ -196,7 +226,7 @@ def plan(model: ir.Model, adapters: dict[str, AdapterFile], where: str = "the ba
                             + f" (its projections per layer: {', '.join(layers)}). Nothing was written.")
     for placement in placements.values():
         for name, modules in placement.modules.items():
-            seen = [m for m, _, _ in modules]
+            seen = [m for m, _, _, _ in modules]
             if len(set(seen)) != len(seen) or any(a[1] == b[1] for a in modules for b in modules if a is not b):
                 raise RoadError(f"{adapters[name].path}: two modules map to the same part of "
                                 f"{placement.linear.path} ({', '.join(seen)}). Nothing was written.")
@@ -205,12 +235,12 @@ def plan(model: ir.Model, adapters: dict[str, AdapterFile], where: str = "the ba
     return sorted(placements.values(), key=lambda p: order[id(p.linear.node)])
 
 
-def _check_straddle(linear: BuilderLinear, modules: list[tuple[str, int, int]], adapter: AdapterFile) -> None:
+def _check_straddle(linear: BuilderLinear, modules: list[tuple[str, int, int, int]], adapter: AdapterFile) -> None:
     """RoadError when a group of g outputs holding an adapted part's outputs reaches over a part boundary."""
     g = adapter.config.group_size
     if len(linear.parts) < 2:
         return
-    for module, offset, width in modules:
+    for module, offset, width, _ in modules:
         if offset % g or width % g:
             bounds = []
             start = 0

@@ -37,9 +37,9 @@ from road_export.errors import RoadError
 
 __all__ = ["AUTO_ARCHITECTURES", "BuilderResult", "available", "build", "choose_graph", "precision"]
 
-# families whose builder graphs use the projection names road_export.builder_graph maps (Llama and Qwen2 tested)
+# families whose builder graphs use the projection names road_export.builder_graph maps (Llama, Qwen2, Phi-3 tested)
 AUTO_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                      "GemmaForCausalLM", "Gemma2ForCausalLM")
+                      "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM")
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
 
 
@@ -127,7 +127,10 @@ def _run_builder(base: Path, out: Path, cache: Path, prec: str, provider: str, e
         lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines
                     else f"exit code {done.returncode}")
-        raise RoadError(f"{base}: onnxruntime-genai's model builder failed (-p {prec} -e {provider}): {last[:300]}")
+        hint = ("; the builder needs the base's tokenizer files (tokenizer.json, tokenizer_config.json: "
+                "tokenizer.save_pretrained(BASE))" if "tokenizer" in last.lower() else "")
+        raise RoadError(f"{base}: onnxruntime-genai's model builder failed (-p {prec} -e {provider}): {last[:300]}"
+                        f"{hint}")
     return command
 
 

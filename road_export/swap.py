@@ -227,16 +227,17 @@ def _not_swappable(proto: onnx.ModelProto, meta: dict[str, str]) -> str:
 
 def packed_values(records: dict[str, dict], adapter, model_name: str) -> dict[str, np.ndarray]:
     """{c1/c2 input name: values} of a peft adapter for a model whose swap records list the peft modules each
-    rotation covers ("parts": [[module, offset, width], ...], written by attach on a model builder graph): the
+    rotation covers ("parts": [[module, offset, width, source offset], ...], written by attach on a model builder
+    graph; outputs offset:offset+width of the rotation are the module's source:source+width): the
     parts' coefficients side by side, identity (c1 = 1, c2 = 0) on parts the adapter does not target.
 
     Raises RoadError for an adapter module on no rotated projection, another group size, or a part the adapter's
     tensors do not fit."""
     config = adapter.config
-    where: dict[str, tuple[str, int, int]] = {}
+    where: dict[str, list[tuple[str, int, int, int]]] = {}
     for layer, record in records.items():
-        for module, offset, width in record.get("parts", []):
-            where[module] = (layer, int(offset), int(width))
+        for module, offset, width, *source in record.get("parts", []):
+            where.setdefault(module, []).append((layer, int(offset), int(width), int(source[0]) if source else 0))
     extra = sorted(set(adapter.road) - set(where))
     if extra:
         raise RoadError(f"{adapter.path}: does not fit {model_name}: {len(extra)} of its modules are on no rotated "
@@ -248,21 +249,24 @@ def packed_values(records: dict[str, dict], adapter, model_name: str) -> dict[st
         values[record["c1"]] = np.ones(width, np.float32)
         values[record["c2"]] = np.zeros(width, np.float32)
     for module in sorted(adapter.road):
-        layer, offset, width = where[module]
-        record = records[layer]
-        if config.group_size != record["group_size"]:
-            raise RoadError(f"{adapter.path}: group_size {config.group_size} does not fit {model_name}, attached "
-                            f"with group size {record['group_size']} at {layer}")
         theta = adapter.road[module]["road_theta"].astype(np.float32)
         alpha = adapter.road[module]["road_alpha"].astype(np.float32)
-        expected = rotation.params_length(config.variant, width)
-        if theta.shape != (expected,) or offset % config.group_size or width % config.group_size:
+        full = sum(width for _, _, width, _ in where[module])
+        expected = rotation.params_length(config.variant, full)
+        if theta.shape != (expected,):
             raise RoadError(f"{adapter.path}: {module}.road_theta has shape {theta.shape}, expected ({expected},) "
-                            f"for {config.variant} on outputs {offset}:{offset + width} of {layer} with group size "
-                            f"{config.group_size}")
+                            f"for {config.variant} on a layer of width {full}")
         c1, c2 = rotation.coefficients(config.variant, config.group_size, theta, alpha)
-        values[record["c1"]][offset:offset + width] = c1
-        values[record["c2"]][offset:offset + width] = c2
+        for layer, offset, width, source in where[module]:
+            record = records[layer]
+            if config.group_size != record["group_size"]:
+                raise RoadError(f"{adapter.path}: group_size {config.group_size} does not fit {model_name}, "
+                                f"attached with group size {record['group_size']} at {layer}")
+            if offset % config.group_size or width % config.group_size:
+                raise RoadError(f"{adapter.path}: {module} is outputs {offset}:{offset + width} of {layer}, which "
+                                f"group size {config.group_size} does not divide (a group would straddle two parts)")
+            values[record["c1"]][offset:offset + width] = c1[source:source + width]
+            values[record["c2"]][offset:offset + width] = c2[source:source + width]
     return {name: v.astype(records_dtype) for name, v, records_dtype in
             ((r[k], values[r[k]], r["dtype"]) for r in records.values() for k in ("c1", "c2"))}
 

@@ -369,3 +369,39 @@ def test_builder_failure_is_one_line(tmp_path):
     assert_bad_input(done, says="onnxruntime-genai's model builder failed (-p fp32 -e cpu): NotImplementedError",
                      dirs=[tmp_path])
     assert not (tmp_path / "out").exists()
+    tiny("tiny-llama").save_pretrained(tmp_path / "llama")  # no tokenizer files: the builder's last step fails
+    done = road_export("--graph", "builder", "--base", tmp_path / "llama", tmp_path / "out")
+    assert_bad_input(done, says="the builder needs the base's tokenizer files", dirs=[tmp_path])
+    assert not (tmp_path / "out").exists()
+
+
+def test_phi3_packed_modules_split_and_repacked_by_the_builder(tmp_path):
+    """Phi-3's own `self_attn.qkv_proj` (repacked by the builder as attn/qkv_proj) and `mlp.gate_up_proj` (written
+    by the builder as mlp/gate_proj and mlp/up_proj: the module's coefficients are split over the two)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from road_export import swap
+    from road_export.zoo import resolve
+
+    config = json.loads((resolve("tiny-phi3") / "config.json").read_text())
+    config.update(vocab_size=320, original_max_position_embeddings=config["max_position_embeddings"])
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(**config)).eval()
+    model.save_pretrained(tmp_path / "phi")
+    _tokenizer(tmp_path / "phi", 320)  # the builder writes genai's tokenizer files from it
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.RoadConfig(variant="road_4", group_size=16,
+                                                                     init_weights=False, target_modules="all-linear"))
+    pm.save_pretrained(tmp_path / "ad")
+    base = _build(tmp_path / "phi", tmp_path / "gb", "fp32")
+    out = tmp_path / "model.onnx"
+    report = attach(base, [tmp_path / "ad"], out, names=["a"])
+    assert report.placed["model.layers.0.mlp.gate_up_proj"] == "/model/layers.0/mlp/up_proj/MatMul"
+    ids = np.random.default_rng(0).integers(3, 320, (2, 7)).astype(np.int64)
+    with torch.no_grad():
+        want = pm(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(_prefill(out, ids) - want).max() <= 1e-4
+    converted = tmp_path / "model.again.onnx_adapter"
+    swap.convert_adapter(tmp_path / "ad", out, converted)
+    written, again = swap.read_adapter_values(tmp_path / "model.a.onnx_adapter"), swap.read_adapter_values(converted)
+    assert written.keys() == again.keys() and all(np.array_equal(written[k], again[k]) for k in written)
