@@ -405,3 +405,17 @@ def test_phi3_packed_modules_split_and_repacked_by_the_builder(tmp_path):
     swap.convert_adapter(tmp_path / "ad", out, converted)
     written, again = swap.read_adapter_values(tmp_path / "model.a.onnx_adapter"), swap.read_adapter_values(converted)
     assert written.keys() == again.keys() and all(np.array_equal(written[k], again[k]) for k in written)
+
+
+def test_merge_folds_into_the_builder_weights_and_bias(built, tmp_path):
+    entry = built["qwen"]
+    out = tmp_path / "model.onnx"
+    report = attach(entry["fp32"], [entry["a"]], out, mode="merge", names=["a"])
+    assert report.folded == 10 and not list(tmp_path.glob("*.onnx_adapter"))
+    proto = onnx.load(str(out), load_external_data=False)
+    assert not any(n.domain == "road" for n in proto.graph.node)
+    ids = _ids()
+    assert np.abs(_prefill(out, ids) - _peft(entry, ["a"], ids)).max() <= 1e-4
+    assert_bad_input(road_export("attach", entry["int4"], "--adapter", entry["a"], "--mode", "merge",
+                                 tmp_path / "q.onnx"), says="a rotation cannot be folded into quantized weights",
+                     dirs=[tmp_path])
