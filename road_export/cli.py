@@ -728,7 +728,7 @@ def _run_builder_dir(args: argparse.Namespace, output: Path, why: str) -> int:
     if args.mode == "rotate" and specs and library is None:
         notes.append("genai_config without the native kernels (add them: road-export kernels --genai-config DIR)")
     if not args.no_verify and not result.rows:
-        notes.append("parity not checked: a -e cuda graph runs on the GPU machine")
+        notes.append("parity not checked: onnxruntime's CPU provider does not run a -e cuda or bfloat16 graph")
     progress.done(f"wrote {output}/ ({'; '.join(notes)}): {', '.join(result.files)}")
     if not result.rows:
         return EXIT_OK

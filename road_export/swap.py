@@ -169,7 +169,7 @@ def write_adapter_file(path: Path, values: dict[str, np.ndarray]) -> Path:
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(fingerprint({k: (tuple(v.shape), str(v.dtype)) for k, v in values.items()}))
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in values.items()})
+    fmt.set_parameters({k: _ort_value(np.ascontiguousarray(v)) for k, v in values.items()})
     with atomic_write(path) as tmp:
         try:
             fmt.export_adapter(str(tmp))
@@ -180,6 +180,15 @@ def write_adapter_file(path: Path, values: dict[str, np.ndarray]) -> Path:
             raise RoadError(f"{path}: cannot write the adapter file ({write_failure_reason(OSError(first), path)})"
                             ) from e
     return path
+
+
+def _ort_value(array: np.ndarray):
+    """An OrtValue of `array`; bfloat16 (ml_dtypes, which onnxruntime's numpy bridge refuses) through its bits."""
+    import onnxruntime as ort
+
+    if array.dtype.name == "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), onnx.TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def adapter_file_path(model_path: Path, adapter: str) -> Path:
