@@ -17,6 +17,10 @@ standard-op bodies). Greedy, prompt 32, 64 new tokens, batch 1 and 8, `intra_op_
 Timed interleaved (base, road, mixed, base, road, mixed, ...), one generate per sample; medians of tokens/s and the
 median of the paired ratios against the base of the same round (tools/benchlib.py's rule). Prints a table and writes
 JSON with --json.
+
+`--steps`: instead of genai's generator, one decode step (1 new token after 64 cached positions) on an onnxruntime
+InferenceSession per file, 3 steps a sample, interleaved; adds "builder + RoAd, standard-op bodies" (no native
+kernels). This is the graph's own cost, which the generator's per-token work dilutes.
 """
 
 from __future__ import annotations
@@ -142,6 +146,57 @@ def runner(directory: Path, device: str, rows: np.ndarray | None):
     return run
 
 
+def step_runner(directory: Path, threads: int, native: bool, rows: np.ndarray | None, batch: int, past: int = 64):
+    """One decode step of the directory's model.onnx on onnxruntime's CPU provider, `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    if native:
+        from road_export import native as road_native
+
+        options.register_custom_ops_library(str(road_native.library_path()))
+    session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.full((batch, 1), 5, np.int64), "attention_mask": np.ones((batch, past + 1), np.int64)}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            head = i.shape[3] if isinstance(i.shape[3], int) else 64
+            feed[i.name] = np.zeros((batch, i.shape[1], past, head), np.float32)
+        elif i.name == "adapter_ids":
+            feed[i.name] = rows[:batch]
+
+    def run() -> None:
+        for _ in range(3):
+            session.run(["logits"], feed)
+
+    return run
+
+
+def steps(args, dirs: dict[str, Path], precision: str, results: dict) -> None:
+    rows = np.arange(1, 9, dtype=np.int64)
+    for batch in map(int, args.batches.split(",")):
+        runs = {name: step_runner(d, args.threads, name != "builder base" and not name.startswith("builder base,"),
+                                  rows if name.startswith("8 rows") else None, batch)
+                for name, d in dirs.items() if batch == 8 or not name.startswith("8 rows")}
+        runs["builder + RoAd, standard-op bodies"] = step_runner(dirs["builder + RoAd (swappable)"], args.threads,
+                                                                 False, None, batch)
+        for run in runs.values():
+            run()
+        times: dict[str, list[float]] = {n: [] for n in runs}
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) / 3)
+        again = times["builder base, re-saved"]
+        for name, values in times.items():
+            ratio = statistics.median(a / v for v, a in zip(values, again, strict=True))  # speed ratio
+            results[f"steps {precision} b{batch} {name}"] = {"ms_per_step": statistics.median(values) * 1e3,
+                                                             "speed_ratio_to_resaved_base": ratio}
+            print(f"{precision:5} batch {batch}  {name:<36} {statistics.median(values) * 1e3:8.3f} ms/step   "
+                  f"speed x re-saved base {ratio:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
@@ -154,6 +209,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--no-native", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--steps", action="store_true", help="time onnxruntime decode steps, not genai generation")
     args = parser.parse_args()
     adapters = 8
     prepare(args.work, args.hidden, args.layers, adapters)
@@ -163,6 +219,9 @@ def main() -> None:
           f"road kernels {'off' if args.no_native else 'on'}")
     for precision in args.precisions.split(","):
         dirs = build(args.work, precision, args.device, args.threads, not args.no_native, adapters)
+        if args.steps:
+            steps(args, dirs, precision, results)
+            continue
         rows = np.arange(1, adapters + 1, dtype=np.int64)
         runs = {name: runner(d, args.device, rows if name.startswith("8 rows") else None)
                 for name, d in dirs.items()}
