@@ -605,6 +605,8 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     if graph == "builder":
         return _run_builder_dir(args, output, why)
     _check_road_graph_options(args, why)
+    if args.graph == "auto" and not args.quiet:
+        print(f"path: road-export's own exporter ({why})", flush=True)
     _export_checks(args, output)
     _quiet_libraries()
     import road_export as rx

@@ -110,11 +110,11 @@ def choose_graph(graph: str, base: str | None, *, directory: bool, task: str | N
         if problems:
             raise RoadError(f"--graph builder: {problems[0]}; drop --graph builder for road-export's own exporter")
         return "builder", f"--graph builder ({arch})"
-    if arch not in AUTO_ARCHITECTURES:
+    if arch is not None and arch not in AUTO_ARCHITECTURES:
         problems.insert(0, f"architecture {arch} is not one auto sends to the builder "
                            f"({', '.join(AUTO_ARCHITECTURES)})")
     if problems:
-        return "road", f"--graph auto: road-export's exporter, because {problems[0]}"
+        return "road", f"--graph auto: {problems[0]}"
     return "builder", f"--graph auto: {arch} is a decoder LLM family the model builder supports"
 
 

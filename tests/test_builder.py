@@ -320,7 +320,9 @@ def test_unplaceable_module_on_a_builder_graph_names_the_projections(built, tmp_
 def test_graph_choice():
     assert genai_builder.choose_graph("road", None, directory=True, task=None, blockers=[])[0] == "road"
     graph, why = genai_builder.choose_graph("auto", str(resolve("tiny-bert")), directory=True, task=None, blockers=[])
-    assert graph == "road"
+    assert graph == "road" and "architecture BertModel is not one auto sends to the builder" in why
+    graph, why = genai_builder.choose_graph("auto", "tiny-llama", directory=True, task=None, blockers=[])
+    assert graph == "road" and why == "--graph auto: --base is not a transformers directory with config.json"
     with pytest.raises(Exception, match="--graph builder: the output is one ONNX file"):
         genai_builder.choose_graph("builder", None, directory=False, task=None, blockers=[])
 
