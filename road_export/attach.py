@@ -313,7 +313,8 @@ def attach_builder(model: ir.Model, adapters: dict[str, AdapterFile], mode: str 
             report.road_nodes += 1
         else:
             out = linear.output
-            for g in sorted({adapters[n].config.group_size for n in placement.modules}):
+            sizes = sorted({adapters[n].config.group_size for n in placement.modules})
+            for g in sizes:
                 rows1 = [np.ones(linear.width, np.float32)]
                 rows2 = [np.zeros(linear.width, np.float32)]
                 for n in names:
@@ -331,7 +332,8 @@ def attach_builder(model: ir.Model, adapters: dict[str, AdapterFile], mode: str 
                                       name=f"{linear.path}.road_c{k}_g{g}/Reshape")
                     graph.insert_after(out.producer(), [gather, reshape])
                     rows.append(reshape.outputs[0])
-                node = _insert_rotation_node(model, out, rows[0], rows[1], g, f"{linear.path}_g{g}",
+                node = _insert_rotation_node(model, out, rows[0], rows[1], g,
+                                             linear.path + (f"_g{g}" if len(sizes) > 1 else ""),
                                              after=rows[1].producer())
                 out = node.outputs[0]
                 report.road_nodes += 1
