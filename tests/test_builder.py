@@ -421,3 +421,22 @@ def test_merge_folds_into_the_builder_weights_and_bias(built, tmp_path):
     assert_bad_input(road_export("attach", entry["int4"], "--adapter", entry["a"], "--mode", "merge",
                                  tmp_path / "q.onnx"), says="a rotation cannot be folded into quantized weights",
                      dirs=[tmp_path])
+
+
+def test_placement_on_a_cuda_graph(built, tmp_path):
+    """A `-e cuda -p fp16` graph (written here, run on the GPU machine): the same placement, float16 coefficients,
+    the rotation after the qkv bias Add."""
+    entry = built["qwen"]
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(entry["hf"]), "-o",
+                    str(tmp_path / "gb"), "-p", "fp16", "-e", "cuda", "-c", str(tmp_path / "cache")], check=True,
+                   capture_output=True)
+    out = tmp_path / "model.onnx"
+    report = attach(tmp_path / "gb" / "model.onnx", [entry["b"]], out, names=["b"])
+    assert len(report.placed) == 6 and report.road_nodes == 4  # q, v in qkv_proj and down_proj, two layers
+    proto = onnx.load(str(out), load_external_data=False)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    road = next(n for n in proto.graph.node if n.name == "model.layers.0.attn.qkv_proj.road")
+    assert producers[road.input[0]].name == "/model/layers.0/attn/qkv_proj/Add"
+    c1 = next(t for t in proto.graph.initializer if t.name == road.input[1])
+    assert c1.data_type == onnx.TensorProto.FLOAT16
+    assert road.input[1] in {i.name for i in proto.graph.input}
