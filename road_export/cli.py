@@ -40,6 +40,7 @@ EXAMPLES = """examples:
   road-export optimize peft_export.onnx fused.onnx --fold
   road-export adapter ./other_road --like model.onnx model.other.onnx_adapter
   road-export attach base.onnx --adapter ./road --mode merge merged.onnx
+  road-export --graph builder --base ./llama --adapter ./road --mode rotate ./llama-road   onnxruntime-genai's graph
   road-export merge-checkpoint --base ./llama --adapter ./road ./llama-merged
   road-export kernels                                      build the native road kernels, print the library
   road-export kernels --genai-config ./llama-road          ... and name them in the directory's genai_config.json

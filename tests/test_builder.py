@@ -440,3 +440,11 @@ def test_placement_on_a_cuda_graph(built, tmp_path):
     c1 = next(t for t in proto.graph.initializer if t.name == road.input[1])
     assert c1.data_type == onnx.TensorProto.FLOAT16
     assert road.input[1] in {i.name for i in proto.graph.input}
+
+
+def test_builder_option_needs_key_value(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    done = road_export("--graph", "builder", "--base", tmp_path / "b", "--no-adapter", "--builder-option", "fuse_qkv",
+                       tmp_path / "out")
+    assert_bad_input(done, says="--builder-option 'fuse_qkv': expected KEY=VALUE", dirs=[tmp_path])
