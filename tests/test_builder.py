@@ -164,6 +164,12 @@ def test_mixed_batch_matches_peft_per_row(built, tmp_path):
     ids, rows = _ids(4), np.array([1, 0, 3, 2], np.int64)
     got, want = _prefill(out, ids, adapter_ids=rows), _peft(entry, list("abc"), ids, rows)
     assert np.abs(got - want).max() <= 1e-4
+    files = [(n, read_adapter(entry[n])) for n in "abc"]  # the directory command's own check, row by row
+    checked = genai_builder.parity(out, entry["hf"], files, quantized=False, dtype="float32", atol=None)
+    assert [r["case"] for r in checked] == ["adapter_ids [0, 1]", "adapter_ids [2, 3]"]
+    assert all(r["ok"] for r in checked)
+    swapped = genai_builder.parity(out, entry["hf"], files[::-1], quantized=False, dtype="float32", atol=None)
+    assert not all(r["ok"] for r in swapped)  # adapters in the wrong row order: caught
 
 
 def test_mixed_banks_fuse_into_matmul_rotate_rows(built, tmp_path):
