@@ -454,3 +454,12 @@ def test_builder_option_needs_key_value(tmp_path):
     done = road_export("--graph", "builder", "--base", tmp_path / "b", "--no-adapter", "--builder-option", "fuse_qkv",
                        tmp_path / "out")
     assert_bad_input(done, says="--builder-option 'fuse_qkv': expected KEY=VALUE", dirs=[tmp_path])
+
+
+def test_directory_command_exits_1_when_its_parity_check_fails(built, tmp_path, monkeypatch):
+    monkeypatch.setitem(builder_graph.PACKED, "qkv_proj", ("q_proj", "v_proj", "k_proj"))  # planted: k, v swapped
+    entry = built["llama"]
+    done = road_export("--graph", "builder", "--base", entry["hf"], "--adapter", entry["b"], "--mode", "rotate",
+                       tmp_path / "out")
+    assert done.returncode == 1, done.stderr
+    assert "FAIL adapter default" in done.stdout
