@@ -26,9 +26,9 @@ from road_export.adapter_files import read_adapter  # noqa: E402
 from road_export.attach import attach  # noqa: E402
 
 ADAPTERS = {  # name: (target modules, variant, group size)
-    "a": ("all-linear", "road_4", 16),
-    "b": (["q_proj", "v_proj", "down_proj"], "road_1", 16),
-    "c": (["q_proj"], "road_2", 32),
+    "one": ("all-linear", "road_4", 16),
+    "two": (["q_proj", "v_proj", "down_proj"], "road_1", 16),
+    "three": (["q_proj"], "road_2", 32),
 }
 
 
@@ -112,11 +112,11 @@ def _ids(batch=3, seq=7, seed=0):
 def test_fp32_builder_graph_with_road_matches_peft(built, family, tmp_path):
     entry = built[family]
     out = tmp_path / "model.onnx"
-    report = attach(entry["fp32"], [entry["a"]], out, names=["a"])
-    assert report.builder and len(report.placed) == len(read_adapter(entry["a"]).road) == 14
+    report = attach(entry["fp32"], [entry["one"]], out, names=["one"])
+    assert report.builder and len(report.placed) == len(read_adapter(entry["one"]).road) == 14
     assert report.road_nodes == 2 * 5  # per layer: qkv_proj (packed), o_proj, gate_proj, up_proj, down_proj
     ids = _ids()
-    got, want = _prefill(out, ids), _peft(entry, ["a"], ids)
+    got, want = _prefill(out, ids), _peft(entry, ["one"], ids)
     assert np.abs(got - want).max() <= 1e-4
     base = _prefill(entry["fp32"], ids)
     assert np.abs(base - want).max() > 1e-2  # the adapter matters: the comparison can fail
@@ -128,7 +128,7 @@ def test_fp32_builder_graph_with_road_matches_peft(built, family, tmp_path):
     assert [p[0].rsplit(".", 1)[1] for p in qkv["parts"]] == ["q_proj", "k_proj", "v_proj"]
     assert [p[2] for p in qkv["parts"]] == [64, 32, 32]
     assert {i.name for i in proto.graph.input} >= {qkv["c1"], qkv["c2"]}  # swappable: inputs with defaults
-    assert (tmp_path / "model.a.onnx_adapter").is_file()
+    assert (tmp_path / "model.one.onnx_adapter").is_file()
     if family == "qwen":
         add = next(n for n in proto.graph.node if n.name == "/model/layers.0/attn/qkv_proj/Add")
         road = next(n for n in proto.graph.node if n.name == "model.layers.0.attn.qkv_proj.road")
@@ -139,14 +139,14 @@ def test_fp32_builder_graph_with_road_matches_peft(built, family, tmp_path):
 def test_int4_builder_graph_with_road_matches_peft_by_cosine(built, family, tmp_path):
     entry = built[family]
     out = tmp_path / "model.onnx"
-    report = attach(entry["int4"], [entry["a"]], out, names=["a"])
+    report = attach(entry["int4"], [entry["one"]], out, names=["one"])
     assert len(report.placed) == 14
     proto = onnx.load(str(out), load_external_data=False)
     producers = {o: n for n in proto.graph.node for o in n.output}
     road = next(n for n in proto.graph.node if n.name == "model.layers.0.attn.o_proj.road")
     assert producers[road.input[0]].op_type == "MatMulNBits"
     ids = _ids()
-    got, want = _prefill(out, ids), _peft(entry, ["a"], ids)
+    got, want = _prefill(out, ids), _peft(entry, ["one"], ids)
     cosine = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
     base = _prefill(entry["int4"], ids)
     cosine_base = (base * want).sum() / np.linalg.norm(base) / np.linalg.norm(want)
@@ -156,15 +156,16 @@ def test_int4_builder_graph_with_road_matches_peft_by_cosine(built, family, tmp_
 def test_mixed_batch_matches_peft_per_row(built, tmp_path):
     entry = built["qwen"]
     out = tmp_path / "mixed.onnx"
-    report = attach(entry["fp32"], [entry[n] for n in "abc"], out, names=list("abc"))
+    names = ["one", "two", "three"]
+    report = attach(entry["fp32"], [entry[n] for n in names], out, names=names)
     assert not report.swap_values and not list(tmp_path.glob("*.onnx_adapter"))
     proto = onnx.load(str(out), load_external_data=False)
     assert "adapter_ids" in {i.name for i in proto.graph.input}
     assert "model.layers.0.attn.qkv_proj.road_bank_c1_g16" in {t.name for t in proto.graph.initializer}
     ids, rows = _ids(4), np.array([1, 0, 3, 2], np.int64)
-    got, want = _prefill(out, ids, adapter_ids=rows), _peft(entry, list("abc"), ids, rows)
+    got, want = _prefill(out, ids, adapter_ids=rows), _peft(entry, ["one", "two", "three"], ids, rows)
     assert np.abs(got - want).max() <= 1e-4
-    files = [(n, read_adapter(entry[n])) for n in "abc"]  # the directory command's own check, row by row
+    files = [(n, read_adapter(entry[n])) for n in names]  # the directory command's own check, row by row
     checked = genai_builder.parity(out, entry["hf"], files, quantized=False, dtype="float32", atol=None)
     assert [r["case"] for r in checked] == ["adapter_ids [0, 1]", "adapter_ids [2, 3]"]
     assert all(r["ok"] for r in checked)
@@ -178,7 +179,7 @@ def test_mixed_banks_fuse_into_matmul_rotate_rows(built, tmp_path):
     from road_export.passes.matmul_rotate import MatMulRotatePass
 
     out = tmp_path / "mixed.onnx"
-    attach(built["llama"]["fp32"], [built["llama"]["a"], built["llama"]["b"]], out, names=["a", "b"])
+    attach(built["llama"]["fp32"], [built["llama"]["one"], built["llama"]["two"]], out, names=["one", "two"])
     model = ir.load(str(out))
     result = MatMulRotatePass()(model)
     assert result.rows == 10  # every adapted projection of both layers, one kernel each
@@ -222,7 +223,7 @@ def builder_dir(built, tmp_path_factory):
     """`road-export --graph builder` on the tiny Llama with adapter a: the command's result and directory."""
     out = tmp_path_factory.mktemp("dir") / "llama-road"
     entry = built["llama"]
-    done = road_export("--graph", "builder", "--base", entry["hf"], "--adapter", f"a={entry['a']}", "--mode",
+    done = road_export("--graph", "builder", "--base", entry["hf"], "--adapter", f"one={entry['one']}", "--mode",
                        "rotate", out)
     return done, out
 
@@ -231,11 +232,11 @@ def test_directory_command_writes_a_genai_directory(builder_dir):
     done, out = builder_dir
     assert done.returncode == 0, done.stderr
     assert "path: onnxruntime-genai model builder graph (--graph builder" in done.stdout
-    assert "ok   adapter a" in done.stdout
+    assert "ok   adapter one" in done.stdout
     config = json.loads((out / "genai_config.json").read_text())
     decoder = config["model"]["decoder"]
     assert decoder["filename"] == "onnx/model.onnx"
-    assert (out / "onnx" / "model.onnx").is_file() and (out / "onnx" / "model.a.onnx_adapter").is_file()
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "onnx" / "model.one.onnx_adapter").is_file()
     library = decoder["session_options"].get("custom_ops_library")
     assert library is None or (out / library).is_file()
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
@@ -246,13 +247,13 @@ def test_genai_generator_gives_peft_tokens_and_swaps_adapters(built, builder_dir
     _, out = builder_dir
     entry = built["llama"]
     ids = _ids(2, 6, seed=1)
-    assert (_genai_tokens(out, ids, 8) == _peft_tokens(entry, ["a"], ids, 8)).all()
-    other = tmp_path / "model.b.onnx_adapter"
-    done = road_export("adapter", entry["b"], "--like", out, other)
+    assert (_genai_tokens(out, ids, 8) == _peft_tokens(entry, ["one"], ids, 8)).all()
+    other = tmp_path / "model.two.onnx_adapter"
+    done = road_export("adapter", entry["two"], "--like", out, other)
     assert done.returncode == 0, done.stderr
-    swapped = _genai_tokens(out, ids, 8, adapter=("b", other))
-    assert (swapped == _peft_tokens(entry, ["b"], ids, 8)).all()
-    assert not (swapped == _peft_tokens(entry, ["a"], ids, 8)).all()
+    swapped = _genai_tokens(out, ids, 8, adapter=("two", other))
+    assert (swapped == _peft_tokens(entry, ["two"], ids, 8)).all()
+    assert not (swapped == _peft_tokens(entry, ["one"], ids, 8)).all()
 
 
 def test_genai_generator_mixed_batch_matches_peft_rows(built, tmp_path):
@@ -261,20 +262,20 @@ def test_genai_generator_mixed_batch_matches_peft_rows(built, tmp_path):
     entry = built["llama"]
     out = tmp_path / "mixed"
     out.mkdir()
-    attach(entry["fp32"], [entry["a"], entry["b"]], out / "model.onnx", names=["a", "b"])
+    attach(entry["fp32"], [entry["one"], entry["two"]], out / "model.onnx", names=["one", "two"])
     for f in entry["fp32"].parent.iterdir():
         if f.name == "genai_config.json" or f.name.startswith("tokenizer"):
             shutil.copyfile(f, out / f.name)
     ids, rows = _ids(3, 6, seed=2), np.array([2, 0, 1], np.int64)
-    assert (_genai_tokens(out, ids, 6, rows=rows) == _peft_tokens(entry, ["a", "b"], ids, 6, rows)).all()
+    assert (_genai_tokens(out, ids, 6, rows=rows) == _peft_tokens(entry, ["one", "two"], ids, 6, rows)).all()
 
 
 def test_planted_part_order_fails_the_peft_comparison(built, tmp_path, monkeypatch):
     entry = built["llama"]
     monkeypatch.setitem(builder_graph.PACKED, "qkv_proj", ("q_proj", "v_proj", "k_proj"))  # k and v swapped
     out = tmp_path / "model.onnx"
-    attach(entry["fp32"], [entry["b"]], out, names=["b"])  # q and v adapted: their order matters
-    rows = genai_builder.parity(out, entry["hf"], [("b", read_adapter(entry["b"]))], quantized=False,
+    attach(entry["fp32"], [entry["two"]], out, names=["two"])  # q and v adapted: their order matters
+    rows = genai_builder.parity(out, entry["hf"], [("two", read_adapter(entry["two"]))], quantized=False,
                                 dtype="float32", atol=None)
     assert not rows[0]["ok"] and rows[0]["max_abs"] > 1e-3
 
@@ -312,7 +313,7 @@ def test_unplaceable_module_on_a_builder_graph_names_the_projections(built, tmp_
     adapter = tmp_path / "ad"
     import shutil
 
-    shutil.copytree(entry["c"], adapter)
+    shutil.copytree(entry["three"], adapter)
     from safetensors.numpy import load_file, save_file
 
     file = adapter / "adapter_model.safetensors"
@@ -344,19 +345,19 @@ def test_graph_auto_picks_the_builder_for_llama(built):
 
 def test_fixed_attach_keeps_constants(built, tmp_path):
     out = tmp_path / "model.onnx"
-    done = road_export("attach", built["llama"]["fp32"], "--adapter", built["llama"]["b"], "--fixed", out)
+    done = road_export("attach", built["llama"]["fp32"], "--adapter", built["llama"]["two"], "--fixed", out)
     assert done.returncode == 0, done.stderr
     assert "on the model builder graph" in done.stdout and "swappable" not in done.stdout
     proto = onnx.load(str(out), load_external_data=False)
     assert "road_export.swap" not in {p.key for p in proto.metadata_props}
     assert not any("road_c1" in i.name for i in proto.graph.input) and not list(tmp_path.glob("*.onnx_adapter"))
     ids = _ids()
-    assert np.abs(_prefill(out, ids) - _peft(built["llama"], ["b"], ids)).max() <= 1e-4
+    assert np.abs(_prefill(out, ids) - _peft(built["llama"], ["two"], ids)).max() <= 1e-4
 
 
 def test_adapter_of_another_group_size_is_refused_for_a_builder_graph(built, builder_dir, tmp_path):
     _, out = builder_dir
-    assert_bad_input(road_export("adapter", built["llama"]["c"], "--like", out, tmp_path / "m.c.onnx_adapter"),
+    assert_bad_input(road_export("adapter", built["llama"]["three"], "--like", out, tmp_path / "m.3.onnx_adapter"),
                      says="group_size 32 does not fit model.onnx, attached with group size 16", dirs=[tmp_path])
 
 
@@ -403,7 +404,7 @@ def test_phi3_packed_modules_split_and_repacked_by_the_builder(tmp_path):
     pm.save_pretrained(tmp_path / "ad")
     base = _build(tmp_path / "phi", tmp_path / "gb", "fp32")
     out = tmp_path / "model.onnx"
-    report = attach(base, [tmp_path / "ad"], out, names=["a"])
+    report = attach(base, [tmp_path / "ad"], out, names=["one"])
     assert report.placed["model.layers.0.mlp.gate_up_proj"] == "/model/layers.0/mlp/up_proj/MatMul"
     ids = np.random.default_rng(0).integers(3, 320, (2, 7)).astype(np.int64)
     with torch.no_grad():
@@ -411,20 +412,21 @@ def test_phi3_packed_modules_split_and_repacked_by_the_builder(tmp_path):
     assert np.abs(_prefill(out, ids) - want).max() <= 1e-4
     converted = tmp_path / "model.again.onnx_adapter"
     swap.convert_adapter(tmp_path / "ad", out, converted)
-    written, again = swap.read_adapter_values(tmp_path / "model.a.onnx_adapter"), swap.read_adapter_values(converted)
+    written = swap.read_adapter_values(tmp_path / "model.one.onnx_adapter")
+    again = swap.read_adapter_values(converted)
     assert written.keys() == again.keys() and all(np.array_equal(written[k], again[k]) for k in written)
 
 
 def test_merge_folds_into_the_builder_weights_and_bias(built, tmp_path):
     entry = built["qwen"]
     out = tmp_path / "model.onnx"
-    report = attach(entry["fp32"], [entry["a"]], out, mode="merge", names=["a"])
+    report = attach(entry["fp32"], [entry["one"]], out, mode="merge", names=["one"])
     assert report.folded == 10 and not list(tmp_path.glob("*.onnx_adapter"))
     proto = onnx.load(str(out), load_external_data=False)
     assert not any(n.domain == "road" for n in proto.graph.node)
     ids = _ids()
-    assert np.abs(_prefill(out, ids) - _peft(entry, ["a"], ids)).max() <= 1e-4
-    assert_bad_input(road_export("attach", entry["int4"], "--adapter", entry["a"], "--mode", "merge",
+    assert np.abs(_prefill(out, ids) - _peft(entry, ["one"], ids)).max() <= 1e-4
+    assert_bad_input(road_export("attach", entry["int4"], "--adapter", entry["one"], "--mode", "merge",
                                  tmp_path / "q.onnx"), says="a rotation cannot be folded into quantized weights",
                      dirs=[tmp_path])
 
@@ -437,7 +439,7 @@ def test_placement_on_a_cuda_graph(built, tmp_path):
                     str(tmp_path / "gb"), "-p", "fp16", "-e", "cuda", "-c", str(tmp_path / "cache")], check=True,
                    capture_output=True)
     out = tmp_path / "model.onnx"
-    report = attach(tmp_path / "gb" / "model.onnx", [entry["b"]], out, names=["b"])
+    report = attach(tmp_path / "gb" / "model.onnx", [entry["two"]], out, names=["two"])
     assert len(report.placed) == 6 and report.road_nodes == 4  # q, v in qkv_proj and down_proj, two layers
     proto = onnx.load(str(out), load_external_data=False)
     producers = {o: n for n in proto.graph.node for o in n.output}
@@ -451,15 +453,15 @@ def test_placement_on_a_cuda_graph(built, tmp_path):
 def test_builder_option_needs_key_value(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    done = road_export("--graph", "builder", "--base", tmp_path / "b", "--no-adapter", "--builder-option", "fuse_qkv",
-                       tmp_path / "out")
+    done = road_export("--graph", "builder", "--base", tmp_path / "b", "--no-adapter", "--builder-option",
+                       "fuse_qkv", tmp_path / "out")
     assert_bad_input(done, says="--builder-option 'fuse_qkv': expected KEY=VALUE", dirs=[tmp_path])
 
 
 def test_directory_command_exits_1_when_its_parity_check_fails(built, tmp_path, monkeypatch):
     monkeypatch.setitem(builder_graph.PACKED, "qkv_proj", ("q_proj", "v_proj", "k_proj"))  # planted: k, v swapped
     entry = built["llama"]
-    done = road_export("--graph", "builder", "--base", entry["hf"], "--adapter", entry["b"], "--mode", "rotate",
+    done = road_export("--graph", "builder", "--base", entry["hf"], "--adapter", entry["two"], "--mode", "rotate",
                        tmp_path / "out")
     assert done.returncode == 1, done.stderr
     assert "FAIL adapter default" in done.stdout
