@@ -27,7 +27,7 @@ from road_export import ops as road_op
 from road_export.adapter_files import AdapterFile, read_adapter
 from road_export.errors import RoadError
 from road_export.files import load_for_rewrite, save_model
-from road_export.names import METADATA_ADAPTERS, METADATA_MODE, METADATA_VERSION
+from road_export.names import GRAPH_BUILDER, METADATA_ADAPTERS, METADATA_GRAPH, METADATA_MODE, METADATA_VERSION
 from road_export.passes import common
 from road_export.passes.fold import FoldPass
 
@@ -45,6 +45,9 @@ class AttachReport:
     placed: dict[str, str] = field(default_factory=dict)  # module path -> node name
     road_nodes: int = 0
     folded: int = 0
+    builder: bool = False  # placed on an onnxruntime-genai model builder graph (road_export.builder_graph)
+    # swappable builder attach: {adapter name: {initializer name: values}} for its `.onnx_adapter` file
+    swap_values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def _node_paths(node: ir.Node) -> list[str]:
@@ -213,18 +216,25 @@ def attach_to_model(model: ir.Model, adapter: AdapterFile, mode: str = "rotate",
 
 
 def _insert_rotation(model: ir.Model, out: ir.Value, c1: np.ndarray, c2: np.ndarray, g: int, module: str,
-                     name: str) -> None:
+                     name: str) -> ir.Node:
     graph = model.graph
     v1 = ir.Value(name=common.unique_name(graph, f"{module}.road_c1_{name}"), const_value=ir.tensor(c1))
     graph.register_initializer(v1)
     v2 = ir.Value(name=common.unique_name(graph, f"{module}.road_c2_{name}"), const_value=ir.tensor(c2))
     graph.register_initializer(v2)
-    uses = list(out.uses())
+    return _insert_rotation_node(model, out, v1, v2, g, module)
+
+
+def _insert_rotation_node(model: ir.Model, out: ir.Value, v1: ir.Value, v2: ir.Value, g: int, module: str,
+                          after: ir.Node | None = None) -> ir.Node:
+    """road.Rotate(out, v1, v2) inserted after `after` (default: out's producer), every use of `out` moved to it."""
+    graph = model.graph
+    uses = [u for u in out.uses() if u.node is not None]
     node = ir.node(road_op.OP_TYPE, [out, v1, v2], attributes={"group_size": g}, domain=road_op.DOMAIN,
                    name=f"{module}.road")
     if out.dtype is not None:  # graphs from the legacy exporter carry no types for intermediate values
         node.outputs[0].dtype, node.outputs[0].shape = out.dtype, out.shape
-    graph.insert_after(out.producer(), node)
+    graph.insert_after(after if after is not None else out.producer(), node)
     for use in uses:
         use.node.replace_input_with(use.idx, node.outputs[0])
     if out.is_graph_output():
@@ -236,6 +246,165 @@ def _insert_rotation(model: ir.Model, out: ir.Value, c1: np.ndarray, c2: np.ndar
             graph.outputs[i] = node.outputs[0]
     else:
         node.outputs[0].name = f"{module}.road_out"
+    return node
+
+
+def attach_builder(model: ir.Model, adapters: dict[str, AdapterFile], mode: str = "rotate", *,
+                   swappable: bool = True, where: str | None = None) -> AttachReport:
+    """Insert RoAd into a graph written by onnxruntime-genai's model builder (in place), placed by
+    road_export.builder_graph: one `road.Rotate` per adapted projection, after its MatMul / MatMulNBits and after
+    its bias Add, whose c1/c2 hold the packed parts' coefficients side by side (identity on parts not adapted).
+
+    One adapter, rotate mode: coefficients `<builder path>.road_c1_<name>` / `.road_c2_<name>` [width] in the
+    layer's dtype; with `swappable` they become graph inputs with initializer defaults and the `road_export.swap`
+    records (road_export.swap.make_swappable) gain "parts": [[peft module, offset, width], ...] for every part of
+    the projection, so another adapter converts to an `.onnx_adapter` for it; `report.swap_values` holds the
+    attached adapter's own file. Several adapters (rotate): the mixed-batch form of road-export's exports, an int64
+    input `adapter_ids` [batch_size] and per group size g banks `<builder path>.road_bank_c1_g<g>` [adapters + 1,
+    width] (row 0 identity, row k the k-th adapter) read by Unsqueeze(adapter_ids, [1]) -> GatherND ->
+    Reshape([-1, 1, width]) (what passes/matmul_rotate.py fuses into road.MatMulRotateRows). Merge mode folds one
+    adapter into float MatMul weights. Raises RoadError (one line, model unchanged) for modules that cannot be
+    placed, a group straddling two packed parts, merge into MatMulNBits, or several adapters with merge."""
+    from road_export import builder_graph, swap
+    from road_export.names import ADAPTER_IDS, BATCH
+
+    if mode not in ("merge", "rotate"):
+        raise RoadError(f"unknown mode {mode!r}; choose merge or rotate")
+    for adapter in adapters.values():
+        if adapter.extra:
+            raise RoadError(f"{adapter.path}: carries modules_to_save or base weights ({next(iter(adapter.extra))});"
+                            " attach places rotations only: export from torch with road-export --base/--adapter")
+    if mode == "merge" and len(adapters) > 1:
+        raise RoadError(f"{len(adapters)} adapters cannot be merged into one set of weights; use --mode rotate for "
+                        f"one graph that serves them all (input {ADAPTER_IDS})")
+    placements = builder_graph.plan(model, adapters, where or "the base")
+    if mode == "merge":
+        quantized = [p for p in placements if p.linear.node.op_type == "MatMulNBits"]
+        if quantized:
+            _refuse_merge_into_quantized(model, where, len(quantized), len(placements))
+    report = AttachReport(builder=True)
+    graph = model.graph
+    names = list(adapters)
+    coefficients = {id(p): {n: p.coefficients(adapters[n], n) for n in names} for p in placements}
+    ids_index = None
+    if len(names) > 1:
+        ids = ir.Value(name=ADAPTER_IDS, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([BATCH]))
+        graph.inputs.append(ids)
+        axes = _constant(graph, "road_adapter_ids_axes", np.array([1], np.int64))
+        unsqueeze = ir.node("Unsqueeze", [ids, axes], name="road_adapter_ids/Unsqueeze")
+        graph.insert_before(graph.node(0), unsqueeze)
+        ids_index = unsqueeze.outputs[0]
+        ids_index.name = "road_adapter_ids/Unsqueeze/output_0"
+    layer_of: dict[str, str] = {}
+    for placement in placements:
+        linear = placement.linear
+        scale = linear.node.inputs[2] if linear.node.op_type == "MatMulNBits" else linear.node.inputs[1]
+        dtype = common.constant(scale).dtype
+        if linear.output.shape is None:  # the builder's hidden states: [batch_size, sequence_length, width]
+            linear.output.shape = ir.Shape([BATCH, "sequence_length", linear.width])
+        if linear.output.dtype is None:
+            linear.output.dtype = ir.DataType.from_numpy(np.dtype(dtype))
+        if ids_index is None:
+            name = names[0]
+            c1, c2 = coefficients[id(placement)][name]
+            g = adapters[name].config.group_size
+            node = _insert_rotation(model, linear.output, c1.astype(dtype), c2.astype(dtype), g, linear.path, name)
+            layer_of[node.inputs[1].name] = linear.path
+            report.road_nodes += 1
+        else:
+            out = linear.output
+            sizes = sorted({adapters[n].config.group_size for n in placement.modules})
+            for g in sizes:
+                rows1 = [np.ones(linear.width, np.float32)]
+                rows2 = [np.zeros(linear.width, np.float32)]
+                for n in names:
+                    c1, c2 = coefficients[id(placement)][n]
+                    same = n in placement.modules and adapters[n].config.group_size == g
+                    rows1.append(c1 if same else np.ones(linear.width, np.float32))
+                    rows2.append(c2 if same else np.zeros(linear.width, np.float32))
+                banks = [_constant(graph, f"{linear.path}.road_bank_c{k}_g{g}", np.stack(r).astype(dtype))
+                         for k, r in ((1, rows1), (2, rows2))]
+                shape = _constant(graph, f"{linear.path}.road_rows_shape", np.array([-1, 1, linear.width], np.int64))
+                rows = []
+                for k, bank in zip((1, 2), banks, strict=True):
+                    gather = ir.node("GatherND", [bank, ids_index], name=f"{linear.path}.road_c{k}_g{g}/GatherND")
+                    reshape = ir.node("Reshape", [gather.outputs[0], shape],
+                                      name=f"{linear.path}.road_c{k}_g{g}/Reshape")
+                    graph.insert_after(out.producer(), [gather, reshape])
+                    rows.append(reshape.outputs[0])
+                node = _insert_rotation_node(model, out, rows[0], rows[1], g,
+                                             linear.path + (f"_g{g}" if len(sizes) > 1 else ""),
+                                             after=rows[1].producer())
+                out = node.outputs[0]
+                report.road_nodes += 1
+        for name, modules in placement.modules.items():
+            for module, _, _, _ in modules:
+                report.placed[module] = linear.node.name or linear.node.op_type
+    road_op.attach_functions(model)
+    if mode == "merge":
+        report.folded = FoldPass()(model).folded
+        if report.folded != len(placements):
+            raise RoadError(f"{adapters[names[0]].path}: only {report.folded} of {len(placements)} rotations could be "
+                            "folded into weights; use --mode rotate")
+        return report
+    if ids_index is None and swappable:
+        records = swap.make_swappable(model, layer_of)
+        by_path = {p.linear.path: p for p in placements}
+        values: dict[str, np.ndarray] = {}
+        for layer, record in records.items():
+            record["parts"] = _part_modules(by_path[layer])  # [[peft module, offset, width, source offset]]
+            c1, c2 = coefficients[id(by_path[layer])][names[0]]
+            values[record["c1"]], values[record["c2"]] = c1.astype(record["dtype"]), c2.astype(record["dtype"])
+        report.swap_values[names[0]] = values
+        model.metadata_props[swap.METADATA_KEY] = json.dumps(records, sort_keys=True)
+    return report
+
+
+def _part_modules(placement) -> list[list]:
+    """[[peft module, offset, width], ...] for every part of a placement's projection: the adapted parts' own
+    module paths, the others named like them (`...self_attn.q_proj` adapted -> `...self_attn.k_proj` beside it);
+    one entry when a module covers the whole projection (a transformers model with its own packed `qkv_proj`)."""
+    modules = [m for ms in placement.modules.values() for m in ms]
+    width = placement.linear.width
+    whole = [(m, source) for m, offset, w, source in modules if offset == 0 and w == width]
+    if whole:
+        return [[whole[0][0], 0, width, whole[0][1]]]
+    known = {(offset, w): (m, source) for m, offset, w, source in modules}
+    template = modules[0][0]
+    stem = template.rsplit(".", 1)[0]
+    out, offset = [], 0
+    for part, w in placement.linear.parts:
+        module, source = known.get((offset, w), (f"{stem}.{part}", 0))
+        out.append([module, offset, w, source])
+        offset += w
+    return out
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer (its name made unique) holding `array`, typed and shaped."""
+    value = ir.Value(name=common.unique_name(graph, name), const_value=ir.tensor(array),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
+    graph.register_initializer(value)
+    return value
+
+
+def adapter_specs(texts: Sequence[str]) -> list[tuple[str, Path]]:
+    """`[NAME=]DIR` texts -> [(name, path)]: without NAME the first is "default" and later ones take their folder's
+    name (the rule of road_export.source.parse_adapter, torch-free). Raises RoadError for a bad or repeated name."""
+    from road_export.names import check_adapter_name
+
+    specs = []
+    for i, text in enumerate(texts):
+        name, sep, path = text.partition("=")
+        if not sep or Path(text).exists():
+            name, path = ("default" if i == 0 else Path(text).name), text
+        if not path or not name:
+            raise RoadError(f"--adapter {text!r}: expected [NAME=]DIR")
+        check_adapter_name(name, f"--adapter {text}: adapter name")
+        specs.append((name, Path(path)))
+    if len({n for n, _ in specs}) != len(specs):
+        raise RoadError(f"--adapter: names {', '.join(n for n, _ in specs)} repeat; give each NAME=DIR its own")
+    return specs
 
 
 def check_no_adapter(metadata: dict[str, str], path: str | Path) -> None:
@@ -254,7 +423,8 @@ def check_no_adapter(metadata: dict[str, str], path: str | Path) -> None:
 
 
 def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mode: str = "rotate",
-           quantize: str | None = None) -> AttachReport:
+           quantize: str | None = None, *, names: Sequence[str] | None = None,
+           swappable: bool | None = None) -> AttachReport:
     """`road-export attach`: load BASE.onnx (external data lazy), attach, and save atomically.
 
     Weights stream: those attach does not change are copied from BASE's `.data` by the kernel, folded ones are
@@ -262,33 +432,63 @@ def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mo
     takes rotate mode. `quantize` ("int4"/"int8") quantizes a float base's MatMul weights after attaching
     (road_export.quantize; RoadError on a base that is quantized already).
 
+    A graph written by onnxruntime-genai's model builder is placed by `attach_builder`: `names` name the adapters
+    (default "default", then the folders' names), several adapters give the mixed-batch form (`adapter_ids`), and
+    one adapter in rotate mode is swappable unless `swappable=False` (then `OUT_STEM.<name>.onnx_adapter` is
+    written beside OUT). Other graphs take one adapter with constant coefficients, as before.
+
     Raises RoadError for a base that already records adapters (`check_no_adapter`), OUT the same file as BASE, or
     adapters that do not fit."""
-    if len(adapters) != 1:
-        raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
-                        "(road-export --adapter a=... --adapter b=... --mode rotate)")
+    from road_export import builder_graph
+
     if Path(out).resolve() == Path(base).resolve() or (Path(out).exists() and Path(out).samefile(base)):
         raise RoadError(f"{out}: is the base model itself; the base is left unchanged, choose another output path")
     files = [read_adapter(a) for a in adapters]
+    names = list(names) if names is not None else ["default" if i == 0 else Path(a).name
+                                                   for i, a in enumerate(adapters)]
+    if len(set(names)) != len(names):
+        raise RoadError(f"adapter names {', '.join(names)}: each adapter needs its own name (--adapter NAME=DIR)")
     if quantize is not None:
         from road_export import quantize as quant
 
         quant.check_scheme(quantize)
     model, external = load_for_rewrite(base, out)
+    builder = builder_graph.is_builder_graph(model)
+    if len(files) != 1 and not builder:
+        raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
+                        "(road-export --adapter a=... --adapter b=... --mode rotate), or a model builder graph")
     if quantize is not None and quant.quantization(model) is not None:
         raise RoadError(f"{base}: is quantized already ({quant.quantization(model)}); --quantize takes a float base")
     check_no_adapter(dict(model.metadata_props), base)
-    report = attach_to_model(model, files[0], mode, where=str(base))
+    if builder:
+        report = attach_builder(model, dict(zip(names, files, strict=True)), mode,
+                                swappable=swappable is not False, where=str(base))
+        model.metadata_props[METADATA_GRAPH] = GRAPH_BUILDER
+    else:
+        if swappable:
+            raise RoadError(f"{base}: swappable attach needs a model builder graph; export from torch with --mode "
+                            "rotate for a swappable model")
+        report = attach_to_model(model, files[0], mode, where=str(base))
     model.metadata_props[METADATA_VERSION] = __version__
     model.metadata_props[METADATA_MODE] = mode
-    model.metadata_props[METADATA_ADAPTERS] = json.dumps([{
-        "name": "default", "variant": files[0].config.variant, "group_size": files[0].config.group_size,
-        "layers": sorted(report.placed)}])
+    records = []
+    for i, (name, file) in enumerate(zip(names, files, strict=True)):
+        record = {"name": name, "variant": file.config.variant, "group_size": file.config.group_size,
+                  "layers": sorted(m for m in file.road if m in report.placed)}
+        if len(files) > 1:
+            record["id"] = i + 1
+        records.append(record)
+    model.metadata_props[METADATA_ADAPTERS] = json.dumps(records)
     if quantize is not None:
         model, _ = quant.quantize_model(model, quantize, where=str(base))
     # weights stream from the base's `.data` into the new one, tensor by tensor (files.save_model); the new files
     # are written in a staging directory and moved into place after, so BASE may also be OUT
     save_model(model, Path(out), external)
+    if report.swap_values:
+        from road_export import swap
+
+        for name, values in report.swap_values.items():
+            swap.write_adapter_file(swap.adapter_file_path(Path(out), name), values)
     return report
 
 

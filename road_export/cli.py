@@ -40,6 +40,7 @@ EXAMPLES = """examples:
   road-export optimize peft_export.onnx fused.onnx --fold
   road-export adapter ./other_road --like model.onnx model.other.onnx_adapter
   road-export attach base.onnx --adapter ./road --mode merge merged.onnx
+  road-export --graph builder --base ./llama --adapter ./road --mode rotate ./llama-road   onnxruntime-genai's graph
   road-export merge-checkpoint --base ./llama --adapter ./road ./llama-merged
   road-export kernels                                      build the native road kernels, print the library
   road-export kernels --genai-config ./llama-road          ... and name them in the directory's genai_config.json
@@ -137,8 +138,18 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
                         help="merge the adapter into the weights (default), or keep road rotation nodes")
     parser.add_argument("--opset", type=_opset, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: the "
                         "exporter's)")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                        help="precision of the exported weights and activations (default float32)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="precision of the exported weights and activations (default float32; bfloat16 on the "
+                        "model builder's graph only)")
+    parser.add_argument("--graph", choices=("road", "builder", "auto"), default="road",
+                        help="OUT_DIR's graph: road-export's own exporter (default), onnxruntime-genai's model "
+                        "builder graph with RoAd attached (GroupQueryAttention, packed qkv, MatMulNBits int4: the "
+                        "fastest onnxruntime LLM graph), or auto: the builder for the decoder families it supports "
+                        "when onnxruntime-genai is installed")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="--graph builder: the execution provider the builder writes the graph for (default cpu)")
+    parser.add_argument("--builder-option", metavar="KEY=VALUE", action="append", default=[],
+                        help="--graph builder: one of the model builder's --extra_options (e.g. fuse_qkv=false)")
     parser.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.onnx.data")
     parser.add_argument("--target", choices=("onnxruntime", "portable"), default=None,
                         help="rotate mode: road op bodies for onnxruntime (default) or standard ops only")
@@ -216,9 +227,14 @@ def attach_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="road-export attach", description="Attach a peft RoAd adapter to an existing ONNX model "
                      "(no torch export): rotations folded into the weights (merge) or as road nodes (rotate).")
     parser.add_argument("base", metavar="BASE.onnx", help="the ONNX model to attach to (left unchanged)")
-    parser.add_argument("--adapter", required=True, action="append", metavar="DIR", help="peft RoAd adapter")
+    parser.add_argument("--adapter", required=True, action="append", metavar="[NAME=]DIR",
+                        help="peft RoAd adapter (repeatable on a model builder graph: a mixed-batch graph, input "
+                        "adapter_ids)")
     parser.add_argument("--mode", choices=("merge", "rotate"), default="rotate",
                         help="fold the rotations into the weights, or keep road nodes (default)")
+    parser.add_argument("--fixed", action="store_true",
+                        help="model builder graph, one adapter: coefficients as constants, no OUT.NAME.onnx_adapter "
+                        "(other graphs always take constants)")
     parser.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
     _quantize_option(parser)
     _quiet_option(parser)
@@ -460,6 +476,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     if is_dir_output(args.output):
         return _run_export_dir(args)
+    if args.graph == "builder":
+        raise RoadError(f"{args.output}: --graph builder writes a model directory; give a directory, not a .onnx path")
+    _check_road_graph_options(args)
     output = check_output_model(args.output)
     data = output.with_name(output.name + ".data")
     _check_no_adapter(args)
@@ -578,6 +597,17 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     output = check_output_dir(args.output, what="model directory")
     if output.exists() and output.is_symlink():
         raise RoadError(f"{output}: is a symbolic link; give a new directory")
+    from road_export import genai_builder
+
+    blockers = [flag for flag, used in (("--opset", args.opset), ("--external-data", args.external_data),
+                                        ("--target", args.target), ("--report", args.report),
+                                        ("--no-native", args.no_native)) if used]
+    graph, why = genai_builder.choose_graph(args.graph, args.base, directory=True, task=args.task, blockers=blockers)
+    if graph == "builder":
+        return _run_builder_dir(args, output, why)
+    _check_road_graph_options(args, why)
+    if args.graph == "auto" and not args.quiet:
+        print(f"path: road-export's own exporter ({why})", flush=True)
     _export_checks(args, output)
     _quiet_libraries()
     import road_export as rx
@@ -646,6 +676,70 @@ def _run_export_dir(args: argparse.Namespace) -> int:
     if report is None:
         return EXIT_OK
     return _print_report(report, args.quiet)
+
+
+def _check_road_graph_options(args: argparse.Namespace, why: str = "") -> None:
+    """Refuse options of the model builder path on road-export's own exporter."""
+    used = ("--dtype bfloat16" if args.dtype == "bfloat16" else "--device" if args.device else
+            "--builder-option" if args.builder_option else None)
+    if used:
+        reason = f" ({why})" if why else ""
+        raise RoadError(f"{used} applies to the model builder's graph (--graph builder, a model directory), not to "
+                        f"road-export's own exporter{reason}")
+
+
+def _run_builder_dir(args: argparse.Namespace, output: Path, why: str) -> int:
+    """`road-export --graph builder ... OUT_DIR`: onnxruntime-genai's model builder graph with RoAd attached
+    (road_export.genai_builder); prints which path it took and why."""
+    from road_export import genai_builder
+    from road_export.source import parse_adapter
+
+    _check_no_adapter(args)
+    if args.no_verify and args.atol is not None:
+        raise RoadError("--atol needs the parity check; drop --no-verify or --atol")
+    _check_outputs(args, {"output": output})
+    if len(args.adapter) > 1 and args.mode != "rotate":
+        raise RoadError(f"{len(args.adapter)} adapters cannot be merged into one set of weights; add --mode "
+                        "rotate for one graph that serves them all (input adapter_ids)")
+    if args.mode != "rotate" and args.fixed:
+        raise RoadError("--fixed applies to --mode rotate only")
+    specs = [parse_adapter(text, i) for i, text in enumerate(args.adapter)]
+    if len({s.name for s in specs}) != len(specs):
+        raise RoadError(f"--adapter: names {', '.join(s.name for s in specs)} repeat; give each NAME=PATH its own")
+    options = []
+    for option in args.builder_option:
+        if "=" not in option or option.startswith("="):
+            raise RoadError(f"--builder-option {option!r}: expected KEY=VALUE (one of the builder's extra_options)")
+        options.append(option)
+    library = _kernels_library() if args.mode == "rotate" and specs else None
+    progress = _Progress(args.quiet)
+    if not args.quiet:
+        print(f"path: onnxruntime-genai model builder graph ({why})", flush=True)
+    with progress.running(), _writing(output), _kept_dir(output, None):
+        result = genai_builder.build(args.base, [(s.name, s.path) for s in specs], output, mode=args.mode,
+                                     dtype=args.dtype, quantize=args.quantize, provider=args.device or "cpu",
+                                     swappable=not args.fixed, custom_ops_library=library,
+                                     verify=not args.no_verify, atol=args.atol,
+                                     builder_options=["--extra_options", *options] if options else [],
+                                     on_step=progress.step)
+    prec = genai_builder.precision(args.dtype, args.quantize)
+    notes = [f"model builder graph -p {prec} -e {args.device or 'cpu'}", args.mode if specs else "no adapter"]
+    if specs:
+        notes.append(f"adapters: {', '.join(s.name for s in specs)}"
+                     + (" (mixed batch: input adapter_ids)" if len(specs) > 1 else ""))
+        notes.append(f"{result.placed} module(s) placed, {result.road_nodes} road nodes")
+    if args.mode == "rotate" and specs and library is None:
+        notes.append("genai_config without the native kernels (add them: road-export kernels --genai-config DIR)")
+    if not args.no_verify and not result.rows:
+        notes.append("parity not checked: onnxruntime's CPU provider does not run a -e cuda or bfloat16 graph")
+    progress.done(f"wrote {output}/ ({'; '.join(notes)}): {', '.join(result.files)}")
+    if not result.rows:
+        return EXIT_OK
+    if not args.quiet:
+        for row in result.rows:
+            print(f"  {'ok  ' if row['ok'] else 'FAIL'} {row['case']}: max abs {row['max_abs']:.3g}, cosine "
+                  f"{row['cosine']:.6f} (onnxruntime prefill vs peft)")
+    return EXIT_OK if result.ok else EXIT_PARITY
 
 
 def _directory_configs(source, base: str | None) -> tuple[dict, dict, Path | None, dict]:
@@ -830,26 +924,35 @@ def run_attach(args: argparse.Namespace) -> int:
     if Path(args.base).is_dir():  # an encoder-decoder export: a directory of optimum's files
         return _attach_seq2seq(args)
     proto = check_onnx_input(args.base)
-    if len(args.adapter) != 1:
-        raise RoadError("attach takes one --adapter; several adapters in one graph need a torch export "
-                        "(road-export --adapter a=... --adapter b=... --mode rotate)")
-    check_input_dir(args.adapter[0], "adapter")
+    from road_export.attach import adapter_specs, attach, check_no_adapter
+
+    specs = adapter_specs(args.adapter)
+    for _, path in specs:
+        check_input_dir(path, "adapter")
     output = check_output_model(args.output)
     base, args.base = args.base, None  # BASE.onnx is an input file here, not a --base directory
-    _check_outputs(args, {"OUT.onnx": output, "external data file": output.with_name(output.name + ".data")}, base)
+    swap_files = {f"swap file {output.stem}.{name}.onnx_adapter": output.with_name(f"{output.stem}.{name}.onnx_adapter")
+                  for name, _ in specs} if len(specs) == 1 and args.mode == "rotate" and not args.fixed else {}
+    _check_outputs(args, {"OUT.onnx": output, "external data file": output.with_name(output.name + ".data"),
+                          **swap_files}, base)
     args.base = base
-    from road_export.attach import attach, check_no_adapter
-
     check_no_adapter({p.key: p.value for p in proto.metadata_props}, args.base)
     del proto
 
-    with _writing(output), _kept(output):
-        report = attach(args.base, args.adapter, output, mode=args.mode, quantize=args.quantize)
+    with _writing(output), _kept(output, swap_files=True):
+        report = attach(args.base, [p for _, p in specs], output, mode=args.mode, quantize=args.quantize,
+                        names=[n for n, _ in specs], swappable=False if args.fixed else None)
         quantized = None if args.quiet else _quantized(output)
     if not args.quiet:
         what = f"{report.folded} folded into weights" if args.mode == "merge" else f"{report.road_nodes} road nodes"
-        print(f"wrote {output}: {len(report.placed)} module(s) placed, {what}"
-              + (f"; weights {quantized}" if quantized else ""))
+        where = " on the model builder graph" if report.builder else ""
+        extra = ""
+        if report.builder and len(specs) > 1:
+            extra = f"; mixed batch: input adapter_ids, rows 1..{len(specs)} = {', '.join(n for n, _ in specs)}"
+        elif report.swap_values:
+            extra = "; swappable: " + ", ".join(f"{output.stem}.{n}.onnx_adapter" for n in report.swap_values)
+        print(f"wrote {output}: {len(report.placed)} module(s) placed{where}, {what}"
+              + (f"; weights {quantized}" if quantized else "") + extra)
     return EXIT_OK
 
 

@@ -23,7 +23,9 @@ __all__ = [
     "ADAPTER_IDS",
     "BASE_NAME",
     "BATCH",
+    "GRAPH_BUILDER",
     "METADATA_ADAPTERS",
+    "METADATA_GRAPH",
     "METADATA_MODE",
     "METADATA_PREFIX",
     "METADATA_ROPE",
@@ -63,6 +65,10 @@ METADATA_SWAP = METADATA_PREFIX + "swap"  # JSON {layer: {c1, c2, group_size, wi
 # changes with the sequence length (road_export.export.rope); generation re-runs the whole sequence, with an empty
 # cache, when it first reaches `recompute_cache_at` tokens, as transformers' generation of that model does
 METADATA_ROPE = METADATA_PREFIX + "rope"
+# "genai-builder": the graph was written by onnxruntime-genai's model builder and RoAd attached to it
+# (road_export.builder_graph); its swap records add "parts": [[peft module, offset, width], ...] per packed layer
+METADATA_GRAPH = METADATA_PREFIX + "graph"
+GRAPH_BUILDER = "genai-builder"
 
 
 # An adapter name becomes a torch ModuleDict key (no '.'), part of initializer names and of MODEL.NAME.onnx_adapter

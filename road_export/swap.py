@@ -169,7 +169,7 @@ def write_adapter_file(path: Path, values: dict[str, np.ndarray]) -> Path:
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(fingerprint({k: (tuple(v.shape), str(v.dtype)) for k, v in values.items()}))
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in values.items()})
+    fmt.set_parameters({k: _ort_value(np.ascontiguousarray(v)) for k, v in values.items()})
     with atomic_write(path) as tmp:
         try:
             fmt.export_adapter(str(tmp))
@@ -180,6 +180,15 @@ def write_adapter_file(path: Path, values: dict[str, np.ndarray]) -> Path:
             raise RoadError(f"{path}: cannot write the adapter file ({write_failure_reason(OSError(first), path)})"
                             ) from e
     return path
+
+
+def _ort_value(array: np.ndarray):
+    """An OrtValue of `array`; bfloat16 (ml_dtypes, which onnxruntime's numpy bridge refuses) through its bits."""
+    import onnxruntime as ort
+
+    if array.dtype.name == "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), onnx.TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def adapter_file_path(model_path: Path, adapter: str) -> Path:
@@ -225,6 +234,52 @@ def _not_swappable(proto: onnx.ModelProto, meta: dict[str, str]) -> str:
             f"(road-export attach BASE.onnx --adapter DIR OUT.onnx), or {swap}")
 
 
+def packed_values(records: dict[str, dict], adapter, model_name: str) -> dict[str, np.ndarray]:
+    """{c1/c2 input name: values} of a peft adapter for a model whose swap records list the peft modules each
+    rotation covers ("parts": [[module, offset, width, source offset], ...], written by attach on a model builder
+    graph; outputs offset:offset+width of the rotation are the module's source:source+width): the
+    parts' coefficients side by side, identity (c1 = 1, c2 = 0) on parts the adapter does not target.
+
+    Raises RoadError for an adapter module on no rotated projection, another group size, or a part the adapter's
+    tensors do not fit."""
+    config = adapter.config
+    where: dict[str, list[tuple[str, int, int, int]]] = {}
+    for layer, record in records.items():
+        for module, offset, width, *source in record.get("parts", []):
+            where.setdefault(module, []).append((layer, int(offset), int(width), int(source[0]) if source else 0))
+    extra = sorted(set(adapter.road) - set(where))
+    if extra:
+        raise RoadError(f"{adapter.path}: does not fit {model_name}: {len(extra)} of its modules are on no rotated "
+                        f"projection, e.g. {extra[0]}; attach it to the base graph (road-export attach) so that "
+                        "the graph rotates them")
+    values: dict[str, np.ndarray] = {}
+    for layer, record in records.items():
+        width = int(record["width"])
+        values[record["c1"]] = np.ones(width, np.float32)
+        values[record["c2"]] = np.zeros(width, np.float32)
+    for module in sorted(adapter.road):
+        theta = adapter.road[module]["road_theta"].astype(np.float32)
+        alpha = adapter.road[module]["road_alpha"].astype(np.float32)
+        full = sum(width for _, _, width, _ in where[module])
+        expected = rotation.params_length(config.variant, full)
+        if theta.shape != (expected,):
+            raise RoadError(f"{adapter.path}: {module}.road_theta has shape {theta.shape}, expected ({expected},) "
+                            f"for {config.variant} on a layer of width {full}")
+        c1, c2 = rotation.coefficients(config.variant, config.group_size, theta, alpha)
+        for layer, offset, width, source in where[module]:
+            record = records[layer]
+            if config.group_size != record["group_size"]:
+                raise RoadError(f"{adapter.path}: group_size {config.group_size} does not fit {model_name}, "
+                                f"attached with group size {record['group_size']} at {layer}")
+            if offset % config.group_size or width % config.group_size:
+                raise RoadError(f"{adapter.path}: {module} is outputs {offset}:{offset + width} of {layer}, which "
+                                f"group size {config.group_size} does not divide (a group would straddle two parts)")
+            values[record["c1"]][offset:offset + width] = c1[source:source + width]
+            values[record["c2"]][offset:offset + width] = c2[source:source + width]
+    return {name: v.astype(records_dtype) for name, v, records_dtype in
+            ((r[k], values[r[k]], r["dtype"]) for r in records.values() for k in ("c1", "c2"))}
+
+
 def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | Path, *,
                     other_files: bool = False) -> Path:
     """A peft RoAd adapter directory -> an `.onnx_adapter` file for `model_path`; refuses what does not fit.
@@ -241,6 +296,8 @@ def convert_adapter(adapter_dir: str | Path, model_path: str | Path, out: str | 
     records, tied = swap_records(model_path)
     adapter = read_adapter(adapter_dir)
     config = adapter.config
+    if any("parts" in r for r in records.values()):
+        return write_adapter_file(out, packed_values(records, adapter, model_path.name))
     mine, theirs = set(records), set(adapter.road)
     if other_files:
         theirs &= mine

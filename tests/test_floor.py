@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = ["road_export", "road_export.runtime", "road_export.generation", "road_export.seq2seq",
          "road_export.passes.pipeline",
-         "road_export.swap", "road_export.attach", "road_export.inspection", "road_export.ops", "road_export.files",
+         "road_export.swap", "road_export.attach", "road_export.builder_graph",
+         "road_export.inspection", "road_export.ops", "road_export.files",
          "road_export.adapter_files", "road_export.names", "road_export.native"]
 
 BLOCK_TORCH = """

@@ -2,10 +2,10 @@
 
     1 maths and config      errors, config, rotation, names, legacy_tokenizers (data)
     2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir, quantize, parity
-    3 passes                passes.*, attach
+    3 passes                passes.*, attach, builder_graph
     4 export (torch)        layers, model, adapters, zoo, source, checkpoint, export.*
     4 runtime (ORT)         runtime, generation, native, seq2seq, gpu, kvcache, sessions
-    5 harness, CLI, server  verify, crossing, crosscheck, testing, cli, serving.*
+    5 harness, CLI, server  verify, crossing, crosscheck, testing, cli, serving.*, genai_builder
 
 A module may import its own layer and any layer below; the two halves of layer 4 are siblings. Lazy imports inside
 functions count too. Layers 1-3 and the runtime are the serving floor: they must not import torch, transformers or
@@ -24,11 +24,11 @@ LAYERS: dict[str, tuple[int, str]] = {
     **{m: (1, "base") for m in ("errors", "config", "rotation", "names", "requires_export", "legacy_tokenizers")},
     **{m: (2, "onnx") for m in ("ops", "files", "checks", "adapter_files", "swap", "inspection", "model_dir",
                                 "quantize", "parity")},
-    **{m: (3, "passes") for m in ("passes", "attach")},
+    **{m: (3, "passes") for m in ("passes", "attach", "builder_graph")},
     **{m: (4, "export") for m in ("layers", "model", "adapters", "zoo", "source", "checkpoint", "export")},
     **{m: (4, "runtime") for m in ("runtime", "generation", "native", "seq2seq", "gpu", "kvcache",
                                    "sessions")},
-    **{m: (5, "top") for m in ("verify", "crossing", "crosscheck", "testing", "cli", "serving")},
+    **{m: (5, "top") for m in ("verify", "crossing", "crosscheck", "testing", "cli", "serving", "genai_builder")},
 }
 FLOOR_MAX = 3
 TORCH_SIDE = ("torch", "transformers", "peft", "safetensors.torch")
