@@ -727,7 +727,8 @@ def _run_builder_dir(args: argparse.Namespace, output: Path, why: str) -> int:
     if specs:
         notes.append(f"adapters: {', '.join(s.name for s in specs)}"
                      + (" (mixed batch: input adapter_ids)" if len(specs) > 1 else ""))
-        notes.append(f"{result.placed} module(s) placed, {result.road_nodes} road nodes")
+        notes.append(f"{result.placed} module(s) placed, {result.road_nodes} road nodes"
+                     + (f", {result.fused} fused into their products for CUDA" if result.fused else ""))
     if args.mode == "rotate" and specs and library is None:
         notes.append("genai_config without the native kernels (add them: road-export kernels --genai-config DIR)")
     if not args.no_verify and not result.rows:

@@ -10,7 +10,9 @@ beside OUT_DIR and renamed into place at the end (files.atomic_write):
     OUT_DIR/
       genai_config.json         the builder's, with model.decoder.filename = "onnx/model.onnx" and (rotate mode, when
                                 the kernels build here) model.decoder.session_options.custom_ops_library = road_ort.so
-      onnx/model.onnx (+ .data) the builder's graph with road.Rotate nodes (metadata road_export.graph = genai-builder)
+      onnx/model.onnx (+ .data) the builder's graph with road.Rotate nodes (metadata road_export.graph = genai-builder);
+                                for -e cuda each product and its rotation as one road.LinearRotate /
+                                road.MatMulNBitsRotate node (passes/linear_rotate.py: one CUDA launch, CUDA-graph safe)
       onnx/model.<name>.onnx_adapter   one adapter, rotate mode (not --fixed): its coefficients, for og.Adapters
       road_ort.so               the native road kernels (rotate mode)
       config.json, generation_config.json, tokenizer files   from HF_DIR / the builder
@@ -53,6 +55,7 @@ class BuilderResult:
     command: list[str]
     road_nodes: int = 0
     placed: int = 0
+    fused: int = 0  # -e cuda: products fused with their rotation (road.LinearRotate / road.MatMulNBitsRotate)
     adapter_files: list[str] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
 
@@ -181,6 +184,13 @@ def build(base: str | os.PathLike, adapters: Sequence[tuple[str, str | os.PathLi
                     record["id"] = i + 1
                 records.append(record)
             model.metadata_props[METADATA_ADAPTERS] = json.dumps(records)
+            if provider == "cuda" and mode == "rotate":
+                # genai opens the file as it is: each product and its rotation become one node here, for the road
+                # CUDA kernel (passes/linear_rotate.py); their standard-op bodies keep the file portable
+                from road_export.passes.linear_rotate import LinearRotatePass
+
+                fused = LinearRotatePass()(model)
+                result.fused = fused.linear + fused.nbits
         else:
             check_no_adapter(dict(model.metadata_props), built / "model.onnx")
             report = None

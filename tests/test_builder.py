@@ -450,6 +450,31 @@ def test_placement_on_a_cuda_graph(built, tmp_path):
     assert road.input[1] in {i.name for i in proto.graph.input}
 
 
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_cuda_directory_holds_the_fused_products(built, tmp_path, quantize):
+    """--device cuda: genai opens the file as it is, so each product and its rotation are one road.LinearRotate
+    (fp16) or road.MatMulNBitsRotate (int4) node in it, the coefficients still swappable inputs; planted: the same
+    directory for the CPU keeps MatMul + road.Rotate (the rewrite is the CUDA target's, not a side effect)."""
+    entry = built["llama"]
+    extra = ["--quantize", quantize] if quantize else ["--dtype", "float16"]
+    done = road_export("--graph", "builder", "--device", "cuda", *extra, "--base", entry["hf"], "--adapter",
+                       entry["one"], "--mode", "rotate", tmp_path / "cuda")
+    assert done.returncode == 0, done.stderr
+    proto = onnx.load(str(tmp_path / "cuda" / "onnx" / "model.onnx"), load_external_data=False)
+    road = [n for n in proto.graph.node if n.domain == "road"]
+    fused_type = "MatMulNBitsRotate" if quantize else "LinearRotate"
+    assert road and {n.op_type for n in road} == {fused_type}, {n.op_type for n in road}
+    assert f"{len(road)} fused into their products for CUDA" in done.stdout + done.stderr
+    inputs = {i.name for i in proto.graph.input}
+    assert all(n.input[-1] in inputs and n.input[-2] in inputs for n in road)  # C1, C2: overridable
+    assert list((tmp_path / "cuda" / "onnx").glob("*.onnx_adapter"))
+    cpu = road_export("--graph", "builder", "--base", entry["hf"], "--adapter", entry["one"], "--mode", "rotate",
+                      "--no-verify", tmp_path / "cpu")
+    assert cpu.returncode == 0, cpu.stderr
+    proto = onnx.load(str(tmp_path / "cpu" / "onnx" / "model.onnx"), load_external_data=False)
+    assert {n.op_type for n in proto.graph.node if n.domain == "road"} == {"Rotate"}
+
+
 def test_builder_option_needs_key_value(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
