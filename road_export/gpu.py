@@ -70,8 +70,9 @@ EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # onnx
 
 
 def fused_model(path, options) -> tuple[bytes | None, int]:
-    """The model at `path` with MatMul + rotation pairs fused (road_export/passes/matmul_rotate.py), serialized,
-    and the number of fused nodes; (None, 0) when nothing fuses or the MatMul kernels are unavailable
+    """The model at `path` with MatMul + rotation pairs fused (road_export/passes/matmul_rotate.py) and MatMulNBits +
+    rotation pairs too (an int4/int8 base: road.MatMulNBitsRotate, passes/linear_rotate.py), serialized, and the
+    number of fused nodes; (None, 0) when nothing fuses or the MatMul kernels are unavailable
     (`road_export.native.matmul_kernels`). Weights in external data stay there: `options` (onnxruntime
     SessionOptions) gets the model's folder as `session.model_external_initializers_file_folder_path`, so
     onnxruntime reads them from the original files. Raises RoadError when the file cannot be read as ONNX."""
@@ -80,6 +81,7 @@ def fused_model(path, options) -> tuple[bytes | None, int]:
     import onnx_ir as ir
 
     from road_export import native as road_native
+    from road_export.passes.linear_rotate import LinearRotatePass
     from road_export.passes.matmul_rotate import MatMulRotatePass
 
     why = road_native.matmul_kernels()
@@ -90,14 +92,15 @@ def fused_model(path, options) -> tuple[bytes | None, int]:
         model = ir.load(path)
     except Exception as e:
         raise RoadError(f"{path}: cannot read it as ONNX ({str(e).splitlines()[0]})") from e
-    result = MatMulRotatePass()(model)
-    if not result.fused:
+    fused = MatMulRotatePass()(model).fused
+    fused += LinearRotatePass(forms=("nbits",))(model).nbits
+    if not fused:
         return None, 0
     proto = ir.serde.serialize_model(model)
     # absolute(), not resolve(): a symlinked model (a Hugging Face cache's snapshots/ -> blobs/) keeps its data
     # file beside the link, not beside the link's target
     options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(path).absolute().parent))
-    return proto.SerializeToString(), result.fused
+    return proto.SerializeToString(), fused
 
 
 def cuda_providers(device_id: int = 0, *, cuda_graph: bool = False, tf32: bool = True) -> list:

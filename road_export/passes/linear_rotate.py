@@ -187,17 +187,22 @@ class LinearRotatePass(ir.passes.InPlacePass):
     definitions when it fused anything.
     """
 
-    def __init__(self, debug: bool = False) -> None:
+    def __init__(self, debug: bool = False, forms: tuple[str, ...] = ("linear", "nbits")) -> None:
+        """`forms`: which products to fuse: "linear" (float MatMul, whose weight is transposed into a new in-memory
+        initializer) and/or "nbits" (MatMulNBits, whose blocks are reused as they are)."""
         super().__init__()
         self.debug = debug
+        self.forms = forms
 
     def call(self, model: ir.Model) -> LinearRotateResult:
         kinds = (road_op.OP_TYPE, road_op.TIED_OP_TYPE)
+        rows = ([FuseLinearRotateRows] if "linear" in self.forms else []) + \
+            ([FuseNBitsRotateRows] if "nbits" in self.forms else [])
+        plain = ([FuseLinearRotate] if "linear" in self.forms else []) + \
+            ([FuseNBitsRotate] if "nbits" in self.forms else [])
         stages = [  # per-row forms first: the plain rules would match their Rotate too
-            ("rows", pattern.RewriteRuleSet([FuseLinearRotateRows.rule(k) for k in kinds]
-                                            + [FuseNBitsRotateRows.rule(k) for k in kinds])),
-            ("plain", pattern.RewriteRuleSet([FuseLinearRotate.rule(k) for k in kinds]
-                                             + [FuseNBitsRotate.rule(k) for k in kinds])),
+            ("rows", pattern.RewriteRuleSet([rule.rule(k) for rule in rows for k in kinds])),
+            ("plain", pattern.RewriteRuleSet([rule.rule(k) for rule in plain for k in kinds])),
         ]
         total, rows, not_fired = 0, 0, []
         for name, rules in stages:

@@ -161,3 +161,14 @@ def test_session_options_run_the_fused_file_on_the_cpu():
     session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": np.ones((1, 1, 64), np.float32)})[0].shape == (1, 1, 32)
+
+
+def test_forms_choose_which_products_fuse():
+    """forms=("nbits",) (a GPU session's in-memory rewrite: no transposed copies of float weights) leaves a float
+    MatMul's rotation alone and fuses MatMulNBits'."""
+    float_model = testutil.road_model(16, 32, 8, "road_4", bias=False)
+    assert LinearRotatePass(forms=("nbits",))(float_model).linear == 0
+    nbits, *_ = nbits_model()
+    assert LinearRotatePass(forms=("nbits",))(nbits).nbits == 1
+    nbits, *_ = nbits_model()
+    assert LinearRotatePass(forms=("linear",))(nbits).nbits == 0
