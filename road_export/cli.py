@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from road_export.cli_common import Parser
 from road_export.errors import RoadError, Terminated
 
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -48,11 +49,7 @@ EXAMPLES = """examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise RoadError(f"{message} (see {self.prog} --help)")
+_Parser = Parser  # argparse, but a usage error is one line and exit code 2 (road_export.cli_common)
 
 
 # ---- option types: each refuses bad values while parsing, before anything is loaded ----

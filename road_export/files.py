@@ -166,8 +166,8 @@ def deferred_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def _replace(new: Path, path: Path, stage: Path) -> None:
@@ -222,17 +222,17 @@ def kept_on_failure(paths: Sequence[str | os.PathLike], *,
     signal that arrives before it (after the block's last rename too) restores the old files, one held back
     during it is delivered afterwards to a handler that knows the command has committed.
     """
-    paths = [Path(p) for p in paths]
+    targets = [Path(p) for p in paths]
     matches = lambda: {m for d, pattern in patterns for m in Path(d).glob(pattern)  # noqa: E731
                        if not m.name.startswith(".") and (m.is_symlink() or m.is_file())}
     before = matches()
-    paths = list(dict.fromkeys([*paths, *sorted(before)]))
+    targets = list(dict.fromkeys([*targets, *sorted(before)]))
     kept: dict[Path, Path] = {}
     empty_dirs: list[Path] = []
     absent: list[Path] = []
     with deferred_signals():
         try:
-            for path in paths:
+            for path in targets:
                 if path.is_symlink() or path.is_file():
                     kept[path] = _keep(path)
                 elif path.is_dir():

@@ -146,6 +146,8 @@ def make_swappable(model: ir.Model, layer_of: dict[str, str]) -> dict[str, dict]
         if node.domain != road_op.DOMAIN:
             continue
         c1, c2 = node.inputs[1], node.inputs[2]
+        if c1 is None or c2 is None or c1.name is None:
+            continue
         layer = layer_of.get(c1.name)
         if layer is None or c1.const_value is None or c2.const_value is None:
             continue

@@ -67,7 +67,7 @@ SERVE = BLOCK_TORCH + textwrap.dedent("""
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
                               [numpy_helper.from_array(w, "layer.weight")])
-    Path("base.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    Path("base.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
                                   .SerializeToString())
     theta, alpha = rng.normal(0, 0.5, 16).astype(np.float32), rng.normal(1, 0.5, 16).astype(np.float32)
     Path("adapter").mkdir()

@@ -5,7 +5,8 @@ path, ...)` (see road_export/export/exporter.py for the parameters). The call fo
 shows, while `road_export.export` stays this subpackage (`road_export.export.tasks`, `.op`, `.exporter` are reachable
 under it and nothing is rebound). Modules: `prepare` (peft adoption, merged copies, frozen coefficients), `capture`
 (trace plan, `torch.onnx.export`), `post` (post-export passes: swappable inputs, I/O and axis names, metadata),
-`exporter` (the orchestration), `tasks` (task specs and sample inputs), `op` (the torch custom op).
+`exporter` (the orchestration), `result` (ExportResult and the save + swap-file tail that exporter and `seq2seq`
+share), `tasks` (task specs and sample inputs), `op` (the torch custom op).
 """
 
 from __future__ import annotations

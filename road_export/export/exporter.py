@@ -17,36 +17,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from road_export import ops as road_op
 from road_export.errors import RoadError
 from road_export.export import capture, post, prepare, rope, stream
+from road_export.export.result import (ExportResult, road_nodes, save_and_swap, swap_values, swappable_layers,
+                                       write_swap_file)
 from road_export.files import check_output, save_model, staging_dir
 
 __all__ = ["ExportResult", "export"]
-
-
-@dataclass
-class ExportResult:
-    """What was written: the file(s), the task and I/O names, the road node count and the adapter records
-    ({name, variant, group_size, layers[, id]}), the `.data` file if any and one `.onnx_adapter` per adapter of a
-    swappable export."""
-
-    path: Path
-    mode: str
-    task: str | None
-    input_names: list[str]
-    output_names: list[str]
-    road_nodes: int
-    adapters: list[dict] = field(default_factory=list)
-    external_data: Path | None = None
-    adapter_files: list[Path] = field(default_factory=list)
 
 
 def export(
@@ -143,23 +125,16 @@ def export(
     if streaming:
         stream.LazyWeightsPass(merges)(ir_model)
     swappable = swappable and mode == "rotate" and not order and bool(adapters) and spec is not None
-    layer_of = None
-    if swappable:
-        prefix = "model."  # TaskModule registers the transformers model as `model`
-        c1_name = prepare.buffer_names(adapters[0]["name"])[0]
-        layer_of = {f"{prefix}{layer}.{c1_name}": layer for layer in adapters[0]["layers"]}
+    layer_of = swappable_layers(adapters[0]) if swappable else None  # TaskModule registers the model as `model`
     plan = post.PostExportPlan(mode, spec, adapters, opset=opset, swappable_layers=layer_of, optimize=optimize,
                                target=target)
     post.post_export_passes(plan, on_step=step)(ir_model)
     ir_model.metadata_props.update(rope_metadata)
     outputs = [v.name for v in ir_model.graph.outputs]
-    road_nodes = sum(1 for node in ir_model.graph.all_nodes() if node.domain == road_op.DOMAIN)
+    nodes = road_nodes(ir_model)
     step("writing")
-    # the swap file's values are read before saving: an external-data save re-points the tensors
-    # (copies: torch-backed values are views of the model's memory, which `on_weights_read` may free)
-    values = {v.name: np.array(v.const_value.numpy(), copy=True) for v in ir_model.graph.inputs
-              if v.const_value is not None} if swappable else {}
     if quantize is not None:
+        values = swap_values(ir_model) if swappable else {}  # before saving: the save re-points the tensors
         with staging_dir(path, suffix=".float") as stage:
             _save_float_intermediate(ir_model, Path(stage) / path.name, path)
             stream.release_weights(ir_model)
@@ -171,20 +146,11 @@ def export(
             quant.quantize_file(Path(stage) / path.name, path, quantize, external_data=external_data,
                                 check=post.check_loadable)
         data = path.with_name(path.name + ".data") if path.with_name(path.name + ".data").exists() else None
+        files = write_swap_file(path, adapters[0]["name"], values) if swappable else []
     else:
-        def weights_read_then_check(written: Path) -> None:
-            if on_weights_read is not None:
-                on_weights_read()
-            post.check_loadable(written)
-
-        data = save_model(ir_model, path, external_data, check=weights_read_then_check)
-        stream.release_weights(ir_model)
-    files = []
-    if swappable:
-        from road_export import swap
-
-        files.append(swap.write_adapter_file(swap.adapter_file_path(path, adapters[0]["name"]), values))
-    return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, road_nodes, adapters, data,
+        data, files = save_and_swap(ir_model, path, external_data, adapters[0]["name"] if swappable else None,
+                                    on_weights_read)
+    return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, nodes, adapters, data,
                         files)
 
 

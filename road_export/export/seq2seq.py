@@ -38,7 +38,7 @@ from torch import nn
 from road_export import ops as road_op
 from road_export.errors import RoadError
 from road_export.export import capture, post, prepare
-from road_export.export.exporter import ExportResult
+from road_export.export.result import ExportResult, road_nodes, save_and_swap, swappable_layers
 from road_export.export.tasks import SEQ2SEQ, TaskSpec
 from road_export.files import atomic_write, save_model
 from road_export.names import BATCH, METADATA_SEQ2SEQ, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
@@ -500,10 +500,7 @@ def _finish(ir_model, path: Path, part: Part, mode: str, task: str, records: lis
     """The post-export passes, optimum's axis names, the save and the swap file of one part."""
     import onnx_ir as ir
 
-    layer_of = None
-    if swappable:
-        c1_name = prepare.buffer_names(records[0]["name"])[0]
-        layer_of = {f"model.{layer}.{c1_name}": layer for layer in records[0]["layers"]}
+    layer_of = swappable_layers(records[0]) if swappable else None
     spec = TaskSpec(task, part.input_names, part.output_names, tuple(order))
     plan = post.PostExportPlan(mode, spec, records, opset=opset, swappable_layers=layer_of, optimize=optimize,
                                target=target)
@@ -520,15 +517,8 @@ def _finish(ir_model, path: Path, part: Part, mode: str, task: str, records: lis
                     dims[axis] = ir.SymbolicDim(name)
             value.shape = ir.Shape(dims)
     ir_model.metadata_props[METADATA_SEQ2SEQ] = json.dumps({"part": part.name, **generation})
-    road_nodes = sum(1 for node in ir_model.graph.all_nodes() if node.domain == road_op.DOMAIN)
+    nodes = road_nodes(ir_model)
     step(f"writing {path.name}")
-    values = {v.name: v.const_value.numpy() for v in ir_model.graph.inputs if v.const_value is not None} \
-        if swappable else {}
-    data = save_model(ir_model, path, external_data, check=post.check_loadable)
-    files = []
-    if swappable:
-        from road_export import swap
-
-        files.append(swap.write_adapter_file(swap.adapter_file_path(path, records[0]["name"]), values))
-    return ExportResult(path, mode, task, list(part.input_names), [v.name for v in outputs], road_nodes, records,
-                       data, files)
+    data, files = save_and_swap(ir_model, path, external_data, records[0]["name"] if swappable else None)
+    return ExportResult(path, mode, task, list(part.input_names), [v.name for v in outputs], nodes, records,
+                        data, files)

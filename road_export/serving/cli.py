@@ -55,7 +55,7 @@ def _milliseconds(text: str) -> float:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from road_export.cli import _Parser
+    from road_export.cli_common import Parser as _Parser
 
     parser = _Parser(prog="road-export serve", description="Serve a rotate export's model directory over "
                      "OpenAI's completions API on Ray Serve: `model` picks the adapter, requests for different "
