@@ -337,7 +337,7 @@ def attach_builder(model: ir.Model, adapters: dict[str, AdapterFile], mode: str 
                                              after=rows[1].producer())
                 out = node.outputs[0]
                 report.road_nodes += 1
-        for name, modules in placement.modules.items():
+        for modules in placement.modules.values():
             for module, _, _, _ in modules:
                 report.placed[module] = linear.node.name or linear.node.op_type
     road_op.attach_functions(model)

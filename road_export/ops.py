@@ -367,7 +367,8 @@ def attach_functions(model: ir.Model) -> int:
     builders = {OP_TYPE: function_definition, TIED_OP_TYPE: tied_function_definition,
                 MATMUL_OP_TYPE: _script_definition(MatMulRotate),
                 MATMUL_ROWS_OP_TYPE: _script_definition(MatMulRotateRows),
-                LINEAR_OP_TYPE: _script_definition(LinearRotate), LINEAR_ROWS_OP_TYPE: _script_definition(LinearRotateRows),
+                LINEAR_OP_TYPE: _script_definition(LinearRotate),
+                LINEAR_ROWS_OP_TYPE: _script_definition(LinearRotateRows),
                 NBITS_OP_TYPE: _script_definition(MatMulNBitsRotate),
                 NBITS_ROWS_OP_TYPE: _script_definition(MatMulNBitsRotateRows)}
     for op_type in used:

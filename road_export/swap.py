@@ -255,7 +255,7 @@ def packed_values(records: dict[str, dict], adapter, model_name: str) -> dict[st
                         f"projection, e.g. {extra[0]}; attach it to the base graph (road-export attach) so that "
                         "the graph rotates them")
     values: dict[str, np.ndarray] = {}
-    for layer, record in records.items():
+    for record in records.values():
         width = int(record["width"])
         values[record["c1"]] = np.ones(width, np.float32)
         values[record["c2"]] = np.zeros(width, np.float32)

@@ -8,7 +8,6 @@ local Ray Serve application for the module and shut Ray down after.
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import socket

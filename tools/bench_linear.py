@@ -63,9 +63,9 @@ def graph(kind: str, precision: str, k: int, n: int, seed: int = 0) -> bytes:
                   numpy_helper.from_array(c2.astype(np.float16), f"c2_{i}")]
         nodes.append(helper.make_node(road_op.OP_TYPE, [f"h{i}", f"c1_{i}", f"c2_{i}"], [f"y{i}"],
                                       domain=road_op.DOMAIN, group_size=G))
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT16, ["rows", 1, n]) for i in range(R)]
     g = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["rows", 1, k])],
-                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT16, ["rows", 1, n]) for i in range(R)],
-                          inits)
+                          outputs, inits)
     proto = helper.make_model(g, ir_version=10, opset_imports=[
         helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1),
         helper.make_opsetid(road_op.DOMAIN, road_op.VERSION)])

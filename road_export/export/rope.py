@@ -191,7 +191,7 @@ def thresholds(model: nn.Module) -> list[tuple[int, str]]:
     dynamic NTK starts growing (`max_position_embeddings`), sliding attention windows (`sliding_window`)."""
     config = _inner(model).config
     found: dict[int, str] = {}
-    for layer, params in rope_types(model).items():
+    for params in rope_types(model).values():
         kind = _kind(params)
         original = params.get("original_max_position_embeddings")
         if "dynamic" in kind:

@@ -2,14 +2,14 @@
 weight kept as [n, k] rows, for onnxruntime's CUDA provider and files that must hold the fused node themselves
 (onnxruntime-genai model directories: genai opens the file as it is, so no in-memory rewrite can happen there).
 
-    road.Rotate(MatMul(x, W), C1, C2)                    -> road.LinearRotate(x, W^T, C1, C2)     (W a [k, n] constant)
+    road.Rotate(MatMul(x, W), C1, C2)          -> road.LinearRotate(x, W^T, C1, C2)     (W a [k, n] constant)
     road.Rotate(com.microsoft.MatMulNBits(a, B, s), C1, C2)
-                                                         -> road.MatMulNBitsRotate(a, B, s, C1, C2; K, N, bits, block_size)
-    the same with per-row banks gathered by adapter_ids  -> road.LinearRotateRows / road.MatMulNBitsRotateRows
+                                               -> road.MatMulNBitsRotate(a, B, s, C1, C2; K, N, bits, block_size)
+    the same with banks gathered by adapter_ids -> road.LinearRotateRows / road.MatMulNBitsRotateRows
 
-(and `road.RotateTied` alike). Why [n, k]: the CUDA kernel (road_export/native/road_cuda.h, `linear`) gives each
-rotation pair of output columns one warp that reads both columns' weights as contiguous rows, so a decode step's
-product spreads over n/16 blocks and every SM, the layout MatMulNBits' blocks have already; `road.MatMulRotate`
+(and `road.RotateTied` alike). Why [n, k]: the CUDA kernel (road_export/native/road_cuda.h, `tile`) reads each
+output column's weights as one contiguous row, both columns of a rotation pair in the same block, so a decode
+step's product spreads over n/8 blocks and every SM, the layout MatMulNBits' blocks have already; `road.MatMulRotate`
 (passes/matmul_rotate.py, W [k, n] as exported) keeps 64 columns a block. MatMulNBits is taken only in the form the
 kernel reads: symmetric blocks (no zero_points, g_idx or bias input), 4 or 8 bits, block_size a multiple of 16.
 A rule that does not fire says why (`LinearRotatePass(debug=True).not_fired`). The ops carry standard-op bodies

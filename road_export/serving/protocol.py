@@ -87,7 +87,7 @@ def _check_text(value: Any, where: str | None = None) -> None:
         except UnicodeEncodeError as e:
             bad = value[e.start]
             raise ApiError(f"{where or 'the request'} holds a lone surrogate (\\u{ord(bad):04x}), which is not "
-                           "Unicode text; send text that encodes as UTF-8", param=where, code="invalid_value")
+                           "Unicode text; send text that encodes as UTF-8", param=where, code="invalid_value") from None
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_text(key, where)
