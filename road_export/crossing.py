@@ -27,6 +27,7 @@ from road_export import generation
 from road_export.export.rope import thresholds
 from road_export.export.tasks import uses_absolute_positions
 from road_export.names import ADAPTER_IDS, PAST
+from road_export.kvcache import file_layout
 from road_export.parity import OutputParity, compare
 
 __all__ = ["CROSS_CAP", "CROSS_NEW", "crossing_rows", "reference_generate"]
@@ -42,6 +43,7 @@ class _FileSession:
         self.path, self.session = path, session
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self.cache_layout = file_layout(path, session)  # the decode loop's cache strategy (road_export.kvcache)
 
     def route(self, batch: int, *, adapter: str | None = None, adapter_names: Sequence[str] | None = None):
         return {}, None

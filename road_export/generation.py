@@ -206,7 +206,7 @@ def decode_cache(session: Session, mask: np.ndarray, max_new_tokens: int, **opti
     attention `mask` [batch, prompt]; None for a file without a cache. A GroupQueryAttention graph's shared buffer
     holds the longest prompt plus the new tokens; prompt + new tokens past the file's context length (its rotary
     tables, genai_config.json's `context_length`) raise RoadError. `options` go to `kvcache.new_cache`."""
-    layout = getattr(session, "cache_layout", None)
+    layout = session.cache_layout  # required by the Session protocol: a missing one must not mean "no cache"
     if layout is None:
         return None
     need = int(mask.sum(-1).max()) + max_new_tokens - 1
@@ -248,7 +248,7 @@ def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
 
 def _empty_cache(session: Session, batch: int) -> dict[str, np.ndarray]:
     """Past length 0 for every past_key_values input: the first run is the prefill (`kvcache.KVCache.empty`)."""
-    layout = getattr(session, "cache_layout", None)
+    layout = session.cache_layout  # required by the Session protocol: a missing one must not mean "no cache"
     if layout is None:
         return {}
     return new_cache(layout, batch).empty(batch, 0)
