@@ -83,17 +83,7 @@ def _schema(op_type: str, doc: str) -> OpSchema:
 
 def _matmul_output(ctx) -> None:
     """Type and shape inference of the MatMul forms: Y has X's element type and shape X[:-1] + [W's last axis]."""
-    if not ctx.has_input(0):
-        return
-    out = onnx.TypeProto()
-    out.CopyFrom(ctx.get_input_type(0))
-    w = ctx.get_input_type(1) if ctx.has_input(1) else None
-    dims = out.tensor_type.shape.dim
-    if len(dims) and w is not None and w.tensor_type.HasField("shape") and len(w.tensor_type.shape.dim) == 2:
-        dims[len(dims) - 1].CopyFrom(w.tensor_type.shape.dim[1])
-    elif len(dims):
-        dims[len(dims) - 1].Clear()
-    ctx.set_output_type(0, out)
+    _product_output(ctx, lambda w: w.tensor_type.shape.dim[1] if len(w.tensor_type.shape.dim) == 2 else None)
 
 
 def _matmul_schema(op_type: str, rows: bool, doc: str) -> OpSchema:

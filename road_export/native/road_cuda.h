@@ -334,6 +334,23 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) road_gemv_bf16(GemvPa
 // float sums; blockIdx.y walks chunks of 8 rows (a prefill reads the weights once per chunk).
 #define LIN_ROWS 8
 struct LinParams { Params p; const void* w; const void* scales; long long k, blocks_per_col; int block_size, bits; };
+// Row `row` of Y at the rotation pair (c1, c2) from the product's sums s1 (column c1) and s2 (column c2): the
+// coefficients of that row (its bank row for adapter ids: NaN for an id outside the banks), rounded once.
+template <typename T>
+__device__ __forceinline__ void store_pair(const Params& p, long long row, long long c1, long long c2, float s1,
+                                           float s2) {
+  T* y = (T*)p.y + row * p.d;
+  long long o1, o2;
+  if (!coef_offset(p, row, &o1, &o2)) {
+    st(y + c1, __int_as_float(0x7fc00000));
+    st(y + c2, __int_as_float(0x7fc00000));
+    return;
+  }
+  const T* a = (const T*)p.c1 + o1;
+  const T* b = (const T*)p.c2 + o2;
+  st(y + c1, ld(a[c1]) * s1 - ld(b[c1]) * s2);
+  st(y + c2, ld(b[c2]) * s1 + ld(a[c2]) * s2);
+}
 template <typename T>
 __device__ __forceinline__ void linear_dot8(const T* x, long long k, int rows, long long kk, const float* w1,
                                             const float* w2, float* acc1, float* acc2) {
@@ -445,20 +462,7 @@ __device__ __forceinline__ void linear(const LinParams& g) {
   }
 #pragma unroll
   for (int m = 0; m < LIN_ROWS; ++m) {
-    if (m < rows && lane == m) {
-      const long long row = row0 + m;
-      T* y = (T*)p.y + row * p.d;
-      long long o1, o2;
-      if (!coef_offset(p, row, &o1, &o2)) {
-        st(y + c1, __int_as_float(0x7fc00000));
-        st(y + c2, __int_as_float(0x7fc00000));
-      } else {
-        const T* a = (const T*)p.c1 + o1;
-        const T* b = (const T*)p.c2 + o2;
-        st(y + c1, ld(a[c1]) * acc1[m] - ld(b[c1]) * acc2[m]);
-        st(y + c2, ld(b[c2]) * acc1[m] + ld(a[c2]) * acc2[m]);
-      }
-    }
+    if (m < rows && lane == m) store_pair<T>(p, row0 + m, c1, c2, acc1[m], acc2[m]);
   }
 }
 extern "C" __global__ void __launch_bounds__(256) road_linear_f32(LinParams p) { linear<float, 0>(p); }
@@ -603,18 +607,8 @@ __device__ __forceinline__ void tile(const LinParams& g) {
       float s1 = 0, s2 = 0;
 #pragma unroll
       for (int w = 0; w < 8; ++w) { s1 += part[w][m * 8 + 2 * j]; s2 += part[w][m * 8 + 2 * j + 1]; }
-      const long long row = row0 + m, c1 = pair_column((long long)blockIdx.x * 4 + j, half), c2 = c1 + half;
-      T* y = (T*)p.y + row * p.d;
-      long long o1, o2;
-      if (!coef_offset(p, row, &o1, &o2)) {
-        st(y + c1, __int_as_float(0x7fc00000));
-        st(y + c2, __int_as_float(0x7fc00000));
-      } else {
-        const T* a = (const T*)p.c1 + o1;
-        const T* b = (const T*)p.c2 + o2;
-        st(y + c1, ld(a[c1]) * s1 - ld(b[c1]) * s2);
-        st(y + c2, ld(b[c2]) * s1 + ld(a[c2]) * s2);
-      }
+      const long long c1 = pair_column((long long)blockIdx.x * 4 + j, half);
+      store_pair<T>(p, row0 + m, c1, c1 + half, s1, s2);
     }
   }
 }

@@ -373,6 +373,24 @@ OrtStatus* rotate_cuda(const Kernel& kernel, OrtKernelContext* context, const Sh
   return nullptr;
 }
 
+// The per-row form's banks B1, B2 [adapters, n] (n = Y's last axis, `params->d`) and adapter_ids int64 [batch] (or
+// [1]) checked against Y, and set in `params` (ids, bank count, rows of Y per id).
+OrtStatus* bank_params(const Kernel& kernel, const Shape& b1, const Shape& b2, const Shape& ids, const Shape& y,
+                       void* ids_data, cuda::Params* params) {
+  const int64_t n = params->d;
+  if (b1.rank != 2 || b2.rank != 2 || b1.dims[1] != n || b2.dims[1] != n || b1.dims[0] != b2.dims[0])
+    return fail(kernel.api, kernel.name + ": coefficient banks " + b1.str() + " and " + b2.str() +
+                                " are not both [adapters, " + std::to_string(n) + "]");
+  if (ids.type != 7 || ids.rank != 1 || y.rank < 2 || (ids.dims[0] != y.dims[0] && ids.dims[0] != 1))
+    return fail(kernel.api, kernel.name + ": adapter_ids " + ids.str() + " must be int64 [batch] (or [1]) with X's "
+                                "batch " + std::to_string(y.rank ? y.dims[0] : 0));
+  params->ids = static_cast<const long long*>(ids_data);
+  params->banks = b1.dims[0];
+  params->rows_per_id = ids.dims[0] ? params->rows / ids.dims[0] : 1;
+  if (params->rows_per_id < 1) params->rows_per_id = 1;
+  return nullptr;
+}
+
 // road.MatMulRotate(X, W, C1, C2) and road.MatMulRotateRows(X, W, C1, C2, adapter_ids) on CUDA: Y = X @ W by
 // cuBLAS into Y, then the rotation in place on Y (each thread reads both elements of its pair before writing them),
 // both on onnxruntime's stream: one node where the graph had MatMul and road.Rotate.
@@ -419,17 +437,7 @@ OrtStatus* matmul_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
   params.lead = y.rank - 1;
   std::string why;
   if (kernel.kind == Kind::kMatMulRows) {
-    const Shape &b1 = shapes[2], &b2 = shapes[3], &ids = shapes[4];
-    if (b1.rank != 2 || b2.rank != 2 || b1.dims[1] != n || b2.dims[1] != n || b1.dims[0] != b2.dims[0])
-      return fail(api, kernel.name + ": coefficient banks " + b1.str() + " and " + b2.str() + " are not both [adapters, " +
-                           std::to_string(n) + "]");
-    if (ids.type != 7 || ids.rank != 1 || y.rank < 2 || (ids.dims[0] != y.dims[0] && ids.dims[0] != 1))
-      return fail(api, kernel.name + ": adapter_ids " + ids.str() + " must be int64 [batch] (or [1]) with X's batch " +
-                           std::to_string(y.rank ? y.dims[0] : 0));
-    params.ids = static_cast<const long long*>(data[4]);
-    params.banks = b1.dims[0];
-    params.rows_per_id = ids.dims[0] ? params.rows / ids.dims[0] : 1;
-    if (params.rows_per_id < 1) params.rows_per_id = 1;
+    ROAD_TRY(bank_params(kernel, shapes[2], shapes[3], shapes[4], y, data[4], &params));
   } else {
     if (!broadcast_params(y, shapes[2], shapes[3], &params, &why)) return fail(api, kernel.name + ": " + why);
   }
@@ -514,17 +522,8 @@ OrtStatus* linear_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
   params.lead = y.rank - 1;
   std::string why;
   if (banks) {
-    const Shape &b1 = shapes[first_coef], &b2 = shapes[first_coef + 1], &ids = shapes[count - 1];
-    if (b1.rank != 2 || b2.rank != 2 || b1.dims[1] != n || b2.dims[1] != n || b1.dims[0] != b2.dims[0])
-      return fail(api, kernel.name + ": coefficient banks " + b1.str() + " and " + b2.str() + " are not both [adapters, " +
-                           std::to_string(n) + "]");
-    if (ids.type != 7 || ids.rank != 1 || y.rank < 2 || (ids.dims[0] != y.dims[0] && ids.dims[0] != 1))
-      return fail(api, kernel.name + ": adapter_ids " + ids.str() + " must be int64 [batch] (or [1]) with X's batch " +
-                           std::to_string(y.rank ? y.dims[0] : 0));
-    params.ids = static_cast<const long long*>(data[count - 1]);
-    params.banks = b1.dims[0];
-    params.rows_per_id = ids.dims[0] ? params.rows / ids.dims[0] : 1;
-    if (params.rows_per_id < 1) params.rows_per_id = 1;
+    ROAD_TRY(bank_params(kernel, shapes[first_coef], shapes[first_coef + 1], shapes[count - 1], y, data[count - 1],
+                         &params));
   } else if (!broadcast_params(y, shapes[first_coef], shapes[first_coef + 1], &params, &why)) {
     return fail(api, kernel.name + ": " + why);
   }

@@ -27,7 +27,8 @@ from onnxscript.rewriter import pattern
 
 from road_export import ops as road_op
 from road_export.passes import common
-from road_export.passes.matmul_rotate import FuseMatMulRotate, FuseMatMulRotateRows, bank_ids, not_fired_reasons
+from road_export.passes.matmul_rotate import (FuseMatMulRotate, FuseMatMulRotateRows, bank_ids, bank_rows,
+                                             not_fired_reasons)
 
 __all__ = ["FuseLinearRotate", "FuseLinearRotateRows", "FuseNBitsRotate", "FuseNBitsRotateRows", "LinearRotatePass",
            "LinearRotateResult"]
@@ -121,10 +122,7 @@ class FuseNBitsRotateRows(pattern.RewriteRuleClassBase):
         self._ids: ir.Value | None = None
 
     def pattern(self, op, a, b, s, b1, i1, s1, b2, i2, s2):
-        c1 = op.Reshape(op.GatherND(b1, i1, _allow_other_attributes=True, _outputs=["g1"]), s1,
-                        _allow_other_attributes=True)
-        c2 = op.Reshape(op.GatherND(b2, i2, _allow_other_attributes=True, _outputs=["g2"]), s2,
-                        _allow_other_attributes=True)
+        c1, c2 = bank_rows(op, b1, i1, s1, b2, i2, s2)
         product = op.MatMulNBits(a, b, s, _domain=road_op.MICROSOFT, _allow_other_attributes=True,
                                  _allow_other_inputs=True, _outputs=["p"])
         return getattr(op, self.op_type)(product, c1, c2, _domain=road_op.DOMAIN, _allow_other_attributes=True,

@@ -32,7 +32,7 @@ from road_export import ops as road_op
 from road_export.passes import common
 
 __all__ = ["MatMulRotateResult", "MatMulRotatePass", "FuseMatMulRotate", "FuseMatMulRotateRows", "bank_ids",
-           "not_fired_reasons"]
+           "bank_rows", "not_fired_reasons"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,16 @@ def _weight_check(result: pattern.MatchResult, w: ir.Value, y: ir.Value) -> patt
             and w.shape[1] != y.shape[-1]:
         return result.fail(f"W's output axis {w.shape[1]} is not the rotation's last axis {y.shape[-1]}", w)
     return None
+
+
+def bank_rows(op, b1, i1, s1, b2, i2, s2):
+    """The pattern of a mixed export's per-row coefficients: Reshape(GatherND(bank, index), shape) for C1 and C2
+    (outputs `g1`, `g2` are the gathers, for `bank_ids`)."""
+    rows = []
+    for bank, index, shape, name in ((b1, i1, s1, "g1"), (b2, i2, s2, "g2")):
+        gathered = op.GatherND(bank, index, _allow_other_attributes=True, _outputs=[name])
+        rows.append(op.Reshape(gathered, shape, _allow_other_attributes=True))
+    return rows[0], rows[1]
 
 
 def bank_ids(result: pattern.MatchResult, b1: ir.Value, i1: ir.Value, s1: ir.Value, b2: ir.Value, i2: ir.Value,
@@ -120,10 +130,7 @@ class FuseMatMulRotateRows(pattern.RewriteRuleClassBase):
         self._ids: ir.Value | None = None
 
     def pattern(self, op, x, w, b1, i1, s1, b2, i2, s2):
-        c1 = op.Reshape(op.GatherND(b1, i1, _allow_other_attributes=True, _outputs=["g1"]), s1,
-                        _allow_other_attributes=True)
-        c2 = op.Reshape(op.GatherND(b2, i2, _allow_other_attributes=True, _outputs=["g2"]), s2,
-                        _allow_other_attributes=True)
+        c1, c2 = bank_rows(op, b1, i1, s1, b2, i2, s2)
         return getattr(op, self.op_type)(op.MatMul(x, w), c1, c2, _domain=road_op.DOMAIN, _allow_other_attributes=True,
                      _outputs=["y"])
 
