@@ -472,6 +472,78 @@ def test_the_context_length_falls_back_to_genai_config(example, tmp_path):
     assert Engine(copy, threads=1).context_length == genai["model"]["context_length"]
 
 
+BIG = int("1" + "0" * 400)  # a whole number past float's range: json reads it, float(BIG) overflows
+
+
+@pytest.mark.parametrize("path, key, value", [
+    ("/v1/completions", "max_tokens", BIG), ("/v1/completions", "temperature", BIG),
+    ("/v1/completions", "top_p", BIG), ("/v1/completions", "seed", 10**4000), ("/v1/completions", "top_k", BIG),
+    ("/v1/chat/completions", "max_completion_tokens", BIG), ("/v1/chat/completions", "temperature", -BIG),
+])
+def test_huge_whole_numbers_are_refused_naming_the_field(client, path, key, value):
+    """A whole number too large for a float is OpenAI's 400 naming the field (it was a 500: OverflowError in
+    math.isfinite), and the message does not echo its hundreds of digits."""
+    body = {"model": "alpha", key: value, **({"messages": [{"role": "user", "content": "hi"}]}
+                                             if "chat" in path else {"prompt": "x"})}
+    response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (key, "invalid_value") and len(error["message"]) < 200
+
+
+@pytest.mark.parametrize("key, value", [
+    ("repetition_penalty", 1.3), ("min_p", 0.1), ("min_tokens", 4), ("guided_json", {"type": "object"}),
+    ("guided_regex", "a+"), ("functions", [{"name": "f"}]), ("tool_choice", "required"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("stop_token_ids", [3]),
+    ("use_beam_search", True), ("length_penalty", 2.0), ("skip_special_tokens", False),
+])
+def test_sampling_fields_not_implemented_are_refused_not_ignored(client, key, value):
+    """vLLM's and OpenAI's fields that would change the output are OpenAI's 400 naming the field (they were
+    ignored: 200 with an output that disregarded them); their "off" values pass."""
+    response = client.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2, key: value})
+    assert response.status_code == 400, response.text
+    assert (response.json()["error"]["param"], response.json()["error"]["code"]) == (key, "unsupported_parameter")
+    off = {"repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "tool_choice": "none",
+           "stop_token_ids": [], "use_beam_search": False, "length_penalty": 1.0, "skip_special_tokens": True}
+    if key in off:
+        body = {"model": "alpha", "prompt": "x", "max_tokens": 2, key: off[key]}
+        assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_top_k_reaches_the_sampler(client, engine):
+    """top_k (vLLM's) cuts the draw to the k likeliest tokens (road_export.generation.Sampling's top_k): with 1 a
+    hot, seeded draw is the greedy text, whereas without it (or with -1 / 0, off) the same seed is not; planted
+    fault: SamplingParams dropping top_k gives the untruncated draw."""
+    def text(**options):
+        body = {"model": "gamma", "prompt": PROMPTS[2], "max_tokens": 12, **options}
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    greedy_text = text(temperature=0)
+    hot = {"temperature": 2.0, "seed": 5}
+    assert text(top_k=1, **hot) == greedy_text
+    assert text(**hot) == text(top_k=-1, **hot) == text(top_k=0, **hot) != greedy_text
+    params = SamplingParams(temperature=2.0, top_k=3)
+    assert params.sampling().top_k == 3 and SamplingParams(temperature=0, top_k=3).sampling() is None
+
+
+def test_model_retrieve_head_health_and_long_names(client, engine):
+    """GET /v1/models/{model} is OpenAI's retrieve for a served name, OpenAI's 404 otherwise; HEAD /health
+    answers 200; an unknown name of 1 MB is not echoed in full."""
+    for name in engine.model_names:
+        response = client.get(f"/v1/models/{name}")
+        assert response.status_code == 200 and response.json()["id"] == name
+        assert response.json() in client.get("/v1/models").json()["data"]
+    response = client.get("/v1/models/delta")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert client.head("/health").status_code == 200
+    long = "m" * 2**20
+    response = client.post("/v1/completions", json={"model": long, "prompt": "x"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert len(response.text) < 2000 and f"({2**20} characters)" in response.json()["error"]["message"]
+
+
 def test_bad_chat_requests_and_bodies(client):
     response = client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"content": "hi"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0]"
