@@ -844,9 +844,65 @@ def test_serve_refuses_bad_input_in_one_line(example, tmp_path, monkeypatch):
     assert_bad_input(road_export("serve", example.base), says="not a model directory")
     assert_bad_input(road_export("serve", example.model, "--max-queue", "-1"), says="must be >= 0")
     assert_bad_input(road_export("serve", example.model, "--body-timeout", "0"), says="must be above 0")
-    assert_bad_input(road_export("serve", example.model, "--max-body-mb", "nan"), says="must be above 0")
+    assert_bad_input(road_export("serve", example.model, "--max-body-mb", "nan"), says="must be from 0.001")
     monkeypatch.setenv("ROAD_EXPORT_API_KEY", " ")
     assert_bad_input(road_export("serve", example.model), says="--api-key / ROAD_EXPORT_API_KEY: empty")
+
+
+def test_serve_refuses_options_ray_would_fail_on_later(example, monkeypatch):
+    """Options that passed the parser and failed after Ray started (exit 3), or did something else than asked,
+    are one line and exit 2 before Ray starts: an empty host (uvicorn listens on every interface), sizes past
+    Ray's int32 (Value out of range), a URL for --address, keys no client can send in a header, a body limit no
+    request fits, an application name with a "/"."""
+    from test_cli import assert_bad_input, road_export
+
+    pytest.importorskip("ray")
+    from road_export.serving import cli as serve_cli
+
+    def start_ray(*args, **kwargs):  # what the old code reached: Ray starting on these options
+        raise RuntimeError("Ray started")
+
+    monkeypatch.setattr(serve_cli, "start_ray", start_ray)
+    model = example.model
+    for host in ("", "  ", "127.0.0.1 "):
+        assert_bad_input(road_export("serve", model, "--host", host), says="argument --host")
+    assert_bad_input(road_export("serve", model, "--max-batch-size", "1000000000"), says="must be at most 4096")
+    assert_bad_input(road_export("serve", model, "--max-queue", "1" + "0" * 20), says="must be at most 1000000")
+    assert_bad_input(road_export("serve", model, "--replicas", "1" + "0" * 12), says="must be at most 4096")
+    assert_bad_input(road_export("serve", model, "--threads", "1" + "0" * 12), says="must be at most 1024")
+    for address in ("http://127.0.0.1:8022", "127.0.0.1:0", "127.0.0.1:99999", ":6379", "ray://"):
+        assert_bad_input(road_export("serve", model, "--address", address), says="give HOST:PORT of the Ray head")
+    assert_bad_input(road_export("serve", model, "--max-body-mb", "1e-9"), says="must be from 0.001")
+    assert_bad_input(road_export("serve", model, "--app-name", "a/b"), says="letters, digits")
+    for key, shown in (("ab\ncd", "'\\n'"), ("clé-secrète", "'é'"), ("two words", "' '")):
+        monkeypatch.setenv("ROAD_EXPORT_API_KEY", key)
+        assert_bad_input(road_export("serve", model), says=f"ROAD_EXPORT_API_KEY: holds {shown}")
+    monkeypatch.delenv("ROAD_EXPORT_API_KEY")
+    assert_bad_input(road_export("serve", model, "--api-key", "k\x7f"), says="printable ASCII")
+
+
+def test_loopback_is_decided_by_resolving_the_host(example, monkeypatch):
+    """HAProxy's refusal on a loopback host resolves the host (it matched "localhost" and literal addresses
+    only): 127.1, LOCALHOST, 2130706433 (127.0.0.1 as one number) and ::1 are loopback; 0.0.0.0 and a name that
+    does not resolve are not."""
+    from test_cli import assert_bad_input, road_export
+
+    from road_export.serving.cli import _is_loopback
+
+    for host in ("127.0.0.1", "127.1", "LOCALHOST", "localhost", "2130706433", "::1", "127.0.0.2"):
+        assert _is_loopback(host), host
+    for host in ("0.0.0.0", "192.0.2.7", "::", "no-such-host.invalid"):
+        assert not _is_loopback(host), host
+    pytest.importorskip("ray")
+    from road_export.serving import cli as serve_cli
+
+    def start_ray(*args, **kwargs):  # not reached: refused before Ray starts
+        raise RuntimeError("Ray started")
+
+    monkeypatch.setattr(serve_cli, "start_ray", start_ray)
+    for host in ("127.1", "LOCALHOST", "2130706433"):
+        assert_bad_input(road_export("serve", "--ingress", "haproxy", "--host", host, example.model),
+                         says="Ray's HAProxy opens its stats")
 
 
 def test_on_a_cluster_an_application_of_another_is_neither_replaced_nor_deleted(example, monkeypatch):
