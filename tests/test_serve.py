@@ -1193,6 +1193,23 @@ def test_the_key_on_ray(ray_url):
     assert httpx.get(f"{ray_url}/health").status_code == 200
 
 
+def test_the_routes_open_without_the_key_are_those_the_readme_names(ray_url):
+    """Without the key: /health (GET and HEAD) and Ray's proxy's own /-/healthz and /-/routes, which name the
+    application and nothing of its models (the README's "Exposing it" says so); every route of ours else is 401,
+    the model retrieve included."""
+    import httpx
+
+    with httpx.Client(base_url=ray_url, timeout=30) as c:
+        assert c.get("/health").status_code == 200 and c.head("/health").status_code == 200
+        assert c.get("/-/healthz").status_code == 200
+        routes = c.get("/-/routes")
+        assert routes.status_code == 200 and routes.json() == {"/": "road-export"}
+        for path in ("/v1/models", "/v1/models/alpha", "/stats", "/v1/nothing"):
+            assert c.get(path).status_code == 401, path
+        retrieved = c.get("/v1/models/alpha", headers=AUTH)
+        assert retrieved.status_code == 200 and retrieved.json()["id"] == "alpha"
+
+
 def test_stalled_uploads_hold_no_slot(ray_url):
     """64 clients (8 x --max-batch-size) that send headers and part of a body: a small request still completes
     at once, and each stalled upload gets 408 after the body timeout (3 s here) instead of holding a slot."""
