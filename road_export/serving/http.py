@@ -1,10 +1,11 @@
 """The HTTP face of `OpenAIService`: a FastAPI app (the Ray deployment serves it through `serve.ingress`; tests and
 a plain ASGI server can serve it directly).
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (OpenAI's API), GET /health, and
-GET /stats (the engine's in-memory counters as JSON, with the rows running and the requests queued now). A client
-that disconnects while its completion is generated cancels it: streaming responses stop when Starlette sees the
-disconnect, and a non-streaming request watches the connection (`http.disconnect`) while it waits.
+Routes: GET /v1/models, GET /v1/models/{model} (OpenAI's retrieve), POST /v1/completions, POST
+/v1/chat/completions (OpenAI's API), GET or HEAD /health, and GET /stats (the engine's in-memory counters as JSON,
+with the rows running and the requests queued now). A client that disconnects while its completion is generated
+cancels it: streaming responses stop when Starlette sees the disconnect, and a non-streaming request watches the
+connection (`http.disconnect`) while it waits.
 
 Bounded work per request, before the engine sees it: headers over MAX_HEADER_BYTES get 431, a body over
 `max_body_bytes` 413 (from Content-Length when given, else as it arrives), a body not received within
@@ -54,7 +55,7 @@ def create_app(service: OpenAIService, stats: Any = None, *, api_key: str | None
         body = ApiError(f"internal error: {type(error).__name__}: {error}", status=500, type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok"}
 
@@ -65,6 +66,10 @@ def create_app(service: OpenAIService, stats: Any = None, *, api_key: str | None
     @app.get("/v1/models")
     async def models():
         return service.models()
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):  # OpenAI's retrieve; `path`: adapter names may hold "/"
+        return service.model(name)
 
     async def complete(request: Request, chat: bool):
         raw = await _read_body(request, max_body_bytes, body_timeout_s)

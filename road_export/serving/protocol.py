@@ -3,9 +3,11 @@
 Request fields follow OpenAI's API reference (and vLLM's OpenAI-compatible server, which serves LoRA adapters by
 name the same way): `model` picks the adapter, or the base by the served model name; `prompt` (a string, or token
 ids) or `messages`; `max_tokens` (`max_completion_tokens` for chat), `temperature` (0: greedy), `top_p`, `seed`,
-`stop` (a string or up to 4), `stream`, `stream_options.include_usage`, `n` = 1, and vLLM's `ignore_eos`. Unknown
-fields are ignored, as OpenAI-compatible servers do; fields that would change the output but are not implemented
-(`n` > 1, `logprobs`, `echo`, penalties, `logit_bias`, `best_of`) are refused with 400 rather than ignored.
+`stop` (a string or up to 4), `stream`, `stream_options.include_usage`, `n` = 1, and vLLM's `ignore_eos` and
+`top_k` (-1 or 0: off). Unknown fields are ignored, as OpenAI-compatible servers do; fields of OpenAI's or vLLM's
+API that would change the output but are not implemented (`UNSUPPORTED`: `n` > 1, `logprobs`, `echo`, penalties,
+`logit_bias`, `best_of`, tools and functions, `min_p`, `min_tokens`, guided decoding...) are refused with 400
+naming the field rather than ignored.
 
 Errors are `ApiError`s carrying OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and an HTTP
 status: 400 invalid_request_error (a bad parameter, `context_length_exceeded`), 404 (`model_not_found`), 429
@@ -37,7 +39,30 @@ UNSUPPORTED = {  # field -> the value that means "off"
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
     "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"}),
+    # OpenAI's tool and function calling: no tools are served, so only "none" (or nothing) is a choice
+    "functions": (None, []), "function_call": (None, "none", "auto"),
+    "tool_choice": (None, "none", "auto"),
+    "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "web_search_options": (None,),
+    # vLLM's sampling and decoding extensions (vllm/entrypoints/openai/protocol.py), none implemented here
+    "repetition_penalty": (None, 1, 1.0), "length_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0),
+    "min_tokens": (None, 0), "use_beam_search": (None, False), "stop_token_ids": (None, []),
+    "bad_words": (None, []), "allowed_token_ids": (None,), "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+    "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "logits_processors": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,), "structured_outputs": (None,),
+    "add_generation_prompt": (None, True), "continue_final_message": (None, False), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "documents": (None,), "mm_processor_kwargs": (None,),
 }
+NAME_CHARS = 80  # the longest model name an error message quotes in full
+
+
+def _short(value: Any, limit: int = NAME_CHARS) -> str:
+    """repr(value), cut to `limit` characters with the full length said: a message never echoes a 10 MB field."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class ApiError(Exception):
@@ -58,9 +83,11 @@ def _number(body: dict, key: str, default, *, low: float, high: float, integer: 
     if value is None:
         return default
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not low <= value <= high:
+    # a whole number is compared as it is (math.isfinite would convert it to a float: OverflowError past 1e308)
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool) or not isinstance(value, kind) or not finite or not low <= value <= high:
         what = "an integer" if integer else "a number"
-        raise ApiError(f"{key} must be {what} from {low} to {high}, got {value!r}", param=key,
+        raise ApiError(f"{key} must be {what} from {low} to {high}, got {_short(value)}", param=key,
                        code="invalid_value")
     return value
 
@@ -129,6 +156,15 @@ class OpenAIService:
                  "root": base, "parent": None if name == base else base} for name in self.core.model_names]
         return {"object": "list", "data": data}
 
+    def model(self, name: str) -> dict[str, Any]:
+        """OpenAI's model object for one served `name` (GET /v1/models/{model}); ApiError 404 otherwise."""
+        for entry in self.models()["data"]:
+            if entry["id"] == name:
+                return entry
+        shown = name if len(name) <= NAME_CHARS else f"{name[:NAME_CHARS]}... ({len(name)} characters)"
+        raise ApiError(f"The model `{shown}` does not exist; this server has {self.core.model_names}", status=404,
+                       param="model", code="model_not_found")
+
     # ---- POST /v1/completions and /v1/chat/completions ----
 
     def parse(self, body: Any, *, chat: bool) -> tuple[GenerationRequest, bool, bool]:
@@ -141,17 +177,18 @@ class OpenAIService:
             raise ApiError("model is required: the base model's name or an adapter's (GET /v1/models)",
                            param="model", code="missing_required_parameter")
         if not isinstance(model, str):
-            raise ApiError(f"model must be a string (the base model's name or an adapter's), got {model!r}",
+            raise ApiError(f"model must be a string (the base model's name or an adapter's), got {_short(model)}",
                            param="model", code="invalid_value")
         if model not in self.core.model_names:
-            raise ApiError(f"The model `{model}` does not exist; this server has {self.core.model_names}",
+            name = model if len(model) <= NAME_CHARS else f"{model[:NAME_CHARS]}... ({len(model)} characters)"
+            raise ApiError(f"The model `{name}` does not exist; this server has {self.core.model_names}",
                            status=404, param="model", code="model_not_found")
         for key, off in UNSUPPORTED.items():
             if key in body and body[key] not in off:
                 raise ApiError(f"{key} is not supported by this server; leave it out", param=key,
                                code="unsupported_parameter")
         if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
-            raise ApiError(f"n must be 1 (one choice per request), got {body.get('n')!r}", param="n",
+            raise ApiError(f"n must be 1 (one choice per request), got {_short(body.get('n'))}", param="n",
                            code="invalid_value")
         prompt_ids, param = self._chat_prompt(body) if chat else self._prompt(body)
         room = self.core.context_length - len(prompt_ids)
@@ -173,6 +210,7 @@ class OpenAIService:
         top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0)
         if top_p == 0:
             raise ApiError("top_p must be a number above 0.0, up to 1.0, got 0", param="top_p", code="invalid_value")
+        top_k = _number(body, "top_k", 0, low=-1, high=2**31 - 1, integer=True)  # vLLM's: -1 and 0 are off
         seed = _number(body, "seed", None, low=-(2**63), high=2**63 - 1, integer=True)
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
@@ -183,7 +221,7 @@ class OpenAIService:
         if not isinstance(options, dict):
             raise ApiError("stream_options must be an object", param="stream_options", code="invalid_value")
         params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                                seed=None if seed is None else seed % 2**63, stop=tuple(stops),
+                                top_k=max(top_k, 0), seed=None if seed is None else seed % 2**63, stop=tuple(stops),
                                 ignore_eos=ignore_eos)
         request = GenerationRequest(model, prompt_ids, params, request_id=f"{'chatcmpl' if chat else 'cmpl'}-"
                                     f"{uuid.uuid4().hex}", stream=stream)
