@@ -1193,8 +1193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Terminated:
             return _fail("terminated; temporary files removed", EXIT_TERMINATED)
         except Exception as e:  # a bug of ours, not bad input: still one line, the traceback on request
-            if os.environ.get("ROAD_EXPORT_DEBUG"):
-                raise
+            if os.environ.get("ROAD_EXPORT_DEBUG"):  # the traceback on request, the exit code unchanged
+                import traceback
+
+                traceback.print_exc(file=sys.stderr)
             if _is_onnxruntime_error(e):
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 return _fail(f"error: onnxruntime refused the input: {first}", EXIT_BAD_INPUT)

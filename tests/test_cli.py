@@ -2,6 +2,7 @@
 the subprocess users start."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -260,3 +261,27 @@ def test_text_generation_with_past(llama_dirs, tmp_path):
                        "text-generation-with-pasta", tmp_path / "typo.onnx")
     assert_bad_input(typo, says="unknown task 'text-generation-with-pasta'", dirs=d)
     assert not (tmp_path / "typo.onnx").exists()
+
+
+@pytest.mark.parametrize("debug", [None, "1"])
+def test_debug_keeps_exit_codes(monkeypatch, debug):
+    """ROAD_EXPORT_DEBUG prints the traceback but keeps the exit code the error class maps to: a bug of ours 3 (not
+    1, which means parity failed), an onnxruntime input error 2. Planted faults: `inspect` made to raise each."""
+    import onnxruntime
+
+    from road_export import cli
+
+    if debug:
+        monkeypatch.setenv("ROAD_EXPORT_DEBUG", debug)
+    else:
+        monkeypatch.delenv("ROAD_EXPORT_DEBUG", raising=False)
+    ort_error = onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument
+    for raised, code in ((KeyError("planted"), 3), (ort_error("planted input error"), 2)):
+        def fail(args, raised=raised):
+            raise raised
+
+        monkeypatch.setitem(cli.COMMANDS, "inspect", dataclasses.replace(cli.COMMANDS["inspect"], run=fail))
+        done = road_export("inspect", "x.onnx")
+        assert done.returncode == code, done.stderr
+        assert ("Traceback (most recent call last)" in done.stderr) == bool(debug), done.stderr
+        assert "planted" in done.stderr.strip().splitlines()[-1], done.stderr
