@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import peft
 import pytest
 import torch
@@ -285,3 +286,26 @@ def test_debug_keeps_exit_codes(monkeypatch, debug):
         assert done.returncode == code, done.stderr
         assert ("Traceback (most recent call last)" in done.stderr) == bool(debug), done.stderr
         assert "planted" in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+def test_verify_a_base_export_against_the_base_alone(llama_dirs, exported, tmp_path):
+    """A --no-adapter export records no adapter: `verify FILE --base B` checks it against transformers' base model
+    alone; a file that records adapters still needs --adapter. Planted fault: a damaged embedding row FAILS."""
+    import onnx
+    from onnx import numpy_helper
+
+    base = tmp_path / "base.onnx"
+    assert road_export("--base", llama_dirs / "base", "--no-adapter", "--no-verify", base).returncode == 0
+    done = road_export("verify", base, "--base", llama_dirs / "base")
+    assert done.returncode == 0 and "parity PASSED" in done.stdout, done.stdout + done.stderr
+    assert_bad_input(road_export("verify", exported["merge"][0], "--base", llama_dirs / "base"),
+                     says="no adapter given; pass --adapter PATH")
+    model = onnx.load(str(base))
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    init = next(i for i in model.graph.initializer if i.name == gather.input[0])
+    array = numpy_helper.to_array(init).copy()
+    array[5] += np.random.default_rng(0).standard_normal(array.shape[1]).astype(array.dtype)
+    init.CopyFrom(numpy_helper.from_array(array, init.name))
+    onnx.save(model, str(tmp_path / "damaged.onnx"))
+    failed = road_export("verify", tmp_path / "damaged.onnx", "--base", llama_dirs / "base")
+    assert failed.returncode == 1 and "parity FAILED" in failed.stdout, failed.stdout + failed.stderr
