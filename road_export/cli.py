@@ -908,7 +908,8 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
         report = merge_checkpoint(args.base, args.adapter, args.output)
     if not args.quiet:
         print(f"wrote {report.out_dir}: {report.shards} shard(s), {len(report.merged)} tensors rotated, "
-              f"{len(report.replaced)} replaced (modules_to_save)")
+              f"{len(report.replaced)} replaced (modules_to_save)"
+              + (f", {len(report.added)} added (a head the base lacks)" if report.added else ""))
     return EXIT_OK
 
 
