@@ -308,6 +308,19 @@ def test_merge_checkpoint_writes_the_new_head_of_a_classification_adapter(masked
     assert not (tmp_path / "out").exists()
 
 
+def test_cannot_infer_the_task_names_the_flag_on_the_command_line(masked_lm, tmp_path, capsys):
+    """A RobertaForMaskedLM checkpoint has no task road-export infers: the CLI's line names --task, Python's
+    RoadError task=."""
+    from road_export.export.tasks import infer_task
+
+    capsys.readouterr()
+    assert run("--base", masked_lm / "base", "--no-adapter", "--no-verify", tmp_path / "m.onnx") == 2
+    line = one_line_error(capsys, "cannot infer the task of RobertaForMaskedLM; pass --task, one of")
+    assert "task=" not in line
+    with pytest.raises(RoadError, match="pass task= one of"):
+        infer_task(transformers.RobertaForMaskedLM(roberta_config()))
+
+
 def decoder_configs() -> dict[str, transformers.PretrainedConfig]:
     """Decoders whose config.json names heads and layers by aliases (attribute_map); ids within the vocabulary."""
     ids = {"bos_token_id": 0, "eos_token_id": 0}
