@@ -228,7 +228,8 @@ def metadata(model: nn.Module) -> dict[str, str]:
 def thresholds(model: nn.Module) -> list[tuple[int, str]]:
     """(length, why) of every sequence length past which the model computes differently, sorted: the longrope
     switch and the originally trained length of the other scaled ropes (`original_max_position_embeddings`), where
-    dynamic NTK starts growing (`max_position_embeddings`), sliding attention windows (`sliding_window`)."""
+    dynamic NTK starts growing (`max_position_embeddings`), sliding attention windows (`sliding_window`; GPT-Neo's
+    local layers: `window_size`)."""
     config = _inner(model).config
     found: dict[int, str] = {}
     for params in rope_types(model).values():
@@ -241,4 +242,7 @@ def thresholds(model: nn.Module) -> list[tuple[int, str]]:
     window = getattr(config, "sliding_window", None)
     if isinstance(window, int) and window > 0 and (getattr(config, "use_sliding_window", True) is not False):
         found.setdefault(window, "sliding_window")
+    local = getattr(config, "window_size", None)  # GPT-Neo: layers of `attention_layers` "local" attend this far
+    if isinstance(local, int) and local > 0 and "local" in (getattr(config, "attention_layers", None) or ()):
+        found.setdefault(local, "local attention window_size")
     return sorted(found.items())

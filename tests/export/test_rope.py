@@ -390,3 +390,30 @@ def test_float16_longrope_exports_and_generates_across_the_switch(kind, task, tm
         assert same > SWITCH - 10, (same, got_tokens, want_tokens)  # steps past the switch compared
     print(f"{kind} float16 ({task}): max |ORT - peft| {error:.2e}")
     assert error <= 2e-2
+
+
+def test_verify_generates_across_gpt_neos_local_window(tmp_path):
+    """GPT-Neo's local layers (attention_layers "local", window_size 6): the harness generates across the window
+    against peft and passes; the same file judged against a model whose window is wider FAILS that row (planted:
+    the file's window is not the reference's)."""
+    import copy
+
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    config = GPTNeoConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=64,
+                          attention_types=[[["global", "local"], 1]], window_size=6)
+    torch.manual_seed(0)
+    model = with_road(GPTNeoForCausalLM(config).eval(), variant="road_2")
+    path = rx.export(model, tmp_path / "neo.onnx", mode="merge", task=TASK).path
+    report = verify(path, model, coverage=False)
+    crossing = [r for r in report.rows if r.case.startswith("generate across")]
+    assert crossing[0].case == "generate across local attention window_size 6: prompt 4, 5 new", report.table()
+    assert report.passed, report.table()
+    wider = copy.deepcopy(model)
+    for module in wider.modules():  # transformers' GPTNeoSelfAttention keeps the window in its causal-mask buffer
+        if type(module).__name__ == "GPTNeoSelfAttention" and module.attention_type == "local":
+            module.bias.copy_(torch.tril(torch.ones_like(module.bias)))
+    print(f"GPT-Neo local window crossing row: max abs {crossing[0].max_abs:.2e}")
+    bad = verify(path, wider, coverage=False)
+    row = next(r for r in bad.rows if r.case.startswith("generate across local"))
+    assert not row.ok, bad.table()
