@@ -19,6 +19,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from road_export import requires_export  # noqa: F401  (one clear line without the export extra)
 import torch
@@ -205,10 +206,11 @@ def _new_head(base: Path, adapter, unstored: dict[str, torch.Tensor]) -> tuple[d
     meta = zoo.meta_model(config, task)
     params = dict(meta.named_parameters())
     head = {k: t for k, t in unstored.items() if k in params and tuple(params[k].shape) == tuple(t.shape)}
-    keys = {"architectures": [type(meta).__name__]}
-    if head and hasattr(meta.config, "id2label"):
-        keys["id2label"] = {str(i): label for i, label in meta.config.id2label.items()}
-        keys["label2id"] = dict(meta.config.label2id)
+    keys: dict[str, Any] = {"architectures": [type(meta).__name__]}
+    saved: Any = meta.config
+    if head and hasattr(saved, "id2label"):
+        keys["id2label"] = {str(i): label for i, label in saved.id2label.items()}
+        keys["label2id"] = dict(saved.label2id)
     return head, keys
 
 
@@ -219,7 +221,7 @@ def _stored_dtype(headers: dict) -> torch.dtype:
         for key, info in header.items():
             if key != "__metadata__" and info["dtype"] in DTYPES:
                 counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
-    return DTYPES[max(counts, key=counts.get)] if counts else torch.float32
+    return DTYPES[max(counts, key=lambda name: counts[name])] if counts else torch.float32
 
 
 def _write_head(target: Path, head: dict[str, torch.Tensor], dtype: torch.dtype, report: MergeReport) -> None:

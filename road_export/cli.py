@@ -1186,7 +1186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _silence_stdout()
             return EXIT_BROKEN_PIPE
         except RoadError as e:  # `cli_message`: the same error in the command line's terms (--task, not task=)
-            return _fail(f"error: {getattr(e, 'cli_message', None) or e}", EXIT_BAD_INPUT)
+            return _fail(f"error: {e.cli_message or e}", EXIT_BAD_INPUT)
         except OSError as e:  # the file system refused: full, read-only, a directory where a file goes, ...
             return _fail(f"error: {os_error_line(e)}", EXIT_BAD_INPUT)
         except KeyboardInterrupt:

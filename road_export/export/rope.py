@@ -28,6 +28,7 @@ import functools
 import json
 import types
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -132,7 +133,7 @@ def traceable_rope(model: nn.Module) -> Iterator[None]:
 _ABSENT = object()
 
 
-def _long_frequencies(module: nn.Module, layer: str | None) -> tuple[str, object]:
+def _long_frequencies(module: Any, layer: str | None) -> tuple[str, object]:
     """Set `module`'s long-factor inverse frequencies (`[layer_]long_inv_freq`: the one it holds, else as
     transformers' `longrope_frequency_update` computes them: `ROPE_INIT_FUNCTIONS["longrope"](config, device,
     seq_len=original_max_position_embeddings + 1)`) in the dtype of its `[layer_]inv_freq` buffer; returns (the

@@ -143,7 +143,7 @@ def infer_task(model: nn.Module) -> str:
     error = RoadError(
         f"cannot infer the task of {name}; pass task= one of {', '.join(TASKS)}, or example_inputs for a plain module"
     )
-    error.cli_message = f"cannot infer the task of {name}; pass --task, one of {', '.join(TASKS)}"  # as the CLI says it
+    error.cli_message = f"cannot infer the task of {name}; pass --task, one of {', '.join(TASKS)}"
     raise error
 
 
