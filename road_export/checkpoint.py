@@ -19,6 +19,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from road_export import requires_export  # noqa: F401  (one clear line without the export extra)
 import torch
@@ -31,6 +32,7 @@ from road_export.layers import is_supported_base, output_axis
 
 INDEX_NAME = "model.safetensors.index.json"
 UNTIED_SHARD = "model-untied.safetensors"
+HEAD_SHARD = "model-head.safetensors"  # a task head the base checkpoint lacks (modules_to_save of a new classifier)
 CHUNK = 4 * 2**20
 BLOCK_ROWS = 1024  # rows merged at a time (whole groups), so merge_'s scratch copy stays small
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -43,6 +45,7 @@ class MergeReport:
     merged: list[str] = field(default_factory=list)  # tensors rotated
     replaced: list[str] = field(default_factory=list)  # modules_to_save tensors taken from the adapter
     untied: list[str] = field(default_factory=list)  # tensors written apart from the tensor they were tied to
+    added: list[str] = field(default_factory=list)  # head tensors the base checkpoint lacks, from the adapter
     largest_tensor_bytes: int = 0
 
 
@@ -96,9 +99,16 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
     keys = [*extra, *(f"{m}.{p}" for m in adapter.road for p in ("weight", "bias"))]
     stored_as = {k: k if k in where else next((t for t in tied.get(k, []) if t in where), None) for k in keys}
     unstored = [k for k in extra if stored_as[k] is None]
+    head, head_config = _new_head(base, adapter, {k: extra[k] for k in unstored}) if unstored else ({}, {})
+    unstored = [k for k in unstored if k not in head]
     if unstored:
-        raise RoadError(f"{adapter.path}: modules_to_save tensor {unstored[0]} is not stored in {base}; the adapter "
-                        "was made for another model")
+        arch = head_config.get("architectures", [None])[0]
+        kind = f", nor a tensor of {arch} (its peft task_type's model) of that shape" if arch else ""
+        raise RoadError(f"{adapter.path}: modules_to_save tensor {unstored[0]} (shape {tuple(extra[unstored[0]].shape)}"
+                        f") is not stored in {base}{kind}; the adapter was made for another model: merge it into "
+                        "the base it was trained on")
+    for key in head:
+        del extra[key], stored_as[key]
     unplaced = [m for m in adapter.road if stored_as[f"{m}.weight"] is None]
     if unplaced:
         shown = ", ".join(unplaced[:5]) + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else "")
@@ -148,23 +158,78 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
     with atomic_write(out) as tmp:  # an empty `out` is replaced; a failure leaves nothing behind
         tmp.mkdir()
         names = {shard: shard.name for shard in shards}
-        if untied and not (base / INDEX_NAME).is_file():  # transformers reads a single file before an index
+        if (untied or head) and not (base / INDEX_NAME).is_file():  # transformers reads a single file first
             names[shards[0]] = "model-00001-of-00001.safetensors"
         for shard in shards:
             _write_shard(shard, tmp / names[shard], headers[shard], plan_stored, extra_stored, axes, g, report,
                          buffers)
-        if untied:
-            _write_untied(tmp / UNTIED_SHARD, untied, plan, axes, extra, where, g, report)
+        if untied or head:
             index = json.loads((base / INDEX_NAME).read_text()) if (base / INDEX_NAME).is_file() else \
                 {"metadata": {}, "weight_map": {k: names[shards[0]] for k in where}}
-            index["weight_map"].update({k: UNTIED_SHARD for k in untied})
+            if untied:
+                _write_untied(tmp / UNTIED_SHARD, untied, plan, axes, extra, where, g, report)
+                index["weight_map"].update({k: UNTIED_SHARD for k in untied})
+                config["tie_word_embeddings"] = False  # what was written: the two sides are separate tensors now
+            if head:
+                _write_head(tmp / HEAD_SHARD, head, _stored_dtype(headers), report)
+                index["weight_map"].update({k: HEAD_SHARD for k in head})
+                config.update(head_config)
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            config["tie_word_embeddings"] = False  # what was written: the two sides are separate tensors now
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for item in base.iterdir():
             if item.is_file() and item.suffix != ".safetensors" and not (tmp / item.name).exists():
                 shutil.copy2(item, tmp / item.name)
     return report
+
+
+def _new_head(base: Path, adapter, unstored: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The modules_to_save tensors of a head the base checkpoint lacks: those of `unstored` that the model class
+    of the adapter's peft `task_type` has, with the same shape once its head is sized as the adapter's (e.g. a
+    classifier trained on a masked-LM checkpoint with `...ForSequenceClassification.from_pretrained(base,
+    num_labels=3)`); and the config.json keys that model saves for its head (`architectures`, `id2label`,
+    `label2id`: what peft's `merge_and_unload()` followed by `save_pretrained` writes). ({}, {}) for an adapter
+    without a task_type road-export knows; ({}, {"architectures": [...]}) when none of the tensors fits."""
+    from road_export.source import resolve_task
+
+    task = resolve_task(None, [adapter])
+    if task is None:
+        return {}, {}
+    config = zoo.read_config(base)
+    params = dict(zoo.meta_model(config, task).named_parameters())
+    for key, tensor in unstored.items():  # the head's size: the label count its output rows give
+        param = params.get(key)
+        if param is not None and param.dim() >= 1 and param.shape[0] == config.num_labels \
+                and tensor.dim() == param.dim() and tuple(tensor.shape[1:]) == tuple(param.shape[1:]) \
+                and tensor.shape[0] != param.shape[0]:
+            config.num_labels = int(tensor.shape[0])  # transformers rebuilds id2label / label2id
+            break
+    meta = zoo.meta_model(config, task)
+    params = dict(meta.named_parameters())
+    head = {k: t for k, t in unstored.items() if k in params and tuple(params[k].shape) == tuple(t.shape)}
+    keys: dict[str, Any] = {"architectures": [type(meta).__name__]}
+    saved: Any = meta.config
+    if head and hasattr(saved, "id2label"):
+        keys["id2label"] = {str(i): label for i, label in saved.id2label.items()}
+        keys["label2id"] = dict(saved.label2id)
+    return head, keys
+
+
+def _stored_dtype(headers: dict) -> torch.dtype:
+    """The dtype of most of the checkpoint's float tensors (new tensors are written in it)."""
+    counts: dict[str, int] = {}
+    for _, header in headers.values():
+        for key, info in header.items():
+            if key != "__metadata__" and info["dtype"] in DTYPES:
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+    return DTYPES[max(counts, key=lambda name: counts[name])] if counts else torch.float32
+
+
+def _write_head(target: Path, head: dict[str, torch.Tensor], dtype: torch.dtype, report: MergeReport) -> None:
+    """The shard of the new head's tensors (the adapter's modules_to_save values, in the checkpoint's dtype)."""
+    from safetensors.torch import save_file
+
+    save_file({k: t.to(dtype).contiguous() for k, t in sorted(head.items())}, str(target), metadata={"format": "pt"})
+    report.added.extend(sorted(head))
 
 
 def _check_extra_shapes(adapter_path: Path, extra: dict[str, torch.Tensor], stored_as: dict[str, str | None],

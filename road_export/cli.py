@@ -908,7 +908,8 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
         report = merge_checkpoint(args.base, args.adapter, args.output)
     if not args.quiet:
         print(f"wrote {report.out_dir}: {report.shards} shard(s), {len(report.merged)} tensors rotated, "
-              f"{len(report.replaced)} replaced (modules_to_save)")
+              f"{len(report.replaced)} replaced (modules_to_save)"
+              + (f", {len(report.added)} added (a head the base lacks)" if report.added else ""))
     return EXIT_OK
 
 
@@ -1184,8 +1185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # the reader went away: exit quietly, as Unix tools do on SIGPIPE
             _silence_stdout()
             return EXIT_BROKEN_PIPE
-        except RoadError as e:
-            return _fail(f"error: {e}", EXIT_BAD_INPUT)
+        except RoadError as e:  # `cli_message`: the same error in the command line's terms (--task, not task=)
+            return _fail(f"error: {e.cli_message or e}", EXIT_BAD_INPUT)
         except OSError as e:  # the file system refused: full, read-only, a directory where a file goes, ...
             return _fail(f"error: {os_error_line(e)}", EXIT_BAD_INPUT)
         except KeyboardInterrupt:
@@ -1193,8 +1194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Terminated:
             return _fail("terminated; temporary files removed", EXIT_TERMINATED)
         except Exception as e:  # a bug of ours, not bad input: still one line, the traceback on request
-            if os.environ.get("ROAD_EXPORT_DEBUG"):
-                raise
+            if os.environ.get("ROAD_EXPORT_DEBUG"):  # the traceback on request, the exit code unchanged
+                import traceback
+
+                traceback.print_exc(file=sys.stderr)
             if _is_onnxruntime_error(e):
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 return _fail(f"error: onnxruntime refused the input: {first}", EXIT_BAD_INPUT)

@@ -6,7 +6,10 @@ the serving code raises."""
 
 
 class RoadError(ValueError):
-    """Bad input: the message names the file, module or tensor, and says how to fix it."""
+    """Bad input: the message names the file, module or tensor, and says how to fix it. `cli_message`, where set,
+    is the same line in the command line's terms (the CLI prints it instead: `--task`, not Python's `task=`)."""
+
+    cli_message: str | None = None
 
 
 class ExportBug(RuntimeError):

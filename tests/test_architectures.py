@@ -257,12 +257,68 @@ def test_merge_checkpoint_refuses_a_resized_vocabulary_before_writing(tmp_path, 
     peft.get_peft_model(resized, peft.RoadConfig(variant="road_1", group_size=8, init_weights=False,
                                                  target_modules=["q_proj", "v_proj"])).save_pretrained(
         str(tmp_path / "adapter"), save_embedding_layers=True)
+    capsys.readouterr()  # transformers' save progress bars (run alone, before the CLI quiets it)
     code = run("merge-checkpoint", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", tmp_path / "out")
     assert code == 2
     line = one_line_error(capsys, "has shape (272, 64)")
     assert "resize_token_embeddings(272)" in line
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no staging directory left
+
+
+def test_merge_checkpoint_writes_the_new_head_of_a_classification_adapter(masked_lm, tmp_path, capsys):
+    """A SEQ_CLS adapter made on a masked-LM checkpoint (`RobertaForSequenceClassification.from_pretrained(base,
+    num_labels=3)`: the classifier is new, its tensors are modules_to_save): merge-checkpoint writes them in a shard
+    of their own with the config the head needs; `AutoModelForSequenceClassification.from_pretrained(merged)`
+    loads with nothing missing and equals peft's forward with the adapter. Planted fault: a head tensor of a shape the
+    model cannot take stays refused, naming the tensor."""
+    base = masked_lm / "base"
+    torch.manual_seed(3)
+    classifier = transformers.RobertaForSequenceClassification.from_pretrained(base, num_labels=3)
+    save_adapter(classifier, tmp_path / "ad_cls", "SEQ_CLS", ["query", "value"])
+    assert run("merge-checkpoint", "--base", base, "--adapter", tmp_path / "ad_cls", tmp_path / "merged") == 0
+    assert "added (a head the base lacks)" in capsys.readouterr().out
+    merged, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged",
+                                                                                   output_loading_info=True)
+    assert not info["missing_keys"] and type(merged).__name__ == "RobertaForSequenceClassification", info
+    assert merged.config.num_labels == 3
+    torch.manual_seed(4)  # another random classifier: modules_to_save must replace it
+    reference = peft.PeftModel.from_pretrained(
+        transformers.RobertaForSequenceClassification.from_pretrained(base, num_labels=3),
+        str(tmp_path / "ad_cls")).eval()  # peft's own forward: its merge_and_unload() (peft 0.21.2) stops at the
+    # RobertaClassificationHead wrapper ("object has no attribute 'weight'")
+    ids = torch.randint(3, 120, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        error = float((merged.eval()(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max())
+    with capsys.disabled():
+        print(f"merged SEQ_CLS head vs peft: max abs {error:.2e}")
+    assert error <= 1e-5
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "ad_bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((tmp_path / "ad_cls" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "ad_cls" / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("classifier.dense.weight"))
+    tensors[key] = tensors[key][:, :8].contiguous()
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    capsys.readouterr()  # transformers' loading progress bars
+    assert run("merge-checkpoint", "--base", base, "--adapter", bad, tmp_path / "out") == 2
+    one_line_error(capsys, "classifier.dense.weight")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cannot_infer_the_task_names_the_flag_on_the_command_line(masked_lm, tmp_path, capsys):
+    """A RobertaForMaskedLM checkpoint has no task road-export infers: the CLI's line names --task, Python's
+    RoadError task=."""
+    from road_export.export.tasks import infer_task
+
+    capsys.readouterr()
+    assert run("--base", masked_lm / "base", "--no-adapter", "--no-verify", tmp_path / "m.onnx") == 2
+    line = one_line_error(capsys, "cannot infer the task of RobertaForMaskedLM; pass --task, one of")
+    assert "task=" not in line
+    with pytest.raises(RoadError, match="pass task= one of"):
+        infer_task(transformers.RobertaForMaskedLM(roberta_config()))
 
 
 def decoder_configs() -> dict[str, transformers.PretrainedConfig]:

@@ -2,6 +2,7 @@
 the subprocess users start."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import peft
 import pytest
 import torch
@@ -260,3 +262,50 @@ def test_text_generation_with_past(llama_dirs, tmp_path):
                        "text-generation-with-pasta", tmp_path / "typo.onnx")
     assert_bad_input(typo, says="unknown task 'text-generation-with-pasta'", dirs=d)
     assert not (tmp_path / "typo.onnx").exists()
+
+
+@pytest.mark.parametrize("debug", [None, "1"])
+def test_debug_keeps_exit_codes(monkeypatch, debug):
+    """ROAD_EXPORT_DEBUG prints the traceback but keeps the exit code the error class maps to: a bug of ours 3 (not
+    1, which means parity failed), an onnxruntime input error 2. Planted faults: `inspect` made to raise each."""
+    import onnxruntime
+
+    from road_export import cli
+
+    if debug:
+        monkeypatch.setenv("ROAD_EXPORT_DEBUG", debug)
+    else:
+        monkeypatch.delenv("ROAD_EXPORT_DEBUG", raising=False)
+    ort_error = onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument
+    for raised, code in ((KeyError("planted"), 3), (ort_error("planted input error"), 2)):
+        def fail(args, raised=raised):
+            raise raised
+
+        monkeypatch.setitem(cli.COMMANDS, "inspect", dataclasses.replace(cli.COMMANDS["inspect"], run=fail))
+        done = road_export("inspect", "x.onnx")
+        assert done.returncode == code, done.stderr
+        assert ("Traceback (most recent call last)" in done.stderr) == bool(debug), done.stderr
+        assert "planted" in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+def test_verify_a_base_export_against_the_base_alone(llama_dirs, exported, tmp_path):
+    """A --no-adapter export records no adapter: `verify FILE --base B` checks it against transformers' base model
+    alone; a file that records adapters still needs --adapter. Planted fault: a damaged embedding row FAILS."""
+    import onnx
+    from onnx import numpy_helper
+
+    base = tmp_path / "base.onnx"
+    assert road_export("--base", llama_dirs / "base", "--no-adapter", "--no-verify", base).returncode == 0
+    done = road_export("verify", base, "--base", llama_dirs / "base")
+    assert done.returncode == 0 and "parity PASSED" in done.stdout, done.stdout + done.stderr
+    assert_bad_input(road_export("verify", exported["merge"][0], "--base", llama_dirs / "base"),
+                     says="no adapter given; pass --adapter PATH")
+    model = onnx.load(str(base))
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    init = next(i for i in model.graph.initializer if i.name == gather.input[0])
+    array = numpy_helper.to_array(init).copy()
+    array[5] += np.random.default_rng(0).standard_normal(array.shape[1]).astype(array.dtype)
+    init.CopyFrom(numpy_helper.from_array(array, init.name))
+    onnx.save(model, str(tmp_path / "damaged.onnx"))
+    failed = road_export("verify", tmp_path / "damaged.onnx", "--base", llama_dirs / "base")
+    assert failed.returncode == 1 and "parity FAILED" in failed.stdout, failed.stdout + failed.stderr

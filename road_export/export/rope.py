@@ -28,6 +28,7 @@ import functools
 import json
 import types
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,9 +98,19 @@ def traceable_rope(model: nn.Module) -> Iterator[None]:
     """For the duration: every rotary module with a dynamic rope type computes its `inv_freq` in the graph from
     `max(position_ids) + 1` (transformers' own `ROPE_INIT_FUNCTIONS[rope_type]` on a tensor length, as its
     `dynamic_frequency_update` calls it), then runs the undecorated forward with it. Other modules are untouched
-    (longrope's `torch.where` traces as it is). Undone on exit."""
+    (longrope's `torch.where` traces as it is).
+
+    Longrope modules get their long-factor frequencies (the plain attribute `[layer_]long_inv_freq` transformers'
+    `longrope_frequency_update` computes in float32 on first use) in the dtype of their `inv_freq` buffer: in a
+    float16 model transformers' `torch.where(.., long (float32), short (float16))` gives float32 and its in-place
+    `copy_` into the float16 buffer rounds it, which eager torch does but torch.export refuses ("Tensor dtype
+    mismatch"); rounding the long factors first gives the same float16 values. Undone on exit."""
     patched = []
+    longs: list[tuple[nn.Module, str, object]] = []
     for module in _rotary_modules(model):
+        for layer, kind in _module_kinds(module).items():
+            if kind == "longrope":
+                longs.append((module, *_long_frequencies(module, layer)))
         if not any("dynamic" in kind for kind in _module_kinds(module).values()):
             continue
         undecorated = getattr(type(module).forward, "__wrapped__", None)
@@ -112,6 +123,36 @@ def traceable_rope(model: nn.Module) -> Iterator[None]:
     finally:
         for module in patched:
             del module.__dict__["forward"]
+        for module, name, previous in longs:
+            if previous is _ABSENT:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, previous)
+
+
+_ABSENT = object()
+
+
+def _long_frequencies(module: Any, layer: str | None) -> tuple[str, object]:
+    """Set `module`'s long-factor inverse frequencies (`[layer_]long_inv_freq`: the one it holds, else as
+    transformers' `longrope_frequency_update` computes them: `ROPE_INIT_FUNCTIONS["longrope"](config, device,
+    seq_len=original_max_position_embeddings + 1)`) in the dtype of its `[layer_]inv_freq` buffer; returns (the
+    attribute name, its previous value or _ABSENT) for the undo."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    prefix = "" if layer is None else f"{layer}_"
+    buffer = module._buffers[f"{prefix}inv_freq"]
+    params = module.config.rope_parameters if layer is None else module.config.rope_parameters[layer]
+    original = int(params["original_max_position_embeddings"])
+    name = f"{prefix}long_inv_freq"
+    previous = module.__dict__.get(name, _ABSENT)
+    long_inv_freq = getattr(module, name, None)
+    if long_inv_freq is None:  # as transformers: computed once, when unset
+        kwargs = {"layer_type": layer} if layer is not None else {}
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, buffer.device, seq_len=original + 1,
+                                                           **kwargs)
+    setattr(module, name, long_inv_freq.to(buffer.dtype))
+    return name, previous
 
 
 def _dynamic_forward(self: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None,
@@ -188,7 +229,8 @@ def metadata(model: nn.Module) -> dict[str, str]:
 def thresholds(model: nn.Module) -> list[tuple[int, str]]:
     """(length, why) of every sequence length past which the model computes differently, sorted: the longrope
     switch and the originally trained length of the other scaled ropes (`original_max_position_embeddings`), where
-    dynamic NTK starts growing (`max_position_embeddings`), sliding attention windows (`sliding_window`)."""
+    dynamic NTK starts growing (`max_position_embeddings`), sliding attention windows (`sliding_window`; GPT-Neo's
+    local layers: `window_size`)."""
     config = _inner(model).config
     found: dict[int, str] = {}
     for params in rope_types(model).values():
@@ -201,4 +243,7 @@ def thresholds(model: nn.Module) -> list[tuple[int, str]]:
     window = getattr(config, "sliding_window", None)
     if isinstance(window, int) and window > 0 and (getattr(config, "use_sliding_window", True) is not False):
         found.setdefault(window, "sliding_window")
+    local = getattr(config, "window_size", None)  # GPT-Neo: layers of `attention_layers` "local" attend this far
+    if isinstance(local, int) and local > 0 and "local" in (getattr(config, "attention_layers", None) or ()):
+        found.setdefault(local, "local attention window_size")
     return sorted(found.items())

@@ -140,9 +140,11 @@ def infer_task(model: nn.Module) -> str:
         return "text-classification"
     if name.endswith("Model") and hasattr(model, "config"):
         return "feature-extraction"
-    raise RoadError(
+    error = RoadError(
         f"cannot infer the task of {name}; pass task= one of {', '.join(TASKS)}, or example_inputs for a plain module"
     )
+    error.cli_message = f"cannot infer the task of {name}; pass --task, one of {', '.join(TASKS)}"
+    raise error
 
 
 def task_spec(model: nn.Module, task: str, adapter_order: tuple[str, ...] = (),

@@ -354,3 +354,66 @@ def test_gpu_generation_follows_the_switch(exports):
     want, _ = reference_generate(model, ids, mask, 14)
     got = RoadSession(path, providers=cuda_providers()).generate(ids.numpy(), mask.numpy(), max_new_tokens=14)
     np.testing.assert_array_equal(got[:, 10:], want)
+
+
+@pytest.mark.parametrize(("kind", "task"), [("longrope", TASK), ("llama-longrope", "text-generation")])
+def test_float16_longrope_exports_and_generates_across_the_switch(kind, task, tmp_path):
+    """--dtype float16 on a longrope model (Phi-3, and a Llama with rope_scaling longrope): transformers computes the
+    long-factor frequencies in float32 and rounds them into the float16 buffer, which torch.export refused ("Tensor
+    dtype mismatch"); the export now traces, verifies (float16 budget, generating across the switch) and its logits
+    over 14 greedy steps across 16 stay within that budget of peft's float16 generate. Keys scaled by 3 (not 12):
+    float16 rounds keys of magnitude ~30 by 0.02, the float16 budget itself."""
+    import copy
+
+    exported = with_road(sharpen(BUILD[kind](), 3.0), sharpened=True)
+    model = copy.deepcopy(exported).half()  # peft in float16, as torch runs it
+    path = rx.export(exported, tmp_path / f"{kind}.onnx", mode="merge", task=task, dtype="float16").path
+    report = verify(path, copy.deepcopy(model).float(), coverage=False)  # as the CLI: a float32 reference
+    crossing = [r for r in report.rows if r.case.startswith("generate across")]
+    assert report.passed and len(crossing) == (task == TASK), report.table()
+    if task != TASK:  # no cache: one forward past the switch against peft's
+        ids, mask = prompt(model.config.vocab_size, SWITCH + 4)
+        positions = np.where(mask.numpy() == 0, 1, mask.numpy().cumsum(-1) - 1)
+        got = RoadSession(path).run({"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                     "position_ids": positions})["logits"]
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+        m = mask.numpy().astype(bool)
+        error = float(np.abs(got[m].astype(np.float32) - want[m]).max())
+    else:
+        ids, mask = prompt(model.config.vocab_size, 10)
+        want_tokens, want_logits = reference_generate(model, ids, mask, 14)
+        got_tokens, got_logits = ort_generate(path, ids, mask, 14)
+        same = int((got_tokens == want_tokens).all(0).argmin()) if not (got_tokens == want_tokens).all() else 14
+        error = float(np.abs(got_logits[:, : same + 1] - want_logits[:, : same + 1]).max())  # up to the first
+        # differing token (fp16 may pick another near-tie), inclusive
+        assert same > SWITCH - 10, (same, got_tokens, want_tokens)  # steps past the switch compared
+    print(f"{kind} float16 ({task}): max |ORT - peft| {error:.2e}")
+    assert error <= 2e-2
+
+
+def test_verify_generates_across_gpt_neos_local_window(tmp_path):
+    """GPT-Neo's local layers (attention_layers "local", window_size 6): the harness generates across the window
+    against peft and passes; the same file judged against a model whose window is wider FAILS that row (planted:
+    the file's window is not the reference's)."""
+    import copy
+
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    config = GPTNeoConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=64,
+                          attention_types=[[["global", "local"], 1]], window_size=6)
+    torch.manual_seed(0)
+    model = with_road(GPTNeoForCausalLM(config).eval(), variant="road_2")
+    path = rx.export(model, tmp_path / "neo.onnx", mode="merge", task=TASK).path
+    report = verify(path, model, coverage=False)
+    crossing = [r for r in report.rows if r.case.startswith("generate across")]
+    assert crossing[0].case == "generate across local attention window_size 6: prompt 4, 5 new", report.table()
+    assert report.passed, report.table()
+    wider = copy.deepcopy(model)
+    for module in wider.modules():  # transformers' GPTNeoSelfAttention keeps the window in its causal-mask buffer
+        if type(module).__name__ == "GPTNeoSelfAttention" and module.attention_type == "local":
+            module.bias.copy_(torch.tril(torch.ones_like(module.bias)))
+    print(f"GPT-Neo local window crossing row: max abs {crossing[0].max_abs:.2e}")
+    bad = verify(path, wider, coverage=False)
+    row = next(r for r in bad.rows if r.case.startswith("generate across local"))
+    assert not row.ok, bad.table()
