@@ -186,6 +186,13 @@ def _replace(new: Path, path: Path, stage: Path) -> None:
     os.replace(new, path)
 
 
+def private_dir(prefix: str) -> str:
+    """A new directory only this user can enter (mode 0700, `tempfile.mkdtemp` in $TMPDIR) for a process's runtime
+    files that are no output (a server's sockets and state); the caller removes it. Not for outputs: those go
+    through `atomic_write`."""
+    return tempfile.mkdtemp(prefix=prefix)
+
+
 @contextlib.contextmanager
 def staging_dir(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
     """A hidden directory beside `path` (`.NAME.<random><suffix>`) for intermediate files, e.g. the float model

@@ -221,13 +221,14 @@ def test_model_freed_once_its_weights_are_written(bases, tmp_path, mode, quantiz
         source = load_source(str(bases / "base"), [str(bases / "adapter")], reference=False)
         path = tmp_path / name.replace(" ", "_") / "m.onnx"
         path.parent.mkdir()
-        if name == "too early":  # the exporter's save preceded by the release
-            from road_export.export import exporter
+        if name == "too early":  # the exporter's saves preceded by the release (its own and the shared tail's)
+            from road_export.export import exporter, result
 
             free = source.release_model
-            monkeypatch.setattr(exporter, "save_model",
-                                lambda *a, free=free, save=exporter.save_model, **k: (free(unverified=True),
-                                                                                      save(*a, **k))[1])
+            for module in (exporter, result):
+                monkeypatch.setattr(module, "save_model",
+                                    lambda *a, free=free, save=module.save_model, **k: (free(unverified=True),
+                                                                                        save(*a, **k))[1])
         events.clear()
         release = (lambda s=source: (events.append("release"), s.release_model(unverified=True))) \
             if name == "freed" else None

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 from road_export.errors import RoadError, Terminated
+from road_export.files import private_dir
 
 __all__ = ["run_serve", "serve_parser", "start_ray"]
 
@@ -234,7 +235,7 @@ def local_ray_environment(ingress: str = "proxy", host: str = "127.0.0.1") -> di
             raise RoadError(f"--ingress haproxy --host {host}: Ray's HAProxy opens its stats and metrics ports on "
                             "every interface, which a loopback server must not; serve with --ingress proxy, or "
                             "with --host 0.0.0.0 behind a firewall")
-        private = tempfile.mkdtemp(prefix="rex-")  # mode 0700: others cannot reach the socket
+        private = private_dir("rex-")  # mode 0700: others cannot reach the socket
         # Ray puts the socket in a 56-character subdirectory of this one; HAProxy takes paths of 97 characters at most
         if len(private) + len("/" + "0" * 56 + "/metrics.sock") > HAPROXY_PATH_MAX:
             os.rmdir(private)
