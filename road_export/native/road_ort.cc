@@ -373,6 +373,18 @@ OrtStatus* rotate_cuda(const Kernel& kernel, OrtKernelContext* context, const Sh
   return nullptr;
 }
 
+// The node's first `count` inputs and their shapes; an error names a missing one.
+OrtStatus* read_inputs(const Kernel& kernel, OrtKernelContext* context, size_t count, const OrtValue** in,
+                       Shape* shapes) {
+  for (size_t i = 0; i < count; ++i) {
+    ROAD_TRY((ort::call<OrtStatus*>(kernel.api, ort::slot::KernelContext_GetInput,
+                                    static_cast<const OrtKernelContext*>(context), i, &in[i])));
+    if (!in[i]) return fail(kernel.api, kernel.name + ": input " + std::to_string(i) + " is missing");
+    ROAD_TRY(shape_of(kernel.api, in[i], &shapes[i]));
+  }
+  return nullptr;
+}
+
 // The per-row form's banks B1, B2 [adapters, n] (n = Y's last axis, `params->d`) and adapter_ids int64 [batch] (or
 // [1]) checked against Y, and set in `params` (ids, bank count, rows of Y per id).
 OrtStatus* bank_params(const Kernel& kernel, const Shape& b1, const Shape& b2, const Shape& ids, const Shape& y,
@@ -396,15 +408,10 @@ OrtStatus* bank_params(const Kernel& kernel, const Shape& b1, const Shape& b2, c
 // both on onnxruntime's stream: one node where the graph had MatMul and road.Rotate.
 OrtStatus* matmul_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
   const OrtApi* api = kernel.api;
-  const size_t count = kernel.kind == Kind::kMatMulRows ? 5 : 4;
-  const OrtValue* in[5] = {};
-  Shape shapes[5];
-  for (size_t i = 0; i < count; ++i) {
-    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetInput,
-                                    static_cast<const OrtKernelContext*>(context), i, &in[i])));
-    if (!in[i]) return fail(api, kernel.name + ": input " + std::to_string(i) + " is missing");
-    ROAD_TRY(shape_of(api, in[i], &shapes[i]));
-  }
+  const size_t count = input_count(kernel.kind);
+  const OrtValue* in[6] = {};
+  Shape shapes[6];
+  ROAD_TRY(read_inputs(kernel, context, count, in, shapes));
   const Shape &x = shapes[0], &w = shapes[1];
   if (x.rank < 1 || w.rank != 2 || x.dims[x.rank - 1] != w.dims[0])
     return fail(api, kernel.name + ": X " + x.str() + " and W " + w.str() + " do not multiply (want W [k, n] with k "
@@ -470,12 +477,7 @@ OrtStatus* linear_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
   const size_t count = input_count(kernel.kind), first_coef = nbits ? 3 : 2;
   const OrtValue* in[6] = {};
   Shape shapes[6];
-  for (size_t i = 0; i < count; ++i) {
-    ROAD_TRY((ort::call<OrtStatus*>(api, ort::slot::KernelContext_GetInput,
-                                    static_cast<const OrtKernelContext*>(context), i, &in[i])));
-    if (!in[i]) return fail(api, kernel.name + ": input " + std::to_string(i) + " is missing");
-    ROAD_TRY(shape_of(api, in[i], &shapes[i]));
-  }
+  ROAD_TRY(read_inputs(kernel, context, count, in, shapes));
   const Shape &x = shapes[0], &w = shapes[1];
   if (x.rank < 1) return fail(api, kernel.name + ": X must have at least one axis");
   const int64_t k = x.dims[x.rank - 1];
