@@ -1,6 +1,7 @@
 """road.LinearRotate[Rows] and road.MatMulNBitsRotate[Rows] on onnxruntime's CUDA execution provider: the CUDA kernel
-(road_cuda.h, `linear`) against torch in float64 and against onnxruntime's own MatMulNBits, per-row banks, the
-fallbacks, and CUDA-graph capture. Marked `gpu`; skipped without onnxruntime's CUDA provider or the road kernels."""
+(road_cuda.h: the tensor-core, block and warp forms) against torch in float64 and against onnxruntime's own
+MatMulNBits, per-row banks, the fallbacks, and CUDA-graph capture. Marked `gpu`; skipped without onnxruntime's CUDA
+provider or the road kernels."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ SHAPES = [  # (batch, sequence, k, n, group size)
     (8, 1, 2048, 512, 64),    # batch 8
     (3, 17, 256, 128, 64),    # 51 rows: chunks of 8 on the grid's second axis (NBits) or cuBLAS (Linear)
     (2, 3, 128, 48, 16),      # odd widths: the last block of pairs is partial
+    (4, 1, 200, 64, 16),      # k not a multiple of the tensor-core form's 64-value step (its tail is masked)
+    (5, 1, 72, 32, 4),        # half a group under 8 pairs: the tensor-core form does not fit, the block form runs
     (2, 0, 64, 64, 64),       # no rows
 ]
 
@@ -104,7 +107,7 @@ def providers_ran(session) -> dict[str, str]:
                          ids=["fp32", "fp16", "bf16", "fp64"])
 @pytest.mark.parametrize("rows", [False, True], ids=["one-adapter", "per-row-banks"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
-@pytest.mark.parametrize("form", ["tile", "warp"])
+@pytest.mark.parametrize("form", ["mma", "tile", "warp"])
 def test_linear_rotate_kernel_matches_torch(tmp_path, monkeypatch, shape, rows, dtype, form):
     """W [n, k]: up to 8 rows in the one-launch kernel (the block form, or ROAD_EXPORT_LINEAR=warp), more (and
     float64) through cuBLAS then the rotation."""
@@ -131,7 +134,7 @@ NBITS_SHAPES = [s for s in SHAPES if s[2] % 32 == 0]
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("rows", [False, True], ids=["one-adapter", "per-row-banks"])
 @pytest.mark.parametrize("shape", NBITS_SHAPES, ids=[str(s) for s in NBITS_SHAPES])
-@pytest.mark.parametrize("form", ["tile", "warp"])
+@pytest.mark.parametrize("form", ["mma", "tile", "warp"])
 def test_nbits_rotate_kernel_matches_torch_on_the_dequantized_weights(tmp_path, monkeypatch, shape, rows, dtype, bits,
                                                                       form):
     """MatMulNBits' blocks (4 and 8 bits, symmetric, block 32) decoded in the kernel equal the dequantized weights
@@ -184,31 +187,64 @@ def test_nbits_rotate_equals_onnxruntime_matmulnbits_then_rotation():
         assert np.abs(ours - theirs).max() <= 4e-3 * np.abs(theirs).max()
 
 
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16], ids=["fp32-block-form", "fp16-mma-form"])
 @pytest.mark.parametrize("rows", [1, 8])
-def test_linear_kernel_is_captured_by_cuda_graphs(rows):
+def test_linear_kernel_is_captured_by_cuda_graphs(rows, dtype):
     """onnxruntime's enable_cuda_graph captures the one-launch kernel and each replay computes the new input."""
     rng = np.random.default_rng(0)
     k, n, g = 256, 128, 64
     w = rng.standard_normal((k, n)).astype(np.float32)
     q, scales, dequant = quantize_blocks(w, 4)
+    scales = scales.astype(NP[dtype]).astype(np.float32)
+    dequant = ((np.stack([q & 15, q >> 4], -1).reshape(n, k // 32, 32).astype(np.float32) - 8)
+               * scales[..., None]).reshape(n, k).T
     c1, c2 = testutil.coefficients("road_4", n, g, rng)
     model = fused_model(road_op.NBITS_OP_TYPE, {"B": q, "scales": scales, "c1": c1, "c2": c2}, g,
-                        TensorProto.FLOAT, False, k, n, {"K": k, "N": n, "bits": 4, "block_size": 32})
+                        dtype, False, k, n, {"K": k, "N": n, "bits": 4, "block_size": 32})
     options = ort.SessionOptions()
     options.log_severity_level = 3
     assert native.register(options, True)
     s = ort.InferenceSession(model, options, providers=cuda_providers(cuda_graph=True))
-    x = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, k), np.float32), "cuda", 0)
-    y = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, n), np.float32), "cuda", 0)
+    x = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, k), NP[dtype]), "cuda", 0)
+    y = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, n), NP[dtype]), "cuda", 0)
     io = s.io_binding()
     io.bind_ortvalue_input("x", x)
     io.bind_ortvalue_output("y", y)
     for _ in range(4):  # plain runs, the capture, then replays
-        new = rng.standard_normal((rows, 1, k)).astype(np.float32)
+        new = rng.standard_normal((rows, 1, k)).astype(NP[dtype])
         x.update_inplace(new)
         s.run_with_iobinding(io)
-        expected = reference(new, dequant, c1, c2, g, TensorProto.FLOAT)
-        assert np.abs(y.numpy() - expected).max() <= 1e-4 * np.abs(expected).max()
+        expected = reference(new, dequant, c1, c2, g, dtype)
+        tolerance = 1e-4 if dtype == TensorProto.FLOAT else TOL[dtype]
+        assert np.abs(y.numpy().astype(np.float64) - expected).max() <= tolerance * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("tiles_per_block", ["1", "2", "4"])
+@pytest.mark.parametrize("bits", [0, 4])
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.BFLOAT16], ids=["fp16", "bf16"])
+def test_mma_form_tiles_per_block(monkeypatch, tiles_per_block, bits, dtype):
+    """The tensor-core form with 1, 2 and 4 tiles of 8 pairs a block (ROAD_EXPORT_MMA_TM): 6 tiles, so with 4 a block
+    the last block holds 2; 11 rows (a chunk of 8 and one of 3) on 3 adapters' banks."""
+    monkeypatch.setenv("ROAD_EXPORT_LINEAR", "mma")
+    monkeypatch.setenv("ROAD_EXPORT_MMA_TM", tiles_per_block)
+    rng = np.random.default_rng(int(tiles_per_block) + bits)
+    batch, k, n, g = 11, 256, 96, 16
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    c1, c2 = coefficients(n, g, rng, True)
+    ids = rng.integers(0, 3, batch).astype(np.int64)
+    if bits:
+        q, scales, _ = quantize_blocks(w, 4)
+        scales = scales.astype(NP.get(dtype, np.float32)).astype(np.float32)
+        w = ((np.stack([q & 15, q >> 4], -1).reshape(n, k // 32, 32).astype(np.float32) - 8)
+             * scales[..., None]).reshape(n, k).T
+        op, weights = road_op.NBITS_ROWS_OP_TYPE, {"B": q, "scales": scales}
+        attributes = {"K": k, "N": n, "bits": 4, "block_size": 32}
+    else:
+        op, weights, attributes = road_op.LINEAR_ROWS_OP_TYPE, {"w": np.ascontiguousarray(w.T)}, None
+    model = fused_model(op, {**weights, "c1": c1, "c2": c2}, g, dtype, True, k, n, attributes)
+    x = rng.standard_normal((batch, 1, k)).astype(np.float32)
+    feeds = {"x": x.astype(NP.get(dtype, np.float32)), "adapter_ids": ids}
+    check(cuda_session(model), feeds, reference(x, w, c1, c2, g, dtype, ids), dtype, op)
 
 
 def test_planted_wrong_group_size_is_caught():

@@ -7,10 +7,13 @@ onnxruntime's CUDA graphs (`enable_cuda_graph`, IOBinding), timed interleaved (t
 
     base       MatMul (or MatMulNBits) alone: what onnxruntime-genai's model builder graph runs
     unfused    the product, then road.Rotate on the road CUDA kernel (two launches)
-    fused      road.LinearRotate / road.MatMulNBitsRotate (passes/linear_rotate.py): one launch (the block form)
-    warp       the same ops on the warp-per-pair kernel (ROAD_EXPORT_LINEAR=warp)
+    fused      road.LinearRotate / road.MatMulNBitsRotate (passes/linear_rotate.py): one launch, the kernel the
+               default picks (the tensor-core form where it fits, else the block form)
+    mma1/2/4   the tensor-core form with 1, 2 or 4 tiles of 8 pairs a block (ROAD_EXPORT_MMA_TM)
+    tile       the block form (ROAD_EXPORT_LINEAR=tile)
+    warp       the warp-per-pair form (ROAD_EXPORT_LINEAR=warp)
 
-and prints fused / base and unfused / base, the figures the model-level benchmark (tools/bench_builder.py) adds up.
+and prints each / base, the figures the model-level benchmark (tools/bench_builder.py) adds up.
 
     python tools/bench_linear.py [--rounds 30] [--inner 20]
 """
@@ -81,7 +84,7 @@ class Bound:
     """A CUDA-graph session with its input and outputs bound to fixed GPU buffers (`form`: ROAD_EXPORT_LINEAR for
     its kernels, read when the session creates them)."""
 
-    def __init__(self, model: bytes, rows: int, k: int, n: int, form: str = "tile"):
+    def __init__(self, model: bytes, rows: int, k: int, n: int, form: str = ""):
         import os
 
         import onnxruntime as ort
@@ -92,9 +95,10 @@ class Bound:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         assert native.register(options, True)
-        os.environ["ROAD_EXPORT_LINEAR"] = form
+        env = {"ROAD_EXPORT_LINEAR": "mma", "ROAD_EXPORT_MMA_TM": form[3:]} if form.startswith("mma") else (
+            {"ROAD_EXPORT_LINEAR": form} if form else {})
+        os.environ.update(env)  # read when the kernels are created and launched: kept until the graph is captured
         self.session = ort.InferenceSession(model, options, providers=cuda_providers(cuda_graph=True))
-        os.environ.pop("ROAD_EXPORT_LINEAR")
         x = np.random.default_rng(1).standard_normal((rows, 1, k)).astype(np.float16)
         self.x = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
         self.io = self.session.io_binding()
@@ -104,6 +108,8 @@ class Bound:
             self.io.bind_ortvalue_output(f"y{i}", out)
         for _ in range(3):  # plain run, capture, replay
             self.call()
+        for name in env:
+            os.environ.pop(name)
 
     def call(self) -> None:
         self.session.run_with_iobinding(self.io)
@@ -118,23 +124,24 @@ def main() -> None:
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}; R = {R} products a run, CUDA graphs, medians of paired ratios")
-    print(f"{'precision':>9} {'proj':>8} {'rows':>4} {'base us':>8} {'fused/base':>10} {'warp/base':>9} "
-          f"{'unfused/base':>12}")
+    forms = ("fused", "mma1", "mma2", "mma4", "tile", "warp", "unfused")
+    print(f"{'precision':>9} {'proj':>8} {'rows':>4} {'base us':>8} " + " ".join(f"{f + '/base':>12}" for f in forms))
     for precision in ("fp16", "int4"):
         for proj, (k, n) in SHAPES.items():
             models = {kind: graph(kind, precision, k, n) for kind in ("base", "fused", "unfused")}
             for rows in (1, 8):
-                sessions = {kind: Bound(model, rows, k, n) for kind, model in models.items()}
-                sessions["warp"] = Bound(models["fused"], rows, k, n, form="warp")
-                fused = interleave(sessions["fused"].call, sessions["base"].call, rounds=args.rounds,
-                                   inner=args.inner, names=("fused", "base"))
-                warp = interleave(sessions["warp"].call, sessions["base"].call, rounds=args.rounds,
-                                  inner=args.inner, names=("warp", "base"))
-                unfused = interleave(sessions["unfused"].call, sessions["base"].call, rounds=args.rounds,
-                                     inner=args.inner, names=("unfused", "base"))
-                base_us = fused.median_b / R * 1e6
-                print(f"{precision:>9} {proj:>8} {rows:>4} {base_us:8.2f} {fused.ratio:10.3f} {warp.ratio:9.3f} "
-                      f"{unfused.ratio:12.3f}", flush=True)
+                base = Bound(models["base"], rows, k, n)
+                ratios, base_us = [], []
+                for form in forms:
+                    other = Bound(models["unfused" if form == "unfused" else "fused"], rows, k, n,
+                                  form="" if form in ("fused", "unfused") else form)
+                    pair = interleave(other.call, base.call, rounds=args.rounds, inner=args.inner,
+                                      names=(form, "base"))
+                    ratios.append(pair.ratio)
+                    base_us.append(pair.median_b / R * 1e6)
+                    del other
+                print(f"{precision:>9} {proj:>8} {rows:>4} {np.median(base_us):8.2f} "
+                      + " ".join(f"{r:12.3f}" for r in ratios), flush=True)
 
 
 if __name__ == "__main__":

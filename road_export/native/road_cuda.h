@@ -620,11 +620,175 @@ ROAD_TILE(1, 8, nb8_f32, float) ROAD_TILE(1, 8, nb8_f16, h16) ROAD_TILE(1, 8, nb
 ROAD_TILE(8, 0, f32, float) ROAD_TILE(8, 0, f16, h16) ROAD_TILE(8, 0, bf16, b16)
 ROAD_TILE(8, 4, nb4_f32, float) ROAD_TILE(8, 4, nb4_f16, h16) ROAD_TILE(8, 4, nb4_bf16, b16)
 ROAD_TILE(8, 8, nb8_f32, float) ROAD_TILE(8, 8, nb8_f16, h16) ROAD_TILE(8, 8, nb8_bf16, b16)
+// The tensor-core form (sm_80 and newer; float16 / bfloat16 X, float or 4-bit weights; the default for a product
+// these take): mma.sync m16n8k16 with weight rows as A and up to 8 rows of X as B. A's 16 rows are 8 rotation pairs:
+// row gq (a thread's group in the warp) is column c1 of pair gq and row gq + 8 its c2, so both columns of a pair land
+// in one thread's accumulators and the rotation needs no exchange. k may be permuted freely inside a product as long
+// as A and B agree, so a thread feeds its fragment slots from its own contiguous 16-byte runs of W and X (no shared
+// memory staging, no ldmatrix): float W 16 values of a row per step (4 threads: 128 bytes of the row), 4-bit W 32
+// values (16 bytes; dequantized with the 0x6400 / 0x4300 exponent trick, scaled in the element type as onnxruntime's
+// MatMulNBits does, the matching X pairs gathered by byte permutes). A block's 8 warps split k and meet in shared
+// memory; TM tiles of 8 pairs per block share each X load. Rows beyond 8 take the grid's second axis.
+template <typename T> struct IsBf { static constexpr bool v = false; };
+template <> struct IsBf<b16> { static constexpr bool v = true; };
+template <typename T>
+__device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                    unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (IsBf<T>::v)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host launches this form only on sm_80 and newer
+#endif
+}
+// 8 nibbles of one word (k0..k7, low nibble first) as 4 scaled pairs (k0,k4), (k1,k5), (k2,k6), (k3,k7): (q | 1024)
+// is 1024 + q exactly in float16 (128 + q in bfloat16); subtracting 1032 (136) leaves q - 8 exactly; one rounding for
+// the scale. `s2` holds the block's scale twice.
+template <typename T>
+__device__ __forceinline__ void dequant4(unsigned w, unsigned s2, unsigned* out) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    unsigned h = ((w >> (4 * i)) & 0x000f000fu);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (IsBf<T>::v) {
+      h |= 0x43004300u;
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(h) : "r"(h), "r"(0x3f803f80u), "r"(0xc308c308u));
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out[i]) : "r"(h), "r"(s2), "r"(0x80008000u));
+    } else {
+      h |= 0x64006400u;
+      asm("sub.f16x2 %0, %1, %2;" : "=r"(h) : "r"(h), "r"(0x64086408u));
+      asm("mul.f16x2 %0, %1, %2;" : "=r"(out[i]) : "r"(h), "r"(s2));
+    }
+#else
+    out[i] = h;
+#endif
+  }
+}
+__device__ __forceinline__ unsigned pick(unsigned a, unsigned b, unsigned selector) {
+  unsigned r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
+  return r;
+}
+template <typename T, int BITS, int TM>
+__device__ __forceinline__ void mma_tile(const LinParams& g) {
+  const Params& p = g.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
+  const long long half = p.half, k = g.k, tiles = p.d / 16;
+  const long long row0 = (long long)blockIdx.y * 8;
+  const int rows = (int)(p.rows - row0 < 8 ? p.rows - row0 : 8);
+  const bool xlive = gq < rows;  // this thread's B column: row row0 + gq of X
+  const T* xr = (const T*)p.x + (row0 + (xlive ? gq : 0)) * k;
+  long long ca[TM];  // this thread's A rows: c1 of pair 8 (tile) + gq, and c1 + half
+  int live = 0;      // tiles of this block inside the output (uniform over the block)
+#pragma unroll
+  for (int j = 0; j < TM; ++j) {
+    const long long tile = (long long)blockIdx.x * TM + j;
+    if (tile < tiles) live = j + 1;
+    ca[j] = pair_column((tile < tiles ? tile : 0) * 8 + gq, half);
+  }
+  float acc[TM][4];
+#pragma unroll
+  for (int j = 0; j < TM; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0;
+  constexpr int KT = BITS == 0 ? 16 : 32;  // k values per thread and step; a warp covers 4 KT
+  const uint4 zero = {0u, 0u, 0u, 0u};
+  for (long long kb = (long long)warp * 4 * KT; kb < k; kb += 8 * 4 * KT) {
+    const long long kt = kb + t * KT;
+    uint4 xv[KT / 8];
+#pragma unroll
+    for (int u = 0; u < KT / 8; ++u)
+      xv[u] = (xlive && (BITS == 0 ? kt + 8 * u < k : kt < k)) ? __ldg((const uint4*)(xr + kt + 8 * u)) : zero;
+    if constexpr (BITS == 0) {
+      uint4 wa[TM][2], wb[TM][2];
+#pragma unroll
+      for (int j = 0; j < TM; ++j)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const bool in = j < live && kt + 8 * u < k;
+          wa[j][u] = in ? __ldg((const uint4*)((const T*)g.w + ca[j] * k + kt + 8 * u)) : zero;
+          wb[j][u] = in ? __ldg((const uint4*)((const T*)g.w + (ca[j] + half) * k + kt + 8 * u)) : zero;
+        }
+#pragma unroll
+      for (int j = 0; j < TM; ++j)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          mma<T>(acc[j], wa[j][u].x, wb[j][u].x, wa[j][u].y, wb[j][u].y, xv[u].x, xv[u].y);
+          mma<T>(acc[j], wa[j][u].z, wb[j][u].z, wa[j][u].w, wb[j][u].w, xv[u].z, xv[u].w);
+        }
+    } else {
+      const long long row_bytes = g.blocks_per_col * (long long)g.block_size / 2;
+      const unsigned short* sc = (const unsigned short*)g.scales;
+      uint4 qa[TM], qb[TM];
+      unsigned sa[TM], sb[TM];
+#pragma unroll
+      for (int j = 0; j < TM; ++j) {
+        const bool in = j < live && kt < k;
+        const unsigned char* w = (const unsigned char*)g.w + kt / 2;
+        qa[j] = in ? __ldg((const uint4*)(w + ca[j] * row_bytes)) : zero;
+        qb[j] = in ? __ldg((const uint4*)(w + (ca[j] + half) * row_bytes)) : zero;
+        const long long block = kt / g.block_size;
+        const unsigned s1 = in ? __ldg(sc + ca[j] * g.blocks_per_col + block) : 0u;
+        const unsigned s2 = in ? __ldg(sc + (ca[j] + half) * g.blocks_per_col + block) : 0u;
+        sa[j] = s1 | (s1 << 16);
+        sb[j] = s2 | (s2 << 16);
+      }
+      unsigned xp[4][4];  // per word of 8 k: X pairs (x0,x4), (x1,x5), (x2,x6), (x3,x7), as dequant4 pairs W
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        xp[i][0] = pick(xv[i].x, xv[i].z, 0x5410);
+        xp[i][1] = pick(xv[i].x, xv[i].z, 0x7632);
+        xp[i][2] = pick(xv[i].y, xv[i].w, 0x5410);
+        xp[i][3] = pick(xv[i].y, xv[i].w, 0x7632);
+      }
+#pragma unroll
+      for (int j = 0; j < TM; ++j) {
+        const unsigned* ua = (const unsigned*)&qa[j];
+        const unsigned* ub = (const unsigned*)&qb[j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          unsigned a[4], b[4];
+          dequant4<T>(ua[i], sa[j], a);
+          dequant4<T>(ub[i], sb[j], b);
+          mma<T>(acc[j], a[0], b[0], a[1], b[1], xp[i][0], xp[i][1]);
+          mma<T>(acc[j], a[2], b[2], a[3], b[3], xp[i][2], xp[i][3]);
+        }
+      }
+    }
+  }
+  __shared__ float part[8][TM * 4][32];
+#pragma unroll
+  for (int j = 0; j < TM; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[warp][j * 4 + i][lane] = acc[j][i];
+  __syncthreads();
+  if (warp < live) {  // warp j finishes tile j: rows 2t and 2t + 1 of the chunk at columns c1 and c1 + half
+    float s[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s[i] = 0;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) s[i] += part[w][warp * 4 + i][lane];
+    }
+    const long long c1 = pair_column(((long long)blockIdx.x * TM + warp) * 8 + gq, half);
+    if (2 * t < rows) store_pair<T>(p, row0 + 2 * t, c1, c1 + half, s[0], s[2]);
+    if (2 * t + 1 < rows) store_pair<T>(p, row0 + 2 * t + 1, c1, c1 + half, s[1], s[3]);
+  }
+}
+#define ROAD_MMA(TM, BITS, NAME, T) \
+  extern "C" __global__ void __launch_bounds__(256) road_mma##TM##_##NAME(LinParams p) { mma_tile<T, BITS, TM>(p); }
+ROAD_MMA(1, 0, f16, h16) ROAD_MMA(1, 0, bf16, b16) ROAD_MMA(1, 4, nb4_f16, h16) ROAD_MMA(1, 4, nb4_bf16, b16)
+ROAD_MMA(2, 0, f16, h16) ROAD_MMA(2, 0, bf16, b16) ROAD_MMA(2, 4, nb4_f16, h16) ROAD_MMA(2, 4, nb4_bf16, b16)
+ROAD_MMA(4, 0, f16, h16) ROAD_MMA(4, 0, bf16, b16) ROAD_MMA(4, 4, nb4_f16, h16) ROAD_MMA(4, 4, nb4_bf16, b16)
 )CUDA";
 
 // kernel names, by index: rotations 0-3 and GEMVs 4-7 by type index (f32, f64, f16, bf16); then the W^T products:
-// the warp form 8-16 and the block form 17-34 (`linear_index`)
-constexpr int kKernels = 35;
+// the warp form 8-16, the block form 17-34 and the tensor-core form 35-46 (`launch_linear`)
+constexpr int kKernels = 47;
 constexpr const char* kNames[kKernels] = {
     "road_rotate_f32", "road_rotate_f64", "road_rotate_f16", "road_rotate_bf16",
     "road_gemv_f32",   "road_gemv_f32",   "road_gemv_f16",   "road_gemv_bf16",
@@ -636,7 +800,10 @@ constexpr const char* kNames[kKernels] = {
     "road_tile1_nb8_f32", "road_tile1_nb8_f16", "road_tile1_nb8_bf16",
     "road_tile8_f32", "road_tile8_f16", "road_tile8_bf16",
     "road_tile8_nb4_f32", "road_tile8_nb4_f16", "road_tile8_nb4_bf16",
-    "road_tile8_nb8_f32", "road_tile8_nb8_f16", "road_tile8_nb8_bf16"};
+    "road_tile8_nb8_f32", "road_tile8_nb8_f16", "road_tile8_nb8_bf16",
+    "road_mma1_f16", "road_mma1_bf16", "road_mma1_nb4_f16", "road_mma1_nb4_bf16",
+    "road_mma2_f16", "road_mma2_bf16", "road_mma2_nb4_f16", "road_mma2_nb4_bf16",
+    "road_mma4_f16", "road_mma4_bf16", "road_mma4_nb4_f16", "road_mma4_nb4_bf16"};
 // (no float64 GEMV: its shared sums would not fit in 48 KB; float64 products take cuBLAS)
 constexpr int kGemvRows = 8, kGemvTile = 64, kGemvThreads = 256;  // as GEMV_ROWS, GEMV_TILE, GEMV_THREADS above
 
@@ -714,6 +881,7 @@ inline bool cubin_for(int arch, std::vector<char>* out, std::string* why) {
 
 struct Functions {
   CUfunction fn[kKernels] = {};
+  int arch = 0;  // compute capability, 10 * major + minor
 };
 
 inline std::string error_text(const Driver* d, CUresult r) {
@@ -778,6 +946,7 @@ inline bool functions_for(CUstream stream, const Functions** out, std::string* w
     d->CtxPopCurrent(&popped);
   }
   if (!ok) return false;
+  functions.arch = major * 10 + minor;
   *out = last = &loaded.emplace(context, functions).first->second;  // std::map: the address stays valid
   last_stream = stream;
   last_current = current;
@@ -963,10 +1132,33 @@ inline bool linear_fits(int type_index, long long k, long long n, long long grou
   return values >= k && values % per_load == 0 && (values * bits / 8) % 16 == 0;
 }
 
-// Launch `tile` (or, with `warp_form`, `linear`; see kSource) on `stream`: `params` as for `launch`, with x = X and
-// y = Y; every row of X, in chunks of 8 on the grid's second axis (one row: the R = 1 tile).
+// The forms of the W^T product (ROAD_EXPORT_LINEAR): the default picks the tensor-core form where it fits (float16 /
+// bfloat16 X, float or 4-bit W, whole tiles of 8 pairs, sm_80 and newer), else the block form.
+enum class LinearForm { kAuto, kWarp, kTile, kMma };
+
+// Whether the tensor-core form takes a product (beyond `linear_fits`): float16 or bfloat16, half a group a multiple
+// of 8 (a tile's 8 pairs inside one group), 4-bit blocks of a multiple of 32 values with k a multiple of 32.
+inline bool mma_fits(int arch, int type_index, long long k, long long half, int bits, int block_size) {
+  if (arch < 80 || (type_index != 2 && type_index != 3) || half % 8) return false;
+  if (bits == 0) return true;
+  return bits == 4 && block_size % 32 == 0 && k % 32 == 0;
+}
+
+// Tiles of 8 pairs per block for the tensor-core form: ROAD_EXPORT_MMA_TM (1, 2 or 4), else the most that still
+// leaves 264 blocks (two a multiprocessor on an H100) on the grid.
+inline int mma_tiles_per_block(long long tiles) {
+  if (const char* env = std::getenv("ROAD_EXPORT_MMA_TM"); env && *env) {
+    const int tm = std::atoi(env);
+    if (tm == 1 || tm == 2 || tm == 4) return tm;
+  }
+  return tiles / 4 >= 264 ? 4 : tiles / 2 >= 264 ? 2 : 1;
+}
+
+// Launch the W^T product on `stream`: `params` as for `launch`, with x = X and y = Y; every row of X, in chunks of 8
+// on the grid's second axis. `form` picks the kernel (see kSource): the tensor-core form where `mma_fits`, else the
+// block form (4 pairs a block; R = 1 for one row), or the warp form when asked for.
 inline bool launch_linear(CUstream stream, int type_index, const Params& params, const void* w, const void* scales,
-                          long long k, long long blocks_per_col, int block_size, int bits, bool warp_form,
+                          long long k, long long blocks_per_col, int block_size, int bits, LinearForm form,
                           std::string* why) {
   const Functions* functions = nullptr;
   if (!functions_for(stream, &functions, why)) return false;
@@ -981,16 +1173,24 @@ inline bool launch_linear(CUstream stream, int type_index, const Params& params,
   LinParams copy{params, w, scales, k, blocks_per_col, block_size, bits};
   void* args[] = {&copy};
   const Driver* d = driver();
-  CUresult r;
-  if (warp_form) {
-    r = d->LaunchKernel(functions->fn[8 + variant], static_cast<unsigned>(blocks), static_cast<unsigned>(chunks), 1,
-                        256, 1, 1, 0, stream, args, nullptr);
+  const bool mma = (form == LinearForm::kAuto || form == LinearForm::kMma) &&
+                   mma_fits(functions->arch, type_index, k, params.half, bits, block_size);
+  unsigned grid = 0;
+  int index = 0;
+  if (mma) {
+    const long long tiles = params.d / 16;
+    const int tm = mma_tiles_per_block(tiles);
+    grid = static_cast<unsigned>((tiles + tm - 1) / tm);
+    index = 35 + 4 * (tm == 1 ? 0 : tm == 2 ? 1 : 2) + 2 * (bits == 4) + (type_index == 3);
+  } else if (form == LinearForm::kWarp) {
+    grid = static_cast<unsigned>(blocks);
+    index = 8 + variant;
   } else {  // the block form: 4 pairs a block; one row (a decode step at batch 1) or chunks of 8
-    const bool one = params.rows == 1;
-    const long long tiles = (params.d / 2 + 3) / 4;
-    r = d->LaunchKernel(functions->fn[(one ? 17 : 26) + variant], static_cast<unsigned>(tiles),
-                        static_cast<unsigned>(chunks), 1, 256, 1, 1, 0, stream, args, nullptr);
+    grid = static_cast<unsigned>((params.d / 2 + 3) / 4);
+    index = (params.rows == 1 ? 17 : 26) + variant;
   }
+  const CUresult r = d->LaunchKernel(functions->fn[index], grid, static_cast<unsigned>(chunks), 1, 256, 1, 1, 0,
+                                     stream, args, nullptr);
   if (r != 0) {
     *why = "cuLaunchKernel: " + error_text(d, r);
     return false;

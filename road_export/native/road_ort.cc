@@ -215,7 +215,7 @@ struct Kernel {
   bool cuda;  // runs on the CUDA execution provider: X, C1, C2 and Y are device memory
   Kind kind;
   bool gemv;  // MatMul forms: decode-sized products in one launch (ROAD_EXPORT_GEMV=0: always cuBLAS + rotation)
-  bool warp_linear = false;  // Linear / NBits forms: the warp-per-pair kernel (ROAD_EXPORT_LINEAR=warp) instead of tiles
+  cuda::LinearForm linear_form = cuda::LinearForm::kAuto;  // Linear / NBits forms: ROAD_EXPORT_LINEAR=warp|tile|mma
   int64_t k = 0, n = 0, bits = 0, block_size = 0;  // MatMulNBits forms: its attributes K, N, bits, block_size
 };
 
@@ -542,7 +542,7 @@ OrtStatus* linear_rotate_cuda(const Kernel& kernel, OrtKernelContext* context) {
                          "rows of whole 16-byte loads)");
   if (fits && (nbits || (kernel.gemv && params.rows <= 8))) {
     if (!cuda::launch_linear(stream, type_index, params, data[1], nbits ? data[2] : nullptr, k, blocks_per_col,
-                             static_cast<int>(kernel.block_size), bits, kernel.warp_linear, &why))
+                             static_cast<int>(kernel.block_size), bits, kernel.linear_form, &why))
       return fail(api, kernel.name + " (CUDA): " + why);
     return nullptr;
   }
@@ -621,7 +621,11 @@ OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKern
                                 !(gemv && std::string(gemv) == "0")};
     *out = kernel;
     const char* form = std::getenv("ROAD_EXPORT_LINEAR");
-    kernel->warp_linear = form && std::string(form) == "warp";
+    const std::string chosen = form ? form : "";
+    kernel->linear_form = chosen == "warp"   ? cuda::LinearForm::kWarp
+                          : chosen == "tile" ? cuda::LinearForm::kTile
+                          : chosen == "mma"  ? cuda::LinearForm::kMma
+                                             : cuda::LinearForm::kAuto;
     if (road->kind == Kind::kNBits || road->kind == Kind::kNBitsRows) {
       for (auto [attribute, value] : {std::pair<const char*, int64_t*>{"K", &kernel->k}, {"N", &kernel->n},
                                       {"bits", &kernel->bits}, {"block_size", &kernel->block_size}}) {
