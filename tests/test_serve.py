@@ -1195,7 +1195,7 @@ def test_the_key_on_ray(ray_url):
 
 def test_the_routes_open_without_the_key_are_those_the_readme_names(ray_url):
     """Without the key: /health (GET and HEAD) and Ray's proxy's own /-/healthz and /-/routes, which name the
-    application and nothing of its models (the README's "Exposing it" says so); every route of ours else is 401,
+    application and nothing of its models (docs/serving.md's "Exposing it" says so); every route of ours else is 401,
     the model retrieve included."""
     import httpx
 

@@ -305,7 +305,8 @@ def test_serve_generates_each_request_as_peft_alone_across_the_switch(exports, t
 def test_cli_export_verifies_across_the_switch_and_genai_stops_at_it(tmp_path, capsys):
     """`road-export --base B --adapter A OUT_DIR` on a saved longrope Phi-3: the verification after export generates
     across the switch (and passes); genai_config.json caps max_length at the switch, where onnxruntime-genai's tokens
-    are still peft's (genai keeps the short-factor keys past it: measured below, documented in the README)."""
+    are still peft's (genai keeps the short-factor keys past it: measured below, documented in
+    docs/model-directories.md)."""
     import os
 
     from road_export.cli import main
