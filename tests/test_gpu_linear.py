@@ -187,10 +187,13 @@ def test_nbits_rotate_equals_onnxruntime_matmulnbits_then_rotation():
         assert np.abs(ours - theirs).max() <= 4e-3 * np.abs(theirs).max()
 
 
-@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16], ids=["fp32-block-form", "fp16-mma-form"])
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("form", ["tile", "mma"])
 @pytest.mark.parametrize("rows", [1, 8])
-def test_linear_kernel_is_captured_by_cuda_graphs(rows, dtype):
-    """onnxruntime's enable_cuda_graph captures the one-launch kernel and each replay computes the new input."""
+def test_linear_kernel_is_captured_by_cuda_graphs(monkeypatch, rows, dtype, form):
+    """onnxruntime's enable_cuda_graph captures the one-launch kernel and each replay computes the new input (the
+    tensor-core form takes fp16; fp32 falls back to the block form)."""
+    monkeypatch.setenv("ROAD_EXPORT_LINEAR", form)
     rng = np.random.default_rng(0)
     k, n, g = 256, 128, 64
     w = rng.standard_normal((k, n)).astype(np.float32)

@@ -620,8 +620,7 @@ ROAD_TILE(1, 8, nb8_f32, float) ROAD_TILE(1, 8, nb8_f16, h16) ROAD_TILE(1, 8, nb
 ROAD_TILE(8, 0, f32, float) ROAD_TILE(8, 0, f16, h16) ROAD_TILE(8, 0, bf16, b16)
 ROAD_TILE(8, 4, nb4_f32, float) ROAD_TILE(8, 4, nb4_f16, h16) ROAD_TILE(8, 4, nb4_bf16, b16)
 ROAD_TILE(8, 8, nb8_f32, float) ROAD_TILE(8, 8, nb8_f16, h16) ROAD_TILE(8, 8, nb8_bf16, b16)
-// The tensor-core form (sm_80 and newer; float16 / bfloat16 X, float or 4-bit weights; the default for a product
-// these take): mma.sync m16n8k16 with weight rows as A and up to 8 rows of X as B. A's 16 rows are 8 rotation pairs:
+// The tensor-core form (sm_80 and newer; float16 / bfloat16 X, float or 4-bit weights): mma.sync m16n8k16 with weight rows as A and up to 8 rows of X as B. A's 16 rows are 8 rotation pairs:
 // row gq (a thread's group in the warp) is column c1 of pair gq and row gq + 8 its c2, so both columns of a pair land
 // in one thread's accumulators and the rotation needs no exchange. k may be permuted freely inside a product as long
 // as A and B agree, so a thread feeds its fragment slots from its own contiguous 16-byte runs of W and X (no shared
@@ -629,6 +628,7 @@ ROAD_TILE(8, 8, nb8_f32, float) ROAD_TILE(8, 8, nb8_f16, h16) ROAD_TILE(8, 8, nb
 // values (16 bytes; dequantized with the 0x6400 / 0x4300 exponent trick, scaled in the element type as onnxruntime's
 // MatMulNBits does, the matching X pairs gathered by byte permutes). A block's 8 warps split k and meet in shared
 // memory; TM tiles of 8 pairs per block share each X load. Rows beyond 8 take the grid's second axis.
+// Opt-in (ROAD_EXPORT_LINEAR=mma) until it has been measured on a GPU: see `LinearForm`.
 template <typename T> struct IsBf { static constexpr bool v = false; };
 template <> struct IsBf<b16> { static constexpr bool v = true; };
 template <typename T>
@@ -1132,8 +1132,10 @@ inline bool linear_fits(int type_index, long long k, long long n, long long grou
   return values >= k && values % per_load == 0 && (values * bits / 8) % 16 == 0;
 }
 
-// The forms of the W^T product (ROAD_EXPORT_LINEAR): the default picks the tensor-core form where it fits (float16 /
-// bfloat16 X, float or 4-bit W, whole tiles of 8 pairs, sm_80 and newer), else the block form.
+// The forms of the W^T product (ROAD_EXPORT_LINEAR): the block form by default; `mma` asks for the tensor-core form
+// where it fits (float16 / bfloat16 X, float or 4-bit W, whole tiles of 8 pairs, sm_80 and newer; else the block
+// form). The tensor-core form stays opt-in until it has been measured against the block form on a GPU
+// (tools/bench_linear.py) and its GPU tests have run there.
 enum class LinearForm { kAuto, kWarp, kTile, kMma };
 
 // Whether the tensor-core form takes a product (beyond `linear_fits`): float16 or bfloat16, half a group a multiple
@@ -1155,8 +1157,8 @@ inline int mma_tiles_per_block(long long tiles) {
 }
 
 // Launch the W^T product on `stream`: `params` as for `launch`, with x = X and y = Y; every row of X, in chunks of 8
-// on the grid's second axis. `form` picks the kernel (see kSource): the tensor-core form where `mma_fits`, else the
-// block form (4 pairs a block; R = 1 for one row), or the warp form when asked for.
+// on the grid's second axis. `form` picks the kernel (see kSource): the block form (4 pairs a block; R = 1 for one
+// row), or the warp form, or the tensor-core form where `mma_fits`, when asked for.
 inline bool launch_linear(CUstream stream, int type_index, const Params& params, const void* w, const void* scales,
                           long long k, long long blocks_per_col, int block_size, int bits, LinearForm form,
                           std::string* why) {
@@ -1173,8 +1175,7 @@ inline bool launch_linear(CUstream stream, int type_index, const Params& params,
   LinParams copy{params, w, scales, k, blocks_per_col, block_size, bits};
   void* args[] = {&copy};
   const Driver* d = driver();
-  const bool mma = (form == LinearForm::kAuto || form == LinearForm::kMma) &&
-                   mma_fits(functions->arch, type_index, k, params.half, bits, block_size);
+  const bool mma = form == LinearForm::kMma && mma_fits(functions->arch, type_index, k, params.half, bits, block_size);
   unsigned grid = 0;
   int index = 0;
   if (mma) {
