@@ -49,23 +49,6 @@ logger = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 
 
-def cuda_native(native: bool | None) -> bool:
-    """Whether to register the road kernel library for a session whose first provider is CUDA: the library's CUDA
-    kernels must be there (`road_export.native.cuda_kernels`), else the CPU kernels would pull every rotation
-    off the GPU. native=None: register them when they are there, else run the bodies (logged); True: raise
-    RoadError when they are not."""
-    from road_export import native as road_native
-
-    why = road_native.cuda_kernels()
-    if why is None:
-        return native is not False
-    if native:
-        raise RoadError(f"the road CUDA kernels are unavailable here ({why}); use native=None to run the "
-                        "standard-op bodies on the GPU")
-    logger.warning("road CUDA kernels unavailable (%s); the road ops run their standard-op bodies on the GPU", why)
-    return False
-
-
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # onnxruntime session config key
 
 
@@ -211,16 +194,15 @@ class _Selector:
     """Greedy choice on the GPU: the logits never leave it, the token ids [batch] come back."""
 
     def __init__(self, session: Session):
-        import onnxruntime as ort
         from onnx import TensorProto
+
+        from road_export.ort_session import new_session
 
         logits = session.session.get_outputs()[session.output_names.index("logits")]
         kind = {"tensor(float16)": TensorProto.FLOAT16, "tensor(double)": TensorProto.DOUBLE}.get(
             logits.type, TensorProto.FLOAT)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(_selector_model(kind), options,
-                                            providers=cuda_providers(device_id(session)))
+        self.session = new_session(_selector_model(kind), providers=cuda_providers(device_id(session)),
+                                   log_severity=3, what="the token selector").session
         self.io = self.session.io_binding()
         self.io.bind_output("tokens", "cpu")
 
