@@ -177,7 +177,7 @@ class Decoding:
     with its prefill/step/update/shared_outputs/last_logits/aligned, e.g. the seq2seq decoder's); None: `Rerun`
     (`positions`: the file takes position_ids). `recompute_at` and `renew(mask, remaining new tokens)` -> a new
     cache: at that sequence length (padding included) the cache is dropped and the whole sequence runs again
-    (Phi-3's longrope switch, see the module). `keep` / `extend` drop and append rows (continuous batching)."""
+    (Phi-3's longrope switch, see the module). `keep` drops rows (continuous batching)."""
 
     def __init__(self, run: Run, cache: Any = None, *, step_run: Run | None = None, positions: bool = False,
                  recompute_at: int | None = None, renew: Callable[[np.ndarray, int], Any] | None = None):
@@ -214,10 +214,8 @@ class Decoding:
         return self.cache.last_logits(outputs["logits"])
 
     def keep(self, indices: Sequence[int]) -> None:
+        """Keep only these rows (continuous batching); rows join through `self.cache.extend`."""
         self.cache.keep(indices)
-
-    def extend(self, other: Decoding) -> None:
-        self.cache.extend(other.cache)
 
 
 Pick = Callable[[Mapping[str, Any]], tuple[np.ndarray, np.ndarray | None]]
