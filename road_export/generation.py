@@ -169,28 +169,45 @@ class Rerun:
 
 class Decoding:
     """One batch's decode state, the step of every decode loop of the package: `prefill(ids, mask)` runs the
-    prompts, `step(tokens)` one new token per row; each returns the run's outputs ({name: array or OrtValue}) after
-    handing them to the cache (present -> past). `last_logits(outputs)` -> [rows, vocab], each row's last real token.
+    prompts, `step(tokens)` one new token per row; each returns the run's outputs ({name: array or OrtValue}).
+    `last_logits(outputs)` -> [rows, vocab], each row's last real token; `aligned`: whether that is the logits' last
+    position for every row (`KVCache.aligned`).
 
+    A run's outputs reach the cache (present -> past, `KVCache.update`) when the next step needs them, or when
+    `cache` is read (to move rows: `keep`, `KVCache.extend`), never after the last run nor at a recompute.
     `run` / `step_run`: the `Run` of the prefill and of the steps (one session, or for an encoder-decoder the
     decoder and the decoder with past); `cache`: the key/value strategy (`road_export.kvcache.KVCache`, or an object
     with its prefill/step/update/shared_outputs/last_logits/aligned, e.g. the seq2seq decoder's); None: `Rerun`
     (`positions`: the file takes position_ids). `recompute_at` and `renew(mask, remaining new tokens)` -> a new
     cache: at that sequence length (padding included) the cache is dropped and the whole sequence runs again
-    (Phi-3's longrope switch, see the module). `keep` drops rows (continuous batching)."""
+    (Phi-3's longrope switch, see the module)."""
 
     def __init__(self, run: Run, cache: Any = None, *, step_run: Run | None = None, positions: bool = False,
                  recompute_at: int | None = None, renew: Callable[[np.ndarray, int], Any] | None = None):
         self.run, self.step_run = run, step_run or run
-        self.cache = cache if cache is not None else Rerun(positions)
+        self._cache = cache if cache is not None else Rerun(positions)
         self.recompute_at = recompute_at if cache is not None and renew is not None else None
         self.renew = renew
         self.sequence = self.mask = np.zeros((0, 0), np.int64)
+        self._pending: Mapping[str, Any] | None = None  # the last run's outputs, not yet in the cache
+
+    @property
+    def cache(self) -> Any:
+        """The cache strategy, holding every run's outputs so far."""
+        if self._pending is not None:
+            self._cache.update(self._pending)
+            self._pending = None
+        return self._cache
+
+    @property
+    def aligned(self) -> bool:
+        return bool(self._cache.aligned)
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
         if self.recompute_at is not None:
             self.sequence, self.mask = ids, mask
-        return self._run(self.run, self.cache.prefill(ids, mask))
+        self._pending = None
+        return self._run(self.run, self._cache.prefill(ids, mask))
 
     def step(self, tokens: np.ndarray, remaining: int = 1) -> dict[str, Any]:
         """One token per row [rows] int64; `remaining`: the new tokens still to come, this one included (the size
@@ -201,17 +218,17 @@ class Decoding:
             self.sequence = np.concatenate([self.sequence, np.asarray(tokens, np.int64).reshape(rows, 1)], 1)
             if self.mask.shape[1] == self.recompute_at:  # the whole sequence again from an empty cache
                 assert self.renew is not None
-                self.cache = self.renew(self.mask, remaining)
-                return self._run(self.run, self.cache.prefill(self.sequence, self.mask))
+                self._cache, self._pending = self.renew(self.mask, remaining), None
+                return self._run(self.run, self._cache.prefill(self.sequence, self.mask))
         return self._run(self.step_run, self.cache.step(tokens))
 
     def _run(self, run: Run, feeds: dict[str, Any]) -> dict[str, Any]:
-        outputs = run(feeds, self.cache.shared_outputs())
-        self.cache.update(outputs)
+        outputs = run(feeds, self._cache.shared_outputs())
+        self._pending = outputs
         return outputs
 
     def last_logits(self, outputs: Mapping[str, Any]) -> np.ndarray:
-        return self.cache.last_logits(outputs["logits"])
+        return self._cache.last_logits(outputs["logits"])
 
     def keep(self, indices: Sequence[int]) -> None:
         """Keep only these rows (continuous batching); rows join through `self.cache.extend`."""

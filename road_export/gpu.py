@@ -244,9 +244,9 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     select = None if do_sample or kind != "cuda" else _Selector(session)
 
     def pick(outputs):
-        if select is not None and decoding.cache.aligned:
+        if select is not None and decoding.aligned:
             return select(outputs["logits"]), None  # the logits stay on the device
-        logits = decoding.cache.last_logits(outputs["logits"].numpy()).astype(np.float32)
+        logits = decoding.last_logits({"logits": outputs["logits"].numpy()}).astype(np.float32)
         return sampling.choose(logits, rng), logits
 
     new = [step.tokens[:, None] for step in decode(decoding, ids, mask, max_new_tokens=max_new_tokens, pick=pick,
