@@ -9,6 +9,14 @@ A file whose rope switches at a length (Phi-3's longrope: the `road_export.rope`
 generated as transformers' generation of that model does it (`Phi3ForCausalLM.prepare_inputs_for_generation`): when
 the sequence first reaches that many tokens, the cache is dropped and the whole sequence runs again, so every key
 is computed with the long factors the graph then chooses.
+
+This module holds the package's one decode loop. `Decoding` is a batch's state (prefill, step, present -> past
+through the file's cache strategy `road_export.kvcache`, mask and position growth, the longrope recompute) over a
+`Run` (onnxruntime's run with the rows' adapters: `host_run` here, the IOBinding run of `road_export.gpu`);
+`decode` chooses the tokens (`Pick`: `host_pick`, or the GPU's ArgMax), stops rows at EOS and pads them. `stream`
+(RoadSession on the host), `road_export.gpu.generate`, `road_export.seq2seq.Seq2SeqSession.stream` (the decoder,
+the encoder's output a fixed feed) run `decode`; the serving engine drives `Decoding` step by step as rows join and
+leave.
 """
 
 from __future__ import annotations

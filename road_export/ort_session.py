@@ -16,15 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from road_export.errors import RoadError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CPU", "CUDA", "OrtSession", "first_line", "new_session", "provider_name", "road_kernels",
+__all__ = ["CPU", "CUDA", "NUMPY_TYPES", "OrtSession", "first_line", "new_session", "provider_name", "road_kernels",
            "session_options"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+"""onnxruntime's input/output type strings (`NodeArg.type`) -> numpy types, for the types numpy has."""
 
 
 @dataclass

@@ -11,9 +11,8 @@ import numpy as np
 from road_export import generation, kvcache
 from road_export.errors import RoadError
 from road_export.names import BASE_NAME, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
+from road_export.ort_session import NUMPY_TYPES
 
-_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-          "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 _UNREAD = object()  # RoadSession._cache_layout before its first read
@@ -72,7 +71,7 @@ class RoadSession:
         self.mixed = "adapter_ids" in self.input_names
         self.adapters = [a["name"] for a in sorted(records, key=lambda a: a.get("id", 0))]
         self._swaps: dict[str, object] = {}  # adapter name -> onnxruntime.LoraAdapter
-        self._inputs = {i.name: (list(i.shape), _NUMPY.get(i.type)) for i in self.session.get_inputs()}
+        self._inputs = {i.name: (list(i.shape), NUMPY_TYPES.get(i.type)) for i in self.session.get_inputs()}
         self._swap_files: dict[str, Path] = {}  # adapter name -> its .onnx_adapter file (road_export.gpu binds it)
         self._swap_records = json.loads(meta["road_export.swap"]) if "road_export.swap" in meta else None
         # token ids must be < vocab_size: the logits' static last size ([batch, sequence, vocab]); None if unknown

@@ -183,7 +183,7 @@ class Seq2SeqSession:
         batch = ids.shape[0]
         states = self.run_encoder(ids, mask, adapter=adapter, adapter_names=adapter_names)
         cached = use_cache and self.decoder_with_past is not None
-        steps = self.decoder_with_past if cached else self.decoder
+        steps = self.decoder_with_past if cached and self.decoder_with_past is not None else self.decoder
         decoding = Decoding(host_run(self.decoder, *self._route(self.decoder, batch, adapter, adapter_names)),
                             DecoderCache(mask, states, cached),
                             step_run=host_run(steps, *self._route(steps, batch, adapter, adapter_names)))

@@ -10,8 +10,9 @@
 3. drops the rows that finished (EOS, `max_tokens`, a stop string, the context length) or were cancelled, and the
    leading cache columns that no remaining row attends to.
 
-Rows join and leave between steps, so a short request never waits for a long one. The cache is the runtime's
-`road_export.kvcache` component, in the file's layout: road-export's (past [batch, kv_heads, past, head_dim],
+Rows join and leave between steps, so a short request never waits for a long one. Each batch is the runtime's
+decode state (`road_export.generation.Decoding`: prefill, step, present -> past) over its `road_export.kvcache`
+cache, in the file's layout: road-export's (past [batch, kv_heads, past, head_dim],
 attention_mask [batch, past + new] with 0 on left padding, positions from `names.positions`), or a model builder
 graph's GroupQueryAttention rows (each row's tokens from position 0, one shared buffer of the context length).
 
