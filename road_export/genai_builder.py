@@ -236,11 +236,12 @@ def parity(onnx_path: Path, base: Path, adapters: list, *, quantized: bool, dtyp
     `adapters` [(name, AdapterFile)]: one row per adapter (each swapped in through its `.onnx_adapter` values as
     inputs, or picked by adapter_ids in a mixed graph), or the base alone. Returns rows {"case", "max_abs",
     "cosine", "ok"}."""
-    import onnxruntime as ort
     import torch
     from transformers import AutoModelForCausalLM
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    from road_export.ort_session import new_session
+
+    session = new_session(onnx_path, log_severity=2).session
     inputs = {i.name: i for i in session.get_inputs()}
     rng = np.random.default_rng(seed)
     torch_dtype = {"float32": torch.float32, "float16": torch.float32, "bfloat16": torch.float32}[dtype]

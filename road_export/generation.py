@@ -9,16 +9,23 @@ A file whose rope switches at a length (Phi-3's longrope: the `road_export.rope`
 generated as transformers' generation of that model does it (`Phi3ForCausalLM.prepare_inputs_for_generation`): when
 the sequence first reaches that many tokens, the cache is dropped and the whole sequence runs again, so every key
 is computed with the long factors the graph then chooses.
+
+This module holds the package's one decode loop. `Decoding` is a batch's state (prefill, step, present -> past
+through the file's cache strategy `road_export.kvcache`, mask and position growth, the longrope recompute) over a
+`Run` (onnxruntime's run with the rows' adapters: `host_run` here, the IOBinding run of `road_export.gpu`);
+`decode` chooses the tokens (`Pick`: `host_pick`, or the GPU's ArgMax), stops rows at EOS and pads them. `stream`
+(RoadSession on the host), `road_export.gpu.generate`, `road_export.seq2seq.Seq2SeqSession.stream` (the decoder,
+the encoder's output a fixed feed) run `decode`; the serving engine drives `Decoding` step by step as rows join and
+leave.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-
-import json
 
 import numpy as np
 
@@ -51,7 +58,8 @@ class Step:
     """One decoding step: the token chosen for each row and the raw logits it was chosen from."""
 
     tokens: np.ndarray  # [batch] int64; rows already finished get pad_token_id
-    logits: np.ndarray  # [batch, vocab] float32, before temperature / top-k / top-p
+    logits: np.ndarray | None  # [batch, vocab] float32, before temperature / top-k / top-p; None where the token was
+    # chosen on the device (the GPU loop's greedy ArgMax: the logits never came to the host)
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,166 @@ def check_request(session: Session, input_ids, attention_mask, max_new_tokens, p
     return ids, mask, np.random.default_rng(seed), eos
 
 
+Run = Callable[[dict[str, Any], Mapping[str, Any]], dict[str, Any]]
+"""One run of a decode loop: (feeds, {present output: value to write into} from `KVCache.shared_outputs`) ->
+{output name: value}; `host_run` for InferenceSession.run, `road_export.gpu`'s IOBinding runner for the device."""
+
+
+def host_run(session: Session, extra: Mapping[str, np.ndarray], options: Any = None, *, check: bool = True) -> Run:
+    """A `Run` over `session.run_feeds` (onnxruntime's InferenceSession.run): `extra` (`adapter_ids`) joins every
+    run's feeds, `options` (RunOptions activating a swapped adapter) goes with each run; with `check`, the first
+    run's feeds are checked against the model's inputs (`session.check_feeds`: RoadError saying what it takes).
+    Outputs are numpy arrays; the shared outputs are not bound (GqaCache keeps the returned copy)."""
+    checked = not check
+
+    def run(feeds: dict[str, Any], shared: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        nonlocal checked
+        if not checked:
+            feeds, checked = session.check_feeds(feeds), True
+        feeds.update(extra)
+        return dict(zip(session.output_names, session.run_feeds(None, feeds, options), strict=True))
+
+    return run
+
+
+class Rerun:
+    """The decode loop's strategy for a file without a key/value cache: every run is the whole sequence so far
+    (the mask as given, `position_ids` from it where the file takes them); what a cache saves."""
+
+    aligned = True
+
+    def __init__(self, with_positions: bool):
+        self.with_positions = with_positions
+        self.ids = self.mask = np.zeros((0, 0), np.int64)
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        self.ids, self.mask = ids, mask
+        return self._feeds()
+
+    def step(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        rows = self.ids.shape[0]
+        self.ids = np.concatenate([self.ids, np.asarray(tokens, np.int64).reshape(rows, 1)], 1)
+        self.mask = np.concatenate([self.mask, np.ones((rows, 1), np.int64)], 1)
+        return self._feeds()
+
+    def _feeds(self) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": self.ids, "attention_mask": self.mask}
+        if self.with_positions:
+            feeds["position_ids"] = positions(self.mask)
+        return feeds
+
+    def update(self, outputs: Mapping[str, Any]) -> None:
+        pass
+
+    def shared_outputs(self) -> dict[str, Any]:
+        return {}
+
+    def last_logits(self, logits: np.ndarray) -> np.ndarray:
+        return logits[:, -1]
+
+
+class Decoding:
+    """One batch's decode state, the step of every decode loop of the package: `prefill(ids, mask)` runs the
+    prompts, `step(tokens)` one new token per row; each returns the run's outputs ({name: array or OrtValue}).
+    `last_logits(outputs)` -> [rows, vocab], each row's last real token; `aligned`: whether that is the logits' last
+    position for every row (`KVCache.aligned`).
+
+    A run's outputs reach the cache (present -> past, `KVCache.update`) when the next step needs them, or when
+    `cache` is read (to move rows: `keep`, `KVCache.extend`), never after the last run nor at a recompute.
+    `run` / `step_run`: the `Run` of the prefill and of the steps (one session, or for an encoder-decoder the
+    decoder and the decoder with past); `cache`: the key/value strategy (`road_export.kvcache.KVCache`, or an object
+    with its prefill/step/update/shared_outputs/last_logits/aligned, e.g. the seq2seq decoder's); None: `Rerun`
+    (`positions`: the file takes position_ids). `recompute_at` and `renew(mask, remaining new tokens)` -> a new
+    cache: at that sequence length (padding included) the cache is dropped and the whole sequence runs again
+    (Phi-3's longrope switch, see the module)."""
+
+    def __init__(self, run: Run, cache: Any = None, *, step_run: Run | None = None, positions: bool = False,
+                 recompute_at: int | None = None, renew: Callable[[np.ndarray, int], Any] | None = None):
+        self.run, self.step_run = run, step_run or run
+        self._cache = cache if cache is not None else Rerun(positions)
+        self.recompute_at = recompute_at if cache is not None and renew is not None else None
+        self.renew = renew
+        self.sequence = self.mask = np.zeros((0, 0), np.int64)
+        self._pending: Mapping[str, Any] | None = None  # the last run's outputs, not yet in the cache
+
+    @property
+    def cache(self) -> Any:
+        """The cache strategy, holding every run's outputs so far."""
+        if self._pending is not None:
+            self._cache.update(self._pending)
+            self._pending = None
+        return self._cache
+
+    @property
+    def aligned(self) -> bool:
+        return bool(self._cache.aligned)
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+        if self.recompute_at is not None:
+            self.sequence, self.mask = ids, mask
+        self._pending = None
+        return self._run(self.run, self._cache.prefill(ids, mask))
+
+    def step(self, tokens: np.ndarray, remaining: int = 1) -> dict[str, Any]:
+        """One token per row [rows] int64; `remaining`: the new tokens still to come, this one included (the size
+        of a renewed cache's buffer)."""
+        if self.recompute_at is not None:
+            rows = self.sequence.shape[0]
+            self.mask = np.concatenate([self.mask, np.ones((rows, 1), np.int64)], 1)
+            self.sequence = np.concatenate([self.sequence, np.asarray(tokens, np.int64).reshape(rows, 1)], 1)
+            if self.mask.shape[1] == self.recompute_at:  # the whole sequence again from an empty cache
+                assert self.renew is not None
+                self._cache, self._pending = self.renew(self.mask, remaining), None
+                return self._run(self.run, self._cache.prefill(self.sequence, self.mask))
+        return self._run(self.step_run, self.cache.step(tokens))
+
+    def _run(self, run: Run, feeds: dict[str, Any]) -> dict[str, Any]:
+        outputs = run(feeds, self._cache.shared_outputs())
+        self._pending = outputs
+        return outputs
+
+    def last_logits(self, outputs: Mapping[str, Any]) -> np.ndarray:
+        return self._cache.last_logits(outputs["logits"])
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep only these rows (continuous batching); rows join through `self.cache.extend`."""
+        self.cache.keep(indices)
+
+
+Pick = Callable[[Mapping[str, Any]], tuple[np.ndarray, np.ndarray | None]]
+"""How a loop chooses each row's token from a run's outputs: (tokens [rows], the logits [rows, vocab] float32 they
+were chosen from, or None when chosen on the device)."""
+
+
+def host_pick(decoding: Decoding, sampling: Sampling, rng: np.random.Generator) -> Pick:
+    """Choose on the host: each row's last real logits (`Decoding.last_logits`), float32, then `sampling`."""
+
+    def pick(outputs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        logits = decoding.last_logits(outputs).astype(np.float32)
+        return sampling.choose(logits, rng), logits
+
+    return pick
+
+
+def decode(decoding: Decoding, ids: np.ndarray, mask: np.ndarray, *, max_new_tokens: int, pick: Pick,
+           eos: np.ndarray, pad_token_id: int) -> Iterator[Step]:
+    """The decode loop: prefill `ids` [rows, prompt] (0 in `mask` on padding), then one token per row per step;
+    yields a `Step` per new token until `max_new_tokens` or every row has produced one of `eos` [n] int64; rows that
+    finished get `pad_token_id`. Every generation of the package runs this: `stream` (RoadSession on the host),
+    `road_export.gpu.generate` (IOBinding), `road_export.seq2seq.Seq2SeqSession.stream` (the decoder). The serving
+    engine drives `Decoding` itself (rows join and leave between steps)."""
+    outputs = decoding.prefill(ids, mask)
+    unfinished = np.ones(ids.shape[0], dtype=bool)
+    for count in range(1, max_new_tokens + 1):
+        chosen, logits = pick(outputs)
+        tokens = np.where(unfinished, chosen, pad_token_id).astype(np.int64)
+        yield Step(tokens, logits)
+        unfinished &= ~np.isin(tokens, eos)
+        if not unfinished.any() or count == max_new_tokens:
+            return
+        outputs = decoding.step(tokens, max_new_tokens - count)
+
+
 def stream(
     session: Session,
     input_ids,
@@ -133,41 +301,20 @@ def stream(
     ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
                                         eos_token_id)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
-    batch = ids.shape[0]
-    route, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
-    cache = decode_cache(session, mask, max_new_tokens)
-    recompute_at = recompute_length(session) if cache is not None else None
-    if cache is not None:
-        feeds = cache.prefill(ids, mask)
-    else:  # no cache: every step reruns the whole sequence
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "position_ids" in session.input_names:
-            feeds["position_ids"] = positions(mask)
-    feeds = session.check_feeds(feeds)  # the prompt against the model's inputs, once
-    unfinished, sequence = np.ones(batch, dtype=bool), ids
-    for count in range(1, max_new_tokens + 1):
-        feeds.update(route)
-        outputs = dict(zip(session.output_names, session.run_feeds(None, feeds, options), strict=True))
-        logits = (cache.last_logits(outputs["logits"]) if cache is not None else outputs["logits"][:, -1])
-        logits = logits.astype(np.float32)
-        tokens = np.where(unfinished, sampling.choose(logits, rng), pad_token_id).astype(np.int64)
-        yield Step(tokens, logits)
-        unfinished &= ~np.isin(tokens, eos)
-        if not unfinished.any() or count == max_new_tokens:
-            return
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
-        sequence = np.concatenate([sequence, tokens[:, None]], 1)
-        if cache is not None and mask.shape[1] == recompute_at:
-            # the rope switch: the whole sequence again from an empty cache (transformers' Phi-3 generation)
-            cache = decode_cache(session, mask, max_new_tokens - count)
-            feeds = cache.prefill(sequence, mask)
-        elif cache is not None:
-            cache.update(outputs)
-            feeds = cache.step(tokens)
-        else:
-            feeds = {"input_ids": sequence, "attention_mask": mask}
-            if "position_ids" in session.input_names:
-                feeds["position_ids"] = positions(mask)
+    extra, options = session.route(ids.shape[0], adapter=adapter, adapter_names=adapter_names)
+    decoding = new_decoding(session, host_run(session, extra, options), mask, max_new_tokens)
+    yield from decode(decoding, ids, mask, max_new_tokens=max_new_tokens, pick=host_pick(decoding, sampling, rng),
+                      eos=eos, pad_token_id=pad_token_id)
+
+
+def new_decoding(session: Session, run: Run, mask: np.ndarray, max_new_tokens: int, **options) -> Decoding:
+    """The `Decoding` of a decoder file for prompts with attention `mask` [batch, prompt]: its cache strategy
+    (`decode_cache`; `options` go to `kvcache.new_cache`, e.g. the GPU loop's `allocate`), the longrope recompute
+    (`recompute_length`) with a cache, else the whole sequence each step."""
+    cache = decode_cache(session, mask, max_new_tokens, **options)
+    return Decoding(run, cache, positions="position_ids" in session.input_names,
+                    recompute_at=recompute_length(session) if cache is not None else None,
+                    renew=lambda grown, remaining: decode_cache(session, grown, remaining, **options))
 
 
 def _rope_value(session: Session, key: str) -> int | None:

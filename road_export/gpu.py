@@ -49,23 +49,6 @@ logger = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 
 
-def cuda_native(native: bool | None) -> bool:
-    """Whether to register the road kernel library for a session whose first provider is CUDA: the library's CUDA
-    kernels must be there (`road_export.native.cuda_kernels`), else the CPU kernels would pull every rotation
-    off the GPU. native=None: register them when they are there, else run the bodies (logged); True: raise
-    RoadError when they are not."""
-    from road_export import native as road_native
-
-    why = road_native.cuda_kernels()
-    if why is None:
-        return native is not False
-    if native:
-        raise RoadError(f"the road CUDA kernels are unavailable here ({why}); use native=None to run the "
-                        "standard-op bodies on the GPU")
-    logger.warning("road CUDA kernels unavailable (%s); the road ops run their standard-op bodies on the GPU", why)
-    return False
-
-
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # onnxruntime session config key
 
 
@@ -211,16 +194,15 @@ class _Selector:
     """Greedy choice on the GPU: the logits never leave it, the token ids [batch] come back."""
 
     def __init__(self, session: Session):
-        import onnxruntime as ort
         from onnx import TensorProto
+
+        from road_export.ort_session import new_session
 
         logits = session.session.get_outputs()[session.output_names.index("logits")]
         kind = {"tensor(float16)": TensorProto.FLOAT16, "tensor(double)": TensorProto.DOUBLE}.get(
             logits.type, TensorProto.FLOAT)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(_selector_model(kind), options,
-                                            providers=cuda_providers(device_id(session)))
+        self.session = new_session(_selector_model(kind), providers=cuda_providers(device_id(session)),
+                                   log_severity=3, what="the token selector").session
         self.io = self.session.io_binding()
         self.io.bind_output("tokens", "cpu")
 
@@ -244,72 +226,61 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     writes in place."""
     import onnxruntime as ort
 
-    from road_export.generation import Sampling, check_request, decode_cache, positions, recompute_length
+    from road_export.generation import Sampling, check_request, decode, new_decoding
 
     ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
                                         eos_token_id)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
-    batch = ids.shape[0]
     kind, dev = _memory(session)
-    selected = route(session, batch, adapter=adapter, adapter_names=adapter_names)
+    selected = route(session, ids.shape[0], adapter=adapter, adapter_names=adapter_names)
 
     def allocate(shape, dtype):
         if not shape[2]:  # length 0: copied as numpy
             return np.zeros(shape, dtype)
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), kind, dev)
 
-    cache = decode_cache(session, mask, max_new_tokens, allocate=allocate)
+    decoding = new_decoding(session, bound_run(session, selected, kind, dev), mask, max_new_tokens,
+                            allocate=allocate)
     select = None if do_sample or kind != "cuda" else _Selector(session)
+
+    def pick(outputs):
+        if select is not None and decoding.aligned:
+            return select(outputs["logits"]), None  # the logits stay on the device
+        logits = decoding.last_logits({"logits": outputs["logits"].numpy()}).astype(np.float32)
+        return sampling.choose(logits, rng), logits
+
+    new = [step.tokens[:, None] for step in decode(decoding, ids, mask, max_new_tokens=max_new_tokens, pick=pick,
+                                                   eos=eos, pad_token_id=pad_token_id)]
+    return np.concatenate([ids, *new], 1)
+
+
+def bound_run(session: Session, selected: Mapping[str, object], kind: str, dev: int):
+    """The decode loop's run (`road_export.generation.Run`) through one IOBinding: `selected` (the adapter inputs,
+    `route`) bound once; each run binds its feeds (OrtValues as they are, numpy arrays copied), the shared outputs
+    (the cache's past buffer, written in place) and fresh outputs in `kind` memory on device `dev`, so the last
+    step's present.* OrtValues, now the cache's past, stay untouched; returns {output name: OrtValue}."""
+    import onnxruntime as ort
+
     io = session.session.io_binding()
     for name, value in selected.items():
         if isinstance(value, ort.OrtValue):
             io.bind_ortvalue_input(name, value)
         else:
             io.bind_cpu_input(name, value)
-    if cache is not None:
-        feeds = cache.prefill(ids, mask)
-    else:
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "position_ids" in session.input_names:
-            feeds["position_ids"] = positions(mask)
-    unfinished, new, sequence = np.ones(batch, dtype=bool), [], ids
-    recompute_at = recompute_length(session) if cache is not None else None
-    for count in range(1, max_new_tokens + 1):
+
+    def run(feeds, shared):
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
                 io.bind_ortvalue_input(name, value)
             else:
                 io.bind_cpu_input(name, np.ascontiguousarray(value))
         io.clear_binding_outputs()  # fresh device outputs: the last step's present.* are this step's inputs
-        shared = cache.shared_outputs() if cache is not None else {}
         for name in session.output_names:
             if name in shared:
                 io.bind_ortvalue_output(name, shared[name])  # the past buffer, written in place
             else:
                 io.bind_output(name, kind, dev)
         session.session.run_with_iobinding(io)
-        outputs = dict(zip(session.output_names, io.get_outputs(), strict=True))
-        if select is not None and (cache is None or cache.aligned):
-            chosen = select(outputs["logits"])
-        else:
-            logits = outputs["logits"].numpy()
-            logits = cache.last_logits(logits) if cache is not None else logits[:, -1]
-            chosen = sampling.choose(logits.astype(np.float32), rng)
-        tokens = np.where(unfinished, chosen, pad_token_id).astype(np.int64)
-        new.append(tokens[:, None])
-        unfinished &= ~np.isin(tokens, eos)
-        if not unfinished.any() or count == max_new_tokens:
-            break
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
-        sequence = np.concatenate([sequence, tokens[:, None]], 1)
-        if cache is not None and mask.shape[1] == recompute_at:  # the rope switch, as road_export.generation.stream
-            cache = decode_cache(session, mask, max_new_tokens - count, allocate=allocate)
-            feeds = cache.prefill(sequence, mask)
-        elif cache is not None:
-            cache.update(outputs)
-            feeds = cache.step(tokens)
-        else:
-            feeds = {"input_ids": sequence, "attention_mask": mask}
-            if "position_ids" in session.input_names:
-                feeds["position_ids"] = positions(mask)
-    return np.concatenate([ids, *new], 1)
+        return dict(zip(session.output_names, io.get_outputs(), strict=True))
+
+    return run

@@ -37,12 +37,12 @@ import numpy as np
 
 from road_export.errors import RoadError
 from road_export.names import PAST, PRESENT, positions
+from road_export.ort_session import NUMPY_TYPES as ORT_TYPES
 
 __all__ = ["GQA_CHUNK_RULE", "CacheLayout", "GqaCache", "KVCache", "PaddedCache", "cache_layout", "file_layout",
            "new_cache", "with_share_buffer"]
 
-NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-               "tensor(bfloat16)": np.float32}
+NUMPY_TYPES = {**ORT_TYPES, "tensor(bfloat16)": np.float32}  # a bfloat16 cache is fed as float32 here
 GQA_CHUNK_RULE = ("onnxruntime's GroupQueryAttention takes several new tokens on top of a past for batch 1 only "
                   "(batch_size must be 1 when sequence_length > 1 and past context is given)")
 GENAI_CONFIG = "genai_config.json"

@@ -11,9 +11,8 @@ import numpy as np
 from road_export import generation, kvcache
 from road_export.errors import RoadError
 from road_export.names import BASE_NAME, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
+from road_export.ort_session import NUMPY_TYPES
 
-_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-          "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 _UNREAD = object()  # RoadSession._cache_layout before its first read
@@ -37,49 +36,32 @@ class RoadSession:
         """`native`: run road ops on the native kernels (True), their standard-op bodies (False), or the kernels
         where they build (None, the default); `self.native` says which. With CUDAExecutionProvider first in
         `providers` (a name or (name, options); see `road_export.gpu.cuda_providers`) the kernels are the
-        library's CUDA kernels, registered where they can run (`road_export.gpu.cuda_native`), and
+        library's CUDA kernels, registered where they can run (`road_export.ort_session.road_kernels`), and
         `self.device` is "cuda"; with another execution provider first, None leaves the CPU kernels out, so the
         bodies run on that device rather than the rotations hopping to the CPU. `session_config`: onnxruntime
         session config entries (`SessionOptions.add_session_config_entry`, e.g.
         {"session.intra_op.allow_spinning": "0"}). `fuse` (CUDA with the kernels only): run each MatMul feeding a
         rotation and the rotation as one `road.MatMulRotate` node, from a graph rewritten in memory
         (`road_export.gpu.fused_model`); `self.fused` counts them. False opens the file as it is."""
-        import onnxruntime as ort
-
-        from road_export import native as road_native
-
         from road_export.model_dir import model_file
+        from road_export.ort_session import CUDA, new_session, provider_name
 
         self.path = model_file(path)  # a model directory (road-export ... OUT_DIR) runs its onnx/model.onnx
         if not self.path.is_file():
             raise RoadError(f"{self.path}: no such ONNX file")
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # fatal only: a failed run comes back as one RoadError line, not also as
-        # onnxruntime's coloured error log on stderr (severity 3 still prints errors)
-        if threads:
-            options.intra_op_num_threads = threads
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, str(value))
         providers = list(providers or ["CPUExecutionProvider"])
-        on_cuda = _provider_name(providers[0]) == "CUDAExecutionProvider"
-        if on_cuda and native is not False:  # the library's CUDA kernels, where this machine can run them
-            from road_export.gpu import cuda_native
+        on_cuda = provider_name(providers[0]) == CUDA
 
-            native = cuda_native(native)
-        elif native is None and providers[0] != "CPUExecutionProvider":
-            native = False
-        self.native = road_native.uses_road(self.path) and road_native.register(options, native)
-        source: str | bytes = str(self.path)
-        self.fused = 0
-        if on_cuda and self.native and fuse:
+        def rewrite(options, native: bool):
+            if not (on_cuda and native and fuse):
+                return None, 0
             from road_export.gpu import fused_model
 
-            rewritten, self.fused = fused_model(self.path, options)
-            source = rewritten if rewritten is not None else source
-        try:
-            self.session = ort.InferenceSession(source, options, providers=providers)
-        except Exception as e:
-            raise RoadError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
+            return fused_model(self.path, options)
+
+        opened = new_session(self.path, providers=providers, threads=threads, native=native,
+                             session_config=session_config, rewrite=rewrite)
+        self.session, self.native, self.fused = opened.session, opened.native, opened.rewritten
         self.device = "cuda" if on_cuda and "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         meta = self.session.get_modelmeta().custom_metadata_map
         records = json.loads(meta.get("road_export.adapters", "[]"))
@@ -89,7 +71,7 @@ class RoadSession:
         self.mixed = "adapter_ids" in self.input_names
         self.adapters = [a["name"] for a in sorted(records, key=lambda a: a.get("id", 0))]
         self._swaps: dict[str, object] = {}  # adapter name -> onnxruntime.LoraAdapter
-        self._inputs = {i.name: (list(i.shape), _NUMPY.get(i.type)) for i in self.session.get_inputs()}
+        self._inputs = {i.name: (list(i.shape), NUMPY_TYPES.get(i.type)) for i in self.session.get_inputs()}
         self._swap_files: dict[str, Path] = {}  # adapter name -> its .onnx_adapter file (road_export.gpu binds it)
         self._swap_records = json.loads(meta["road_export.swap"]) if "road_export.swap" in meta else None
         # token ids must be < vocab_size: the logits' static last size ([batch, sequence, vocab]); None if unknown
@@ -307,8 +289,3 @@ class RoadSession:
         if not self.mixed and self.adapters:
             return self.adapters[0]  # the adapter the file was exported with (its initializers' defaults)
         raise RoadError(f"{self.path.name} holds adapters {self.adapters}; choose one with adapter=")
-
-
-def _provider_name(provider) -> str:
-    """onnxruntime takes a provider as its name or as (name, options)."""
-    return provider if isinstance(provider, str) else provider[0]

@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from road_export.errors import RoadError
-from road_export.generation import Sampling, Step, _prompt
-from road_export.names import METADATA_SEQ2SEQ, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
+from road_export.generation import Decoding, Sampling, Step, _prompt, decode, host_pick, host_run
+from road_export.names import METADATA_SEQ2SEQ, PAST, PRESENT, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
 
 __all__ = ["Seq2SeqSession", "convert_adapter", "find_files", "is_seq2seq_dir"]
 
 ENCODER, DECODER, DECODER_WITH_PAST = SEQ2SEQ_FILES
-PAST, PRESENT = "past_key_values.", "present."
 
 
 def find_files(directory: str | Path) -> dict[str, Path] | None:
@@ -184,33 +183,13 @@ class Seq2SeqSession:
         batch = ids.shape[0]
         states = self.run_encoder(ids, mask, adapter=adapter, adapter_names=adapter_names)
         cached = use_cache and self.decoder_with_past is not None
-        tokens_so_far = np.full((batch, 1), start, dtype=np.int64)
-        step_ids, past, unfinished = tokens_so_far, {}, np.ones(batch, dtype=bool)
-        for step in range(max_new_tokens):
-            session = self.decoder_with_past if cached and step > 0 else self.decoder
-            feeds = {"input_ids": step_ids, "encoder_attention_mask": mask}
-            if session is self.decoder:
-                feeds["encoder_hidden_states"] = states
-            else:
-                feeds.update(past)
-            if step < 2:
-                feeds = session.check_feeds(feeds)
-            route, options = self._route(session, batch, adapter, adapter_names)
-            outputs = dict(zip(session.output_names, session.run_feeds(None, {**feeds, **route}, options),
-                               strict=True))
-            logits = outputs["logits"][:, -1].astype(np.float32)
-            tokens = np.where(unfinished, sampling.choose(logits, rng), pad).astype(np.int64)
-            yield Step(tokens, logits)
-            unfinished &= ~np.isin(tokens, eos)
-            if not unfinished.any():
-                return
-            tokens_so_far = np.concatenate([tokens_so_far, tokens[:, None]], 1)
-            if cached:
-                # the first step's cross-attention keys/values stay; the self-attention cache grows
-                past.update({PAST + n[len(PRESENT):]: v for n, v in outputs.items() if n.startswith(PRESENT)})
-                step_ids = tokens[:, None]
-            else:
-                step_ids = tokens_so_far
+        steps = self.decoder_with_past if cached and self.decoder_with_past is not None else self.decoder
+        decoding = Decoding(host_run(self.decoder, *self._route(self.decoder, batch, adapter, adapter_names)),
+                            DecoderCache(mask, states, cached),
+                            step_run=host_run(steps, *self._route(steps, batch, adapter, adapter_names)))
+        start_ids = np.full((batch, 1), start, dtype=np.int64)
+        yield from decode(decoding, start_ids, np.ones_like(start_ids), max_new_tokens=max_new_tokens,
+                          pick=host_pick(decoding, sampling, rng), eos=eos, pad_token_id=pad)
 
     def generate(self, input_ids, attention_mask=None, **options) -> np.ndarray:
         """The decoder's tokens [batch, 1 + new] int64, starting with `decoder_start_token_id`, as transformers'
@@ -227,3 +206,40 @@ class Seq2SeqSession:
         if value is None or isinstance(value, bool) or not isinstance(value, int | np.integer):
             raise RoadError(f"{self.path}: no {key} in its generation config; pass {key}=")
         return int(value)
+
+
+class DecoderCache:
+    """The decode loop's cache strategy (`road_export.generation.Decoding`) for an encoder-decoder's decoder: the
+    encoder's attention mask is fed to every run and its output (`encoder_hidden_states`) to the first;
+    decoder_model.onnx's first run also returns the cross-attention keys/values, which then go unchanged with the
+    growing self-attention cache (present.* -> past_key_values.*) to every run of decoder_with_past_model.onnx.
+    `cached=False`: every step reruns decoder_model.onnx over all the decoder's tokens (what the cache saves)."""
+
+    aligned = True
+
+    def __init__(self, encoder_mask: np.ndarray, states: np.ndarray, cached: bool):
+        self.encoder_mask, self.states, self.cached = encoder_mask, states, cached
+        self.past: dict[str, np.ndarray] = {}
+        self.tokens = np.zeros((encoder_mask.shape[0], 0), np.int64)
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        self.tokens, self.past = ids, {}
+        return {"input_ids": ids, "encoder_attention_mask": self.encoder_mask, "encoder_hidden_states": self.states}
+
+    def step(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        new = np.asarray(tokens, np.int64)[:, None]
+        self.tokens = np.concatenate([self.tokens, new], 1)
+        if self.cached:
+            return {"input_ids": new, "encoder_attention_mask": self.encoder_mask, **self.past}
+        return {"input_ids": self.tokens, "encoder_attention_mask": self.encoder_mask,
+                "encoder_hidden_states": self.states}
+
+    def update(self, outputs: Mapping[str, np.ndarray]) -> None:
+        if self.cached:  # the first run's cross-attention keys/values stay; the self-attention cache grows
+            self.past.update({PAST + n[len(PRESENT):]: v for n, v in outputs.items() if n.startswith(PRESENT)})
+
+    def shared_outputs(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def last_logits(self, logits: np.ndarray) -> np.ndarray:
+        return logits[:, -1]

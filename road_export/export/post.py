@@ -213,15 +213,10 @@ def check_loadable(path: Path) -> None:
     """Raise RoadError unless onnxruntime loads the file (graph optimizations off: this checks, it does not run)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    from road_export.ort_session import new_session
+
     # no weight prepacking: onnxruntime then maps aligned external data instead of copying it (files.DATA_ALIGNMENT),
     # so this check costs next to no memory beside the exporting model
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    try:
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RoadError(f"onnxruntime {ort.__version__} cannot load the exported model ({first[:300]}); nothing was "
-                        "written (with --opset: choose one onnxruntime runs, e.g. 18)") from e
+    new_session(path, log_severity=3, optimize=False, session_config={"session.disable_prepacking": "1"},
+                refusal=lambda line: f"onnxruntime {ort.__version__} cannot load the exported model ({line[:300]}); "
+                "nothing was written (with --opset: choose one onnxruntime runs, e.g. 18)")

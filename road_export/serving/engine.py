@@ -10,8 +10,9 @@
 3. drops the rows that finished (EOS, `max_tokens`, a stop string, the context length) or were cancelled, and the
    leading cache columns that no remaining row attends to.
 
-Rows join and leave between steps, so a short request never waits for a long one. The cache is the runtime's
-`road_export.kvcache` component, in the file's layout: road-export's (past [batch, kv_heads, past, head_dim],
+Rows join and leave between steps, so a short request never waits for a long one. Each batch is the runtime's
+decode state (`road_export.generation.Decoding`: prefill, step, present -> past) over its `road_export.kvcache`
+cache, in the file's layout: road-export's (past [batch, kv_heads, past, head_dim],
 attention_mask [batch, past + new] with 0 on left padding, positions from `names.positions`), or a model builder
 graph's GroupQueryAttention rows (each row's tokens from position 0, one shared buffer of the context length).
 
@@ -42,7 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from road_export.errors import RoadError
-from road_export.generation import Sampling, recompute_length, rope_switch
+from road_export.generation import Decoding, Run, Sampling, recompute_length, rope_switch
 from road_export.kvcache import KVCache, new_cache
 from road_export.names import BASE_NAME, PAST
 from road_export.serving.text import Detokenizer, TextTokenizer
@@ -165,11 +166,12 @@ class _Row:
 
 @dataclass
 class _Batch:
-    """Rows that run together and their cache (`road_export.kvcache.KVCache`, one row per row)."""
+    """Rows that run together and their decode state (`road_export.generation.Decoding` over the file's
+    `road_export.kvcache.KVCache`, one cache row per row)."""
 
     route: str | None  # None: a mixed-adapter session (adapter_ids per row); else the adapter of every row
     rows: list[_Row] = field(default_factory=list)
-    cache: KVCache | None = None
+    decoding: Decoding | None = None
     selection: tuple | None = None  # (extra feeds, run options) for these rows; None when the rows changed
 
 
@@ -334,19 +336,20 @@ class Engine:
         if not out:
             return [], None
         keep = [i for i in range(len(batch.rows)) if i not in out]
-        rows, cache = [batch.rows[i] for i in out], copy.copy(batch.cache)
+        assert batch.decoding is not None
+        rows, cache = [batch.rows[i] for i in out], copy.copy(batch.decoding.cache)
         cache.keep(out)  # keep() rebinds its arrays: the copy and the batch's cache share nothing after it
         batch.rows, batch.selection = [batch.rows[i] for i in keep], None
-        batch.cache.keep(keep)
+        batch.decoding.keep(keep)
         return rows, cache
 
     def _join(self, route: str | None, phase: bool, rows: list[_Row], cache: KVCache) -> None:
         """Add rows with their cache to the batch of (route, phase)."""
         batch = self._batches.setdefault((route, phase), _Batch(route))
-        if batch.cache is None or not batch.rows:
-            batch.cache = cache
+        if batch.decoding is None or not batch.rows:
+            batch.decoding = Decoding(self._runner(route, batch=batch), cache)
         else:
-            batch.cache.extend(cache)
+            batch.decoding.cache.extend(cache)
         batch.rows, batch.selection = batch.rows + rows, None
 
     def _cross(self, route: str | None, rows: list[_Row], cache: KVCache) -> list[Output]:
@@ -356,15 +359,19 @@ class Engine:
             self._join(route, True, rows, cache)
             return []
         ids = np.array([list(r.request.prompt_ids) + r.generated for r in rows], np.int64)
-        cache = new_cache(self._layout, capacity=self.context_length if self._layout.share_buffer else None)
-        feeds = cache.prefill(ids, np.ones_like(ids))
+        decoding = self._decoding(self._runner(route, rows))
         try:
-            outputs = self._run(route, rows, feeds)
+            outputs = decoding.prefill(ids, np.ones_like(ids))
         except RoadError as e:
             return [self._finish(r, "error", [], error=str(e)) for r in rows]
-        cache.update(outputs)
-        self._join(route, True, rows, cache)
-        return self._advance(rows, cache.last_logits(outputs["logits"]))
+        self._join(route, True, rows, decoding.cache)
+        return self._advance(rows, decoding.last_logits(outputs))
+
+    def _decoding(self, run: Run) -> Decoding:
+        """A decode state over a new cache in the file's layout; a shared buffer (a builder graph's) holds the
+        context length, so rows that join later fit beside."""
+        return Decoding(run, new_cache(self._layout,
+                                       capacity=self.context_length if self._layout.share_buffer else None))
 
     def _by_route(self, requests: list[GenerationRequest]) -> dict[str | None, list[GenerationRequest]]:
         groups: dict[str | None, list[GenerationRequest]] = {}
@@ -385,17 +392,29 @@ class Engine:
     def _adapter_name(self, model: str) -> str:
         return BASE_NAME if model == self.base_name else model
 
-    def _run(self, route, rows, feeds: dict[str, np.ndarray], selection: tuple | None = None
-             ) -> dict[str, np.ndarray]:
-        extra, options = selection or self._route(route, rows)
-        feeds.update(extra)
-        started = time.perf_counter()
-        values = self.session.run_feeds(None, feeds, options)
-        outputs = dict(zip(self.session.output_names, values, strict=True))
-        adapters = len({r.request.model if isinstance(r, _Row) else r.model for r in rows})
-        for recorder in self.recorders:
-            recorder.on_step(len(rows), adapters, time.perf_counter() - started)
-        return outputs
+    def _runner(self, route: str | None, rows: Sequence[_Row | GenerationRequest] = (), *,
+                batch: _Batch | None = None) -> Run:
+        """The decode loop's run (`road_export.generation.Run`) for `rows`, or for whatever rows `batch` holds at each
+        run (their adapter selection kept in `batch.selection` while the rows stay): the adapters' feeds and run
+        options added, each run told to the recorders."""
+
+        def run(feeds: dict[str, Any], shared=None) -> dict[str, Any]:
+            if batch is not None:
+                batch.selection = batch.selection or self._route(route, batch.rows)
+                extra, options = batch.selection
+                now: Sequence[_Row | GenerationRequest] = batch.rows
+            else:
+                (extra, options), now = self._route(route, rows), rows
+            feeds.update(extra)
+            started = time.perf_counter()
+            values = self.session.run_feeds(None, feeds, options)
+            outputs = dict(zip(self.session.output_names, values, strict=True))
+            adapters = len({r.request.model if isinstance(r, _Row) else r.model for r in now})
+            for recorder in self.recorders:
+                recorder.on_step(len(now), adapters, time.perf_counter() - started)
+            return outputs
+
+        return run
 
     def _prefill(self, route: str | None, requests: list[GenerationRequest], phase: bool = False) -> list[Output]:
         """One run over the new prompts (left padded), first tokens chosen, cache rows merged into the batch."""
@@ -405,31 +424,26 @@ class Engine:
         for i, r in enumerate(requests):
             ids[i, width - len(r.prompt_ids):] = r.prompt_ids
             mask[i, width - len(r.prompt_ids):] = 1
-        # a shared buffer (a builder graph's) holds the context length, so rows that join later fit beside
-        cache = new_cache(self._layout, capacity=self.context_length if self._layout.share_buffer else None)
-        feeds = cache.prefill(ids, mask)
         rows = [_Row(r, Detokenizer(self.tokenizer, r.params.stop, incremental=r.stream),
                      np.random.default_rng(r.params.seed), r.params.sampling(), length=len(r.prompt_ids))
                 for r in requests]
+        decoding = self._decoding(self._runner(route, requests))
         try:
-            outputs = self._run(route, requests, feeds)
+            outputs = decoding.prefill(ids, mask)
         except RoadError as e:
             return [Output(r.request_id, [], "", "error", len(r.prompt_ids), 0, error=str(e)) for r in requests]
-        cache.update(outputs)
-        self._join(route, phase, rows, cache)
-        return self._advance(rows, cache.last_logits(outputs["logits"]))
+        self._join(route, phase, rows, decoding.cache)
+        return self._advance(rows, decoding.last_logits(outputs))
 
     def _decode(self, batch: _Batch) -> list[Output]:
         """One token for every row of `batch`."""
         rows = batch.rows
+        assert batch.decoding is not None
         try:
-            feeds = batch.cache.step(np.array([r.last for r in rows], np.int64))
-            batch.selection = batch.selection or self._route(batch.route, rows)  # kept while the rows stay
-            outputs = self._run(batch.route, rows, feeds, batch.selection)
+            outputs = batch.decoding.step(np.array([r.last for r in rows], np.int64))
         except RoadError as e:
             return [self._finish(r, "error", [], error=str(e)) for r in rows]
-        batch.cache.update(outputs)
-        return self._advance(rows, batch.cache.last_logits(outputs["logits"]))
+        return self._advance(rows, batch.decoding.last_logits(outputs))
 
     def _advance(self, rows: list[_Row], logits: np.ndarray) -> list[Output]:
         """Choose each row's next token from its logits [rows, vocab]; emit text; finish rows that are done."""
@@ -480,4 +494,5 @@ class Engine:
         if len(keep) == len(batch.rows):
             return
         batch.rows, batch.selection = [batch.rows[i] for i in keep], None
-        batch.cache.keep(keep)
+        assert batch.decoding is not None
+        batch.decoding.keep(keep)

@@ -1,0 +1,118 @@
+"""road_export.generation's one decode loop (`Decoding`, `decode`) on a numeric stand-in for a decoder: a run whose
+next token is the sum of every real token it has seen (through the past it is fed, or the whole sequence), mod V.
+The reference is that sum computed directly; the loop must reach it through its cache (present -> past, mask and
+position growth, left padding), without a cache, across a recompute, and stop rows at EOS with padding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from road_export.generation import Decoding, Sampling, decode, host_pick
+from road_export.kvcache import CacheLayout, new_cache
+
+V = 11
+PAST, PRESENT = "past_key_values.0", "present.0"
+LAYOUT = CacheLayout(((PAST, PRESENT),), {PAST: (1, 1)}, np.float32, positions=True)
+
+
+class Model:
+    """present = past ++ (the new tokens, 0 where masked); logits one-hot at (sum of present) mod V, per position
+    (position t sums the past and the new tokens up to t). Counts runs and checks position_ids against the mask."""
+
+    def __init__(self):
+        self.runs = 0
+
+    def __call__(self, feeds, shared):
+        self.runs += 1
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        new = ids.shape[1]
+        values = (ids * mask[:, -new:]).astype(np.float32)[:, None, :, None]
+        past = feeds.get(PAST, np.zeros((ids.shape[0], 1, 0, 1), np.float32))
+        present = np.concatenate([past, values], 2)
+        if "position_ids" in feeds:  # each row counts its own real tokens (left padding: transformers' positions)
+            expected = np.maximum(np.cumsum(mask, -1) - 1, 0)[:, -new:]
+            np.testing.assert_array_equal(feeds["position_ids"][mask[:, -new:] == 1], expected[mask[:, -new:] == 1])
+        totals = past[:, 0, :, 0].sum(-1, keepdims=True) + np.cumsum(values[:, 0, :, 0], -1)
+        logits = np.eye(V, dtype=np.float32)[totals.astype(np.int64) % V]
+        return {"logits": logits, PRESENT: present}
+
+
+def reference(rows: list[list[int]], new: int, eos: int | None = None, pad: int = 0) -> np.ndarray:
+    out = []
+    for row in rows:
+        seq, done, got = list(row), False, []
+        for _ in range(new):
+            token = pad if done else sum(seq) % V
+            got.append(token)
+            if not done:
+                seq.append(token)
+                done = token == eos
+        out.append(got)
+    return np.array(out)
+
+
+def prompts():
+    rows = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3]]
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    return rows, ids, mask
+
+
+def tokens(decoding, ids, mask, new, eos=(), pad=0):
+    pick = host_pick(decoding, Sampling(), np.random.default_rng(0))
+    steps = list(decode(decoding, ids, mask, max_new_tokens=new, pick=pick, eos=np.array(eos, np.int64),
+                        pad_token_id=pad))
+    return np.stack([s.tokens for s in steps], 1)
+
+
+def test_the_cache_and_the_whole_sequence_give_the_reference():
+    rows, ids, mask = prompts()
+    model = Model()
+    cached = Decoding(model, new_cache(LAYOUT))
+    np.testing.assert_array_equal(tokens(cached, ids, mask, 6), reference(rows, 6))
+    assert model.runs == 6
+    rerun = Decoding(Model(), None, positions=True)  # no cache: every run is the whole sequence
+    np.testing.assert_array_equal(tokens(rerun, ids, mask, 6), reference(rows, 6))
+
+
+def test_rows_stop_at_eos_and_are_padded():
+    rows, ids, mask = prompts()
+    want = reference(rows, 8, eos=7, pad=10)
+    assert (want == 10).any()  # some row finishes early here
+    np.testing.assert_array_equal(tokens(Decoding(Model(), new_cache(LAYOUT)), ids, mask, 8, eos=[7], pad=10), want)
+
+
+def test_the_recompute_reruns_the_whole_sequence_once():
+    """At `recompute_at` the cache is renewed and the whole sequence runs again: same tokens, one fresh prefill."""
+    rows, ids, mask = prompts()
+    renewed = []
+
+    def renew(grown, remaining):
+        renewed.append((grown.shape[1], remaining))
+        return new_cache(LAYOUT)
+
+    decoding = Decoding(Model(), new_cache(LAYOUT), recompute_at=ids.shape[1] + 3, renew=renew)
+    np.testing.assert_array_equal(tokens(decoding, ids, mask, 6), reference(rows, 6))
+    assert renewed == [(ids.shape[1] + 3, 3)]
+
+
+def test_outputs_reach_the_cache_only_before_the_next_step():
+    """The last run's outputs stay out of the cache (as the loops always did) until a step or a row move needs
+    them; a planted fault — outputs never handed over — changes the tokens."""
+    rows, ids, mask = prompts()
+    decoding = Decoding(Model(), new_cache(LAYOUT))
+    tokens(decoding, ids, mask, 3)
+    assert decoding._pending is not None and decoding._cache.past[PAST].shape[2] == ids.shape[1] + 1
+    assert decoding.cache.past[PAST].shape[2] == ids.shape[1] + 2  # read: handed over
+    decoding.keep([2, 0])
+    assert decoding.cache.rows == 2
+
+    class Forgetful(Decoding):
+        @property
+        def cache(self):
+            return self._cache
+
+    assert not np.array_equal(tokens(Forgetful(Model(), new_cache(LAYOUT)), ids, mask, 4), reference(rows, 4))
