@@ -40,6 +40,12 @@ class MergeDecodersResult(ir.passes.PassResult):
     shared: int = 0
 
 
+def _name(value: ir.Value) -> str:
+    if not value.name:
+        raise ValueError("merge_decoders: a graph input, output or initializer without a name")
+    return value.name
+
+
 def _content(value: ir.Value) -> tuple:
     tensor = value.const_value
     assert tensor is not None
@@ -58,8 +64,8 @@ class MergeDecodersPass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> MergeDecodersResult:
         decoder, with_past = model.clone(), self.with_past.clone()
-        order = [v.name for v in decoder.graph.outputs]
-        out_types = {v.name: (v.type, v.shape) for v in decoder.graph.outputs}
+        order = [_name(v) for v in decoder.graph.outputs]
+        out_types = {_name(v): (v.type, v.shape) for v in decoder.graph.outputs}
         outer: dict[str, ir.Value] = {}  # the merged graph's inputs by name
         inits: dict[str, ir.Value] = {}  # the merged graph's initializers by name
         by_content: dict[tuple, ir.Value] = {}
@@ -68,37 +74,39 @@ class MergeDecodersPass(ir.passes.FunctionalPass):
         for part, prefix in ((decoder, WITHOUT_PAST), (with_past, WITH_PAST)):  # inputs: the decoder's first
             graph = part.graph
             for value in list(graph.inputs):
+                name = _name(value)
                 graph.inputs.remove(value)
-                if value.name in graph.initializers:
-                    graph.initializers.pop(value.name)
-                known = outer.get(value.name)
+                if name in graph.initializers:
+                    graph.initializers.pop(name)
+                known = outer.get(name)
                 if known is None:
-                    outer[value.name] = value
+                    outer[name] = value
                     if value.const_value is not None:
-                        inits[value.name] = value
+                        inits[name] = value
                 elif value.const_value is None or (known.const_value is not None and
                                                    _content(known) == _content(value)):
                     value.replace_all_uses_with(known)
                 else:  # an input of the same name with another default: this branch's own constant
-                    value.name = prefix + value.name
+                    value.name = prefix + name
                     inits[value.name] = value
         for part, prefix in ((with_past, WITH_PAST), (decoder, WITHOUT_PAST)):  # optimum's order: with past first
             graph = part.graph
-            outputs = {v.name: v for v in graph.outputs}
+            outputs = {_name(v): v for v in graph.outputs}
             for value in list(graph.initializers.values()):
-                graph.initializers.pop(value.name)
+                name = _name(value)
+                graph.initializers.pop(name)
                 key = _content(value)
-                same = inits.get(value.name)
-                if same is not None and same.name not in outer and _content(same) == key:
+                same = inits.get(name)
+                if same is not None and name not in outer and _content(same) == key:
                     value.replace_all_uses_with(same)
                     shared += part is decoder
                 elif key in by_content:
                     value.replace_all_uses_with(by_content[key])
                     shared += part is decoder
                 else:
-                    if value.name in inits or value.name in outer:
-                        value.name = prefix + value.name
-                    inits[value.name] = value
+                    if name in inits or name in outer:
+                        name = value.name = prefix + name
+                    inits[name] = value
                     by_content[key] = value
             nodes = list(graph)
             graph.remove(nodes, safe=False)
