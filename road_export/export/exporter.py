@@ -124,7 +124,8 @@ def export(
                 save = functools.partial(_save_quantized, quantize=quantize, external_data=external_data,
                                          on_step=on_step, on_weights_read=on_weights_read,
                                          on_float_saved=on_float_saved)
-            return pipeline.export_part(part, context, save=save, **options)
+            [result] = pipeline.export_parts([part], context, save=save, **options)
+    return result
 
 
 def _single_part(prepared: nn.Module, path: Path, task: str | None, example_inputs, context: prepare.ExportContext,
