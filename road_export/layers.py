@@ -6,7 +6,7 @@ dicts and adapter files map one to one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -15,9 +15,6 @@ from road_export import rotation
 from road_export.config import RoadConfig
 from road_export.errors import RoadError
 from road_export.names import BASE_NAME
-
-
-RotateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def conv1d_class() -> type | None:
@@ -61,9 +58,6 @@ class RoadLayer(nn.Module):
         self.row_adapters: Sequence[str] | None = None  # set by model.mixed_batch()
         self.row_ids: torch.Tensor | None = None  # int64 [batch], set by model.adapter_ids(); 0 = no adapter
         self.bank_order: list[str] = []  # adapter of id k is bank_order[k - 1]
-        self.rotate_fn: RotateFn = rotation.rotate  # the exporter swaps in the torch custom op
-        self.frozen: dict[str, tuple[str, str]] = {}  # adapter -> (c1, c2) buffer names, set by the exporter
-        self.frozen_banks: dict[int, tuple[str, str]] = {}  # group size -> bank buffer names, likewise
         self.module_name = name
 
     # --- shapes -------------------------------------------------------------------------------------------
@@ -147,9 +141,6 @@ class RoadLayer(nn.Module):
 
     def coefficients(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(c1, c2) of one adapter, each of length out_features, in the parameters' dtype."""
-        if adapter_name in self.frozen:
-            n1, n2 = self.frozen[adapter_name]
-            return getattr(self, n1), getattr(self, n2)
         return rotation.coefficients(
             self.variant[adapter_name],
             self.group_size[adapter_name],
@@ -175,10 +166,16 @@ class RoadLayer(nn.Module):
             return result
         return self._rotate_output(result, name)
 
+    def rotate(self, x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, group_size: int) -> torch.Tensor:
+        """y = x * c1 + rot(x) * c2 over the last axis of x [..., d] (rotation.rotate; c1/c2 [d] or broadcasting
+        against x). The export traces a stand-in layer whose `rotate` is the torch custom op instead
+        (road_export/export/prepare.py, CaptureLayer); this layer itself is never changed by an export."""
+        return rotation.rotate(x, c1, c2, group_size)
+
     def _rotate_output(self, result: torch.Tensor, name: str) -> torch.Tensor:
         dtype = result.dtype
         c1, c2 = self.coefficients(name)
-        out = self.rotate_fn(result.to(c1.dtype), c1, c2, self.group_size[name])
+        out = self.rotate(result.to(c1.dtype), c1, c2, self.group_size[name])
         return out.to(dtype)
 
     def _mixed_batch_forward(self, result: torch.Tensor, row_adapters: Sequence[str]) -> torch.Tensor:
@@ -201,8 +198,6 @@ class RoadLayer(nn.Module):
         Exported models gather one row per batch element from these (RoAd's efficient batching); adapters with
         different group sizes on one layer become one rotation per group size, each identity for the others.
         """
-        if self.frozen_banks:
-            return {g: (getattr(self, n1), getattr(self, n2)) for g, (n1, n2) in self.frozen_banks.items()}
         d = self.out_features
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for g in sorted({self.group_size[a] for a in order if a in self.road_theta}):
@@ -225,7 +220,7 @@ class RoadLayer(nn.Module):
         view = (ids.shape[0],) + (1,) * (result.dim() - 2) + (self.out_features,)
         for g, (bank1, bank2) in self.banks(self.bank_order).items():
             c1, c2 = bank1[ids].reshape(view), bank2[ids].reshape(view)
-            out = self.rotate_fn(out.to(c1.dtype), c1, c2, g)
+            out = self.rotate(out.to(c1.dtype), c1, c2, g)
         return out.to(dtype)
 
     # --- merge --------------------------------------------------------------------------------------------

@@ -7,14 +7,16 @@ rotate: every adapted layer calls torch.ops.road.rotate with its coefficients re
         C1/C2 are named initializers.
 The user's model is left as it was in both modes.
 
-`export` is the orchestration, as in torch's `onnx/_internal/exporter`: prepare (prepare.py: adopt peft, plan the
-adapters, merged copies or frozen coefficients), capture (capture.py: trace plan, torch.onnx.export), post-export
-passes (post.py: opset, functions, swappable inputs, optimizer, road passes, names, metadata), then one atomic save
-checked by onnxruntime (road_export.files) and the `.onnx_adapter` swap file.
+`export` is the entry point: it checks the arguments, prepares the model (prepare.py: adopt peft, plan the adapters,
+an `ExportContext` holding merged copies or coefficient stand-ins) and sends the parts through the one export
+pipeline (pipeline.py: capture, post-export passes, one atomic save checked by onnxruntime and the `.onnx_adapter`
+swap file). A decoder-only, encoder-only or plain model is one part, built here; an encoder-decoder model is three,
+built by seq2seq.py. Only the quantizing save is this module's own.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,9 +25,8 @@ import torch
 from torch import nn
 
 from road_export.errors import RoadError
-from road_export.export import capture, post, prepare, rope, stream
-from road_export.export.result import (ExportResult, road_nodes, save_and_swap, swap_values, swappable_layers,
-                                       write_swap_file)
+from road_export.export import capture, pipeline, post, prepare, rope, seq2seq, stream
+from road_export.export.result import ExportResult, swap_values, write_swap_file
 from road_export.files import check_output, save_model, staging_dir
 
 __all__ = ["ExportResult", "export"]
@@ -100,7 +101,6 @@ def export(
         "require_adapter": require_adapter, "target": target, "swappable": swappable, "on_step": on_step})
     if seq2seq_result is not None:
         return seq2seq_result
-    step = on_step or (lambda _name: None)
     if quantize is not None:
         from road_export import quantize as quant
 
@@ -111,47 +111,62 @@ def export(
     rope.check_rope(model)
     dtype = prepare.parse_dtype(dtype)
     path = check_output(path)
+    options = {"opset": opset, "optimize": optimize, "target": target, "external_data": external_data,
+               "on_step": on_step, "on_weights_read": on_weights_read}
     with prepare.adopted(model) as adapted:
         adapters, order = prepare.plan_adapters(adapted, mode, require_adapter=require_adapter,
                                                 name=type(model).__name__)
-        merges: dict[str, prepare.Merge] | None = {} if streaming else None
-        with prepare.prepared(adapted, mode, dtype, order, lazy_merges=merges) as prepared:
-            module, args, names, spec, dynamic = capture.trace_plan(prepared, task, example_inputs, dtype, order)
-            step("tracing")
-            with rope.traceable_rope(prepared):
-                ir_model = capture.torch_export(module, args, names, dynamic, opset, what=f"task {spec.task}" if spec
-                                                else "", user_inputs=example_inputs is not None)
-            rope_metadata = rope.metadata(prepared) if spec is not None else {}
-    if streaming:
-        stream.LazyWeightsPass(merges)(ir_model)
-    swappable = swappable and mode == "rotate" and not order and bool(adapters) and spec is not None
-    layer_of = swappable_layers(adapters[0]) if swappable else None  # TaskModule registers the model as `model`
-    plan = post.PostExportPlan(mode, spec, adapters, opset=opset, swappable_layers=layer_of, optimize=optimize,
-                               target=target)
-    post.post_export_passes(plan, on_step=step)(ir_model)
-    ir_model.metadata_props.update(rope_metadata)
-    outputs = [v.name for v in ir_model.graph.outputs]
-    nodes = road_nodes(ir_model)
-    step("writing")
-    if quantize is not None:
-        values = swap_values(ir_model) if swappable else {}  # before saving: the save re-points the tensors
-        with staging_dir(path, suffix=".float") as stage:
-            _save_float_intermediate(ir_model, Path(stage) / path.name, path)
-            stream.release_weights(ir_model)
-            if on_weights_read is not None:
-                on_weights_read()
-            if on_float_saved is not None:
-                on_float_saved(Path(stage) / path.name)
-            step("quantizing")
-            quant.quantize_file(Path(stage) / path.name, path, quantize, external_data=external_data,
-                                check=post.check_loadable)
-        data = path.with_name(path.name + ".data") if path.with_name(path.name + ".data").exists() else None
-        files = write_swap_file(path, adapters[0]["name"], values) if swappable else []
-    else:
-        data, files = save_and_swap(ir_model, path, external_data, adapters[0]["name"] if swappable else None,
-                                    on_weights_read)
-    return ExportResult(path, mode, spec.task if spec else None, list(names), outputs, nodes, adapters, data,
-                        files)
+        context = prepare.ExportContext(mode, dtype, order, merges={} if streaming else None)
+        with context.prepared(adapted) as prepared:
+            part = _single_part(prepared, path, task, example_inputs, context, adapters, swappable)
+            save = None
+            if quantize is not None:
+                save = functools.partial(_save_quantized, quantize=quantize, external_data=external_data,
+                                         on_step=on_step, on_weights_read=on_weights_read,
+                                         on_float_saved=on_float_saved)
+            [result] = pipeline.export_parts([part], context, save=save, **options)
+    return result
+
+
+def _single_part(prepared: nn.Module, path: Path, task: str | None, example_inputs, context: prepare.ExportContext,
+                 adapters: list[dict], swappable: bool) -> pipeline.Part:
+    """The one part of a decoder-only, encoder-only or plain model: its task's module and sample inputs
+    (capture.trace_plan), the rope's traceable frequencies and metadata record, the swap file of a swappable
+    rotate export with one adapter."""
+    module, args, names, spec, dynamic = capture.trace_plan(prepared, task, example_inputs, context.dtype,
+                                                            context.order)
+    swappable = swappable and context.mode == "rotate" and not context.order and bool(adapters) and spec is not None
+    return pipeline.Part(path, module, args, list(names), dynamic, spec, adapters,
+                         swap_adapter=adapters[0]["name"] if swappable else None,
+                         metadata=rope.metadata(prepared) if spec is not None else {},
+                         what=f"task {spec.task}" if spec else "", user_inputs=example_inputs is not None,
+                         trace_context=functools.partial(rope.traceable_rope, prepared))
+
+
+def _save_quantized(ir_model, part: pipeline.Part, *, quantize: str, external_data: bool | None, on_step,
+                    on_weights_read, on_float_saved) -> tuple[Path | None, list[Path]]:
+    """The quantizing save (a `pipeline.Save`): the float model to a hidden staging directory beside the output
+    (`_save_float_intermediate`), its weights released, `on_weights_read()`, `on_float_saved(float file)`, then
+    road_export.quantize writes the output from it, loaded by onnxruntime first; the swap file from the values read
+    before the float save."""
+    from road_export import quantize as quant
+
+    path = part.path
+    values = swap_values(ir_model) if part.swap_adapter is not None else {}  # before saving: it re-points them
+    with staging_dir(path, suffix=".float") as stage:
+        _save_float_intermediate(ir_model, Path(stage) / path.name, path)
+        stream.release_weights(ir_model)
+        if on_weights_read is not None:
+            on_weights_read()
+        if on_float_saved is not None:
+            on_float_saved(Path(stage) / path.name)
+        if on_step is not None:
+            on_step("quantizing")
+        quant.quantize_file(Path(stage) / path.name, path, quantize, external_data=external_data,
+                            check=post.check_loadable)
+    data = path.with_name(path.name + ".data") if path.with_name(path.name + ".data").exists() else None
+    files = write_swap_file(path, part.swap_adapter, values) if part.swap_adapter is not None else []
+    return data, files
 
 
 def _save_float_intermediate(ir_model, staged: Path, path: Path) -> None:
@@ -178,7 +193,6 @@ def _save_float_intermediate(ir_model, staged: Path, path: Path) -> None:
 def _seq2seq(model: nn.Module, path, task: str | None, example_inputs, quantize: str | None, options: dict):
     """An encoder-decoder export (road_export.export.seq2seq) when the task or the model asks for one, else None;
     RoadError for `quantize` there (not supported for encoder-decoder files yet)."""
-    from road_export.export import seq2seq
     from road_export.export.tasks import SEQ2SEQ, normalize_task
 
     task = normalize_task(task) if task is not None else None

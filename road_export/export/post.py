@@ -1,7 +1,7 @@
 """Post-export steps on the captured onnx-ir model, each an onnx-ir pass, chained by `post_export_passes` as one
 `ir.passes.Sequential`: the exact opset, the road function definitions, swappable coefficient inputs, onnxscript's
 optimizer without inlining, the road pass pipeline (other modes: its attention pass alone), optimum's output and
-axis names, and the metadata records.
+axis names (a part's own axis names after them), and the metadata records.
 
 Like torch's exporter, which runs its own passes on the captured program before saving, these touch the graph only:
 no torch here. `check_loadable` is the last check before a file is moved into place.
@@ -35,8 +35,8 @@ from road_export.passes import pipeline
 from road_export.passes.attention import AttentionPass
 
 __all__ = [
-    "AttachFunctionsPass", "ConvertOpsetPass", "MetadataPass", "OptimizePass", "OutputNamesPass", "SwappableInputsPass",
-    "PostExportPlan", "check_loadable", "post_export_passes",
+    "AttachFunctionsPass", "AxisNamesPass", "ConvertOpsetPass", "MetadataPass", "OptimizePass", "OutputNamesPass",
+    "SwappableInputsPass", "PostExportPlan", "check_loadable", "post_export_passes",
 ]
 
 
@@ -154,13 +154,32 @@ def _rename_axes(value: ir.Value, axes: dict[int, str]) -> None:
     value.shape = ir.Shape(dims)
 
 
+class AxisNamesPass(ir.passes.InPlacePass):
+    """Name the symbolic axes of graph inputs and outputs as `axes` says ({I/O name: {axis: name}}), e.g. an
+    encoder-decoder's optimum names (`encoder_sequence_length`, `past_decoder_sequence_length + 1`); fixed sizes
+    and I/O not named in `axes` stay."""
+
+    def __init__(self, axes: dict[str, dict[int, str]]) -> None:
+        super().__init__()
+        self.axes = axes
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for value in [*model.graph.inputs, *model.graph.outputs]:
+            axes = self.axes.get(value.name)
+            if axes and value.shape is not None:
+                _rename_axes(value, axes)
+                modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
 class MetadataPass(ir.passes.InPlacePass):
     """The `road_export.*` metadata props: version, mode (merge|rotate), task, adapters (a JSON list of
-    {name, variant, group_size, layers[, id]})."""
+    {name, variant, group_size, layers[, id]}); then `extra` (records of the rope, of an encoder-decoder part)."""
 
-    def __init__(self, mode: str, task: str | None, adapters: list[dict]) -> None:
+    def __init__(self, mode: str, task: str | None, adapters: list[dict], extra: dict[str, str] | None = None) -> None:
         super().__init__()
-        self.mode, self.task, self.adapters = mode, task, adapters
+        self.mode, self.task, self.adapters, self.extra = mode, task, adapters, dict(extra or {})
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from road_export import __version__
@@ -171,6 +190,7 @@ class MetadataPass(ir.passes.InPlacePass):
         if self.task:
             props[METADATA_TASK] = self.task
         props[METADATA_ADAPTERS] = json.dumps(self.adapters)
+        props.update(self.extra)
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -185,6 +205,8 @@ class PostExportPlan:
     swappable_layers: dict[str, str] | None = None  # C1 initializer -> layer path, for a swappable export
     optimize: bool = True
     target: str = "onnxruntime"
+    axes: dict[str, dict[int, str]] | None = None  # I/O axis names set after the output names (AxisNamesPass)
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # more metadata props (MetadataPass)
 
 
 def post_export_passes(plan: PostExportPlan, on_step: Callable[[str], None] | None = None) -> pipeline.Pipeline:
@@ -205,7 +227,9 @@ def post_export_passes(plan: PostExportPlan, on_step: Callable[[str], None] | No
         steps.append(AttentionPass())  # merged and base exports run the same attention as rotate ones
     if plan.spec is not None:
         steps.append(OutputNamesPass(plan.spec))
-    steps.append(MetadataPass(plan.mode, plan.spec.task if plan.spec else None, plan.adapters))
+    if plan.axes:
+        steps.append(AxisNamesPass(plan.axes))
+    steps.append(MetadataPass(plan.mode, plan.spec.task if plan.spec else None, plan.adapters, plan.metadata))
     return pipeline.Pipeline(*steps)
 
 

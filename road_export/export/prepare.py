@@ -1,5 +1,6 @@
 """Preparing the model for capture: adopt a live peft model, check and order its adapters, then swap in for the
-trace plain layers holding merged weights (merge mode) or frozen coefficient buffers (rotate mode).
+trace plain layers holding merged weights (merge mode) or `CaptureLayer`s holding the coefficients as buffers
+(rotate mode). What one export sets up for its trace lives in an `ExportContext`, never on the RoadLayers.
 
 Everything here is undone when its context exits: the user's model is left as it was. Follows peft's RoAd layer
 (`src/peft/tuners/road/layer.py`): the merge is peft's `merge` (R W, R b) computed row-wise, without the dense R.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import re
 from collections.abc import Iterator
 
@@ -22,8 +24,8 @@ from road_export.export import op as torch_op
 from road_export.layers import RoadLayer
 
 __all__ = [
-    "MODES", "Merge", "adopted", "buffer_names", "describe_adapters", "freeze_coefficients", "merge_plan",
-    "merged_copy", "parse_dtype", "plan_adapters", "prepared", "thaw_coefficients",
+    "MODES", "CaptureLayer", "ExportContext", "Merge", "adopted", "buffer_names", "describe_adapters", "merge_plan",
+    "merged_copy", "parse_dtype", "plan_adapters", "prepared",
 ]
 
 MODES = ("merge", "rotate")
@@ -136,48 +138,72 @@ def adopted(model: nn.Module) -> Iterator[nn.Module]:
             del base.road_config
 
 
-@contextlib.contextmanager
-def prepared(model: nn.Module, mode: str, dtype: torch.dtype | None, order: tuple[str, ...] = (),
-             lazy_merges: dict[str, Merge] | None = None) -> Iterator[nn.Module]:
-    """The model as it will be traced (eval mode; a float16 copy for dtype float16 unless it is float16 already);
-    undone on exit.
+@dataclasses.dataclass
+class ExportContext:
+    """One export's state for the trace, held here and not on the model's layers: the mode, the dtype, the
+    mixed-batch order (adapter names by `adapter_ids` row, empty for a single adapter); for a streaming merge
+    export the lazy merges (`merges`, layer path -> `Merge`, filled by `prepared` and read by
+    export/stream.LazyWeightsPass); while `prepared` is active in rotate mode, the `CaptureLayer` standing in for
+    each RoadLayer (`captured`, by layer path). The pipeline (export/pipeline.py) reads it; the RoadLayers
+    themselves are never changed by an export."""
 
-    merge: each RoadLayer is replaced by `merged_copy(layer)`; with a `lazy_merges` dict, by its own base layer
-    instead (no copy) and `lazy_merges[layer path] = merge_plan(layer)`, for the exporter to merge each weight
-    when it is written (export/stream.py). A layer whose weight is shared with another module (tied) is always
-    merged eagerly. rotate: each RoadLayer's coefficients become buffers (`freeze_coefficients`) and it calls
-    `torch.ops.road.rotate`. Raises RoadError in rotate mode for a layer with merged adapters."""
-    target = model
-    if dtype is not None and dtype != torch.float32 and any(  # the adapters' own theta/alpha may stay float32
-            p.is_floating_point() and p.dtype != dtype for n, p in model.named_parameters() if ".road_" not in n):
-        target = copy.deepcopy(model).to(dtype)
-    layers = road_model.road_layers(target)
-    was_training = target.training
-    target.eval()
-    undo: list = []
-    try:
-        if mode == "merge":
-            shared = _shared_parameters(target) if lazy_merges is not None else set()
-            for name, layer in layers.items():
-                plan = merge_plan(layer) if lazy_merges is not None and id(layer.base_layer.weight) not in shared \
-                    else None
-                if plan is not None:
-                    lazy_merges[name] = plan
-                plain = layer.base_layer if lazy_merges is not None and id(layer.base_layer.weight) not in shared \
-                    else merged_copy(layer)
-                road_model._replace(target, name, plain)
-                undo.append(lambda name=name, layer=layer: road_model._replace(target, name, layer))
-        else:
-            for layer in layers.values():
-                if layer.merged:
-                    raise RoadError(f"module {layer.module_name} has merged adapters; unmerge before rotate export")
-                freeze_coefficients(layer, dtype, order)
-                undo.append(lambda layer=layer: thaw_coefficients(layer))
-        yield target
-    finally:
-        for fn in reversed(undo):
-            fn()
-        target.train(was_training)
+    mode: str
+    dtype: torch.dtype | None = None
+    order: tuple[str, ...] = ()
+    merges: dict[str, Merge] | None = None  # a dict to fill: weights merged as they are written (streaming)
+    captured: dict[str, CaptureLayer] = dataclasses.field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def prepared(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model as it will be traced (eval mode; a float16 copy for dtype float16 unless it is float16
+        already); undone on exit.
+
+        merge: each RoadLayer is replaced by `merged_copy(layer)`; with `merges` (a dict), by its own base layer
+        instead (no copy) and `merges[layer path] = merge_plan(layer)`, for the exporter to merge each weight when
+        it is written (export/stream.py). A layer whose weight is shared with another module (tied) is always
+        merged eagerly. rotate: each RoadLayer is replaced by a `CaptureLayer` (its coefficients as buffers, the
+        rotation as `torch.ops.road.rotate`). Raises RoadError in rotate mode for a layer with merged adapters."""
+        mode, lazy_merges = self.mode, self.merges
+        target = model
+        if self.dtype is not None and self.dtype != torch.float32 and any(  # the adapters' theta/alpha may stay fp32
+                p.is_floating_point() and p.dtype != self.dtype for n, p in model.named_parameters()
+                if ".road_" not in n):
+            target = copy.deepcopy(model).to(self.dtype)
+        layers = road_model.road_layers(target)
+        was_training = target.training
+        target.eval()
+        undo: list = []
+        try:
+            if mode == "merge":
+                shared = _shared_parameters(target) if lazy_merges is not None else set()
+                for name, layer in layers.items():
+                    lazy = lazy_merges is not None and id(layer.base_layer.weight) not in shared
+                    plan = merge_plan(layer) if lazy else None
+                    if plan is not None:
+                        lazy_merges[name] = plan
+                    road_model._replace(target, name, layer.base_layer if lazy else merged_copy(layer))
+                    undo.append(lambda name=name, layer=layer: road_model._replace(target, name, layer))
+            else:
+                for name, layer in layers.items():
+                    if layer.merged:
+                        raise RoadError(f"module {layer.module_name} has merged adapters; unmerge before rotate "
+                                        "export")
+                    self.captured[name] = CaptureLayer(layer, self.dtype, self.order)
+                    road_model._replace(target, name, self.captured[name])
+                    undo.append(lambda name=name, layer=layer: road_model._replace(target, name, layer))
+            yield target
+        finally:
+            for fn in reversed(undo):
+                fn()
+            self.captured.clear()
+            target.train(was_training)
+
+
+def prepared(model: nn.Module, mode: str, dtype: torch.dtype | None, order: tuple[str, ...] = (),
+             lazy_merges: dict[str, Merge] | None = None):
+    """`ExportContext(mode, dtype, order, merges=lazy_merges).prepared(model)`: the model as it will be traced, as a
+    context manager (see ExportContext.prepared)."""
+    return ExportContext(mode, dtype, order, merges=lazy_merges).prepared(model)
 
 
 class Merge:
@@ -239,35 +265,52 @@ def buffer_names(adapter: str) -> tuple[str, str]:
     return f"road_c1_{safe}", f"road_c2_{safe}"
 
 
-def freeze_coefficients(layer: RoadLayer, dtype: torch.dtype | None, order: tuple[str, ...] = ()) -> None:
-    """Coefficients become buffers, so the exporter writes them as named initializers.
+class CaptureLayer(RoadLayer):
+    """Stands in for one RoadLayer while a rotate-mode export traces the model (ExportContext.prepared): the same
+    base layer, adapter parameters and routing (active adapter, per-row ids), with the coefficients as buffers so
+    the exporter writes them as named initializers, and `torch.ops.road.rotate` as the rotation (one `road.Rotate`
+    node per layer). Registered at the RoadLayer's path, so initializer names are those of the layer:
+    `<path>.base_layer.weight`, `<path>.road_c1_<adapter>` (`buffer_names`).
 
-    One adapter per layer: c1/c2 [d] per adapter (`buffer_names`). A mixed-batch `order`: per group size g, banks
-    [len(order) + 1, d] (`road_bank_c1_g<g>`, row 0 identity) gathered by `adapter_ids`."""
-    if order:
-        banks = layer.banks(order)
-        layer.frozen_banks = {}
-        for g, (bank1, bank2) in banks.items():
-            n1, n2 = f"road_bank_c1_g{g}", f"road_bank_c2_g{g}"
-            layer.register_buffer(n1, bank1.detach().to(dtype or bank1.dtype).clone(), persistent=False)
-            layer.register_buffer(n2, bank2.detach().to(dtype or bank2.dtype).clone(), persistent=False)
-            layer.frozen_banks[g] = (n1, n2)
-        layer.rotate_fn = torch_op.ROTATE
-        return
-    names = list(layer.road_theta.keys())
-    for adapter in names:
-        c1, c2 = layer.coefficients(adapter)
-        n1, n2 = buffer_names(adapter)
-        layer.register_buffer(n1, c1.detach().to(dtype or c1.dtype).clone(), persistent=False)
-        layer.register_buffer(n2, c2.detach().to(dtype or c2.dtype).clone(), persistent=False)
-    layer.frozen = {a: buffer_names(a) for a in names}
-    layer.rotate_fn = torch_op.ROTATE
+    One adapter per layer: c1/c2 [d] per adapter. A mixed-batch `order`: per group size g, banks
+    [len(order) + 1, d] (`road_bank_c1_g<g>`, row 0 identity) gathered by `adapter_ids`. Buffers are cast to
+    `dtype` (None: the coefficients' own). The RoadLayer it is made from is not changed."""
 
+    def __init__(self, layer: RoadLayer, dtype: torch.dtype | None, order: tuple[str, ...] = ()) -> None:
+        super().__init__(layer.base_layer, layer.module_name)
+        self.road_theta, self.road_alpha = layer.road_theta, layer.road_alpha  # the same parameters
+        self.variant, self.group_size = dict(layer.variant), dict(layer.group_size)
+        self.active_adapter, self.merged_adapters = layer.active_adapter, list(layer.merged_adapters)
+        self.disabled, self.row_adapters = layer.disabled, layer.row_adapters
+        self.row_ids, self.bank_order = layer.row_ids, list(layer.bank_order)
+        self.coefficient_buffers: dict[str, tuple[str, str]] = {}  # adapter -> (c1, c2) buffer names
+        self.bank_buffers: dict[int, tuple[str, str]] = {}  # group size -> (c1, c2) bank buffer names
+        if order:
+            for g, (bank1, bank2) in layer.banks(order).items():
+                self.bank_buffers[g] = self._register(f"road_bank_c1_g{g}", f"road_bank_c2_g{g}", bank1, bank2, dtype)
+        else:
+            for adapter in layer.adapters:
+                self.coefficient_buffers[adapter] = self._register(*buffer_names(adapter),
+                                                                   *layer.coefficients(adapter), dtype)
 
-def thaw_coefficients(layer: RoadLayer) -> None:
-    """Undo `freeze_coefficients`: drop the buffers, back to the eager rotation."""
-    for n1, n2 in [*layer.frozen.values(), *layer.frozen_banks.values()]:
-        delattr(layer, n1)
-        delattr(layer, n2)
-    layer.frozen, layer.frozen_banks = {}, {}
-    layer.rotate_fn = rotation.rotate
+    def _register(self, n1: str, n2: str, c1: torch.Tensor, c2: torch.Tensor, dtype) -> tuple[str, str]:
+        for name, value in ((n1, c1), (n2, c2)):
+            self.register_buffer(name, value.detach().to(dtype or value.dtype).clone(), persistent=False)
+        return n1, n2
+
+    def rotate(self, x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, group_size: int) -> torch.Tensor:
+        """The torch custom op (export/op.py), which the exporter translates to one `road.Rotate` node."""
+        return torch_op.ROTATE(x, c1, c2, group_size)
+
+    def coefficients(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's coefficient buffers (c1, c2 [d])."""
+        if adapter_name not in self.coefficient_buffers:
+            return super().coefficients(adapter_name)
+        n1, n2 = self.coefficient_buffers[adapter_name]
+        return getattr(self, n1), getattr(self, n2)
+
+    def banks(self, order) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The bank buffers of a mixed export ({g: (bank c1, bank c2) [len(order) + 1, d]})."""
+        if not self.bank_buffers:
+            return super().banks(order)
+        return {g: (getattr(self, n1), getattr(self, n2)) for g, (n1, n2) in self.bank_buffers.items()}

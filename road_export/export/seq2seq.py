@@ -12,7 +12,9 @@
 
 Names and axes follow optimum's `OnnxSeq2SeqConfigWithPast` (optimum/exporters/onnx/base.py, `add_past_key_values`)
 and `TextSeq2SeqOnnxConfig` (config.py). Beside the pair, `decoder_model_merged.onnx` holds both decoders behind an
-If on `use_cache_branch` (`merge_decoders`): transformers.js loads only that one, ORTModelForSeq2SeqLM either.
+If on `use_cache_branch` (the onnx-ir pass passes/merge_decoders.py): transformers.js loads only that one,
+ORTModelForSeq2SeqLM either. The three files are three parts of the one export pipeline (pipeline.py): each is traced,
+post-processed and saved as a decoder-only model's single file is; this module says what each part is.
 Each file's road nodes and swap records are those of the layers that run in it. A mixed-adapter export
 (`adapter_ids`) gives the input to every file in which an adapted layer runs, and only to those; a swappable
 export writes one `.onnx_adapter` per such file (`<file stem>.<adapter>.onnx_adapter`), since onnxruntime refuses
@@ -26,6 +28,7 @@ decoder.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -35,10 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from road_export import ops as road_op
 from road_export.errors import RoadError
-from road_export.export import capture, post, prepare
-from road_export.export.result import ExportResult, road_nodes, save_and_swap, swappable_layers
+from road_export.export import capture, pipeline, post, prepare
+from road_export.export.result import ExportResult, road_nodes
 from road_export.export.tasks import SEQ2SEQ, TaskSpec
 from road_export.files import atomic_write, save_model
 from road_export.names import BATCH, METADATA_SEQ2SEQ, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
@@ -305,17 +307,25 @@ def export_seq2seq(model: nn.Module, directory: str | os.PathLike, *, mode: str 
                         "a new directory of ONNX files")
     generation = _generation_ids(model)
     result = Seq2SeqResult(directory, mode, task)
+    options = {"opset": opset, "optimize": optimize, "target": target, "external_data": external_data,
+               "on_step": on_step}
     with atomic_write(directory) as staged:
         staged.mkdir()
         with prepare.adopted(model) as adapted:
             adapters, order = prepare.plan_adapters(adapted, mode, require_adapter=require_adapter,
                                                     name=type(model).__name__)
             result.adapters = adapters
-            with prepare.prepared(adapted, mode, dtype, order) as prepared:
-                for part in parts(prepared, task, mixed=bool(order)):
-                    result.files[part.name] = _export_part(prepared, part, staged, mode, task, adapters, order,
-                                                           dtype, opset, optimize, target, external_data,
-                                                           swappable, generation, step)
+            context = prepare.ExportContext(mode, dtype, order)
+            with context.prepared(adapted) as prepared:
+                names: list[str] = []
+
+                def specs() -> Iterator[pipeline.Part]:  # one at a time: each part's run and trace in turn
+                    for part in parts(prepared, task, mixed=bool(order)):
+                        names.append(part.name)
+                        yield part_spec(prepared, part, staged, task, context, adapters, swappable, generation)
+
+                written = pipeline.export_parts(specs(), context, **options)
+                result.files.update(zip(names, written, strict=True))
         if DECODER_WITH_PAST in result.files:  # optimum's merged decoder too: what transformers.js loads
             step(f"writing {SEQ2SEQ_MERGED}")
             result.files[DECODER_MERGED] = write_merged_decoder(staged, external_data)
@@ -326,12 +336,14 @@ def export_seq2seq(model: nn.Module, directory: str | os.PathLike, *, mode: str 
     return result
 
 
-def _export_part(prepared: nn.Module, part: Part, directory: Path, mode: str, task: str, adapters: list[dict],
-                 order: tuple[str, ...], dtype, opset, optimize: bool, target: str, external_data, swappable: bool,
-                 generation: dict, step):
-    """Trace, post-process and save one part; the adapter records and `adapter_ids` only where its layers run."""
+def part_spec(prepared: nn.Module, part: Part, directory: Path, task: str, context: prepare.ExportContext,
+              adapters: list[dict], swappable: bool, generation: dict) -> pipeline.Part:
+    """One file of the encoder-decoder as a pipeline part: the part's module and sample inputs; the adapter
+    records, `adapter_ids` and the swap file only where its layers run (found by running it once); optimum's axis
+    names and the `road_export.seq2seq` record ({"part", decoder_start_token_id, eos_token_id, pad_token_id})."""
+    order = context.order
     module = part_module(prepared, part, order)
-    args = tuple(_cast(t, dtype) for t in sample_inputs(
+    args = tuple(_cast(t, context.dtype) for t in sample_inputs(
         prepared, part, batch=3, encoder_length=7, decoder_length=3 if part.name == DECODER else 2,
         past=5, adapters=len(order)).values())
     ran = _layers_run(module, args) if adapters else set()
@@ -339,15 +351,15 @@ def _export_part(prepared: nn.Module, part: Part, directory: Path, mode: str, ta
         part = _without_ids(part)
         module = part_module(prepared, part, order)
         args = args[:-1]
-    step(f"tracing {part.file}")
-    dynamic = (tuple(part.axes[name] for name in part.input_names),)  # forward(*args)
-    with _frozen(prepared):
-        ir_model = capture.torch_export(module, args, list(part.input_names), dynamic, opset, what=part.file)
     records = [{**a, "layers": [p for p in a["layers"] if p in ran]} for a in adapters]
-    records = [r for r in records if r["layers"]] if mode == "rotate" else adapters
-    return _finish(ir_model, directory / part.file, part, mode, task, records, order,
-                   swappable and mode == "rotate" and not order and bool(ran), opset, optimize, target,
-                   external_data, generation, step)
+    records = [r for r in records if r["layers"]] if context.mode == "rotate" else adapters
+    swap = swappable and context.mode == "rotate" and not order and bool(ran)
+    return pipeline.Part(directory / part.file, module, args, list(part.input_names),
+                         (tuple(part.axes[name] for name in part.input_names),),  # forward(*args)
+                         TaskSpec(task, part.input_names, part.output_names, tuple(order)), records,
+                         swap_adapter=records[0]["name"] if swap else None, axes=part.axes,
+                         metadata={METADATA_SEQ2SEQ: json.dumps({"part": part.name, **generation})},
+                         what=part.file, label=part.file, trace_context=functools.partial(_frozen, prepared))
 
 
 @contextlib.contextmanager
@@ -365,98 +377,19 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def merge_decoders(decoder, with_past):
-    """optimum's merged decoder (`decoder_model_merged.onnx`, optimum/onnx/graph_transformations.py `merge_decoders`)
-    from the two decoder files as onnx ModelProtos: one `If` on the input `use_cache_branch` (bool [1]) whose else
-    branch is decoder_model.onnx and whose then branch is decoder_with_past_model.onnx, its missing outputs
-    (`present.{i}.encoder.*`) passed through from the past inputs. Inputs are the union of both files' plus
-    `use_cache_branch`; initializers of equal name and content are shared, equal content under another name is
-    reused, clashing names get the branch prefix. Each branch's values are prefixed (`np/`, `wp/`). The road
-    functions, opsets and metadata (swap records: the first decoder's layers, a superset of the other's) are
-    decoder_model.onnx's. Torch-free."""
-    import hashlib
-
-    import onnx
-    from onnx import helper, numpy_helper
-
-    inits: dict[str, onnx.TensorProto] = {}
-    by_content: dict[tuple, str] = {}
-
-    def content(t):
-        return t.data_type, tuple(t.dims), hashlib.sha256(numpy_helper.to_array(t).tobytes()).hexdigest()
-
-    def branch(model, prefix: str, passed: list[tuple[str, str, onnx.ValueInfoProto]], order: list[str]):
-        graph = model.graph
-        outer = {i.name for i in graph.input}
-        rename = {}
-        for t in graph.initializer:
-            key = content(t)
-            if t.name in inits and content(inits[t.name]) == key:
-                rename[t.name] = t.name
-            elif key in by_content and t.name not in outer:
-                rename[t.name] = by_content[key]
-            else:
-                name = t.name if t.name not in inits else prefix + t.name
-                copy_ = onnx.TensorProto()
-                copy_.CopyFrom(t)
-                copy_.name = name
-                inits[name] = copy_
-                by_content.setdefault(key, name)
-                rename[t.name] = name
-        nodes = []
-        for node in graph.node:
-            new = onnx.NodeProto()
-            new.CopyFrom(node)
-            new.input[:] = [rename.get(x, x if x in outer or not x else prefix + x) for x in node.input]
-            new.output[:] = [prefix + x if x else x for x in node.output]
-            new.name = prefix + node.name if node.name else ""
-            nodes.append(new)
-        outputs = {}
-        for value in graph.output:
-            outputs[value.name] = onnx.ValueInfoProto()
-            outputs[value.name].CopyFrom(value)
-            outputs[value.name].name = prefix + value.name
-        for name, source, info in passed:
-            nodes.append(helper.make_node("Identity", [source], [prefix + name]))
-            outputs[name] = onnx.ValueInfoProto()
-            outputs[name].CopyFrom(info)
-            outputs[name].name = prefix + name
-        return helper.make_graph(nodes, prefix.strip("/") + "_branch", [], [outputs[n] for n in order])
-
-    order = [o.name for o in decoder.graph.output]
-    past_inputs = {i.name: i for i in with_past.graph.input}
-    passed = [(n, "past_key_values." + n[len("present."):], past_inputs["past_key_values." + n[len("present."):]])
-              for n in order if n.startswith("present.") and ".encoder." in n]
-    then_branch = branch(with_past, "wp/", passed, order)
-    else_branch = branch(decoder, "np/", [], order)
-    inputs, seen = [], set()
-    for value in [*decoder.graph.input, *with_past.graph.input]:
-        if value.name not in seen:
-            seen.add(value.name)
-            inputs.append(value)
-    inputs.append(helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1]))
-    node = helper.make_node("If", ["use_cache_branch"], order, name="optimum::if", then_branch=then_branch,
-                            else_branch=else_branch)
-    graph = helper.make_graph([node], "decoder_model_merged", inputs, list(decoder.graph.output), list(inits.values()))
-    model = helper.make_model(graph, opset_imports=list(decoder.opset_import), ir_version=decoder.ir_version)
-    functions = {(f.domain, f.name): f for f in [*decoder.functions, *with_past.functions]}
-    model.functions.extend(functions.values())
-    for prop in decoder.metadata_props:
-        model.metadata_props.add(key=prop.key, value=prop.value)
-    return model
-
-
 def write_merged_decoder(directory: Path, external_data: bool | None) -> ExportResult:
-    """`merge_decoders` on the two decoder files in `directory`, saved (atomically, loaded by onnxruntime first) as
+    """optimum's merged decoder (passes/merge_decoders.py: the two decoder files behind one If on
+    `use_cache_branch`) from the two decoder files in `directory`, saved (atomically, loaded by onnxruntime first) as
     `decoder_model_merged.onnx`, with a copy of decoder_model.onnx's `.onnx_adapter` files (the same parameters)."""
     import shutil
 
-    import onnx
     import onnx_ir as ir
 
-    decoder = onnx.load(str(directory / SEQ2SEQ_FILES[1]))
-    with_past = onnx.load(str(directory / SEQ2SEQ_FILES[2]))
-    merged = ir.serde.deserialize_model(merge_decoders(decoder, with_past))
+    from road_export.passes.merge_decoders import MergeDecodersPass
+
+    decoder = ir.load(directory / SEQ2SEQ_FILES[1])
+    with_past = ir.load(directory / SEQ2SEQ_FILES[2])
+    merged = MergeDecodersPass(with_past)(decoder).model
     path = directory / SEQ2SEQ_MERGED
     data = save_model(merged, path, external_data, check=post.check_loadable)
     files = []
@@ -465,10 +398,10 @@ def write_merged_decoder(directory: Path, external_data: bool | None) -> ExportR
         target = directory / f"{Path(SEQ2SEQ_MERGED).stem}.{source.name[len(stem) + 1:]}"
         shutil.copyfile(source, target)
         files.append(target)
-    meta = {p.key: p.value for p in decoder.metadata_props}
-    road_nodes = sum(1 for g in (decoder, with_past) for n in g.graph.node if n.domain == road_op.DOMAIN)
+    meta = decoder.metadata_props
     return ExportResult(path, meta.get("road_export.mode", ""), meta.get("road_export.task"),
-                        [i.name for i in merged.graph.inputs], [o.name for o in merged.graph.outputs], road_nodes,
+                        [i.name for i in merged.graph.inputs], [o.name for o in merged.graph.outputs],
+                        road_nodes(decoder) + road_nodes(with_past),
                         json.loads(meta.get("road_export.adapters", "[]")), data, files)
 
 
@@ -493,32 +426,3 @@ def _generation_ids(model: nn.Module) -> dict:
         if value is not None:
             out[key] = value
     return out
-
-
-def _finish(ir_model, path: Path, part: Part, mode: str, task: str, records: list[dict], order, swappable: bool,
-            opset, optimize: bool, target: str, external_data, generation: dict, step) -> ExportResult:
-    """The post-export passes, optimum's axis names, the save and the swap file of one part."""
-    import onnx_ir as ir
-
-    layer_of = swappable_layers(records[0]) if swappable else None
-    spec = TaskSpec(task, part.input_names, part.output_names, tuple(order))
-    plan = post.PostExportPlan(mode, spec, records, opset=opset, swappable_layers=layer_of, optimize=optimize,
-                               target=target)
-    post.post_export_passes(plan, on_step=step)(ir_model)
-    outputs = ir_model.graph.outputs
-    for value, name in zip(outputs, part.output_names, strict=True):
-        value.name = name
-    for value in [*ir_model.graph.inputs, *outputs]:
-        axes = part.axes.get(value.name)
-        if axes and value.shape is not None:
-            dims = list(value.shape)
-            for axis, name in axes.items():
-                if axis < len(dims) and not isinstance(dims[axis], int):
-                    dims[axis] = ir.SymbolicDim(name)
-            value.shape = ir.Shape(dims)
-    ir_model.metadata_props[METADATA_SEQ2SEQ] = json.dumps({"part": part.name, **generation})
-    nodes = road_nodes(ir_model)
-    step(f"writing {path.name}")
-    data, files = save_and_swap(ir_model, path, external_data, records[0]["name"] if swappable else None)
-    return ExportResult(path, mode, task, list(part.input_names), [v.name for v in outputs], nodes, records,
-                        data, files)

@@ -30,6 +30,20 @@ def test_output_names_and_metadata():
     assert json.loads(props["road_export.adapters"]) == records and props["road_export.version"]
 
 
+def test_axis_names_and_extra_metadata_of_a_part():
+    """An encoder-decoder part's axis names (optimum's) land on the symbolic axes named, fixed sizes stay, and its
+    record follows the road_export.* ones."""
+    model = testutil.road_model(8, 16, 8, "road_2")  # x, y: [batch, seq, d]
+    axes = {"x": {0: "batch_size", 1: "encoder_sequence_length", 2: "not a symbol"}, "y": {1: "decoder_length"}}
+    plan = post.PostExportPlan("merge", None, [], optimize=False, axes=axes, metadata={"road_export.seq2seq": "{}"})
+    assert [type(p).__name__ for p in post.post_export_passes(plan).passes] == ["AxisNamesPass", "MetadataPass"]
+    post.post_export_passes(plan)(model)
+    x, y = model.graph.inputs[0], model.graph.outputs[0]
+    assert [str(d) for d in x.shape] == ["batch_size", "encoder_sequence_length", "8"]
+    assert [str(d) for d in y.shape] == ["batch", "decoder_length", "16"]
+    assert list(model.metadata_props)[-1] == "road_export.seq2seq"
+
+
 def test_the_chain_runs_in_order_and_keeps_each_result():
     model = testutil.road_model(8, 16, 8, "road_1")
     for key in list(model.functions):
