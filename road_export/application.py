@@ -285,6 +285,19 @@ def parity(onnx_path: Path, source, step: Step, *, task: str | None, atol: float
                               native=None if native else False, reference=source.reference_name)
 
 
+def _normalized(options: Any, *names: str) -> None:
+    """A frozen options object's path fields as the strings the checks read: `adapters` a tuple of str (a single
+    path or a list welcome), the other `names` str (or None)."""
+    if hasattr(options, "adapters"):
+        given = options.adapters
+        adapters = (given,) if isinstance(given, (str, Path)) else tuple(given)
+        object.__setattr__(options, "adapters", tuple(str(a) for a in adapters))
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and not isinstance(value, str):
+            object.__setattr__(options, name, str(value))
+
+
 # ---- export ----
 
 @dataclass(frozen=True)
@@ -320,6 +333,10 @@ class ExportOptions:
     atol: float | None = None
     report: str | None = None
     native: bool = True
+
+    def __post_init__(self) -> None:
+        _normalized(self, "base", "report")
+        object.__setattr__(self, "builder_options", tuple(self.builder_options))
 
 
 @dataclass
@@ -601,7 +618,7 @@ class ExportJob:
         library = kernels_library() if o.mode == "rotate" and specs else None
         with writing(output), guard.kept(output), _ours(steps, lambda: "attaching RoAd to the model builder "
                                                                             f"graph of {o.base}"):
-            built = genai_builder.build(o.base, [(s.name, s.path) for s in specs], output, mode=o.mode,
+            built = genai_builder.build(str(o.base), [(s.name, s.path) for s in specs], output, mode=o.mode,
                                         dtype=o.dtype, quantize=o.quantize, provider=o.device or "cpu",
                                         swappable=not o.fixed, custom_ops_library=library, verify=o.verify,
                                         atol=o.atol, on_step=steps,
@@ -722,6 +739,9 @@ class VerifyOptions:
     report: str | None = None
     native: bool = True
 
+    def __post_init__(self) -> None:
+        _normalized(self, "base", "report", "against")
+
 
 def verify_model(options: VerifyOptions, *, on_step: Step | None = None):
     """Parity of an existing export (`road-export verify`): checks, load, verify, the report written atomically.
@@ -746,7 +766,7 @@ def verify_model(options: VerifyOptions, *, on_step: Step | None = None):
         check_outputs({"--report": o.report}, [target, *inputs])
         seq2seq = False
         if o.against is not None:
-            return _verify_against(o, target, on_step)
+            return _verify_against(o, target, o.against, on_step)
         check_atol_float(o.atol, target, _scheme(proto))
     quiet_libraries()
     from road_export.source import load_source
@@ -777,21 +797,21 @@ def verify_model(options: VerifyOptions, *, on_step: Step | None = None):
     return report
 
 
-def _verify_against(o: VerifyOptions, target: Path, on_step: Step | None):
+def _verify_against(o: VerifyOptions, target: Path, against: str, on_step: Step | None):
     """`verify MODEL --against REF.onnx`: onnxruntime against onnxruntime, torch-free."""
     from road_export.checks import check_onnx_input
     from road_export.crosscheck import verify_against_file
 
     given = [flag for flag, value in (("--base", o.base), ("--adapter", o.adapters), ("--task", o.task)) if value]
     if given:
-        raise RoadError(f"{', '.join(given)} with --against: the reference is the file {o.against}; "
+        raise RoadError(f"{', '.join(given)} with --against: the reference is the file {against}; "
                         "drop them, or drop --against to compare with the torch source")
-    check_onnx_input(o.against)
-    check_report(o.report, Path(o.against))
+    check_onnx_input(against)
+    check_report(o.report, Path(against))
     with _interruptions() as guard:
         _Steps(on_step, guard)("verifying")
         with onnxruntime_blame(target, "run"):
-            report = verify_against_file(target, o.against, atol=o.atol, native=None if o.native else False)
+            report = verify_against_file(target, against, atol=o.atol, native=None if o.native else False)
         with guard.kept(o.report):
             write_report(report, o.report)
     return report
@@ -812,6 +832,9 @@ class AttachOptions:
     mode: str = "rotate"
     fixed: bool = False
     quantize: str | None = None
+
+    def __post_init__(self) -> None:
+        _normalized(self)
 
 
 def attach_adapters(options: AttachOptions) -> str:

@@ -194,3 +194,32 @@ def test_verify_model_reports_a_damaged_file(llama, exported):
     report = application.verify_model(application.VerifyOptions(damaged, base=str(llama / "base"),
                                                                 adapters=(str(llama / "road"),)))
     assert not report.passed
+
+
+def test_attach_translation_failure_is_exit_3(llama, tmp_path, monkeypatch, capsys):
+    """Planted fault: the translation of the adapter onto the graph (attach.attach_to_model) raises KeyError:
+    ExportBug naming the adapter and the base, exit 3 in one line, no output left."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from road_export import attach
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    base = tmp_path / "base.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(base))
+
+    def broken(*args, **kwargs):
+        raise KeyError("planted")
+
+    monkeypatch.setattr(attach, "attach_to_model", broken)
+    out = tmp_path / "out.onnx"
+    with pytest.raises(ExportBug, match=r"attaching .*road to .*base.onnx failed: KeyError: 'planted'"):
+        application.attach_adapters(application.AttachOptions(base, (llama / "road",), out))
+    capsys.readouterr()
+    assert run("attach", base, "--adapter", llama / "road", out) == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("road-export: internal error: ExportBug: attaching "), lines
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base.onnx"]
