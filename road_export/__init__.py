@@ -5,7 +5,8 @@ Names are imported on first use (PEP 562), so `import road_export` costs nothing
 torch side (`export`, `load_adapter`, `get_road_model`, ...) needs `pip install 'road-export[export]'`.
 
 `road_export.export` is the export subpackage, callable as the export function: `rx.export(model, "m.onnx")`;
-`rx.export_model` is the same function under a plain name.
+`rx.export_model` is the same function under a plain name. `rx.export_verified(rx.ExportOptions(...))` is what
+`road-export export` does (checks, export, parity against peft, report, atomic commit: road_export.application).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AdapterFile": "road_export.adapter_files",
+    "ExportOptions": "road_export.application",
+    "VerifyOptions": "road_export.application",
+    "export_verified": "road_export.application",
+    "verify_model": "road_export.application",
     "read_adapter": "road_export.adapter_files",
     "RoadConfig": "road_export.config",
     "RoadVariant": "road_export.config",

@@ -6,7 +6,8 @@
     3 passes                passes.*, attach, builder_graph
     4 export (torch)        layers, model, adapters, zoo, source, checkpoint, export.*
     4 runtime (ORT)         runtime, generation, seq2seq, gpu, kvcache, sessions
-    5 harness, CLI, server  verify, crossing, crosscheck, testing, cli, cli_common, serving.*, genai_builder
+    5 harness, CLI, server  verify, crossing, crosscheck, testing, application, cli, cli_common, serving.*,
+                            genai_builder
 
 A module may import its own layer and any layer below; the two halves of layer 4 are siblings. Lazy imports inside
 functions count too. Layers 1-3 and the runtime are the serving floor: they must not import torch, transformers or
@@ -32,8 +33,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     **{m: (3, "passes") for m in ("passes", "attach", "builder_graph")},
     **{m: (4, "export") for m in ("layers", "model", "adapters", "zoo", "source", "checkpoint", "export")},
     **{m: (4, "runtime") for m in ("runtime", "generation", "seq2seq", "gpu", "kvcache", "sessions")},
-    **{m: (5, "top") for m in ("verify", "crossing", "crosscheck", "testing", "cli", "cli_common", "serving",
-                               "genai_builder")},
+    **{m: (5, "top") for m in ("verify", "crossing", "crosscheck", "testing", "application", "cli", "cli_common",
+                               "serving", "genai_builder")},
 }
 FLOOR_MAX = 3
 TORCH_SIDE = ("torch", "transformers", "peft", "safetensors.torch")
