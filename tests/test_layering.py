@@ -1,11 +1,11 @@
 """The package's layering: nothing imports a layer above its own, and export and runtime do not import each other.
 
     1 maths and config      errors, config, rotation, names, legacy_tokenizers (data)
-    2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir, quantize, parity
+    2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir, quantize
     3 passes                passes.*, attach, builder_graph
     4 export (torch)        layers, model, adapters, zoo, source, checkpoint, export.*
     4 runtime (ORT)         runtime, generation, native, seq2seq, gpu, kvcache, sessions
-    5 harness, CLI, server  verify, crossing, crosscheck, testing, cli, cli_common, serving.*, genai_builder
+    5 harness, CLI, server  parity.*, verify, crosscheck, testing, cli, cli_common, serving.*, genai_builder
 
 A module may import its own layer and any layer below; the two halves of layer 4 are siblings. Lazy imports inside
 functions count too. Layers 1-3 and the runtime are the serving floor: they must not import torch, transformers or
@@ -27,12 +27,12 @@ PACKAGE = ROOT / "road_export"
 LAYERS: dict[str, tuple[int, str]] = {
     **{m: (1, "base") for m in ("errors", "config", "rotation", "names", "requires_export", "legacy_tokenizers")},
     **{m: (2, "onnx") for m in ("ops", "files", "checks", "adapter_files", "swap", "inspection", "model_dir",
-                                "quantize", "parity")},
+                                "quantize")},
     **{m: (3, "passes") for m in ("passes", "attach", "builder_graph")},
     **{m: (4, "export") for m in ("layers", "model", "adapters", "zoo", "source", "checkpoint", "export")},
     **{m: (4, "runtime") for m in ("runtime", "generation", "native", "seq2seq", "gpu", "kvcache",
                                    "sessions")},
-    **{m: (5, "top") for m in ("verify", "crossing", "crosscheck", "testing", "cli", "cli_common", "serving",
+    **{m: (5, "top") for m in ("parity", "verify", "crosscheck", "testing", "cli", "cli_common", "serving",
                                "genai_builder")},
 }
 FLOOR_MAX = 3

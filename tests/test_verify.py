@@ -149,14 +149,14 @@ def test_equal_weights_are_lent_and_a_damaged_one_is_not(tmp_path, monkeypatch):
     import onnx
     import onnxruntime as ort
 
-    from road_export import verify as verify_module
+    from road_export.parity import memory
 
-    monkeypatch.setattr(verify_module, "LEND_MIN_BYTES", 4096)  # tiny-llama's embedding is 64 KiB
+    monkeypatch.setattr(memory, "LEND_MIN_BYTES", 4096)  # tiny-llama's embedding is 64 KiB
     torch.manual_seed(0)
     model = rx.get_road_model(tiny("tiny-llama"), rx.RoadConfig(variant="road_2", group_size=8, init_weights=False))
     path = rx.export(model, tmp_path / "m.onnx", mode="merge", external_data=True).path
     embedding = model.model.embed_tokens.weight.detach().numpy()
-    lent = verify_module.lend_equal_weights(path, model, ort.SessionOptions())
+    lent = memory.lend_equal_weights(path, model, ort.SessionOptions())
     assert any(v.shape() == list(embedding.shape) for v in lent)
     assert verify(path, model).passed
 
@@ -168,7 +168,7 @@ def test_equal_weights_are_lent_and_a_damaged_one_is_not(tmp_path, monkeypatch):
     row = 200  # an id only the vocabulary sweep feeds
     raw[offset + (row * embedding.shape[1] + 5) * 4 + 3] ^= 0x40  # the exponent byte of one float
     data.write_bytes(bytes(raw))
-    assert not any(v.shape() == list(embedding.shape) for v in verify_module.lend_equal_weights(
+    assert not any(v.shape() == list(embedding.shape) for v in memory.lend_equal_weights(
         path, model, ort.SessionOptions()))
     report = verify(path, model)
     assert not report.passed
