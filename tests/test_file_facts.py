@@ -117,3 +117,19 @@ def test_the_file_against_file_check_reads_the_same_facts(tmp_path):
     quantized, plain = _dequantized_in_branch(tmp_path), _float_matmul(tmp_path)
     with pytest.raises(RoadError, match="1 DequantizeLinear-quantized"):
         verify_against_file(quantized, plain, atol=1e-3)
+
+
+def test_the_facade_and_the_torch_free_harness_import_without_torch(tmp_path):
+    """A serving host checks a file against a trusted one without torch: the facade, the parity package's
+    torch-free modules and `road-export verify --against`'s entry import with torch blocked."""
+    from test_floor import BLOCK_TORCH, run_python
+
+    path = _dequantized_in_branch(tmp_path)
+    done = run_python(BLOCK_TORCH + f"""
+import sys
+import road_export.crosscheck, road_export.parity, road_export.parity.cases, road_export.parity.feeds
+from road_export.inspection import read_facts
+print(read_facts({path!r}).quantization)
+assert not [m for m in ("torch", "transformers", "peft") if m in sys.modules]
+""", tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "1 DequantizeLinear", done.stderr[-2000:]
