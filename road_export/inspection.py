@@ -1,10 +1,15 @@
-"""What an exported file holds: mode, adapters, road nodes, inputs and outputs, metadata."""
+"""What an exported file holds: mode, adapters, road nodes, inputs and outputs, metadata.
+
+`read_facts` is the one read of a file's dtype, metadata and quantization that every other part asks (verify, the
+file-against-file check, quantize, inspect, the CLI): one rule each, so a file is judged the same way everywhere.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +18,85 @@ import onnx
 from road_export.errors import RoadError
 
 _DTYPES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
+
+METADATA_QUANTIZE = "road_export.quantize"  # road_export.quantize's record: {"scheme", "bits", "block_size", ...}
+QUANTIZED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
+                           "MatMulIntegerToFloat", "QGemm", "DequantizeLinear", "GatherBlockQuantized"})
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the checks read off an ONNX file before running it (`read_facts`), from its protobuf alone.
+
+    `dtype`: "float16" when any graph output is declared float16 (the logits, or a float16 cache beside float32
+    logits), else "float32"; always the graph's declared types, never a metadata claim. `metadata`: the
+    `metadata_props` as a dict. `quantized_ops`: {op type: count} of the quantized ops (QUANTIZED_OPS) in the main
+    graph and its subgraphs (an If branch, a Loop body), as onnx-ir's `Graph.all_nodes` walks them.
+    `quantization`: the scheme ("int4", "int8") of road_export.quantize's record where the file has one, else
+    the quantized ops counted, most first ("15 MatMulInteger, 1 DequantizeLinear"), None for a float file
+    (`quantization_of`). `summary`: the same in one phrase for people (`road-export inspect`, the CLI's "wrote"
+    line), with block sizes and how many MatMul weights are quantized."""
+
+    path: str
+    dtype: str
+    metadata: dict[str, str]
+    quantized_ops: dict[str, int]
+    quantization: str | None
+    summary: str | None
+
+
+def recorded_scheme(record: str) -> str:
+    """The scheme ("int4", "int8") of a `road_export.quantize` metadata record; the record itself when it is not
+    the JSON road_export.quantize writes."""
+    try:
+        return json.loads(record)["scheme"]
+    except (ValueError, KeyError, TypeError):
+        return record
+
+
+def quantization_of(metadata: Mapping[str, str], op_counts: Mapping[str, int]) -> str | None:
+    """The one quantization rule: the scheme of the `road_export.quantize` record in `metadata`, else the quantized
+    op types of `op_counts` ({op type: nodes}) counted, most first; None when neither (a float model). Used on a
+    protobuf by `read_facts` and on an onnx-ir model by `road_export.quantize.quantization`."""
+    record = metadata.get(METADATA_QUANTIZE)
+    if record:
+        return recorded_scheme(record)
+    counts = Counter({op: n for op, n in op_counts.items() if op in QUANTIZED_OPS and n})
+    return ", ".join(f"{n} {op}" for op, n in counts.most_common()) or None
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The graph's nodes and those of every subgraph (If branches, Loop/Scan bodies), depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)
+
+
+def graph_dtype(model: onnx.ModelProto) -> str:
+    """"float16" when any graph output is declared float16, else "float32" (see `FileFacts.dtype`)."""
+    float16 = onnx.TensorProto.FLOAT16
+    return "float16" if any(o.type.tensor_type.elem_type == float16 for o in model.graph.output) else "float32"
+
+
+def read_facts(model: onnx.ModelProto | str | Path) -> FileFacts:
+    """The `FileFacts` of an ONNX file (`model` a path, read without its external data) or of a loaded protobuf.
+
+    Raises what `onnx.load` raises for an unreadable file; callers that take a user's path check it first
+    (`checks.check_onnx_input`)."""
+    path = ""
+    if not isinstance(model, onnx.ModelProto):
+        path = str(model)
+        model = onnx.load(path, load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    ops = Counter(n.op_type for n in _all_nodes(model.graph))
+    quantized = {op: n for op, n in ops.most_common() if op in QUANTIZED_OPS}
+    return FileFacts(path=path, dtype=graph_dtype(model), metadata=meta, quantized_ops=quantized,
+                     quantization=quantization_of(meta, quantized), summary=_summary(model, meta, ops))
 
 
 @dataclass
@@ -130,7 +214,7 @@ def inspect_model(path: str | Path) -> Inspection:
         op_counts=dict(Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in nodes).most_common()),
         external_data=external,
         metadata=meta,
-        quantization=quantization_summary(model),
+        quantization=read_facts(model).summary,
         folded=(meta.get("road_export.mode") == "rotate" and any(a.get("layers") for a in adapters
                                                                    if isinstance(a, dict))
                 and not any(n.domain == "road" for n in nodes)),
@@ -138,19 +222,15 @@ def inspect_model(path: str | Path) -> Inspection:
 
 
 def quantization_summary(model: onnx.ModelProto | str | Path) -> str | None:
-    """How a file's weights are quantized, in one phrase, or None for a float file: from road-export's
-    `road_export.quantize` record, e.g. "int4 (MatMulNBits, blocks of 16; 5 of them int8 in blocks of 32: layers 0-1
-    and the output head; 15 of 15 MatMul weights)", else the quantized op types another tool wrote. `model`: the
-    protobuf, or a path (read without its external data)."""
-    from road_export.quantize import METADATA_QUANTIZE, QUANTIZED_OPS
+    """How a file's weights are quantized, in one phrase, or None for a float file (`read_facts(model).summary`):
+    from road-export's `road_export.quantize` record, e.g. "int4 (MatMulNBits, blocks of 16; 5 of them int8 in
+    blocks of 32: layers 0-1 and the output head; 15 of 15 MatMul weights)", else the quantized op types another
+    tool wrote. `model`: the protobuf, or a path (read without its external data)."""
+    return read_facts(model).summary
 
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    initializers = {t.name for t in model.graph.initializer}
-    ops = Counter(n.op_type for n in model.graph.node)
-    float_matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
-                        and n.input[1] in initializers)
+
+def _summary(model: onnx.ModelProto, meta: dict[str, str], ops: Counter) -> str | None:
+    """`FileFacts.summary` from the protobuf, its metadata and its op counts (subgraphs included)."""
     record = meta.get(METADATA_QUANTIZE)
     if record:
         try:
@@ -158,6 +238,9 @@ def quantization_summary(model: onnx.ModelProto | str | Path) -> str | None:
             scheme, block = info["scheme"], info["block_size"]
         except (ValueError, KeyError, TypeError):
             return f"{record} (an unreadable road_export.quantize record)"
+        initializers = {t.name for t in model.graph.initializer}
+        float_matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
+                            and n.input[1] in initializers)
         quantized = ops.get("MatMulNBits", 0)
         parts = [f"MatMulNBits, blocks of {block}"]
         eights, first = int(info.get("int8_nodes") or 0), int(info.get("int8_layers") or 0)

@@ -46,11 +46,12 @@ from pathlib import Path
 import onnx_ir as ir
 
 from road_export.errors import RoadError
+from road_export.inspection import METADATA_QUANTIZE, QUANTIZED_OPS, quantization_of, read_facts, recorded_scheme
 
 __all__ = [
     "BLOCK_SIZE", "INT4_BLOCK_SIZE", "INT8_BLOCK_SIZE", "INT8_LAYERS", "METADATA_QUANTIZE", "QUANTIZED_OPS",
     "SCHEMES", "QuantizeReport", "gemm_as_matmul", "int8_nodes", "layer_index", "quantization", "quantize_file",
-    "quantize_model",
+    "quantize_model", "recorded_scheme",
 ]
 
 SCHEMES = {"int4": 4, "int8": 8}
@@ -58,9 +59,8 @@ INT4_BLOCK_SIZE = 16
 INT8_BLOCK_SIZE = 32
 BLOCK_SIZE = {"int4": INT4_BLOCK_SIZE, "int8": INT8_BLOCK_SIZE}
 INT8_LAYERS = 2  # the first numbered layers an int4 file keeps at int8 (at most a quarter of the layers)
-METADATA_QUANTIZE = "road_export.quantize"
-QUANTIZED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
-                           "MatMulIntegerToFloat", "QGemm", "DequantizeLinear", "GatherBlockQuantized"})
+# METADATA_QUANTIZE (the record's key) and QUANTIZED_OPS live in road_export.inspection, beside the one rule
+# (`inspection.quantization_of`) that reads them
 _SCOPES = "pkg.torch.onnx.name_scopes"
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 
@@ -80,26 +80,14 @@ class QuantizeReport:
 def quantization(model: ir.Model) -> str | None:
     """How `model` is quantized already: its `road_export.quantize` scheme, or its quantized nodes counted by op
     type, most first ("15 MatMulInteger, 1 DequantizeLinear"; MatMulNBits, MatMulInteger, QLinearMatMul,
-    DequantizeLinear, ...); None for a float model."""
-    record = model.metadata_props.get(METADATA_QUANTIZE)
-    if record:
-        return recorded_scheme(record)
-    counts = Counter(node.op_type for node in model.graph.all_nodes() if node.op_type in QUANTIZED_OPS)
-    return ", ".join(f"{n} {op}" for op, n in counts.most_common()) or None
-
-
-def recorded_scheme(record: str) -> str:
-    """The scheme ("int4", "int8") of a `road_export.quantize` metadata record; the record itself when it is not
-    the JSON this module writes."""
-    try:
-        return json.loads(record)["scheme"]
-    except (ValueError, KeyError, TypeError):
-        return record
+    DequantizeLinear, ...); None for a float model. The rule is `inspection.quantization_of`, the one a file's
+    `inspection.read_facts` applies."""
+    return quantization_of(model.metadata_props, Counter(node.op_type for node in model.graph.all_nodes()))
 
 
 def file_quantization(path: str | os.PathLike) -> str | None:
-    """`quantization` of an ONNX file, its graph read without its weights (onnx-ir leaves external data unread)."""
-    return quantization(ir.load(str(path)))
+    """`quantization` of an ONNX file, its graph read without its weights (`inspection.read_facts`)."""
+    return read_facts(path).quantization
 
 
 def check_scheme(scheme: str) -> int:

@@ -16,7 +16,7 @@ from test_cli import assert_bad_input, exported, llama_dirs, road_export  # noqa
 from test_floor import BLOCK_TORCH, run_python
 
 import road_export as rx
-from road_export import crosscheck
+from road_export.parity import file_reference as crosscheck
 from road_export.crosscheck import verify_against_file
 
 SWEEP, LONG = "vocabulary sweep: 256 ids, 64 per row", "long sequence: seq"

@@ -1,12 +1,12 @@
 """The package's layering: nothing imports a layer above its own, and export and runtime do not import each other.
 
     1 maths and config      errors, config, rotation, names, legacy_tokenizers (data)
-    2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir, quantize, parity,
+    2 ONNX ops and I/O      ops, files, checks, adapter_files, swap, inspection, model_dir, quantize,
                             native (the road ops' kernel library), ort_session (the one onnxruntime session set-up)
     3 passes                passes.*, attach, builder_graph
     4 export (torch)        layers, model, adapters, zoo, source, checkpoint, export.*
     4 runtime (ORT)         runtime, generation, seq2seq, gpu, kvcache, sessions
-    5 harness, CLI, server  verify, crossing, crosscheck, testing, application, cli, cli_common, serving.*,
+    5 harness, CLI, server  parity.*, verify, crosscheck, testing, application, cli, cli_common, serving.*,
                             genai_builder
 
 A module may import its own layer and any layer below; the two halves of layer 4 are siblings. Lazy imports inside
@@ -29,11 +29,11 @@ PACKAGE = ROOT / "road_export"
 LAYERS: dict[str, tuple[int, str]] = {
     **{m: (1, "base") for m in ("errors", "config", "rotation", "names", "requires_export", "legacy_tokenizers")},
     **{m: (2, "onnx") for m in ("ops", "files", "checks", "adapter_files", "swap", "inspection", "model_dir",
-                                "quantize", "parity", "native", "ort_session")},
+                                "quantize", "native", "ort_session")},
     **{m: (3, "passes") for m in ("passes", "attach", "builder_graph")},
     **{m: (4, "export") for m in ("layers", "model", "adapters", "zoo", "source", "checkpoint", "export")},
     **{m: (4, "runtime") for m in ("runtime", "generation", "seq2seq", "gpu", "kvcache", "sessions")},
-    **{m: (5, "top") for m in ("verify", "crossing", "crosscheck", "testing", "application", "cli", "cli_common",
+    **{m: (5, "top") for m in ("parity", "verify", "crosscheck", "testing", "application", "cli", "cli_common",
                                "serving", "genai_builder")},
 }
 FLOOR_MAX = 3

@@ -149,14 +149,14 @@ def test_equal_weights_are_lent_and_a_damaged_one_is_not(tmp_path, monkeypatch):
     import onnx
     import onnxruntime as ort
 
-    from road_export import verify as verify_module
+    from road_export.parity import memory
 
-    monkeypatch.setattr(verify_module, "LEND_MIN_BYTES", 4096)  # tiny-llama's embedding is 64 KiB
+    monkeypatch.setattr(memory, "LEND_MIN_BYTES", 4096)  # tiny-llama's embedding is 64 KiB
     torch.manual_seed(0)
     model = rx.get_road_model(tiny("tiny-llama"), rx.RoadConfig(variant="road_2", group_size=8, init_weights=False))
     path = rx.export(model, tmp_path / "m.onnx", mode="merge", external_data=True).path
     embedding = model.model.embed_tokens.weight.detach().numpy()
-    lent = verify_module.lend_equal_weights(path, model, ort.SessionOptions())
+    lent = memory.lend_equal_weights(path, model, ort.SessionOptions())
     assert any(v.shape() == list(embedding.shape) for v in lent)
     assert verify(path, model).passed
 
@@ -168,7 +168,7 @@ def test_equal_weights_are_lent_and_a_damaged_one_is_not(tmp_path, monkeypatch):
     row = 200  # an id only the vocabulary sweep feeds
     raw[offset + (row * embedding.shape[1] + 5) * 4 + 3] ^= 0x40  # the exponent byte of one float
     data.write_bytes(bytes(raw))
-    assert not any(v.shape() == list(embedding.shape) for v in verify_module.lend_equal_weights(
+    assert not any(v.shape() == list(embedding.shape) for v in memory.lend_equal_weights(
         path, model, ort.SessionOptions()))
     report = verify(path, model)
     assert not report.passed
@@ -195,3 +195,24 @@ def test_the_file_runs_the_fixed_cases_before_the_reference(exported, monkeypatc
     cases = [r.case for r in report.rows]
     assert cases[:5] == ["batch 1, seq 1", "batch 3, seq 7, pad 2", "batch 2, seq 33, pad 5",
                          "vocabulary sweep: 256 ids, 64 per row", "long sequence: seq 128"]
+
+
+def test_the_tolerance_follows_the_graphs_dtype_not_the_metadata(exported, tmp_path):
+    """Planted fault: a float32 file whose metadata claims float16 and whose output head is off by a small factor
+    (errors above float32's 1e-4, below float16's 2e-2). verify reads the dtype off the graph
+    (`inspection.read_facts`), so the file is held to 1e-4 and fails; taking the metadata's word would pass it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model, path = exported
+    proto = onnx.load(str(path))
+    for key in ("torch_dtype", "road_export.dtype"):
+        proto.metadata_props.add(key=key, value="float16")
+    head = next(i for i in proto.graph.initializer if i.name.endswith("lm_head.weight"))
+    head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) * np.float32(1.002), head.name))
+    lying = tmp_path / "lying.onnx"
+    onnx.save(proto, str(lying))
+    report = verify(lying, model, coverage=False)
+    assert report.dtype == "float32" and report.atol == 1e-4
+    worst = max(r.max_abs for r in report.rows)
+    assert not report.passed and 1e-4 < worst < 2e-2, worst

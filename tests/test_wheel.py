@@ -36,7 +36,8 @@ def test_wheel_contents(wheel):
     assert "road_export/models/default/config.json" in names
     assert "road_export/models/default/adapter_config.json" in names
     assert {"road_export/native/road_ort.cc", "road_export/native/ort_abi.h", "road_export/py.typed"} <= set(names)
-    assert {"road_export/ops.py", "road_export/files.py", "road_export/passes/pipeline.py"} <= set(names)
+    assert {"road_export/ops.py", "road_export/files.py", "road_export/passes/pipeline.py",
+            "road_export/parity/torch_reference.py"} <= set(names)  # every subpackage (pyproject's packages)
     shipped_tests = [n for n in names if n.endswith("_test.py") or "/test_" in n or "testutil" in n
                      or n.startswith("tests/")]
     assert shipped_tests == []

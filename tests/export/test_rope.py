@@ -13,7 +13,7 @@ from conftest import tiny
 import road_export as rx
 from road_export import RoadError
 from road_export.verify import verify
-from road_export.crossing import reference_generate
+from road_export.parity.crossing import reference_generate
 from road_export.export import rope
 from road_export.names import METADATA_ROPE
 from road_export.runtime import RoadSession

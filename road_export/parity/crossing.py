@@ -1,14 +1,14 @@
 """Generation across the lengths where a decoder computes differently: the parity harness's threshold check.
 
-The forward checks of `road_export.verify` feed one call each; they cannot see generation state that transformers
-changes mid-sequence. Here a decoder with a KV cache generates greedily on onnxruntime (road_export.generation, the
-loop `RoadSession.generate` runs) and with the reference's own `generate` (peft's, for a peft model), from a prompt
-two tokens short of each threshold (`road_export.export.rope.thresholds`: the longrope switch and other ropes'
-`original_max_position_embeddings`, where dynamic NTK starts growing, sliding windows) to three tokens past it, and
-compares every step's logits and tokens; a model with a learned position table (GPT-2, OPT) generates up to the
-table's last row. A Phi-3 longrope file that keeps its short-factor keys past the switch
-(exported before road-export followed transformers' cache recompute, or with the long factors lost) fails here
-while every forward check passes.
+The forward checks of `road_export.parity.torch_reference` feed one call each; they cannot see generation state that
+transformers changes mid-sequence. Here a decoder with a KV cache generates greedily on onnxruntime
+(road_export.generation, the loop `RoadSession.generate` runs) and with the reference's own `generate` (peft's, for
+a peft model), from a prompt two tokens short of each threshold (`road_export.export.rope.thresholds`: the longrope
+switch and other ropes' `original_max_position_embeddings`, where dynamic NTK starts growing, sliding windows) to
+three tokens past it, and compares every step's logits and tokens; a model with a learned position table (GPT-2,
+OPT) generates up to the table's last row. A Phi-3 longrope file that keeps its short-factor keys past the switch
+(exported before road-export followed transformers' cache recompute, or with the long factors lost) fails here while
+every forward check passes.
 
 Only models with such a threshold inside their position range (and at most CROSS_CAP) pay for it: two short
 generations per threshold.
@@ -28,7 +28,7 @@ from road_export.export.rope import thresholds
 from road_export.export.tasks import uses_absolute_positions
 from road_export.names import ADAPTER_IDS, PAST
 from road_export.kvcache import file_layout
-from road_export.parity import OutputParity, compare
+from road_export.parity.comparisons import OutputParity, compare
 
 __all__ = ["CROSS_CAP", "CROSS_NEW", "crossing_rows", "reference_generate"]
 

@@ -1,22 +1,21 @@
-"""Parity reports: per-output errors of onnxruntime against a reference, as a table and as JSON (torch-free).
+"""Comparisons: one output of onnxruntime against its reference, judged by the harness's rules (torch-free).
 
-`road_export.verify` fills them against a torch model (peft's own, or road-export's), `road_export.crosscheck`
-against another ONNX file. A row passes on finite values with max abs error <= atol, or, for a quantized file
-(int4/int8 MatMul weights differ from the reference's by design), with cosine >= COSINE_MIN.
+A row passes on finite values with max abs error <= atol (TOLERANCE by the file's dtype; a float16 file against a
+float32 reference may use the reference's own float16 error as a budget), or, for a quantized file (int4/int8
+MatMul weights differ from the reference's by design), with cosine >= COSINE_MIN for the whole output and
+>= TOKEN_COSINE_MIN for each token's logits. `compare` makes one row (`OutputParity`), `compare_present` and
+`compare_flat` one row for all present keys/values, `merge_rows` one row of several runs of a check.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BUDGET_FACTOR", "COSINE_MIN", "LONG_CAP", "SWEEP_BUDGET", "SWEEP_CHUNK", "SWEEP_ROW", "TOKEN_COSINE_MIN",
-           "TOLERANCE", "OutputParity", "ParityReport", "compare", "merge_rows", "min_cosine", "skipped_row"]
+__all__ = ["BUDGET_FACTOR", "COSINE_MIN", "TOKEN_COSINE_MIN", "TOLERANCE", "OutputParity", "compare", "compare_flat",
+           "compare_present", "failed_row", "merge_rows", "min_cosine", "skipped_row"]
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 COSINE_MIN = 0.98  # a quantized file (int4/int8 MatMul weights) is judged by cosine, not max abs
@@ -24,11 +23,6 @@ COSINE_MIN = 0.98  # a quantized file (int4/int8 MatMul weights) is judged by co
 # token among many (an output of zeros for one id, a damaged embedding row), which this catches. int4 tokens
 # measured 0.97-0.995 on random models (the lowest of a 1,024-token sweep 0.977); a broken one is near 0.
 TOKEN_COSINE_MIN = 0.9
-# The coverage checks (road_export.verify against torch, road_export.crosscheck against another file): a vocabulary
-# sweep feeds every id once in rows of SWEEP_ROW tokens (above SWEEP_BUDGET ids a seeded sample of SWEEP_BUDGET),
-# in runs of at most SWEEP_CHUNK logits values; a long sequence feeds at most LONG_CAP tokens.
-SWEEP_ROW, SWEEP_BUDGET, SWEEP_CHUNK = 64, 65536, 2**22
-LONG_CAP = 256
 # a float16 file may differ from the float32 reference by this many times the reference's own float16 error
 BUDGET_FACTOR = 2.0
 
@@ -56,73 +50,10 @@ def skipped_row(output: str, case: str, reason: str) -> OutputParity:
     return OutputParity(output, case, [], 0.0, 0.0, 1.0, None, True, skipped=reason)
 
 
-@dataclass
-class ParityReport:
-    """Every row of one file's check, with what it was compared with and how the road ops ran."""
-
-    onnx_path: str
-    dtype: str
-    atol: float
-    rows: list[OutputParity] = field(default_factory=list)
-    kernels: str = "-"  # how the road ops ran: "native" kernels, standard-op "bodies", or "-" (none in the file)
-    reference: str = "road-export loader"  # what the file was compared with: "peft", road-export's model, a file
-    quantized: str | None = None  # "int4"/"int8"/an op type: rows are then judged by cosine >= COSINE_MIN
-    ids_covered: str = "-"  # token ids fed across the checks / vocabulary size, e.g. "256/256"
-    longest_sequence: int = 0  # the longest sequence (new tokens, one row) checked
-    budgeted: bool = False  # a float16 file judged by max(atol, the reference's own float16 error) (`compare`)
-
-    @property
-    def passed(self) -> bool:
-        return any(r.skipped is None for r in self.rows) and all(r.ok for r in self.rows)
-
-    @property
-    def judged_by(self) -> str:
-        """What decides each row: "max abs <= atol" (float files) or "cosine >= 0.98" (quantized files)."""
-        if self.quantized:
-            return f"cosine >= {COSINE_MIN:g}, each token >= {TOKEN_COSINE_MIN:g}"
-        if self.budgeted:
-            return f"max abs <= max({self.atol:g} x max(1, |reference|), {BUDGET_FACTOR:g} x |torch float16 - float32|)"
-        return f"max abs <= {self.atol:g}"
-
-    def to_json(self) -> str:
-        return json.dumps({"onnx_path": self.onnx_path, "dtype": self.dtype, "atol": self.atol,
-                           "quantized": self.quantized, "judged_by": self.judged_by, "reference": self.reference,
-                           "kernels": self.kernels, "passed": self.passed,
-                           "ids_covered": self.ids_covered, "longest_sequence": self.longest_sequence,
-                           "rows": [asdict(r) for r in self.rows]}, indent=2)
-
-    def table(self, color: bool = False) -> str:
-        """The report as a terminal table."""
-        from rich.console import Console
-        from rich.table import Table
-
-        road = "" if self.kernels == "-" else f", road ops: {self.kernels}"
-        judged = f"{self.quantized} quantized, judged by {self.judged_by}" if self.quantized else \
-            self.judged_by if self.budgeted else f"atol {self.atol:g}"
-        table = Table(title=f"parity: {Path(self.onnx_path).name} ({self.dtype}, {judged}, "
-                            f"reference: {self.reference}{road})")
-        result = f"result ({self.judged_by})" if self.quantized else "result"
-        token = ("min token cos",) if self.quantized else ()
-        for col in ("output", "input", "max abs", "max rel", "cosine", *token, "top-1", result):
-            table.add_column(col, justify="left" if col in ("output", "input") else "right")
-        for r in self.rows:
-            if r.skipped is not None:
-                table.add_row(r.output, f"{r.case} ({r.skipped})", "-", "-", "-", *(("-",) if self.quantized else ()),
-                              "-", "skipped")
-                continue
-            top1 = "-" if r.top1 is None else f"{r.top1:.4f}"
-            cells = ("-" if r.token_cosine is None else f"{r.token_cosine:.4f}",) if self.quantized else ()
-            table.add_row(r.output, r.case, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.6f}", *cells, top1,
-                          "ok" if r.ok else "FAIL")
-        buf = io.StringIO()
-        Console(file=buf, width=110, force_terminal=color, color_system="auto" if color else None).print(table)
-        verdict = "PASSED" if self.passed else "FAILED"
-        coverage = "" if self.ids_covered == "-" else \
-            f" (ids covered: {self.ids_covered}, longest sequence: {self.longest_sequence})"
-        run = [r for r in self.rows if r.skipped is None]
-        skipped = len(self.rows) - len(run)
-        coverage += f" ({skipped} skipped: cannot be built for this model)" if skipped else ""
-        return buf.getvalue() + f"parity {verdict}: {sum(r.ok for r in run)}/{len(run)} checks{coverage}\n"
+def failed_row(output: str, case: str, shape: list[int] | None = None) -> OutputParity:
+    """A failed row with infinite errors: a check whose outputs cannot be compared at all (a missing or
+    unreadable sidecar, another shape, another number of outputs)."""
+    return OutputParity(output, case, list(shape or []), math.inf, math.inf, 0.0, None, False)
 
 
 def min_cosine(got: np.ndarray, expected: np.ndarray, rows: bool) -> float:
@@ -198,3 +129,28 @@ def merge_rows(rows: list[OutputParity], case: str) -> OutputParity:
                         max(r.max_abs for r in rows), max(r.max_rel for r in rows), min(r.cosine for r in rows),
                         float(np.mean(top1)) if top1 else None, all(r.ok for r in rows),
                         min((r.token_cosine for r in rows if r.token_cosine is not None), default=None))
+
+
+def compare_present(case: str, got: list[np.ndarray], expected: list[np.ndarray], mask: np.ndarray, atol: float,
+                    by_cosine: bool = False) -> OutputParity:
+    """All present keys/values [batch, heads, positions, head size] as one row "present.*"; positions under padding
+    (`mask` [batch, positions] False) are left out ([b, h, t, d] -> [real, h, d]). A different number of outputs or
+    a different shape is a failed row."""
+    if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected, strict=False)):
+        return failed_row("present.*", case, [len(got)])
+    flat = lambda ts: np.concatenate([t.transpose(0, 2, 1, 3)[mask].ravel() for t in ts])  # noqa: E731
+    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False, by_cosine=by_cosine)
+    row.shape = list(got[0].shape)
+    return row
+
+
+def compare_flat(case: str, got: list[np.ndarray], expected: list[np.ndarray], atol: float,
+                 budget: float | None = None) -> OutputParity:
+    """All present keys/values of differing lengths (an encoder-decoder's decoder and cross-attention ones) as one
+    row "present.*", every position counted; `budget` as in `compare`."""
+    if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected, strict=False)):
+        return failed_row("present.*", case, [len(got)])
+    flat = lambda ts: np.concatenate([t.astype(np.float32).ravel() for t in ts])  # noqa: E731
+    row = compare("present.*", case, flat(got), flat(expected), None, atol, logits=False, budget=budget)
+    row.shape = list(got[0].shape)
+    return row
