@@ -640,21 +640,6 @@ class ExportJob:
                             route=self.route, exported=built)
 
 
-def _scheme(proto) -> str | None:
-    """A loaded file's quantization: the scheme of its road_export.quantize record, or its first quantized op."""
-    import json
-
-    from road_export.quantize import METADATA_QUANTIZE, QUANTIZED_OPS
-
-    record = next((p.value for p in proto.metadata_props if p.key == METADATA_QUANTIZE), None)
-    if record:
-        try:
-            return json.loads(record)["scheme"]
-        except (ValueError, KeyError, TypeError):
-            return record
-    return next((n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS), None)
-
-
 def _model_file() -> str:
     from road_export.model_dir import MODEL_FILE
 
@@ -767,7 +752,9 @@ def verify_model(options: VerifyOptions, *, on_step: Step | None = None):
         seq2seq = False
         if o.against is not None:
             return _verify_against(o, target, o.against, on_step)
-        check_atol_float(o.atol, target, _scheme(proto))
+        from road_export.inspection import read_facts
+
+        check_atol_float(o.atol, target, read_facts(proto).quantization)
     quiet_libraries()
     from road_export.source import load_source
 

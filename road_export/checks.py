@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 
 # The OS error reasons, the write probe and the atomic text write live with the other writers in road_export.files
 # (the module that owns file I/O); they are re-exported here for the checks below and for existing callers.
@@ -138,7 +138,7 @@ def check_onnx_input(path: str | os.PathLike):
     except OSError as e:
         raise RoadError(os_error_line(e, path)) from e
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise RoadError(f"{path}: not a readable ONNX model, truncated or another format ({first})") from e
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import or not model.graph.output:
         raise RoadError(f"{path}: not a whole ONNX model (no {_first_missing(model)}); truncated or another format")

@@ -87,11 +87,17 @@ def is_onnxruntime_error(error: BaseException) -> bool:
     return isinstance(error, onnxruntime_errors())
 
 
-def onnxruntime_line(error: BaseException) -> str:
-    """onnxruntime's exception as one line: the first non-empty line of its message (onnxruntime appends the
-    failing node's details and a stack on later lines), else the exception's class name."""
+def first_line(error: BaseException) -> str:
+    """An exception as one line for a message: the first non-empty line of its text, else its class name (an
+    exception raised without a message)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def onnxruntime_line(error: BaseException) -> str:
+    """onnxruntime's exception as one line: the first non-empty line of its message (onnxruntime appends the
+    failing node's details and a stack on later lines), else the exception's class name (`first_line`)."""
+    return first_line(error)
 
 
 @contextlib.contextmanager

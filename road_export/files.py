@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 
 if TYPE_CHECKING:  # onnx-ir (and onnx under it) load on first use: `road-export --help` stays light
     import onnx_ir as ir
@@ -341,7 +341,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         return ir.load(path)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise RoadError(f"{path}: not a readable ONNX model ({first})") from e
 
 

@@ -235,11 +235,13 @@ def parity(onnx_path: Path, base: Path, adapters: list, *, quantized: bool, dtyp
     """Prefill logits of a builder graph (past length 0, onnxruntime CPU) against peft's forward on `base` with
     `adapters` [(name, AdapterFile)]: one row per adapter (each swapped in through its `.onnx_adapter` values as
     inputs, or picked by adapter_ids in a mixed graph), or the base alone. Returns rows {"case", "max_abs",
-    "cosine", "ok"}."""
+    "cosine", "ok"}, judged by the parity harness's rules (road_export.parity.comparisons: TOLERANCE, COSINE_MIN for
+    a quantized graph)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from road_export.ort_session import new_session
+    from road_export.parity.comparisons import COSINE_MIN, TOLERANCE
 
     session = new_session(onnx_path, log_severity=2).session
     inputs = {i.name: i for i in session.get_inputs()}
@@ -279,7 +281,7 @@ def parity(onnx_path: Path, base: Path, adapters: list, *, quantized: bool, dtyp
         cases.append((f"adapter {adapters[0][0]}", {}, None))
     else:
         cases.append(("base", {}, None))
-    limit = atol if atol is not None else (1e-4 if dtype == "float32" else 2e-2)
+    limit = atol if atol is not None else TOLERANCE["float32" if dtype == "float32" else "float16"]
     out = []
     for case, extra, names in cases:
         got = session.run(["logits"], {**feed, **extra})[0].astype(np.float32)
@@ -288,6 +290,6 @@ def parity(onnx_path: Path, base: Path, adapters: list, *, quantized: bool, dtyp
             want = model(torch.from_numpy(ids), **kwargs).logits.float().numpy()
         max_abs = float(np.abs(got - want).max())
         cosine = float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want) + 1e-30))
-        ok = cosine >= 0.98 if quantized else max_abs <= limit
+        ok = cosine >= COSINE_MIN if quantized else max_abs <= limit
         out.append({"case": case, "max_abs": max_abs, "cosine": cosine, "ok": bool(ok)})
     return out

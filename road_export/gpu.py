@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 
 if TYPE_CHECKING:
     from road_export.generation import Session
@@ -74,7 +74,7 @@ def fused_model(path, options) -> tuple[bytes | None, int]:
     try:
         model = ir.load(path)
     except Exception as e:
-        raise RoadError(f"{path}: cannot read it as ONNX ({str(e).splitlines()[0]})") from e
+        raise RoadError(f"{path}: cannot read it as ONNX ({first_line(e)})") from e
     fused = MatMulRotatePass()(model).fused
     fused += LinearRotatePass(forms=("nbits",))(model).nbits
     if not fused:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 from road_export.names import PAST, PRESENT, positions
 from road_export.ort_session import NUMPY_TYPES as ORT_TYPES
 
@@ -89,7 +89,7 @@ def _graph_facts(path: Path) -> tuple[list, Any]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise RoadError(f"{path}: cannot read it as ONNX ({str(e).splitlines()[0]})") from e
+        raise RoadError(f"{path}: cannot read it as ONNX ({first_line(e)})") from e
     nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     return nodes, model.graph
 

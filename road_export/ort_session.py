@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from road_export.errors import RoadError
+from road_export.errors import OnnxRuntimeFailure, RoadError, first_line
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CPU", "CUDA", "NUMPY_TYPES", "OrtSession", "first_line", "new_session", "provider_name", "road_kernels",
+__all__ = ["CPU", "CUDA", "NUMPY_TYPES", "OrtSession", "new_session", "provider_name", "road_kernels",
            "session_options"]
 
 CPU = "CPUExecutionProvider"
@@ -44,11 +44,6 @@ class OrtSession:
     native: bool
     rewritten: int
     options: Any
-
-
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message (onnxruntime's are long), or its type's name."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def provider_name(provider) -> str:
@@ -118,8 +113,8 @@ def new_session(source: str | Path | bytes, *, providers: Sequence | None = None
     the caller instead (then only `threads` and `session_config` are applied to them). `rewrite(options, native)`
     runs after the registration and may return another source to load (e.g. a graph rewritten in memory) and a
     count (`OrtSession.rewritten`); (None, n) keeps `source`.
-    Raises RoadError "WHAT: onnxruntime cannot load it (its first line)" (`what`: default the path), or
-    `refusal(first line)` as the message, when onnxruntime refuses the model.
+    Raises OnnxRuntimeFailure (a RoadError) "WHAT: onnxruntime cannot load it (its first line)" (`what`: default
+    the path), or RoadError with `refusal(first line)` as the message, when onnxruntime refuses the model.
     """
     import onnxruntime as ort
 
@@ -142,7 +137,8 @@ def new_session(source: str | Path | bytes, *, providers: Sequence | None = None
         session = ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
                                        providers=providers)
     except Exception as e:
-        line = first_line(e)
         where = what or (str(source) if isinstance(source, str | Path) else "the model")
-        raise RoadError(refusal(line) if refusal else f"{where}: onnxruntime cannot load it ({line})") from e
+        if refusal:
+            raise RoadError(refusal(first_line(e))) from e
+        raise OnnxRuntimeFailure(where, "load", e) from e
     return OrtSession(session, road, registered, rewritten, options)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from road_export import generation, kvcache
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line, is_onnxruntime_error
 from road_export.names import BASE_NAME, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 from road_export.ort_session import NUMPY_TYPES
 
@@ -114,7 +114,7 @@ class RoadSession:
         try:
             adapter.Load(str(path))
         except Exception as e:
-            raise RoadError(f"{path}: not an onnxruntime adapter file ({str(e).splitlines()[0]})") from e
+            raise RoadError(f"{path}: not an onnxruntime adapter file ({first_line(e)})") from e
         self._swaps[name] = adapter
         self._swap_files[name] = path
         if name not in self.adapters:
@@ -153,10 +153,10 @@ class RoadSession:
         try:
             return self.session.run(output_names, feeds, options)
         except Exception as e:
-            if not type(e).__module__.startswith("onnxruntime"):
+            if not is_onnxruntime_error(e):
                 raise
             shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items() if not k.startswith("past_key_values"))
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise RoadError(f"{self.path.name}: onnxruntime failed on inputs {shapes} ({first})") from e
 
     def check_feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from torch import nn
 from road_export import zoo
 from road_export.adapters import AdapterFile, apply_adapter, read_adapter
 from road_export.config import CONFIG_NAME, RoadConfig
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 from road_export.export.tasks import CAUSAL, PEFT_TASK_TYPES, SEQ2SEQ, normalize_task
 from road_export.model import get_road_model
 from road_export.names import check_adapter_name
@@ -249,7 +249,7 @@ def _transformers_base(path: Path, task: str | None, num_labels: int | None) -> 
         try:
             model = cls.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
         except Exception as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            text = first_line(e)
             raise RoadError(f"{path}: transformers cannot load it as {cls.__name__} ({text})") from e
     return model.eval()
 
@@ -266,7 +266,7 @@ def peft_reference(base_model: nn.Module, specs: list[AdapterSpec]) -> nn.Module
             for spec in specs[1:]:
                 model.load_adapter(str(spec.path), adapter_name=spec.name)
         except Exception as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            text = first_line(e)
             raise RoadError(f"peft cannot load the adapter onto this base ({type(e).__name__}: {text}); "
                             "parity needs peft's own model as the reference") from e
     model.set_adapter(specs[0].name)

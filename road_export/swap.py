@@ -17,7 +17,7 @@ import onnx_ir as ir
 from road_export import ops as road_op
 from road_export import rotation
 from road_export.adapter_files import read_adapter
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 from road_export.files import atomic_write
 from road_export.names import METADATA_SWAP
 
@@ -56,7 +56,7 @@ def read_adapter_file(path: str | Path) -> tuple[int, dict[str, tuple[tuple[int,
                   for name, v in values.items()}
         return int(file.get_model_version()), params
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise RoadError(f"{path}: not an onnxruntime adapter file, or truncated ({first})") from e
 
 
@@ -203,7 +203,7 @@ def swap_records(model_path: Path) -> tuple[dict[str, dict], set[str]]:
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:
-        raise RoadError(f"{model_path}: not a readable ONNX model ({str(e).splitlines()[0]})") from e
+        raise RoadError(f"{model_path}: not a readable ONNX model ({first_line(e)})") from e
     meta = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in meta:
         raise RoadError(f"{model_path}: not a swappable model: {_not_swappable(proto, meta)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 
 DEFAULT_MODEL = "default"
 
@@ -71,7 +71,7 @@ def read_config(path: Path):
     try:
         return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise RoadError(f"{path / 'config.json'}: cannot read the model config ({_first_line(e)})") from e
+        raise RoadError(f"{path / 'config.json'}: cannot read the model config ({first_line(e)})") from e
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task: str | None = None,
@@ -102,7 +102,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, seed: int = 0, task:
     except RoadError:
         raise
     except Exception as e:
-        raise RoadError(f"{path}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from e
+        raise RoadError(f"{path}: cannot load the model ({type(e).__name__}: {first_line(e)})") from e
     model.config.name_or_path = str(name_or_path)
     return model.eval()
 
@@ -118,7 +118,7 @@ def from_pretrained(cls: type, path: Path, config, allow_missing: tuple[str, ...
             model, info = cls.from_pretrained(path, config=config, local_files_only=True, dtype=dtype,
                                               output_loading_info=True)
         except OSError as e:
-            raise RoadError(f"{path}: no weights transformers can load ({_first_line(e)}); a base directory needs "
+            raise RoadError(f"{path}: no weights transformers can load ({first_line(e)}); a base directory needs "
                             "its weights (save it with save_pretrained); only names under models/ are built from "
                             "config") from e
     missing = [k for k in info.get("missing_keys", ()) if not any(k == a or k.startswith(a + ".")
@@ -221,7 +221,3 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
         by_id.setdefault(id(param), []).append(name)
     return [names for names in by_id.values() if len(names) > 1]
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

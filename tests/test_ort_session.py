@@ -95,8 +95,7 @@ def test_cuda_first_without_kernels_refuses_native_true(monkeypatch):
 
 
 def test_every_session_of_the_package_is_set_up_here():
-    """No module but ort_session constructs an onnxruntime InferenceSession (verify.py is being moved by the
-    parity work: listed until then)."""
+    """No module but ort_session constructs an onnxruntime InferenceSession (the parity harness included)."""
     pattern = re.compile(r"\bInferenceSession\(")
-    found = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text()))
-    assert "ort_session.py" in found and set(found) <= {"ort_session.py", "verify.py"}, found
+    found = sorted(p.name for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text()))
+    assert found == ["ort_session.py"], found

@@ -19,7 +19,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from road_export.errors import ExportBug, RoadError
+from road_export.errors import ExportBug, RoadError, first_line
 from road_export.export import op as torch_op
 from road_export.export.tasks import TaskModule, TaskSpec, dynamic_shapes, infer_task, nest, task_spec, trace_inputs
 
@@ -117,7 +117,7 @@ def torch_export(module: nn.Module, args: tuple | dict, names: list[str], dynami
             root = e  # torch wraps the model's own error ("step 1/3 ..."): name the cause
             while root.__cause__ is not None:
                 root = root.__cause__
-            first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+            first = first_line(root)
             traced = type(getattr(module, "model", module)).__name__
             if user_inputs:
                 raise RoadError(f"torch.onnx.export failed for {traced}: {first}") from e

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from road_export import ops as road_op
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 from road_export.export.capture import quiet
 from road_export.export.tasks import TaskSpec
 from road_export.names import (
@@ -59,7 +59,7 @@ class ConvertOpsetPass(ir.passes.InPlacePass):
                 warnings.simplefilter("ignore")
                 onnxscript.version_converter.convert_version(model, opset, fallback=True)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise RoadError(f"--opset {opset}: the exporter wrote opset {written} and it cannot be converted "
                             f"({first}); choose --opset 18 (or leave it out)") from e
         if model.opset_imports.get("") != opset:

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 from road_export.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def register(options, native: bool | None = None) -> bool:
         logger.warning("road kernels unavailable, running the standard-op bodies: %s", e)
         return False
     except Exception as e:  # onnxruntime refused the library
-        message = f"onnxruntime cannot load the road kernels ({str(e).splitlines()[0]})"
+        message = f"onnxruntime cannot load the road kernels ({first_line(e)})"
         if native:
             raise RoadError(message) from e
         logger.warning("%s; running the standard-op bodies", message)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 from road_export.names import ADAPTER_IDS, METADATA_ADAPTERS, METADATA_SWAP, PAST, PRESENT, positions
 from road_export.parity.cases import (CACHE_SHAPES, DEFAULT_SHAPES, LONG_CAP, SWEEP_ROW, as_cases, case_label,
                                       special_ids, sweep_ids, sweep_runs)
@@ -228,10 +228,10 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
                 try:
                     ref_session.session.run(outputs, feeds)
                 except Exception as trusted:
-                    reason = (str(trusted).strip().splitlines() or [type(trusted).__name__])[0][:200]
+                    reason = first_line(trusted)[:200]
                     return [skipped_row(outputs[0], case, f"the trusted file cannot run it either: {reason}")]
             raise RoadError(f"{onnx_path}: onnxruntime cannot run it on generated inputs "
-                            f"({str(e).splitlines()[0]})") from e
+                            f"({first_line(e)})") from e
         mask = feeds["attention_mask"].astype(bool) if "attention_mask" in feeds else np.ones((batch, seq), bool)
         if "input_ids" in feeds:
             seen.update(np.unique(feeds["input_ids"][mask[:, -seq:]]).tolist())
@@ -288,7 +288,7 @@ def _sidecar_rows(onnx_path: Path, reference_path: Path, atol: float) -> list[Ou
         try:
             got, expected = values(got_file), values(ref_file)
         except Exception as e:
-            rows.append(failed_row("sidecar", f"sidecar {name}: unreadable ({str(e).strip().splitlines()[0][:80]})"))
+            rows.append(failed_row("sidecar", f"sidecar {name}: unreadable ({first_line(e)[:80]})"))
             continue
         case = f"sidecar {name}: parameters of {got_file.name}"
         if {k: v.shape for k, v in got.items()} != {k: v.shape for k, v in expected.items()}:

@@ -17,6 +17,7 @@ from torch import nn
 
 from road_export.errors import RoadError
 from road_export.inspection import read_facts
+from road_export.ort_session import new_session
 from road_export.parity.cases import SEQ2SEQ_SHAPES
 from road_export.parity.comparisons import TOLERANCE, compare, compare_flat
 from road_export.parity.feeds import cast_feeds, declared_types, round_as_fed
@@ -43,9 +44,7 @@ def verify_seq2seq(
     inputs (`export.seq2seq.part_module`). A mixed-adapter file's rows cycle through the adapter ids.
     Raises RoadError for a directory without the files or files onnxruntime cannot load.
     """
-    import onnxruntime as ort
 
-    from road_export import native as road_native
     from road_export.export import seq2seq
     from road_export.seq2seq import find_files
 
@@ -65,22 +64,13 @@ def verify_seq2seq(
     kernels = set()
     merged = None
     if seq2seq.SEQ2SEQ_MERGED in files:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if road_native.uses_road(files[seq2seq.SEQ2SEQ_MERGED]):
-            road_native.register(options, native)
-        merged = ort.InferenceSession(str(files[seq2seq.SEQ2SEQ_MERGED]), sess_options=options,
-                                      providers=["CPUExecutionProvider"])
+        merged = new_session(files[seq2seq.SEQ2SEQ_MERGED], native=native, log_severity=3).session
     for part in seq2seq.parts(torch_model, task, mixed=True):
         path = files[part.file]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if road_native.uses_road(path):
-            kernels.add("native" if road_native.register(options, native) else "bodies")
-        try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise RoadError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
+        opened = new_session(path, native=native, log_severity=3)
+        if opened.road:
+            kernels.add("native" if opened.native else "bodies")
+        session = opened.session
         names = [i.name for i in session.get_inputs()]
         order: tuple[str, ...] = ()
         if "adapter_ids" in names:

@@ -22,9 +22,10 @@ from road_export import requires_export  # noqa: F401  (one clear line without t
 import torch
 from torch import nn
 
-from road_export.errors import RoadError
+from road_export.errors import RoadError, first_line
 from road_export.export.tasks import TaskModule, infer_task, nest, normalize_task, sample_inputs, task_spec
 from road_export.inspection import read_facts
+from road_export.ort_session import new_session
 from road_export.names import PAST
 from road_export.parity import cases
 from road_export.parity.adapter_checks import (adapter_record_row, check_adapter_names, coefficient_rows,
@@ -82,7 +83,6 @@ def open_file_session(path: Path, model: nn.Module, session_options, native: boo
     """
     import onnxruntime as ort
 
-    from road_export import native as road_native
 
     lent: list = []  # OrtValues over the reference's memory given to the session: they live as long as it does
     if session_options is None:
@@ -98,14 +98,9 @@ def open_file_session(path: Path, model: nn.Module, session_options, native: boo
             # (the long sequence's) while the outputs are compared
             session_options.enable_cpu_mem_arena = False
             lent.extend(lend_equal_weights(path, model, session_options))
-    kernels = "-"
-    if road_native.uses_road(path):
-        kernels = "native" if road_native.register(session_options, native) else "bodies"
-    try:
-        session = ort.InferenceSession(str(path), sess_options=session_options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise RoadError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
-    return session, kernels, lent
+    opened = new_session(path, native=native, options=session_options)
+    kernels = ("native" if opened.native else "bodies") if opened.road else "-"
+    return opened.session, kernels, lent
 
 
 class TorchParity:
@@ -274,7 +269,7 @@ class TorchParity:
                 options = ort.RunOptions()
                 options.add_active_adapter(adapter)
             except Exception as e:  # a damaged sidecar is a failed check, not a skipped one
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = first_line(e)
                 rows.append(failed_row(self.output_names[0], label + f"unreadable ({first})"))
                 continue
             for batch, seq, past, pad in planned:
@@ -332,5 +327,5 @@ class TorchParity:
             with torch.no_grad():
                 self.ref_module(**nest(self.spec, inputs))
         except Exception as e:
-            return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            return first_line(e)[:200]
         return None

@@ -20,7 +20,7 @@ import signal
 import threading
 from pathlib import Path
 
-from road_export.errors import RoadError, Terminated
+from road_export.errors import RoadError, Terminated, first_line
 from road_export.files import private_dir
 
 __all__ = ["run_serve", "serve_parser", "start_ray"]
@@ -319,7 +319,7 @@ def start_ray(address: str | None = None, ingress: str = "proxy", host: str = "1
     try:
         ray.init(address=address, **init_options)
     except ConnectionError as e:
-        raise RoadError(f"Ray at {address}: {str(e).splitlines()[0]}; start the cluster first (ray start "
+        raise RoadError(f"Ray at {address}: {first_line(e)}; start the cluster first (ray start "
                         "--head), or leave --address unset to start a local instance") from None
     return False
 
