@@ -60,3 +60,81 @@ def repository_root_untouched():
 @pytest.fixture
 def tmp_dir(tmp_path):
     return tmp_path
+
+
+def copy_onnx(path, directory):
+    """Copy an ONNX file and its external data (`NAME.data`, the name the file records) into `directory`; returns the
+    copy's path. Shared session exports are read-only: a test that needs the file in its own directory copies it."""
+    import shutil
+    from pathlib import Path
+
+    path, directory = Path(path), Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for source in (path, path.with_name(path.name + ".data")):
+        if source.exists():
+            shutil.copy(source, directory / source.name)
+    return directory / path.name
+
+
+@pytest.fixture(scope="session")
+def plain_llama(tmp_path_factory):
+    """`plain_llama(external_data)`: tiny-llama (seed 0) exported without adapter (`require_adapter=False`, merge),
+    as `plain.onnx` (+ `plain.onnx.data` with external data), each exported once per session (every export costs CI
+    seconds; several files need this base for attach/optimize/quantize). Read-only: copy it with `copy_onnx`."""
+    import road_export as rx
+
+    root = tmp_path_factory.mktemp("plain_llama")
+    done = {}
+
+    def get(external_data: bool = False):
+        if external_data not in done:
+            path = root / ("external" if external_data else "single") / "plain.onnx"
+            path.parent.mkdir()
+            rx.export(tiny("tiny-llama"), path, require_adapter=False, external_data=external_data or None)
+            done[external_data] = path
+        return done[external_data]
+
+    return get
+
+
+def word_tokenizer(directory, vocab: int) -> None:
+    """A word-level tokenizer ("<unk>" 0, "<s>" 1, "</s>" 2, "w3".."w{vocab-1}") trained offline, saved by
+    transformers' PreTrainedTokenizerFast into `directory` (what onnxruntime-genai's model builder copies)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<unk>").save_pretrained(directory)
+
+
+def genai_build(hf, out, precision: str, *extra: str):
+    """`python -m onnxruntime_genai.models.builder -i HF -o OUT -p PRECISION -e cpu` (its cache beside OUT); returns
+    OUT, the directory holding model.onnx and genai_config.json. A failed build fails the test with its output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = Path(out)
+    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                           "-p", precision, "-e", "cpu", "-c", str(out.parent / f"cache-{out.name}"), *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def builder_llama(tmp_path_factory):
+    """{"hf", "fp32", "int4"}: tiny-llama (seed 0) saved by transformers with `word_tokenizer`, and its fp32 and int4
+    graphs built by onnxruntime-genai's model builder (`-e cpu`), built once per session: test_builder.py and
+    test_builder_graphs.py both start from these (each build is a subprocess importing torch and the builder).
+    Read-only: a test that changes a file copies the directory first."""
+    pytest.importorskip("onnxruntime_genai")
+    root = tmp_path_factory.mktemp("builder_llama")
+    model = tiny("tiny-llama")
+    hf = root / "hf"
+    model.save_pretrained(hf)
+    word_tokenizer(hf, model.config.vocab_size)
+    return {"hf": hf, **{precision: genai_build(hf, root / precision, precision) for precision in ("fp32", "int4")}}

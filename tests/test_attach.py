@@ -71,11 +71,8 @@ def test_adapter_for_another_model_lists_unplaced_modules(bases, tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_external_data(bases, tmp_path):
-    import road_export as rx
-
+def test_external_data(bases, plain_llama, tmp_path):
     base, adapter, theirs = bases["tiny-llama"]
-    rx.export(tiny("tiny-llama"), tmp_path / "ext.onnx", require_adapter=False, external_data=True)
-    attach(tmp_path / "ext.onnx", [adapter], tmp_path / "out.onnx", mode="rotate")
+    attach(plain_llama(external_data=True), [adapter], tmp_path / "out.onnx", mode="rotate")
     assert (tmp_path / "out.onnx.data").is_file()
     assert verify(tmp_path / "out.onnx", theirs, task="causal-lm").passed

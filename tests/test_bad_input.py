@@ -20,7 +20,7 @@ import onnx
 import peft
 import pytest
 import torch
-from conftest import tiny
+from conftest import copy_onnx, tiny
 
 import road_export as rx
 from road_export import RoadError, swap
@@ -51,11 +51,11 @@ def assert_one_line(code: int, err: str, out: str, says: str, expected: int = 2)
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
-    return build_inputs(tmp_path_factory.mktemp("bad_input"))
+def ctx(tmp_path_factory, plain_llama):
+    return build_inputs(tmp_path_factory.mktemp("bad_input"), plain_llama)
 
 
-def build_inputs(root: Path) -> Path:
+def build_inputs(root: Path, plain_llama) -> Path:
     """Inputs shared by every case: a tiny Llama base and adapter, exports of it (rotate, with cache, merged with
     external data), a BERT export, and broken files."""
     tiny("tiny-llama").save_pretrained(root / "base")
@@ -67,7 +67,7 @@ def build_inputs(root: Path) -> Path:
     rx.export(model, root / "rotate.onnx", mode="rotate")
     rx.export(model, root / "past.onnx", mode="rotate", task="text-generation-with-past")
     rx.export(model, root / "ext.onnx", external_data=True)  # merged: its metadata records the adapter
-    rx.export(tiny("tiny-llama"), root / "plain.onnx", require_adapter=False, external_data=True)  # attach's base
+    copy_onnx(plain_llama(external_data=True), root)  # plain.onnx (+ .data), attach's base: no adapter
     two = rx.load_adapter(rx.load_adapter(tiny("tiny-llama"), root / "road", "a"), root / "road", "b")
     rx.export(two, root / "mixed.onnx", mode="rotate")  # adapters a and b, input adapter_ids
     mislabeled = onnx.load(str(root / "rotate.onnx"))  # metadata says with-past, the graph has no cache

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("onnxruntime_genai")
 peft = pytest.importorskip("peft")
 
-from conftest import tiny  # noqa: E402
+from conftest import genai_build, tiny, word_tokenizer  # noqa: E402
 from test_cli import assert_bad_input, road_export  # noqa: E402
 
 from road_export import builder_graph, genai_builder  # noqa: E402
@@ -32,26 +32,10 @@ ADAPTERS = {  # name: (target modules, variant, group size)
 }
 
 
-def _tokenizer(directory, vocab: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    t = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<unk>").save_pretrained(directory)
-
-
-def _build(hf, out, precision):
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p",
-                    precision, "-e", "cpu", "-c", str(out) + "_cache"], check=True, capture_output=True)
-    return out / "model.onnx"
-
-
 @pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    """{family: {"hf", "fp32", "int4", adapter name: dir}} for tiny Llama and Qwen2 built by the model builder."""
+def built(tmp_path_factory, builder_llama):
+    """{family: {"hf", "fp32", "int4", adapter name: dir}} for tiny Llama and Qwen2 built by the model builder (Llama:
+    the session's `builder_llama`, shared with test_builder_graphs.py)."""
     root = tmp_path_factory.mktemp("builder")
     out = {}
     for family, name in (("llama", "tiny-llama"), ("qwen", "tiny-qwen2")):
@@ -62,9 +46,12 @@ def built(tmp_path_factory):
                 for key, p in model.named_parameters():
                     if key.endswith("bias"):
                         p.normal_(0, 0.5)
-        hf = root / family
-        model.save_pretrained(hf)
-        _tokenizer(hf, model.config.vocab_size)
+        if family == "llama":
+            hf = builder_llama["hf"]
+        else:
+            hf = root / family
+            model.save_pretrained(hf)
+            word_tokenizer(hf, model.config.vocab_size)
         entry = {"hf": hf}
         for i, (adapter, (targets, variant, g)) in enumerate(ADAPTERS.items()):
             torch.manual_seed(10 + i)
@@ -73,7 +60,9 @@ def built(tmp_path_factory):
             pm.save_pretrained(root / f"{family}_{adapter}")
             entry[adapter] = root / f"{family}_{adapter}"
         for precision in ("fp32", "int4"):
-            entry[precision] = _build(hf, root / f"{family}_{precision}", precision)
+            directory = (builder_llama[precision] if family == "llama"
+                         else genai_build(hf, root / f"{family}_{precision}", precision))
+            entry[precision] = directory / "model.onnx"
         out[family] = entry
     return out
 
@@ -397,12 +386,12 @@ def test_phi3_packed_modules_split_and_repacked_by_the_builder(tmp_path):
     torch.manual_seed(0)
     model = Phi3ForCausalLM(Phi3Config(**config)).eval()
     model.save_pretrained(tmp_path / "phi")
-    _tokenizer(tmp_path / "phi", 320)  # the builder writes genai's tokenizer files from it
+    word_tokenizer(tmp_path / "phi", 320)  # the builder writes genai's tokenizer files from it
     torch.manual_seed(7)
     pm = peft.get_peft_model(copy.deepcopy(model), peft.RoadConfig(variant="road_4", group_size=16,
                                                                      init_weights=False, target_modules="all-linear"))
     pm.save_pretrained(tmp_path / "ad")
-    base = _build(tmp_path / "phi", tmp_path / "gb", "fp32")
+    base = genai_build(tmp_path / "phi", tmp_path / "gb", "fp32") / "model.onnx"
     out = tmp_path / "model.onnx"
     report = attach(base, [tmp_path / "ad"], out, names=["one"])
     assert report.placed["model.layers.0.mlp.gate_up_proj"] == "/model/layers.0/mlp/up_proj/MatMul"
@@ -450,8 +439,18 @@ def test_placement_on_a_cuda_graph(built, tmp_path):
     assert road.input[1] in {i.name for i in proto.graph.input}
 
 
+@pytest.fixture(scope="module")
+def cpu_builder_dir(built, tmp_path_factory):
+    """The planted comparison of the CUDA directory test: the same command for the CPU (`--no-verify`), run once for
+    both of its cases."""
+    entry = built["llama"]
+    out = tmp_path_factory.mktemp("cpu_builder") / "cpu"
+    return road_export("--graph", "builder", "--base", entry["hf"], "--adapter", entry["one"], "--mode", "rotate",
+                       "--no-verify", out), out
+
+
 @pytest.mark.parametrize("quantize", [None, "int4"])
-def test_cuda_directory_holds_the_fused_products(built, tmp_path, quantize):
+def test_cuda_directory_holds_the_fused_products(built, cpu_builder_dir, tmp_path, quantize):
     """--device cuda: genai opens the file as it is, so each product and its rotation are one road.LinearRotate
     (fp16) or road.MatMulNBitsRotate (int4) node in it, the coefficients still swappable inputs; planted: the same
     directory for the CPU keeps MatMul + road.Rotate (the rewrite is the CUDA target's, not a side effect)."""
@@ -468,10 +467,9 @@ def test_cuda_directory_holds_the_fused_products(built, tmp_path, quantize):
     inputs = {i.name for i in proto.graph.input}
     assert all(n.input[-1] in inputs and n.input[-2] in inputs for n in road)  # C1, C2: overridable
     assert list((tmp_path / "cuda" / "onnx").glob("*.onnx_adapter"))
-    cpu = road_export("--graph", "builder", "--base", entry["hf"], "--adapter", entry["one"], "--mode", "rotate",
-                      "--no-verify", tmp_path / "cpu")
+    cpu, cpu_dir = cpu_builder_dir
     assert cpu.returncode == 0, cpu.stderr
-    proto = onnx.load(str(tmp_path / "cpu" / "onnx" / "model.onnx"), load_external_data=False)
+    proto = onnx.load(str(cpu_dir / "onnx" / "model.onnx"), load_external_data=False)
     assert {n.op_type for n in proto.graph.node if n.domain == "road"} == {"Rotate"}
 
 

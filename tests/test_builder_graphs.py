@@ -11,14 +11,12 @@ import contextlib
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from conftest import genai_build, tiny, word_tokenizer
 
 from road_export import RoadError
 from road_export.kvcache import GqaCache, with_share_buffer
@@ -30,42 +28,17 @@ pytest.importorskip("onnxruntime_genai")
 NEW = 8
 
 
-def _tokenizer(directory: Path, vocab: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<unk>").save_pretrained(directory)
-
-
-def _build(hf: Path, out: Path, precision: str, *extra: str) -> Path:
-    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                           "-p", precision, "-e", "cpu", "-c", str(out.parent / f"cache-{out.name}"), *extra],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return out
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, builder_llama):
     """{name: directory}: transformers checkpoints (hf-llama, hf-qwen2) and their builder graphs (llama fp32 and
-    int4, qwen2 fp32)."""
+    int4: the session's `builder_llama`, tiny-llama's bos/eos already 1/2; qwen2 fp32)."""
     root = tmp_path_factory.mktemp("builder")
-    dirs = {}
-    for name in ("llama", "qwen2"):
-        model = tiny(f"tiny-{name}")
-        model.config.bos_token_id, model.config.eos_token_id = 1, 2
-        hf = root / f"hf-{name}"
-        model.save_pretrained(hf)
-        _tokenizer(hf, model.config.vocab_size)
-        dirs[f"hf-{name}"] = hf
-    dirs["llama"] = _build(dirs["hf-llama"], root / "llama", "fp32")
-    dirs["llama-int4"] = _build(dirs["hf-llama"], root / "llama-int4", "int4")
-    dirs["qwen2"] = _build(dirs["hf-qwen2"], root / "qwen2", "fp32")
-    return dirs
+    model = tiny("tiny-qwen2")
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    model.save_pretrained(root / "hf-qwen2")
+    word_tokenizer(root / "hf-qwen2", model.config.vocab_size)
+    return {"hf-llama": builder_llama["hf"], "llama": builder_llama["fp32"], "llama-int4": builder_llama["int4"],
+            "hf-qwen2": root / "hf-qwen2", "qwen2": genai_build(root / "hf-qwen2", root / "qwen2", "fp32")}
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +244,7 @@ def test_road_attached_by_hand_to_a_builder_graph_gives_pefts_tokens(built, adap
     from road_export.adapter_files import read_adapter
     from road_export.attach import attach_to_model
 
-    unpacked = _build(built["hf-llama"], tmp_path / "unpacked", "fp32", "--extra_options", "fuse_qkv=false")
+    unpacked = genai_build(built["hf-llama"], tmp_path / "unpacked", "fp32", "--extra_options", "fuse_qkv=false")
     model = ir.load(unpacked / "model.onnx")
     for node in model.graph:
         node.name = (node.name or "").replace("/attn/", "/self_attn/")

@@ -15,7 +15,7 @@ import numpy as np
 import peft
 import pytest
 import torch
-from conftest import tiny
+from conftest import copy_onnx, tiny
 
 from road_export.cli import main
 
@@ -229,11 +229,9 @@ def test_merge_checkpoint(llama_dirs, tmp_path):
                                  out), says="not empty", dirs=d)
 
 
-def test_attach(llama_dirs, tmp_path):
+def test_attach(llama_dirs, plain_llama, tmp_path):
     d = [tmp_path, llama_dirs]  # no temporary file may be left in either
-    import road_export as rx
-
-    rx.export(tiny("tiny-llama"), tmp_path / "base.onnx", require_adapter=False)
+    copy_onnx(plain_llama(), tmp_path).rename(tmp_path / "base.onnx")  # tiny-llama exported without adapter
     for mode in ("merge", "rotate"):
         out = tmp_path / f"{mode}.onnx"
         proc = road_export("attach", tmp_path / "base.onnx", "--adapter", llama_dirs / "road", "--mode", mode, out)

@@ -7,24 +7,23 @@ import onnx
 import peft
 import pytest
 import torch
-from conftest import tiny
+from conftest import copy_onnx, tiny
 from onnx import TensorProto, helper
 from test_cli import assert_bad_input, road_export
 
-import road_export as rx
 from road_export import quantize
 from road_export.errors import RoadError
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, plain_llama):
     """A tiny Llama base directory, a peft RoAd adapter, the base's export without adapter, its int4 export."""
     root = tmp_path_factory.mktemp("quantize_messages")
     tiny("tiny-llama").save_pretrained(root / "base")
     torch.manual_seed(0)
     pm = peft.get_peft_model(tiny("tiny-llama"), peft.RoadConfig(variant="road_2", group_size=8, init_weights=False))
     pm.save_pretrained(str(root / "road"))
-    rx.export(tiny("tiny-llama"), root / "plain.onnx", require_adapter=False)
+    copy_onnx(plain_llama(), root)  # plain.onnx: tiny-llama exported without adapter
     return root
 
 

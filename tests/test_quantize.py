@@ -10,7 +10,7 @@ import onnx
 import peft
 import pytest
 import torch
-from conftest import perturbing, tiny
+from conftest import copy_onnx, perturbing, tiny
 from test_cli import assert_bad_input, road_export
 
 import road_export as rx
@@ -20,7 +20,7 @@ from road_export.verify import COSINE_MIN, verify
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, plain_llama):
     """A tiny Llama base, two peft RoAd adapters for it, the peft fp32 reference, and exports from the CLI."""
     root = tmp_path_factory.mktemp("quantize")
     tiny("tiny-llama").save_pretrained(root / "base")
@@ -36,7 +36,7 @@ def dirs(tmp_path_factory):
         assert proc.returncode == 0, proc.stderr + proc.stdout
     proc = road_export(*src, "--mode", "merge", "--no-verify", root / "float.onnx")
     assert proc.returncode == 0, proc.stderr
-    rx.export(tiny("tiny-llama"), root / "plain.onnx", require_adapter=False)  # attach's base: no adapter in it
+    copy_onnx(plain_llama(), root)  # plain.onnx, attach's base: tiny-llama exported without adapter
     return root
 
 
