@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from road_export import zoo
+from road_export.export import zoo
 
 
 def tiny(name: str, seed: int = 0) -> torch.nn.Module:

@@ -1,5 +1,5 @@
-"""The application layer from Python (road_export.application) and the error kinds with their exit codes
-(road_export.errors, cli_common.failure): each kind is seen through a planted fault."""
+"""The application layer from Python (road_export.app.application) and the error kinds with their exit codes
+(road_export.core.errors, cli_common.failure): each kind is seen through a planted fault."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from conftest import tiny
 
 import road_export
-from road_export import application
-from road_export.cli import main
-from road_export.cli_common import failure
-from road_export.errors import (
+from road_export.app import application
+from road_export.app.cli import main
+from road_export.app.cli_common import failure
+from road_export.core.errors import (
     ExportBug, OnnxRuntimeFailure, ParityFailure, RoadError, onnxruntime_blame, onnxruntime_errors, onnxruntime_line)
 
 
@@ -62,7 +62,7 @@ def test_export_verified_from_python(llama, exported):
 
 def test_bad_input_before_anything_is_loaded(llama, monkeypatch):
     """ExportJob.check refuses bad options before loading: planted, a loader that would fail the test."""
-    from road_export import source
+    from road_export.export import source
 
     monkeypatch.setattr(source, "load_source", lambda *a, **k: pytest.fail("loaded before the checks"))
     for options, says in (
@@ -80,7 +80,7 @@ def test_bad_input_before_anything_is_loaded(llama, monkeypatch):
 def test_parity_failure_is_exit_1(llama, monkeypatch, capsys):
     """Planted fault: peft's reference is built with the other adapter, so the export's parity fails:
     export_verified raises ParityFailure (the report on it, the files written), the CLI exits 1."""
-    from road_export import source as source_module
+    from road_export.export import source as source_module
 
     real = source_module.peft_reference
 
@@ -202,7 +202,7 @@ def test_attach_translation_failure_is_exit_3(llama, tmp_path, monkeypatch, caps
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from road_export import attach
+    from road_export.passes import attach
 
     weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",

@@ -22,12 +22,13 @@ from conftest import tiny
 from onnx import numpy_helper
 
 import road_export as rx
-from road_export import model_dir, zoo
-from road_export import verify as verify_mod
-from road_export.cli import main
-from road_export.errors import ExportBug, RoadError
-from road_export.legacy_tokenizers import TRANSFORMERS_4_TOKENIZERS
-from road_export.source import load_reference
+from road_export.graph import model_dir
+from road_export.export import zoo
+from road_export.app import verify as verify_mod
+from road_export.app.cli import main
+from road_export.core.errors import ExportBug, RoadError
+from road_export.core.legacy_tokenizers import TRANSFORMERS_4_TOKENIZERS
+from road_export.export.source import load_reference
 
 warnings.filterwarnings("ignore")
 peft = pytest.importorskip("peft")
@@ -143,7 +144,7 @@ def test_a_check_that_cannot_be_built_is_a_skipped_row(roberta, monkeypatch):
     the failure still comes out (the row is not skipped)."""
     root, _ = roberta
     reference = load_reference(root / "base", [str(root / "adapter")])
-    from road_export.parity import cases
+    from road_export.app.parity import cases
 
     monkeypatch.setattr(cases, "max_positions", lambda model: 200)
     report = verify_mod.verify(root / "model.onnx", reference)
@@ -490,7 +491,7 @@ def test_file_against_file_long_check_skips_what_neither_file_runs(roberta, tmp_
     """`verify NEW --against TRUSTED` has no config to read the offset from: a long row neither file runs is a
     skipped row, not a failure of the file. Planted fault: a trusted file whose position table is longer runs it,
     so the new file that cannot is refused."""
-    from road_export.crosscheck import verify_against_file
+    from road_export.app.crosscheck import verify_against_file
 
     root, _ = roberta
     new = tmp_path / "new.onnx"

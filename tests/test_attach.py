@@ -10,9 +10,9 @@ import torch
 from conftest import tiny
 
 from road_export import RoadError
-from road_export.attach import attach
+from road_export.passes.attach import attach
 from road_export.export.tasks import TaskModule, sample_inputs, task_spec
-from road_export.verify import verify
+from road_export.app.verify import verify
 
 
 def plain_export(name, path, dynamo):

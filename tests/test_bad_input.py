@@ -1,6 +1,6 @@
 """Bad input on every path: exit 2, one line on stderr, no traceback, nothing left behind.
 
-The CLI cases run in-process through `road_export.cli.main`; a few run as subprocesses (the installed command's
+The CLI cases run in-process through `road_export.app.cli.main`; a few run as subprocesses (the installed command's
 path, SIGTERM/SIGINT while writing, a full or read-only file system). RoadSession's cases are at the end.
 """
 
@@ -23,9 +23,10 @@ import torch
 from conftest import copy_onnx, tiny
 
 import road_export as rx
-from road_export import RoadError, swap
-from road_export.cli import COMMANDS, main
-from road_export.runtime import RoadSession
+from road_export import RoadError
+from road_export.graph import swap
+from road_export.app.cli import COMMANDS, main
+from road_export.runtime.session import RoadSession
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -218,7 +219,7 @@ def test_every_option_has_help_and_help_is_torch_free(capsys):
     assert code == 0 and "--base" in out and "MODEL.onnx" in out
     code, help_export, _ = cli(capsys, "export", "--help")
     assert code == 0 and "--mode" in help_export
-    probe = ("import sys; from road_export.cli import main; main(['--help']); main(['help', 'attach']); "
+    probe = ("import sys; from road_export.app.cli import main; main(['--help']); main(['help', 'attach']); "
              "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=ENV, timeout=60)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
@@ -239,7 +240,7 @@ def test_subprocess_bad_input_smoke(ctx, tmp_path):
     """The command as users run it: one line, exit 2, nothing written."""
     for argv, says in ((["optimize", ctx / "empty.onnx", tmp_path / "x.onnx"], "empty file"),
                        (["--opset", "5", tmp_path / "m.onnx"], "choose 18 to 25")):
-        done = subprocess.run([sys.executable, "-m", "road_export.cli", *map(str, argv)], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "road_export.app.cli", *map(str, argv)], capture_output=True,
                               text=True, env=ENV, timeout=120)
         assert_one_line(done.returncode, done.stderr, done.stdout, says)
     assert list(tmp_path.iterdir()) == []
@@ -307,7 +308,7 @@ def slow(*args, **kwargs):
     time.sleep(120)
     return result
 setattr(owner, name, slow)
-from road_export.cli import main
+from road_export.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -326,7 +327,7 @@ def test_interrupted_while_writing(ctx, tmp_path, command, sig, code):
     module, name, argv = {
         "export": ("onnx_ir", "save", ["--base", "tiny-llama", "--adapter", ctx / "road", out / "m.onnx"]),
         "optimize": ("onnx_ir", "save", ["optimize", ctx / "rotate.onnx", out / "m.onnx"]),
-        "merge-checkpoint": ("road_export.checkpoint", "_write_shard",
+        "merge-checkpoint": ("road_export.export.checkpoint", "_write_shard",
                              ["merge-checkpoint", "--base", ctx / "base", "--adapter", ctx / "road", out / "merged"]),
         "adapter": ("onnxruntime", "AdapterFormat.export_adapter",
                     ["adapter", ctx / "road", "--like", ctx / "rotate.onnx", out / "m.onnx_adapter"]),
@@ -500,7 +501,7 @@ def test_session_refuses_broken_files(ctx, name, says):
 
 def test_renames_are_not_split_by_a_signal():
     """deferred_signals holds SIGTERM back until the renames are done, then delivers it."""
-    from road_export.checks import deferred_signals
+    from road_export.graph.checks import deferred_signals
 
     got = []
     previous = signal.signal(signal.SIGTERM, lambda *_: got.append("delivered"))
@@ -524,9 +525,9 @@ def _onnxruntime_refuses(path):
 def test_onnxruntime_failures_are_one_line(ctx, session, capsys, monkeypatch):
     with pytest.raises(RoadError, match=r"rotate.onnx: onnxruntime failed on inputs input_ids \[2, 4\]"):
         session.run_feeds(None, {"input_ids": IDS.astype(np.float32), "attention_mask": ONES})
-    import road_export.verify
+    import road_export.app.verify
 
-    monkeypatch.setattr(road_export.verify, "verify", lambda path, *a, **k: _onnxruntime_refuses(path))
+    monkeypatch.setattr(road_export.app.verify, "verify", lambda path, *a, **k: _onnxruntime_refuses(path))
     code, out, err = cli(capsys, "verify", ctx / "rotate.onnx", "--base", "tiny-llama", "--adapter", ctx / "road")
     assert_one_line(code, err, out, "rotate.onnx: onnxruntime cannot run it (")
 

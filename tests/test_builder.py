@@ -20,10 +20,11 @@ peft = pytest.importorskip("peft")
 from conftest import genai_build, tiny, word_tokenizer  # noqa: E402
 from test_cli import assert_bad_input, road_export  # noqa: E402
 
-from road_export import builder_graph, genai_builder  # noqa: E402
-from road_export.zoo import resolve  # noqa: E402
-from road_export.adapter_files import read_adapter  # noqa: E402
-from road_export.attach import attach  # noqa: E402
+from road_export.passes import builder_graph  # noqa: E402
+from road_export.app import genai_builder  # noqa: E402
+from road_export.export.zoo import resolve  # noqa: E402
+from road_export.graph.adapter_files import read_adapter  # noqa: E402
+from road_export.passes.attach import attach  # noqa: E402
 
 ADAPTERS = {  # name: (target modules, variant, group size)
     "one": ("all-linear", "road_4", 16),
@@ -378,8 +379,8 @@ def test_phi3_packed_modules_split_and_repacked_by_the_builder(tmp_path):
     by the builder as mlp/gate_proj and mlp/up_proj: the module's coefficients are split over the two)."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from road_export import swap
-    from road_export.zoo import resolve
+    from road_export.graph import swap
+    from road_export.export.zoo import resolve
 
     config = json.loads((resolve("tiny-phi3") / "config.json").read_text())
     config.update(vocab_size=320, original_max_position_embeddings=config["max_position_embeddings"])

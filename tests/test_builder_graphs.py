@@ -19,9 +19,9 @@ import torch
 from conftest import genai_build, tiny, word_tokenizer
 
 from road_export import RoadError
-from road_export.kvcache import GqaCache, with_share_buffer
-from road_export.parity import COSINE_MIN, min_cosine
-from road_export.runtime import RoadSession
+from road_export.runtime.kvcache import GqaCache, with_share_buffer
+from road_export.app.parity import COSINE_MIN, min_cosine
+from road_export.runtime.session import RoadSession
 
 pytest.importorskip("onnxruntime_genai")
 
@@ -146,7 +146,7 @@ def test_int4_by_cosine_and_top1(built, hf_llama):
 
 
 def _verify(*args) -> tuple[int, str]:
-    from road_export.cli import main
+    from road_export.app.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -186,7 +186,7 @@ def test_verify_fails_on_a_damaged_weight(built, tmp_path):
 
 def test_serve_engine_on_a_builder_directory(built, hf_llama):
     """Requests join a running batch and leave it; each row's tokens equal transformers' alone."""
-    from road_export.serving.engine import Engine, GenerationRequest, SamplingParams
+    from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
 
     engine = Engine(built["llama"], threads=1)
     assert engine.context_length == 128 and engine.eos_token_ids == {2}
@@ -241,8 +241,8 @@ def test_road_attached_by_hand_to_a_builder_graph_gives_pefts_tokens(built, adap
     RoadSession's GroupQueryAttention cache: peft's tokens; verify with the adapter passes."""
     import onnx_ir as ir
 
-    from road_export.adapter_files import read_adapter
-    from road_export.attach import attach_to_model
+    from road_export.graph.adapter_files import read_adapter
+    from road_export.passes.attach import attach_to_model
 
     unpacked = genai_build(built["hf-llama"], tmp_path / "unpacked", "fp32", "--extra_options", "fuse_qkv=false")
     model = ir.load(unpacked / "model.onnx")
@@ -292,9 +292,9 @@ def test_mixed_and_swapped_adapters_on_an_attached_builder_graph(built, adapters
 
 
 def test_the_iobinding_loop_binds_the_shared_buffer_in_place(built, hf_llama, monkeypatch):
-    """road_export.gpu's loop (CUDA's, here on a CPU session: the same code in host memory) binds the shared buffer
-    as past and present: transformers' tokens, and the buffer it allocated is the one the graph wrote."""
-    from road_export import gpu, kvcache
+    """road_export.runtime.gpu's loop (CUDA's, here on a CPU session: the same code in host memory) binds the shared
+    buffer as past and present: transformers' tokens, and the buffer it allocated is the one the graph wrote."""
+    from road_export.runtime import gpu, kvcache
 
     session = RoadSession(built["llama"])
     ids, mask = prompts(256)

@@ -9,8 +9,8 @@ from conftest import first_output, tiny, token_inputs
 
 import road_export as rx
 from road_export import RoadError
-from road_export.checkpoint import merge_checkpoint
-from road_export.zoo import load_model
+from road_export.export.checkpoint import merge_checkpoint
+from road_export.export.zoo import load_model
 
 
 @pytest.mark.parametrize("name,dtype", [("tiny-llama", torch.float32), ("tiny-opt", torch.bfloat16),

@@ -1,4 +1,4 @@
-"""The road-export command end to end: in-process through `road_export.cli.main` (fast), the default run also as
+"""The road-export command end to end: in-process through `road_export.app.cli.main` (fast), the default run also as
 the subprocess users start."""
 
 import contextlib
@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import copy_onnx, tiny
 
-from road_export.cli import main
+from road_export.app.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
 
@@ -44,7 +44,7 @@ def road_export(*args, cwd=None):
 
 
 def road_export_process(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "road_export.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "road_export.app.cli", *map(str, args)], capture_output=True,
                           text=True, env=ENV, cwd=cwd, timeout=600)
 
 
@@ -268,7 +268,7 @@ def test_debug_keeps_exit_codes(monkeypatch, debug):
     1, which means parity failed), an onnxruntime input error 2. Planted faults: `inspect` made to raise each."""
     import onnxruntime
 
-    from road_export import cli
+    from road_export.app import cli
 
     if debug:
         monkeypatch.setenv("ROAD_EXPORT_DEBUG", debug)

@@ -16,8 +16,8 @@ from test_cli import assert_bad_input, exported, llama_dirs, road_export  # noqa
 from test_floor import BLOCK_TORCH, run_python
 
 import road_export as rx
-from road_export.parity import file_reference as crosscheck
-from road_export.crosscheck import verify_against_file
+from road_export.app.parity import file_reference as crosscheck
+from road_export.app.crosscheck import verify_against_file
 
 SWEEP, LONG = "vocabulary sweep: 256 ids, 64 per row", "long sequence: seq"
 
@@ -162,7 +162,7 @@ def test_cli_against_bad_input(exported, llama_dirs, tmp_path):  # noqa: F811
 
 def test_against_runs_without_torch(exported, tmp_path):
     (merged, _), (rotated, _) = exported["merge"], exported["rotate"]
-    code = BLOCK_TORCH + (f"from road_export.crosscheck import verify_against_file\n"
+    code = BLOCK_TORCH + (f"from road_export.app.crosscheck import verify_against_file\n"
                           f"r = verify_against_file({str(rotated)!r}, {str(merged)!r})\n"
                           "import sys\nassert 'torch' not in sys.modules\nprint(r.passed)")
     done = run_python(code, tmp_path)
@@ -179,7 +179,7 @@ def test_vocab_from_the_embedding_table(exported):
 def test_atol_refused_when_one_file_is_quantized(exported, tmp_path):
     """int4 against float is judged by cosine: an explicit --atol would be ignored, so it is refused (both ways);
     without --atol the check runs."""
-    from road_export.quantize import quantize_file
+    from road_export.graph.quantize import quantize_file
 
     merged, _ = exported["merge"]
     int4 = tmp_path / "int4.onnx"
@@ -209,7 +209,7 @@ def swappable_pair(exported, tmp_path):
 def test_sidecars_compared(swappable_pair):
     import onnxruntime as ort
 
-    from road_export.swap import write_adapter_file
+    from road_export.graph.swap import write_adapter_file
 
     new, trusted = swappable_pair
     report = verify_against_file(new, trusted)

@@ -1,5 +1,5 @@
-"""road_export.generation's one decode loop (`Decoding`, `decode`) on a numeric stand-in for a decoder: a run whose
-next token is the sum of every real token it has seen (through the past it is fed, or the whole sequence), mod V.
+"""road_export.runtime.generation's one decode loop (`Decoding`, `decode`) on a numeric stand-in for a decoder: a run
+whose next token is the sum of every real token it has seen (through the past it is fed, or the whole sequence), mod V.
 The reference is that sum computed directly; the loop must reach it through its cache (present -> past, mask and
 position growth, left padding), without a cache, across a recompute, and stop rows at EOS with padding."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from road_export.generation import Decoding, Sampling, decode, host_pick
-from road_export.kvcache import CacheLayout, new_cache
+from road_export.runtime.generation import Decoding, Sampling, decode, host_pick
+from road_export.runtime.kvcache import CacheLayout, new_cache
 
 V = 11
 PAST, PRESENT = "past_key_values.0", "present.0"

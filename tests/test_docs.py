@@ -126,7 +126,7 @@ def unlinked_docs(root: Path) -> list[str]:
 
 
 def _help(command: str) -> str:
-    from road_export.cli import main
+    from road_export.app.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):

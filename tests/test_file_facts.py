@@ -16,8 +16,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from road_export import quantize
-from road_export.inspection import METADATA_QUANTIZE, inspect_model, quantization_summary, read_facts
+from road_export.graph import quantize
+from road_export.graph.inspection import METADATA_QUANTIZE, inspect_model, quantization_summary, read_facts
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
@@ -98,7 +98,7 @@ def test_quantized_ops_in_a_subgraph_are_seen_by_every_reader(tmp_path):
     ("not json", "not json"),  # an unreadable record is named as it is, by every reader
 ])
 def test_the_quantize_record_decides_everywhere(tmp_path, record, scheme):
-    """A file with road_export.quantize's record is quantized by it, quantized nodes or not, for every reader."""
+    """A file with road_export.graph.quantize's record is quantized by it, quantized nodes or not, for every reader."""
     path = _float_matmul(tmp_path, "recorded", meta={METADATA_QUANTIZE: record})
     readers = _every_reader(path)
     assert set(readers.values()) == {scheme}, readers
@@ -111,8 +111,8 @@ def test_the_quantize_record_decides_everywhere(tmp_path, record, scheme):
 def test_the_file_against_file_check_reads_the_same_facts(tmp_path):
     """verify --against judges a pair as quantized through the same facts: the subgraph-only file against its
     float twin is compared by cosine, so --atol is refused (the line names the ops read_facts counts)."""
-    from road_export.errors import RoadError
-    from road_export.parity.file_reference import verify_against_file
+    from road_export.core.errors import RoadError
+    from road_export.app.parity.file_reference import verify_against_file
 
     quantized, plain = _dequantized_in_branch(tmp_path), _float_matmul(tmp_path)
     with pytest.raises(RoadError, match="1 DequantizeLinear-quantized"):
@@ -127,8 +127,8 @@ def test_the_facade_and_the_torch_free_harness_import_without_torch(tmp_path):
     path = _dequantized_in_branch(tmp_path)
     done = run_python(BLOCK_TORCH + f"""
 import sys
-import road_export.crosscheck, road_export.parity, road_export.parity.cases, road_export.parity.feeds
-from road_export.inspection import read_facts
+import road_export.app.crosscheck, road_export.app.parity, road_export.app.parity.cases, road_export.app.parity.feeds
+from road_export.graph.inspection import read_facts
 print(read_facts({path!r}).quantization)
 assert not [m for m in ("torch", "transformers", "peft") if m in sys.modules]
 """, tmp_path)

@@ -1,4 +1,4 @@
-"""road_export.files: one atomic writer, used by every writer; a failure at any point leaves nothing behind."""
+"""road_export.graph.files: one atomic writer, used by every writer; a failure at any point leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import onnx_ir as ir
 import pytest
 from passes import testutil
 
-from road_export import files, swap
-from road_export.errors import RoadError
+from road_export.graph import files, swap
+from road_export.core.errors import RoadError
 from road_export.passes.pipeline import optimize_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,12 +155,12 @@ def renames_outside_files(source: str) -> list[str]:
 def test_every_writer_goes_through_atomic_write():
     offenders = {}
     for path in (ROOT / "road_export").rglob("*.py"):
-        if path.name == "files.py" and path.parent.name == "road_export":
+        if path.name == "files.py" and path.parent.name == "graph":
             continue
         calls = renames_outside_files(path.read_text())
         if calls:
             offenders[str(path.relative_to(ROOT))] = calls
-    assert not offenders, f"write through road_export.files.atomic_write instead: {offenders}"
+    assert not offenders, f"write through road_export.graph.files.atomic_write instead: {offenders}"
 
 
 def test_the_writer_check_catches_a_hand_written_rename():

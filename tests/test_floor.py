@@ -1,6 +1,6 @@
 """The serving floor runs without torch: in a fresh interpreter where torch, transformers and peft cannot be imported,
 the floor's modules import, attach a peft adapter to an ONNX file, optimize it, inspect it and run it
-through RoadSession, with the numbers of road_export.rotation (numpy)."""
+through RoadSession, with the numbers of road_export.core.rotation (numpy)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FLOOR = ["road_export", "road_export.runtime", "road_export.generation", "road_export.seq2seq",
+FLOOR = ["road_export", "road_export.runtime.session", "road_export.runtime.generation", "road_export.runtime.seq2seq",
          "road_export.passes.pipeline",
-         "road_export.swap", "road_export.attach", "road_export.builder_graph",
-         "road_export.inspection", "road_export.ops", "road_export.files",
-         "road_export.adapter_files", "road_export.names", "road_export.native"]
+         "road_export.graph.swap", "road_export.passes.attach", "road_export.passes.builder_graph",
+         "road_export.graph.inspection", "road_export.graph.ops", "road_export.graph.files",
+         "road_export.graph.adapter_files", "road_export.core.names", "road_export.graph.native"]
 
 BLOCK_TORCH = """
 import importlib.abc, sys
@@ -45,7 +45,8 @@ def test_the_check_sees_torch_when_it_is_imported(tmp_path):
     done = run_python("import sys\nimport road_export.export.op\nassert 'torch' in sys.modules\nprint('ok')", tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
     done = run_python(BLOCK_TORCH + "import road_export as rx\nrx.load_adapter", tmp_path)
-    assert done.returncode != 0 and "blocked" in done.stderr
+    # load_adapter lives in road_export.export now, whose requires_export gate meets the block first
+    assert done.returncode != 0 and ("blocked" in done.stderr or "not installed" in done.stderr)
 
 
 SERVE = BLOCK_TORCH + textwrap.dedent("""
@@ -54,12 +55,12 @@ SERVE = BLOCK_TORCH + textwrap.dedent("""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
     from safetensors.numpy import save_file
-    from road_export import rotation
-    from road_export.attach import attach
-    from road_export.config import RoadConfig
-    from road_export.inspection import inspect_model
+    from road_export.core import rotation
+    from road_export.passes.attach import attach
+    from road_export.core.config import RoadConfig
+    from road_export.graph.inspection import inspect_model
     from road_export.passes.pipeline import optimize_file
-    from road_export.runtime import RoadSession
+    from road_export.runtime.session import RoadSession
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 16)).astype(np.float32)
@@ -97,7 +98,7 @@ def test_attach_optimize_inspect_and_run_without_torch(tmp_path):
 
 
 def test_export_without_the_extra_is_one_clear_line(tmp_path):
-    code = BLOCK_TORCH + "from road_export.cli import main\nraise SystemExit(main(['model.onnx']))\n"
+    code = BLOCK_TORCH + "from road_export.app.cli import main\nraise SystemExit(main(['model.onnx']))\n"
     done = run_python(code, tmp_path)
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()

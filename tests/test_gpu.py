@@ -20,12 +20,12 @@ from onnx import TensorProto, helper, numpy_helper
 from test_native import NP, rotation_model
 
 import road_export as rx
-from road_export import native
-from road_export.gpu import cuda_providers
+from road_export.graph import native
+from road_export.runtime.gpu import cuda_providers
 from passes import testutil
-from road_export import ops as road_op
-from road_export.runtime import RoadSession
-from road_export.swap import convert_adapter
+from road_export.graph import ops as road_op
+from road_export.runtime.session import RoadSession
+from road_export.graph.swap import convert_adapter
 
 pytestmark = [
     pytest.mark.gpu,
@@ -235,7 +235,7 @@ def test_without_the_driver_no_cuda_kernel_is_registered(tmp_path):
     c1, c2 = testutil.coefficients("road_4", 64, 64, np.random.default_rng(0))
     path = tmp_path / "road.onnx"
     path.write_bytes(rotation_model(c1, c2, 64, x_rank=2, bodies=False))
-    script = ("import json,sys,onnxruntime as ort;from road_export import native;from road_export.gpu import "
+    script = ("import json,sys,onnxruntime as ort;from road_export import native;from road_export.runtime.gpu import "
               "cuda_providers;o=ort.SessionOptions();o.enable_profiling=True;o.profile_file_prefix=sys.argv[2];"
               "native.register(o,True);s=ort.InferenceSession(sys.argv[1],o,providers=cuda_providers());"
               "import numpy as np;s.run(None,{'x':np.ones((2,64),np.float32)});"
@@ -318,7 +318,7 @@ def test_logits_on_the_gpu_match_torch_fp32(rotate_export, dtype):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    from road_export.generation import _empty_cache, positions
+    from road_export.runtime.generation import _empty_cache, positions
 
     feeds["position_ids"] = positions(feeds["attention_mask"])
     feeds.update(_empty_cache(session, 2))

@@ -17,9 +17,9 @@ from passes.test_linear_rotate import quantize_blocks
 from test_gpu import cuda_session, torch_rotate
 from test_native import NP
 
-from road_export import native
-from road_export import ops as road_op
-from road_export.gpu import cuda_providers
+from road_export.graph import native
+from road_export.graph import ops as road_op
+from road_export.runtime.gpu import cuda_providers
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,8 +11,8 @@ from conftest import copy_onnx, tiny
 from onnx import TensorProto, helper
 from test_cli import assert_bad_input, road_export
 
-from road_export import quantize
-from road_export.errors import RoadError
+from road_export.graph import quantize
+from road_export.core.errors import RoadError
 
 
 @pytest.fixture(scope="module")

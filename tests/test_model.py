@@ -81,7 +81,7 @@ def test_gpt2_conv1d_is_wrapped():
         # reference: rotate c_attn's output by hand with the dense matrix
         hooks = []
         for name, layer in layers.items():
-            R = rx.rotation.dense_matrix(*layer.coefficients("default"), 8)
+            R = rx.core.rotation.dense_matrix(*layer.coefficients("default"), 8)
             hooks.append(base.get_submodule(name).register_forward_hook(lambda m, i, o, R=R: o @ R.T))
         torch.testing.assert_close(adapted, base(**inputs).logits, atol=1e-5, rtol=0)
         for h in hooks:

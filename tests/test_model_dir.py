@@ -23,10 +23,10 @@ import pytest
 import torch
 import transformers
 
-import road_export.ops as road_ops
-from road_export import model_dir
-from road_export.cli import main
-from road_export.runtime import RoadSession
+import road_export.graph.ops as road_ops
+from road_export.graph import model_dir
+from road_export.app.cli import main
+from road_export.runtime.session import RoadSession
 
 warnings.filterwarnings("ignore")
 peft = pytest.importorskip("peft")
@@ -55,7 +55,7 @@ def make_base(root: Path) -> Path:
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                           eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    from road_export import zoo
+    from road_export.export import zoo
 
     config = transformers.AutoConfig.from_pretrained(zoo.models_dir() / "tiny-llama")
     config.vocab_size = len(fast)

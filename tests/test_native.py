@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from road_export import native, rotation
-from road_export.errors import RoadError
-from road_export import ops as road_op
+from road_export.graph import native
+from road_export.core import rotation
+from road_export.core.errors import RoadError
+from road_export.graph import ops as road_op
 from passes import testutil
 
 NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
@@ -197,11 +198,11 @@ def test_a_failing_build_is_one_line(tmp_path, monkeypatch):
 
 
 def test_kernels_command(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "road_export.cli", "kernels"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "road_export.app.cli", "kernels"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(native.library_path())
     env = {"PATH": "/usr/bin:/bin", "CXX": "no-such-compiler", "ROAD_EXPORT_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "road_export.cli", "kernels"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "road_export.app.cli", "kernels"], capture_output=True, text=True,
                           env=env)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
@@ -223,7 +224,7 @@ def test_road_files_are_told_apart_without_parsing_the_graph(tmp_path):
 
 
 def test_road_session_uses_the_kernels_on_cpu_only(tmp_path):
-    from road_export.runtime import RoadSession
+    from road_export.runtime.session import RoadSession
 
     c1, c2 = testutil.coefficients("road_4", 64, 64, np.random.default_rng(0))
     path = tmp_path / "road.onnx"
@@ -240,7 +241,7 @@ def test_road_session_uses_the_kernels_on_cpu_only(tmp_path):
 def test_cuda_kernels_say_why_they_are_absent(tmp_path, monkeypatch):
     """Where the CUDA kernels cannot run, the reason is named, and a CUDA session that insists on them is refused
     with it (a CPU-only machine: CI; the GPU tests are tests/test_gpu.py)."""
-    from road_export.runtime import RoadSession
+    from road_export.runtime.session import RoadSession
 
     monkeypatch.setenv("ROAD_EXPORT_CUDA", "0")
     native.cuda_kernels.cache_clear()

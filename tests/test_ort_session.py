@@ -1,5 +1,5 @@
-"""road_export.ort_session.new_session: the one onnxruntime session set-up (threads, config entries, the road kernel
-library, a rewrite hook, one-line refusals), and every InferenceSession of the package going through it."""
+"""road_export.graph.ort_session.new_session: the one onnxruntime session set-up (threads, config entries, the road
+kernel library, a rewrite hook, one-line refusals), and every InferenceSession of the package going through it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from road_export import rotation
-from road_export.errors import RoadError
-from road_export.ort_session import new_session, road_kernels
+from road_export.core import rotation
+from road_export.core.errors import RoadError
+from road_export.graph.ort_session import new_session, road_kernels
 from passes import testutil
 from test_native import rotation_model
 
@@ -78,7 +78,7 @@ def test_a_refused_model_is_one_line(tmp_path):
 def test_cuda_first_without_kernels_refuses_native_true(monkeypatch):
     """With CUDA first and no CUDA kernels (planted: ROAD_EXPORT_CUDA=0), native=True is refused with the reason,
     None falls back to the bodies, and another device first keeps the CPU kernels out."""
-    from road_export import native
+    from road_export.graph import native
 
     monkeypatch.setenv("ROAD_EXPORT_CUDA", "0")
     native.cuda_kernels.cache_clear()

@@ -21,12 +21,13 @@ import transformers
 from conftest import perturbing, tiny
 
 import road_export as rx
-from road_export import rotation, zoo
-from road_export.adapters import read_adapter
-from road_export.cli import main
-from road_export.errors import RoadError
-from road_export.runtime import RoadSession
-from road_export.testing import assert_peft_parity
+from road_export.core import rotation
+from road_export.export import zoo
+from road_export.export.adapters import read_adapter
+from road_export.app.cli import main
+from road_export.core.errors import RoadError
+from road_export.runtime.session import RoadSession
+from road_export.app.testing import assert_peft_parity
 
 warnings.filterwarnings("ignore")
 
@@ -262,7 +263,7 @@ def test_a_planted_loader_fault_fails_the_harness(llama, tmp_path, monkeypatch, 
           f"{max_abs(report):.2e}")
     with pytest.raises(AssertionError, match="reference: peft"):
         assert_peft_parity(tmp_path / "m.onnx", llama / "base", [str(llama / "road")])
-    monkeypatch.setattr("road_export.source.peft_available", lambda: False)
+    monkeypatch.setattr("road_export.export.source.peft_available", lambda: False)
     code = run("verify", tmp_path / "m.onnx", "--base", llama / "base", "--adapter", llama / "road")
     assert "reference: road-export loader" in capsys.readouterr().out  # without peft the table says so
 
@@ -323,7 +324,7 @@ def test_a_file_onnxruntime_cannot_load_is_not_left_behind(tmp_path):
     import onnx_ir as ir
 
     from road_export.export.post import check_loadable
-    from road_export.files import save_model
+    from road_export.graph.files import save_model
 
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
     node = ir.Node("", "NoSuchOp", [x], num_outputs=1)

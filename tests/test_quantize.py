@@ -1,4 +1,4 @@
-"""Quantized bases (road_export.quantize): int4/int8 MatMul weights through onnxruntime's MatMulNBitsQuantizer,
+"""Quantized bases (road_export.graph.quantize): int4/int8 MatMul weights through onnxruntime's MatMulNBitsQuantizer,
 road nodes float and swappable on top; parity against peft fp32 judged by cosine; bad input refused."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from conftest import copy_onnx, perturbing, tiny
 from test_cli import assert_bad_input, road_export
 
 import road_export as rx
-from road_export import files, quantize
-from road_export.parity import TOKEN_COSINE_MIN
-from road_export.verify import COSINE_MIN, verify
+from road_export.graph import files, quantize
+from road_export.app.parity import TOKEN_COSINE_MIN
+from road_export.app.verify import COSINE_MIN, verify
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_int4_export_matches_peft_by_cosine(dirs, mode):
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     assert ops.count("MatMulNBits") == 15  # 2 layers x 7 linears + lm_head
     assert ("Rotate" in ops or any(n.domain == "road" for n in model.graph.node)) == (mode == "rotate")
-    record = json.loads({p.key: p.value for p in model.metadata_props}["road_export.quantize"])
+    record = json.loads({p.key: p.value for p in model.metadata_props}["road_export.graph.quantize"])
     assert record["bits"] == 4 and record["block_size"] == quantize.INT4_BLOCK_SIZE == 16
     assert record["int8_nodes"] == 1 and record["int8_layers"] == 0  # 2 layers: only the output head at int8
 
@@ -85,7 +85,7 @@ def test_int8_is_closer_than_int4(dirs, tmp_path):
 def test_swap_on_the_quantized_file(dirs, tmp_path):
     """The .onnx_adapter of another adapter swaps onto the int4 rotate file: its outputs follow peft with that
     adapter (cosine), and differ from the default adapter's."""
-    from road_export.runtime import RoadSession
+    from road_export.runtime.session import RoadSession
 
     other = tmp_path / "other.onnx_adapter"
     proc = road_export("adapter", dirs / "other", "--like", dirs / "int4_rotate.onnx", other)
@@ -183,7 +183,7 @@ def test_int4_keeps_the_first_layers_and_the_head_at_int8(tmp_path):
     result = rx.export(model, tmp_path / "m.onnx", mode="rotate", quantize="int4")
     layers = _bits_by_layer(result.path)
     assert layers == {**{i: {(8, 32)} for i in (0, 1)}, **{i: {(4, 16)} for i in range(2, 8)}, "head": {(8, 32)}}
-    record = json.loads(onnx_meta(result.path)["road_export.quantize"])
+    record = json.loads(onnx_meta(result.path)["road_export.graph.quantize"])
     assert record["int8_nodes"] == 2 * 7 + 1 and record["int8_layers"] == 2 and record["block_size"] == 16
     report = verify(result.path, model)
     assert report.passed and report.quantized == "int4"
@@ -235,7 +235,7 @@ def onnx_meta(path) -> dict:
 def test_min_cosine_counts_zero_and_broken_tokens():
     """Two zero vectors agree (1), a zero output against a nonzero one does not (0), NaN fails; the per-token
     cosine sees one broken token that the whole output's cosine (>= 0.98) hides."""
-    from road_export.parity import TOKEN_COSINE_MIN, compare, min_cosine
+    from road_export.app.parity import TOKEN_COSINE_MIN, compare, min_cosine
 
     rng = np.random.default_rng(0)
     expected = rng.standard_normal((2, 60, 50)).astype(np.float32)
@@ -299,7 +299,7 @@ def test_a_file_without_its_adapter_fails(dirs, tmp_path):
 def test_verify_against_a_float_file_judges_a_quantized_one_by_cosine(dirs, tmp_path):
     """int4 against its float export passes by cosine (it failed on max abs before); the int4 file with its head
     zeroed does not."""
-    from road_export.crosscheck import verify_against_file
+    from road_export.app.crosscheck import verify_against_file
 
     float_rotate = tmp_path / "float_rotate.onnx"
     proc = road_export("--base", dirs / "base", "--adapter", dirs / "road", "--mode", "rotate", "--no-verify",
@@ -380,8 +380,8 @@ def test_the_float_model_is_checked_before_quantizing(dirs, tmp_path, monkeypatc
     """`export --quantize` verifies the float model the quantizer reads against peft by max abs, ahead of the
     quantized file's cosine rows. Planted fault: road-export's loader adds 0.01 to one q_proj weight, a change the
     int4 file's cosine is not built to see; the float rows fail and so does the export (exit 1)."""
-    from road_export import zoo
-    from road_export.cli import main
+    from road_export.export import zoo
+    from road_export.app.cli import main
 
     load = zoo.load_model
     for name, loader in (("clean", load), ("faulty", perturbing(load, 0.01))):

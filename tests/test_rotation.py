@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.tuners.road.layer import _apply_road, _get_delta_weight, _prepare_cols
 
-from road_export import rotation
+from road_export.core import rotation
 
 VARIANTS = ["road_1", "road_2", "road_4"]
 

@@ -11,7 +11,7 @@ from conftest import copy_onnx, tiny
 from test_cli import road_export
 
 import road_export as rx
-from road_export import files
+from road_export.graph import files
 from road_export.export import stream
 
 
@@ -155,7 +155,7 @@ def test_transposed_blocks_are_the_whole_tensor(monkeypatch, dtype, merged):
 
     import torch
 
-    from road_export import rotation
+    from road_export.core import rotation
     from road_export.export.prepare import Merge
 
     torch.manual_seed(0)
@@ -184,7 +184,7 @@ def test_release_model_frees_the_exported_weights(bases, tmp_path):
     on its own, still runs. A source whose reference is its own model keeps it."""
     import torch
 
-    from road_export.source import load_source
+    from road_export.export.source import load_source
 
     source = load_source(str(bases / "base"), [str(bases / "adapter")], defer_reference=True)
     rx.export(source.model, tmp_path / "m.onnx", mode="merge")
@@ -210,9 +210,9 @@ def test_model_freed_once_its_weights_are_written(bases, tmp_path, mode, quantiz
     before onnxruntime's load check and the quantizer; the files (the swap file included) are byte for byte those
     of an export that kept its model to the end. Planted fault: the same release run before the weights are
     written leaves empty tensors, which the comparison sees."""
-    from road_export import quantize as quant
+    from road_export.graph import quantize as quant
     from road_export.export import post
-    from road_export.source import load_source
+    from road_export.export.source import load_source
 
     events = []
     check, quantize_file = post.check_loadable, quant.quantize_file

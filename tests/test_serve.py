@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from road_export.kvcache import PaddedCache
-from road_export.serving.engine import Engine, GenerationRequest, SamplingParams, Stats
-from road_export.serving.example import build_example
-from road_export.serving.loop import AsyncEngine
-from road_export.serving.protocol import ApiError, OpenAIService
-from road_export.serving.text import Detokenizer, TextTokenizer
+from road_export.runtime.kvcache import PaddedCache
+from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams, Stats
+from road_export.app.serving.example import build_example
+from road_export.app.serving.loop import AsyncEngine
+from road_export.app.serving.protocol import ApiError, OpenAIService
+from road_export.app.serving.text import Detokenizer, TextTokenizer
 
 PROMPTS = ["The quick brown fox", "Many tenants share one base model;", "Où est la gare?",
            "Continuous batching lets a request"]
@@ -276,7 +276,7 @@ def test_a_swappable_single_adapter_export_serves_each_adapter(example, referenc
 
 
 def example_adapters():
-    from road_export.serving.example import ADAPTERS
+    from road_export.app.serving.example import ADAPTERS
 
     return ADAPTERS
 
@@ -289,7 +289,7 @@ def client(engine):
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    from road_export.serving.http import create_app
+    from road_export.app.serving.http import create_app
 
     looper = AsyncEngine(engine)
     stats = Stats()
@@ -511,8 +511,8 @@ def test_sampling_fields_not_implemented_are_refused_not_ignored(client, key, va
 
 
 def test_top_k_reaches_the_sampler(client, engine):
-    """top_k (vLLM's) cuts the draw to the k likeliest tokens (road_export.generation.Sampling's top_k): with 1 a
-    hot, seeded draw is the greedy text, whereas without it (or with -1 / 0, off) the same seed is not; planted
+    """top_k (vLLM's) cuts the draw to the k likeliest tokens (road_export.runtime.generation.Sampling's top_k): with 1
+    a hot, seeded draw is the greedy text, whereas without it (or with -1 / 0, off) the same seed is not; planted
     fault: SamplingParams dropping top_k gives the untruncated draw."""
     def text(**options):
         body = {"model": "gamma", "prompt": PROMPTS[2], "max_tokens": 12, **options}
@@ -588,7 +588,7 @@ def guarded(example):
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    from road_export.serving.http import create_app
+    from road_export.app.serving.http import create_app
 
     looper = AsyncEngine(Engine(example.model, max_batch_size=8, threads=1))
     service = OpenAIService(looper, max_queue=1)
@@ -650,7 +650,7 @@ def test_a_full_replica_answers_429_with_retry_after(guarded, monkeypatch):
 def test_proxy_errors_answer_for_a_replica_that_died():
     """ProxyErrors (in Ray's proxy): a response never started becomes OpenAI's 503, a started event stream ends
     with an error event and [DONE], a complete response passes untouched (planted: inner apps that stop short)."""
-    from road_export.serving.http import ProxyErrors
+    from road_export.app.serving.http import ProxyErrors
 
     async def run(inner):
         sent = []
@@ -688,7 +688,7 @@ def test_proxy_errors_answer_for_a_replica_that_died():
 
 
 def test_a_non_streaming_request_is_cancelled_when_its_client_disconnects(engine):
-    from road_export.serving.http import _unless_disconnected
+    from road_export.app.serving.http import _unless_disconnected
 
     class Gone:
         async def receive(self):  # the client leaves once its request is decoding
@@ -760,7 +760,7 @@ def test_ray_metrics_record_steps_and_requests(engine):
     """The Ray Serve metrics recorder under the engine (ray.serve.metrics work outside a replica too): every tag
     the metrics declare is given, so a request runs through it without error."""
     pytest.importorskip("ray.serve")
-    from road_export.serving.app import RayMetrics
+    from road_export.app.serving.app import RayMetrics
 
     metrics = RayMetrics(engine)
     engine.recorders.append(metrics)
@@ -782,10 +782,10 @@ def test_the_server_runs_without_torch(example, tmp_path):
 
     code = BLOCK_TORCH + f"""
 import asyncio, sys
-from road_export.serving.engine import Engine
-from road_export.serving.loop import AsyncEngine
-from road_export.serving.protocol import OpenAIService
-import road_export.serving.http, road_export.serving.cli
+from road_export.app.serving.engine import Engine
+from road_export.app.serving.loop import AsyncEngine
+from road_export.app.serving.protocol import OpenAIService
+import road_export.app.serving.http, road_export.app.serving.cli
 service = OpenAIService(AsyncEngine(Engine({str(example.model)!r}, threads=1)))
 body = asyncio.run(service.complete({{"model": "beta", "prompt": "hi", "max_tokens": 3}}, chat=False))
 assert body["usage"]["completion_tokens"] == 3, body
@@ -805,7 +805,7 @@ def test_only_the_serving_package_imports_ray():
 
         bad = []
         for module, source in sources.items():
-            if module.startswith("road_export.serving"):
+            if module.startswith("road_export.app.serving"):
                 continue
             for target in imports(module, source):
                 if target.split(".")[0] in ("ray", "fastapi", "starlette"):
@@ -813,7 +813,8 @@ def test_only_the_serving_package_imports_ray():
         return bad
 
     assert offenders(package_sources()) == []
-    assert offenders({"road_export.cli": "def f():\n    from ray import serve\n"}) == ["road_export.cli imports ray"]
+    assert offenders({"road_export.app.cli": "def f():\n    from ray import serve\n"}) == [
+        "road_export.app.cli imports ray"]
 
 
 def test_serve_refuses_bad_input_in_one_line(example, tmp_path, monkeypatch):
@@ -824,7 +825,7 @@ def test_serve_refuses_bad_input_in_one_line(example, tmp_path, monkeypatch):
     assert_bad_input(road_export("serve", example.model, "--address", "nonsense"), says="give HOST:PORT")
     # what a started local instance cannot give (Ray itself stubbed): the port, the CPUs for every replica
     ray = pytest.importorskip("ray")
-    from road_export.serving import cli as serve_cli
+    from road_export.app.serving import cli as serve_cli
 
     monkeypatch.setattr(serve_cli, "start_ray", lambda *a, **k: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
@@ -857,7 +858,7 @@ def test_serve_refuses_options_ray_would_fail_on_later(example, monkeypatch):
     from test_cli import assert_bad_input, road_export
 
     pytest.importorskip("ray")
-    from road_export.serving import cli as serve_cli
+    from road_export.app.serving import cli as serve_cli
 
     def start_ray(*args, **kwargs):  # what the old code reached: Ray starting on these options
         raise RuntimeError("Ray started")
@@ -887,14 +888,14 @@ def test_loopback_is_decided_by_resolving_the_host(example, monkeypatch):
     does not resolve are not."""
     from test_cli import assert_bad_input, road_export
 
-    from road_export.serving.cli import _is_loopback
+    from road_export.app.serving.cli import _is_loopback
 
     for host in ("127.0.0.1", "127.1", "LOCALHOST", "localhost", "2130706433", "::1", "127.0.0.2"):
         assert _is_loopback(host), host
     for host in ("0.0.0.0", "192.0.2.7", "::", "no-such-host.invalid"):
         assert not _is_loopback(host), host
     pytest.importorskip("ray")
-    from road_export.serving import cli as serve_cli
+    from road_export.app.serving import cli as serve_cli
 
     def start_ray(*args, **kwargs):  # not reached: refused before Ray starts
         raise RuntimeError("Ray started")
@@ -913,7 +914,7 @@ def test_on_a_cluster_an_application_of_another_is_neither_replaced_nor_deleted(
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from road_export.serving import cli as serve_cli
+    from road_export.app.serving import cli as serve_cli
 
     deleted, ran = [], []
     monkeypatch.setattr(serve_cli, "start_ray", lambda *a, **k: False)  # joined, not started
@@ -963,7 +964,7 @@ def _serving(model, *options, env=None):
     pytest.importorskip("httpx")
     port = _free_port()
     env = {**{k: v for k, v in os.environ.items() if k != "ROAD_EXPORT_API_KEY"}, **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "road_export.cli", "serve", str(model), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "road_export.app.cli", "serve", str(model), "--port", str(port),
                              "--max-batch-size", "8", "--threads", "1", *options], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
@@ -1007,8 +1008,8 @@ def test_start_ray_starts_its_own_or_joins_only_when_asked(monkeypatch, tmp_path
     cluster that cannot be reached, HAProxy with a cluster address, and a local node that is not on loopback
     (planted: Ray reports another address) are one line."""
     ray = pytest.importorskip("ray")
-    from road_export.errors import RoadError
-    from road_export.serving import cli as serve_cli
+    from road_export.core.errors import RoadError
+    from road_export.app.serving import cli as serve_cli
 
     calls = []
 
@@ -1057,8 +1058,8 @@ def test_haproxy_files_are_private_and_a_loopback_server_refuses_it(example, tmp
 
     from test_cli import assert_bad_input, road_export
 
-    from road_export.errors import RoadError
-    from road_export.serving.cli import local_ray_environment
+    from road_export.core.errors import RoadError
+    from road_export.app.serving.cli import local_ray_environment
 
     with pytest.raises(RoadError, match="--ingress haproxy --host 127.0.0.1: Ray's HAProxy opens its stats"):
         local_ray_environment("haproxy", "127.0.0.1")
@@ -1379,7 +1380,7 @@ def test_the_engine_on_cuda_equals_peft_and_batches_across_adapters(example, ref
     each model equals peft's generate, and requests for different adapters in one batch equal each alone."""
     if not _cuda():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    from road_export.gpu import cuda_providers
+    from road_export.runtime.gpu import cuda_providers
 
     gpu = Engine(example.model, max_batch_size=8, providers=cuda_providers(tf32=False))
     assert gpu.session.device == "cuda"

@@ -7,9 +7,10 @@ import torch
 from conftest import tiny
 from test_cli import assert_bad_input, leftovers, road_export
 
-from road_export import cli, files
-from road_export import verify as verify_module
-from road_export.errors import RoadError
+from road_export.app import cli
+from road_export.graph import files
+from road_export.app import verify as verify_module
+from road_export.core.errors import RoadError
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
     read, write = os.pipe()
     os.close(read)  # the reader is gone before road-export writes a line (`| head` done)
     try:
-        proc = subprocess.run([sys.executable, "-m", "road_export.cli", "inspect", str(tmp_path / "m.onnx")],
+        proc = subprocess.run([sys.executable, "-m", "road_export.app.cli", "inspect", str(tmp_path / "m.onnx")],
                               stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
     finally:
         os.close(write)

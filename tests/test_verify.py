@@ -6,8 +6,8 @@ import torch
 from conftest import tiny
 
 import road_export as rx
-from road_export.testing import assert_onnx_parity
-from road_export.verify import compare, verify
+from road_export.app.testing import assert_onnx_parity
+from road_export.app.verify import compare, verify
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_sidecar_adapter_file_is_verified(exported, tmp_path):
 
     import onnxruntime as ort
 
-    from road_export import swap
+    from road_export.graph import swap
 
     model, path = exported
     sidecar = path.with_name(f"{path.stem}.default.onnx_adapter")
@@ -149,7 +149,7 @@ def test_equal_weights_are_lent_and_a_damaged_one_is_not(tmp_path, monkeypatch):
     import onnx
     import onnxruntime as ort
 
-    from road_export.parity import memory
+    from road_export.app.parity import memory
 
     monkeypatch.setattr(memory, "LEND_MIN_BYTES", 4096)  # tiny-llama's embedding is 64 KiB
     torch.manual_seed(0)

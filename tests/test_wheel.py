@@ -35,9 +35,10 @@ def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "road_export/models/default/config.json" in names
     assert "road_export/models/default/adapter_config.json" in names
-    assert {"road_export/native/road_ort.cc", "road_export/native/ort_abi.h", "road_export/py.typed"} <= set(names)
-    assert {"road_export/ops.py", "road_export/files.py", "road_export/passes/pipeline.py",
-            "road_export/parity/torch_reference.py"} <= set(names)  # every subpackage (pyproject's packages)
+    assert {"road_export/graph/native/road_ort.cc", "road_export/graph/native/ort_abi.h",
+            "road_export/py.typed"} <= set(names)
+    assert {"road_export/graph/ops.py", "road_export/graph/files.py", "road_export/passes/pipeline.py",
+            "road_export/app/parity/torch_reference.py"} <= set(names)  # every subpackage (pyproject's packages)
     shipped_tests = [n for n in names if n.endswith("_test.py") or "/test_" in n or "testutil" in n
                      or n.startswith("tests/")]
     assert shipped_tests == []
@@ -56,7 +57,7 @@ def test_default_export_runs_from_the_wheel_anywhere(wheel, tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ROAD_EXPORT_MODELS")}
     env.update(PYTHONPATH=str(site), ROAD_EXPORT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    where = subprocess.run([sys.executable, "-c", "import road_export.zoo as z; print(z.models_dir())"],
+    where = subprocess.run([sys.executable, "-c", "import road_export.export.zoo as z; print(z.models_dir())"],
                            cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert where.stdout.strip() == str(site / "road_export" / "models"), where.stderr[-2000:]
     done = subprocess.run([str(site / "bin" / "road-export"), "model.onnx"], cwd=work, env=env, capture_output=True,

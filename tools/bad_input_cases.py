@@ -1,4 +1,4 @@
-"""Every CLI bad-input case of tests/test_bad_input.py run through road_export.cli.main, as a Markdown table of
+"""Every CLI bad-input case of tests/test_bad_input.py run through road_export.app.cli.main, as a Markdown table of
 case, exit code, stderr (and whether anything was left behind); then the full and read-only file system cases
 on a 192 KiB tmpfs (root only). Run from the repository root: python tools/bad_input_cases.py"""
 import contextlib
@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_bad_input as t  # noqa: E402
 
-from road_export.cli import main  # noqa: E402
+from road_export.app.cli import main  # noqa: E402
 
 root = Path(tempfile.mkdtemp())
 inputs = t.build_inputs(root / "in")

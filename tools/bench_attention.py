@@ -39,8 +39,8 @@ def main() -> None:
 
     from bench_serve import ADAPTERS
     from road_export.passes.attention import AttentionPass, AttentionResult
-    from road_export.runtime import RoadSession
-    from road_export.serving.example import build_example
+    from road_export.runtime.session import RoadSession
+    from road_export.app.serving.example import build_example
 
     def build(root: str) -> Path:
         h = args.hidden

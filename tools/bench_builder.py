@@ -5,9 +5,9 @@
 
 Model: Llama (tools/benchlib.llama_config: heads of 64, 4 query heads per KV head), random weights (seed 0); RoAd
 road_4 g=64 on all linear layers (seeds 1..8). Per precision the builder writes the base graph once (`-p fp32|int4
--e cpu`); `road_export.attach` places the adapters on it:
+-e cpu`); `road_export.passes.attach` places the adapters on it:
   - "builder base"             the builder's graph as written
-  - "builder base, re-saved"   the same graph loaded and saved by road-export's writer (road_export.files), as the
+  - "builder base, re-saved"   the same graph loaded and saved by road-export's writer (road_export.graph.files), as the
                                RoAd files are: on the CPU this alone changes the step time (the writer aligns the
                                external data), so RoAd's own cost is the ratio against this one
   - "builder + RoAd"           one adapter, swappable (coefficients as overridable inputs, road.Rotate nodes)
@@ -75,7 +75,7 @@ def prepare(work: Path, hidden: int, layers: int, adapters: int) -> None:
 
 def build(work: Path, precision: str, device: str, threads: int, native: bool, adapters: int) -> dict[str, Path]:
     """{variant: genai model directory} for one precision (built once, reused)."""
-    from road_export.attach import attach
+    from road_export.passes.attach import attach
 
     base = work / f"base_{precision}_{device}"
     if not (base / "model.onnx").is_file():
@@ -85,7 +85,7 @@ def build(work: Path, precision: str, device: str, threads: int, native: bool, a
     dirs = {"builder base": base}
     resaved = work / f"resaved_{precision}_{device}"
     if not (resaved / "model.onnx").is_file():  # the same writer as the RoAd files: isolates RoAd's own cost
-        from road_export.files import load_model, save_model
+        from road_export.graph.files import load_model, save_model
 
         resaved.mkdir(parents=True, exist_ok=True)
         save_model(load_model(base / "model.onnx"), resaved / "model.onnx", True)
@@ -105,7 +105,7 @@ def build(work: Path, precision: str, device: str, threads: int, native: bool, a
         dirs[variant] = target
     library = None
     if native:
-        from road_export import native as road_native
+        from road_export.graph import native as road_native
 
         library = road_native.library_path()
     for variant, d in dirs.items():
@@ -153,7 +153,7 @@ def step_runner(directory: Path, threads: int, native: bool, rows: np.ndarray | 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
     if native:
-        from road_export import native as road_native
+        from road_export.graph import native as road_native
 
         options.register_custom_ops_library(str(road_native.library_path()))
     session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])

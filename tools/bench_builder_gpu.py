@@ -65,8 +65,8 @@ def road_directory(base_dir: Path, adapters: list[Path], names: list[str], out: 
     the rotations fused for CUDA, the road kernels named in genai_config.json."""
     import shutil
 
-    from road_export.attach import attach
-    from road_export.files import load_model, save_model
+    from road_export.passes.attach import attach
+    from road_export.graph.files import load_model, save_model
     from road_export.passes.linear_rotate import LinearRotatePass
 
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def road_directory(base_dir: Path, adapters: list[Path], names: list[str], out: 
     for swap in staged.glob("*.onnx_adapter"):
         shutil.move(swap, out / swap.name)
     shutil.rmtree(staged)
-    subprocess.run([sys.executable, "-m", "road_export.cli", "kernels", "--genai-config", str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "road_export.app.cli", "kernels", "--genai-config", str(out)], check=True)
 
 
 def prep(w: Path, layers: int) -> None:

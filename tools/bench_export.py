@@ -34,7 +34,7 @@ from benchlib import interleave, llama_config  # noqa: E402
 def session(path: Path, optimized: Path | None = None, native: bool = False):
     import onnxruntime as ort
 
-    from road_export import native as road_native
+    from road_export.graph import native as road_native
 
     so = ort.SessionOptions()
     road_native.register(so, native)

@@ -47,7 +47,7 @@ def decode_rate(session, ids: np.ndarray, new: int) -> float:
 
 def step_call(session, ids: np.ndarray):
     """A call running one decode step of `session` after the prefill of `ids` (cache of the prompt's length)."""
-    from road_export.generation import _empty_cache, positions
+    from road_export.runtime.generation import _empty_cache, positions
 
     batch, length = ids.shape
     mask = np.ones((batch, length), dtype=np.int64)
@@ -93,7 +93,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     import road_export as rx
-    from road_export.runtime import RoadSession
+    from road_export.runtime.session import RoadSession
 
     config = llama_config(args.hidden, args.layers, vocab=8000, max_position_embeddings=4096)
     torch.manual_seed(0)

@@ -59,7 +59,7 @@ def config(layers: int, hidden: int):
 
 
 def providers(cuda_graph: bool = False):
-    from road_export.gpu import cuda_providers
+    from road_export.runtime.gpu import cuda_providers
 
     return cuda_providers(cuda_graph=cuda_graph) if DEVICE == "cuda" else ["CPUExecutionProvider"]
 
@@ -119,7 +119,7 @@ def export_all(root: Path, layers: int, hidden: int) -> None:
 
 
 def positions(mask):
-    from road_export.generation import positions as pos
+    from road_export.runtime.generation import positions as pos
 
     return pos(mask)
 
@@ -158,7 +158,7 @@ def _numpy_type(ort_type: str):
 
 
 def prefill_feeds(session, batch: int, length: int, seed: int = 0, adapter_ids=None) -> dict:
-    from road_export.generation import _empty_cache
+    from road_export.runtime.generation import _empty_cache
 
     ids = np.random.default_rng(seed).integers(3, VOCAB, (batch, length))
     mask = np.ones((batch, length), np.int64)
@@ -171,7 +171,7 @@ def prefill_feeds(session, batch: int, length: int, seed: int = 0, adapter_ids=N
 
 def decode_step(session, batch: int, adapter_ids=None) -> Static:
     """A decode step after CACHE cached positions, every tensor on the GPU."""
-    from road_export.generation import PAST, PRESENT
+    from road_export.runtime.generation import PAST, PRESENT
 
     prefill = Static(session, prefill_feeds(session, batch, CACHE, adapter_ids=adapter_ids))
     cache = {PAST + n[len(PRESENT):]: v for n, v in prefill.probe_outputs.items() if n.startswith(PRESENT)}
@@ -193,7 +193,7 @@ def rotation_parity() -> list[str]:
     import torch
     from onnx import TensorProto
 
-    from road_export import native
+    from road_export.graph import native
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from passes import testutil
@@ -221,7 +221,7 @@ def rotation_parity() -> list[str]:
 def bench(root: Path, rounds: int, inner: int, new_tokens: int, skip: list[str]) -> None:
     import onnxruntime as ort
 
-    from road_export.runtime import RoadSession
+    from road_export.runtime.session import RoadSession
 
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
@@ -362,7 +362,7 @@ def bench(root: Path, rounds: int, inner: int, new_tokens: int, skip: list[str])
         feeds_np["position_ids"] = positions(feeds_np["attention_mask"])
         for name, expected in (("rotate", ref["logits"]), ("rotate, bodies", ref["logits"]),
                                ("merged", ref["logits"]), ("base", ref["base_logits"])):
-            from road_export.generation import _empty_cache
+            from road_export.runtime.generation import _empty_cache
 
             s = sessions[name]
             got = s.run_on_device({**feeds_np, **_empty_cache(s, 2)}, output_names=["logits"])["logits"].numpy()

@@ -43,7 +43,7 @@ def graph(kind: str, precision: str, k: int, n: int, seed: int = 0) -> bytes:
     from passes import testutil
     from passes.test_linear_rotate import quantize_blocks
 
-    from road_export import ops as road_op
+    from road_export.graph import ops as road_op
     from road_export.passes.linear_rotate import LinearRotatePass
 
     rng = np.random.default_rng(seed)
@@ -89,8 +89,8 @@ class Bound:
 
         import onnxruntime as ort
 
-        from road_export import native
-        from road_export.gpu import cuda_providers
+        from road_export.graph import native
+        from road_export.runtime.gpu import cuda_providers
 
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -65,7 +65,7 @@ def main() -> None:
         del model
     shards = sorted(base_dir.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards) / 2**20
-    from road_export.checkpoint import _header
+    from road_export.export.checkpoint import _header
 
     largest = max(e - b for s in shards for k, v in _header(s)[1].items() if k != "__metadata__"
                   for b, e in [v["data_offsets"]]) / 2**20

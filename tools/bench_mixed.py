@@ -36,7 +36,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     import road_export as rx
-    from road_export.runtime import RoadSession
+    from road_export.runtime.session import RoadSession
 
     logging.disable(logging.WARNING)
     config = llama_config(args.hidden, 2)

@@ -29,8 +29,9 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the pass tests' small graphs
 
-from road_export import native, rotation  # noqa: E402
-from road_export import ops as road_op  # noqa: E402
+from road_export.graph import native  # noqa: E402
+from road_export.core import rotation  # noqa: E402
+from road_export.graph import ops as road_op  # noqa: E402
 from road_export.passes.lower import LowerPass  # noqa: E402
 from passes import testutil  # noqa: E402
 

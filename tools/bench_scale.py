@@ -6,7 +6,7 @@
 
 The base (random weights, fixed seed) is saved with transformers' `save_pretrained` (safetensors) and a peft RoAd
 adapter (road_4 on every linear layer of the decoder, random theta/alpha) beside it, both in a child process. Then
-each command runs as `python -m road_export.cli ...` in its own child; its peak RSS is the child's
+each command runs as `python -m road_export.app.cli ...` in its own child; its peak RSS is the child's
 `ru_maxrss` (os.wait4), wall time is measured around it. S is the bytes of the base's weights. The goal column is
 issue 17's bound for that command. Wall times on a shared machine are noisy; the RSS ratios are what this measures.
 """
@@ -69,12 +69,12 @@ def build(workdir: Path, preset: str, seed: int = 0) -> int:
 
 
 def run(argv: list[str], log: Path) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit code) of `python -m road_export.cli argv` in a child."""
+    """(wall seconds, peak RSS bytes, exit code) of `python -m road_export.app.cli argv` in a child."""
     start = time.perf_counter()
     with open(log, "ab") as out:
         out.write(f"\n$ road-export {' '.join(argv)}\n".encode())
         out.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "road_export.cli", *argv], stdout=out, stderr=out)
+        proc = subprocess.Popen([sys.executable, "-m", "road_export.app.cli", *argv], stdout=out, stderr=out)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:  # stopped (SIGTERM from a time limit, Ctrl-C): the command removes its partial files

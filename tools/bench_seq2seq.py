@@ -44,7 +44,7 @@ def main() -> None:
     from transformers import T5Config, T5ForConditionalGeneration
 
     import road_export as rx
-    from road_export.runtime import RoadSession
+    from road_export.runtime.session import RoadSession
 
     logging.disable(logging.WARNING)
     config = T5Config(d_model=args.d_model, d_kv=64, num_heads=args.d_model // 64, d_ff=4 * args.d_model,

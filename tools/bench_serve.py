@@ -11,7 +11,7 @@
 
 Every request generates exactly --tokens tokens (temperature 0, vLLM's ignore_eos), so both sides do the same work.
 The server is one Ray Serve replica (onnxruntime with --threads intra-op threads) on a local Ray instance, bound to
-127.0.0.1, behind the --ingress given (`road_export.serving.cli.start_ray`: Ray Serve's proxy, or its HAProxy
+127.0.0.1, behind the --ingress given (`road_export.app.serving.cli.start_ray`: Ray Serve's proxy, or its HAProxy
 ingress); the client (httpx) runs in this process. The model: Llama-shaped (hidden --hidden, --layers layers) with a
 tokenizer trained offline and four RoAd adapters (road_serving.example.build_example), exported in rotate mode.
 The default size is not the flattering one: measured on the 2-core machine, a 5-row decode step costs about 1.4-1.6 x
@@ -101,8 +101,8 @@ class Runs:
 def engine_only(model: Path, models: list[str], args) -> None:
     """The same five requests on an in-process Engine (no HTTP, no Ray): what onnxruntime's batch of 5 costs, and
     where the time goes (the prefill run, the decode runs, the engine's Python around them)."""
-    from road_export.serving.app import providers_for
-    from road_export.serving.engine import Engine, GenerationRequest, SamplingParams
+    from road_export.app.serving.app import providers_for
+    from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
 
     config = {"session.intra_op.allow_spinning": "0" if args.no_spin else "1"}
     runs = Runs()
@@ -220,7 +220,7 @@ async def bench(url: str, models: list[str], args) -> None:
 
 
 def main() -> None:
-    from road_export.serving.cli import INGRESSES
+    from road_export.app.serving.cli import INGRESSES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -242,7 +242,7 @@ def main() -> None:
 
     import os
 
-    from road_export.serving.cli import local_ray_environment, start_ray
+    from road_export.app.serving.cli import local_ray_environment, start_ray
 
     # before Ray is imported: loopback listeners, token auth (HAProxy's stats and metrics ports bind every interface
     # whatever the host, which the server command refuses on loopback; this benchmark accepts it for its run)
@@ -251,8 +251,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from road_export.serving.app import build_app
-    from road_export.serving.example import build_example
+    from road_export.app.serving.app import build_app
+    from road_export.app.serving.example import build_example
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model_dir:
@@ -271,7 +271,7 @@ def main() -> None:
                                 batch_wait_ms=args.batch_wait_ms, session_config=config, device=args.device,
                                 max_queue=args.requests),  # every request of a round admitted: none gets 429
                       name="road-export", route_prefix="/")
-            from road_export.serving.engine import Engine
+            from road_export.app.serving.engine import Engine
 
             models = Engine(model, threads=1).model_names
             args.model = model

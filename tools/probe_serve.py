@@ -1,6 +1,6 @@
 """road-export serve as an operator and an attacker see it (issue 27), over loopback: the figures of the closing note.
 
-Starts `python -m road_export.cli serve MODEL` from the source tree --repo (this checkout by default; give an older
+Starts `python -m road_export.app.cli serve MODEL` from the source tree --repo (this checkout by default; give an older
 checkout to measure the code before), with --max-batch-size 8 --threads 1 (and, where that code has them, the
 options given with --new-options), then measures:
 
@@ -21,7 +21,7 @@ options given with --new-options), then measures:
     python tools/probe_serve.py MODEL_DIR [--repo DIR] [--new-options "--max-queue 16"] [--flood 200] [--rounds 3]
                                           [--steps 1234567]
 
-MODEL_DIR: a model directory (road_export.serving.example.build_example writes one). Each step prints one line.
+MODEL_DIR: a model directory (road_export.app.serving.example.build_example writes one). Each step prints one line.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Server:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ROAD_EXPORT_API_KEY")}
         env["PYTHONPATH"] = repo
-        self.proc = subprocess.Popen([sys.executable, "-m", "road_export.cli", "serve", model, "--port",
+        self.proc = subprocess.Popen([sys.executable, "-m", "road_export.app.cli", "serve", model, "--port",
                                       str(self.port), "--max-batch-size", "8", "--threads", "1", *options],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=repo)
         self.lines: list[str] = []

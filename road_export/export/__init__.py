@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import types
 
-from road_export import requires_export  # noqa: F401  (one clear line without the export extra)
+from road_export.core import requires_export  # noqa: F401  (one clear line without the export extra)
 
 __all__ = ["ExportResult", "export"]
 

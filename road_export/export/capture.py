@@ -19,7 +19,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from road_export.errors import ExportBug, RoadError, first_line
+from road_export.core.errors import ExportBug, RoadError, first_line
 from road_export.export import op as torch_op
 from road_export.export.tasks import TaskModule, TaskSpec, dynamic_shapes, infer_task, nest, task_spec, trace_inputs
 

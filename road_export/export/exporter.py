@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from road_export.errors import RoadError
+from road_export.core.errors import RoadError
 from road_export.export import capture, pipeline, post, prepare, rope, seq2seq, stream
 from road_export.export.result import ExportResult, swap_values, write_swap_file
-from road_export.files import check_output, save_model, staging_dir
+from road_export.graph.files import check_output, save_model, staging_dir
 
 __all__ = ["ExportResult", "export"]
 
@@ -71,7 +71,7 @@ def export(
     folded by the optimizer), kept as the reference the streaming path is tested against: the same weights byte
     for byte, the same nodes and metadata (the `.onnx` files differ in initializer order and value_info).
     `quantize` "int4" or "int8": the MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer
-    (road_export.quantize: int4 in blocks of 16 with the first two layers and the output head at int8, int8 in
+    (road_export.graph.quantize: int4 in blocks of 16 with the first two layers and the output head at int8, int8 in
     blocks of 32) while road nodes and their coefficients stay float and swappable. The
     float model is streamed to a temporary file with external data first, and the quantizer reads it one weight at
     a time from there.
@@ -102,7 +102,7 @@ def export(
     if seq2seq_result is not None:
         return seq2seq_result
     if quantize is not None:
-        from road_export import quantize as quant
+        from road_export.graph import quantize as quant
 
         quant.check_scheme(quantize)
     if mode not in prepare.MODES:
@@ -147,9 +147,9 @@ def _save_quantized(ir_model, part: pipeline.Part, *, quantize: str, external_da
                     on_weights_read, on_float_saved) -> tuple[Path | None, list[Path]]:
     """The quantizing save (a `pipeline.Save`): the float model to a hidden staging directory beside the output
     (`_save_float_intermediate`), its weights released, `on_weights_read()`, `on_float_saved(float file)`, then
-    road_export.quantize writes the output from it, loaded by onnxruntime first; the swap file from the values read
-    before the float save."""
-    from road_export import quantize as quant
+    road_export.graph.quantize writes the output from it, loaded by onnxruntime first; the swap file from the values
+    read before the float save."""
+    from road_export.graph import quantize as quant
 
     path = part.path
     values = swap_values(ir_model) if part.swap_adapter is not None else {}  # before saving: it re-points them
@@ -172,7 +172,7 @@ def _save_quantized(ir_model, part: pipeline.Part, *, quantize: str, external_da
 def _save_float_intermediate(ir_model, staged: Path, path: Path) -> None:
     """The float model that `quantize` reads, saved with external data in a hidden directory beside `path`; a
     write that fails (a full disk) is blamed on `path`, saying how much room the intermediate needs."""
-    from road_export.files import tensor_bytes, write_failure_reason
+    from road_export.graph.files import tensor_bytes, write_failure_reason
 
     try:
         save_model(ir_model, staged, external_data=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from road_export import ops as road_op
-from road_export.errors import RoadError, first_line
+from road_export.graph import ops as road_op
+from road_export.core.errors import RoadError, first_line
 from road_export.export.capture import quiet
 from road_export.export.tasks import TaskSpec
-from road_export.names import (
+from road_export.core.names import (
     BATCH,
     METADATA_ADAPTERS,
     METADATA_MODE,
@@ -79,14 +79,14 @@ class AttachFunctionsPass(ir.passes.InPlacePass):
 
 class SwappableInputsPass(ir.passes.InPlacePass):
     """Road coefficients become overridable initializers (graph inputs with defaults) and the swap record is
-    written (road_export.swap.make_swappable); `layer_of` maps each C1 initializer name to its layer path."""
+    written (road_export.graph.swap.make_swappable); `layer_of` maps each C1 initializer name to its layer path."""
 
     def __init__(self, layer_of: dict[str, str]) -> None:
         super().__init__()
         self.layer_of = layer_of
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from road_export import swap
+        from road_export.graph import swap
 
         records = swap.make_swappable(model, self.layer_of)
         return ir.passes.PassResult(model, modified=bool(records))
@@ -115,7 +115,7 @@ class OptimizePass(ir.passes.InPlacePass):
 
 class OutputNamesPass(ir.passes.InPlacePass):
     """The task's output names (optimum's: `logits`, `present.{i}.key`, ...) on the graph outputs, and optimum's
-    axis names on the graph's I/O (road_export.names): under a cache the attention mask and the present
+    axis names on the graph's I/O (road_export.core.names): under a cache the attention mask and the present
     keys/values span `past_sequence_length + sequence_length` (instead of the exporter's own symbol, `a + b` or
     `b + a`), outputs lead with `batch_size` (and `sequence_length` for logits / last_hidden_state). Left alone
     when the graph has another number of outputs than the task names."""
@@ -237,7 +237,7 @@ def check_loadable(path: Path) -> None:
     """Raise RoadError unless onnxruntime loads the file (graph optimizations off: this checks, it does not run)."""
     import onnxruntime as ort
 
-    from road_export.ort_session import new_session
+    from road_export.graph.ort_session import new_session
 
     # no weight prepacking: onnxruntime then maps aligned external data instead of copying it (files.DATA_ALIGNMENT),
     # so this check costs next to no memory beside the exporting model

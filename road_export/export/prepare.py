@@ -17,11 +17,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from road_export import model as road_model
-from road_export import rotation
-from road_export.errors import RoadError
+from road_export.export import model as road_model
+from road_export.core import rotation
+from road_export.core.errors import RoadError
 from road_export.export import op as torch_op
-from road_export.layers import RoadLayer
+from road_export.export.layers import RoadLayer
 
 __all__ = [
     "MODES", "CaptureLayer", "ExportContext", "Merge", "adopted", "buffer_names", "describe_adapters", "merge_plan",
@@ -123,7 +123,7 @@ def adopted(model: nn.Module) -> Iterator[nn.Module]:
     from peft.tuners.road.layer import RoadLayer as PeftRoadLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    from road_export.adapters import from_peft
+    from road_export.export.adapters import from_peft
 
     base = model.get_base_model()
     originals = {name: m for name, m in base.named_modules() if name}

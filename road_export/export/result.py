@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from road_export import ops as road_op
+from road_export.graph import ops as road_op
 from road_export.export import post, prepare, stream
-from road_export.files import save_model
+from road_export.graph.files import save_model
 
 __all__ = ["ExportResult", "road_nodes", "save_and_swap", "swap_values", "swappable_layers", "write_swap_file"]
 
@@ -59,15 +59,15 @@ def swap_values(ir_model) -> dict[str, np.ndarray]:
 
 def write_swap_file(path: Path, adapter: str, values: dict[str, np.ndarray]) -> list[Path]:
     """The `.onnx_adapter` file of `adapter` beside the model at `path` (road_export.swap), as a one-item list."""
-    from road_export import swap
+    from road_export.graph import swap
 
     return [swap.write_adapter_file(swap.adapter_file_path(path, adapter), values)]
 
 
 def save_and_swap(ir_model, path: Path, external_data: bool | None, swap_adapter: str | None = None,
                   on_weights_read: Callable[[], None] | None = None) -> tuple[Path | None, list[Path]]:
-    """Save `ir_model` at `path` atomically (road_export.files.save_model), loaded by onnxruntime before it is moved
-    into place; `on_weights_read()` runs once the weights are in the written file, before that check; the model's
+    """Save `ir_model` at `path` atomically (road_export.graph.files.save_model), loaded by onnxruntime before it is
+    moved into place; `on_weights_read()` runs once the weights are in the written file, before that check; the model's
     initializers are released afterwards (export/stream.py). With `swap_adapter` (a swappable export), that
     adapter's `.onnx_adapter` file is written from the graph inputs' values as they were before saving.
     Returns (the `.data` file or None, the swap files). RoadError when a file cannot be written or loaded."""

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from road_export.errors import RoadError
-from road_export.names import METADATA_ROPE
+from road_export.core.errors import RoadError
+from road_export.core.names import METADATA_ROPE
 
 __all__ = ["METADATA_ROPE", "STATIC", "check_rope", "recomputes_cache", "rope_record", "rope_types", "thresholds",
            "traceable_rope"]

@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from road_export.errors import RoadError
+from road_export.core.errors import RoadError
 from road_export.export import capture, pipeline, post, prepare
 from road_export.export.result import ExportResult, road_nodes
 from road_export.export.tasks import SEQ2SEQ, TaskSpec
-from road_export.files import atomic_write, save_model
-from road_export.names import BATCH, METADATA_SEQ2SEQ, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
+from road_export.graph.files import atomic_write, save_model
+from road_export.core.names import BATCH, METADATA_SEQ2SEQ, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
 
 __all__ = ["PARTS", "Part", "Seq2SeqResult", "export_seq2seq", "is_seq2seq", "part_module", "parts",
            "sample_inputs"]
@@ -187,7 +187,7 @@ class PartModule(nn.Module):
         if ids is not None and hasattr(self.model, "peft_config"):
             inputs["adapter_names"] = [self.order[i - 1] if i else "__base__" for i in ids.tolist()]
         elif ids is not None:
-            from road_export.model import adapter_ids as rows
+            from road_export.export.model import adapter_ids as rows
 
             with rows(self.model, ids, self.order):
                 return self._call(inputs)
@@ -244,7 +244,7 @@ def part_module(model: nn.Module, part: Part, order: tuple[str, ...] = ()) -> Pa
 
 def _layers_run(module: PartModule, args: tuple) -> set[str]:
     """Paths of the RoadLayers that run in one eager call of `module` (forward hooks; nothing else changes)."""
-    from road_export.model import road_layers
+    from road_export.export.model import road_layers
 
     ran: set[str] = set()
     hooks = [layer.register_forward_hook(lambda m, _i, _o, path=path: ran.add(path))

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from road_export.errors import RoadError
-from road_export.names import BATCH, PAST_SEQUENCE, SEQUENCE, positions
+from road_export.core.errors import RoadError
+from road_export.core.names import BATCH, PAST_SEQUENCE, SEQUENCE, positions
 
 TASKS = ("text-generation", "text-generation-with-past", "feature-extraction", "text-classification",
          "text2text-generation", "text2text-generation-with-past")
@@ -267,7 +267,7 @@ def nest(spec: TaskSpec, flat: dict[str, torch.Tensor]) -> dict:
 
 
 def dynamic_shapes(spec: TaskSpec) -> dict:
-    """torch.export dynamic dimensions for `nest(spec, ...)`, named as optimum names them (road_export.names).
+    """torch.export dynamic dimensions for `nest(spec, ...)`, named as optimum names them (road_export.core.names).
 
     The attention mask's length under a cache is traced as its own symbol `total_sequence_length` (torch wants
     identifiers); the exporter renames it to optimum's `past_sequence_length + sequence_length` in the file."""
@@ -318,7 +318,7 @@ class TaskModule(nn.Module):
             kwargs["adapter_names"] = [order[i - 1] if i else "__base__" for i in adapter_ids.tolist()]
             return self._call(kwargs, past_key_values)
         if adapter_ids is not None:
-            from road_export.model import adapter_ids as rows
+            from road_export.export.model import adapter_ids as rows
 
             with rows(self.model, adapter_ids, self.spec.adapter_order):
                 return self._call(kwargs, past_key_values)

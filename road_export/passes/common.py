@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from road_export import ops as road_op
-from road_export import rotation
+from road_export.graph import ops as road_op
+from road_export.core import rotation
 
 __all__ = [
     "MOVEMENT_OPS", "SHAPE_ARITHMETIC", "constant", "default_value", "dummy_for", "evaluate", "group_size", "is_road",

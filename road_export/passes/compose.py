@@ -13,8 +13,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from road_export import rotation
-from road_export import ops as road_op
+from road_export.core import rotation
+from road_export.graph import ops as road_op
 from road_export.passes import common
 
 __all__ = ["ComposePass", "ComposeResult", "ComposeRotations"]

@@ -20,10 +20,10 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from road_export import rotation
-from road_export import ops as road_op
-from road_export.files import release
-from road_export.names import METADATA_SWAP
+from road_export.core import rotation
+from road_export.graph import ops as road_op
+from road_export.graph.files import release
+from road_export.core.names import METADATA_SWAP
 from road_export.passes import common
 
 __all__ = ["RULES", "FoldGemm", "FoldMatMul", "FoldMatMulAdd", "FoldPass", "FoldResult", "FreezeSwappablePass"]

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchingTracer, MatchStatus, pattern
 
-from road_export import ops as road_op
+from road_export.graph import ops as road_op
 from road_export.passes import common
 
 __all__ = ["FuseResult", "FusePass", "FuseRotation"]

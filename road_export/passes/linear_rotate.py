@@ -7,13 +7,13 @@ weight kept as [n, k] rows, for onnxruntime's CUDA provider and files that must 
                                                -> road.MatMulNBitsRotate(a, B, s, C1, C2; K, N, bits, block_size)
     the same with banks gathered by adapter_ids -> road.LinearRotateRows / road.MatMulNBitsRotateRows
 
-(and `road.RotateTied` alike). Why [n, k]: the CUDA kernel (road_export/native/road_cuda.h, `tile`) reads each
+(and `road.RotateTied` alike). Why [n, k]: the CUDA kernel (road_export/graph/native/road_cuda.h, `tile`) reads each
 output column's weights as one contiguous row, both columns of a rotation pair in the same block, so a decode
 step's product spreads over n/8 blocks and every SM, the layout MatMulNBits' blocks have already; `road.MatMulRotate`
 (passes/matmul_rotate.py, W [k, n] as exported) keeps 64 columns a block. MatMulNBits is taken only in the form the
 kernel reads: symmetric blocks (no zero_points, g_idx or bias input), 4 or 8 bits, block_size a multiple of 16.
 A rule that does not fire says why (`LinearRotatePass(debug=True).not_fired`). The ops carry standard-op bodies
-(road_export/ops.py: Transpose + MatMul, or MatMulNBits, then road.Rotate), so the file still runs anywhere.
+(road_export/graph/ops.py: Transpose + MatMul, or MatMulNBits, then road.Rotate), so the file still runs anywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from road_export import ops as road_op
+from road_export.graph import ops as road_op
 from road_export.passes import common
 from road_export.passes.matmul_rotate import (FuseMatMulRotate, FuseMatMulRotateRows, bank_ids, bank_rows,
                                              not_fired_reasons)

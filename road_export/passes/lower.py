@@ -6,7 +6,7 @@
   whose body is one reversed Slice plus Mul, Mul, Add once onnxruntime has folded the constants.
 - portable: standard ops only and no reliance on a contrib op: every node is `road.Rotate`.
 Coefficients must be constants or overridable initializers whose defaults are tied; computed ones stay generic.
-The bodies are what runs without road-export's native kernels (road_export/native); a session that registers them
+The bodies are what runs without road-export's native kernels (road_export/graph/native); a session that registers them
 runs either op as one kernel, whichever body the file carries.
 """
 
@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from road_export import ops as road_op
+from road_export.graph import ops as road_op
 from road_export.passes import common
 
 __all__ = ["TARGETS", "LowerPass", "LowerResult", "UnlowerPass", "is_tied"]

@@ -14,8 +14,8 @@ rotation in place:
 (export/prepare.py: banks [adapters + 1, n] gathered by `adapter_ids`); folding the gather into the kernel removes
 its four nodes per rotation too. W must be a 2-D weight [k, n]; coefficients of a swappable export (graph inputs
 with initializers) stay inputs, so `.onnx_adapter` swapping works unchanged. The rewrite is for sessions that
-register the CUDA kernels (road_export.gpu); the ops carry standard-op bodies (road_export/ops.py), so a file
-written with them still runs anywhere.
+register the CUDA kernels (road_export.runtime.gpu); the ops carry standard-op bodies (road_export/graph/ops.py), so a
+file written with them still runs anywhere.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchingTracer, MatchStatus, pattern
 
-from road_export import names
-from road_export import ops as road_op
+from road_export.core import names
+from road_export.graph import ops as road_op
 from road_export.passes import common
 
 __all__ = ["MatMulRotateResult", "MatMulRotatePass", "FuseMatMulRotate", "FuseMatMulRotateRows", "bank_ids",

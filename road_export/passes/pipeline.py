@@ -18,8 +18,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from road_export.errors import RoadError
-from road_export.files import load_for_rewrite, save_model
+from road_export.core.errors import RoadError
+from road_export.graph.files import load_for_rewrite, save_model
 from road_export.passes.attention import AttentionPass, AttentionResult
 from road_export.passes.common import road_nodes
 from road_export.passes.compose import ComposePass, ComposeResult
@@ -139,12 +139,12 @@ def optimize_file(source: str | Path, target_path: str | Path, quantize: str | N
 
     Weights stream: those the passes do not change are copied from the source's `.data`, folded ones are
     computed one at a time as they are written (fold.py). `quantize` ("int4"/"int8") quantizes the MatMul weights
-    afterwards (road_export.quantize; this step holds the model in memory). kwargs as for `run`. RoadError for a
+    afterwards (road_export.graph.quantize; this step holds the model in memory). kwargs as for `run`. RoadError for a
     missing/unreadable source, an output path that cannot be written, or a quantize option on a quantized file.
     """
     model, external = load_for_rewrite(source, target_path)
     if quantize is not None:
-        from road_export import quantize as quant
+        from road_export.graph import quantize as quant
 
         quant.check_scheme(quantize)
         already = quant.quantization(model)

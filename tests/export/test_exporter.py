@@ -11,8 +11,8 @@ from conftest import tiny
 
 import road_export as rx
 from road_export import RoadConfig, RoadError
-from road_export.testing import assert_onnx_parity
-from road_export.verify import verify
+from road_export.app.testing import assert_onnx_parity
+from road_export.app.verify import verify
 
 VARIANTS = ["road_1", "road_2", "road_4"]
 MODES = ["merge", "rotate"]

@@ -9,8 +9,8 @@ from conftest import tiny
 
 import road_export as rx
 from road_export import RoadConfig, RoadError
-from road_export.runtime import RoadSession
-from road_export.testing import assert_onnx_parity
+from road_export.runtime.session import RoadSession
+from road_export.app.testing import assert_onnx_parity
 
 TASK = "text-generation-with-past"
 ARCHS = {"tiny-llama": "road_1", "tiny-qwen2": "road_2", "tiny-mistral": "road_4", "tiny-phi3": "road_1",
@@ -148,7 +148,7 @@ def test_swapped_adapter_generates_like_torch_with_that_adapter(generation_expor
     model, result = generation_exports("tiny-llama", "rotate")
     other = peft_model("tiny-llama", "road_1", seed=7)
     other.save_pretrained(tmp_path / "other")
-    from road_export.swap import convert_adapter
+    from road_export.graph.swap import convert_adapter
 
     convert_adapter(tmp_path / "other", result.path, tmp_path / "other.onnx_adapter")
     session = RoadSession(result.path)
@@ -230,7 +230,7 @@ def test_gpt2_and_fp16_exports_keep_parity_and_generate(tmp_path, dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_adapter_attached_to_a_base_decoder_export_generates_like_peft(tmp_path, mode):
-    from road_export.attach import attach
+    from road_export.passes.attach import attach
 
     base = tmp_path / "base.onnx"  # the plain base model's decoder, no adapter
     rx.export(tiny("tiny-qwen2"), base, task=TASK, require_adapter=False)

@@ -10,7 +10,7 @@ from conftest import tiny
 
 import road_export as rx
 from road_export import RoadConfig, RoadError
-from road_export.runtime import RoadSession
+from road_export.runtime.session import RoadSession
 
 ADAPTERS = {
     "a": dict(variant="road_1", group_size=8, target_modules=["q_proj", "v_proj"]),

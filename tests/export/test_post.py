@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from passes import testutil
 
-from road_export.errors import RoadError
+from road_export.core.errors import RoadError
 from road_export.export import post
 from road_export.export.tasks import TaskSpec
 from road_export.passes.pipeline import Pipeline

@@ -1,5 +1,5 @@
 """Rope types whose frequencies depend on the sequence length, exported and generated across their thresholds against
-peft's own generate; the parity harness's threshold check and its planted faults (road_export.crossing)."""
+peft's own generate; the parity harness's threshold check and its planted faults (road_export.app.crossing)."""
 
 import json
 
@@ -12,11 +12,11 @@ from conftest import tiny
 
 import road_export as rx
 from road_export import RoadError
-from road_export.verify import verify
-from road_export.parity.crossing import reference_generate
+from road_export.app.verify import verify
+from road_export.app.parity.crossing import reference_generate
 from road_export.export import rope
-from road_export.names import METADATA_ROPE
-from road_export.runtime import RoadSession
+from road_export.core.names import METADATA_ROPE
+from road_export.runtime.session import RoadSession
 
 TASK = "text-generation-with-past"
 SWITCH = 16  # original_max_position_embeddings / max_position_embeddings of the tiny models: cheap to cross
@@ -263,9 +263,9 @@ def test_serve_generates_each_request_as_peft_alone_across_the_switch(exports, t
     it alone."""
     import shutil
 
-    from road_export.serving import engine as engine_module
-    from road_export.serving.engine import Engine, GenerationRequest, SamplingParams
-    from road_export.serving.example import _tokenizer
+    from road_export.app.serving import engine as engine_module
+    from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
+    from road_export.app.serving.example import _tokenizer
 
     model, path = exports(kind)
     directory = tmp_path / "served"
@@ -309,7 +309,7 @@ def test_cli_export_verifies_across_the_switch_and_genai_stops_at_it(tmp_path, c
     docs/model-directories.md)."""
     import os
 
-    from road_export.cli import main
+    from road_export.app.cli import main
 
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
     plain = sharpen(phi3_longrope())
@@ -347,8 +347,9 @@ def test_cli_export_verifies_across_the_switch_and_genai_stops_at_it(tmp_path, c
 @pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
                     reason="onnxruntime without the CUDA provider")
 def test_gpu_generation_follows_the_switch(exports):
-    """road_export.gpu.generate (RoadSession on CUDA) recomputes the cache at the switch as the CPU loop does."""
-    from road_export.gpu import cuda_providers
+    """road_export.runtime.gpu.generate (RoadSession on CUDA) recomputes the cache at the switch as the CPU loop
+    does."""
+    from road_export.runtime.gpu import cuda_providers
 
     model, path = exports("longrope")
     ids, mask = prompt(model.config.vocab_size, 10)

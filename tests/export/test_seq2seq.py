@@ -1,4 +1,4 @@
-"""Encoder-decoder models (export/seq2seq.py, road_export/seq2seq.py): the seed's T5 example and BART / Marian,
+"""Encoder-decoder models (export/seq2seq.py, road_export/runtime/seq2seq.py): the seed's T5 example and BART / Marian,
 merged and rotated, checked against peft's own model: the parity harness on each file, and greedy tokens equal to
 peft's `generate` for a left-padded batch. Exports are shared per module; each costs a few seconds."""
 
@@ -16,9 +16,9 @@ from conftest import tiny
 
 import road_export as rx
 from road_export import RoadError
-from road_export.sessions import open_session
-from road_export.seq2seq import Seq2SeqSession
-from road_export.verify import verify_seq2seq
+from road_export.runtime.sessions import open_session
+from road_export.runtime.seq2seq import Seq2SeqSession
+from road_export.app.verify import verify_seq2seq
 
 SEED_REGEX = ".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$"  # peft's RoadConfig documentation, for T5
 FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
@@ -75,7 +75,7 @@ def t5_mixed(tmp_path_factory):
 def t5_swap(tmp_path_factory):
     """The seed's example, one road_4 adapter saved by peft, exported by the CLI into a model directory (rotate
     mode, swappable coefficients, verified against the model peft loads from the adapter directory)."""
-    from road_export.cli import main
+    from road_export.app.cli import main
 
     model = peft_model("tiny-t5", {"default": {"variant": "road_4", "group_size": 16, "target_modules": SEED_REGEX,
                                                "task_type": "SEQ_2_SEQ_LM"}})
@@ -87,7 +87,7 @@ def t5_swap(tmp_path_factory):
     assert report["passed"] and report["reference"] == "peft" and len(report["rows"]) == 27
     directory = root / "model" / "onnx"
     assert sorted(p.name for p in (root / "model").iterdir()) == ["config.json", "generation_config.json", "onnx"]
-    from road_export.seq2seq import find_files
+    from road_export.runtime.seq2seq import find_files
 
     assert find_files(root / "model") == {name: directory / name for name in (*FILES, MERGED)}
     return model, root / "model", sorted(directory.glob("*.onnx_adapter"))
@@ -118,7 +118,7 @@ def marian_attached(tmp_path_factory):
     """Marian (sinusoidal positions, scaled embeddings, final_logits_bias, an lm_head apart from the embeddings:
     tie_word_embeddings false): the base exported without adapter and without past, then a road_4 adapter saved by
     peft attached to the files by the CLI, without torch, in rotate and in merge mode."""
-    from road_export.cli import main
+    from road_export.app.cli import main
 
     model = peft_model("tiny-marian", {"default": {"variant": "road_4", "group_size": 16,
                                                    "target_modules": ["q_proj", "v_proj", "out_proj"]}})
@@ -160,7 +160,7 @@ def test_seed_example_files_and_io(t5_mixed):
 
 def test_single_file_commands_name_the_encoder_decoder_directory(t5_mixed):
     """inspect / adapter --like read one ONNX file: on an encoder-decoder directory they say which file to give."""
-    from road_export.model_dir import model_file
+    from road_export.graph.model_dir import model_file
 
     with pytest.raises(RoadError, match="encoder-decoder directory.*onnx/decoder_model.onnx"):
         model_file(t5_mixed[1])
@@ -206,7 +206,7 @@ def test_greedy_and_swap_equal_peft(t5_swap, tmp_path):
     other = peft_model("tiny-t5", {"default": {"variant": "road_4", "group_size": 16, "target_modules": SEED_REGEX}},
                        seed=7)
     other.save_pretrained(tmp_path / "other")
-    from road_export.seq2seq import convert_adapter
+    from road_export.runtime.seq2seq import convert_adapter
 
     files = convert_adapter(tmp_path / "other", directory, "other")
     assert sorted(files) == sorted([*FILES[1:], MERGED])
@@ -280,7 +280,7 @@ def test_verify_catches_a_planted_fault(t5_swap, tmp_path):
     model, directory, _ = t5_swap
     broken = tmp_path / "broken"
     broken.mkdir()
-    from road_export.seq2seq import find_files
+    from road_export.runtime.seq2seq import find_files
 
     for name, path in find_files(directory).items():
         proto = onnx.load(str(path))
@@ -299,7 +299,7 @@ def test_verify_catches_a_planted_fault(t5_swap, tmp_path):
 
 
 def test_onnx_path_refused(t5_swap, tmp_path):
-    from road_export.cli import main
+    from road_export.app.cli import main
 
     model, _, _ = t5_swap
     assert main(["--base", "tiny-t5", "--task", "text2text-generation", str(tmp_path / "m.onnx")]) == 2
@@ -319,7 +319,7 @@ def test_merge_checkpoint_of_t5_equals_peft(t5_swap, tmp_path):
     loads the result, and its greedy tokens are peft's."""
     import transformers
 
-    from road_export.cli import main
+    from road_export.app.cli import main
 
     model, directory, _ = t5_swap
     tiny("tiny-t5").save_pretrained(tmp_path / "base")
@@ -344,7 +344,7 @@ def test_generation_runs_without_torch(t5_swap, tmp_path):
     np.save(tmp_path / "mask.npy", mask.numpy())
     code = BLOCK_TORCH + (
         "import sys, numpy as np\n"
-        "from road_export.sessions import open_session\n"
+        "from road_export.runtime.sessions import open_session\n"
         f"s = open_session({str(directory)!r})\n"
         f"out = s.generate(np.load({str(tmp_path / 'ids.npy')!r}), np.load({str(tmp_path / 'mask.npy')!r}), "
         "max_new_tokens=8, adapter='other' if 'other' in s.adapters else None)\n"
@@ -362,7 +362,7 @@ def test_generation_runs_without_torch(t5_swap, tmp_path):
 def test_verify_without_base_says_to_pass_it(t5_swap, capsys):
     """`road-export verify DIR` on an encoder-decoder export without --base: the embedded default (a decoder-only
     model) cannot be its source, so the command says to pass --base and exits 2 instead of blaming the task."""
-    from road_export.cli import main
+    from road_export.app.cli import main
 
     _, directory, _ = t5_swap
     assert main(["verify", str(directory)]) == 2

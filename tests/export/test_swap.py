@@ -10,8 +10,8 @@ from conftest import tiny
 
 import road_export as rx
 from road_export import RoadError
-from road_export.runtime import RoadSession
-from road_export.swap import convert_adapter
+from road_export.runtime.session import RoadSession
+from road_export.graph.swap import convert_adapter
 
 
 def peft_adapter(path, seed, **kwargs):

@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from passes import testutil
 from passes.test_matmul_rotate import mixed_model, run_mixed
-from road_export import ops as road_op
-from road_export import rotation
+from road_export.graph import ops as road_op
+from road_export.core import rotation
 from road_export.passes.linear_rotate import LinearRotatePass
 from road_export.passes.lower import LowerPass
 

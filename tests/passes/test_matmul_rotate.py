@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from passes import testutil
-from road_export import ops as road_op
+from road_export.graph import ops as road_op
 from road_export.passes.lower import LowerPass
 from road_export.passes.matmul_rotate import MatMulRotatePass
 
@@ -115,9 +115,10 @@ def test_a_gather_that_is_not_per_row_is_not_folded(fault, reason):
 
 
 def test_fused_model_keeps_weights_in_external_data(tmp_path, monkeypatch):
-    """road_export.gpu.fused_model: the rewritten graph is serialized without its external weights, which
+    """road_export.runtime.gpu.fused_model: the rewritten graph is serialized without its external weights, which
     onnxruntime then reads from the original folder (session.model_external_initializers_file_folder_path)."""
-    from road_export import gpu, native
+    from road_export.runtime import gpu
+    from road_export.graph import native
 
     model = testutil.road_model(128, 256, 8, "road_4", bias=False, seed=5, rank=2)
     x = np.random.default_rng(3).standard_normal((2, 128)).astype(np.float32)
@@ -148,7 +149,8 @@ def test_gather_with_batch_dims_is_not_folded():
 
 def test_symlinked_model_reads_external_data_beside_the_link(tmp_path, monkeypatch):
     """A Hugging Face cache links snapshots/<rev>/model.onnx to blobs/<hash>: the data file sits beside the link."""
-    from road_export import gpu, native
+    from road_export.runtime import gpu
+    from road_export.graph import native
 
     model = testutil.road_model(64, 64, 8, "road_4", bias=False, seed=6, rank=2)
     x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from road_export.passes.pipeline import optimize_file
-from road_export.verify import verify
-from road_export.zoo import load_model
+from road_export.app.verify import verify
+from road_export.export.zoo import load_model
 
 
 def plain_export(peft_model, path, optimize):

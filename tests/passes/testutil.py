@@ -7,8 +7,8 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from road_export import rotation
-from road_export import ops as road_op
+from road_export.core import rotation
+from road_export.graph import ops as road_op
 
 OPSET = 20
 

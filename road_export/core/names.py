@@ -1,0 +1,97 @@
+"""I/O names and metadata records shared by the exporter and the runtime, torch-free.
+
+Graph I/O follows optimum and transformers.js, axis names included (optimum's `TextDecoderOnnxConfig` and
+`OnnxConfigWithPast.add_past_key_values`, optimum/exporters/onnx/config.py and base.py): `input_ids`
+[batch_size, sequence_length] int64, `attention_mask` [batch_size, past_sequence_length + sequence_length] int64
+(with a cache; [batch_size, sequence_length] without), `position_ids` [batch_size, sequence_length] int64,
+`past_key_values.{i}.key|value` [batch_size, kv_heads, past_sequence_length, head_dim] and `present.{i}.key|value`
+[batch_size, kv_heads, past_sequence_length + sequence_length, head_dim] float, `logits` [batch_size,
+sequence_length, vocab]; a mixed-adapter export adds `adapter_ids` [batch_size] int64 (0: no adapter, peft's
+`"__base__"`, k: the k-th adapter). Metadata props are written under the
+`road_export.` prefix; `road_export.adapters` is a JSON list of {name, variant, group_size, layers[, id]}.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from road_export.core.errors import RoadError
+
+__all__ = [
+    "ADAPTER_IDS",
+    "BASE_NAME",
+    "BATCH",
+    "GRAPH_BUILDER",
+    "METADATA_ADAPTERS",
+    "METADATA_GRAPH",
+    "METADATA_MODE",
+    "METADATA_PREFIX",
+    "METADATA_ROPE",
+    "METADATA_SEQ2SEQ",
+    "METADATA_SWAP",
+    "METADATA_TASK",
+    "METADATA_VERSION",
+    "PAST",
+    "PAST_SEQUENCE",
+    "PRESENT",
+    "SEQ2SEQ_FILES",
+    "SEQ2SEQ_MERGED",
+    "SEQUENCE",
+    "TOTAL_SEQUENCE",
+    "check_adapter_name",
+    "positions",
+]
+
+BASE_NAME = "__base__"  # peft's name for "no adapter" in a mixed batch (peft tuners_utils, `adapter_names`)
+ADAPTER_IDS = "adapter_ids"
+PAST, PRESENT = "past_key_values.", "present."
+# optimum's axis names; transformers.js and onnxruntime-genai size the first (empty) cache from the past axis
+BATCH, SEQUENCE, PAST_SEQUENCE = "batch_size", "sequence_length", "past_sequence_length"
+TOTAL_SEQUENCE = "past_sequence_length + sequence_length"
+# an encoder-decoder model's files, optimum's names (optimum/onnxruntime/utils.py ONNX_ENCODER_NAME, ...)
+SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+SEQ2SEQ_MERGED = "decoder_model_merged.onnx"  # both decoders behind an If on `use_cache_branch` (transformers.js)
+
+METADATA_PREFIX = "road_export."
+METADATA_VERSION = METADATA_PREFIX + "version"
+METADATA_MODE = METADATA_PREFIX + "mode"  # "merge" or "rotate"
+METADATA_TASK = METADATA_PREFIX + "task"
+METADATA_ADAPTERS = METADATA_PREFIX + "adapters"  # JSON list of {name, variant, group_size, layers[, id]}
+METADATA_SEQ2SEQ = METADATA_PREFIX + "seq2seq"  # JSON {part, decoder_start_token_id, eos_token_id, pad_token_id}
+METADATA_SWAP = METADATA_PREFIX + "swap"  # JSON {layer: {c1, c2, group_size, width, dtype}} (road_export.swap)
+# JSON {rope_type, original_max_position_embeddings, recompute_cache_at, max_position_embeddings} of a rope that
+# changes with the sequence length (road_export.export.rope); generation re-runs the whole sequence, with an empty
+# cache, when it first reaches `recompute_cache_at` tokens, as transformers' generation of that model does
+METADATA_ROPE = METADATA_PREFIX + "rope"
+# "genai-builder": the graph was written by onnxruntime-genai's model builder and RoAd attached to it
+# (road_export.passes.builder_graph); its swap records add "parts": [[peft module, offset, width], ...] per packed layer
+METADATA_GRAPH = METADATA_PREFIX + "graph"
+GRAPH_BUILDER = "genai-builder"
+
+
+# An adapter name becomes a torch ModuleDict key (no '.'), part of initializer names and of MODEL.NAME.onnx_adapter
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_adapter_name(name: str, where: str = "adapter name") -> str:
+    """Refuse a name peft or ONNX cannot carry: empty, with characters outside A-Z a-z 0-9 _ - (a '.' breaks
+    torch's ModuleDict and peft's key matching), longer than 64, or the reserved `"__base__"`. Returns `name`;
+    raises RoadError (one line naming `where`)."""
+    if name == BASE_NAME:
+        raise RoadError(f"{where} {name!r}: is reserved for rows without adapter (peft's name); pick another name")
+    if not ADAPTER_NAME.fullmatch(name or ""):
+        raise RoadError(f"{where} {name!r}: use 1 to 64 letters, digits, '_' or '-' (no '.', spaces or '/'); "
+                        "give one with NAME=PATH")
+    return name
+
+
+def positions(attention_mask: np.ndarray) -> np.ndarray:
+    """transformers' position ids for a left-padded mask: the count of real tokens before, 1 on padding.
+
+    attention_mask: [batch, sequence] of 0/1 (any integer dtype) -> [batch, sequence] int64. Follows
+    transformers' `GenerationMixin.prepare_inputs_for_generation` (`cumsum(-1) - 1`, `masked_fill_(mask == 0, 1)`).
+    """
+    pos = np.cumsum(attention_mask, -1) - 1
+    return np.where(attention_mask == 0, 1, pos).astype(np.int64)

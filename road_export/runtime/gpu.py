@@ -1,0 +1,286 @@
+"""RoadSession on onnxruntime's CUDA execution provider: the road kernels on the GPU, and runs and generation
+that keep the KV cache and the logits in GPU memory through onnxruntime's IOBinding.
+
+`RoadSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])` registers the road kernel
+library, whose CUDA kernels (road_export/graph/native/road_cuda.h) then run every `road.Rotate` / `road.RotateTied`
+node as one launch on onnxruntime's stream. `RoadSession.generate` then comes here: each step binds the previous
+step's `present.*` OrtValues (device memory) as `past_key_values.*`, and picks the next token with an ArgMax run
+on the GPU, so only the token ids [batch] cross to the host per step (sampling, which is done on the host, copies
+the last position's logits [batch, vocab]).
+
+Each MatMul that feeds a rotation runs with it as one node: the session opens the graph rewritten by
+`road_export.passes.matmul_rotate` (in memory; the file is not changed), whose `road.MatMulRotate` kernel is one
+GEMV launch for decode-sized products, else cuBLAS's GEMM and the rotation in place. A decode step on the GPU is
+bound by onnxruntime's per-node host cost, so this, not the rotation's arithmetic, is what brings a rotate export
+to the base model's step time; in a mixed-adapter export the per-row coefficient gathers fold into the same node
+(`road.MatMulRotateRows`).
+
+A swapped adapter (`.onnx_adapter`) is bound as inputs, its coefficients copied to the GPU once: onnxruntime
+applies `RunOptions.add_active_adapter` in `InferenceSession.run` only, not with IOBinding.
+
+CUDA graphs: onnxruntime's `enable_cuda_graph` replays a captured run only when every node runs on the CUDA
+provider and every input and output is bound to the same device buffer, with the same shape, on every run. Neither
+holds for road-export's decoder files: onnxruntime 1.31 places their shape computations (int64 Shape / Gather /
+Concat feeding the attention mask and cache) on the CPU provider and then refuses the session ("all compute graph
+nodes have not been partitioned to the CUDAExecutionProvider"), for the base model's export as for the adapted
+ones; and the cache grows by one position per step (`present` is `past` concatenated with the new key/value), so
+each decode step has new shapes. Generation therefore runs without graphs. The road kernels themselves are graph
+safe: after their first run on a context they allocate, synchronise and compile nothing, only launch on
+onnxruntime's stream. `cuda_providers(cuda_graph=True)` asks for graphs where a file allows them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from road_export.core.errors import RoadError, first_line
+
+if TYPE_CHECKING:
+    from road_export.runtime.generation import Session
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+
+
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # onnxruntime session config key
+
+
+def fused_model(path, options) -> tuple[bytes | None, int]:
+    """The model at `path` with MatMul + rotation pairs fused (road_export/passes/matmul_rotate.py) and MatMulNBits +
+    rotation pairs too (an int4/int8 base: road.MatMulNBitsRotate, passes/linear_rotate.py), serialized, and the
+    number of fused nodes; (None, 0) when nothing fuses or the MatMul kernels are unavailable
+    (`road_export.graph.native.matmul_kernels`). Weights in external data stay there: `options` (onnxruntime
+    SessionOptions) gets the model's folder as `session.model_external_initializers_file_folder_path`, so
+    onnxruntime reads them from the original files. Raises RoadError when the file cannot be read as ONNX."""
+    from pathlib import Path
+
+    import onnx_ir as ir
+
+    from road_export.graph import native as road_native
+    from road_export.passes.linear_rotate import LinearRotatePass
+    from road_export.passes.matmul_rotate import MatMulRotatePass
+
+    why = road_native.matmul_kernels()
+    if why is not None:
+        logger.info("road.MatMulRotate unavailable (%s); MatMul and rotation stay two nodes", why)
+        return None, 0
+    try:
+        model = ir.load(path)
+    except Exception as e:
+        raise RoadError(f"{path}: cannot read it as ONNX ({first_line(e)})") from e
+    fused = MatMulRotatePass()(model).fused
+    fused += LinearRotatePass(forms=("nbits",))(model).nbits
+    if not fused:
+        return None, 0
+    proto = ir.serde.serialize_model(model)
+    # absolute(), not resolve(): a symlinked model (a Hugging Face cache's snapshots/ -> blobs/) keeps its data
+    # file beside the link, not beside the link's target
+    options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(path).absolute().parent))
+    return proto.SerializeToString(), fused
+
+
+def cuda_providers(device_id: int = 0, *, cuda_graph: bool = False, tf32: bool = True) -> list:
+    """The providers argument for a GPU RoadSession: CUDA (on `device_id`, CUDA graphs on request), then CPU.
+    `tf32=False` turns off onnxruntime's TF32 matmuls (on by default) for float32 results within 1e-5."""
+    options = {"device_id": str(device_id)}
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    if not tf32:
+        options["use_tf32"] = "0"
+    return [(CUDA, options), "CPUExecutionProvider"]
+
+
+def device_id(session: Session) -> int:
+    """The CUDA device the session runs on."""
+    options = session.session.get_provider_options().get(CUDA)
+    if options is None:
+        raise RoadError(f"{session.path.name} does not run on CUDA (providers {session.session.get_providers()}); "
+                        "pass providers=['CUDAExecutionProvider', 'CPUExecutionProvider']")
+    return int(options.get("device_id", 0))
+
+
+_DEVICE_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> {adapter: {name: OrtValue}}
+
+
+def route(session: Session, batch: int, *, adapter: str | None = None,
+          adapter_names: Sequence[str] | None = None) -> dict[str, object]:
+    """The extra inputs that select the adapters on the GPU: `adapter_ids` (mixed export), or a swapped adapter's
+    coefficients as OrtValues in device memory (copied there once per session and adapter).
+
+    onnxruntime applies `RunOptions.add_active_adapter` in `InferenceSession.run` only, not in
+    `run_with_iobinding`, so a swap is bound here as inputs: the overridable initializers it overrides."""
+    import onnxruntime as ort
+
+    extra, options = session.route(batch, adapter=adapter, adapter_names=adapter_names)
+    if options is None:
+        return extra
+    name = list(adapter_names)[0] if adapter_names is not None else adapter or session.default_adapter()
+    own = session.path.with_name(f"{session.path.stem}.{name}.onnx_adapter")
+    if name == session.adapters[0] and session.adapter_file(name) == own:
+        return extra  # the adapter the file was exported with: its initializers already hold these values
+    cached = _DEVICE_ADAPTERS.setdefault(session, {})
+    if name not in cached:
+        kind, dev = _memory(session)
+        from road_export.graph.swap import read_adapter_values
+
+        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(v, kind, dev)
+                        for k, v in read_adapter_values(session.adapter_file(name)).items()}
+    return {**extra, **cached[name]}
+
+
+def _memory(session: Session) -> tuple[str, int]:
+    """Where the bound loop keeps its values: ("cuda", device id) for a CUDA session, ("cpu", 0) otherwise."""
+    return ("cuda", device_id(session)) if getattr(session, "device", "cuda") == "cuda" else ("cpu", 0)
+
+
+def run_on_device(session: Session, inputs: Mapping[str, object], *, adapter: str | None = None,
+                  adapter_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+                  outputs: Mapping[str, object] | None = None) -> dict[str, object]:
+    """One run whose outputs stay on the GPU: {name: onnxruntime.OrtValue in device memory}.
+
+    `inputs` are numpy arrays (copied to the device) or OrtValues (bound as they are, on the device or not).
+    `outputs` binds preallocated OrtValues (then onnxruntime writes into them: what CUDA-graph replay needs);
+    other outputs are allocated by onnxruntime on the device. Adapters as for `RoadSession.run`.
+    """
+    import onnxruntime as ort
+
+    dev = device_id(session)
+    arrays = {k: v for k, v in inputs.items() if k in session.input_names and k != "adapter_ids"}
+    first = next(iter(arrays.values()), None)
+    batch = int(first.shape()[0] if isinstance(first, ort.OrtValue) else np.asarray(first).shape[0]) if arrays else 1
+    arrays.update(route(session, batch, adapter=adapter, adapter_names=adapter_names))
+    missing = [n for n in session.input_names if n not in arrays]
+    if missing:
+        raise RoadError(f"missing inputs {missing}; the model takes {session.input_names}")
+    io = session.session.io_binding()
+    for name, value in arrays.items():
+        if isinstance(value, ort.OrtValue):
+            io.bind_ortvalue_input(name, value)
+        else:
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+    wanted = list(output_names or session.output_names)
+    for name in wanted:
+        if outputs and name in outputs:
+            io.bind_ortvalue_output(name, outputs[name])
+        else:
+            io.bind_output(name, "cuda", dev)
+    session.session.run_with_iobinding(io)
+    return dict(zip(wanted, io.get_outputs(), strict=True))
+
+
+@functools.cache
+def _selector_model(logits_type: int) -> bytes:
+    """tokens [batch, 1] int64 = ArgMax over the vocabulary of logits[:, -1] (logits [batch, sequence, vocab])."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Constant", [], ["last"], value=helper.make_tensor("last", TensorProto.INT64, [], [-1])),
+        helper.make_node("Gather", ["logits", "last"], ["final"], axis=1),
+        helper.make_node("ArgMax", ["final"], ["tokens"], axis=-1, keepdims=1),
+    ]
+    graph = helper.make_graph(nodes, "select", [helper.make_tensor_value_info("logits", logits_type, ["b", "s", "v"])],
+                              [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["b", 1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+class _Selector:
+    """Greedy choice on the GPU: the logits never leave it, the token ids [batch] come back."""
+
+    def __init__(self, session: Session):
+        from onnx import TensorProto
+
+        from road_export.graph.ort_session import new_session
+
+        logits = session.session.get_outputs()[session.output_names.index("logits")]
+        kind = {"tensor(float16)": TensorProto.FLOAT16, "tensor(double)": TensorProto.DOUBLE}.get(
+            logits.type, TensorProto.FLOAT)
+        self.session = new_session(_selector_model(kind), providers=cuda_providers(device_id(session)),
+                                   log_severity=3, what="the token selector").session
+        self.io = self.session.io_binding()
+        self.io.bind_output("tokens", "cpu")
+
+    def __call__(self, logits) -> np.ndarray:
+        self.io.bind_ortvalue_input("logits", logits)
+        self.session.run_with_iobinding(self.io)
+        return self.io.copy_outputs_to_cpu()[0][:, 0]
+
+
+def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
+             adapter: str | None = None, adapter_names: Sequence[str] | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> np.ndarray:
+    """`road_export.runtime.generation.generate` on the GPU: the prompt followed by the new tokens, [batch, prompt +
+    new] int64, the same tokens (options as there), with the KV cache and logits kept in device memory. On a CPU
+    session the same IOBinding loop runs in host memory (the shared buffer then is written in place too).
+
+    The cache is `road_export.runtime.kvcache`'s strategy for the file (`generation.decode_cache`): a growing past whose
+    `present.*` OrtValues are bound as the next step's past, or a model builder graph's shared buffer, allocated
+    once in device memory and bound as both `past_key_values.*` and `present.*`, which GroupQueryAttention then
+    writes in place."""
+    import onnxruntime as ort
+
+    from road_export.runtime.generation import Sampling, check_request, decode, new_decoding
+
+    ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
+                                        eos_token_id)
+    sampling = Sampling(do_sample, temperature, top_k, top_p)
+    kind, dev = _memory(session)
+    selected = route(session, ids.shape[0], adapter=adapter, adapter_names=adapter_names)
+
+    def allocate(shape, dtype):
+        if not shape[2]:  # length 0: copied as numpy
+            return np.zeros(shape, dtype)
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), kind, dev)
+
+    decoding = new_decoding(session, bound_run(session, selected, kind, dev), mask, max_new_tokens,
+                            allocate=allocate)
+    select = None if do_sample or kind != "cuda" else _Selector(session)
+
+    def pick(outputs):
+        if select is not None and decoding.aligned:
+            return select(outputs["logits"]), None  # the logits stay on the device
+        logits = decoding.last_logits({"logits": outputs["logits"].numpy()}).astype(np.float32)
+        return sampling.choose(logits, rng), logits
+
+    new = [step.tokens[:, None] for step in decode(decoding, ids, mask, max_new_tokens=max_new_tokens, pick=pick,
+                                                   eos=eos, pad_token_id=pad_token_id)]
+    return np.concatenate([ids, *new], 1)
+
+
+def bound_run(session: Session, selected: Mapping[str, object], kind: str, dev: int):
+    """The decode loop's run (`road_export.runtime.generation.Run`) through one IOBinding: `selected` (the adapter
+    inputs, `route`) bound once; each run binds its feeds (OrtValues as they are, numpy arrays copied), the shared
+    outputs (the cache's past buffer, written in place) and fresh outputs in `kind` memory on device `dev`, so the last
+    step's present.* OrtValues, now the cache's past, stay untouched; returns {output name: OrtValue}."""
+    import onnxruntime as ort
+
+    io = session.session.io_binding()
+    for name, value in selected.items():
+        if isinstance(value, ort.OrtValue):
+            io.bind_ortvalue_input(name, value)
+        else:
+            io.bind_cpu_input(name, value)
+
+    def run(feeds, shared):
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                io.bind_ortvalue_input(name, value)
+            else:
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
+        io.clear_binding_outputs()  # fresh device outputs: the last step's present.* are this step's inputs
+        for name in session.output_names:
+            if name in shared:
+                io.bind_ortvalue_output(name, shared[name])  # the past buffer, written in place
+            else:
+                io.bind_output(name, kind, dev)
+        session.session.run_with_iobinding(io)
+        return dict(zip(session.output_names, io.get_outputs(), strict=True))
+
+    return run
