@@ -532,7 +532,8 @@ class ExportJob:
                     written, seq2seq, library = self._write_directory(source, output, options)
                     exported, files, onnx_file = written.result, written.files, output / _model_file()
                 else:
-                    exported = rx.export(source.model, output, task=o.task,
+                    # road_export.export is the subpackage, callable as the export function (mypy sees a module)
+                    exported = rx.export(source.model, output, task=o.task,  # type: ignore[operator]
                                          on_weights_read=lambda: source.release_model(unverified=not o.verify),
                                          **options)
                     seq2seq, files, onnx_file = False, [], output
@@ -573,7 +574,8 @@ class ExportJob:
         if seq2seq and o.quantize:
             raise RoadError(SEQ2SEQ_QUANTIZE.format(option=f"--quantize {o.quantize}", model=source.base))
         written = model_dir.write_model_dir(
-            output, lambda path: rx.export(source.model, path.parent if seq2seq else path, task=task, **options),
+            output, lambda path: rx.export(  # type: ignore[operator]
+                source.model, path.parent if seq2seq else path, task=task, **options),  # the callable subpackage
             config=config, generation=generation, tokenizer_dir=tokenizer_dir, custom_ops_library=library,
             fields=fields)
         return written, seq2seq, library

@@ -160,7 +160,7 @@ class Inspection:
 
 def _collapse_cache(values: list[dict]) -> list[tuple[str, dict]]:
     """One line for all layers' past/present keys (or values) of one dtype and shape: `present.0..3.key`."""
-    out: list[tuple[str, dict]] = []
+    out: list[tuple[str | tuple, dict]] = []
     groups: dict[tuple, list[int]] = {}
     for v in values:
         match = re.fullmatch(r"(past_key_values|present)\.(\d+)\.(key|value)", v["name"])
@@ -288,13 +288,14 @@ def check_fits(model: onnx.ModelProto, config, path: str | Path, hint: str) -> N
         problems.append(f"it takes {len(past)} past_key_values inputs, the source model has {layers} layers "
                         f"({2 * layers} inputs)")
     heads = get("num_key_value_heads") or get("num_attention_heads")
-    head_dim = get("head_dim") or (get("hidden_size") // get("num_attention_heads")
-                                   if isinstance(get("hidden_size"), int) and get("num_attention_heads") else None)
+    hidden_size, attention_heads = get("hidden_size"), get("num_attention_heads")
+    head_dim = get("head_dim") or (hidden_size // attention_heads
+                                   if isinstance(hidden_size, int) and isinstance(attention_heads, int) else None)
     for name, dims in past.items():
         # a symbolic head size (the model builder's `kv_cache_dim`) is the attention's to check, not the shape's
-        size = dims[3] if len(dims) == 4 and isinstance(dims[3], int) else head_dim
+        width = dims[3] if len(dims) == 4 and isinstance(dims[3], int) else head_dim
         if len(dims) == 4 and isinstance(dims[1], int) and isinstance(heads, int) and isinstance(head_dim, int) \
-                and (dims[1], size) != (heads, head_dim):
+                and (dims[1], width) != (heads, head_dim):
             problems.append(f"its {name} has {dims[1]} heads of size {dims[3]}, the source model's are {heads} of "
                             f"size {head_dim}")
             break

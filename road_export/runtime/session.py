@@ -218,7 +218,7 @@ class RoadSession:
                 raise RoadError(f"input_ids holds token id {bad}; {self.path.name} takes ids 0 to "
                                 f"{self.vocab_size - 1} (vocab_size {self.vocab_size})")
         total, past, new = (sizes.get(k, (None,))[0] for k in (TOTAL_SEQUENCE, PAST_SEQUENCE, SEQUENCE))
-        if None not in (total, past, new) and total != past + new:
+        if total is not None and past is not None and new is not None and total != past + new:
             raise RoadError(f"attention_mask covers {total} positions; with {past} past and {new} new tokens it must "
                             f"cover {past + new}")
         return feeds
