@@ -38,7 +38,9 @@ def test_wheel_contents(wheel):
     assert {"road_export/graph/native/road_ort.cc", "road_export/graph/native/ort_abi.h",
             "road_export/py.typed"} <= set(names)
     assert {"road_export/graph/ops.py", "road_export/graph/files.py", "road_export/passes/pipeline.py",
-            "road_export/app/parity/torch_reference.py"} <= set(names)  # every subpackage (pyproject's packages)
+            "road_export/app/parity/torch_reference.py"} <= set(names)
+    packages = {str(p.relative_to(ROOT)) for p in (ROOT / "road_export").rglob("__init__.py")}
+    assert packages <= set(names), sorted(packages - set(names))  # every subpackage: pyproject's list kept whole
     shipped_tests = [n for n in names if n.endswith("_test.py") or "/test_" in n or "testutil" in n
                      or n.startswith("tests/")]
     assert shipped_tests == []
