@@ -13,8 +13,12 @@ prompt 32, 64 new tokens, batch 1 and 8, rounds interleaved (every runner once a
                               road.MatMulNBitsRotate, one launch each, road kernels named in genai_config.json)
     RoAd + graph              the same with CUDA graphs
     mixed                     8 adapters in one graph (adapter_ids), 8 rows on 8 adapters (batch 8)
+    own export                road-export's own exporter (`--mode rotate --dtype float16`, text-generation-with-past)
+                              run by a GPU RoadSession (fused GEMV kernels, IOBinding loop): what the builder path
+                              replaces for LLMs (fp16 only)
 
-    python tools/bench_builder_gpu.py prep W [--layers 22]   # torch + CPU: HF model, adapters, builder graphs, RoAd
+    python tools/bench_builder_gpu.py prep W [--layers 22]   # torch + CPU: HF model, adapters, builder graphs, RoAd,
+                                                             # our own export
     python tools/bench_builder_gpu.py bench W OUT [--rounds 7] # onnxruntime-genai-cuda: the table, JSON in OUT
 """
 
@@ -121,6 +125,29 @@ def prep_road(w: Path) -> None:
     (w / "prep.done").write_text("ok")
 
 
+def prep_own(w: Path) -> None:
+    """Our own exporter's file of the same model and adapter (rotate, fp16, with a KV cache), as a user writes it."""
+    (w / "own").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "road_export", "--base", str(w / "hf"), "--adapter", str(w / "adapter"),
+                    "--mode", "rotate", "--dtype", "float16", "--task", "text-generation-with-past", "--no-verify",
+                    "--quiet", str(w / "own" / "model.onnx")], check=True)
+    print(f"road-export own export: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def own_runner(path: Path, providers: list | None = None):
+    """Greedy generation through a RoadSession (GPU by default: road_export.runtime.gpu.cuda_providers), NEW tokens."""
+    from road_export.runtime import RoadSession
+    from road_export.runtime.gpu import cuda_providers
+
+    session = RoadSession(path, providers=providers or cuda_providers())
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        return session.generate(ids, np.ones_like(ids), max_new_tokens=NEW)
+
+    return run
+
+
 def runner(model_dir: Path, cuda_graph: bool, adapter_ids: list[int] | None = None):
     import onnxruntime_genai as og
 
@@ -155,6 +182,8 @@ COMPARISONS = [  # (what, batch, numerator, denominator, goal)
     ("int4 RoAd / builder int4", 1, "int4 RoAd", "int4 base", None),
     ("int4 RoAd / builder int4", 8, "int4 RoAd", "int4 base", 0.97),
     ("int4 8 rows on 8 adapters / builder int4", 8, "int4 mixed", "int4 base", 0.95),
+    ("fp16 own export / builder base", 1, "fp16 own export", "fp16 base", None),
+    ("fp16 own export / builder base", 8, "fp16 own export", "fp16 base", None),
 ]
 
 
@@ -190,6 +219,8 @@ def bench(w: Path, out: Path, rounds: int) -> None:
             (f"{p} RoAd + graph", (1,)): lambda d=w / f"{name}_road": runner(d, True),
             (f"{p} mixed", (8,)): lambda d=w / f"{name}_mixed": runner(d, False, ids_of),
         }
+    if (w / "own" / "model.onnx").is_file():
+        makers[("fp16 own export", (1, 8))] = lambda: own_runner(w / "own" / "model.onnx")
     runners, errors = {}, {}
     for key, make in makers.items():
         try:
@@ -245,7 +276,7 @@ def bench(w: Path, out: Path, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["prep", "base", "road", "bench"])
+    parser.add_argument("phase", choices=["prep", "base", "road", "own", "bench"])
     parser.add_argument("workdir", type=Path)
     parser.add_argument("out", type=Path, nargs="?", default=Path("."))
     parser.add_argument("--layers", type=int, default=22)
@@ -256,6 +287,8 @@ def main() -> None:
         prep(args.workdir, args.layers)
     if args.phase in ("prep", "road"):
         prep_road(args.workdir)
+    if args.phase in ("prep", "own"):
+        prep_own(args.workdir)
     if args.phase == "bench":
         bench(args.workdir, args.out, args.rounds)
 
