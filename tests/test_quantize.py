@@ -56,7 +56,7 @@ def test_int4_export_matches_peft_by_cosine(dirs, mode):
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     assert ops.count("MatMulNBits") == 15  # 2 layers x 7 linears + lm_head
     assert ("Rotate" in ops or any(n.domain == "road" for n in model.graph.node)) == (mode == "rotate")
-    record = json.loads({p.key: p.value for p in model.metadata_props}["road_export.graph.quantize"])
+    record = json.loads({p.key: p.value for p in model.metadata_props}["road_export.quantize"])
     assert record["bits"] == 4 and record["block_size"] == quantize.INT4_BLOCK_SIZE == 16
     assert record["int8_nodes"] == 1 and record["int8_layers"] == 0  # 2 layers: only the output head at int8
 
@@ -183,7 +183,7 @@ def test_int4_keeps_the_first_layers_and_the_head_at_int8(tmp_path):
     result = rx.export(model, tmp_path / "m.onnx", mode="rotate", quantize="int4")
     layers = _bits_by_layer(result.path)
     assert layers == {**{i: {(8, 32)} for i in (0, 1)}, **{i: {(4, 16)} for i in range(2, 8)}, "head": {(8, 32)}}
-    record = json.loads(onnx_meta(result.path)["road_export.graph.quantize"])
+    record = json.loads(onnx_meta(result.path)["road_export.quantize"])
     assert record["int8_nodes"] == 2 * 7 + 1 and record["int8_layers"] == 2 and record["block_size"] == 16
     report = verify(result.path, model)
     assert report.passed and report.quantized == "int4"

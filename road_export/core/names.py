@@ -28,6 +28,7 @@ __all__ = [
     "METADATA_GRAPH",
     "METADATA_MODE",
     "METADATA_PREFIX",
+    "METADATA_QUANTIZE",
     "METADATA_ROPE",
     "METADATA_SEQ2SEQ",
     "METADATA_SWAP",
@@ -60,7 +61,8 @@ METADATA_MODE = METADATA_PREFIX + "mode"  # "merge" or "rotate"
 METADATA_TASK = METADATA_PREFIX + "task"
 METADATA_ADAPTERS = METADATA_PREFIX + "adapters"  # JSON list of {name, variant, group_size, layers[, id]}
 METADATA_SEQ2SEQ = METADATA_PREFIX + "seq2seq"  # JSON {part, decoder_start_token_id, eos_token_id, pad_token_id}
-METADATA_SWAP = METADATA_PREFIX + "swap"  # JSON {layer: {c1, c2, group_size, width, dtype}} (road_export.swap)
+METADATA_SWAP = METADATA_PREFIX + "swap"  # JSON {layer: {c1, c2, group_size, width, dtype}} (road_export.graph.swap)
+METADATA_QUANTIZE = METADATA_PREFIX + "quantize"  # JSON {scheme, bits, block_size, ...} (road_export.graph.quantize)
 # JSON {rope_type, original_max_position_embeddings, recompute_cache_at, max_position_embeddings} of a rope that
 # changes with the sequence length (road_export.export.rope); generation re-runs the whole sequence, with an empty
 # cache, when it first reaches `recompute_cache_at` tokens, as transformers' generation of that model does

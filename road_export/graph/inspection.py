@@ -15,12 +15,14 @@ from pathlib import Path
 
 import onnx
 
+from road_export.core import names
 from road_export.core.errors import RoadError
 
 _DTYPES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
 
-# road_export.graph.quantize's record: {"scheme", "bits", "block_size", ...}
-METADATA_QUANTIZE = "road_export.graph.quantize"
+# road_export.graph.quantize's record: {"scheme", "bits", "block_size", ...} under the metadata key
+# "road_export.quantize" (names.METADATA_QUANTIZE: a file-format key, not the module's path)
+METADATA_QUANTIZE = names.METADATA_QUANTIZE
 QUANTIZED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
                            "MatMulIntegerToFloat", "QGemm", "DequantizeLinear", "GatherBlockQuantized"})
 
