@@ -46,3 +46,51 @@ def test_a_renamed_key_is_caught(monkeypatch):
     """A check that can fail: the relayout's rewrite, planted back."""
     monkeypatch.setattr(quantize, "METADATA_QUANTIZE", "road_export.graph.quantize")
     assert changed_keys(quantize) == {"METADATA_QUANTIZE": ("road_export.quantize", "road_export.graph.quantize")}
+
+
+def _file_with(tmp_path, **metadata) -> str:
+    """A one-node ONNX file (Identity) carrying `metadata` (keys with `__` for `.`)."""
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    helper.set_model_props(model, {k.replace("__", "."): v for k, v in metadata.items()})
+    path = tmp_path / "m.onnx"
+    save(model, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(("key", "text", "says"), [
+    ("road_export.adapters", '{"a": 1}', "is a JSON dict, road-export writes a list"),
+    ("road_export.adapters", '[{"name": "a"}]', "not an adapter record"),
+    ("road_export.adapters", "[1,2", "is not JSON"),
+    ("road_export.swap", '{"layer": 3}', "not a swap record"),
+    ("road_export.swap", "[]", "is a JSON list, road-export writes a dict"),
+])
+def test_a_damaged_record_is_one_line_naming_the_key(key, text, says):
+    with pytest.raises(names.RoadError, match=says) as caught:
+        names.read_record({key: text}, key, "m.onnx")
+    assert "m.onnx: its " + key in str(caught.value) and "re-export the file" in str(caught.value)
+
+
+def test_a_good_record_reads_and_a_missing_one_is_the_default():
+    record = [{"name": "a", "variant": "road_1", "group_size": 64, "layers": ["q"], "id": 1}]
+    import json
+
+    assert names.read_record({names.METADATA_ADAPTERS: json.dumps(record)}, names.METADATA_ADAPTERS, "m") == record
+    assert names.read_record({}, names.METADATA_ADAPTERS, "m", []) == []
+
+
+def test_inspect_and_runtime_refuse_a_damaged_record_with_one_line(tmp_path):
+    """Files from the field (hand-edited metadata, another tool writing under our prefix): exit 2 with one line, not
+    "internal error" (exit 3), from `inspect`, and a RoadError from RoadSession."""
+    from test_cli import assert_bad_input, road_export
+
+    from road_export.runtime import RoadSession
+
+    path = _file_with(tmp_path, road_export__adapters='{"a": 1}')
+    assert_bad_input(road_export("inspect", path), says="road_export.adapters metadata is a JSON dict")
+    with pytest.raises(names.RoadError, match="road_export.adapters metadata"):
+        RoadSession(path)

@@ -42,6 +42,7 @@ __all__ = [
     "SEQUENCE",
     "TOTAL_SEQUENCE",
     "check_adapter_name",
+    "read_record",
     "positions",
 ]
 
@@ -71,6 +72,46 @@ METADATA_ROPE = METADATA_PREFIX + "rope"
 # (road_export.passes.builder_graph); its swap records add "parts": [[peft module, offset, width], ...] per packed layer
 METADATA_GRAPH = METADATA_PREFIX + "graph"
 GRAPH_BUILDER = "genai-builder"
+
+_RECORD_KIND = {METADATA_ADAPTERS: list, METADATA_SWAP: dict, METADATA_SEQ2SEQ: dict, METADATA_ROPE: dict,
+                METADATA_QUANTIZE: dict}
+
+
+def read_record(metadata: dict[str, str], key: str, where: str, default=None):
+    """The JSON record `metadata[key]` of a file road-export wrote, checked for the shape road-export writes, or
+    `default` when the file has none: `road_export.adapters` a list of {name, variant, group_size, layers[, id]},
+    `road_export.swap` {layer: {c1, c2, group_size, ...}}, `road_export.seq2seq` / `.rope` / `.quantize` objects.
+
+    Raises RoadError "WHERE: its KEY metadata is not road-export's record (WHY); re-export the file" for text that
+    is not JSON or JSON of another shape (a file edited by hand, or written by another tool under our prefix)."""
+    text = metadata.get(key)
+    if text is None or text == "":
+        return default
+    fix = "; re-export the file with road-export (or remove that metadata entry)"
+    try:
+        import json
+
+        value = json.loads(text)
+    except ValueError as e:
+        raise RoadError(f"{where}: its {key} metadata is not JSON ({e}){fix}") from e
+    kind = _RECORD_KIND.get(key)
+    if kind is not None and not isinstance(value, kind):
+        raise RoadError(f"{where}: its {key} metadata is a JSON {type(value).__name__}, road-export writes a "
+                        f"{kind.__name__} there{fix}")
+    if key == METADATA_ADAPTERS:
+        for item in value:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or \
+                    not isinstance(item.get("group_size"), int) or not isinstance(item.get("layers"), list) or \
+                    not isinstance(item.get("variant"), str):
+                raise RoadError(f"{where}: its {key} metadata holds {str(item)[:80]!r}, not an adapter record "
+                                f"{{name, variant, group_size, layers}}{fix}")
+    if key == METADATA_SWAP:
+        for layer, record in value.items():
+            if not isinstance(record, dict) or not isinstance(record.get("c1"), str) or \
+                    not isinstance(record.get("c2"), str):
+                raise RoadError(f"{where}: its {key} metadata holds {layer!r}: {str(record)[:80]!r}, not a swap "
+                                f"record {{c1, c2, group_size, ...}}{fix}")
+    return value
 
 
 # An adapter name becomes a torch ModuleDict key (no '.'), part of initializer names and of MODEL.NAME.onnx_adapter

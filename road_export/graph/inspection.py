@@ -195,10 +195,7 @@ def inspect_model(path: str | Path) -> Inspection:
     path = Path(path)
     model = check_onnx_input(path)
     meta = {p.key: p.value for p in model.metadata_props}
-    try:
-        adapters = json.loads(meta.get("road_export.adapters", "[]"))
-    except json.JSONDecodeError:
-        adapters = []
+    adapters = names.read_record(meta, names.METADATA_ADAPTERS, str(path), [])
     nodes = list(model.graph.node)
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     initializers = {t.name for t in model.graph.initializer}

@@ -20,6 +20,7 @@ from road_export.graph.adapter_files import read_adapter
 from road_export.core.errors import RoadError, first_line
 from road_export.graph.files import atomic_write
 from road_export.core.names import METADATA_SWAP
+from road_export.core.names import read_record
 
 METADATA_KEY = METADATA_SWAP
 FINGERPRINT_KEY = "road_export.swap_fingerprint"
@@ -207,7 +208,7 @@ def swap_records(model_path: Path) -> tuple[dict[str, dict], set[str]]:
     meta = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in meta:
         raise RoadError(f"{model_path}: not a swappable model: {_not_swappable(proto, meta)}")
-    records = json.loads(meta[METADATA_KEY])
+    records = read_record(meta, METADATA_KEY, str(model_path))
     tied_inputs = {n.input[1] for n in proto.graph.node if n.domain == road_op.DOMAIN
                    and n.op_type == road_op.TIED_OP_TYPE}
     tied = {layer for layer, r in records.items() if r["c1"] in tied_inputs}

@@ -24,6 +24,7 @@ import numpy as np
 from road_export.core.errors import RoadError
 from road_export.runtime.generation import Decoding, Sampling, Step, _prompt, decode, host_pick, host_run
 from road_export.core.names import METADATA_SEQ2SEQ, PAST, PRESENT, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
+from road_export.core.names import read_record
 
 __all__ = ["Seq2SeqSession", "convert_adapter", "find_files", "is_seq2seq_dir"]
 
@@ -128,7 +129,7 @@ class Seq2SeqSession:
     def _generation_config(self, decoder_file: Path) -> dict:
         out: dict = {}
         meta = self.decoder.session.get_modelmeta().custom_metadata_map
-        out.update({k: v for k, v in json.loads(meta.get(METADATA_SEQ2SEQ, "{}")).items() if k != "part"})
+        out.update({k: v for k, v in read_record(meta, METADATA_SEQ2SEQ, str(decoder_file), {}).items() if k != "part"})
         for name in ("config.json", "generation_config.json"):  # the latter wins, as in transformers
             for folder in (self.path, decoder_file.parent):
                 path = folder / name

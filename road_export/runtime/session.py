@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from road_export.runtime import generation, kvcache
 from road_export.core.errors import RoadError, first_line, is_onnxruntime_error
 from road_export.core.names import BASE_NAME, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 from road_export.graph.ort_session import NUMPY_TYPES
+from road_export.core.names import METADATA_ADAPTERS, METADATA_SWAP, read_record
 
 
 
@@ -64,7 +64,7 @@ class RoadSession:
         self.session, self.native, self.fused = opened.session, opened.native, opened.rewritten
         self.device = "cuda" if on_cuda and "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         meta = self.session.get_modelmeta().custom_metadata_map
-        records = json.loads(meta.get("road_export.adapters", "[]"))
+        records = read_record(meta, METADATA_ADAPTERS, str(self.path), [])
         self.mode = meta.get("road_export.mode")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -74,7 +74,7 @@ class RoadSession:
         self._inputs = {i.name: (list(i.shape), NUMPY_TYPES.get(i.type)) for i in self.session.get_inputs()}
         # adapter name -> its .onnx_adapter file (road_export.runtime.gpu binds it)
         self._swap_files: dict[str, Path] = {}
-        self._swap_records = json.loads(meta["road_export.swap"]) if "road_export.swap" in meta else None
+        self._swap_records = read_record(meta, METADATA_SWAP, str(self.path))
         # token ids must be < vocab_size: the logits' static last size ([batch, sequence, vocab]); None if unknown
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         last = logits.shape[-1] if logits is not None and len(logits.shape) == 3 else None

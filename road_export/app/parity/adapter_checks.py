@@ -21,6 +21,7 @@ from torch import nn
 from road_export.core import requires_export  # noqa: F401  (one clear line without the export extra)
 from road_export.core.errors import RoadError
 from road_export.app.parity.comparisons import OutputParity, failed_row
+from road_export.core.names import METADATA_ADAPTERS, METADATA_SWAP, read_record
 
 __all__ = ["COEFFICIENT_TOLERANCE", "adapter_record_row", "check_adapter_names", "coefficient_rows",
            "reference_adapters", "sidecar_files"]
@@ -79,11 +80,11 @@ def coefficient_rows(path: Path, meta: dict[str, str], model: nn.Module, order: 
 
     if order:
         return []
-    adapters = [a for a in json.loads(meta.get("road_export.adapters") or "[]") if isinstance(a, dict)]
+    adapters = read_record(meta, METADATA_ADAPTERS, str(path), [])
     recorded = [a.get("name") for a in adapters]
     strict = "road_export.swap" in meta
     if strict:
-        records = json.loads(meta["road_export.swap"])
+        records = read_record(meta, METADATA_SWAP, str(path))
     elif len(adapters) == 1 and meta.get("road_export.mode") == "rotate":
         # attach's rotations: fixed coefficients named MODULE.road_c1_NAME / road_c2_NAME; those stored in another
         # form (a lowered tied pair) are left out below
@@ -152,7 +153,7 @@ def sidecar_files(path: Path, meta: dict[str, str], order: tuple[str, ...]) -> d
     among the adapters its metadata records ({name: path}); none for a mixed or fixed file."""
     if order or "road_export.swap" not in meta:
         return {}
-    names = [a.get("name") for a in json.loads(meta.get("road_export.adapters", "[]")) if isinstance(a, dict)]
+    names = [a["name"] for a in read_record(meta, METADATA_ADAPTERS, str(path), [])]
     found = {n: path.with_name(f"{path.stem}.{n}.onnx_adapter") for n in names if n}
     return {n: p for n, p in found.items() if p.is_file()}
 

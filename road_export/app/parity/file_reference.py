@@ -12,7 +12,6 @@ are planned by road_export.app.parity.cases, the rows judged by road_export.app.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from road_export.app.parity.comparisons import (TOLERANCE, OutputParity, compare
                                             skipped_row)
 from road_export.app.parity.feeds import FLOAT_FEEDS
 from road_export.app.parity.report import ParityReport
+from road_export.core.names import read_record
 
 __all__ = ["CACHE_SHAPES", "SHAPES", "verify_against_file"]
 
@@ -202,7 +202,7 @@ def verify_against_file(onnx_path: str | Path, reference_path: str | Path, *, at
     if vocab is None:
         raise RoadError(f"{reference_path}: cannot tell the vocabulary size (no Gather on an embedding table fed by "
                         "input_ids, no static logits axis)")
-    adapters = len(json.loads(ref_facts.metadata.get(METADATA_ADAPTERS, "[]")))
+    adapters = len(read_record(ref_facts.metadata, METADATA_ADAPTERS, str(reference_path), []))
     dtype = ref_facts.dtype  # the reference's declared outputs (inspection.read_facts), as verify reads a file's
     atol = TOLERANCE[dtype] if atol is None else atol
     from road_export.graph import native as road_native

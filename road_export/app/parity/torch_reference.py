@@ -14,7 +14,6 @@ metadata and quantization from `road_export.graph.inspection.read_facts`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from road_export.app.parity.comparisons import (TOLERANCE, OutputParity, compare
 from road_export.app.parity.feeds import cast_feeds, declared_types, round_as_fed
 from road_export.app.parity.memory import lend_equal_weights, release_freed_memory
 from road_export.app.parity.report import ParityReport
+from road_export.core.names import METADATA_ADAPTERS, METADATA_SWAP, read_record
 
 __all__ = ["TorchParity", "verify"]
 
@@ -149,7 +149,7 @@ class TorchParity:
         output_names = [o.name for o in self.session.get_outputs()]
         order: tuple[str, ...] = ()
         if "adapter_ids" in file_inputs:
-            order = tuple(a["name"] for a in sorted(json.loads(meta.get("road_export.adapters", "[]")),
+            order = tuple(a["name"] for a in sorted(read_record(meta, METADATA_ADAPTERS, str(path), []),
                                                      key=lambda a: a.get("id", 0)))
             check_adapter_names(path, order, self.model)
         if told == "the model" and normalize_task(task) == "text-generation" and any(n.startswith(PAST)
@@ -264,7 +264,7 @@ class TorchParity:
         for sidecar in sidecar_files(self.path, self.meta, self.order).values():
             label = f"{sidecar.name}: "
             try:
-                swap.check_adapter_file(sidecar, json.loads(self.meta["road_export.swap"]), self.path.name)
+                swap.check_adapter_file(sidecar, read_record(self.meta, METADATA_SWAP, str(self.path)), self.path.name)
                 adapter = ort.LoraAdapter()
                 adapter.Load(str(sidecar))
                 options = ort.RunOptions()
