@@ -81,15 +81,20 @@ def plain_llama(tmp_path_factory):
     """`plain_llama(external_data)`: tiny-llama (seed 0) exported without adapter (`require_adapter=False`, merge),
     as `plain.onnx` (+ `plain.onnx.data` with external data), each exported once per session (every export costs CI
     seconds; several files need this base for attach/optimize/quantize). Read-only: copy it with `copy_onnx`."""
+    return plain_llama_in(tmp_path_factory.mktemp("plain_llama"))
+
+
+def plain_llama_in(root):
+    """The getter behind the `plain_llama` fixture, writing under `root` (a Path; tools/bad_input_cases.py uses it
+    too)."""
     import road_export as rx
 
-    root = tmp_path_factory.mktemp("plain_llama")
-    done = {}
+    done: dict = {}
 
     def get(external_data: bool = False):
         if external_data not in done:
             path = root / ("external" if external_data else "single") / "plain.onnx"
-            path.parent.mkdir()
+            path.parent.mkdir(parents=True)
             rx.export(tiny("tiny-llama"), path, require_adapter=False, external_data=external_data or None)
             done[external_data] = path
         return done[external_data]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 import onnx
@@ -223,3 +224,32 @@ def test_attach_translation_failure_is_exit_3(llama, tmp_path, monkeypatch, caps
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("road-export: internal error: ExportBug: attaching "), lines
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base.onnx"]
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (dict(seed=-1), "--seed -1: must be an integer >= 0"),
+    (dict(graph="bogus"), "--graph 'bogus': choose one of road, builder, auto"),
+    (dict(atol=float("nan")), "--atol nan: must be a finite number >= 0"),
+    (dict(atol=-1.0), "--atol -1.0: must be a finite number >= 0"),
+    (dict(opset=7), "--opset 7: not supported; choose 18 to 25"),
+    (dict(mode="rotat"), "--mode 'rotat': choose one of merge, rotate"),
+    (dict(dtype="float64"), "--dtype 'float64': choose one of float32, float16, bfloat16"),
+    (dict(quantize="int3"), "--quantize 'int3': choose one of int4, int8"),
+])
+def test_python_options_are_checked_as_the_cli_checks_them(tmp_path, monkeypatch, options, says):
+    """The values the CLI's parser refuses are refused from Python too, by the job's check, before anything loads."""
+    from road_export.export import source
+
+    monkeypatch.setattr(source, "load_source", lambda *a, **k: pytest.fail("loaded before the checks"))
+    with pytest.raises(RoadError, match=re.escape(says)):
+        road_export.export_verified(application.ExportOptions(tmp_path / "x.onnx", **options))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_options_are_checked_too(tmp_path):
+    with pytest.raises(RoadError, match=re.escape("--atol -1: must be a finite number >= 0")):
+        application.verify_model(application.VerifyOptions(tmp_path / "x.onnx", atol=-1))
+
+
+def test_one_builder_option_given_as_a_string_is_one_option():
+    assert application.ExportOptions("d", builder_options="fuse_qkv=false").builder_options == ("fuse_qkv=false",)

@@ -1,6 +1,6 @@
 """Every CLI bad-input case of tests/test_bad_input.py run through road_export.app.cli.main, as a Markdown table of
 case, exit code, stderr (and whether anything was left behind); then the full and read-only file system cases
-on a 192 KiB tmpfs (root only). Run from the repository root: python tools/bad_input_cases.py"""
+on a 192 KiB tmpfs (root only). Run from the repository root: python tools/bad_input_cases.py (no options)"""
 import contextlib
 import io
 import os
@@ -11,11 +11,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_bad_input as t  # noqa: E402
+from conftest import plain_llama_in  # noqa: E402
 
 from road_export.app.cli import main  # noqa: E402
 
+if len(sys.argv) > 1:
+    sys.exit(__doc__)  # `--help` (or anything) prints what it does; the run takes no options
 root = Path(tempfile.mkdtemp())
-inputs = t.build_inputs(root / "in")
+inputs = t.build_inputs(root / "in", plain_llama_in(root / "plain"))
 print("| case | exit | stderr |\n|---|---|---|")
 for name, argv, says in t.CASES:
     out = Path(tempfile.mkdtemp(dir=root))

@@ -19,13 +19,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from road_export.app.cli_common import (  # noqa: F401  (the exit codes: road_export.cli's names too)
-    EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARITY, EXIT_TERMINATED, Parser,
-    failure, silence_stdout)
+from road_export.app.cli_common import EXIT_BROKEN_PIPE, EXIT_OK, EXIT_PARITY, Parser, failure, silence_stdout
 from road_export.core.errors import RoadError, Terminated
-# torch's ONNX exporter writes opset 18 at least (a lower --opset would be silently raised to 18); 25 is the
-# highest that the tested onnxruntime (1.32) loads.
-MIN_OPSET, MAX_OPSET = 18, 25
+
+from road_export.graph.checks import CHOICES, MAX_OPSET, MIN_OPSET
 
 EXAMPLES = """examples:
   road-export model.onnx                                   the embedded default model, merged, verified
@@ -45,7 +42,6 @@ EXAMPLES = """examples:
 """
 
 
-_Parser = Parser  # argparse, but a usage error is one line and exit code 2 (road_export.app.cli_common)
 
 
 # ---- option types: each refuses bad values while parsing, before anything is loaded ----
@@ -115,7 +111,7 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
         usage = ("road-export COMMAND [OPTIONS]   (road-export help COMMAND: its options)\n"
                  "       road-export [EXPORT OPTIONS] OUTPUT.onnx")
         description = _overview() + "\n\nexport: " + description
-    parser = _Parser(prog=prog, usage=usage, description=description, epilog=EXAMPLES,
+    parser = Parser(prog=prog, usage=usage, description=description, epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", metavar="OUTPUT.onnx|OUT_DIR",
                         help="the ONNX file to write, or (a path not ending in .onnx) a model directory for "
@@ -127,24 +123,24 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
     parser.add_argument("--no-adapter", action="store_true",
                         help="export the base model alone, no adapter: e.g. the base that `road-export attach` "
                         "adds adapters to (with --quantize: a quantized base for attach --mode rotate)")
-    parser.add_argument("--mode", choices=("merge", "rotate"), default="merge",
+    parser.add_argument("--mode", choices=CHOICES["mode"], default="merge",
                         help="merge the adapter into the weights (default), or keep road rotation nodes")
     parser.add_argument("--opset", type=_opset, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: the "
                         "exporter's)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    parser.add_argument("--dtype", choices=CHOICES["dtype"], default="float32",
                         help="precision of the exported weights and activations (default float32; bfloat16 on the "
                         "model builder's graph only)")
-    parser.add_argument("--graph", choices=("road", "builder", "auto"), default="road",
+    parser.add_argument("--graph", choices=CHOICES["graph"], default="road",
                         help="OUT_DIR's graph: road-export's own exporter (default), onnxruntime-genai's model "
                         "builder graph with RoAd attached (GroupQueryAttention, packed qkv, MatMulNBits int4: the "
                         "fastest onnxruntime LLM graph), or auto: the builder for the decoder families it supports "
                         "when onnxruntime-genai is installed")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+    parser.add_argument("--device", choices=CHOICES["device"], default=None,
                         help="--graph builder: the execution provider the builder writes the graph for (default cpu)")
     parser.add_argument("--builder-option", metavar="KEY=VALUE", action="append", default=[],
                         help="--graph builder: one of the model builder's --extra_options (e.g. fuse_qkv=false)")
     parser.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.onnx.data")
-    parser.add_argument("--target", choices=("onnxruntime", "portable"), default=None,
+    parser.add_argument("--target", choices=CHOICES["target"], default=None,
                         help="rotate mode: road op bodies for onnxruntime (default) or standard ops only")
     parser.add_argument("--fixed", action="store_true",
                         help="rotate mode: coefficients as constants (fewest kernels; no .onnx_adapter swapping)")
@@ -155,7 +151,7 @@ def export_parser(prog: str = "road-export export") -> argparse.ArgumentParser:
 
 
 def _quantize_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quantize", choices=("int4", "int8"), default=None,
+    parser.add_argument("--quantize", choices=CHOICES["quantize"], default=None,
                         help="quantize the MatMul weights with onnxruntime's MatMulNBitsQuantizer (round to nearest, "
                         "asymmetric). int4: 4 bits in blocks of 16, except the first min(2, L // 4) of the L "
                         "numbered layers and the output head, kept at 8 bits (blocks of 32); int8: 8 bits, blocks of "
@@ -169,7 +165,7 @@ def _version() -> str:
 
 
 def verify_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="road-export verify", description="Parity of an existing ONNX file against its torch "
+    parser = Parser(prog="road-export verify", description="Parity of an existing ONNX file against its torch "
                      "source (--base and --adapter, as it was exported).")
     parser.add_argument("model", metavar="MODEL.onnx|DIR", help="the ONNX file (or model directory) to check")
     parser.add_argument("--against", metavar="REF.onnx",
@@ -181,13 +177,13 @@ def verify_parser() -> argparse.ArgumentParser:
 
 
 def optimize_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="road-export optimize", description="Run the graph passes on any ONNX file: fuse "
+    parser = Parser(prog="road-export optimize", description="Run the graph passes on any ONNX file: fuse "
                      "decomposed RoAd rotations into road nodes, compose chains, optionally fold them into "
                      "MatMul/Gemm weights, and lower the road op bodies for the target runtime.")
     parser.add_argument("source", metavar="IN.onnx", help="the ONNX file to read (left unchanged)")
     parser.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
     parser.add_argument("--fold", action="store_true", help="fold rotations into constant MatMul/Gemm weights")
-    parser.add_argument("--target", choices=("onnxruntime", "portable"), default="onnxruntime",
+    parser.add_argument("--target", choices=CHOICES["target"], default="onnxruntime",
                         help="road op bodies for onnxruntime (default) or standard ops only")
     parser.add_argument("--debug", action="store_true", help="say why near-matches were not fused")
     _quantize_option(parser)
@@ -196,7 +192,7 @@ def optimize_parser() -> argparse.ArgumentParser:
 
 
 def adapter_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="road-export adapter", description="Convert a peft RoAd adapter into an .onnx_adapter "
+    parser = Parser(prog="road-export adapter", description="Convert a peft RoAd adapter into an .onnx_adapter "
                      "file for a model exported with --mode rotate (onnxruntime swaps it in per Run).")
     parser.add_argument("adapter", metavar="ADAPTER_DIR", help="peft RoAd adapter directory")
     parser.add_argument("--like", metavar="MODEL.onnx|DIR", required=True,
@@ -207,7 +203,7 @@ def adapter_parser() -> argparse.ArgumentParser:
 
 
 def merge_checkpoint_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="road-export merge-checkpoint", description="Merge a peft RoAd adapter into a "
+    parser = Parser(prog="road-export merge-checkpoint", description="Merge a peft RoAd adapter into a "
                      "transformers safetensors checkpoint shard by shard (memory near one tensor).")
     parser.add_argument("--base", required=True, metavar="DIR", help="transformers model directory (safetensors)")
     parser.add_argument("--adapter", required=True, metavar="DIR", help="peft RoAd adapter directory")
@@ -217,13 +213,13 @@ def merge_checkpoint_parser() -> argparse.ArgumentParser:
 
 
 def attach_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="road-export attach", description="Attach a peft RoAd adapter to an existing ONNX model "
+    parser = Parser(prog="road-export attach", description="Attach a peft RoAd adapter to an existing ONNX model "
                      "(no torch export): rotations folded into the weights (merge) or as road nodes (rotate).")
     parser.add_argument("base", metavar="BASE.onnx", help="the ONNX model to attach to (left unchanged)")
     parser.add_argument("--adapter", required=True, action="append", metavar="[NAME=]DIR",
                         help="peft RoAd adapter (repeatable on a model builder graph: a mixed-batch graph, input "
                         "adapter_ids)")
-    parser.add_argument("--mode", choices=("merge", "rotate"), default="rotate",
+    parser.add_argument("--mode", choices=CHOICES["mode"], default="rotate",
                         help="fold the rotations into the weights, or keep road nodes (default)")
     parser.add_argument("--fixed", action="store_true",
                         help="model builder graph, one adapter: coefficients as constants, no OUT.NAME.onnx_adapter "
@@ -235,7 +231,7 @@ def attach_parser() -> argparse.ArgumentParser:
 
 
 def kernels_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="road-export kernels", description="Build (once per machine) the native onnxruntime "
+    parser = Parser(prog="road-export kernels", description="Build (once per machine) the native onnxruntime "
                      "kernels for the road ops and print the library's path, for "
                      "SessionOptions.register_custom_ops_library in your own serving code. Without them "
                      "onnxruntime runs the road ops' standard-op bodies.")
@@ -245,7 +241,7 @@ def kernels_parser() -> argparse.ArgumentParser:
 
 
 def inspect_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="road-export inspect", description="Show an exported model: mode, adapters, road "
+    parser = Parser(prog="road-export inspect", description="Show an exported model: mode, adapters, road "
                      "nodes, inputs, outputs, metadata.")
     parser.add_argument("model", metavar="MODEL.onnx|DIR", help="the ONNX file (or model directory) to describe")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -253,7 +249,7 @@ def inspect_parser() -> argparse.ArgumentParser:
 
 
 def help_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="road-export help", description="Show the commands, or one command's options.")
+    parser = Parser(prog="road-export help", description="Show the commands, or one command's options.")
     parser.add_argument("command", nargs="?", metavar="COMMAND", help="the command to describe")
     return parser
 

@@ -1,5 +1,5 @@
 """Rope types whose frequencies depend on the sequence length, exported and generated across their thresholds against
-peft's own generate; the parity harness's threshold check and its planted faults (road_export.app.crossing)."""
+peft's own generate; the parity harness's threshold check and its planted faults (road_export.app.parity.crossing)."""
 
 import json
 

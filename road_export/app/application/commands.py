@@ -43,9 +43,10 @@ def attach_adapters(options: AttachOptions) -> str:
     """Attach peft RoAd adapters to an existing ONNX model, no torch (attach.attach, attach.attach_seq2seq); the
     files are committed atomically. Returns the line the CLI prints ("wrote ..."). Raises RoadError for bad input,
     ExportBug when the translation fails on a graph it takes."""
-    from road_export.graph.checks import check_input_dir, check_onnx_input, check_output_model
+    from road_export.graph.checks import check_input_dir, check_onnx_input, check_option_values, check_output_model
 
     o = options
+    check_option_values(o)
     if Path(o.base).is_dir():  # an encoder-decoder export: a directory of optimum's files
         return _attach_seq2seq(o)
     proto = check_onnx_input(o.base)
@@ -114,9 +115,10 @@ class OptimizeOptions:
 def optimize(options: OptimizeOptions) -> tuple[Any, str]:
     """The graph passes on any ONNX file (passes.pipeline.optimize_file), committed atomically. Returns (the pass
     report, whose `text()` lists what each pass did; the line "wrote ..."). Raises RoadError for bad input."""
-    from road_export.graph.checks import check_onnx_input, check_output_model
+    from road_export.graph.checks import check_onnx_input, check_option_values, check_output_model
 
     o = options
+    check_option_values(o)
     check_onnx_input(o.source)
     output = check_output_model(o.output)
     data = output.with_name(output.name + ".data")

@@ -67,7 +67,8 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         normalized(self, "base", "report")
-        object.__setattr__(self, "builder_options", tuple(self.builder_options))
+        options = self.builder_options
+        object.__setattr__(self, "builder_options", (options,) if isinstance(options, str) else tuple(options))
 
 
 @dataclass
@@ -107,9 +108,11 @@ class ExportJob:
 
     def check(self) -> None:
         """Every option and path, before any long step; RoadError (one line) for the first problem."""
+        from road_export.graph.checks import check_option_values
         from road_export.graph.model_dir import is_dir_output
 
         o = self.options
+        check_option_values(o)
         if is_dir_output(o.output):
             self._check_directory()
             return

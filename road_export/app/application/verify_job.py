@@ -48,11 +48,12 @@ def verify_model(options: VerifyOptions, *, on_step: Step | None = None):
     """Parity of an existing export (`road-export verify`): checks, load, verify, the report written atomically.
     Returns the parity report (`passed`, `table()`, `to_json()`). Raises RoadError for bad input,
     OnnxRuntimeFailure when onnxruntime cannot run the file."""
-    from road_export.graph.checks import check_onnx_input
+    from road_export.graph.checks import check_onnx_input, check_option_values
     from road_export.graph.model_dir import model_file
     from road_export.runtime.seq2seq import is_seq2seq_dir
 
     o = options
+    check_option_values(o)
     inputs = input_paths(base=o.base, adapters=o.adapters)
     if is_seq2seq_dir(o.model):
         if o.base is None:  # the embedded default is a decoder-only model: it cannot be this export's source
