@@ -491,7 +491,7 @@ def test_file_against_file_long_check_skips_what_neither_file_runs(roberta, tmp_
     """`verify NEW --against TRUSTED` has no config to read the offset from: a long row neither file runs is a
     skipped row, not a failure of the file. Planted fault: a trusted file whose position table is longer runs it,
     so the new file that cannot is refused."""
-    from road_export.app.crosscheck import verify_against_file
+    from road_export.app.parity.file_reference import verify_against_file
 
     root, _ = roberta
     new = tmp_path / "new.onnx"

@@ -17,7 +17,7 @@ from test_floor import BLOCK_TORCH, run_python
 
 import road_export as rx
 from road_export.app.parity import file_reference as crosscheck
-from road_export.app.crosscheck import verify_against_file
+from road_export.app.parity.file_reference import verify_against_file
 
 SWEEP, LONG = "vocabulary sweep: 256 ids, 64 per row", "long sequence: seq"
 
@@ -162,7 +162,7 @@ def test_cli_against_bad_input(exported, llama_dirs, tmp_path):  # noqa: F811
 
 def test_against_runs_without_torch(exported, tmp_path):
     (merged, _), (rotated, _) = exported["merge"], exported["rotate"]
-    code = BLOCK_TORCH + (f"from road_export.app.crosscheck import verify_against_file\n"
+    code = BLOCK_TORCH + (f"from road_export.app.parity.file_reference import verify_against_file\n"
                           f"r = verify_against_file({str(rotated)!r}, {str(merged)!r})\n"
                           "import sys\nassert 'torch' not in sys.modules\nprint(r.passed)")
     done = run_python(code, tmp_path)

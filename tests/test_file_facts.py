@@ -127,7 +127,8 @@ def test_the_facade_and_the_torch_free_harness_import_without_torch(tmp_path):
     path = _dequantized_in_branch(tmp_path)
     done = run_python(BLOCK_TORCH + f"""
 import sys
-import road_export.app.crosscheck, road_export.app.parity, road_export.app.parity.cases, road_export.app.parity.feeds
+import road_export.app.parity, road_export.app.parity.cases, road_export.app.parity.feeds
+import road_export.app.parity.file_reference
 from road_export.graph.inspection import read_facts
 print(read_facts({path!r}).quantization)
 assert not [m for m in ("torch", "transformers", "peft") if m in sys.modules]

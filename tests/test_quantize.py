@@ -299,7 +299,7 @@ def test_a_file_without_its_adapter_fails(dirs, tmp_path):
 def test_verify_against_a_float_file_judges_a_quantized_one_by_cosine(dirs, tmp_path):
     """int4 against its float export passes by cosine (it failed on max abs before); the int4 file with its head
     zeroed does not."""
-    from road_export.app.crosscheck import verify_against_file
+    from road_export.app.parity.file_reference import verify_against_file
 
     float_rotate = tmp_path / "float_rotate.onnx"
     proc = road_export("--base", dirs / "base", "--adapter", dirs / "road", "--mode", "rotate", "--no-verify",

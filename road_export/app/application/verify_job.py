@@ -103,7 +103,7 @@ def verify_model(options: VerifyOptions, *, on_step: Step | None = None):
 
 def _verify_against(o: VerifyOptions, target: Path, against: str, on_step: Step | None):
     """`verify MODEL --against REF.onnx`: onnxruntime against onnxruntime, torch-free."""
-    from road_export.app.crosscheck import verify_against_file
+    from road_export.app.parity.file_reference import verify_against_file
     from road_export.graph.checks import check_onnx_input
 
     given = [flag for flag, value in (("--base", o.base), ("--adapter", o.adapters), ("--task", o.task)) if value]
