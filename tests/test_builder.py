@@ -22,6 +22,7 @@ from test_cli import assert_bad_input, road_export  # noqa: E402
 
 from road_export.passes import builder_graph  # noqa: E402
 from road_export.app import genai_builder  # noqa: E402
+from road_export.app.parity.builder_reference import verify_builder  # noqa: E402
 from road_export.export.zoo import resolve  # noqa: E402
 from road_export.graph.adapter_files import read_adapter  # noqa: E402
 from road_export.passes.attach import attach  # noqa: E402
@@ -156,10 +157,10 @@ def test_mixed_batch_matches_peft_per_row(built, tmp_path):
     got, want = _prefill(out, ids, adapter_ids=rows), _peft(entry, ["one", "two", "three"], ids, rows)
     assert np.abs(got - want).max() <= 1e-4
     files = [(n, read_adapter(entry[n])) for n in names]  # the directory command's own check, row by row
-    checked = genai_builder.parity(out, entry["hf"], files, quantized=False, dtype="float32", atol=None)
+    checked = verify_builder(out, entry["hf"], files, quantized=False, dtype="float32", atol=None)
     assert [r["case"] for r in checked] == ["adapter_ids [0, 1]", "adapter_ids [2, 3]"]
     assert all(r["ok"] for r in checked)
-    swapped = genai_builder.parity(out, entry["hf"], files[::-1], quantized=False, dtype="float32", atol=None)
+    swapped = verify_builder(out, entry["hf"], files[::-1], quantized=False, dtype="float32", atol=None)
     assert not all(r["ok"] for r in swapped)  # adapters in the wrong row order: caught
 
 
@@ -265,7 +266,7 @@ def test_planted_part_order_fails_the_peft_comparison(built, tmp_path, monkeypat
     monkeypatch.setitem(builder_graph.PACKED, "qkv_proj", ("q_proj", "v_proj", "k_proj"))  # k and v swapped
     out = tmp_path / "model.onnx"
     attach(entry["fp32"], [entry["two"]], out, names=["two"])  # q and v adapted: their order matters
-    rows = genai_builder.parity(out, entry["hf"], [("two", read_adapter(entry["two"]))], quantized=False,
+    rows = verify_builder(out, entry["hf"], [("two", read_adapter(entry["two"]))], quantized=False,
                                 dtype="float32", atol=None)
     assert not rows[0]["ok"] and rows[0]["max_abs"] > 1e-3
 
