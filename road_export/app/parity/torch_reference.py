@@ -24,6 +24,7 @@ from torch import nn
 from road_export.core.errors import RoadError, first_line
 from road_export.export.tasks import TaskModule, infer_task, nest, normalize_task, sample_inputs, task_spec
 from road_export.graph.inspection import read_facts
+from road_export.graph import ort_session
 from road_export.graph.ort_session import new_session
 from road_export.core.names import PAST
 from road_export.app.parity import cases
@@ -82,19 +83,16 @@ def open_file_session(path: Path, model: nn.Module, session_options, native: boo
     external `.data` file the reference's equal weights lent and no prepacking or arena (one mapping of the
     weights beside the reference, see road_export.app.parity.memory). Raises RoadError when onnxruntime cannot load it.
     """
-    import onnxruntime as ort
-
-
     lent: list = []  # OrtValues over the reference's memory given to the session: they live as long as it does
     if session_options is None:
-        session_options = ort.SessionOptions()
         # fatal only: swappable coefficients make onnxruntime warn (not a parity matter), and a failure comes back
         # as one line, not also as onnxruntime's coloured error log (severity 3 still prints errors)
-        session_options.log_severity_level = 4
-        if path.with_name(path.name + ".data").is_file():
-            # a large model: onnxruntime maps the aligned `.data` file instead of copying prepacked weights, so
-            # verify holds the torch reference and one mapping of the weights, not the weights twice more
-            session_options.add_session_config_entry("session.disable_prepacking", "1")
+        large = path.with_name(path.name + ".data").is_file()
+        # a large model: onnxruntime maps the aligned `.data` file instead of copying prepacked weights, so
+        # verify holds the torch reference and one mapping of the weights, not the weights twice more
+        session_options = ort_session.session_options(
+            log_severity=4, session_config={"session.disable_prepacking": "1"} if large else None)
+        if large:
             # activations allocated per run and freed after it, not kept by onnxruntime's arena at their largest
             # (the long sequence's) while the outputs are compared
             session_options.enable_cpu_mem_arena = False
