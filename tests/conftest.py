@@ -47,6 +47,24 @@ def first_output(out) -> torch.Tensor:
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_restored(request):
+    """Each test starts with the process's SIGINT and SIGTERM handlers as the suite found them, whatever a previous
+    test left: the CLI's in-process tests expect Python's own SIGINT handler (the CLI takes SIGINT over only from it,
+    as a real process starts with it). A test that leaves other handlers behind is named in a warning."""
+    import signal
+    import warnings
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        now = signal.getsignal(sig)
+        if now is not handler:
+            warnings.warn(f"{request.node.nodeid} left the {signal.Signals(sig).name} handler {now!r}; restored",
+                          stacklevel=1)
+            signal.signal(sig, handler)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def repository_root_untouched():
     """Tests write under tmp_path only: a file that appears in the repository root during the run fails the session
