@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from road_export.core.version import __version__ as __version__  # re-exported: road_export.__version__
 
 _LAZY = {
     "AdapterFile": "road_export.graph.adapter_files",

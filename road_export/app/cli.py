@@ -159,7 +159,7 @@ def _quantize_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from road_export import __version__
+    from road_export.core.version import __version__
 
     return __version__
 

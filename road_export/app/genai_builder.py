@@ -168,7 +168,7 @@ def build(base: str | os.PathLike, adapters: Sequence[tuple[str, str | os.PathLi
         result = BuilderResult(out_dir, [], command)
         (tmp / "onnx").mkdir()
         model = load_model(built / "model.onnx")
-        from road_export import __version__
+        from road_export.core.version import __version__
 
         if files:
             step("placing the adapters on the builder graph")

@@ -182,7 +182,7 @@ class MetadataPass(ir.passes.InPlacePass):
         self.mode, self.task, self.adapters, self.extra = mode, task, adapters, dict(extra or {})
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from road_export import __version__
+        from road_export.core.version import __version__
 
         props = model.metadata_props
         props[METADATA_VERSION] = __version__

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from road_export import __version__
+from road_export.core.version import __version__
 from road_export.core import rotation
 from road_export.graph import ops as road_op
 from road_export.graph.adapter_files import AdapterFile, read_adapter

@@ -116,9 +116,8 @@ def write_report(report, path: str | None) -> None:
 
 def quiet_libraries() -> None:
     """transformers draws its own progress bars and warnings; the caller's `on_step` is the one progress display."""
+    from road_export.core import requires_export  # noqa: F401, I001  (first: one clear line without the extra)
     import transformers
-
-    from road_export.core import requires_export  # noqa: F401  (one clear line without the export extra)
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
