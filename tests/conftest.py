@@ -47,6 +47,19 @@ def first_output(out) -> torch.Tensor:
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _python_sigint() -> None:
+    """A suite started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and
+    Python then leaves it ignored; the CLI's interruption tests model a terminal's Ctrl-C, which a command started
+    in the foreground gets. Python's own handler, as an interactive run has it (children inherit the default)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_python_sigint()
+
+
 @pytest.fixture(autouse=True)
 def signal_handlers_restored(request):
     """Each test starts with the process's SIGINT and SIGTERM handlers as the suite found them, whatever a previous
