@@ -147,9 +147,9 @@ def build(base: str | os.PathLike, adapters: Sequence[tuple[str, str | os.PathLi
     builder run, adapters that cannot be placed (road_export.passes.attach.attach_builder), merge into int4/int8."""
     from road_export.graph import model_dir
     from road_export.graph.adapter_files import read_adapter
-    from road_export.passes.attach import attach_builder, check_no_adapter
+    from road_export.passes.attach import attach_builder, check_no_adapter, record_attached
     from road_export.graph.files import atomic_write, load_model, save_model
-    from road_export.core.names import GRAPH_BUILDER, METADATA_ADAPTERS, METADATA_GRAPH, METADATA_MODE, METADATA_VERSION
+    from road_export.core.names import GRAPH_BUILDER, METADATA_GRAPH
 
     step = on_step or (lambda _: None)
     base, out_dir = Path(base), Path(out_dir)
@@ -168,22 +168,12 @@ def build(base: str | os.PathLike, adapters: Sequence[tuple[str, str | os.PathLi
         result = BuilderResult(out_dir, [], command)
         (tmp / "onnx").mkdir()
         model = load_model(built / "model.onnx")
-        from road_export.core.version import __version__
 
         if files:
             step("placing the adapters on the builder graph")
             report = attach_builder(model, files, mode, swappable=swappable, where=str(base))
             result.road_nodes, result.placed = report.road_nodes, len(report.placed)
-            model.metadata_props[METADATA_VERSION] = __version__
-            model.metadata_props[METADATA_MODE] = mode
-            records = []
-            for i, (name, file) in enumerate(files.items()):
-                record = {"name": name, "variant": file.config.variant, "group_size": file.config.group_size,
-                          "layers": sorted(m for m in file.road if m in report.placed)}
-                if len(files) > 1:
-                    record["id"] = i + 1
-                records.append(record)
-            model.metadata_props[METADATA_ADAPTERS] = json.dumps(records)
+            record_attached(model, list(files.items()), mode, report.placed)
             if provider == "cuda" and mode == "rotate":
                 # genai opens the file as it is: each product and its rotation become one node here, for the road
                 # CUDA kernel (passes/linear_rotate.py); their standard-op bodies keep the file portable

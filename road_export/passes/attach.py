@@ -410,6 +410,21 @@ def adapter_specs(texts: Sequence[str]) -> list[tuple[str, Path]]:
     return specs
 
 
+def record_attached(model: ir.Model, adapters: list[tuple[str, AdapterFile]], mode: str, placed) -> None:
+    """The metadata of a graph RoAd was attached to: road-export's version, `mode`, and one `road_export.adapters`
+    record per (name, adapter file) {name, variant, group_size, layers placed[, id when several]}."""
+    model.metadata_props[METADATA_VERSION] = __version__
+    model.metadata_props[METADATA_MODE] = mode
+    records = []
+    for i, (name, file) in enumerate(adapters):
+        record = {"name": name, "variant": file.config.variant, "group_size": file.config.group_size,
+                  "layers": sorted(m for m in file.road if m in placed)}
+        if len(adapters) > 1:
+            record["id"] = i + 1
+        records.append(record)
+    model.metadata_props[METADATA_ADAPTERS] = json.dumps(records)
+
+
 def check_no_adapter(metadata: dict[str, str], path: str | Path) -> None:
     """Refuse a base whose metadata (`road_export.adapters`) records adapters already merged or attached: attaching
     again would rotate the rotated layers a second time. Raises RoadError (one line)."""
@@ -472,16 +487,7 @@ def attach(base: str | Path, adapters: Sequence[str | Path], out: str | Path, mo
             raise RoadError(f"{base}: swappable attach needs a model builder graph; export from torch with --mode "
                             "rotate for a swappable model")
         report = attach_to_model(model, files[0], mode, where=str(base))
-    model.metadata_props[METADATA_VERSION] = __version__
-    model.metadata_props[METADATA_MODE] = mode
-    records = []
-    for i, (name, file) in enumerate(zip(names, files, strict=True)):
-        record = {"name": name, "variant": file.config.variant, "group_size": file.config.group_size,
-                  "layers": sorted(m for m in file.road if m in report.placed)}
-        if len(files) > 1:
-            record["id"] = i + 1
-        records.append(record)
-    model.metadata_props[METADATA_ADAPTERS] = json.dumps(records)
+    record_attached(model, list(zip(names, files, strict=True)), mode, report.placed)
     if quantize is not None:
         model, _ = quant.quantize_model(model, quantize, where=str(base))
     # weights stream from the base's `.data` into the new one, tensor by tensor (files.save_model); the new files
