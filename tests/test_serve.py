@@ -787,7 +787,8 @@ from road_export.app.serving.loop import AsyncEngine
 from road_export.app.serving.protocol import OpenAIService
 import road_export.app.serving.http, road_export.app.serving.cli
 service = OpenAIService(AsyncEngine(Engine({str(example.model)!r}, threads=1)))
-body = asyncio.run(service.complete({{"model": "beta", "prompt": "hi", "max_tokens": 3}}, chat=False))
+body = asyncio.run(service.complete({{"model": "beta", "prompt": "hi", "max_tokens": 3, "ignore_eos": True}},
+                                   chat=False))
 assert body["usage"]["completion_tokens"] == 3, body
 heavy = sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)
 assert not heavy, heavy
