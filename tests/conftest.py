@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -107,26 +108,58 @@ def copy_onnx(path, directory):
     return directory / path.name
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(directory)` run once per test run, however many pytest-xdist workers run it (`pytest -n 2`, the
+    README's test command): the first worker to ask builds into a directory every worker shares (the parent of the
+    workers' base temps), under a file lock, and marks it done; the others wait on the lock and reuse it. Without
+    xdist it is the session's own temp directory. Returns the directory; a failed build leaves no mark, so the next
+    asker builds again (and fails the same way, in its own test)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = Path(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"
+    root.mkdir(exist_ok=True)
+    directory, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def plain_llama(tmp_path_factory):
     """`plain_llama(external_data)`: tiny-llama (seed 0) exported without adapter (`require_adapter=False`, merge),
-    as `plain.onnx` (+ `plain.onnx.data` with external data), each exported once per session (every export costs CI
-    seconds; several files need this base for attach/optimize/quantize). Read-only: copy it with `copy_onnx`."""
-    return plain_llama_in(tmp_path_factory.mktemp("plain_llama"))
+    as `plain.onnx` (+ `plain.onnx.data` with external data), each exported once per test run (`built_once`: every
+    export costs CI seconds; several files need this base for attach/optimize/quantize). Read-only: copy it with
+    `copy_onnx`."""
+    def get(external_data: bool = False):
+        name = "external" if external_data else "single"
+        return built_once(tmp_path_factory, f"plain_llama-{name}",
+                          lambda d: _export_plain_llama(d / "plain.onnx", external_data)) / "plain.onnx"
+
+    return get
+
+
+def _export_plain_llama(path, external_data: bool) -> None:
+    import road_export as rx
+
+    rx.export(tiny("tiny-llama"), path, require_adapter=False, external_data=external_data or None)
 
 
 def plain_llama_in(root):
-    """The getter behind the `plain_llama` fixture, writing under `root` (a Path; tools/bad_input_cases.py uses it
-    too)."""
-    import road_export as rx
-
+    """The `plain_llama` getter writing under `root` (a Path), for tools/bad_input_cases.py (no pytest there)."""
     done: dict = {}
 
     def get(external_data: bool = False):
         if external_data not in done:
             path = root / ("external" if external_data else "single") / "plain.onnx"
             path.parent.mkdir(parents=True)
-            rx.export(tiny("tiny-llama"), path, require_adapter=False, external_data=external_data or None)
+            _export_plain_llama(path, external_data)
             done[external_data] = path
         return done[external_data]
 
@@ -168,9 +201,13 @@ def builder_llama(tmp_path_factory):
     test_builder_graphs.py both start from these (each build is a subprocess importing torch and the builder).
     Read-only: a test that changes a file copies the directory first."""
     pytest.importorskip("onnxruntime_genai")
-    root = tmp_path_factory.mktemp("builder_llama")
-    model = tiny("tiny-llama")
-    hf = root / "hf"
-    model.save_pretrained(hf)
-    word_tokenizer(hf, model.config.vocab_size)
-    return {"hf": hf, **{precision: genai_build(hf, root / precision, precision) for precision in ("fp32", "int4")}}
+
+    def build(root):
+        model = tiny("tiny-llama")
+        model.save_pretrained(root / "hf")
+        word_tokenizer(root / "hf", model.config.vocab_size)
+        for precision in ("fp32", "int4"):
+            genai_build(root / "hf", root / precision, precision)
+
+    root = built_once(tmp_path_factory, "builder_llama", build)
+    return {"hf": root / "hf", **{precision: root / precision for precision in ("fp32", "int4")}}
