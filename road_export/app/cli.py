@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from road_export.app.cli_common import EXIT_BROKEN_PIPE, EXIT_OK, EXIT_PARITY, Parser, failure, silence_stdout
+from road_export.app.cli_common import (EXIT_BROKEN_PIPE, EXIT_OK, EXIT_PARITY, Parser, failure, number,
+                                        silence_stdout)
 from road_export.core.errors import RoadError, Terminated
 
 from road_export.graph.checks import CHOICES, MAX_OPSET, MIN_OPSET
@@ -42,38 +43,12 @@ EXAMPLES = """examples:
 """
 
 
-
-
 # ---- option types: each refuses bad values while parsing, before anything is loaded ----
 
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (e.g. 1e-4)")
-    return value
-
-
-def _opset(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not MIN_OPSET <= value <= MAX_OPSET:
-        raise argparse.ArgumentTypeError(f"{value} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
+_tolerance = number(float, lambda v: math.isfinite(v) and v >= 0, "{text} must be a finite number >= 0 (e.g. 1e-4)")
+_opset = number(int, lambda v: MIN_OPSET <= v <= MAX_OPSET,
+                f"{{value}} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
+_seed = number(int, lambda v: 0 <= v < 2**63, "{value} must be >= 0")
 
 
 # ---- parsers ----

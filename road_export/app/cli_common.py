@@ -10,16 +10,40 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from road_export.core.errors import (
     EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PARITY, ParityFailure, RoadError, Terminated,
     is_onnxruntime_error, onnxruntime_line)
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_BROKEN_PIPE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARITY",
-           "EXIT_TERMINATED", "Parser", "failure", "silence_stdout"]
+           "EXIT_TERMINATED", "Parser", "failure", "number", "silence_stdout"]
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 128 + signal.SIGTERM
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE
+
+
+def number(kind: type[int] | type[float], ok: Callable[[Any], bool],
+           says: str | Callable[[Any], str]) -> Callable[[str], Any]:
+    """An argparse `type=` for a number option, refusing a bad value while parsing, before anything is loaded.
+
+    `kind` (int or float) parses the text: "'TEXT' is not an integer" / "is not a number" otherwise. The value is
+    kept where `ok(value)` holds; otherwise the message is `says`: a `str.format` template given `text` (as typed)
+    and `value` (as parsed), or a function of the value. Raises argparse.ArgumentTypeError, which argparse reports as
+    "argument --NAME: MESSAGE" (and `Parser` as one line, exit 2)."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(says(value) if callable(says) else says.format(text=text, value=value))
+        return value
+
+    return parse
 
 
 class Parser(argparse.ArgumentParser):

@@ -20,6 +20,7 @@ import signal
 import threading
 from pathlib import Path
 
+from road_export.app.cli_common import Parser, number
 from road_export.core.errors import RoadError, Terminated, first_line
 from road_export.graph.files import private_dir
 
@@ -28,16 +29,10 @@ __all__ = ["run_serve", "serve_parser", "start_ray"]
 APP_NAME = "road-export"
 
 
-def _positive_int(text: str, high: int = 2**31 - 1) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    if value > high:
-        raise argparse.ArgumentTypeError(f"{value} must be at most {high}")
-    return value
+def _positive_int(high: int, too_high: str = "{value} must be at most {high}"):
+    """An argparse type for an integer from 1 to `high`; `too_high` formats the message above it."""
+    return number(int, lambda v: 1 <= v <= high,
+                  lambda v: f"{v} must be >= 1" if v < 1 else too_high.format(value=v, high=high))
 
 
 MAX_BATCH = 4096  # rows per replica: Ray's max_ongoing_requests (rows + queue + UPLOAD_ROOM) must fit an int32
@@ -46,16 +41,7 @@ MAX_REPLICAS = 4096
 MAX_THREADS = 1024
 
 
-def _batch_size(text: str) -> int:
-    return _positive_int(text, MAX_BATCH)
-
-
-def _replicas(text: str) -> int:
-    return _positive_int(text, MAX_REPLICAS)
-
-
-def _threads(text: str) -> int:
-    return _positive_int(text, MAX_THREADS)
+_batch_size, _replicas, _threads = (_positive_int(MAX_BATCH), _positive_int(MAX_REPLICAS), _positive_int(MAX_THREADS))
 
 
 def _host(text: str) -> str:
@@ -80,27 +66,12 @@ def _app_name(text: str) -> str:
     return text
 
 
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1 to 65535)")
-    return value
-
-
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{value} must be from 0 to 10000 ms")
-    return value
+_port = _positive_int(65535, "{value} is not a TCP port (1 to 65535)")
+_milliseconds = number(float, lambda v: 0 <= v <= 10_000, "{value} must be from 0 to 10000 ms")
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from road_export.app.cli_common import Parser as _Parser
-
-    parser = _Parser(prog="road-export serve", description="Serve a rotate export's model directory over "
+    parser = Parser(prog="road-export serve", description="Serve a rotate export's model directory over "
                      "OpenAI's completions API on Ray Serve: `model` picks the adapter, requests for different "
                      "adapters decode in one batch (continuous batching). Needs road-export[serve].")
     parser.add_argument("model", metavar="MODEL_DIR", help="a model directory written by road-export ... --mode "
@@ -151,15 +122,8 @@ def serve_parser() -> argparse.ArgumentParser:
 API_KEY_ENV = "ROAD_EXPORT_API_KEY"
 
 
-def _queue(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= MAX_QUEUE:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0" if value < 0 else f"{value} must be at most "
-                                         f"{MAX_QUEUE}")
-    return value
+_queue = number(int, lambda v: 0 <= v <= MAX_QUEUE,
+                lambda v: f"{v} must be >= 0" if v < 0 else f"{v} must be at most {MAX_QUEUE}")
 
 
 def _address(text: str) -> str:
@@ -176,28 +140,10 @@ def _address(text: str) -> str:
     return text
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{value} must be above 0, up to 3600 s")
-    return value
-
-
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not MIN_BODY_MB <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"{value} must be from {MIN_BODY_MB} (1 kB, room for one small request) "
-                                         "to 4096 MB")
-    return value
-
-
+_seconds = number(float, lambda v: 0 < v <= 3600, "{value} must be above 0, up to 3600 s")
 MIN_BODY_MB = 0.001
+_megabytes = number(float, lambda v: MIN_BODY_MB <= v <= 4096,
+                    lambda v: f"{v} must be from {MIN_BODY_MB} (1 kB, room for one small request) to 4096 MB")
 
 
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
