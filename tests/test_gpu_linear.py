@@ -109,8 +109,8 @@ def providers_ran(session) -> dict[str, str]:
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 @pytest.mark.parametrize("form", ["mma", "tile", "warp"])
 def test_linear_rotate_kernel_matches_torch(tmp_path, monkeypatch, shape, rows, dtype, form):
-    """W [n, k]: up to 8 rows in the one-launch kernel (the block form, or ROAD_EXPORT_LINEAR=warp), more (and
-    float64) through cuBLAS then the rotation."""
+    """W [n, k]: up to 8 rows in the one-launch kernel (each form: the tensor-core form where it fits, the block form,
+    the warp form), more (and float64) through cuBLAS then the rotation."""
     monkeypatch.setenv("ROAD_EXPORT_LINEAR", form)
     batch, seq, k, n, g = shape
     rng = np.random.default_rng(batch * 1000 + n)

@@ -8,7 +8,7 @@ onnxruntime's CUDA graphs (`enable_cuda_graph`, IOBinding), timed interleaved (t
     base       MatMul (or MatMulNBits) alone: what onnxruntime-genai's model builder graph runs
     unfused    the product, then road.Rotate on the road CUDA kernel (two launches)
     fused      road.LinearRotate / road.MatMulNBitsRotate (passes/linear_rotate.py): one launch, the kernel the
-               default picks (the block form; the tensor-core form is opt-in until measured)
+               default picks (the tensor-core form where it fits, else the block form)
     mma1/2/4   the tensor-core form with 1, 2 or 4 tiles of 8 pairs a block (ROAD_EXPORT_MMA_TM)
     tile       the block form (ROAD_EXPORT_LINEAR=tile)
     warp       the warp-per-pair form (ROAD_EXPORT_LINEAR=warp)

@@ -628,7 +628,8 @@ ROAD_TILE(8, 8, nb8_f32, float) ROAD_TILE(8, 8, nb8_f16, h16) ROAD_TILE(8, 8, nb
 // values (16 bytes; dequantized with the 0x6400 / 0x4300 exponent trick, scaled in the element type as onnxruntime's
 // MatMulNBits does, the matching X pairs gathered by byte permutes). A block's 8 warps split k and meet in shared
 // memory; TM tiles of 8 pairs per block share each X load. Rows beyond 8 take the grid's second axis.
-// Opt-in (ROAD_EXPORT_LINEAR=mma) until it has been measured on a GPU: see `LinearForm`.
+// The default where it fits (see `LinearForm`); the k loop is unrolled twice so that a warp has two steps' loads in
+// flight.
 template <typename T> struct IsBf { static constexpr bool v = false; };
 template <> struct IsBf<b16> { static constexpr bool v = true; };
 template <typename T>
@@ -697,6 +698,7 @@ __device__ __forceinline__ void mma_tile(const LinParams& g) {
     for (int i = 0; i < 4; ++i) acc[j][i] = 0;
   constexpr int KT = BITS == 0 ? 16 : 32;  // k values per thread and step; a warp covers 4 KT
   const uint4 zero = {0u, 0u, 0u, 0u};
+#pragma unroll 2
   for (long long kb = (long long)warp * 4 * KT; kb < k; kb += 8 * 4 * KT) {
     const long long kt = kb + t * KT;
     uint4 xv[KT / 8];
@@ -1132,10 +1134,11 @@ inline bool linear_fits(int type_index, long long k, long long n, long long grou
   return values >= k && values % per_load == 0 && (values * bits / 8) % 16 == 0;
 }
 
-// The forms of the W^T product (ROAD_EXPORT_LINEAR): the block form by default; `mma` asks for the tensor-core form
-// where it fits (float16 / bfloat16 X, float or 4-bit W, whole tiles of 8 pairs, sm_80 and newer; else the block
-// form). The tensor-core form stays opt-in until it has been measured against the block form on a GPU
-// (tools/bench_linear.py) and its GPU tests have run there.
+// The forms of the W^T product (ROAD_EXPORT_LINEAR): by default (kAuto) and with `mma`, the tensor-core form where it
+// fits (float16 / bfloat16 X, float or 4-bit W, whole tiles of 8 pairs, sm_80 and newer), else the block form;
+// `tile` and `warp` force those. Measured on an H100 (tools/bench_linear.py, 2026-12-06, each / onnxruntime's own
+// product, 1 row / 8 rows): the tensor-core form 1.03-1.10 / 1.11-1.23 for float16 and 1.03-1.22 / 0.56-0.82 for
+// 4-bit, where the block form took 0.88-1.19 / 1.46-2.48 and 1.41-2.20 / 0.93-2.71 (docs/benchmarks.md).
 enum class LinearForm { kAuto, kWarp, kTile, kMma };
 
 // Whether the tensor-core form takes a product (beyond `linear_fits`): float16 or bfloat16, half a group a multiple
@@ -1146,19 +1149,19 @@ inline bool mma_fits(int arch, int type_index, long long k, long long half, int 
   return bits == 4 && block_size % 32 == 0 && k % 32 == 0;
 }
 
-// Tiles of 8 pairs per block for the tensor-core form: ROAD_EXPORT_MMA_TM (1, 2 or 4), else the most that still
-// leaves 264 blocks (two a multiprocessor on an H100) on the grid.
-inline int mma_tiles_per_block(long long tiles) {
+// Tiles of 8 pairs per block for the tensor-core form: ROAD_EXPORT_MMA_TM (1, 2 or 4), else 1 (2 and 4 share X
+// loads but leave too few blocks: slower at every TinyLlama-size projection measured, 1 and 8 rows).
+inline int mma_tiles_per_block() {
   if (const char* env = std::getenv("ROAD_EXPORT_MMA_TM"); env && *env) {
     const int tm = std::atoi(env);
     if (tm == 1 || tm == 2 || tm == 4) return tm;
   }
-  return tiles / 4 >= 264 ? 4 : tiles / 2 >= 264 ? 2 : 1;
+  return 1;
 }
 
 // Launch the W^T product on `stream`: `params` as for `launch`, with x = X and y = Y; every row of X, in chunks of 8
 // on the grid's second axis. `form` picks the kernel (see kSource): the block form (4 pairs a block; R = 1 for one
-// row), or the warp form, or the tensor-core form where `mma_fits`, when asked for.
+// row), or the warp form, or (by default and with `mma`) the tensor-core form where `mma_fits`.
 inline bool launch_linear(CUstream stream, int type_index, const Params& params, const void* w, const void* scales,
                           long long k, long long blocks_per_col, int block_size, int bits, LinearForm form,
                           std::string* why) {
@@ -1175,12 +1178,13 @@ inline bool launch_linear(CUstream stream, int type_index, const Params& params,
   LinParams copy{params, w, scales, k, blocks_per_col, block_size, bits};
   void* args[] = {&copy};
   const Driver* d = driver();
-  const bool mma = form == LinearForm::kMma && mma_fits(functions->arch, type_index, k, params.half, bits, block_size);
+  const bool mma = (form == LinearForm::kMma || form == LinearForm::kAuto) &&
+                   mma_fits(functions->arch, type_index, k, params.half, bits, block_size);
   unsigned grid = 0;
   int index = 0;
   if (mma) {
     const long long tiles = params.d / 16;
-    const int tm = mma_tiles_per_block(tiles);
+    const int tm = mma_tiles_per_block();
     grid = static_cast<unsigned>((tiles + tm - 1) / tm);
     index = 35 + 4 * (tm == 1 ? 0 : tm == 2 ? 1 : 2) + 2 * (bits == 4) + (type_index == 3);
   } else if (form == LinearForm::kWarp) {
