@@ -236,7 +236,8 @@ def test_without_the_driver_no_cuda_kernel_is_registered(tmp_path):
     path = tmp_path / "road.onnx"
     path.write_bytes(rotation_model(c1, c2, 64, x_rank=2, bodies=False))
     script = ("import json,sys,onnxruntime as ort;from road_export.graph import native;"
-              "from road_export.runtime.gpu import cuda_providers;o=ort.SessionOptions();o.enable_profiling=True;o.profile_file_prefix=sys.argv[2];"
+              "from road_export.runtime.gpu import cuda_providers;o=ort.SessionOptions();o.enable_profiling=True;"
+              "o.profile_file_prefix=sys.argv[2];"
               "native.register(o,True);s=ort.InferenceSession(sys.argv[1],o,providers=cuda_providers());"
               "import numpy as np;s.run(None,{'x':np.ones((2,64),np.float32)});"
               "print([e['args'].get('provider') for e in json.load(open(s.end_profiling())) "
