@@ -70,7 +70,9 @@ class TransposedTensor(ir.LazyTensor):
     def _whole(self) -> ir.Tensor:
         self._counted()
         with torch.no_grad():
-            return ir.tensor(self._weight(torch_value(self._source).detach()).T.contiguous().numpy())
+            weight = self._weight(torch_value(self._source).detach())
+            # dims reversed, as `.T` (deprecated on tensors of other than 2 dims) did
+            return ir.tensor(weight.permute(*range(weight.ndim - 1, -1, -1)).contiguous().numpy())
 
     def tofile(self, file) -> None:
         self._counted()
