@@ -27,7 +27,7 @@ from onnxscript.rewriter import pattern
 
 from road_export.graph import ops as road_op
 from road_export.passes import common
-from road_export.passes.matmul_rotate import (FuseMatMulRotate, FuseMatMulRotateRows, bank_ids, bank_rows,
+from road_export.passes.matmul_rotate import (BankRowsRule, FuseMatMulRotate, FuseMatMulRotateRows, bank_rows,
                                              not_fired_reasons)
 
 __all__ = ["FuseLinearRotate", "FuseLinearRotateRows", "FuseNBitsRotate", "FuseNBitsRotateRows", "LinearRotatePass",
@@ -113,13 +113,11 @@ class FuseNBitsRotate(pattern.RewriteRuleClassBase):
                      _domain=road_op.DOMAIN, _version=road_op.VERSION)
 
 
-class FuseNBitsRotateRows(pattern.RewriteRuleClassBase):
+class FuseNBitsRotateRows(BankRowsRule):
     """The per-row bank form of FuseNBitsRotate -> road.MatMulNBitsRotateRows(a, B, scales, B1, B2, adapter_ids)."""
 
     def __init__(self, op_type: str = road_op.OP_TYPE) -> None:
-        super().__init__(name=f"FuseMatMulNBits{op_type}Rows")
-        self.op_type = op_type
-        self._ids: ir.Value | None = None
+        super().__init__(f"FuseMatMulNBits{op_type}Rows", op_type)
 
     def pattern(self, op, a, b, s, b1, i1, s1, b2, i2, s2):
         c1, c2 = bank_rows(op, b1, i1, s1, b2, i2, s2)
@@ -130,14 +128,7 @@ class FuseNBitsRotateRows(pattern.RewriteRuleClassBase):
 
     def check(self, context, a, b, s, b1, i1, s1, b2, i2, s2, p, y, g1, g2, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        failed = _nbits_check(result, p.producer())
-        if failed is not None:
-            return failed
-        found = bank_ids(result, b1, i1, s1, b2, i2, s2, y, g1, g2)
-        if not isinstance(found, ir.Value):
-            return found
-        self._ids = found
-        return result
+        return self.banks_checked(result, _nbits_check(result, p.producer()), b1, i1, s1, b2, i2, s2, y, g1, g2)
 
     def rewrite(self, op, a, b, s, b1, b2, p, y, **_):
         assert self._ids is not None

@@ -121,13 +121,33 @@ class FuseMatMulRotate(pattern.RewriteRuleClassBase):
                      _version=road_op.VERSION)
 
 
-class FuseMatMulRotateRows(pattern.RewriteRuleClassBase):
+class BankRowsRule(pattern.RewriteRuleClassBase):
+    """A rule whose rotation takes bank rows gathered by `adapter_ids` (`bank_rows`): `check` ends in `banks_checked`,
+    which keeps the matched `adapter_ids` for `rewrite` (self._ids)."""
+
+    def __init__(self, name: str, op_type: str) -> None:
+        super().__init__(name=name)
+        self.op_type = op_type
+        self._ids: ir.Value | None = None
+
+    def banks_checked(self, result: pattern.MatchResult, failed: pattern.MatchResult | None, b1: ir.Value,
+                      i1: ir.Value, s1: ir.Value, b2: ir.Value, i2: ir.Value, s2: ir.Value, y: ir.Value, g1: ir.Value,
+                      g2: ir.Value) -> pattern.MatchResult:
+        """`failed` (the product's own check) when set, else `bank_ids`' verdict; on a match `adapter_ids` is kept."""
+        if failed is not None:
+            return failed
+        found = bank_ids(result, b1, i1, s1, b2, i2, s2, y, g1, g2)
+        if not isinstance(found, ir.Value):
+            return found
+        self._ids = found
+        return result
+
+
+class FuseMatMulRotateRows(BankRowsRule):
     """The mixed-adapter form: coefficients gathered per row from banks by `adapter_ids` -> road.MatMulRotateRows."""
 
     def __init__(self, op_type: str = road_op.OP_TYPE) -> None:
-        super().__init__(name=f"FuseMatMul{op_type}Rows")
-        self.op_type = op_type
-        self._ids: ir.Value | None = None
+        super().__init__(f"FuseMatMul{op_type}Rows", op_type)
 
     def pattern(self, op, x, w, b1, i1, s1, b2, i2, s2):
         c1, c2 = bank_rows(op, b1, i1, s1, b2, i2, s2)
@@ -136,14 +156,7 @@ class FuseMatMulRotateRows(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, w, b1, i1, s1, b2, i2, s2, y, g1, g2, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        failed = _weight_check(result, w, y)
-        if failed is not None:
-            return failed
-        found = bank_ids(result, b1, i1, s1, b2, i2, s2, y, g1, g2)
-        if not isinstance(found, ir.Value):
-            return found
-        self._ids = found
-        return result
+        return self.banks_checked(result, _weight_check(result, w, y), b1, i1, s1, b2, i2, s2, y, g1, g2)
 
     def rewrite(self, op, x, w, b1, b2, y, **_):
         assert self._ids is not None
