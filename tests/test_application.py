@@ -228,6 +228,7 @@ def test_attach_translation_failure_is_exit_3(llama, tmp_path, monkeypatch, caps
 
 @pytest.mark.parametrize(("options", "says"), [
     (dict(seed=-1), "--seed -1: must be an integer >= 0"),
+    (dict(seed=2**63), f"--seed {2**63}: must be an integer >= 0"),  # beyond torch's int64 seeds (SEED_LIMIT)
     (dict(graph="bogus"), "--graph 'bogus': choose one of road, builder, auto"),
     (dict(atol=float("nan")), "--atol nan: must be a finite number >= 0"),
     (dict(atol=-1.0), "--atol -1.0: must be a finite number >= 0"),

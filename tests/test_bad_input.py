@@ -105,6 +105,7 @@ CASES = [
     ("opset-low", ["--opset", "5", "{o}/m.onnx"], "choose 18 to 25"),
     ("opset-high", ["--opset", "99", "{o}/m.onnx"], "choose 18 to 25"),
     ("seed-negative", ["--seed", "-3", "{o}/m.onnx"], "must be >= 0"),
+    ("seed-too-large", ["--seed", str(2**63), "{o}/m.onnx"], f"{2**63} must be >= 0"),
     ("mode-unknown", ["--mode", "fold", "{o}/m.onnx"], "invalid choice: 'fold'"),
     ("fixed-with-merge", ["--fixed", "{o}/m.onnx"], "--fixed applies to --mode rotate"),
     ("target-with-merge", ["--target", "portable", "{o}/m.onnx"], "--target applies to --mode rotate"),

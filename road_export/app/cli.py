@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from road_export.app.cli_common import (EXIT_BROKEN_PIPE, EXIT_OK, EXIT_PARITY, Parser, failure, number,
                                         silence_stdout)
 from road_export.core.errors import RoadError, Terminated
-
-from road_export.graph.checks import CHOICES, MAX_OPSET, MIN_OPSET
+from road_export.graph.checks import CHOICES, MAX_OPSET, MIN_OPSET, SEED_LIMIT
 
 EXAMPLES = """examples:
   road-export model.onnx                                   the embedded default model, merged, verified
@@ -48,7 +47,7 @@ EXAMPLES = """examples:
 _tolerance = number(float, lambda v: math.isfinite(v) and v >= 0, "{text} must be a finite number >= 0 (e.g. 1e-4)")
 _opset = number(int, lambda v: MIN_OPSET <= v <= MAX_OPSET,
                 f"{{value}} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
-_seed = number(int, lambda v: 0 <= v < 2**63, "{value} must be >= 0")
+_seed = number(int, lambda v: 0 <= v < SEED_LIMIT, "{value} must be >= 0")
 
 
 # ---- parsers ----

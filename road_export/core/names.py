@@ -43,6 +43,7 @@ __all__ = [
     "TOTAL_SEQUENCE",
     "check_adapter_name",
     "read_record",
+    "recorded_adapter_names",
     "positions",
 ]
 
@@ -112,6 +113,13 @@ def read_record(metadata: dict[str, str], key: str, where: str, default=None):
                 raise RoadError(f"{where}: its {key} metadata holds {layer!r}: {str(record)[:80]!r}, not a swap "
                                 f"record {{c1, c2, group_size, ...}}{fix}")
     return value
+
+
+def recorded_adapter_names(metadata: dict[str, str], where: str) -> list[str]:
+    """The adapter names a file's `road_export.adapters` record holds, in `adapter_ids` order (by each record's `id`;
+    one adapter has none), [] without the record. Raises RoadError as `read_record` does."""
+    records = read_record(metadata, METADATA_ADAPTERS, where, [])
+    return [a["name"] for a in sorted(records, key=lambda a: a.get("id", 0))]
 
 
 # An adapter name becomes a torch ModuleDict key (no '.'), part of initializer names and of MODEL.NAME.onnx_adapter

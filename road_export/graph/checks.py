@@ -193,6 +193,7 @@ def check_tolerance(value: float | None, option: str = "--atol") -> float | None
 # torch's ONNX exporter writes opset 18 at least (a lower --opset would be silently raised to 18); 25 is the
 # highest that the tested onnxruntime (1.32) loads.
 MIN_OPSET, MAX_OPSET = 18, 25
+SEED_LIMIT = 2**63  # seeds are integers in [0, SEED_LIMIT): torch.manual_seed's int64
 # The options that take one of a few words, as the CLI offers them (its `choices`) and the application checks them.
 CHOICES = {"mode": ("merge", "rotate"), "dtype": ("float32", "float16", "bfloat16"),
            "graph": ("road", "builder", "auto"), "device": ("cpu", "cuda"), "target": ("onnxruntime", "portable"),
@@ -202,14 +203,14 @@ CHOICES = {"mode": ("merge", "rotate"), "dtype": ("float32", "float16", "bfloat1
 def check_option_values(options) -> None:
     """The values of an options object (road_export.app.application's ExportOptions, VerifyOptions, ...) whatever
     built it, Python or the CLI: each field of CHOICES one of its words (None where the field may be unset), `seed`
-    an integer in [0, 2^63), `opset` None or MIN_OPSET..MAX_OPSET, `atol` None or a finite number >= 0. Raises
+    an integer in [0, SEED_LIMIT), `opset` None or MIN_OPSET..MAX_OPSET, `atol` None or a finite number >= 0. Raises
     RoadError naming the option as the CLI spells it ("--seed -1: must be an integer >= 0")."""
     for field, words in CHOICES.items():
         value = getattr(options, field, None)
         if value is not None and value not in words:
             raise RoadError(f"--{field} {value!r}: choose one of {', '.join(words)}")
     seed = getattr(options, "seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise RoadError(f"--seed {seed!r}: must be an integer >= 0")
     opset = getattr(options, "opset", None)
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)

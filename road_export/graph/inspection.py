@@ -201,7 +201,7 @@ def inspect_model(path: str | Path) -> Inspection:
     initializers = {t.name for t in model.graph.initializer}
     return Inspection(
         path=str(path),
-        mode=meta.get("road_export.mode"),
+        mode=meta.get(names.METADATA_MODE),
         task=meta.get("road_export.task"),
         version=meta.get("road_export.version"),
         adapters=adapters,
@@ -215,7 +215,7 @@ def inspect_model(path: str | Path) -> Inspection:
         external_data=external,
         metadata=meta,
         quantization=read_facts(model).summary,
-        folded=(meta.get("road_export.mode") == "rotate" and any(a.get("layers") for a in adapters
+        folded=(meta.get(names.METADATA_MODE) == "rotate" and any(a.get("layers") for a in adapters
                                                                    if isinstance(a, dict))
                 and not any(n.domain == "road" for n in nodes)),
     )

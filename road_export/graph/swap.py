@@ -19,8 +19,7 @@ from road_export.core import rotation
 from road_export.graph.adapter_files import read_adapter
 from road_export.core.errors import RoadError, first_line
 from road_export.graph.files import atomic_write
-from road_export.core.names import METADATA_SWAP
-from road_export.core.names import read_record
+from road_export.core.names import METADATA_SWAP, read_record
 
 METADATA_KEY = METADATA_SWAP
 FINGERPRINT_KEY = "road_export.swap_fingerprint"

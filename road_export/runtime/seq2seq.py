@@ -23,8 +23,7 @@ import numpy as np
 
 from road_export.core.errors import RoadError
 from road_export.runtime.generation import Decoding, Sampling, Step, _prompt, decode, host_pick, host_run
-from road_export.core.names import METADATA_SEQ2SEQ, PAST, PRESENT, SEQ2SEQ_FILES, SEQ2SEQ_MERGED
-from road_export.core.names import read_record
+from road_export.core.names import METADATA_SEQ2SEQ, PAST, PRESENT, SEQ2SEQ_FILES, SEQ2SEQ_MERGED, read_record
 
 __all__ = ["Seq2SeqSession", "convert_adapter", "find_files", "is_seq2seq_dir"]
 

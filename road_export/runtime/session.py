@@ -9,9 +9,9 @@ import numpy as np
 
 from road_export.runtime import generation, kvcache
 from road_export.core.errors import RoadError, first_line, is_onnxruntime_error
-from road_export.core.names import BASE_NAME, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
+from road_export.core.names import (BASE_NAME, METADATA_MODE, METADATA_SWAP, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE,
+                                    read_record, recorded_adapter_names)
 from road_export.graph.ort_session import NUMPY_TYPES
-from road_export.core.names import METADATA_ADAPTERS, METADATA_SWAP, read_record
 
 
 
@@ -64,12 +64,11 @@ class RoadSession:
         self.session, self.native, self.fused = opened.session, opened.native, opened.rewritten
         self.device = "cuda" if on_cuda and "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         meta = self.session.get_modelmeta().custom_metadata_map
-        records = read_record(meta, METADATA_ADAPTERS, str(self.path), [])
-        self.mode = meta.get("road_export.mode")
+        self.mode = meta.get(METADATA_MODE)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.mixed = "adapter_ids" in self.input_names
-        self.adapters = [a["name"] for a in sorted(records, key=lambda a: a.get("id", 0))]
+        self.adapters = recorded_adapter_names(meta, str(self.path))
         self._swaps: dict[str, object] = {}  # adapter name -> onnxruntime.LoraAdapter
         self._inputs = {i.name: (list(i.shape), NUMPY_TYPES.get(i.type)) for i in self.session.get_inputs()}
         # adapter name -> its .onnx_adapter file (road_export.runtime.gpu binds it)

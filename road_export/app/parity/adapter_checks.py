@@ -21,7 +21,7 @@ from torch import nn
 from road_export.core import requires_export  # noqa: F401  (one clear line without the export extra)
 from road_export.core.errors import RoadError
 from road_export.app.parity.comparisons import OutputParity, failed_row
-from road_export.core.names import METADATA_ADAPTERS, METADATA_SWAP, read_record
+from road_export.core.names import METADATA_ADAPTERS, METADATA_MODE, METADATA_SWAP, read_record
 
 __all__ = ["COEFFICIENT_TOLERANCE", "adapter_record_row", "check_adapter_names", "coefficient_rows",
            "reference_adapters", "sidecar_files"]
@@ -82,10 +82,10 @@ def coefficient_rows(path: Path, meta: dict[str, str], model: nn.Module, order: 
         return []
     adapters = read_record(meta, METADATA_ADAPTERS, str(path), [])
     recorded = [a.get("name") for a in adapters]
-    strict = "road_export.swap" in meta
+    strict = METADATA_SWAP in meta
     if strict:
         records = read_record(meta, METADATA_SWAP, str(path))
-    elif len(adapters) == 1 and meta.get("road_export.mode") == "rotate":
+    elif len(adapters) == 1 and meta.get(METADATA_MODE) == "rotate":
         # attach's rotations: fixed coefficients named MODULE.road_c1_NAME / road_c2_NAME; those stored in another
         # form (a lowered tied pair) are left out below
         name = adapters[0].get("name", "default")
@@ -151,7 +151,7 @@ def coefficient_rows(path: Path, meta: dict[str, str], model: nn.Module, order: 
 def sidecar_files(path: Path, meta: dict[str, str], order: tuple[str, ...]) -> dict[str, Path]:
     """A swappable single-adapter file's sidecars for its own adapter(s): MODEL.NAME.onnx_adapter beside it, NAME
     among the adapters its metadata records ({name: path}); none for a mixed or fixed file."""
-    if order or "road_export.swap" not in meta:
+    if order or METADATA_SWAP not in meta:
         return {}
     names = [a["name"] for a in read_record(meta, METADATA_ADAPTERS, str(path), [])]
     found = {n: path.with_name(f"{path.stem}.{n}.onnx_adapter") for n in names if n}

@@ -21,7 +21,7 @@ from road_export.app.parity.cases import SEQ2SEQ_SHAPES
 from road_export.app.parity.comparisons import TOLERANCE, compare, compare_flat
 from road_export.app.parity.feeds import cast_feeds, declared_types, round_as_fed
 from road_export.app.parity.report import ParityReport
-from road_export.core.names import METADATA_ADAPTERS, read_record
+from road_export.core.names import recorded_adapter_names
 
 __all__ = ["verify_seq2seq"]
 
@@ -75,8 +75,7 @@ def verify_seq2seq(
         order: tuple[str, ...] = ()
         if "adapter_ids" in names:
             meta = read_facts(path).metadata
-            order = tuple(a["name"] for a in sorted(read_record(meta, METADATA_ADAPTERS, str(path), []),
-                                                     key=lambda a: a.get("id", 0)))
+            order = tuple(recorded_adapter_names(meta, str(path)))
         else:
             part = seq2seq._without_ids(part)
         missing = sorted(set(names) - set(part.input_names))

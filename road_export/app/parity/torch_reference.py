@@ -25,7 +25,6 @@ from road_export.core.errors import RoadError, first_line
 from road_export.export.tasks import TaskModule, infer_task, nest, normalize_task, sample_inputs, task_spec
 from road_export.graph.inspection import read_facts
 from road_export.graph import ort_session
-from road_export.graph.ort_session import new_session
 from road_export.core.names import PAST
 from road_export.app.parity import cases
 from road_export.app.parity.adapter_checks import (adapter_record_row, check_adapter_names, coefficient_rows,
@@ -38,7 +37,7 @@ from road_export.app.parity.comparisons import (TOLERANCE, OutputParity, compare
 from road_export.app.parity.feeds import cast_feeds, declared_types, round_as_fed
 from road_export.app.parity.memory import lend_equal_weights, release_freed_memory
 from road_export.app.parity.report import ParityReport
-from road_export.core.names import METADATA_ADAPTERS, METADATA_SWAP, read_record
+from road_export.core.names import METADATA_SWAP, read_record, recorded_adapter_names
 
 __all__ = ["TorchParity", "verify"]
 
@@ -97,7 +96,7 @@ def open_file_session(path: Path, model: nn.Module, session_options, native: boo
             # (the long sequence's) while the outputs are compared
             session_options.enable_cpu_mem_arena = False
             lent.extend(lend_equal_weights(path, model, session_options))
-    opened = new_session(path, native=native, options=session_options)
+    opened = ort_session.new_session(path, native=native, options=session_options)
     kernels = ("native" if opened.native else "bodies") if opened.road else "-"
     return opened.session, kernels, lent
 
@@ -147,8 +146,7 @@ class TorchParity:
         output_names = [o.name for o in self.session.get_outputs()]
         order: tuple[str, ...] = ()
         if "adapter_ids" in file_inputs:
-            order = tuple(a["name"] for a in sorted(read_record(meta, METADATA_ADAPTERS, str(path), []),
-                                                     key=lambda a: a.get("id", 0)))
+            order = tuple(recorded_adapter_names(meta, str(path)))
             check_adapter_names(path, order, self.model)
         if told == "the model" and normalize_task(task) == "text-generation" and any(n.startswith(PAST)
                                                                                      for n in file_inputs):
