@@ -184,11 +184,13 @@ def test_verify_fails_on_a_damaged_weight(built, tmp_path):
     assert code == 1 and "FAILED" in text, text
 
 
-def test_serve_engine_on_a_builder_directory(built, hf_llama):
-    """Requests join a running batch and leave it; each row's tokens equal transformers' alone."""
+@pytest.mark.parametrize("io_binding", [False, True], ids=["host", "bound"])
+def test_serve_engine_on_a_builder_directory(built, hf_llama, io_binding):
+    """Requests join a running batch and leave it; each row's tokens equal transformers' alone. Bound (the shared
+    buffer an OrtValue that GroupQueryAttention writes in place, as on CUDA) as on the host."""
     from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
 
-    engine = Engine(built["llama"], threads=1)
+    engine = Engine(built["llama"], threads=1, io_binding=io_binding)
     assert engine.context_length == 128 and engine.eos_token_ids == {2}
     asks = {"a": ([5, 6, 7, 8, 9], 6), "b": ([11, 12], 9), "c": ([40, 41, 42, 43, 44, 45, 46, 47], 3)}
 

@@ -126,6 +126,34 @@ def test_concurrent_requests_for_different_adapters_equal_each_alone(engine):
     assert engine.running == 0 and engine.waiting == 0
 
 
+def test_a_cache_kept_in_onnxruntime_values_gives_the_same_tokens(example, engine):
+    """`io_binding` (the default on CUDA; here on the CPU, the same code in host memory): rows joining and leaving
+    a batch of several adapters give the tokens of the host engine, and between steps the cache is onnxruntime
+    OrtValues, not numpy arrays copied in and out of every run."""
+    import onnxruntime as ort
+
+    bound = Engine(example.model, max_batch_size=4, threads=1, io_binding=True)
+    assert bound.io_binding and not engine.io_binding
+    names = engine.model_names
+
+    def requests():
+        return [greedy(names[i % len(names)], engine.tokenizer.encode(PROMPTS[i % len(PROMPTS)]), max_tokens=3 + 4 * i,
+                       rid=f"r{i}") for i in range(6)]
+
+    arrive = {2: requests()[3:5], 6: requests()[5:]}
+    want = run_engine(engine, requests()[:3], arrive=arrive)
+    kinds = set()
+
+    class Look(Stats):  # told after each run: the cache values then held between runs
+        def on_step(self, rows, adapters, seconds):
+            kinds.update(type(v).__name__ for b in bound._batches.values() if b.decoding is not None
+                         for v in b.decoding._cache.past.values())
+
+    bound.recorders.append(Look())
+    assert run_engine(bound, requests()[:3], arrive=arrive) == want
+    assert kinds == {ort.OrtValue.__name__}
+
+
 def test_rows_of_a_wrong_adapter_are_caught(engine, monkeypatch):
     """A planted fault: every row through the base. The comparison with single runs must see it."""
     ids = engine.tokenizer.encode(PROMPTS[0])
@@ -245,9 +273,11 @@ def test_a_consumer_that_goes_away_frees_its_slot(example):
         looper.close()
 
 
-def test_a_swappable_single_adapter_export_serves_each_adapter(example, reference, tmp_path):
+@pytest.mark.parametrize("io_binding", [False, True], ids=["host", "bound"])
+def test_a_swappable_single_adapter_export_serves_each_adapter(example, reference, tmp_path, io_binding):
     """One adapter exported with its swap file, a second converted for it (`road-export adapter`): one run per
-    adapter per step, each row's text peft's."""
+    adapter per step, each row's text peft's; with the cache in OrtValues (`io_binding`) the swapped adapter's
+    coefficients are bound as inputs (IOBinding takes no run options)."""
     import peft
     import transformers
     from test_cli import road_export
@@ -262,7 +292,7 @@ def test_a_swappable_single_adapter_export_serves_each_adapter(example, referenc
                        "rotate", "--no-verify", "--quiet", out).returncode == 0
     assert road_export("adapter", tmp_path / "other", "--like", out,
                        out / "onnx" / "model.other.onnx_adapter").returncode == 0
-    engine = Engine(out, threads=1)
+    engine = Engine(out, threads=1, io_binding=io_binding)
     assert engine.model_names == ["alpha", "other"] and not engine.session.mixed
     ids = engine.tokenizer.encode(PROMPTS[0])
     got = run_engine(engine, [greedy("alpha", ids, 12, "a"), greedy("other", ids, 12, "o")])

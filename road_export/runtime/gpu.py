@@ -224,8 +224,6 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     `present.*` OrtValues are bound as the next step's past, or a model builder graph's shared buffer, allocated
     once in device memory and bound as both `past_key_values.*` and `present.*`, which GroupQueryAttention then
     writes in place."""
-    import onnxruntime as ort
-
     from road_export.runtime.generation import Sampling, check_request, decode, new_decoding
 
     ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
@@ -233,14 +231,8 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     kind, dev = _memory(session)
     selected = route(session, ids.shape[0], adapter=adapter, adapter_names=adapter_names)
-
-    def allocate(shape, dtype):
-        if not shape[2]:  # length 0: copied as numpy
-            return np.zeros(shape, dtype)
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), kind, dev)
-
     decoding = new_decoding(session, bound_run(session, selected, kind, dev), mask, max_new_tokens,
-                            allocate=allocate)
+                            place=placer(session))
     select = None if do_sample or kind != "cuda" else _Selector(session)
 
     def pick(outputs):
@@ -254,12 +246,32 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     return np.concatenate([ids, *new], 1)
 
 
-def bound_run(session: Session, selected: Mapping[str, object], kind: str, dev: int):
+def placer(session: Session):
+    """`place(array)` for a decode loop's cache (`road_export.runtime.kvcache.KVCache`): the numpy array copied
+    into an onnxruntime OrtValue where the session runs (device memory on CUDA, host memory on the CPU); an array
+    with no elements stays numpy (onnxruntime binds it as it is)."""
+    import onnxruntime as ort
+
+    kind, dev = _memory(session)
+
+    def place(array: np.ndarray):
+        if not array.size:
+            return array
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), kind, dev)
+
+    return place
+
+
+def bound_run(session: Session, selected: Mapping[str, object], kind: str | None = None, dev: int = 0):
     """The decode loop's run (`road_export.runtime.generation.Run`) through one IOBinding: `selected` (the adapter
     inputs, `route`) bound once; each run binds its feeds (OrtValues as they are, numpy arrays copied), the shared
-    outputs (the cache's past buffer, written in place) and fresh outputs in `kind` memory on device `dev`, so the last
-    step's present.* OrtValues, now the cache's past, stay untouched; returns {output name: OrtValue}."""
+    outputs (the cache's past buffer, written in place) and fresh outputs in `kind` memory on device `dev` (default:
+    where the session runs), so the last step's present.* OrtValues, now the cache's past, stay untouched; returns
+    {output name: OrtValue}."""
     import onnxruntime as ort
+
+    if kind is None:
+        kind, dev = _memory(session)
 
     io = session.session.io_binding()
     for name, value in selected.items():

@@ -40,7 +40,7 @@ from road_export.core.names import PAST, PRESENT, positions
 from road_export.graph.ort_session import NUMPY_TYPES as ORT_TYPES
 
 __all__ = ["GQA_CHUNK_RULE", "CacheLayout", "GqaCache", "KVCache", "PaddedCache", "cache_layout", "file_layout",
-           "new_cache", "with_share_buffer"]
+           "host", "new_cache", "with_share_buffer"]
 
 NUMPY_TYPES = {**ORT_TYPES, "tensor(bfloat16)": np.float32}  # a bfloat16 cache is fed as float32 here
 GQA_CHUNK_RULE = ("onnxruntime's GroupQueryAttention takes several new tokens on top of a past for batch 1 only "
@@ -188,20 +188,25 @@ class KVCache:
     ({name: numpy array or OrtValue}); `last_logits(logits)` -> [rows, vocab], each row's last real token.
     `keep(indices)` and `extend(other)` drop and append rows (continuous batching). `past` holds the
     `past_key_values.*` values the next run takes; `lengths` [rows] the real tokens each row has in the cache after
-    the next run."""
+    the next run.
+
+    `place(array)` puts a past value the cache makes (zeros, or rows moved by `keep` / `extend`) where the runs take
+    it: by default the numpy array itself; a decode loop on IOBinding gives onnxruntime OrtValues in device memory
+    (road_export.runtime.gpu.placer). Past values may be numpy arrays or OrtValues (anything with `.numpy()`);
+    moving rows copies them through host memory."""
 
     def __init__(self, layout: CacheLayout, rows: int, *, capacity: int | None = None,
-                 allocate: Callable[[tuple[int, ...], Any], Any] | None = None):
+                 place: Callable[[np.ndarray], Any] | None = None):
         self.layout = layout
         self.rows = rows
         self.capacity = capacity
-        self.allocate = allocate or (lambda shape, dtype: np.zeros(shape, dtype))
+        self.place = place or (lambda array: array)
         self.past: dict[str, Any] = {}
         self.lengths = np.zeros(rows, np.int64)
         self._new = 0  # tokens per row in the last feeds
 
     def empty(self, rows: int, width: int) -> dict[str, Any]:
-        return {name: self.allocate((rows, heads, width, size), self.layout.dtype)
+        return {name: self.place(np.zeros((rows, heads, width, size), self.layout.dtype))
                 for name, (heads, size) in self.layout.shapes.items()}
 
     def update(self, outputs: Mapping[str, Any]) -> None:
@@ -275,7 +280,7 @@ class PaddedCache(KVCache):
         mask = self.mask[indices]
         start = int(np.argmax(mask.any(0)))  # leading columns no remaining row attends to
         self.mask = np.ascontiguousarray(mask[:, start:])
-        self.past = {k: np.ascontiguousarray(np.asarray(v)[indices][:, :, start:]) for k, v in self.past.items()}
+        self.past = {k: self.place(np.ascontiguousarray(host(v)[indices][:, :, start:])) for k, v in self.past.items()}
 
     def extend(self, other: KVCache) -> None:
         assert isinstance(other, PaddedCache)
@@ -285,7 +290,7 @@ class PaddedCache(KVCache):
         width = max(self.mask.shape[1], other.mask.shape[1])
 
         def pad(x, have: int, axis: int):  # left padding to `width`
-            x = np.asarray(x)
+            x = host(x)
             if have == width:
                 return x
             shape = list(x.shape)
@@ -293,7 +298,8 @@ class PaddedCache(KVCache):
             return np.concatenate([np.zeros(shape, x.dtype), x], axis)
 
         old, new = self.mask.shape[1], other.mask.shape[1]
-        self.past = {k: np.concatenate([pad(v, old, 2), pad(other.past[k], new, 2)], 0) for k, v in self.past.items()}
+        self.past = {k: self.place(np.concatenate([pad(v, old, 2), pad(other.past[k], new, 2)], 0))
+                     for k, v in self.past.items()}
         self.mask = np.concatenate([pad(self.mask, old, 1), pad(other.mask, new, 1)], 0)
         self.rows, self.lengths = self.rows + other.rows, np.concatenate([self.lengths, other.lengths])
 
@@ -366,34 +372,44 @@ class GqaCache(KVCache):
             self.past = {}
             return
         width = None if self.layout.share_buffer else int(self.lengths.max())
-        self.past = {k: np.ascontiguousarray(np.asarray(v)[indices][:, :, :width]) for k, v in self.past.items()}
+        self.past = {k: self.place(np.ascontiguousarray(host(v)[indices][:, :, :width])) for k, v in self.past.items()}
 
     def extend(self, other: KVCache) -> None:
         assert isinstance(other, GqaCache)
         if not self.rows:
             self.rows, self.past, self.lengths, self.capacity = other.rows, other.past, other.lengths, other.capacity
             return
-        width = max(np.asarray(v).shape[2] for v in [*self.past.values(), *other.past.values()])
+        width = max(_shape(v)[2] for v in [*self.past.values(), *other.past.values()])
 
         def pad(x):  # right padding to `width`
-            x = np.asarray(x)
+            x = host(x)
             if x.shape[2] == width:
                 return x
             shape = list(x.shape)
             shape[2] = width - x.shape[2]
             return np.concatenate([x, np.zeros(shape, x.dtype)], 2)
 
-        self.past = {k: np.concatenate([pad(v), pad(other.past[k])], 0) for k, v in self.past.items()}
+        self.past = {k: self.place(np.concatenate([pad(v), pad(other.past[k])], 0)) for k, v in self.past.items()}
         self.rows, self.lengths = self.rows + other.rows, np.concatenate([self.lengths, other.lengths])
 
 
+def host(value: Any) -> np.ndarray:
+    """A past value in host memory: a numpy array as it is, an onnxruntime OrtValue copied out (`.numpy()`)."""
+    return value if isinstance(value, np.ndarray) else value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    shape = value.shape() if callable(getattr(value, "shape", None)) else np.shape(value)  # OrtValue.shape()
+    return tuple(shape)
+
+
 def new_cache(layout: CacheLayout, rows: int = 0, *, capacity: int | None = None,
-              allocate: Callable[[tuple[int, ...], Any], Any] | None = None) -> KVCache:
+              place: Callable[[np.ndarray], Any] | None = None) -> KVCache:
     """A cache of `layout`'s strategy for `rows` rows. `capacity`: the shared buffer's positions (GQA with a shared
-    buffer; default the prompt's width); `allocate(shape, numpy dtype)` makes a zero past value (default numpy
-    zeros; the GPU loop allocates device memory)."""
+    buffer; default the prompt's width); `place(array)`: where the past values it makes are kept (default the numpy
+    arrays; an IOBinding loop keeps them in device memory: `KVCache`)."""
     kind = GqaCache if layout.gqa else PaddedCache
-    return kind(layout, rows, capacity=capacity, allocate=allocate)
+    return kind(layout, rows, capacity=capacity, place=place)
 
 
 def with_share_buffer(layout: CacheLayout, share: bool) -> CacheLayout:

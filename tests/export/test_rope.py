@@ -280,8 +280,8 @@ def test_serve_generates_each_request_as_peft_alone_across_the_switch(exports, t
                "stays": torch.randint(3, 256, (3,), generator=g).tolist()}
     new = {"crosses": 12, "stays": 10}
 
-    def serve():
-        engine = Engine(directory, max_batch_size=4, threads=1)
+    def serve(io_binding=False):
+        engine = Engine(directory, max_batch_size=4, threads=1, io_binding=io_binding)
         (adapter,) = engine.model_names
         for rid, ids in prompts.items():
             engine.submit(GenerationRequest(adapter, ids, SamplingParams(max_tokens=new[rid], temperature=0,
@@ -296,6 +296,7 @@ def test_serve_generates_each_request_as_peft_alone_across_the_switch(exports, t
     want = {rid: reference_generate(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.int64),
                                     new[rid])[0][0].tolist() for rid, ids in prompts.items()}
     assert got == want
+    assert serve(io_binding=True) == want  # the cache in OrtValues (CUDA's way; here in host memory): rows move alike
     # not vacuous: an engine that ignores the switch (one batch, the cache kept) serves other tokens
     monkeypatch.setattr(engine_module, "rope_switch", lambda session: None)
     monkeypatch.setattr(engine_module, "recompute_length", lambda session: None)

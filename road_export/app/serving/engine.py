@@ -10,11 +10,13 @@
 3. drops the rows that finished (EOS, `max_tokens`, a stop string, the context length) or were cancelled, and the
    leading cache columns that no remaining row attends to.
 
-Rows join and leave between steps, so a short request never waits for a long one. Each batch is the runtime's
-decode state (`road_export.runtime.generation.Decoding`: prefill, step, present -> past) over its
-`road_export.runtime.kvcache` cache, in the file's layout: road-export's (past [batch, kv_heads, past, head_dim],
-attention_mask [batch, past + new] with 0 on left padding, positions from `names.positions`), or a model builder
-graph's GroupQueryAttention rows (each row's tokens from position 0, one shared buffer of the context length).
+Rows join and leave between steps, so a short request never waits for a long one. On CUDA (`io_binding`) each
+batch's cache stays in device memory as onnxruntime OrtValues, the run's `present.*` bound as the next `past`.
+Each batch is the runtime's decode state (`road_export.runtime.generation.Decoding`: prefill, step, present ->
+past) over its `road_export.runtime.kvcache` cache, in the file's layout: road-export's (past [batch, kv_heads, past,
+head_dim], attention_mask [batch, past + new] with 0 on left padding, positions from `names.positions`), or a model
+builder graph's GroupQueryAttention rows (each row's tokens from position 0, one shared buffer of the context
+length).
 
 A longrope file (Phi-3; the `road_export.rope` record) chooses its rope factors from the largest position of a run,
 over the whole batch, as transformers does: every request is generated as transformers' `generate` would generate
@@ -182,13 +184,18 @@ class Engine:
     (text-generation-with-past), with the base model's `tokenizer.json`. `max_batch_size`: rows decoded together.
     `threads`, `native`, `providers`, `session_config`: RoadSession's. `served_model_name`: the name that selects
     the base (default: the directory's name). `recorders`: told about every step and finished request.
+    `io_binding`: keep every batch's key/value cache where the session runs, as onnxruntime OrtValues bound through
+    IOBinding (`road_export.runtime.gpu.bound_run`), so a step moves only its token ids in and its logits out, not
+    the cache; rows joining or leaving a batch copy its cache through host memory once. Default: on for a CUDA
+    session (otherwise every step would copy the whole cache to the GPU and back), off on the CPU, where it gives
+    the same tokens.
     Raises RoadError when the directory cannot be served (one line saying why).
     """
 
     def __init__(self, model_dir: str | Path, *, max_batch_size: int = 16, threads: int | None = None,
                  native: bool | None = None, providers: Sequence[str] | None = None,
                  served_model_name: str | None = None, recorders: Sequence[Recorder] = (),
-                 session_config: dict[str, str] | None = None):
+                 session_config: dict[str, str] | None = None, io_binding: bool | None = None):
         from road_export.runtime.session import RoadSession
 
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -223,6 +230,12 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.recorders = list(recorders)
         self._layout = self.session.cache_layout
+        self.io_binding = self.session.device == "cuda" if io_binding is None else bool(io_binding)
+        self._place = None
+        if self.io_binding:
+            from road_export.runtime.gpu import placer
+
+            self._place = placer(self.session)
         self._switch, self._recompute_at = rope_switch(self.session), recompute_length(self.session)
         self._waiting: deque[GenerationRequest] = deque()
         self._cancelled: set[str] = set()
@@ -370,8 +383,8 @@ class Engine:
     def _decoding(self, run: Run) -> Decoding:
         """A decode state over a new cache in the file's layout; a shared buffer (a builder graph's) holds the
         context length, so rows that join later fit beside."""
-        return Decoding(run, new_cache(self._layout,
-                                       capacity=self.context_length if self._layout.share_buffer else None))
+        capacity = self.context_length if self._layout.share_buffer else None
+        return Decoding(run, new_cache(self._layout, capacity=capacity, place=self._place))
 
     def _by_route(self, requests: list[GenerationRequest]) -> dict[str | None, list[GenerationRequest]]:
         groups: dict[str | None, list[GenerationRequest]] = {}
@@ -382,12 +395,15 @@ class Engine:
 
     def _route(self, route: str | None, rows: Sequence[_Row | GenerationRequest]):
         """(extra feeds, run options) for rows: adapter_ids per row, or the swapped adapter of the batch."""
-        if route is None:
-            names = [self._adapter_name(r.request.model if isinstance(r, _Row) else r.model) for r in rows]
-            return self.session.route(len(rows), adapter_names=names)
         if route == self.base_name:
             return {}, None  # a merged or base-only export: the model itself
-        return self.session.route(len(rows), adapter=route)
+        names = None if route is not None else \
+            [self._adapter_name(r.request.model if isinstance(r, _Row) else r.model) for r in rows]
+        if self.io_binding:  # a swapped adapter's coefficients as bound inputs (IOBinding takes no run options)
+            from road_export.runtime.gpu import route as device_route
+
+            return device_route(self.session, len(rows), adapter=route, adapter_names=names), None
+        return self.session.route(len(rows), adapter=route, adapter_names=names)
 
     def _adapter_name(self, model: str) -> str:
         return BASE_NAME if model == self.base_name else model
@@ -405,10 +421,16 @@ class Engine:
                 now: Sequence[_Row | GenerationRequest] = batch.rows
             else:
                 (extra, options), now = self._route(route, rows), rows
-            feeds.update(extra)
             started = time.perf_counter()
-            values = self.session.run_feeds(None, feeds, options)
-            outputs = dict(zip(self.session.output_names, values, strict=True))
+            if self.io_binding:
+                from road_export.runtime.gpu import bound_run
+
+                outputs = bound_run(self.session, extra)(feeds, shared or {})
+                outputs["logits"] = outputs["logits"].numpy()  # sampled on the host
+            else:
+                feeds.update(extra)
+                values = self.session.run_feeds(None, feeds, options)
+                outputs = dict(zip(self.session.output_names, values, strict=True))
             adapters = len({r.request.model if isinstance(r, _Row) else r.model for r in now})
             for recorder in self.recorders:
                 recorder.on_step(len(now), adapters, time.perf_counter() - started)
