@@ -16,6 +16,11 @@ prompt 32, 64 new tokens, batch 1 and 8, rounds interleaved (every runner once a
     own export                road-export's own exporter (`--mode rotate --dtype float16`, text-generation-with-past)
                               run by a GPU RoadSession (fused GEMV kernels, IOBinding loop): what the builder path
                               replaces for LLMs (fp16 only)
+    RoAd, RoadSession         the RoAd directory run by our runtime instead of genai's generator:
+                              `RoadSession.generate` (IOBinding loop, the shared buffer written in place)
+    RoAd / mixed, engine      the same through `road-export serve`'s engine (continuous batching, the cache kept in
+                              device memory), 8 rows on 8 adapters for the mixed directory; tokens compared with
+                              genai's on the same directory
 
     python tools/bench_builder_gpu.py prep W [--layers 22]   # torch + CPU: HF model, adapters, builder graphs, RoAd,
                                                              # our own export
@@ -148,6 +153,27 @@ def own_runner(path: Path, providers: list | None = None):
     return run
 
 
+def engine_runner(directory: Path, models: list[str]):
+    """Greedy generation through `road-export serve`'s engine on CUDA: row i asks for `models[i]`, NEW tokens
+    (ignore_eos), all submitted at once and stepped to the end."""
+    from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
+    from road_export.runtime.gpu import cuda_providers
+
+    engine = Engine(directory, max_batch_size=8, providers=cuda_providers())
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        for i, row in enumerate(ids):
+            engine.submit(GenerationRequest(models[i], row.tolist(), SamplingParams(max_tokens=NEW, temperature=0,
+                                                                                    ignore_eos=True), f"r{i}"))
+        out: dict[str, list[int]] = {}
+        while engine.has_work():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.token_ids)
+        return np.array([ids[i].tolist() + out[f"r{i}"] for i in range(len(ids))])
+
+    return run
+
+
 def runner(model_dir: Path, cuda_graph: bool, adapter_ids: list[int] | None = None):
     import onnxruntime_genai as og
 
@@ -184,7 +210,14 @@ COMPARISONS = [  # (what, batch, numerator, denominator, goal)
     ("int4 8 rows on 8 adapters / builder int4", 8, "int4 mixed", "int4 base", 0.95),
     ("fp16 own export / builder base", 1, "fp16 own export", "fp16 base", None),
     ("fp16 own export / builder base", 8, "fp16 own export", "fp16 base", None),
+    ("fp16 RoAd, RoadSession / builder base", 1, "fp16 RoAd, RoadSession", "fp16 base", None),
+    ("fp16 RoAd, RoadSession / builder base", 8, "fp16 RoAd, RoadSession", "fp16 base", None),
+    ("fp16 RoAd, engine / builder base", 1, "fp16 RoAd, engine", "fp16 base", None),
+    ("fp16 RoAd, engine / builder base", 8, "fp16 RoAd, engine", "fp16 base", None),
+    ("fp16 mixed, engine / builder base", 8, "fp16 mixed, engine", "fp16 base", None),
 ]
+SAME_DIRECTORY = {"fp16 RoAd, RoadSession": "fp16 RoAd", "fp16 RoAd, engine": "fp16 RoAd",
+                  "fp16 mixed, engine": "fp16 mixed"}  # our runtime's row: genai's row on the same directory
 
 
 def peft_tokens(w: Path, ids: np.ndarray) -> np.ndarray:
@@ -221,6 +254,9 @@ def bench(w: Path, out: Path, rounds: int) -> None:
         }
     if (w / "own" / "model.onnx").is_file():
         makers[("fp16 own export", (1, 8))] = lambda: own_runner(w / "own" / "model.onnx")
+    makers[("fp16 RoAd, RoadSession", (1, 8))] = lambda: own_runner(w / "gb16_road" / "model.onnx")
+    makers[("fp16 RoAd, engine", (1, 8))] = lambda: engine_runner(w / "gb16_road", ["default"] * 8)
+    makers[("fp16 mixed, engine", (8,))] = lambda: engine_runner(w / "gb16_mixed", [f"a{i}" for i in range(ADAPTERS)])
     runners, errors = {}, {}
     for key, make in makers.items():
         try:
@@ -253,6 +289,12 @@ def bench(w: Path, out: Path, rounds: int) -> None:
                               flush=True)
             except Exception:
                 errors["peft tokens"] = traceback.format_exc()[-1500:]
+        for ours, theirs in SAME_DIRECTORY.items():
+            if ours in tokens and theirs in tokens:
+                agree = np.cumprod(tokens[ours] == tokens[theirs], axis=1).sum(1)
+                results[f"b{batch} {ours} leading tokens equal to genai's"] = agree.tolist()
+                print(f"b{batch} {ours}: leading tokens equal to genai's on the same directory {agree.tolist()} of "
+                      f"{NEW}", flush=True)
         times = {n: [] for n in live}
         for _ in range(rounds):
             for name, run in live.items():
