@@ -68,6 +68,8 @@ def _file_with(tmp_path, **metadata) -> str:
     ("road_export.adapters", "[1,2", "is not JSON"),
     ("road_export.swap", '{"layer": 3}', "not a swap record"),
     ("road_export.swap", "[]", "is a JSON list, road-export writes a dict"),
+    ("road_export.adapters", '[{"name": "a", "variant": "road_1", "group_size": 8, "layers": [], "id": "1"}]',
+     "not an adapter record"),
 ])
 def test_a_damaged_record_is_one_line_naming_the_key(key, text, says):
     with pytest.raises(names.RoadError, match=says) as caught:
@@ -94,3 +96,32 @@ def test_inspect_and_runtime_refuse_a_damaged_record_with_one_line(tmp_path):
     assert_bad_input(road_export("inspect", path), says="road_export.adapters metadata is a JSON dict")
     with pytest.raises(names.RoadError, match="road_export.adapters metadata"):
         RoadSession(path)
+
+
+def test_adapter_ids_of_mixed_kinds_are_one_line(tmp_path):
+    """`id`s of another kind than an integer (hand-edited): RoadSession, which orders the adapters by them, says so
+    in one line."""
+    import json
+
+    from road_export.runtime import RoadSession
+
+    records = [{"name": name, "variant": "road_1", "group_size": 8, "layers": [], "id": i}
+               for name, i in (("a", "2"), ("b", 1))]
+    path = _file_with(tmp_path, road_export__adapters=json.dumps(records))
+    with pytest.raises(names.RoadError, match="road_export.adapters metadata holds .*'id': '2'.*, not an adapter "
+                                              "record"):
+        RoadSession(path)
+
+
+def test_inspect_reads_a_damaged_quantize_record_as_unreadable(tmp_path):
+    """A quantize record with fields of another kind (hand-edited): `inspect` shows it as unreadable, as it does a
+    record that is not JSON, instead of failing."""
+    from test_cli import road_export
+
+    records = ('{"scheme": "int4", "block_size": 16, "int8_nodes": "many"}',
+               '{"scheme": "int4", "block_size": 16, "int8_layers": 1e999}', "[1,")
+    for record in records:
+        path = _file_with(tmp_path, road_export__quantize=record)
+        done = road_export("inspect", path)
+        assert done.returncode == 0, done.stderr
+        assert f"quantized: {record} (an unreadable road_export.graph.quantize record)" in done.stdout, done.stdout

@@ -103,9 +103,10 @@ def read_record(metadata: dict[str, str], key: str, where: str, default=None):
         for item in value:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str) or \
                     not isinstance(item.get("group_size"), int) or not isinstance(item.get("layers"), list) or \
-                    not isinstance(item.get("variant"), str):
+                    not isinstance(item.get("variant"), str) or \
+                    ("id" in item and (isinstance(item["id"], bool) or not isinstance(item["id"], int))):
                 raise RoadError(f"{where}: its {key} metadata holds {str(item)[:80]!r}, not an adapter record "
-                                f"{{name, variant, group_size, layers}}{fix}")
+                                f"{{name, variant, group_size, layers[, id]}}{fix}")
     if key == METADATA_SWAP:
         for layer, record in value.items():
             if not isinstance(record, dict) or not isinstance(record.get("c1"), str) or \

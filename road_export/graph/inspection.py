@@ -236,14 +236,14 @@ def _summary(model: onnx.ModelProto, meta: dict[str, str], ops: Counter) -> str 
         try:
             info = json.loads(record)
             scheme, block = info["scheme"], info["block_size"]
-        except (ValueError, KeyError, TypeError):
+            eights, first = int(info.get("int8_nodes") or 0), int(info.get("int8_layers") or 0)
+        except (ValueError, KeyError, TypeError, OverflowError):
             return f"{record} (an unreadable road_export.graph.quantize record)"
         initializers = {t.name for t in model.graph.initializer}
         float_matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
                             and n.input[1] in initializers)
         quantized = ops.get("MatMulNBits", 0)
         parts = [f"MatMulNBits, blocks of {block}"]
-        eights, first = int(info.get("int8_nodes") or 0), int(info.get("int8_layers") or 0)
         if eights:
             where = (f"layer{'s 0-' + str(first - 1) if first > 1 else ' 0'} and the output head" if first else
                      "the output head")
