@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -85,7 +86,31 @@ def build_inputs(root: Path, plain_llama) -> Path:
     (root / "adir.onnx").mkdir()
     (root / "adir.onnx_adapter").mkdir()
     (root / "afile").write_text("x")
+    damaged_base_dirs(root)
     return root
+
+
+def damaged_base_dirs(root: Path) -> None:
+    """Base directories with one damaged JSON file each (only the files read before it): config.json, the
+    safetensors index, a safetensors header."""
+    config = (root / "base" / "config.json").read_text()
+    weights = (root / "base" / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", weights[:8])
+    header = json.loads(weights[8:8 + length])
+    header["model.layers.0.self_attn.q_proj.weight"]["shape"] = "x"
+    shape_text = json.dumps(header).encode()
+    index = "model.safetensors.index.json"
+    for name, files in {
+        "config-text": {"config.json": "{"},
+        "index-list": {"config.json": config, index: "[]"},
+        "index-map": {"config.json": config, index: '{"weight_map": ["model.safetensors"]}'},
+        "header-list": {"config.json": config, "model.safetensors": struct.pack("<Q", 2) + b"[]"},
+        "header-shape": {"config.json": config, "model.safetensors": struct.pack("<Q", len(shape_text)) + shape_text
+                         + weights[8 + length:]},
+    }.items():
+        (root / name).mkdir()
+        for file, content in files.items():
+            (root / name / file).write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -185,6 +210,19 @@ CASES = [
     ("verify-other-vocab", ["verify", "{r}/rotate.onnx"], "logits have 256 entries, the source model's vocab_size "
                                                           "is 2048"),
     ("verify-other-architecture", ["verify", "{r}/bert.onnx"], "does not fit the source model (llama)"),
+    # damaged JSON in the user's files: a base's config.json, safetensors index or header
+    ("merge-checkpoint-config-text", ["merge-checkpoint", "--base", "{r}/config-text", "--adapter", "{r}/road",
+                                      "{o}/m"], "config-text/config.json: not JSON (Expecting"),
+    ("merge-checkpoint-index-list", ["merge-checkpoint", "--base", "{r}/index-list", "--adapter", "{r}/road", "{o}/m"],
+     "model.safetensors.index.json: holds a JSON array, not an object; save the model again with save_pretrained"),
+    ("merge-checkpoint-index-map", ["merge-checkpoint", "--base", "{r}/index-map", "--adapter", "{r}/road", "{o}/m"],
+     "model.safetensors.index.json: not a safetensors index (its weight_map must map"),
+    ("merge-checkpoint-header-list", ["merge-checkpoint", "--base", "{r}/header-list", "--adapter", "{r}/road",
+                                      "{o}/m"], "model.safetensors: not a readable safetensors file (its header is "
+                                                "not a JSON object)"),
+    ("merge-checkpoint-header-shape", ["merge-checkpoint", "--base", "{r}/header-shape", "--adapter", "{r}/road",
+                                       "{o}/m"], "its header's entry 'model.layers.0.self_attn.q_proj.weight' is not "
+                                                 "{dtype, shape, data_offsets}"),
 ]
 
 
@@ -538,3 +576,71 @@ def test_adapter_names_are_checked_in_the_api(name):
     config = rx.RoadConfig(variant="road_1", group_size=8)
     with pytest.raises(RoadError, match="reserved|letters, digits"):
         rx.get_road_model(tiny("tiny-llama"), config, name)
+
+
+# ---- damaged JSON files of a model directory ----
+
+@pytest.mark.parametrize(("genai", "says"), [
+    ('{"model": {"decoder": {"session_options": []}}}', "not an onnxruntime-genai config (no "
+                                                        "model.decoder.session_options object); export the model "
+                                                        "directory again with road-export"),
+    ('{"model": ', "genai_config.json: not JSON (Expecting value"),
+], ids=["session-options-list", "not-json"])
+def test_kernels_genai_config_damaged(tmp_path, capsys, monkeypatch, genai, says):
+    """`kernels --genai-config DIR` on a damaged genai_config.json: one line, the file unchanged, no library copied
+    (the kernels themselves are not built here: a stand-in library)."""
+    from road_export.graph import native
+
+    library = tmp_path / "libroad_ort.so"
+    library.write_bytes(b"a stand-in library")
+    monkeypatch.setattr(native, "library_path", lambda: library)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "genai_config.json").write_text(genai)
+    before = snapshot(model)
+    code, out, err = cli(capsys, "kernels", "--genai-config", model)
+    assert_one_line(code, err, out, says)
+    assert snapshot(model) == before
+
+
+def test_custom_ops_entry_of_another_kind_is_dropped(tmp_path):
+    """Removing the custom_ops_library entry (library None) where it holds something else than a file name."""
+    from road_export.graph.model_dir import set_custom_ops_library
+
+    (tmp_path / "genai_config.json").write_text('{"model": {"decoder": {"session_options": '
+                                                '{"custom_ops_library": 5}}}}')
+    path = set_custom_ops_library(tmp_path, None)
+    assert json.loads(path.read_text())["model"]["decoder"]["session_options"] == {}
+
+
+@pytest.mark.parametrize(("config", "says"), [
+    ("{", "tokenizer_config.json: not JSON (Expecting property name"),
+    ("[]", "tokenizer_config.json: holds a JSON array, not an object"),
+], ids=["not-json", "list"])
+def test_serving_tokenizer_config_damaged(tmp_path, config, says):
+    pytest.importorskip("tokenizers")
+    from conftest import word_tokenizer
+
+    from road_export.app.serving.text import TextTokenizer
+
+    word_tokenizer(tmp_path, 16)
+    (tmp_path / "tokenizer_config.json").write_text(config)
+    with pytest.raises(RoadError) as caught:
+        TextTokenizer(tmp_path)
+    message = str(caught.value)
+    assert says in message and "\n" not in message, message
+    assert message.endswith(f"save the tokenizer again with tokenizer.save_pretrained('{tmp_path}')"), message
+
+
+def test_serving_tokenizer_named_templates_of_another_kind(tmp_path):
+    """A `chat_template` list holding something else than {name, template} objects: no template, not a crash."""
+    pytest.importorskip("tokenizers")
+    from conftest import word_tokenizer
+
+    from road_export.app.serving.text import TextTokenizer
+
+    word_tokenizer(tmp_path, 16)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ["{{ messages }}"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert TextTokenizer(tmp_path).chat_template is None

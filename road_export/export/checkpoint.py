@@ -28,7 +28,7 @@ from road_export.core import rotation
 from road_export.export import zoo
 from road_export.graph.adapter_files import read_adapter
 from road_export.core.errors import RoadError
-from road_export.graph.files import atomic_write
+from road_export.graph.files import atomic_write, read_json_object
 from road_export.export.layers import is_supported_base, output_axis
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -50,14 +50,26 @@ class MergeReport:
     largest_tensor_bytes: int = 0
 
 
-def _shards(base: Path) -> list[Path]:
-    index = base / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise RoadError(f"{index}: not a readable safetensors index ({e})") from e
-        return [base / name for name in sorted(set(weight_map.values()))]
+RESAVE = "save the model again with save_pretrained"
+
+
+def _index(base: Path) -> dict[str, Any] | None:
+    """The safetensors index of the checkpoint at `base` ({"weight_map": {tensor: shard file}, ...}), None where
+    it has none. Raises RoadError for an index that is not JSON, or has no such weight_map."""
+    path = base / INDEX_NAME
+    if not path.is_file():
+        return None
+    index = read_json_object(path, RESAVE)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise RoadError(f"{path}: not a safetensors index (its weight_map must map tensor names to shard file "
+                        f"names); {RESAVE}")
+    return index
+
+
+def _shards(base: Path, index: dict[str, Any] | None) -> list[Path]:
+    if index is not None:
+        return [base / name for name in sorted(set(index["weight_map"].values()))]
     single = base / "model.safetensors"
     if single.is_file():
         return [single]
@@ -71,8 +83,23 @@ def _header(path: Path) -> tuple[int, dict]:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
     except (OSError, struct.error, ValueError) as e:
-        raise RoadError(f"{path}: not a readable safetensors file ({e})") from e
+        raise RoadError(f"{path}: not a readable safetensors file ({e}); {RESAVE}") from e
+    if not isinstance(header, dict):
+        raise RoadError(f"{path}: not a readable safetensors file (its header is not a JSON object); {RESAVE}")
+    for key, info in header.items():
+        if key != "__metadata__" and not _entry(info):
+            raise RoadError(f"{path}: not a readable safetensors file (its header's entry {key!r} is not "
+                            f"{{dtype, shape, data_offsets}}); {RESAVE}")
     return length, header
+
+
+def _entry(info: Any) -> bool:
+    """Whether a safetensors header entry is {dtype, shape: [int], data_offsets: [begin, end]}."""
+    def ints(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+    return isinstance(info, dict) and isinstance(info.get("dtype"), str) and ints(info.get("shape")) and \
+        ints(info.get("data_offsets")) and len(info["data_offsets"]) == 2
 
 
 def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> MergeReport:
@@ -89,10 +116,11 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
     if not out.parent.is_dir():
         raise RoadError(f"{out}: directory {out.parent} does not exist")
     adapter = read_adapter(adapter_dir)
-    config = json.loads((base / "config.json").read_text())
+    config = read_json_object(base / "config.json", RESAVE)
     meta = zoo.meta_model(zoo.read_config(base))
     g = adapter.config.group_size
-    shards = _shards(base)
+    index = _index(base)
+    shards = _shards(base, index)
     headers = {shard: _header(shard) for shard in shards}
     where = {key: shard for shard, (_, header) in headers.items() for key in header if key != "__metadata__"}
     tied = {name: group for group in zoo.tied_groups(meta) for name in group}
@@ -159,14 +187,14 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
     with atomic_write(out) as tmp:  # an empty `out` is replaced; a failure leaves nothing behind
         tmp.mkdir()
         names = {shard: shard.name for shard in shards}
-        if (untied or head) and not (base / INDEX_NAME).is_file():  # transformers reads a single file first
+        if (untied or head) and index is None:  # transformers reads a single file first
             names[shards[0]] = "model-00001-of-00001.safetensors"
         for shard in shards:
             _write_shard(shard, tmp / names[shard], headers[shard], plan_stored, extra_stored, axes, g, report,
                          buffers)
         if untied or head:
-            index = json.loads((base / INDEX_NAME).read_text()) if (base / INDEX_NAME).is_file() else \
-                {"metadata": {}, "weight_map": {k: names[shards[0]] for k in where}}
+            if index is None:
+                index = {"metadata": {}, "weight_map": {k: names[shards[0]] for k in where}}
             if untied:
                 _write_untied(tmp / UNTIED_SHARD, untied, plan, axes, extra, where, g, report)
                 index["weight_map"].update({k: UNTIED_SHARD for k in untied})

@@ -19,6 +19,9 @@ own import overhead and the one file is easier to move; above it, the streamed s
 1 x the torch model (tools/bench_scale.py measures it). Tensors of another file's external data are copied by
 the kernel (onnx-ir's `ExternalTensor.tofile`, copy_file_range), so rewriting a model (attach, optimize) never
 holds the weights it does not change; lazily computed ones (fold, the exporter's) are evaluated one at a time.
+
+JSON files from the user's directories (a base's config.json, a model directory's genai_config.json, ...) are read
+by `read_json_object`: a file that is not JSON, or JSON of another kind than an object, is one RoadError line.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from road_export.core.errors import RoadError, first_line
 
@@ -42,7 +45,8 @@ if TYPE_CHECKING:  # onnx-ir (and onnx under it) load on first use: `road-export
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD", "atomic_write", "check_output", "check_writable", "deferred_signals",
     "kept_on_failure", "load_for_rewrite", "load_model", "needs_external_data", "os_error_reason", "probe_writable",
-    "save_model", "release", "staging_dir", "tensor_bytes", "write_failure_reason", "write_text_atomic",
+    "read_json_object", "save_model", "release", "staging_dir", "tensor_bytes", "write_failure_reason",
+    "write_text_atomic",
 ]
 
 TWO_GB = 2**31
@@ -343,6 +347,28 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as e:
         first = first_line(e)
         raise RoadError(f"{path}: not a readable ONNX model ({first})") from e
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def read_json_object(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """The JSON object in the file at `path` (a config.json, genai_config.json, tokenizer_config.json, a
+    safetensors index: files of the user's directories). Raises RoadError "PATH: not JSON (WHY); FIX" for a file
+    that cannot be read as JSON, and "PATH: holds a JSON array, not an object; FIX" for JSON of another kind; `fix`
+    says how to mend it (e.g. "export the model again")."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RoadError(f"{path}: cannot read it ({os_error_reason(e)}); {fix}") from e
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise RoadError(f"{path}: not JSON ({first_line(e)}); {fix}") from e
+    if not isinstance(data, dict):
+        raise RoadError(f"{path}: holds a JSON {_JSON_KINDS.get(type(data), type(data).__name__)}, not an object; "
+                        f"{fix}")
+    return data
 
 
 def tensor_bytes(model: ir.Model) -> int:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from road_export.core.errors import RoadError
-from road_export.graph.files import atomic_write, write_text_atomic
+from road_export.graph.files import atomic_write, read_json_object, write_text_atomic
 
 __all__ = [
     "CONFIG",
@@ -322,18 +322,20 @@ def set_custom_ops_library(directory: str | os.PathLike, library: str | os.PathL
     if not path.is_file():
         raise RoadError(f"{directory}: no {GENAI_CONFIG}; give a model directory written by road-export for a "
                         "decoder (task text-generation-with-past)")
-    try:
-        data = json.loads(path.read_text())
-        options = data["model"]["decoder"].setdefault("session_options", {})
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise RoadError(f"{path}: not an onnxruntime-genai config ({type(e).__name__}: {e})") from e
+    fix = "export the model directory again with road-export"
+    data = read_json_object(path, fix)
+    model = data.get("model")
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    options = decoder.setdefault("session_options", {}) if isinstance(decoder, dict) else None
+    if not isinstance(options, dict):
+        raise RoadError(f"{path}: not an onnxruntime-genai config (no model.decoder.session_options object); {fix}")
     old = options.pop("custom_ops_library", None)
     if library is not None:
         name = library_name(library)
         with atomic_write(directory / name) as tmp:
             shutil.copyfile(library, tmp)
         options["custom_ops_library"] = name
-    elif old and "/" not in old and (directory / old).is_file():
+    elif isinstance(old, str) and old and "/" not in old and (directory / old).is_file():
         (directory / old).unlink()
     write_text_atomic(path, json.dumps(data, indent=4) + "\n")
     return path

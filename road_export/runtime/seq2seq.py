@@ -15,13 +15,13 @@ result is the decoder's tokens, starting with `decoder_start_token_id`, rows tha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from road_export.core.errors import RoadError
+from road_export.graph.files import read_json_object
 from road_export.runtime.generation import Decoding, Sampling, Step, _prompt, decode, host_pick, host_run
 from road_export.core.names import METADATA_SEQ2SEQ, PAST, PRESENT, SEQ2SEQ_FILES, SEQ2SEQ_MERGED, read_record
 
@@ -133,10 +133,7 @@ class Seq2SeqSession:
             for folder in (self.path, decoder_file.parent):
                 path = folder / name
                 if path.is_file():
-                    try:
-                        data = json.loads(path.read_text())
-                    except ValueError as e:
-                        raise RoadError(f"{path}: not JSON ({e})") from e
+                    data = read_json_object(path, "fix it, or export the model again")
                     out.update({k: data[k] for k in ("decoder_start_token_id", "eos_token_id", "pad_token_id")
                                 if data.get(k) is not None})
                     break

@@ -386,3 +386,21 @@ def test_session_options_reach_every_file(t5_swap):
     _, directory, _ = t5_swap
     session = open_session(directory, session_config={"session.intra_op.allow_spinning": "0"}, fuse=False)
     assert isinstance(session, Seq2SeqSession) and session.fused == 0
+
+
+@pytest.mark.parametrize(("name", "text", "says"), [
+    ("config.json", "[]", "config.json: holds a JSON array, not an object; fix it, or export the model again"),
+    ("generation_config.json", '{"eos_token_id": ', "generation_config.json: not JSON (Expecting value: line 1 "
+                                                     "column 18 (char 17)); fix it, or export the model again"),
+], ids=["config-list", "generation-not-json"])
+def test_damaged_generation_files_are_one_line(t5_swap, tmp_path, name, text, says):
+    """The directory's config.json / generation_config.json (the generation defaults) damaged: one RoadError line."""
+    import shutil
+
+    _, directory, _ = t5_swap
+    copy = tmp_path / "model"
+    shutil.copytree(directory, copy)
+    (copy / name).write_text(text)
+    with pytest.raises(RoadError) as caught:
+        Seq2SeqSession(copy)
+    assert says in str(caught.value) and "\n" not in str(caught.value), str(caught.value)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from road_export.core.errors import RoadError
+from road_export.graph.files import read_json_object
 
 __all__ = ["Detokenizer", "TextTokenizer"]
 
@@ -37,7 +38,7 @@ class TextTokenizer:
     """A model directory's tokenizer: encode, decode, chat template.
 
     Raises RoadError when the directory has no `tokenizer.json` (serving needs a fast tokenizer: save one with
-    `tokenizer.save_pretrained(MODEL_DIR)`).
+    `tokenizer.save_pretrained(MODEL_DIR)`), or when it or `tokenizer_config.json` cannot be read.
     """
 
     def __init__(self, directory: str | Path):
@@ -53,14 +54,16 @@ class TextTokenizer:
         except Exception as e:  # tokenizers raises plain Exception subclasses for unreadable files
             raise RoadError(f"{path}: the tokenizers library cannot read it ({e})") from e
         config_path = directory / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        fix = f"save the tokenizer again with tokenizer.save_pretrained('{directory}')"
+        self.config: dict[str, Any] = read_json_object(config_path, fix) if config_path.is_file() else {}
         self.special = {key: _token_text(self.config.get(key)) for key in
                         ("bos_token", "eos_token", "unk_token", "pad_token")}
         self.clean_up_spaces = bool(self.config.get("clean_up_tokenization_spaces", False))
         template_file = directory / "chat_template.jinja"
         template = template_file.read_text() if template_file.is_file() else self.config.get("chat_template")
         if isinstance(template, list):  # several named templates: transformers uses "default"
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
         self.chat_template: str | None = template if isinstance(template, str) and template.strip() else None
         self._template = None
 
