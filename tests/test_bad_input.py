@@ -101,6 +101,7 @@ def damaged_base_dirs(root: Path) -> None:
     shape_text = json.dumps(header).encode()
     index = "model.safetensors.index.json"
     for name, files in {
+        "config-list": {"config.json": "[]"},
         "config-text": {"config.json": "{"},
         "index-list": {"config.json": config, index: "[]"},
         "index-map": {"config.json": config, index: '{"weight_map": ["model.safetensors"]}'},
@@ -211,6 +212,10 @@ CASES = [
                                                           "is 2048"),
     ("verify-other-architecture", ["verify", "{r}/bert.onnx"], "does not fit the source model (llama)"),
     # damaged JSON in the user's files: a base's config.json, safetensors index or header
+    ("builder-config-list", ["--base", "{r}/config-list", "--adapter", "{r}/road", "--graph", "builder", "{o}/d"],
+     "config-list/config.json is not a transformers config (a JSON object"),
+    ("auto-config-list", ["--base", "{r}/config-list", "--adapter", "{r}/road", "--graph", "auto", "{o}/d"],
+     "config-list/config.json: cannot read the model config"),
     ("merge-checkpoint-config-text", ["merge-checkpoint", "--base", "{r}/config-text", "--adapter", "{r}/road",
                                       "{o}/m"], "config-text/config.json: not JSON (Expecting"),
     ("merge-checkpoint-index-list", ["merge-checkpoint", "--base", "{r}/index-list", "--adapter", "{r}/road", "{o}/m"],

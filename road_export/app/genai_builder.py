@@ -99,10 +99,19 @@ def choose_graph(graph: str, base: str | None, *, directory: bool, task: str | N
     if base is None or not Path(base).is_dir() or not (Path(base) / "config.json").is_file():
         problems.append("--base is not a transformers directory with config.json")
     else:
+        config = Path(base) / "config.json"
         try:
-            arch = (json.loads((Path(base) / "config.json").read_text()).get("architectures") or [None])[0]
+            data = json.loads(config.read_text())
         except (OSError, ValueError):
-            problems.append(f"{base}/config.json is not readable JSON")
+            problems.append(f"{config} is not readable JSON")
+        else:
+            names = data.get("architectures") if isinstance(data, dict) else None
+            if not isinstance(data, dict) or not (names is None or isinstance(names, list) and all(
+                    isinstance(n, str) for n in names)):
+                problems.append(f"{config} is not a transformers config (a JSON object, its architectures a list of "
+                                "class names)")
+            else:
+                arch = names[0] if names else None
     if task is not None and task not in ("text-generation", "text-generation-with-past", "causal-lm",
                                          "causal-lm-with-past"):
         problems.append(f"task {task} is not text generation")
