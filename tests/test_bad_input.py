@@ -86,6 +86,10 @@ def build_inputs(root: Path, plain_llama) -> Path:
     (root / "adir.onnx").mkdir()
     (root / "adir.onnx_adapter").mkdir()
     (root / "afile").write_text("x")
+    damaged_record = onnx.load(str(root / "plain.onnx"))  # a base whose adapter record is damaged
+    onnx.helper.set_model_props(damaged_record, {**{p.key: p.value for p in damaged_record.metadata_props},
+                                                 "road_export.adapters": "[1,2"})
+    onnx.save(damaged_record, str(root / "record.onnx"))
     damaged_base_dirs(root)
     return root
 
@@ -211,7 +215,7 @@ CASES = [
     ("verify-other-vocab", ["verify", "{r}/rotate.onnx"], "logits have 256 entries, the source model's vocab_size "
                                                           "is 2048"),
     ("verify-other-architecture", ["verify", "{r}/bert.onnx"], "does not fit the source model (llama)"),
-    # damaged JSON in the user's files: a base's config.json, safetensors index or header
+    # damaged JSON in the user's files: a base's config.json, safetensors index or header, a file's metadata record
     ("builder-config-list", ["--base", "{r}/config-list", "--adapter", "{r}/road", "--graph", "builder", "{o}/d"],
      "config-list/config.json is not a transformers config (a JSON object"),
     ("auto-config-list", ["--base", "{r}/config-list", "--adapter", "{r}/road", "--graph", "auto", "{o}/d"],
@@ -228,6 +232,8 @@ CASES = [
     ("merge-checkpoint-header-shape", ["merge-checkpoint", "--base", "{r}/header-shape", "--adapter", "{r}/road",
                                        "{o}/m"], "its header's entry 'model.layers.0.self_attn.q_proj.weight' is not "
                                                  "{dtype, shape, data_offsets}"),
+    ("attach-damaged-record", ["attach", "{r}/record.onnx", "--adapter", "{r}/road", "{o}/x.onnx"],
+     "record.onnx: its road_export.adapters metadata is not JSON"),
 ]
 
 

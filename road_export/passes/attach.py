@@ -28,7 +28,8 @@ from road_export.graph import ops as road_op
 from road_export.graph.adapter_files import AdapterFile, read_adapter
 from road_export.core.errors import RoadError
 from road_export.graph.files import load_for_rewrite, save_model
-from road_export.core.names import GRAPH_BUILDER, METADATA_ADAPTERS, METADATA_GRAPH, METADATA_MODE, METADATA_VERSION
+from road_export.core.names import (GRAPH_BUILDER, METADATA_ADAPTERS, METADATA_GRAPH, METADATA_MODE, METADATA_VERSION,
+                                    recorded_adapter_names)
 from road_export.passes import common
 from road_export.passes.fold import FoldPass
 
@@ -427,12 +428,9 @@ def record_attached(model: ir.Model, adapters: list[tuple[str, AdapterFile]], mo
 
 def check_no_adapter(metadata: dict[str, str], path: str | Path) -> None:
     """Refuse a base whose metadata (`road_export.adapters`) records adapters already merged or attached: attaching
-    again would rotate the rotated layers a second time. Raises RoadError (one line)."""
-    try:
-        recorded = json.loads(metadata.get(METADATA_ADAPTERS) or "[]")
-    except ValueError:
-        recorded = []
-    names = [str(a.get("name", "?")) for a in recorded if isinstance(a, dict)] if isinstance(recorded, list) else []
+    again would rotate the rotated layers a second time. Raises RoadError (one line), also for a damaged record
+    (`names.read_record`: it cannot tell whether the file holds adapters)."""
+    names = recorded_adapter_names(metadata, str(path))
     if names:
         mode = metadata.get(METADATA_MODE, "?")
         raise RoadError(f"{path}: already holds adapter(s) {', '.join(names)} ({mode}, recorded in its "
