@@ -6,9 +6,10 @@ position growth, left padding), without a cache, across a recompute, and stop ro
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from road_export.runtime.generation import Decoding, Sampling, decode, host_pick
-from road_export.runtime.kvcache import CacheLayout, new_cache
+from road_export.runtime.kvcache import CacheLayout, HostMemory, new_cache
 
 V = 11
 PAST, PRESENT = "past_key_values.0", "present.0"
@@ -116,3 +117,46 @@ def test_outputs_reach_the_cache_only_before_the_next_step():
             return self._cache
 
     assert not np.array_equal(tokens(Forgetful(Model(), new_cache(LAYOUT)), ids, mask, 4), reference(rows, 4))
+
+
+def test_host_memory_pads_and_takes_as_its_docstring_says():
+    a, b = np.arange(24, dtype=np.float32).reshape(2, 1, 3, 4) + 1, np.ones((1, 1, 5, 4), np.float32)
+    memory = HostMemory()
+    left, right = memory.join(a, b, 5, left=True), memory.join(a, b, 5, left=False)
+    assert left.shape == right.shape == (3, 1, 5, 4)
+    np.testing.assert_array_equal(left[:2, :, 2:], a)
+    assert not left[:2, :, :2].any()
+    np.testing.assert_array_equal(right[:2, :, :3], a)
+    assert not right[:2, :, 3:].any()
+    np.testing.assert_array_equal(left[2:], b)
+    np.testing.assert_array_equal(memory.take(a, [1, 0], 1, 2), a[[1, 0], :, 1:2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_device_memory_moves_rows_as_host_memory_does(dtype):
+    """road_export.runtime.gpu.DeviceMemory, the IOBinding loop's cache memory (here on the CPU: the same onnxruntime
+    sessions), takes and joins rows as HostMemory does, giving OrtValues."""
+    import onnxruntime as ort
+
+    from road_export.runtime.gpu import DeviceMemory
+
+    class CpuSession:
+        device = "cpu"
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal(shape).astype(dtype) for shape in ((3, 2, 5, 4), (2, 2, 7, 4)))
+    host, device = HostMemory(), DeviceMemory(CpuSession())
+    assert isinstance(device.zeros((1, 2, 3, 4), dtype), ort.OrtValue)
+
+    def on(x):
+        return ort.OrtValue.ortvalue_from_numpy(x)
+
+    for rows, start, stop in [([2, 0], 1, None), ([1], 0, 3), ([0, 1, 2], 0, 5), ([2], 4, 5)]:
+        got = device.take(on(a), rows, start, stop)
+        assert isinstance(got, ort.OrtValue)
+        np.testing.assert_array_equal(got.numpy(), host.take(a, rows, start, stop))
+    for left in (True, False):
+        for width in (7, 9):
+            got = device.join(on(a), on(b), width, left=left)
+            assert isinstance(got, ort.OrtValue) and device.shape(got) == (5, 2, width, 4)
+            np.testing.assert_array_equal(got.numpy(), host.join(a, b, width, left=left))

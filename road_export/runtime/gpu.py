@@ -232,7 +232,7 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     kind, dev = _memory(session)
     selected = route(session, ids.shape[0], adapter=adapter, adapter_names=adapter_names)
     decoding = new_decoding(session, bound_run(session, selected, kind, dev), mask, max_new_tokens,
-                            place=placer(session))
+                            memory=DeviceMemory(session))
     select = None if do_sample or kind != "cuda" else _Selector(session)
 
     def pick(outputs):
@@ -246,20 +246,93 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     return np.concatenate([ids, *new], 1)
 
 
-def placer(session: Session):
-    """`place(array)` for a decode loop's cache (`road_export.runtime.kvcache.KVCache`): the numpy array copied
-    into an onnxruntime OrtValue where the session runs (device memory on CUDA, host memory on the CPU); an array
-    with no elements stays numpy (onnxruntime binds it as it is)."""
-    import onnxruntime as ort
+@functools.cache
+def _mover_model(kind: str, element_type: int) -> bytes:
+    """The cache's row moves as one onnxruntime model each (`DeviceMemory`), for past values of ONNX `element_type`:
+    "take": y = Slice(Gather(x, rows, axis 0), start, stop, axis 2); "join": y = Concat(Pad(a, pads_a), Pad(b,
+    pads_b), axis 0), zeros padded."""
+    from onnx import TensorProto, helper
 
-    kind, dev = _memory(session)
+    def value(name, element, dims):
+        return helper.make_tensor_value_info(name, element, dims)
 
-    def place(array: np.ndarray):
-        if not array.size:
-            return array
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), kind, dev)
+    if kind == "take":
+        nodes = [helper.make_node("Gather", ["x", "rows"], ["picked"], axis=0),
+                 helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [1],
+                                                                                     [2])),
+                 helper.make_node("Slice", ["picked", "start", "stop", "axis"], ["y"])]
+        inputs = [value("x", element_type, ["b", "h", "s", "d"]), value("rows", TensorProto.INT64, ["n"]),
+                  value("start", TensorProto.INT64, [1]), value("stop", TensorProto.INT64, [1])]
+    else:
+        nodes = [helper.make_node("Pad", ["a", "pads_a"], ["wide_a"]),
+                 helper.make_node("Pad", ["b", "pads_b"], ["wide_b"]),
+                 helper.make_node("Concat", ["wide_a", "wide_b"], ["y"], axis=0)]
+        inputs = [value("a", element_type, ["b1", "h", "s1", "d"]), value("b", element_type, ["b2", "h", "s2", "d"]),
+                  value("pads_a", TensorProto.INT64, [8]), value("pads_b", TensorProto.INT64, [8])]
+    graph = helper.make_graph(nodes, kind, inputs, [value("y", element_type, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
-    return place
+
+class DeviceMemory:
+    """`road_export.runtime.kvcache.HostMemory` for a decode loop on IOBinding: past values are onnxruntime OrtValues
+    where `session` runs (device memory on CUDA, host memory on the CPU), and rows move there, by two small
+    onnxruntime sessions on the same device (`_mover_model`), never through host memory. A zero-element value stays
+    numpy (onnxruntime binds it as it is)."""
+
+    def __init__(self, session: Session):
+        self.kind, self.device = _memory(session)
+        self._sessions: dict[tuple[str, int], object] = {}
+
+    def zeros(self, shape: tuple[int, ...], dtype) -> object:
+        import onnxruntime as ort
+
+        array = np.zeros(shape, dtype)
+        return ort.OrtValue.ortvalue_from_numpy(array, self.kind, self.device) if array.size else array
+
+    def shape(self, value) -> tuple[int, ...]:
+        return tuple(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
+
+    def take(self, value, rows: Sequence[int], start: int = 0, stop: int | None = None) -> object:
+        last = self.shape(value)[2] if stop is None else stop
+        return self._run("take", value, {"x": value, "rows": np.asarray(list(rows), np.int64),
+                                         "start": np.array([start], np.int64), "stop": np.array([last], np.int64)})
+
+    def join(self, first, second, width: int, *, left: bool) -> object:
+        def pads(value) -> np.ndarray:
+            more = width - self.shape(value)[2]
+            return np.array([0, 0, more if left else 0, 0, 0, 0, 0 if left else more, 0], np.int64)
+
+        return self._run("join", first, {"a": first, "b": second, "pads_a": pads(first), "pads_b": pads(second)})
+
+    def _run(self, kind: str, like, inputs: Mapping[str, object]) -> object:
+        import onnxruntime as ort
+        from onnx import helper
+
+        from road_export.graph.ort_session import new_session
+
+        if isinstance(like, ort.OrtValue):
+            element = _ELEMENT_TYPES[like.data_type()]
+        else:
+            element = helper.np_dtype_to_tensor_dtype(np.asarray(like).dtype)
+        key = (kind, element)
+        if key not in self._sessions:
+            providers = cuda_providers(self.device) if self.kind == "cuda" else ["CPUExecutionProvider"]
+            self._sessions[key] = new_session(_mover_model(kind, element), providers=providers, log_severity=3,
+                                              what="the key/value cache's row moves").session
+        session = self._sessions[key]
+        io = session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, ort.OrtValue):
+                io.bind_ortvalue_input(name, value)
+            else:
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
+        io.bind_output("y", self.kind, self.device)
+        session.run_with_iobinding(io)
+        return io.get_outputs()[0]
+
+
+_ELEMENT_TYPES = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(bfloat16)": 16, "tensor(double)": 11}
+"""onnxruntime's type strings (`OrtValue.data_type()`) of a cache -> ONNX element types (onnx.TensorProto)."""
 
 
 def bound_run(session: Session, selected: Mapping[str, object], kind: str | None = None, dev: int = 0):

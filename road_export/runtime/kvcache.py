@@ -28,7 +28,7 @@ contract (docs/ContribOperators.md: `seqlens_k`, `total_sequence_length`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from road_export.core.names import PAST, PRESENT, positions
 from road_export.graph.ort_session import NUMPY_TYPES as ORT_TYPES
 
 __all__ = ["GQA_CHUNK_RULE", "CacheLayout", "GqaCache", "KVCache", "PaddedCache", "cache_layout", "file_layout",
-           "host", "new_cache", "with_share_buffer"]
+           "HostMemory", "host", "new_cache", "with_share_buffer"]
 
 NUMPY_TYPES = {**ORT_TYPES, "tensor(bfloat16)": np.float32}  # a bfloat16 cache is fed as float32 here
 GQA_CHUNK_RULE = ("onnxruntime's GroupQueryAttention takes several new tokens on top of a past for batch 1 only "
@@ -190,23 +190,22 @@ class KVCache:
     `past_key_values.*` values the next run takes; `lengths` [rows] the real tokens each row has in the cache after
     the next run.
 
-    `place(array)` puts a past value the cache makes (zeros, or rows moved by `keep` / `extend`) where the runs take
-    it: by default the numpy array itself; a decode loop on IOBinding gives onnxruntime OrtValues in device memory
-    (road_export.runtime.gpu.placer). Past values may be numpy arrays or OrtValues (anything with `.numpy()`);
-    moving rows copies them through host memory."""
+    `memory` keeps the past values the cache makes (zeros) and moves rows (`keep`, `extend`): `HostMemory`, numpy
+    arrays, by default; a decode loop on IOBinding gives `road_export.runtime.gpu.DeviceMemory`, onnxruntime
+    OrtValues where the session runs, moved there."""
 
     def __init__(self, layout: CacheLayout, rows: int, *, capacity: int | None = None,
-                 place: Callable[[np.ndarray], Any] | None = None):
+                 memory: HostMemory | None = None):
         self.layout = layout
         self.rows = rows
         self.capacity = capacity
-        self.place = place or (lambda array: array)
+        self.memory = memory or HostMemory()
         self.past: dict[str, Any] = {}
         self.lengths = np.zeros(rows, np.int64)
         self._new = 0  # tokens per row in the last feeds
 
     def empty(self, rows: int, width: int) -> dict[str, Any]:
-        return {name: self.place(np.zeros((rows, heads, width, size), self.layout.dtype))
+        return {name: self.memory.zeros((rows, heads, width, size), self.layout.dtype)
                 for name, (heads, size) in self.layout.shapes.items()}
 
     def update(self, outputs: Mapping[str, Any]) -> None:
@@ -280,7 +279,7 @@ class PaddedCache(KVCache):
         mask = self.mask[indices]
         start = int(np.argmax(mask.any(0)))  # leading columns no remaining row attends to
         self.mask = np.ascontiguousarray(mask[:, start:])
-        self.past = {k: self.place(np.ascontiguousarray(host(v)[indices][:, :, start:])) for k, v in self.past.items()}
+        self.past = {k: self.memory.take(v, indices, start) for k, v in self.past.items()}
 
     def extend(self, other: KVCache) -> None:
         assert isinstance(other, PaddedCache)
@@ -289,18 +288,11 @@ class PaddedCache(KVCache):
             return
         width = max(self.mask.shape[1], other.mask.shape[1])
 
-        def pad(x, have: int, axis: int):  # left padding to `width`
-            x = host(x)
-            if have == width:
-                return x
-            shape = list(x.shape)
-            shape[axis] = width - have
-            return np.concatenate([np.zeros(shape, x.dtype), x], axis)
+        def pad(mask: np.ndarray) -> np.ndarray:  # left padding to `width`
+            return np.pad(mask, [(0, 0), (width - mask.shape[1], 0)])
 
-        old, new = self.mask.shape[1], other.mask.shape[1]
-        self.past = {k: self.place(np.concatenate([pad(v, old, 2), pad(other.past[k], new, 2)], 0))
-                     for k, v in self.past.items()}
-        self.mask = np.concatenate([pad(self.mask, old, 1), pad(other.mask, new, 1)], 0)
+        self.past = {k: self.memory.join(v, other.past[k], width, left=True) for k, v in self.past.items()}
+        self.mask = np.concatenate([pad(self.mask), pad(other.mask)], 0)
         self.rows, self.lengths = self.rows + other.rows, np.concatenate([self.lengths, other.lengths])
 
 
@@ -372,24 +364,15 @@ class GqaCache(KVCache):
             self.past = {}
             return
         width = None if self.layout.share_buffer else int(self.lengths.max())
-        self.past = {k: self.place(np.ascontiguousarray(host(v)[indices][:, :, :width])) for k, v in self.past.items()}
+        self.past = {k: self.memory.take(v, indices, 0, width) for k, v in self.past.items()}
 
     def extend(self, other: KVCache) -> None:
         assert isinstance(other, GqaCache)
         if not self.rows:
             self.rows, self.past, self.lengths, self.capacity = other.rows, other.past, other.lengths, other.capacity
             return
-        width = max(_shape(v)[2] for v in [*self.past.values(), *other.past.values()])
-
-        def pad(x):  # right padding to `width`
-            x = host(x)
-            if x.shape[2] == width:
-                return x
-            shape = list(x.shape)
-            shape[2] = width - x.shape[2]
-            return np.concatenate([x, np.zeros(shape, x.dtype)], 2)
-
-        self.past = {k: self.place(np.concatenate([pad(v), pad(other.past[k])], 0)) for k, v in self.past.items()}
+        width = max(self.memory.shape(v)[2] for v in [*self.past.values(), *other.past.values()])
+        self.past = {k: self.memory.join(v, other.past[k], width, left=False) for k, v in self.past.items()}
         self.rows, self.lengths = self.rows + other.rows, np.concatenate([self.lengths, other.lengths])
 
 
@@ -398,18 +381,41 @@ def host(value: Any) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
-def _shape(value: Any) -> tuple[int, ...]:
-    shape = value.shape() if callable(getattr(value, "shape", None)) else np.shape(value)  # OrtValue.shape()
-    return tuple(shape)
+class HostMemory:
+    """Where a cache keeps its past values [rows, kv_heads, positions, head_dim] and how it moves their rows: numpy
+    arrays in host memory (an OrtValue given to it is copied out first). `road_export.runtime.gpu.DeviceMemory` does
+    the same on onnxruntime OrtValues where a session runs."""
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A zero past value of `shape` and numpy `dtype`."""
+        return np.zeros(shape, dtype)
+
+    def shape(self, value: Any) -> tuple[int, ...]:
+        """The shape of a past value (a numpy array or an OrtValue)."""
+        return tuple(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
+
+    def take(self, value: Any, rows: Sequence[int], start: int = 0, stop: int | None = None) -> Any:
+        """value[rows][:, :, start:stop]: some rows, and the positions from `start` to `stop` (None: the end)."""
+        return np.ascontiguousarray(host(value)[list(rows)][:, :, start:stop])
+
+    def join(self, first: Any, second: Any, width: int, *, left: bool) -> Any:
+        """The rows of `first` then of `second`, each padded with zeros to `width` positions, on the left (`left`) or
+        the right."""
+
+        def pad(x: np.ndarray) -> np.ndarray:
+            more = width - x.shape[2]
+            return np.pad(x, [(0, 0), (0, 0), (more, 0) if left else (0, more), (0, 0)]) if more else x
+
+        return np.concatenate([pad(host(first)), pad(host(second))], 0)
 
 
 def new_cache(layout: CacheLayout, rows: int = 0, *, capacity: int | None = None,
-              place: Callable[[np.ndarray], Any] | None = None) -> KVCache:
+              memory: HostMemory | None = None) -> KVCache:
     """A cache of `layout`'s strategy for `rows` rows. `capacity`: the shared buffer's positions (GQA with a shared
-    buffer; default the prompt's width); `place(array)`: where the past values it makes are kept (default the numpy
-    arrays; an IOBinding loop keeps them in device memory: `KVCache`)."""
+    buffer; default the prompt's width); `memory`: where its past values are kept and moved (default `HostMemory`;
+    an IOBinding loop gives `road_export.runtime.gpu.DeviceMemory`)."""
     kind = GqaCache if layout.gqa else PaddedCache
-    return kind(layout, rows, capacity=capacity, place=place)
+    return kind(layout, rows, capacity=capacity, memory=memory)
 
 
 def with_share_buffer(layout: CacheLayout, share: bool) -> CacheLayout:

@@ -186,7 +186,7 @@ class Engine:
     the base (default: the directory's name). `recorders`: told about every step and finished request.
     `io_binding`: keep every batch's key/value cache where the session runs, as onnxruntime OrtValues bound through
     IOBinding (`road_export.runtime.gpu.bound_run`), so a step moves only its token ids in and its logits out, not
-    the cache; rows joining or leaving a batch copy its cache through host memory once. Default: on for a CUDA
+    the cache; rows joining or leaving a batch move in device memory too (`DeviceMemory`). Default: on for a CUDA
     session (otherwise every step would copy the whole cache to the GPU and back), off on the CPU, where it gives
     the same tokens.
     Raises RoadError when the directory cannot be served (one line saying why).
@@ -231,11 +231,11 @@ class Engine:
         self.recorders = list(recorders)
         self._layout = self.session.cache_layout
         self.io_binding = self.session.device == "cuda" if io_binding is None else bool(io_binding)
-        self._place = None
+        self._memory = None
         if self.io_binding:
-            from road_export.runtime.gpu import placer
+            from road_export.runtime.gpu import DeviceMemory
 
-            self._place = placer(self.session)
+            self._memory = DeviceMemory(self.session)
         self._switch, self._recompute_at = rope_switch(self.session), recompute_length(self.session)
         self._waiting: deque[GenerationRequest] = deque()
         self._cancelled: set[str] = set()
@@ -384,7 +384,7 @@ class Engine:
         """A decode state over a new cache in the file's layout; a shared buffer (a builder graph's) holds the
         context length, so rows that join later fit beside."""
         capacity = self.context_length if self._layout.share_buffer else None
-        return Decoding(run, new_cache(self._layout, capacity=capacity, place=self._place))
+        return Decoding(run, new_cache(self._layout, capacity=capacity, memory=self._memory))
 
     def _by_route(self, requests: list[GenerationRequest]) -> dict[str | None, list[GenerationRequest]]:
         groups: dict[str | None, list[GenerationRequest]] = {}
