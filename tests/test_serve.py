@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from road_export.core.errors import RoadError
 from road_export.runtime.kvcache import PaddedCache
 from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams, Stats
 from road_export.app.serving.example import build_example
@@ -506,6 +507,23 @@ def test_the_context_length_falls_back_to_genai_config(example, tmp_path):
     (copy / "config.json").unlink()
     genai = json.loads((copy / "genai_config.json").read_text())
     assert Engine(copy, threads=1).context_length == genai["model"]["context_length"]
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("config.json", "[1, 2]", "config.json: holds a JSON array, not an object; export the model directory again"),
+    ("generation_config.json", "{", "generation_config.json: not JSON (Expecting property name"),
+])
+def test_a_damaged_config_of_the_directory_is_one_line(example, tmp_path, name, text, says):
+    """A config.json that holds a list (it was an AttributeError from .get) or a generation_config.json that is not
+    JSON: one RoadError line naming the file."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(example.model, copy)
+    (copy / name).write_text(text)
+    with pytest.raises(RoadError) as caught:
+        Engine(copy, threads=1)
+    assert says in str(caught.value) and "\n" not in str(caught.value)
 
 
 BIG = int("1" + "0" * 400)  # a whole number past float's range: json reads it, float(BIG) overflows

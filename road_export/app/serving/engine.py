@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import threading
 import time
 from collections import deque
@@ -244,11 +243,10 @@ class Engine:
         self._ids = itertools.count()
 
     def _json(self, name: str) -> dict[str, Any]:
+        from road_export.graph.files import read_json_object
+
         path = self.directory / name
-        try:
-            return json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError as e:
-            raise RoadError(f"{path}: not JSON ({e})") from e
+        return read_json_object(path, "export the model directory again") if path.is_file() else {}
 
     # ---- what a server asks before submitting ----
 
