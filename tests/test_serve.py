@@ -473,9 +473,11 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(client, 
     assert calls == [len(big)]
 
 
-def test_a_temperature_near_zero_is_greedy_and_a_failing_row_fails_alone(engine, client):
+def test_a_temperature_near_zero_is_greedy_and_a_failing_row_fails_alone(example, client):
     """temperature 5e-324 (dividing by it overflows) samples greedily, as vLLM does below 1e-5; and when one row's
-    sampling fails anyway, that request alone ends with an error while the others in its batch go on."""
+    sampling fails anyway, that request alone ends with an error while the others in its batch go on. The rows are
+    stepped here on an engine of their own: the module's engine belongs to the client's loop thread, which steps
+    whatever that engine holds (stepped from here as well, it took some of these rows' outputs)."""
     body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 6}
     greedy_text = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
     assert client.post("/v1/completions", json={**body, "temperature": 5e-324}).json()["choices"][0]["text"] == \
@@ -489,6 +491,7 @@ def test_a_temperature_near_zero_is_greedy_and_a_failing_row_fails_alone(engine,
         def sampling(self):
             return Broken()
 
+    engine = Engine(example.model, max_batch_size=8, threads=1)
     ids = engine.tokenizer.encode(PROMPTS[1])
     good, bad = greedy("beta", ids, rid="good"), GenerationRequest("alpha", ids, BrokenParams(4, 1.0), "bad")
     results = run_engine(engine, [good, bad])
