@@ -192,6 +192,7 @@ def test_serve_engine_on_a_builder_directory(built, hf_llama, io_binding):
 
     engine = Engine(built["llama"], threads=1, io_binding=io_binding)
     assert engine.context_length == 128 and engine.eos_token_ids == {2}
+    assert Engine(built["llama"], threads=1).io_binding  # the default for a shared buffer, on the CPU too
     asks = {"a": ([5, 6, 7, 8, 9], 6), "b": ([11, 12], 9), "c": ([40, 41, 42, 43, 44, 45, 46, 47], 3)}
 
     def request(rid):

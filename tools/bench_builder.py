@@ -1,7 +1,7 @@
 """RoAd on onnxruntime-genai's model builder graph against the builder's base graph: genai generator tokens/s.
 
     python tools/bench_builder.py --work /tmp/bb [--hidden 1024 --layers 4 --threads 1 --rounds 7
-                                  --precisions fp32,int4 --device cpu]
+                                  --precisions fp32,int4 --device cpu] [--steps | --engine]
 
 Model: Llama (tools/benchlib.llama_config: heads of 64, 4 query heads per KV head), random weights (seed 0); RoAd
 road_4 g=64 on all linear layers (seeds 1..8). Per precision the builder writes the base graph once (`-p fp32|int4
@@ -21,6 +21,12 @@ JSON with --json.
 `--steps`: instead of genai's generator, one decode step (1 new token after 64 cached positions) on an onnxruntime
 InferenceSession per file, 3 steps a sample, interleaved; adds "builder + RoAd, standard-op bodies" (no native
 kernels). This is the graph's own cost, which the generator's per-token work dilutes.
+
+`--engine`: `road-export serve`'s engine (road_export.app.serving.engine.Engine) on the two RoAd directories, its cache
+kept as numpy arrays fed to `InferenceSession.run` ("host") against OrtValues bound through IOBinding, the shared
+buffer written in place ("bound", `io_binding=True`), with genai's generator on the same directory beside them;
+every row asks for 64 tokens (ignore_eos), all submitted at once; tokens/s and the paired speed ratio bound / host,
+and whether both give genai's tokens.
 """
 
 from __future__ import annotations
@@ -197,6 +203,58 @@ def steps(args, dirs: dict[str, Path], precision: str, results: dict) -> None:
                   f"speed x re-saved base {ratio:.3f}", flush=True)
 
 
+def engine_runner(directory: Path, threads: int, io_binding: bool, models: list[str]):
+    """Greedy generation through serve's engine: row i asks for `models[i]`, NEW tokens (ignore_eos)."""
+    from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
+
+    engine = Engine(directory, max_batch_size=8, threads=threads, io_binding=io_binding)
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        for i, row in enumerate(ids):
+            engine.submit(GenerationRequest(models[i], row.tolist(), SamplingParams(max_tokens=NEW, temperature=0,
+                                                                                    ignore_eos=True), f"r{i}"))
+        out: dict[str, list[int]] = {}
+        while engine.has_work():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.token_ids)
+        return np.array([ids[i].tolist() + out[f"r{i}"] for i in range(len(ids))])
+
+    return run
+
+
+def engines(args, dirs: dict[str, Path], precision: str, adapters: int, results: dict) -> None:
+    rows = np.arange(1, adapters + 1, dtype=np.int64)
+    for variant, models in (("builder + RoAd (swappable)", ["a0"] * 8),
+                            ("8 rows on 8 adapters", [f"a{i}" for i in range(adapters)])):
+        for batch in map(int, args.batches.split(",")):
+            if variant.startswith("8 rows") and batch != 8:
+                continue
+            ids = np.random.default_rng(batch).integers(3, 4000, (batch, PROMPT)).astype(np.int64)
+            runs = {"genai": runner(dirs[variant], args.device, rows if variant.startswith("8 rows") else None),
+                    "engine, host": engine_runner(dirs[variant], args.threads, False, models),
+                    "engine, bound": engine_runner(dirs[variant], args.threads, True, models)}
+            tokens = {name: run(ids) for name, run in runs.items()}
+            for name in ("engine, host", "engine, bound"):
+                same = bool(np.array_equal(tokens[name], tokens["genai"]))
+                results[f"engine {precision} b{batch} {variant} {name} equals genai"] = same
+                print(f"{precision:5} batch {batch}  {variant}, {name}: tokens {'equal' if same else 'DIFFER from'} "
+                      "genai's", flush=True)
+            times: dict[str, list[float]] = {n: [] for n in runs}
+            for _ in range(args.rounds):
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    run(ids)
+                    times[name].append(time.perf_counter() - start)
+            host = times["engine, host"]
+            for name, values in times.items():
+                ratio = statistics.median(h / v for v, h in zip(values, host, strict=True))  # speed over host
+                rate = batch * NEW / statistics.median(values)
+                results[f"engine {precision} b{batch} {variant} {name}"] = {"tokens_per_s": rate,
+                                                                            "speed_ratio_to_host": ratio}
+                print(f"{precision:5} batch {batch}  {variant}, {name:<14} {rate:9.1f} tok/s   speed x engine on host "
+                      f"arrays {ratio:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
@@ -210,6 +268,7 @@ def main() -> None:
     parser.add_argument("--no-native", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--steps", action="store_true", help="time onnxruntime decode steps, not genai generation")
+    parser.add_argument("--engine", action="store_true", help="time serve's engine, host arrays against IOBinding")
     args = parser.parse_args()
     adapters = 8
     prepare(args.work, args.hidden, args.layers, adapters)
@@ -221,6 +280,9 @@ def main() -> None:
         dirs = build(args.work, precision, args.device, args.threads, not args.no_native, adapters)
         if args.steps:
             steps(args, dirs, precision, results)
+            continue
+        if args.engine:
+            engines(args, dirs, precision, adapters, results)
             continue
         rows = np.arange(1, adapters + 1, dtype=np.int64)
         runs = {name: runner(d, args.device, rows if name.startswith("8 rows") else None)

@@ -186,8 +186,10 @@ class Engine:
     `io_binding`: keep every batch's key/value cache where the session runs, as onnxruntime OrtValues bound through
     IOBinding (`road_export.runtime.gpu.bound_run`), so a step moves only its token ids in and its logits out, not
     the cache; rows joining or leaving a batch move in device memory too (`DeviceMemory`). Default: on for a CUDA
-    session (otherwise every step would copy the whole cache to the GPU and back), off on the CPU, where it gives
-    the same tokens.
+    session (otherwise every step would copy the whole cache to the GPU and back) and for a model builder graph's
+    shared buffer on the CPU (`InferenceSession.run` would return a copy of the whole buffer each step: bound, the
+    engine decodes 3-10% faster there, at genai's speed; tools/bench_builder.py --engine); off for road-export's own
+    decoder files on the CPU, where binding costs 1-6% (it gives the same tokens either way).
     Raises RoadError when the directory cannot be served (one line saying why).
     """
 
@@ -229,7 +231,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.recorders = list(recorders)
         self._layout = self.session.cache_layout
-        self.io_binding = self.session.device == "cuda" if io_binding is None else bool(io_binding)
+        if io_binding is None:
+            io_binding = self.session.device == "cuda" or bool(self._layout and self._layout.share_buffer)
+        self.io_binding = bool(io_binding)
         self._memory = None
         if self.io_binding:
             from road_export.runtime.gpu import DeviceMemory
