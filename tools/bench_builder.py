@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import llama_config  # noqa: E402
+from benchlib import engine_runner, llama_config  # noqa: E402
 
 PROMPT, NEW = 32, 64
 
@@ -203,25 +203,6 @@ def steps(args, dirs: dict[str, Path], precision: str, results: dict) -> None:
                   f"speed x re-saved base {ratio:.3f}", flush=True)
 
 
-def engine_runner(directory: Path, threads: int, io_binding: bool, models: list[str]):
-    """Greedy generation through serve's engine: row i asks for `models[i]`, NEW tokens (ignore_eos)."""
-    from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
-
-    engine = Engine(directory, max_batch_size=8, threads=threads, io_binding=io_binding)
-
-    def run(ids: np.ndarray) -> np.ndarray:
-        for i, row in enumerate(ids):
-            engine.submit(GenerationRequest(models[i], row.tolist(), SamplingParams(max_tokens=NEW, temperature=0,
-                                                                                    ignore_eos=True), f"r{i}"))
-        out: dict[str, list[int]] = {}
-        while engine.has_work():
-            for o in engine.step():
-                out.setdefault(o.request_id, []).extend(o.token_ids)
-        return np.array([ids[i].tolist() + out[f"r{i}"] for i in range(len(ids))])
-
-    return run
-
-
 def engines(args, dirs: dict[str, Path], precision: str, adapters: int, results: dict) -> None:
     rows = np.arange(1, adapters + 1, dtype=np.int64)
     for variant, models in (("builder + RoAd (swappable)", ["a0"] * 8),
@@ -231,8 +212,8 @@ def engines(args, dirs: dict[str, Path], precision: str, adapters: int, results:
                 continue
             ids = np.random.default_rng(batch).integers(3, 4000, (batch, PROMPT)).astype(np.int64)
             runs = {"genai": runner(dirs[variant], args.device, rows if variant.startswith("8 rows") else None),
-                    "engine, host": engine_runner(dirs[variant], args.threads, False, models),
-                    "engine, bound": engine_runner(dirs[variant], args.threads, True, models)}
+                    "engine, host": engine_runner(dirs[variant], models, NEW, threads=args.threads, io_binding=False),
+                    "engine, bound": engine_runner(dirs[variant], models, NEW, threads=args.threads, io_binding=True)}
             tokens = {name: run(ids) for name, run in runs.items()}
             for name in ("engine, host", "engine, bound"):
                 same = bool(np.array_equal(tokens[name], tokens["genai"]))

@@ -42,7 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchlib import engine_runner  # noqa: E402
 
 VOCAB, HIDDEN = 32000, 2048
 PROMPT, NEW = 32, 64
@@ -153,27 +156,6 @@ def own_runner(path: Path, providers: list | None = None):
     return run
 
 
-def engine_runner(directory: Path, models: list[str]):
-    """Greedy generation through `road-export serve`'s engine on CUDA: row i asks for `models[i]`, NEW tokens
-    (ignore_eos), all submitted at once and stepped to the end."""
-    from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
-    from road_export.runtime.gpu import cuda_providers
-
-    engine = Engine(directory, max_batch_size=8, providers=cuda_providers())
-
-    def run(ids: np.ndarray) -> np.ndarray:
-        for i, row in enumerate(ids):
-            engine.submit(GenerationRequest(models[i], row.tolist(), SamplingParams(max_tokens=NEW, temperature=0,
-                                                                                    ignore_eos=True), f"r{i}"))
-        out: dict[str, list[int]] = {}
-        while engine.has_work():
-            for o in engine.step():
-                out.setdefault(o.request_id, []).extend(o.token_ids)
-        return np.array([ids[i].tolist() + out[f"r{i}"] for i in range(len(ids))])
-
-    return run
-
-
 def runner(model_dir: Path, cuda_graph: bool, adapter_ids: list[int] | None = None):
     import onnxruntime_genai as og
 
@@ -241,6 +223,8 @@ def peft_tokens(w: Path, ids: np.ndarray) -> np.ndarray:
 def bench(w: Path, out: Path, rounds: int) -> None:
     import onnxruntime as ort
 
+    from road_export.runtime.gpu import cuda_providers
+
     out.mkdir(parents=True, exist_ok=True)
     ids_of = list(range(1, ADAPTERS + 1))
     makers = {}
@@ -255,8 +239,10 @@ def bench(w: Path, out: Path, rounds: int) -> None:
     if (w / "own" / "model.onnx").is_file():
         makers[("fp16 own export", (1, 8))] = lambda: own_runner(w / "own" / "model.onnx")
     makers[("fp16 RoAd, RoadSession", (1, 8))] = lambda: own_runner(w / "gb16_road" / "model.onnx")
-    makers[("fp16 RoAd, engine", (1, 8))] = lambda: engine_runner(w / "gb16_road", ["default"] * 8)
-    makers[("fp16 mixed, engine", (8,))] = lambda: engine_runner(w / "gb16_mixed", [f"a{i}" for i in range(ADAPTERS)])
+    makers[("fp16 RoAd, engine", (1, 8))] = lambda: engine_runner(w / "gb16_road", ["default"] * 8, NEW,
+                                                                  providers=cuda_providers())
+    makers[("fp16 mixed, engine", (8,))] = lambda: engine_runner(w / "gb16_mixed", [f"a{i}" for i in range(ADAPTERS)],
+                                                                 NEW, providers=cuda_providers())
     runners, errors = {}, {}
     for key, make in makers.items():
         try:

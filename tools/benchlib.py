@@ -69,3 +69,26 @@ def llama_config(hidden: int, layers: int, vocab: int = 4000, **extra):
     return LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875) // 64 * 64, num_hidden_layers=layers,
                        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), vocab_size=vocab,
                        **extra)
+
+
+def engine_runner(directory, models: list[str], new: int, **engine_options):
+    """Greedy generation through `road-export serve`'s engine (road_export.app.serving.engine.Engine on `directory`,
+    max_batch_size 8, `engine_options` passed on): run(ids [rows, prompt] int64) submits row i for `models[i]`, `new`
+    tokens each (ignore_eos), steps until all finish and returns [rows, prompt + new] int64."""
+    import numpy as np
+
+    from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
+
+    engine = Engine(directory, max_batch_size=8, **engine_options)
+
+    def run(ids):
+        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+        for i, row in enumerate(ids):
+            engine.submit(GenerationRequest(models[i], row.tolist(), params, f"r{i}"))
+        out: dict[str, list[int]] = {}
+        while engine.has_work():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.token_ids)
+        return np.array([ids[i].tolist() + out[f"r{i}"] for i in range(len(ids))])
+
+    return run
