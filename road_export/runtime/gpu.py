@@ -317,8 +317,8 @@ class DeviceMemory:
         key = (kind, element)
         if key not in self._sessions:
             providers = cuda_providers(self.device) if self.kind == "cuda" else ["CPUExecutionProvider"]
-            self._sessions[key] = new_session(_mover_model(kind, element), providers=providers, log_severity=3,
-                                              what="the key/value cache's row moves").session
+            self._sessions[key] = new_session(_mover_model(kind, element), providers=providers, threads=1,
+                                              log_severity=3, what="the key/value cache's row moves").session
         session = self._sessions[key]
         io = session.io_binding()
         for name, value in inputs.items():
