@@ -253,6 +253,39 @@ def test_detokenizer_holds_back_partial_characters_and_stop_prefixes(engine):
     assert "".join(pieces) + detok.finish() == "Zwölf Boxkämpfer jagen " and detok.stopped
 
 
+def test_the_text_continues_the_prompt_with_a_sentencepiece_tokenizer(tmp_path):
+    """A Metaspace (SentencePiece, Llama-2 style) tokenizer decodes a first new token "▁Café" alone as "Café": the
+    text is what the new ids add after the prompt (vLLM's), " Café ...", so prompt + text is the whole text; streamed
+    pieces and the one-shot text agree, with and without a stop string; without a prompt, decode(new ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(["The Café opens at noon", "Zwölf Boxkämpfer jagen Viktor über den Sylter Deich"] * 20,
+                                trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    tokenizer = TextTokenizer(tmp_path)
+    prompt = tokenizer.encode("The", add_special_tokens=False)
+    full = tokenizer.encode("The Café opens at noon", add_special_tokens=False)
+    assert full[:len(prompt)] == prompt
+    new = full[len(prompt):]
+    whole = tokenizer.decode(prompt + new)
+    assert whole == "The Café opens at noon" and tokenizer.decode(new) == "Café opens at noon"
+    for stop, want in (((), " Café opens at noon"), (("at",), " Café opens ")):
+        streamed = Detokenizer(tokenizer, stop, prompt=prompt)
+        pieces = "".join(streamed.add(t) for t in new) + streamed.finish()
+        once = Detokenizer(tokenizer, stop, incremental=False, prompt=prompt)
+        for t in new:
+            once.add(t)
+        once.finish()
+        assert pieces == once.text == want, stop
+    alone = Detokenizer(tokenizer)
+    assert "".join(alone.add(t) for t in new) + alone.finish() == "Café opens at noon"
+
+
 def test_a_consumer_that_goes_away_frees_its_slot(example):
     engine = Engine(example.model, max_batch_size=2, threads=1)
     looper = AsyncEngine(engine)

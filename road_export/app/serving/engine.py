@@ -448,7 +448,7 @@ class Engine:
         for i, r in enumerate(requests):
             ids[i, width - len(r.prompt_ids):] = r.prompt_ids
             mask[i, width - len(r.prompt_ids):] = 1
-        rows = [_Row(r, Detokenizer(self.tokenizer, r.params.stop, incremental=r.stream),
+        rows = [_Row(r, Detokenizer(self.tokenizer, r.params.stop, incremental=r.stream, prompt=r.prompt_ids),
                      np.random.default_rng(r.params.seed), r.params.sampling(), length=len(r.prompt_ids))
                 for r in requests]
         decoding = self._decoding(self._runner(route, requests))

@@ -129,23 +129,38 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+PROMPT_CONTEXT = 5
+"""Prompt tokens decoded before the first generated one (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)."""
+
+
 class Detokenizer:
     """Incremental text of one sequence of generated token ids, with OpenAI stop strings.
 
     `add(token)` returns the text that may be sent now (possibly ""), `finish()` the rest; `stopped` says whether a
     stop string ended the text (the caller then ends generation, finish_reason "stop"). `text` is everything sent.
     `incremental=False` (a caller that sends the text once, at the end): without stop strings `add` only collects
-    the ids and `finish` decodes them once, the text `decode` gives; with stop strings it decodes as it goes, since
-    a stop string must end generation when it appears.
+    the ids and `finish` decodes them once; with stop strings it decodes as it goes, since a stop string must end
+    generation when it appears.
+
+    `prompt`: the request's prompt ids. The text is what the new tokens add to the last `PROMPT_CONTEXT` of them,
+    as vLLM's detokenizer gives it, so that prompt + text is the whole text: a SentencePiece (Metaspace) tokenizer
+    decodes a first token "▁Paris" on its own as "Paris" but after the prompt as " Paris". Without a prompt, or
+    where the prompt's text is not a prefix of the whole (a character cut by the window), the new ids alone, as
+    transformers' `decode(new_ids)` gives them.
     """
 
-    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = (), *, incremental: bool = True):
+    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = (), *, incremental: bool = True,
+                 prompt: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.incremental = incremental or bool(self.stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may still start a stop string
-        self.ids: list[int] = []
-        self.prefix, self.read = 0, 0  # offsets into ids: decoded context start, end of what became text
+        context = [int(t) for t in list(prompt)[-PROMPT_CONTEXT:]]
+        if context and tokenizer.decode(context).endswith("\ufffd"):
+            context = []  # a partial character at the prompt's end: the new ids alone
+        self.context = len(context)
+        self.ids: list[int] = context  # the context, then the new ids
+        self.prefix, self.read = 0, self.context  # offsets into ids: decoded context start, end of what became text
         self.full = ""  # all decoded text so far
         self.text = ""  # all text sent so far (full, cut at a stop string, minus the held tail)
         self.stopped = False
@@ -167,9 +182,17 @@ class Detokenizer:
     def finish(self) -> str:
         """The remaining text at the end of generation (a trailing partial character included, as decode does)."""
         if not self.stopped:
-            whole = self.tokenizer.decode(self.ids)
+            whole = self._new_text()
             self.full = whole if whole.startswith(self.full) else self.full
         return self._release(final=True)
+
+    def _new_text(self) -> str:
+        """The text of the new ids after the context, decoded at once."""
+        whole = self.tokenizer.decode(self.ids)
+        context = self.tokenizer.decode(self.ids[:self.context])
+        if whole.startswith(context):
+            return whole[len(context):]
+        return self.tokenizer.decode(self.ids[self.context:])
 
     def _release(self, *, final: bool) -> str:
         if not self.stopped and self.stop:
