@@ -1042,9 +1042,10 @@ SERVERS: dict[str, int] = {}  # URL -> the serving process's id
 
 
 @contextlib.contextmanager
-def _serving(model, *options, env=None):
-    """`road-export serve MODEL` as users start it (a subprocess, a local Ray instance), yielding its URL; SIGINT
-    stops it, exit code 0. `env`: further environment variables."""
+def _serving(model, *options, env=None, stop=None):
+    """`road-export serve MODEL` as users start it (a subprocess, a local Ray instance), yielding its URL; `stop`
+    (default SIGINT, the ordinary stop: exit code 0; SIGTERM: 143, as every road-export command) ends it. `env`:
+    further environment variables."""
     import os
     import signal
     import subprocess
@@ -1071,9 +1072,10 @@ def _serving(model, *options, env=None):
         threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
         SERVERS[f"http://127.0.0.1:{port}"] = proc.pid
         yield f"http://127.0.0.1:{port}"
-        proc.send_signal(signal.SIGINT)
+        stop = signal.SIGINT if stop is None else stop
+        proc.send_signal(stop)
         # promptly: a local instance is shut down whole, not drained (HAProxy ingress drains replicas for 30 s)
-        assert proc.wait(timeout=25) == 0, "".join(lines[-20:])
+        assert proc.wait(timeout=25) == (0 if stop == signal.SIGINT else 128 + stop), "".join(lines[-20:])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -1389,7 +1391,9 @@ def test_a_second_server_on_this_machine_takes_nothing_from_the_first(ray_url, e
         return [m["id"] for m in response.json()["data"]]
 
     first = models(ray_url, headers=AUTH)
-    with _serving(example.model, "--served-model-name", "second") as url:
+    import signal
+
+    with _serving(example.model, "--served-model-name", "second", stop=signal.SIGTERM) as url:
         assert models(url)[0] == "second"
         assert models(ray_url, headers=AUTH) == first
     assert models(ray_url, headers=AUTH) == first

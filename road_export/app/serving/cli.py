@@ -411,8 +411,10 @@ def _serve(args: argparse.Namespace, model: Path, api_key: str | None, environme
     names = engine.model_names
     del engine
     stop, serving = threading.Event(), threading.Event()
+    received: list[int] = []
 
     def on_signal(signum, _frame):
+        received.append(signum)
         stop.set()
         if not serving.is_set():  # still starting: stop whatever Ray is doing (a cluster that does not answer,
             # a deployment that waits for resources) and shut down in the `finally`
@@ -476,4 +478,4 @@ def _serve(args: argparse.Namespace, model: Path, api_key: str | None, environme
                     serve.delete(app_name)
             finally:
                 ray.shutdown()  # a local instance started here stops with it (at once: no replica drains)
-    return 0
+    return 128 + signal.SIGTERM if signal.SIGTERM in received else 0  # SIGTERM: 143, as every command; Ctrl-C: 0
