@@ -158,6 +158,49 @@ def test_a_cache_kept_in_onnxruntime_values_gives_the_same_tokens(example, engin
     assert kinds == {ort.OrtValue.__name__}
 
 
+@pytest.mark.parametrize("io_binding", [False, True], ids=["host", "bound"])
+def test_an_onnxruntime_failure_ends_that_batch_in_one_line(example, io_binding):
+    """onnxruntime failing a run (a planted Fail on the third run: CUDA running out of memory, say) ends the rows of
+    that batch with an error naming the model and the inputs; `step` does not raise (which would end every request of
+    the server), and the next request runs."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    engine = Engine(example.model, max_batch_size=4, threads=1, io_binding=io_binding)
+    real, runs = engine.session.session, []
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def _maybe_fail(self):
+            runs.append(1)
+            if len(runs) == 3:
+                raise Fail("planted: out of memory")
+
+        def run(self, *args, **kwargs):
+            self._maybe_fail()
+            return real.run(*args, **kwargs)
+
+        def run_with_iobinding(self, *args, **kwargs):
+            self._maybe_fail()
+            return real.run_with_iobinding(*args, **kwargs)
+
+    engine.session.session = Failing()
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    for rid, model in (("a", "alpha"), ("b", "beta")):
+        engine.submit(greedy(model, ids, 5, rid))
+    ended = {}
+    for _ in range(10):  # step raises nothing
+        ended.update({o.request_id: (o.finish_reason, o.error) for o in engine.step() if o.finished})
+    assert set(ended) == {"a", "b"} and not engine.has_work()
+    for reason, error in ended.values():
+        assert reason == "error" and error.startswith(f"{engine.session.path.name}: onnxruntime failed on inputs "
+                                                      "input_ids [2, 1]") and "planted: out of memory" in error
+    engine.session.session = real
+    after = run_engine(engine, [greedy("alpha", ids, 5, "c")])
+    assert after["c"][2] == "length"
+
+
 def test_rows_of_a_wrong_adapter_are_caught(engine, monkeypatch):
     """A planted fault: every row through the base. The comparison with single runs must see it."""
     ids = engine.tokenizer.encode(PROMPTS[0])

@@ -22,7 +22,7 @@ from road_export.core.errors import OnnxRuntimeFailure, RoadError, first_line
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CPU", "CUDA", "NUMPY_TYPES", "OrtSession", "new_session", "provider_name", "road_kernels",
+__all__ = ["CPU", "CUDA", "NUMPY_TYPES", "OrtSession", "new_session", "provider_name", "road_kernels", "run_failure",
            "session_options"]
 
 CPU = "CPUExecutionProvider"
@@ -49,6 +49,17 @@ class OrtSession:
 def provider_name(provider) -> str:
     """onnxruntime takes a provider as its name or as (name, options)."""
     return provider if isinstance(provider, str) else provider[0]
+
+
+def run_failure(name: str, feeds: Mapping[str, Any], error: BaseException) -> RoadError:
+    """The one line for onnxruntime failing a run of the model `name` on `feeds` (numpy arrays or OrtValues; the
+    key/value cache left out): "NAME: onnxruntime failed on inputs input_ids [2, 1], ... (its first line)"."""
+
+    def shape(value) -> list:
+        return list(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
+
+    shapes = ", ".join(f"{k} {shape(v)}" for k, v in feeds.items() if not k.startswith("past_key_values"))
+    return RoadError(f"{name}: onnxruntime failed on inputs {shapes} ({first_line(error)})")
 
 
 def session_options(*, threads: int | None = None, session_config: Mapping[str, str] | None = None,

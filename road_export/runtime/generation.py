@@ -311,7 +311,7 @@ def stream(
 
 def new_decoding(session: Session, run: Run, mask: np.ndarray, max_new_tokens: int, **options) -> Decoding:
     """The `Decoding` of a decoder file for prompts with attention `mask` [batch, prompt]: its cache strategy
-    (`decode_cache`; `options` go to `kvcache.new_cache`, e.g. the GPU loop's `allocate`), the longrope recompute
+    (`decode_cache`; `options` go to `kvcache.new_cache`, e.g. the GPU loop's `memory`), the longrope recompute
     (`recompute_length`) with a cache, else the whole sequence each step."""
     cache = decode_cache(session, mask, max_new_tokens, **options)
     return Decoding(run, cache, positions="position_ids" in session.input_names,

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from road_export.core.errors import RoadError, first_line
+from road_export.core.errors import RoadError, first_line, is_onnxruntime_error
+from road_export.graph.ort_session import run_failure
 
 if TYPE_CHECKING:
     from road_export.runtime.generation import Session
@@ -282,6 +283,7 @@ class DeviceMemory:
     def __init__(self, session: Session):
         self.kind, self.device = _memory(session)
         self._sessions: dict[tuple[str, int], object] = {}
+        self._shrink = True
 
     def zeros(self, shape: tuple[int, ...], dtype) -> object:
         import onnxruntime as ort
@@ -316,9 +318,16 @@ class DeviceMemory:
             element = helper.np_dtype_to_tensor_dtype(np.asarray(like).dtype)
         key = (kind, element)
         if key not in self._sessions:
-            providers = cuda_providers(self.device) if self.kind == "cuda" else ["CPUExecutionProvider"]
-            self._sessions[key] = new_session(_mover_model(kind, element), providers=providers, threads=1,
-                                              log_severity=3, what="the key/value cache's row moves").session
+            from road_export.graph.ort_session import session_options
+
+            # no arena of their own to keep what they moved: on the CPU none (malloc and free), on CUDA one that
+            # allocates what is asked and is shrunk after every run (`_SHRINK`)
+            options = session_options(threads=1, log_severity=3)
+            options.enable_cpu_mem_arena = False
+            providers = ([(CUDA, {"device_id": str(self.device), "arena_extend_strategy": "kSameAsRequested"})]
+                         if self.kind == "cuda" else ["CPUExecutionProvider"])
+            self._sessions[key] = new_session(_mover_model(kind, element), providers=providers, options=options,
+                                              what="the key/value cache's row moves").session
         session = self._sessions[key]
         io = session.io_binding()
         for name, value in inputs.items():
@@ -327,8 +336,28 @@ class DeviceMemory:
             else:
                 io.bind_cpu_input(name, np.ascontiguousarray(value))
         io.bind_output("y", self.kind, self.device)
+        if self.kind == "cuda" and self._shrink:
+            try:
+                session.run_with_iobinding(io, _shrink(self.device))
+                return io.get_outputs()[0]
+            except Exception as e:  # an onnxruntime without that arena: the moves run on, unshrunk
+                if not is_onnxruntime_error(e):
+                    raise
+                logger.info("the cache moves' arena is not shrunk (%s)", first_line(e))
+                self._shrink = False
         session.run_with_iobinding(io)
         return io.get_outputs()[0]
+
+
+@functools.cache
+def _shrink(device: int):
+    """Run options that hand the CUDA arena's unused memory on `device` back at the end of each run (onnxruntime's
+    `memory.enable_memory_arena_shrinkage`; the CPU sessions here have no arena)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{device}")
+    return options
 
 
 _ELEMENT_TYPES = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(bfloat16)": 16, "tensor(double)": 11}
@@ -365,7 +394,12 @@ def bound_run(session: Session, selected: Mapping[str, object], kind: str | None
                 io.bind_ortvalue_output(name, shared[name])  # the past buffer, written in place
             else:
                 io.bind_output(name, kind, dev)
-        session.session.run_with_iobinding(io)
+        try:
+            session.session.run_with_iobinding(io)
+        except Exception as e:  # as RoadSession.run_feeds: the callers end that batch's rows, not every request
+            if not is_onnxruntime_error(e):
+                raise
+            raise run_failure(session.path.name, feeds, e) from e
         return dict(zip(session.output_names, io.get_outputs(), strict=True))
 
     return run

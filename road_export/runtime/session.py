@@ -11,7 +11,7 @@ from road_export.runtime import generation, kvcache
 from road_export.core.errors import RoadError, first_line, is_onnxruntime_error
 from road_export.core.names import (BASE_NAME, METADATA_MODE, METADATA_SWAP, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE,
                                     read_record, recorded_adapter_names)
-from road_export.graph.ort_session import NUMPY_TYPES
+from road_export.graph.ort_session import NUMPY_TYPES, run_failure
 
 
 
@@ -155,9 +155,7 @@ class RoadSession:
         except Exception as e:
             if not is_onnxruntime_error(e):
                 raise
-            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items() if not k.startswith("past_key_values"))
-            first = first_line(e)
-            raise RoadError(f"{self.path.name}: onnxruntime failed on inputs {shapes} ({first})") from e
+            raise run_failure(self.path.name, feeds, e) from e
 
     def check_feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The feeds for `inputs`, checked against the model's inputs; raises RoadError saying what was expected.
