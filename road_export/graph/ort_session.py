@@ -23,7 +23,7 @@ from road_export.core.errors import OnnxRuntimeFailure, RoadError, first_line
 logger = logging.getLogger(__name__)
 
 __all__ = ["CPU", "CUDA", "NUMPY_TYPES", "OrtSession", "new_session", "provider_name", "road_kernels", "run_failure",
-           "session_options"]
+           "session_options", "value_shape"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -51,14 +51,15 @@ def provider_name(provider) -> str:
     return provider if isinstance(provider, str) else provider[0]
 
 
+def value_shape(value: Any) -> tuple[int, ...]:
+    """The shape of a run's value: a numpy array (or anything numpy reads) or an onnxruntime OrtValue (`shape()`)."""
+    return tuple(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
+
+
 def run_failure(name: str, feeds: Mapping[str, Any], error: BaseException) -> RoadError:
     """The one line for onnxruntime failing a run of the model `name` on `feeds` (numpy arrays or OrtValues; the
     key/value cache left out): "NAME: onnxruntime failed on inputs input_ids [2, 1], ... (its first line)"."""
-
-    def shape(value) -> list:
-        return list(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
-
-    shapes = ", ".join(f"{k} {shape(v)}" for k, v in feeds.items() if not k.startswith("past_key_values"))
+    shapes = ", ".join(f"{k} {list(value_shape(v))}" for k, v in feeds.items() if not k.startswith("past_key_values"))
     return RoadError(f"{name}: onnxruntime failed on inputs {shapes} ({first_line(error)})")
 
 

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from road_export.core.errors import RoadError, first_line, is_onnxruntime_error
-from road_export.graph.ort_session import run_failure
+from road_export.graph.ort_session import run_failure, value_shape
+from road_export.runtime.kvcache import HostMemory
 
 if TYPE_CHECKING:
     from road_export.runtime.generation import Session
@@ -155,7 +156,7 @@ def run_on_device(session: Session, inputs: Mapping[str, object], *, adapter: st
     dev = device_id(session)
     arrays = {k: v for k, v in inputs.items() if k in session.input_names and k != "adapter_ids"}
     first = next(iter(arrays.values()), None)
-    batch = int(first.shape()[0] if isinstance(first, ort.OrtValue) else np.asarray(first).shape[0]) if arrays else 1
+    batch = int(value_shape(first)[0]) if arrays else 1
     arrays.update(route(session, batch, adapter=adapter, adapter_names=adapter_names))
     missing = [n for n in session.input_names if n not in arrays]
     if missing:
@@ -274,11 +275,11 @@ def _mover_model(kind: str, element_type: int) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
-class DeviceMemory:
+class DeviceMemory(HostMemory):
     """`road_export.runtime.kvcache.HostMemory` for a decode loop on IOBinding: past values are onnxruntime OrtValues
     where `session` runs (device memory on CUDA, host memory on the CPU), and rows move there, by two small
     onnxruntime sessions on the same device (`_mover_model`), never through host memory. A zero-element value stays
-    numpy (onnxruntime binds it as it is)."""
+    numpy (onnxruntime binds it as it is). `kind`, `device`: where, as `bound_run` takes them."""
 
     def __init__(self, session: Session):
         self.kind, self.device = _memory(session)
@@ -290,9 +291,6 @@ class DeviceMemory:
 
         array = np.zeros(shape, dtype)
         return ort.OrtValue.ortvalue_from_numpy(array, self.kind, self.device) if array.size else array
-
-    def shape(self, value) -> tuple[int, ...]:
-        return tuple(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
 
     def take(self, value, rows: Sequence[int], start: int = 0, stop: int | None = None) -> object:
         last = self.shape(value)[2] if stop is None else stop
@@ -310,7 +308,7 @@ class DeviceMemory:
         import onnxruntime as ort
         from onnx import helper
 
-        from road_export.graph.ort_session import new_session
+        from road_export.graph.ort_session import new_session, session_options
 
         if isinstance(like, ort.OrtValue):
             element = _ELEMENT_TYPES[like.data_type()]
@@ -318,10 +316,8 @@ class DeviceMemory:
             element = helper.np_dtype_to_tensor_dtype(np.asarray(like).dtype)
         key = (kind, element)
         if key not in self._sessions:
-            from road_export.graph.ort_session import session_options
-
             # no arena of their own to keep what they moved: on the CPU none (malloc and free), on CUDA one that
-            # allocates what is asked and is shrunk after every run (`_SHRINK`)
+            # allocates what is asked and is shrunk after every run (`_shrink`)
             options = session_options(threads=1, log_severity=3)
             options.enable_cpu_mem_arena = False
             providers = ([(CUDA, {"device_id": str(self.device), "arena_extend_strategy": "kSameAsRequested"})]

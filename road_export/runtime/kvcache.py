@@ -37,7 +37,7 @@ import numpy as np
 
 from road_export.core.errors import RoadError, first_line
 from road_export.core.names import PAST, PRESENT, positions
-from road_export.graph.ort_session import NUMPY_TYPES as ORT_TYPES
+from road_export.graph.ort_session import NUMPY_TYPES as ORT_TYPES, value_shape
 
 __all__ = ["GQA_CHUNK_RULE", "CacheLayout", "GqaCache", "KVCache", "PaddedCache", "cache_layout", "file_layout",
            "HostMemory", "host", "new_cache", "with_share_buffer"]
@@ -392,7 +392,7 @@ class HostMemory:
 
     def shape(self, value: Any) -> tuple[int, ...]:
         """The shape of a past value (a numpy array or an OrtValue)."""
-        return tuple(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
+        return value_shape(value)
 
     def take(self, value: Any, rows: Sequence[int], start: int = 0, stop: int | None = None) -> Any:
         """value[rows][:, :, start:stop]: some rows, and the positions from `start` to `stop` (None: the end)."""

@@ -427,7 +427,8 @@ class Engine:
             if self.io_binding:
                 from road_export.runtime.gpu import bound_run
 
-                outputs = bound_run(self.session, extra)(feeds, shared or {})
+                assert self._memory is not None
+                outputs = bound_run(self.session, extra, self._memory.kind, self._memory.device)(feeds, shared or {})
                 outputs["logits"] = outputs["logits"].numpy()  # sampled on the host
             else:
                 feeds.update(extra)
