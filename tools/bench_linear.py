@@ -10,12 +10,13 @@ onnxruntime's CUDA graphs (`enable_cuda_graph`, IOBinding), timed interleaved (t
     fused      road.LinearRotate / road.MatMulNBitsRotate (passes/linear_rotate.py): one launch, the kernel the
                default picks (the tensor-core form where it fits, else the block form)
     mma1/2/4   the tensor-core form with 1, 2 or 4 tiles of 8 pairs a block (ROAD_EXPORT_MMA_TM)
+    mma16      the tensor-core form, one tile a block, 16 warps splitting k (ROAD_EXPORT_MMA_WARPS=16)
     tile       the block form (ROAD_EXPORT_LINEAR=tile)
     warp       the warp-per-pair form (ROAD_EXPORT_LINEAR=warp)
 
 and prints each / base, the figures the model-level benchmark (tools/bench_builder.py) adds up.
 
-    python tools/bench_linear.py [--rounds 30] [--inner 20]
+    python tools/bench_linear.py [--rounds 30] [--inner 20] [--forms fused,mma16]
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ class Bound:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         assert native.register(options, True)
-        env = {"ROAD_EXPORT_LINEAR": "mma", "ROAD_EXPORT_MMA_TM": form[3:]} if form.startswith("mma") else (
-            {"ROAD_EXPORT_LINEAR": form} if form else {})
+        env = ({"ROAD_EXPORT_LINEAR": "mma", "ROAD_EXPORT_MMA_WARPS": "16"} if form == "mma16" else
+               {"ROAD_EXPORT_LINEAR": "mma", "ROAD_EXPORT_MMA_TM": form[3:]} if form.startswith("mma") else
+               {"ROAD_EXPORT_LINEAR": form} if form else {})
         os.environ.update(env)  # read when the kernels are created and launched: kept until the graph is captured
         self.session = ort.InferenceSession(model, options, providers=cuda_providers(cuda_graph=True))
         x = np.random.default_rng(1).standard_normal((rows, 1, k)).astype(np.float16)
@@ -120,11 +122,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--inner", type=int, default=20)
+    parser.add_argument("--forms", default="fused,mma1,mma2,mma4,mma16,tile,warp,unfused",
+                        help="comma-separated, of: fused, mma1, mma2, mma4, mma16, tile, warp, unfused")
     args = parser.parse_args()
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}; R = {R} products a run, CUDA graphs, medians of paired ratios")
-    forms = ("fused", "mma1", "mma2", "mma4", "tile", "warp", "unfused")
+    forms = tuple(args.forms.split(","))
     print(f"{'precision':>9} {'proj':>8} {'rows':>4} {'base us':>8} " + " ".join(f"{f + '/base':>12}" for f in forms))
     for precision in ("fp16", "int4"):
         for proj, (k, n) in SHAPES.items():

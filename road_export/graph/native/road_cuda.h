@@ -620,16 +620,18 @@ ROAD_TILE(1, 8, nb8_f32, float) ROAD_TILE(1, 8, nb8_f16, h16) ROAD_TILE(1, 8, nb
 ROAD_TILE(8, 0, f32, float) ROAD_TILE(8, 0, f16, h16) ROAD_TILE(8, 0, bf16, b16)
 ROAD_TILE(8, 4, nb4_f32, float) ROAD_TILE(8, 4, nb4_f16, h16) ROAD_TILE(8, 4, nb4_bf16, b16)
 ROAD_TILE(8, 8, nb8_f32, float) ROAD_TILE(8, 8, nb8_f16, h16) ROAD_TILE(8, 8, nb8_bf16, b16)
-// The tensor-core form (sm_80 and newer; float16 / bfloat16 X, float or 4-bit weights): mma.sync m16n8k16 with weight rows as A and up to 8 rows of X as B. A's 16 rows are 8 rotation pairs:
+// The tensor-core form (sm_80 and newer; float16 / bfloat16 X, float or 4-bit weights): mma.sync m16n8k16 with
+// weight rows as A and up to 8 rows of X as B. A's 16 rows are 8 rotation pairs:
 // row gq (a thread's group in the warp) is column c1 of pair gq and row gq + 8 its c2, so both columns of a pair land
 // in one thread's accumulators and the rotation needs no exchange. k may be permuted freely inside a product as long
 // as A and B agree, so a thread feeds its fragment slots from its own contiguous 16-byte runs of W and X (no shared
 // memory staging, no ldmatrix): float W 16 values of a row per step (4 threads: 128 bytes of the row), 4-bit W 32
 // values (16 bytes; dequantized with the 0x6400 / 0x4300 exponent trick, scaled in the element type as onnxruntime's
 // MatMulNBits does, the matching X pairs gathered by byte permutes). A block's 8 warps split k and meet in shared
-// memory; TM tiles of 8 pairs per block share each X load. Rows beyond 8 take the grid's second axis.
-// The default where it fits (see `LinearForm`); the k loop is unrolled twice so that a warp has two steps' loads in
-// flight.
+// memory (16 warps with ROAD_EXPORT_MMA_WARPS=16); TM tiles of 8 pairs per block share each X load. Rows beyond 8
+// take the grid's second axis. The rotation's coefficients (and, for adapter ids, the row's id) are loaded before
+// the k loop, so that their latency hides behind the product's instead of adding a round trip to memory after it
+// (4-8 % of a decode-size product). The default where it fits (see `LinearForm`).
 template <typename T> struct IsBf { static constexpr bool v = false; };
 template <> struct IsBf<b16> { static constexpr bool v = true; };
 template <typename T>
@@ -674,7 +676,121 @@ __device__ __forceinline__ unsigned pick(unsigned a, unsigned b, unsigned select
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
   return r;
 }
-template <typename T, int BITS, int TM>
+// The rotation coefficients of row `row` at columns c1 and c2, as floats: a[c1], b[c1], b[c2], a[c2] (its bank
+// row for adapter ids); false for an id outside the banks.
+template <typename T>
+__device__ __forceinline__ float ldg1(const T* v) { return ld(T{__ldg((const unsigned short*)v)}); }
+template <>
+__device__ __forceinline__ float ldg1<float>(const float* v) { return __ldg(v); }
+template <typename T>
+__device__ __forceinline__ bool load_coefs(const Params& p, long long row, long long c1, long long c2, float* cf) {
+  long long o1, o2;
+  if (!coef_offset(p, row, &o1, &o2)) return false;
+  const T* a = (const T*)p.c1 + o1;
+  const T* b = (const T*)p.c2 + o2;
+  cf[0] = ldg1(a + c1);
+  cf[1] = ldg1(b + c1);
+  cf[2] = ldg1(b + c2);
+  cf[3] = ldg1(a + c2);
+  return true;
+}
+template <typename T>
+__device__ __forceinline__ void store_rotated(const Params& p, long long row, long long c1, long long c2, float s1,
+                                              float s2, const float* cf, bool ok) {
+  T* y = (T*)p.y + row * p.d;
+  st(y + c1, ok ? cf[0] * s1 - cf[1] * s2 : __int_as_float(0x7fc00000));
+  st(y + c2, ok ? cf[2] * s1 + cf[3] * s2 : __int_as_float(0x7fc00000));
+}
+// The loads of one round of the k loop: U steps of a warp (a step: each thread KT consecutive k of its A rows and
+// of its X row), and the products that use them. For float weights the loop double-buffers rounds: round r + 1's
+// loads are written before round r's products, which use registers loaded in the iteration before, so no product
+// waits on a load issued in its own iteration. Written as one round's loads then its products, ptxas placed each
+// step's loads after the previous step's products (which wait for their own loads), and a warp had one step in
+// flight at a time whatever the unrolling (read off the SASS). 4-bit weights keep one buffer: a second costs them
+// 24 registers a thread, one resident block of 256 threads fewer per SM, and the gate/up product (352 blocks, more
+// than two per SM) a second wave (measured 1.27 x slower). U = 1 by default: 2 steps a round were slower at every
+// TinyLlama-size shape measured but down, 4-bit much slower (tools/bench_kernels.py). Loads past k are predicated
+// off and multiply zeros.
+template <typename T, int BITS, int TM, int U>
+struct MmaRound {
+  static constexpr int KT = BITS == 0 ? 16 : 32;  // k values per thread and step; a warp covers 4 KT
+  static constexpr int WV = BITS == 0 ? 2 : 1;    // 16-byte weight loads per A row and step
+  uint4 xv[U][KT / 8];
+  uint4 wa[U][TM][WV], wb[U][TM][WV];
+  unsigned sa[U][TM], sb[U][TM];  // 4-bit: the block's scale, twice
+  __device__ __forceinline__ void load(const LinParams& g, const T* xr, bool xlive, long long kb, int warps, int t,
+                                       const long long* ca, int live) {
+    const long long k = g.k, half = g.p.half, step = (long long)warps * 4 * KT;
+    const uint4 zero = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int s = 0; s < U; ++s) {
+      const long long kt = kb + s * step + t * KT;
+#pragma unroll
+      for (int u = 0; u < KT / 8; ++u)
+        xv[s][u] = (xlive && (BITS == 0 ? kt + 8 * u < k : kt < k)) ? __ldg((const uint4*)(xr + kt + 8 * u)) : zero;
+#pragma unroll
+      for (int j = 0; j < TM; ++j) {
+        if constexpr (BITS == 0) {
+#pragma unroll
+          for (int u = 0; u < WV; ++u) {
+            const bool in = j < live && kt + 8 * u < k;
+            wa[s][j][u] = in ? __ldg((const uint4*)((const T*)g.w + ca[j] * k + kt + 8 * u)) : zero;
+            wb[s][j][u] = in ? __ldg((const uint4*)((const T*)g.w + (ca[j] + half) * k + kt + 8 * u)) : zero;
+          }
+        } else {
+          const long long row_bytes = g.blocks_per_col * (long long)g.block_size / 2;
+          const unsigned short* sc = (const unsigned short*)g.scales;
+          const bool in = j < live && kt < k;
+          const unsigned char* w = (const unsigned char*)g.w + kt / 2;
+          wa[s][j][0] = in ? __ldg((const uint4*)(w + ca[j] * row_bytes)) : zero;
+          wb[s][j][0] = in ? __ldg((const uint4*)(w + (ca[j] + half) * row_bytes)) : zero;
+          const long long block = kt / g.block_size;
+          const unsigned s1 = in ? __ldg(sc + ca[j] * g.blocks_per_col + block) : 0u;
+          const unsigned s2 = in ? __ldg(sc + (ca[j] + half) * g.blocks_per_col + block) : 0u;
+          sa[s][j] = s1 | (s1 << 16);
+          sb[s][j] = s2 | (s2 << 16);
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ void compute(float (*acc)[4]) const {
+#pragma unroll
+    for (int s = 0; s < U; ++s) {
+      if constexpr (BITS == 0) {
+#pragma unroll
+        for (int j = 0; j < TM; ++j)
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            mma<T>(acc[j], wa[s][j][u].x, wb[s][j][u].x, wa[s][j][u].y, wb[s][j][u].y, xv[s][u].x, xv[s][u].y);
+            mma<T>(acc[j], wa[s][j][u].z, wb[s][j][u].z, wa[s][j][u].w, wb[s][j][u].w, xv[s][u].z, xv[s][u].w);
+          }
+      } else {
+        unsigned xp[4][4];  // per word of 8 k: X pairs (x0,x4), (x1,x5), (x2,x6), (x3,x7), as dequant4 pairs W
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          xp[i][0] = pick(xv[s][i].x, xv[s][i].z, 0x5410);
+          xp[i][1] = pick(xv[s][i].x, xv[s][i].z, 0x7632);
+          xp[i][2] = pick(xv[s][i].y, xv[s][i].w, 0x5410);
+          xp[i][3] = pick(xv[s][i].y, xv[s][i].w, 0x7632);
+        }
+#pragma unroll
+        for (int j = 0; j < TM; ++j) {
+          const unsigned* ua = (const unsigned*)&wa[s][j][0];
+          const unsigned* ub = (const unsigned*)&wb[s][j][0];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            unsigned a[4], b[4];
+            dequant4<T>(ua[i], sa[s][j], a);
+            dequant4<T>(ub[i], sb[s][j], b);
+            mma<T>(acc[j], a[0], b[0], a[1], b[1], xp[i][0], xp[i][1]);
+            mma<T>(acc[j], a[2], b[2], a[3], b[3], xp[i][2], xp[i][3]);
+          }
+        }
+      }
+    }
+  }
+};
+template <typename T, int BITS, int TM, int W, int U = 1>
 __device__ __forceinline__ void mma_tile(const LinParams& g) {
   const Params& p = g.p;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
@@ -696,73 +812,33 @@ __device__ __forceinline__ void mma_tile(const LinParams& g) {
   for (int j = 0; j < TM; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0;
-  constexpr int KT = BITS == 0 ? 16 : 32;  // k values per thread and step; a warp covers 4 KT
-  const uint4 zero = {0u, 0u, 0u, 0u};
-#pragma unroll 2
-  for (long long kb = (long long)warp * 4 * KT; kb < k; kb += 8 * 4 * KT) {
-    const long long kt = kb + t * KT;
-    uint4 xv[KT / 8];
+  // The coefficients this thread's stores need, loaded now so that their latency hides behind the product's (after
+  // it they would be one more round trip to memory on the step's critical path): warp j < live finishes tile j.
+  float cf[2][4];
+  bool cok[2] = {false, false};
+  const long long cw = pair_column(((long long)blockIdx.x * TM + (warp < TM ? warp : 0)) * 8 + gq, half);
+  if (warp < live) {
 #pragma unroll
-    for (int u = 0; u < KT / 8; ++u)
-      xv[u] = (xlive && (BITS == 0 ? kt + 8 * u < k : kt < k)) ? __ldg((const uint4*)(xr + kt + 8 * u)) : zero;
-    if constexpr (BITS == 0) {
-      uint4 wa[TM][2], wb[TM][2];
-#pragma unroll
-      for (int j = 0; j < TM; ++j)
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const bool in = j < live && kt + 8 * u < k;
-          wa[j][u] = in ? __ldg((const uint4*)((const T*)g.w + ca[j] * k + kt + 8 * u)) : zero;
-          wb[j][u] = in ? __ldg((const uint4*)((const T*)g.w + (ca[j] + half) * k + kt + 8 * u)) : zero;
-        }
-#pragma unroll
-      for (int j = 0; j < TM; ++j)
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          mma<T>(acc[j], wa[j][u].x, wb[j][u].x, wa[j][u].y, wb[j][u].y, xv[u].x, xv[u].y);
-          mma<T>(acc[j], wa[j][u].z, wb[j][u].z, wa[j][u].w, wb[j][u].w, xv[u].z, xv[u].w);
-        }
-    } else {
-      const long long row_bytes = g.blocks_per_col * (long long)g.block_size / 2;
-      const unsigned short* sc = (const unsigned short*)g.scales;
-      uint4 qa[TM], qb[TM];
-      unsigned sa[TM], sb[TM];
-#pragma unroll
-      for (int j = 0; j < TM; ++j) {
-        const bool in = j < live && kt < k;
-        const unsigned char* w = (const unsigned char*)g.w + kt / 2;
-        qa[j] = in ? __ldg((const uint4*)(w + ca[j] * row_bytes)) : zero;
-        qb[j] = in ? __ldg((const uint4*)(w + (ca[j] + half) * row_bytes)) : zero;
-        const long long block = kt / g.block_size;
-        const unsigned s1 = in ? __ldg(sc + ca[j] * g.blocks_per_col + block) : 0u;
-        const unsigned s2 = in ? __ldg(sc + (ca[j] + half) * g.blocks_per_col + block) : 0u;
-        sa[j] = s1 | (s1 << 16);
-        sb[j] = s2 | (s2 << 16);
-      }
-      unsigned xp[4][4];  // per word of 8 k: X pairs (x0,x4), (x1,x5), (x2,x6), (x3,x7), as dequant4 pairs W
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        xp[i][0] = pick(xv[i].x, xv[i].z, 0x5410);
-        xp[i][1] = pick(xv[i].x, xv[i].z, 0x7632);
-        xp[i][2] = pick(xv[i].y, xv[i].w, 0x5410);
-        xp[i][3] = pick(xv[i].y, xv[i].w, 0x7632);
-      }
-#pragma unroll
-      for (int j = 0; j < TM; ++j) {
-        const unsigned* ua = (const unsigned*)&qa[j];
-        const unsigned* ub = (const unsigned*)&qb[j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          unsigned a[4], b[4];
-          dequant4<T>(ua[i], sa[j], a);
-          dequant4<T>(ub[i], sb[j], b);
-          mma<T>(acc[j], a[0], b[0], a[1], b[1], xp[i][0], xp[i][1]);
-          mma<T>(acc[j], a[2], b[2], a[3], b[3], xp[i][2], xp[i][3]);
-        }
-      }
+    for (int r = 0; r < 2; ++r)
+      if (2 * t + r < rows) cok[r] = load_coefs<T>(p, row0 + 2 * t + r, cw, cw + half, cf[r]);
+  }
+  MmaRound<T, BITS, TM, U> cur, next;
+  constexpr long long kRound = (long long)U * W * 4 * MmaRound<T, BITS, TM, U>::KT;  // k values a block's round covers
+  long long kb = (long long)warp * 4 * MmaRound<T, BITS, TM, U>::KT;
+  if constexpr (BITS == 4) {  // one buffer: a second round's registers cost 4-bit products blocks on the SM
+    for (; kb < k; kb += kRound) {
+      cur.load(g, xr, xlive, kb, W, t, ca, live);
+      cur.compute(acc);
+    }
+  } else {
+    cur.load(g, xr, xlive, kb, W, t, ca, live);
+    for (; kb < k; kb += kRound) {
+      next.load(g, xr, xlive, kb + kRound, W, t, ca, live);  // predicated off past k
+      cur.compute(acc);
+      cur = next;
     }
   }
-  __shared__ float part[8][TM * 4][32];
+  __shared__ float part[W][TM * 4][32];
 #pragma unroll
   for (int j = 0; j < TM; ++j)
 #pragma unroll
@@ -774,23 +850,26 @@ __device__ __forceinline__ void mma_tile(const LinParams& g) {
     for (int i = 0; i < 4; ++i) {
       s[i] = 0;
 #pragma unroll
-      for (int w = 0; w < 8; ++w) s[i] += part[w][warp * 4 + i][lane];
+      for (int w = 0; w < W; ++w) s[i] += part[w][warp * 4 + i][lane];
     }
-    const long long c1 = pair_column(((long long)blockIdx.x * TM + warp) * 8 + gq, half);
-    if (2 * t < rows) store_pair<T>(p, row0 + 2 * t, c1, c1 + half, s[0], s[2]);
-    if (2 * t + 1 < rows) store_pair<T>(p, row0 + 2 * t + 1, c1, c1 + half, s[1], s[3]);
+    if (2 * t < rows) store_rotated<T>(p, row0 + 2 * t, cw, cw + half, s[0], s[2], cf[0], cok[0]);
+    if (2 * t + 1 < rows) store_rotated<T>(p, row0 + 2 * t + 1, cw, cw + half, s[1], s[3], cf[1], cok[1]);
   }
 }
 #define ROAD_MMA(TM, BITS, NAME, T) \
-  extern "C" __global__ void __launch_bounds__(256) road_mma##TM##_##NAME(LinParams p) { mma_tile<T, BITS, TM>(p); }
+  extern "C" __global__ void __launch_bounds__(256) road_mma##TM##_##NAME(LinParams p) { mma_tile<T, BITS, TM, 8>(p); }
+#define ROAD_MMA_W16(BITS, NAME, T) \
+  extern "C" __global__ void __launch_bounds__(512) road_mma1w16_##NAME(LinParams p) { mma_tile<T, BITS, 1, 16>(p); }
 ROAD_MMA(1, 0, f16, h16) ROAD_MMA(1, 0, bf16, b16) ROAD_MMA(1, 4, nb4_f16, h16) ROAD_MMA(1, 4, nb4_bf16, b16)
 ROAD_MMA(2, 0, f16, h16) ROAD_MMA(2, 0, bf16, b16) ROAD_MMA(2, 4, nb4_f16, h16) ROAD_MMA(2, 4, nb4_bf16, b16)
 ROAD_MMA(4, 0, f16, h16) ROAD_MMA(4, 0, bf16, b16) ROAD_MMA(4, 4, nb4_f16, h16) ROAD_MMA(4, 4, nb4_bf16, b16)
+ROAD_MMA_W16(0, f16, h16) ROAD_MMA_W16(0, bf16, b16) ROAD_MMA_W16(4, nb4_f16, h16) ROAD_MMA_W16(4, nb4_bf16, b16)
 )CUDA";
 
 // kernel names, by index: rotations 0-3 and GEMVs 4-7 by type index (f32, f64, f16, bf16); then the W^T products:
-// the warp form 8-16, the block form 17-34 and the tensor-core form 35-46 (`launch_linear`)
-constexpr int kKernels = 47;
+// the warp form 8-16, the block form 17-34 and the tensor-core form: 35-46 (1, 2 or 4 tiles a block, 8 warps) and
+// 47-50 (one tile, 16 warps) (`launch_linear`)
+constexpr int kKernels = 51;
 constexpr const char* kNames[kKernels] = {
     "road_rotate_f32", "road_rotate_f64", "road_rotate_f16", "road_rotate_bf16",
     "road_gemv_f32",   "road_gemv_f32",   "road_gemv_f16",   "road_gemv_bf16",
@@ -805,7 +884,8 @@ constexpr const char* kNames[kKernels] = {
     "road_tile8_nb8_f32", "road_tile8_nb8_f16", "road_tile8_nb8_bf16",
     "road_mma1_f16", "road_mma1_bf16", "road_mma1_nb4_f16", "road_mma1_nb4_bf16",
     "road_mma2_f16", "road_mma2_bf16", "road_mma2_nb4_f16", "road_mma2_nb4_bf16",
-    "road_mma4_f16", "road_mma4_bf16", "road_mma4_nb4_f16", "road_mma4_nb4_bf16"};
+    "road_mma4_f16", "road_mma4_bf16", "road_mma4_nb4_f16", "road_mma4_nb4_bf16",
+    "road_mma1w16_f16", "road_mma1w16_bf16", "road_mma1w16_nb4_f16", "road_mma1w16_nb4_bf16"};
 // (no float64 GEMV: its shared sums would not fit in 48 KB; float64 products take cuBLAS)
 constexpr int kGemvRows = 8, kGemvTile = 64, kGemvThreads = 256;  // as GEMV_ROWS, GEMV_TILE, GEMV_THREADS above
 
@@ -1136,9 +1216,10 @@ inline bool linear_fits(int type_index, long long k, long long n, long long grou
 
 // The forms of the W^T product (ROAD_EXPORT_LINEAR): by default (kAuto) and with `mma`, the tensor-core form where it
 // fits (float16 / bfloat16 X, float or 4-bit W, whole tiles of 8 pairs, sm_80 and newer), else the block form;
-// `tile` and `warp` force those. Measured on an H100 (tools/bench_linear.py, 2026-12-06, each / onnxruntime's own
-// product, 1 row / 8 rows): the tensor-core form 1.03-1.10 / 1.11-1.23 for float16 and 1.03-1.22 / 0.56-0.82 for
-// 4-bit, where the block form took 0.88-1.19 / 1.46-2.48 and 1.41-2.20 / 0.93-2.71 (docs/benchmarks.md).
+// `tile` and `warp` force those. Measured on an H100 (tools/bench_linear.py, each / onnxruntime's own product,
+// 1 row / 8 rows): the tensor-core form 0.97-1.03 / 1.01-1.07 for float16 and 0.93-1.17 / 0.50-0.74 for 4-bit
+// (2026-12-06, with the coefficients loaded first; before: 1.03-1.10 / 1.11-1.23 and 1.03-1.22 / 0.56-0.82), where
+// the block form took 0.88-1.19 / 1.46-2.48 and 1.41-2.20 / 0.93-2.71 (docs/benchmarks.md).
 enum class LinearForm { kAuto, kWarp, kTile, kMma };
 
 // Whether the tensor-core form takes a product (beyond `linear_fits`): float16 or bfloat16, half a group a multiple
@@ -1158,6 +1239,15 @@ inline int mma_tiles_per_block() {
   }
   return 1;
 }
+
+// Warps splitting k in the tensor-core form with one tile a block: ROAD_EXPORT_MMA_WARPS (8 or 16), else 8. 16 were
+// 9-16 % faster on an H100 where the tiles fit the SMs at once and each warp still takes several k steps (float16 o
+// and down, 4-bit down), and 24-41 % slower where they do not (qkv, gate/up: a second wave), so 8 stays the default.
+inline int mma_warps() {
+  if (const char* env = std::getenv("ROAD_EXPORT_MMA_WARPS"); env && *env && std::atoi(env) == 16) return 16;
+  return 8;
+}
+
 
 // Launch the W^T product on `stream`: `params` as for `launch`, with x = X and y = Y; every row of X, in chunks of 8
 // on the grid's second axis. `form` picks the kernel (see kSource): the block form (4 pairs a block; R = 1 for one
@@ -1180,13 +1270,17 @@ inline bool launch_linear(CUstream stream, int type_index, const Params& params,
   const Driver* d = driver();
   const bool mma = (form == LinearForm::kMma || form == LinearForm::kAuto) &&
                    mma_fits(functions->arch, type_index, k, params.half, bits, block_size);
-  unsigned grid = 0;
+  unsigned grid = 0, threads = 256;
   int index = 0;
   if (mma) {
     const long long tiles = params.d / 16;
     const int tm = mma_tiles_per_block();
     grid = static_cast<unsigned>((tiles + tm - 1) / tm);
     index = 35 + 4 * (tm == 1 ? 0 : tm == 2 ? 1 : 2) + 2 * (bits == 4) + (type_index == 3);
+    if (tm == 1 && mma_warps() == 16) {
+      index = 47 + 2 * (bits == 4) + (type_index == 3);
+      threads = 512;
+    }
   } else if (form == LinearForm::kWarp) {
     grid = static_cast<unsigned>(blocks);
     index = 8 + variant;
@@ -1194,7 +1288,7 @@ inline bool launch_linear(CUstream stream, int type_index, const Params& params,
     grid = static_cast<unsigned>((params.d / 2 + 3) / 4);
     index = (params.rows == 1 ? 17 : 26) + variant;
   }
-  const CUresult r = d->LaunchKernel(functions->fn[index], grid, static_cast<unsigned>(chunks), 1, 256, 1, 1, 0,
+  const CUresult r = d->LaunchKernel(functions->fn[index], grid, static_cast<unsigned>(chunks), 1, threads, 1, 1, 0,
                                      stream, args, nullptr);
   if (r != 0) {
     *why = "cuLaunchKernel: " + error_text(d, r);
