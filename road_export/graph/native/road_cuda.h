@@ -1242,7 +1242,7 @@ inline int mma_tiles_per_block() {
 
 // Warps splitting k in the tensor-core form with one tile a block: ROAD_EXPORT_MMA_WARPS (8 or 16), else 8. 16 were
 // 9-16 % faster on an H100 where the tiles fit the SMs at once and each warp still takes several k steps (float16 o
-// and down, 4-bit down), and 24-41 % slower where they do not (qkv, gate/up: a second wave), so 8 stays the default.
+// and down, 4-bit down), and 17-41 % slower where they do not (qkv, gate/up: a second wave), so 8 stays the default.
 inline int mma_warps() {
   if (const char* env = std::getenv("ROAD_EXPORT_MMA_WARPS"); env && *env && std::atoi(env) == 16) return 16;
   return 8;
