@@ -184,16 +184,21 @@ def test_verify_fails_on_a_damaged_weight(built, tmp_path):
     assert code == 1 and "FAILED" in text, text
 
 
+@pytest.mark.parametrize("smallest", [128, 8], ids=["context", "growing"])
 @pytest.mark.parametrize("io_binding", [False, True], ids=["host", "bound"])
-def test_serve_engine_on_a_builder_directory(built, hf_llama, io_binding):
+def test_serve_engine_on_a_builder_directory(built, hf_llama, io_binding, smallest, monkeypatch):
     """Requests join a running batch and leave it; each row's tokens equal transformers' alone. Bound (the shared
-    buffer an OrtValue that GroupQueryAttention writes in place, as on CUDA) as on the host."""
+    buffer an OrtValue that GroupQueryAttention writes in place, as on CUDA) as on the host. With buffers that start
+    at 8 positions ("growing"; 128, this model's context, otherwise) the shared buffer doubles when a row would pass
+    its end, alone and with rows that joined it, its tokens kept."""
     from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
+    from road_export.runtime import kvcache
 
+    monkeypatch.setattr(kvcache, "SMALLEST_BUFFER", smallest)
     engine = Engine(built["llama"], threads=1, io_binding=io_binding)
     assert engine.context_length == 128 and engine.eos_token_ids == {2}
     assert Engine(built["llama"], threads=1).io_binding  # the default for a shared buffer, on the CPU too
-    asks = {"a": ([5, 6, 7, 8, 9], 6), "b": ([11, 12], 9), "c": ([40, 41, 42, 43, 44, 45, 46, 47], 3)}
+    asks = {"a": ([5, 6, 7, 8, 9], 10), "b": ([11, 12], 20), "c": ([40, 41, 42, 43, 44, 45, 46, 47], 3)}
 
     def request(rid):
         prompt, new = asks[rid]
@@ -201,13 +206,17 @@ def test_serve_engine_on_a_builder_directory(built, hf_llama, io_binding):
                                  params=SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
 
     tokens: dict[str, list[int]] = {}
+    capacities = set()
     engine.submit(request("a"))
-    for step in range(20):
-        if step == 2:
+    for step in range(30):
+        if step == 5:  # after row a's buffer has doubled (8 -> 16 positions at its 9th)
             engine.submit(request("b"))
             engine.submit(request("c"))
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        capacities |= {b.decoding.cache.capacity for b in engine._batches.values() if b.decoding is not None}
+    assert not engine.has_work()
+    assert capacities == ({128} if smallest == 128 else {8, 16, 32})  # b doubles the joined buffer again
     for rid, (prompt, new) in asks.items():
         ids = np.array([prompt])
         assert tokens[rid] == transformers_generate(hf_llama, ids, np.ones_like(ids), new)[0, len(prompt):].tolist()

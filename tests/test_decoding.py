@@ -130,12 +130,15 @@ def test_host_memory_pads_and_takes_as_its_docstring_says():
     assert not right[:2, :, 3:].any()
     np.testing.assert_array_equal(left[2:], b)
     np.testing.assert_array_equal(memory.take(a, [1, 0], 1, 2), a[[1, 0], :, 1:2])
+    grown = memory.grow(a, 7)
+    assert grown.shape == (2, 1, 7, 4) and not grown[:, :, 3:].any()
+    np.testing.assert_array_equal(grown[:, :, :3], a)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_device_memory_moves_rows_as_host_memory_does(dtype):
     """road_export.runtime.gpu.DeviceMemory, the IOBinding loop's cache memory (here on the CPU: the same onnxruntime
-    sessions), takes and joins rows as HostMemory does, giving OrtValues."""
+    sessions), takes, joins and grows rows as HostMemory does, giving OrtValues."""
     import onnxruntime as ort
 
     from road_export.runtime.gpu import DeviceMemory
@@ -160,3 +163,35 @@ def test_device_memory_moves_rows_as_host_memory_does(dtype):
             got = device.join(on(a), on(b), width, left=left)
             assert isinstance(got, ort.OrtValue) and device.shape(got) == (5, 2, width, 4)
             np.testing.assert_array_equal(got.numpy(), host.join(a, b, width, left=left))
+    for width in (5, 8):
+        got = device.grow(on(a), width)
+        assert isinstance(got, ort.OrtValue) and device.shape(got) == (3, 2, width, 4)
+        np.testing.assert_array_equal(got.numpy(), host.grow(a, width))
+
+
+def test_a_shared_buffer_grows_to_its_limit_and_a_fixed_one_refuses(monkeypatch):
+    """A GroupQueryAttention shared buffer of a fixed capacity refuses a row that would pass its end; given a
+    `limit` it starts at the prompt's bucket, doubles (capped at the limit) keeping what it held, and refuses only
+    past the limit."""
+    from road_export.core.errors import RoadError
+    from road_export.runtime import kvcache
+
+    monkeypatch.setattr(kvcache, "SMALLEST_BUFFER", 2)
+    layout = CacheLayout(((PAST, PRESENT),), {PAST: (1, 1)}, np.float32, gqa=True, share_buffer=True)
+    ids, mask = np.array([[5, 6, 7]]), np.ones((1, 3), np.int64)
+    fixed = new_cache(layout, capacity=4)
+    fixed.prefill(ids, mask)
+    fixed.step(np.array([1]))
+    with pytest.raises(RoadError, match="needs 5 cache positions; the shared key/value buffer holds 4"):
+        fixed.step(np.array([1]))
+    growing = new_cache(layout, limit=6)
+    feeds = growing.prefill(ids, mask)
+    assert growing.capacity == 4 and feeds[PAST].shape == (1, 1, 4, 1)  # bucket(3 + 1)
+    growing.past[PAST] = np.arange(4, dtype=np.float32).reshape(1, 1, 4, 1) + 1  # as the run wrote it
+    growing.step(np.array([1]))
+    feeds = growing.step(np.array([1]))  # 5 positions: doubled to 8, capped at 6
+    assert growing.capacity == 6
+    np.testing.assert_array_equal(feeds[PAST][0, 0, :, 0], [1, 2, 3, 4, 0, 0])
+    growing.step(np.array([1]))
+    with pytest.raises(RoadError, match="needs 7 cache positions; the shared key/value buffer holds 6"):
+        growing.step(np.array([1]))

@@ -192,8 +192,11 @@ def _selector_model(logits_type: int) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
-class _Selector:
-    """Greedy choice on the GPU: the logits never leave it, the token ids [batch] come back."""
+class GreedySelector:
+    """Greedy choice where a CUDA session's logits are: `selector(logits)` with logits an OrtValue [batch, sequence,
+    vocab] on the GPU returns the token ids [batch] int64 of ArgMax over logits[:, -1] (numpy), so only the ids leave
+    the GPU. One tiny onnxruntime session (Gather + ArgMax) on the session's device; float16, float32 or float64
+    logits (the element type the session's `logits` output declares)."""
 
     def __init__(self, session: Session):
         from onnx import TensorProto
@@ -235,7 +238,7 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     selected = route(session, ids.shape[0], adapter=adapter, adapter_names=adapter_names)
     decoding = new_decoding(session, bound_run(session, selected, kind, dev), mask, max_new_tokens,
                             memory=DeviceMemory(session))
-    select = None if do_sample or kind != "cuda" else _Selector(session)
+    select = None if do_sample or kind != "cuda" else GreedySelector(session)
 
     def pick(outputs):
         if select is not None and decoding.aligned:
@@ -252,7 +255,7 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
 def _mover_model(kind: str, element_type: int) -> bytes:
     """The cache's row moves as one onnxruntime model each (`DeviceMemory`), for past values of ONNX `element_type`:
     "take": y = Slice(Gather(x, rows, axis 0), start, stop, axis 2); "join": y = Concat(Pad(a, pads_a), Pad(b,
-    pads_b), axis 0), zeros padded."""
+    pads_b), axis 0); "grow": y = Pad(x, pads); zeros padded."""
     from onnx import TensorProto, helper
 
     def value(name, element, dims):
@@ -265,6 +268,9 @@ def _mover_model(kind: str, element_type: int) -> bytes:
                  helper.make_node("Slice", ["picked", "start", "stop", "axis"], ["y"])]
         inputs = [value("x", element_type, ["b", "h", "s", "d"]), value("rows", TensorProto.INT64, ["n"]),
                   value("start", TensorProto.INT64, [1]), value("stop", TensorProto.INT64, [1])]
+    elif kind == "grow":
+        nodes = [helper.make_node("Pad", ["x", "pads"], ["y"])]
+        inputs = [value("x", element_type, ["b", "h", "s", "d"]), value("pads", TensorProto.INT64, [8])]
     else:
         nodes = [helper.make_node("Pad", ["a", "pads_a"], ["wide_a"]),
                  helper.make_node("Pad", ["b", "pads_b"], ["wide_b"]),
@@ -296,6 +302,10 @@ class DeviceMemory(HostMemory):
         last = self.shape(value)[2] if stop is None else stop
         return self._run("take", value, {"x": value, "rows": np.asarray(list(rows), np.int64),
                                          "start": np.array([start], np.int64), "stop": np.array([last], np.int64)})
+
+    def grow(self, value, width: int) -> object:
+        more = width - self.shape(value)[2]
+        return self._run("grow", value, {"x": value, "pads": np.array([0, 0, 0, 0, 0, 0, more, 0], np.int64)})
 
     def join(self, first, second, width: int, *, left: bool) -> object:
         def pads(value) -> np.ndarray:

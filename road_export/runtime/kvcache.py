@@ -15,7 +15,11 @@ file wants the rows laid out. Two strategies:
   is moved left before the prefill, and the logits of a row's last real token are read at its own length.
   With `past_present_share_buffer` (genai_config.json's `search` section; the builder's default) the past is one
   buffer of `capacity` positions that the run writes in place (`present.*` is the same buffer: bind it as the
-  output on IOBinding, `shared_outputs`); otherwise the past grows to the longest row.
+  output on IOBinding, `shared_outputs`); otherwise the past grows to the longest row. A shared buffer given a
+  `limit` instead of a fixed capacity (the serving engine: rows of unknown length join and leave) starts at the
+  prompt's width rounded up (`bucket`) and doubles, zero-padded, when a row would pass its end, up to `limit`:
+  onnxruntime's CUDA GroupQueryAttention pays per step for the buffer's positions, not only for the rows' tokens,
+  so a buffer of the whole context costs a decode step more than one of the rows' lengths.
   onnxruntime's GroupQueryAttention refuses several new tokens per row on top of a past for batch > 1 ("batch_size
   must be 1 when sequence_length > 1 and past context is given"): `GQA_CHUNK_RULE` says so where a caller must skip.
 
@@ -40,7 +44,7 @@ from road_export.core.names import PAST, PRESENT, positions
 from road_export.graph.ort_session import NUMPY_TYPES as ORT_TYPES, value_shape
 
 __all__ = ["GQA_CHUNK_RULE", "CacheLayout", "GqaCache", "KVCache", "PaddedCache", "cache_layout", "file_layout",
-           "HostMemory", "host", "new_cache", "with_share_buffer"]
+           "HostMemory", "bucket", "host", "new_cache", "with_share_buffer"]
 
 NUMPY_TYPES = {**ORT_TYPES, "tensor(bfloat16)": np.float32}  # a bfloat16 cache is fed as float32 here
 GQA_CHUNK_RULE = ("onnxruntime's GroupQueryAttention takes several new tokens on top of a past for batch 1 only "
@@ -194,11 +198,12 @@ class KVCache:
     arrays, by default; a decode loop on IOBinding gives `road_export.runtime.gpu.DeviceMemory`, onnxruntime
     OrtValues where the session runs, moved there."""
 
-    def __init__(self, layout: CacheLayout, rows: int, *, capacity: int | None = None,
+    def __init__(self, layout: CacheLayout, rows: int, *, capacity: int | None = None, limit: int | None = None,
                  memory: HostMemory | None = None):
         self.layout = layout
         self.rows = rows
         self.capacity = capacity
+        self.limit = limit
         self.memory = memory or HostMemory()
         self.past: dict[str, Any] = {}
         self.lengths = np.zeros(rows, np.int64)
@@ -304,11 +309,18 @@ class GqaCache(KVCache):
         return (np.arange(width)[None, :] < self.lengths[:, None]).astype(np.int64)
 
     def _check_room(self) -> None:
+        """A shared buffer holds every row's next run: grown (`limit`) or refused (a fixed capacity)."""
         longest = int(self.lengths.max(initial=0))
-        limit = self.capacity if self.layout.share_buffer else None
-        if limit is not None and longest > limit:
-            raise RoadError(f"a row needs {longest} cache positions; the shared key/value buffer holds {limit} "
-                            "(max_length): generate fewer tokens or give a larger capacity")
+        if not self.layout.share_buffer or self.capacity is None or longest <= self.capacity:
+            return
+        if self.limit is not None and longest <= self.limit:
+            width = min(self.limit, bucket(longest))
+            self.past = {k: self.memory.grow(v, width) for k, v in self.past.items()}
+            self.capacity = width
+            return
+        held = self.capacity if self.limit is None else self.limit
+        raise RoadError(f"a row needs {longest} cache positions; the shared key/value buffer holds {held} "
+                        "(max_length): generate fewer tokens or give a larger capacity")
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         rows = _prompt_rows(ids, mask)
@@ -318,7 +330,8 @@ class GqaCache(KVCache):
             ids[i, :len(row)] = row
         self.rows, self.lengths, self._new = len(rows), np.array([len(r) for r in rows], np.int64), width
         if self.layout.share_buffer:
-            self.capacity = self.capacity or width
+            if self.capacity is None:
+                self.capacity = width if self.limit is None else min(self.limit, bucket(width + 1))
             self._check_room()
             self.past = self.empty(len(rows), self.capacity)
         else:
@@ -374,6 +387,8 @@ class GqaCache(KVCache):
         width = max(self.memory.shape(v)[2] for v in [*self.past.values(), *other.past.values()])
         self.past = {k: self.memory.join(v, other.past[k], width, left=False) for k, v in self.past.items()}
         self.rows, self.lengths = self.rows + other.rows, np.concatenate([self.lengths, other.lengths])
+        if self.layout.share_buffer:
+            self.capacity = width
 
 
 def host(value: Any) -> np.ndarray:
@@ -398,6 +413,11 @@ class HostMemory:
         """value[rows][:, :, start:stop]: some rows, and the positions from `start` to `stop` (None: the end)."""
         return np.ascontiguousarray(host(value)[list(rows)][:, :, start:stop])
 
+    def grow(self, value: Any, width: int) -> Any:
+        """`value` with zeros after its positions, to `width` positions (a shared buffer grown)."""
+        x = host(value)
+        return np.pad(x, [(0, 0), (0, 0), (0, width - x.shape[2]), (0, 0)])
+
     def join(self, first: Any, second: Any, width: int, *, left: bool) -> Any:
         """The rows of `first` then of `second`, each padded with zeros to `width` positions, on the left (`left`) or
         the right."""
@@ -409,13 +429,25 @@ class HostMemory:
         return np.concatenate([pad(host(first)), pad(host(second))], 0)
 
 
-def new_cache(layout: CacheLayout, rows: int = 0, *, capacity: int | None = None,
+def new_cache(layout: CacheLayout, rows: int = 0, *, capacity: int | None = None, limit: int | None = None,
               memory: HostMemory | None = None) -> KVCache:
     """A cache of `layout`'s strategy for `rows` rows. `capacity`: the shared buffer's positions (GQA with a shared
-    buffer; default the prompt's width); `memory`: where its past values are kept and moved (default `HostMemory`;
-    an IOBinding loop gives `road_export.runtime.gpu.DeviceMemory`)."""
+    buffer; default the prompt's width, or with `limit` its `bucket`); `limit`: the most positions the shared buffer
+    grows to, doubling when a row would pass its end (None: a row past `capacity` is refused); `memory`: where its
+    past values are kept and moved (default `HostMemory`; an IOBinding loop gives
+    `road_export.runtime.gpu.DeviceMemory`)."""
     kind = GqaCache if layout.gqa else PaddedCache
-    return kind(layout, rows, capacity=capacity, memory=memory)
+    return kind(layout, rows, capacity=capacity, limit=limit, memory=memory)
+
+
+SMALLEST_BUFFER = 128
+"""The fewest positions `bucket` gives a growing shared buffer."""
+
+
+def bucket(positions: int) -> int:
+    """The shared buffer's size for `positions`: the next power of two, at least `SMALLEST_BUFFER` (so that a
+    growing buffer doubles, and is copied O(log n) times over a row's life)."""
+    return max(SMALLEST_BUFFER, 1 << max(0, positions - 1).bit_length())
 
 
 def with_share_buffer(layout: CacheLayout, share: bool) -> CacheLayout:

@@ -239,6 +239,7 @@ class Engine:
             from road_export.runtime.gpu import DeviceMemory
 
             self._memory = DeviceMemory(self.session)
+        self._selector = None  # runtime.gpu.GreedySelector, made at the first all-greedy run on CUDA
         self._switch, self._recompute_at = rope_switch(self.session), recompute_length(self.session)
         self._waiting: deque[GenerationRequest] = deque()
         self._cancelled: set[str] = set()
@@ -380,13 +381,15 @@ class Engine:
         except RoadError as e:
             return [self._finish(r, "error", [], error=str(e)) for r in rows]
         self._join(route, True, rows, decoding.cache)
-        return self._advance(rows, decoding.last_logits(outputs))
+        return self._advance(rows, *self._chosen(decoding, outputs, rows))
 
     def _decoding(self, run: Run) -> Decoding:
-        """A decode state over a new cache in the file's layout; a shared buffer (a builder graph's) holds the
-        context length, so rows that join later fit beside."""
-        capacity = self.context_length if self._layout.share_buffer else None
-        return Decoding(run, new_cache(self._layout, capacity=capacity, memory=self._memory))
+        """A decode state over a new cache in the file's layout; a shared buffer (a builder graph's) starts at the
+        prompts' width rounded up and doubles as rows grow, up to the context length (`runtime.kvcache.bucket`):
+        onnxruntime's CUDA GroupQueryAttention pays per step for the whole buffer, so one of the context length would
+        cost every step of short rows; rows that join a batch are padded to the wider buffer."""
+        limit = self.context_length if self._layout.share_buffer else None
+        return Decoding(run, new_cache(self._layout, limit=limit, memory=self._memory))
 
     def _by_route(self, requests: list[GenerationRequest]) -> dict[str | None, list[GenerationRequest]]:
         groups: dict[str | None, list[GenerationRequest]] = {}
@@ -429,7 +432,6 @@ class Engine:
 
                 assert self._memory is not None
                 outputs = bound_run(self.session, extra, self._memory.kind, self._memory.device)(feeds, shared or {})
-                outputs["logits"] = outputs["logits"].numpy()  # sampled on the host
             else:
                 feeds.update(extra)
                 values = self.session.run_feeds(None, feeds, options)
@@ -458,7 +460,7 @@ class Engine:
         except RoadError as e:
             return [Output(r.request_id, [], "", "error", len(r.prompt_ids), 0, error=str(e)) for r in requests]
         self._join(route, phase, rows, decoding.cache)
-        return self._advance(rows, decoding.last_logits(outputs))
+        return self._advance(rows, *self._chosen(decoding, outputs, rows))
 
     def _decode(self, batch: _Batch) -> list[Output]:
         """One token for every row of `batch`."""
@@ -468,12 +470,33 @@ class Engine:
             outputs = batch.decoding.step(np.array([r.last for r in rows], np.int64))
         except RoadError as e:
             return [self._finish(r, "error", [], error=str(e)) for r in rows]
-        return self._advance(rows, batch.decoding.last_logits(outputs))
+        return self._advance(rows, *self._chosen(batch.decoding, outputs, rows))
 
-    def _advance(self, rows: list[_Row], logits: np.ndarray) -> list[Output]:
-        """Choose each row's next token from its logits [rows, vocab]; emit text; finish rows that are done."""
-        logits = logits.astype(np.float32, copy=False)
-        greedy = logits.argmax(-1)
+    def _chosen(self, decoding: Decoding, outputs: dict[str, Any], rows: Sequence[_Row]
+                ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(each row's last logits [rows, vocab] on the host, None), or, on CUDA when every row is greedy and the
+        logits' last position is every row's last token, (None, the greedy ids [rows]) chosen on the GPU
+        (`runtime.gpu.GreedySelector`: the logits stay there)."""
+        logits = outputs["logits"]
+        if isinstance(logits, np.ndarray):
+            return decoding.last_logits(outputs), None
+        if (self._memory is not None and self._memory.kind == "cuda" and decoding.aligned
+                and all(r.sampling is None for r in rows)):
+            if self._selector is None:
+                from road_export.runtime.gpu import GreedySelector
+
+                self._selector = GreedySelector(self.session)
+            return None, self._selector(logits)
+        return decoding.last_logits({"logits": logits.numpy()}), None
+
+    def _advance(self, rows: list[_Row], logits: np.ndarray | None, greedy: np.ndarray | None = None
+                 ) -> list[Output]:
+        """Choose each row's next token from its logits [rows, vocab] (or take `greedy`, the ids [rows] chosen where
+        the logits are); emit text; finish rows that are done."""
+        if greedy is None:
+            assert logits is not None
+            logits = logits.astype(np.float32, copy=False)
+            greedy = logits.argmax(-1)
         outputs = []
         for i, row in enumerate(rows):
             try:
