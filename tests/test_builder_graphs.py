@@ -331,3 +331,18 @@ def test_the_iobinding_loop_binds_the_shared_buffer_in_place(built, hf_llama, mo
     monkeypatch.undo()
     sampled = dict(do_sample=True, temperature=0.8, top_p=0.9, seed=3, max_new_tokens=NEW)
     np.testing.assert_array_equal(gpu.generate(session, ids, mask, **sampled), session.generate(ids, mask, **sampled))
+
+
+def test_the_greedy_selector_follows_the_batch(built):
+    """runtime.gpu.GreedySelector (the engine's and RoadSession.generate's greedy choice where the logits are) gives
+    numpy's argmax of the last position, also when the batch changes between calls (a serving batch does)."""
+    import onnxruntime as ort
+
+    from road_export.runtime.gpu import GreedySelector
+
+    select = GreedySelector(RoadSession(built["llama"]))
+    rng = np.random.default_rng(0)
+    for batch, positions in ((1, 3), (8, 1), (3, 1), (8, 2)):
+        logits = rng.standard_normal((batch, positions, 256)).astype(np.float32)
+        got = select(ort.OrtValue.ortvalue_from_numpy(logits))
+        np.testing.assert_array_equal(got, logits[:, -1].argmax(-1))

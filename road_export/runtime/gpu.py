@@ -193,10 +193,11 @@ def _selector_model(logits_type: int) -> bytes:
 
 
 class GreedySelector:
-    """Greedy choice where a CUDA session's logits are: `selector(logits)` with logits an OrtValue [batch, sequence,
-    vocab] on the GPU returns the token ids [batch] int64 of ArgMax over logits[:, -1] (numpy), so only the ids leave
-    the GPU. One tiny onnxruntime session (Gather + ArgMax) on the session's device; float16, float32 or float64
-    logits (the element type the session's `logits` output declares)."""
+    """Greedy choice where a session's logits are: `selector(logits)` with logits an OrtValue [batch, sequence,
+    vocab] where `session` runs (the GPU for a CUDA session) returns the token ids [batch] int64 of ArgMax over
+    logits[:, -1] (numpy), so only the ids leave the device; the batch may change from call to call. One tiny
+    onnxruntime session (Gather + ArgMax) on the session's device; float16, float32 or float64 logits (the element
+    type the session's `logits` output declares)."""
 
     def __init__(self, session: Session):
         from onnx import TensorProto
@@ -204,15 +205,18 @@ class GreedySelector:
         from road_export.graph.ort_session import new_session
 
         logits = session.session.get_outputs()[session.output_names.index("logits")]
-        kind = {"tensor(float16)": TensorProto.FLOAT16, "tensor(double)": TensorProto.DOUBLE}.get(
+        element = {"tensor(float16)": TensorProto.FLOAT16, "tensor(double)": TensorProto.DOUBLE}.get(
             logits.type, TensorProto.FLOAT)
-        self.session = new_session(_selector_model(kind), providers=cuda_providers(device_id(session)),
-                                   log_severity=3, what="the token selector").session
+        kind, dev = _memory(session)
+        providers = cuda_providers(dev) if kind == "cuda" else ["CPUExecutionProvider"]
+        self.session = new_session(_selector_model(element), providers=providers, log_severity=3,
+                                   what="the token selector").session
         self.io = self.session.io_binding()
-        self.io.bind_output("tokens", "cpu")
 
     def __call__(self, logits) -> np.ndarray:
         self.io.bind_ortvalue_input("logits", logits)
+        self.io.clear_binding_outputs()  # a fresh host output each call: a bound one keeps its first call's shape
+        self.io.bind_output("tokens", "cpu")
         self.session.run_with_iobinding(self.io)
         return self.io.copy_outputs_to_cpu()[0][:, 0]
 
