@@ -212,7 +212,7 @@ class Case:
 
 
 def variant(form: str) -> tuple[int, int, int]:
-    """(tiles a block, warps, k-loop unrolling) of a `t<TM>w<W>[u<U>]` form (U 2 when left out)."""
+    """(tiles a block, warps, k steps a round) of a `t<TM>w<W>[u<U>]` form (U 2 when left out)."""
     tm, rest = form[1:].split("w")
     warps, _, unroll = rest.partition("u")
     return int(tm), int(warps), int(unroll or 2)
