@@ -15,8 +15,8 @@ batch's cache stays in device memory as onnxruntime OrtValues, the run's `presen
 Each batch is the runtime's decode state (`road_export.runtime.generation.Decoding`: prefill, step, present ->
 past) over its `road_export.runtime.kvcache` cache, in the file's layout: road-export's (past [batch, kv_heads, past,
 head_dim], attention_mask [batch, past + new] with 0 on left padding, positions from `names.positions`), or a model
-builder graph's GroupQueryAttention rows (each row's tokens from position 0, one shared buffer of the context
-length).
+builder graph's GroupQueryAttention rows (each row's tokens from position 0, one shared buffer that grows by doubling
+up to the context length, `Engine._decoding`).
 
 A longrope file (Phi-3; the `road_export.rope` record) chooses its rope factors from the largest position of a run,
 over the whole batch, as transformers does: every request is generated as transformers' `generate` would generate
