@@ -378,8 +378,9 @@ def bound_run(session: Session, selected: Mapping[str, object], kind: str | None
     """The decode loop's run (`road_export.runtime.generation.Run`) through one IOBinding: `selected` (the adapter
     inputs, `route`) bound once; each run binds its feeds (OrtValues as they are, numpy arrays copied), the shared
     outputs (the cache's past buffer, written in place) and fresh outputs in `kind` memory on device `dev` (default:
-    where the session runs), so the last step's present.* OrtValues, now the cache's past, stay untouched; returns
-    {output name: OrtValue}."""
+    where the session runs), so the last step's present.* OrtValues, now the cache's past, stay untouched; an
+    OrtValue input or shared output that is the one already bound is not bound again (a shared buffer's 2 x layers
+    values a step); returns {output name: OrtValue}."""
     import onnxruntime as ort
 
     if kind is None:
@@ -392,18 +393,26 @@ def bound_run(session: Session, selected: Mapping[str, object], kind: str | None
         else:
             io.bind_cpu_input(name, value)
 
+    held: dict[object, object] = {}  # the OrtValues bound now, by name: rebound only when another comes
+
     def run(feeds, shared):
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
-                io.bind_ortvalue_input(name, value)
+                if held.get(name) is not value:
+                    io.bind_ortvalue_input(name, value)
+                    held[name] = value
             else:
                 io.bind_cpu_input(name, np.ascontiguousarray(value))
-        io.clear_binding_outputs()  # fresh device outputs: the last step's present.* are this step's inputs
+                held.pop(name, None)
         for name in session.output_names:
-            if name in shared:
-                io.bind_ortvalue_output(name, shared[name])  # the past buffer, written in place
-            else:
+            if name in shared:  # the past buffer, written in place: bound again only when it is another buffer
+                if held.get(("out", name)) is not shared[name]:
+                    io.bind_ortvalue_output(name, shared[name])
+                    held[("out", name)] = shared[name]
+            else:  # a fresh device output (binding the name again drops the last run's value, which a padded
+                # cache now holds as this run's past)
                 io.bind_output(name, kind, dev)
+                held.pop(("out", name), None)
         try:
             session.session.run_with_iobinding(io)
         except Exception as e:  # as RoadSession.run_feeds: the callers end that batch's rows, not every request

@@ -173,7 +173,7 @@ class _Batch:
     route: str | None  # None: a mixed-adapter session (adapter_ids per row); else the adapter of every row
     rows: list[_Row] = field(default_factory=list)
     decoding: Decoding | None = None
-    selection: tuple | None = None  # (extra feeds, run options) for these rows; None when the rows changed
+    selection: tuple | None = None  # (extra feeds, run options, IOBinding run) for these rows; None when they changed
 
 
 class Engine:
@@ -410,6 +410,17 @@ class Engine:
             return device_route(self.session, len(rows), adapter=route, adapter_names=names), None
         return self.session.route(len(rows), adapter=route, adapter_names=names)
 
+    def _selection(self, route: str | None, rows: Sequence[_Row | GenerationRequest]):
+        """(extra feeds, run options, the IOBinding run or None) for rows (`_route`): one IOBinding while a batch's
+        rows stay, so that the values bound last step and bound again unchanged (a shared buffer) are not rebound."""
+        extra, options = self._route(route, rows)
+        if not self.io_binding:
+            return extra, options, None
+        from road_export.runtime.gpu import bound_run
+
+        assert self._memory is not None
+        return extra, options, bound_run(self.session, extra, self._memory.kind, self._memory.device)
+
     def _adapter_name(self, model: str) -> str:
         return BASE_NAME if model == self.base_name else model
 
@@ -421,17 +432,14 @@ class Engine:
 
         def run(feeds: dict[str, Any], shared=None) -> dict[str, Any]:
             if batch is not None:
-                batch.selection = batch.selection or self._route(route, batch.rows)
-                extra, options = batch.selection
+                batch.selection = batch.selection or self._selection(route, batch.rows)
+                extra, options, bound = batch.selection
                 now: Sequence[_Row | GenerationRequest] = batch.rows
             else:
-                (extra, options), now = self._route(route, rows), rows
+                (extra, options, bound), now = self._selection(route, rows), rows
             started = time.perf_counter()
-            if self.io_binding:
-                from road_export.runtime.gpu import bound_run
-
-                assert self._memory is not None
-                outputs = bound_run(self.session, extra, self._memory.kind, self._memory.device)(feeds, shared or {})
+            if bound is not None:
+                outputs = bound(feeds, shared or {})
             else:
                 feeds.update(extra)
                 values = self.session.run_feeds(None, feeds, options)
