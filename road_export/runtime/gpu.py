@@ -393,26 +393,27 @@ def bound_run(session: Session, selected: Mapping[str, object], kind: str | None
         else:
             io.bind_cpu_input(name, value)
 
-    held: dict[object, object] = {}  # the OrtValues bound now, by name: rebound only when another comes
+    bound_inputs: dict[str, object] = {}  # the OrtValues bound now, by name: rebound only when another comes
+    bound_outputs: dict[str, object] = {}
 
     def run(feeds, shared):
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
-                if held.get(name) is not value:
+                if bound_inputs.get(name) is not value:
                     io.bind_ortvalue_input(name, value)
-                    held[name] = value
+                    bound_inputs[name] = value
             else:
                 io.bind_cpu_input(name, np.ascontiguousarray(value))
-                held.pop(name, None)
+                bound_inputs.pop(name, None)
         for name in session.output_names:
             if name in shared:  # the past buffer, written in place: bound again only when it is another buffer
-                if held.get(("out", name)) is not shared[name]:
+                if bound_outputs.get(name) is not shared[name]:
                     io.bind_ortvalue_output(name, shared[name])
-                    held[("out", name)] = shared[name]
+                    bound_outputs[name] = shared[name]
             else:  # a fresh device output (binding the name again drops the last run's value, which a padded
                 # cache now holds as this run's past)
                 io.bind_output(name, kind, dev)
-                held.pop(("out", name), None)
+                bound_outputs.pop(name, None)
         try:
             session.session.run_with_iobinding(io)
         except Exception as e:  # as RoadSession.run_feeds: the callers end that batch's rows, not every request

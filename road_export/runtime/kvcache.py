@@ -308,8 +308,8 @@ class GqaCache(KVCache):
         width = int(self.lengths.max(initial=0))
         return (np.arange(width)[None, :] < self.lengths[:, None]).astype(np.int64)
 
-    def _check_room(self) -> None:
-        """A shared buffer holds every row's next run: grown (`limit`) or refused (a fixed capacity)."""
+    def _make_room(self) -> None:
+        """Make the shared buffer hold every row's next run: grow it (up to `limit`) or refuse (a fixed capacity)."""
         longest = int(self.lengths.max(initial=0))
         if not self.layout.share_buffer or self.capacity is None or longest <= self.capacity:
             return
@@ -332,7 +332,7 @@ class GqaCache(KVCache):
         if self.layout.share_buffer:
             if self.capacity is None:
                 self.capacity = width if self.limit is None else min(self.limit, bucket(width + 1))
-            self._check_room()
+            self._make_room()
             self.past = self.empty(len(rows), self.capacity)
         else:
             self.past = self.empty(len(rows), 0)
@@ -341,7 +341,7 @@ class GqaCache(KVCache):
     def step(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         self.lengths = self.lengths + 1
         self._new = 1
-        self._check_room()
+        self._make_room()
         return {"input_ids": np.asarray(tokens, np.int64).reshape(self.rows, 1), "attention_mask": self._mask(),
                 **self.past}
 

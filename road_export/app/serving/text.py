@@ -156,8 +156,9 @@ class Detokenizer:
         self.incremental = incremental or bool(self.stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may still start a stop string
         context = [int(t) for t in list(prompt)[-PROMPT_CONTEXT:]]
-        if context and tokenizer.decode(context).endswith("\ufffd"):
-            context = []  # a partial character at the prompt's end: the new ids alone
+        self.context_text = tokenizer.decode(context) if context else ""
+        if self.context_text.endswith("\ufffd"):
+            context, self.context_text = [], ""  # a partial character at the prompt's end: the new ids alone
         self.context = len(context)
         self.ids: list[int] = context  # the context, then the new ids
         self.prefix, self.read = 0, self.context  # offsets into ids: decoded context start, end of what became text
@@ -189,9 +190,8 @@ class Detokenizer:
     def _new_text(self) -> str:
         """The text of the new ids after the context, decoded at once."""
         whole = self.tokenizer.decode(self.ids)
-        context = self.tokenizer.decode(self.ids[:self.context])
-        if whole.startswith(context):
-            return whole[len(context):]
+        if whole.startswith(self.context_text):
+            return whole[len(self.context_text):]
         return self.tokenizer.decode(self.ids[self.context:])
 
     def _release(self, *, final: bool) -> str:

@@ -334,22 +334,39 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) road_gemv_bf16(GemvPa
 // float sums; blockIdx.y walks chunks of 8 rows (a prefill reads the weights once per chunk).
 #define LIN_ROWS 8
 struct LinParams { Params p; const void* w; const void* scales; long long k, blocks_per_col; int block_size, bits; };
+// The rotation coefficients of row `row` at columns c1 and c2, as floats: a[c1], b[c1], b[c2], a[c2] (its bank
+// row for adapter ids); false for an id outside the banks.
+template <typename T>
+__device__ __forceinline__ float ldg1(const T* v) { return ld(T{__ldg((const unsigned short*)v)}); }
+template <>
+__device__ __forceinline__ float ldg1<float>(const float* v) { return __ldg(v); }
+template <typename T>
+__device__ __forceinline__ bool load_coefs(const Params& p, long long row, long long c1, long long c2, float* cf) {
+  long long o1, o2;
+  if (!coef_offset(p, row, &o1, &o2)) return false;
+  const T* a = (const T*)p.c1 + o1;
+  const T* b = (const T*)p.c2 + o2;
+  cf[0] = ldg1(a + c1);
+  cf[1] = ldg1(b + c1);
+  cf[2] = ldg1(b + c2);
+  cf[3] = ldg1(a + c2);
+  return true;
+}
+template <typename T>
+__device__ __forceinline__ void store_rotated(const Params& p, long long row, long long c1, long long c2, float s1,
+                                              float s2, const float* cf, bool ok) {
+  T* y = (T*)p.y + row * p.d;
+  st(y + c1, ok ? cf[0] * s1 - cf[1] * s2 : __int_as_float(0x7fc00000));
+  st(y + c2, ok ? cf[2] * s1 + cf[3] * s2 : __int_as_float(0x7fc00000));
+}
 // Row `row` of Y at the rotation pair (c1, c2) from the product's sums s1 (column c1) and s2 (column c2): the
 // coefficients of that row (its bank row for adapter ids: NaN for an id outside the banks), rounded once.
 template <typename T>
 __device__ __forceinline__ void store_pair(const Params& p, long long row, long long c1, long long c2, float s1,
                                            float s2) {
-  T* y = (T*)p.y + row * p.d;
-  long long o1, o2;
-  if (!coef_offset(p, row, &o1, &o2)) {
-    st(y + c1, __int_as_float(0x7fc00000));
-    st(y + c2, __int_as_float(0x7fc00000));
-    return;
-  }
-  const T* a = (const T*)p.c1 + o1;
-  const T* b = (const T*)p.c2 + o2;
-  st(y + c1, ld(a[c1]) * s1 - ld(b[c1]) * s2);
-  st(y + c2, ld(b[c2]) * s1 + ld(a[c2]) * s2);
+  float cf[4];
+  const bool ok = load_coefs<T>(p, row, c1, c2, cf);
+  store_rotated<T>(p, row, c1, c2, s1, s2, cf, ok);
 }
 template <typename T>
 __device__ __forceinline__ void linear_dot8(const T* x, long long k, int rows, long long kk, const float* w1,
@@ -675,31 +692,6 @@ __device__ __forceinline__ unsigned pick(unsigned a, unsigned b, unsigned select
   unsigned r;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
   return r;
-}
-// The rotation coefficients of row `row` at columns c1 and c2, as floats: a[c1], b[c1], b[c2], a[c2] (its bank
-// row for adapter ids); false for an id outside the banks.
-template <typename T>
-__device__ __forceinline__ float ldg1(const T* v) { return ld(T{__ldg((const unsigned short*)v)}); }
-template <>
-__device__ __forceinline__ float ldg1<float>(const float* v) { return __ldg(v); }
-template <typename T>
-__device__ __forceinline__ bool load_coefs(const Params& p, long long row, long long c1, long long c2, float* cf) {
-  long long o1, o2;
-  if (!coef_offset(p, row, &o1, &o2)) return false;
-  const T* a = (const T*)p.c1 + o1;
-  const T* b = (const T*)p.c2 + o2;
-  cf[0] = ldg1(a + c1);
-  cf[1] = ldg1(b + c1);
-  cf[2] = ldg1(b + c2);
-  cf[3] = ldg1(a + c2);
-  return true;
-}
-template <typename T>
-__device__ __forceinline__ void store_rotated(const Params& p, long long row, long long c1, long long c2, float s1,
-                                              float s2, const float* cf, bool ok) {
-  T* y = (T*)p.y + row * p.d;
-  st(y + c1, ok ? cf[0] * s1 - cf[1] * s2 : __int_as_float(0x7fc00000));
-  st(y + c2, ok ? cf[2] * s1 + cf[3] * s2 : __int_as_float(0x7fc00000));
 }
 // The loads of one round of the k loop: U steps of a warp (a step: each thread KT consecutive k of its A rows and
 // of its X row), and the products that use them. For float weights the loop double-buffers rounds: round r + 1's
