@@ -441,6 +441,18 @@ def test_placement_on_a_cuda_graph(built, tmp_path):
     assert road.input[1] in {i.name for i in proto.graph.input}
 
 
+def test_an_fp32_cuda_graph_whose_attention_holds_q_k_v_is_refused_saying_why(built, tmp_path):
+    """The builder's fp32 CUDA graph computes q, k and v inside onnxruntime's Attention op (its weights an input of
+    that op): attach says so and what to build instead, not only that the modules were not found."""
+    entry = built["llama"]
+    genai_build(entry["hf"], tmp_path / "gb", "fp32", "-e", "cuda")
+    nodes = onnx.load(str(tmp_path / "gb" / "model.onnx"), load_external_data=False).graph.node
+    assert any(n.op_type == "Attention" for n in nodes) and not any("qkv_proj" in n.name for n in nodes)
+    proc = road_export("attach", tmp_path / "gb" / "model.onnx", "--adapter", entry["one"], tmp_path / "o.onnx")
+    assert_bad_input(proc, says="inside onnxruntime's Attention op", dirs=[tmp_path])
+    assert "-p fp16" in proc.stderr
+
+
 @pytest.fixture(scope="module")
 def cpu_builder_dir(built, tmp_path_factory):
     """The planted comparison of the CUDA directory test: the same command for the CPU (`--no-verify`), run once for

@@ -185,17 +185,19 @@ def test_verify_fails_on_a_damaged_weight(built, tmp_path):
 
 
 @pytest.mark.parametrize("smallest", [128, 8], ids=["context", "growing"])
-@pytest.mark.parametrize("io_binding", [False, True], ids=["host", "bound"])
-def test_serve_engine_on_a_builder_directory(built, hf_llama, io_binding, smallest, monkeypatch):
+@pytest.mark.parametrize("mode", ["host", "bound", "static"])
+def test_serve_engine_on_a_builder_directory(built, hf_llama, mode, smallest, monkeypatch):
     """Requests join a running batch and leave it; each row's tokens equal transformers' alone. Bound (the shared
-    buffer an OrtValue that GroupQueryAttention writes in place, as on CUDA) as on the host. With buffers that start
-    at 8 positions ("growing"; 128, this model's context, otherwise) the shared buffer doubles when a row would pass
-    its end, alone and with rows that joined it, its tokens kept."""
+    buffer an OrtValue that GroupQueryAttention writes in place, as on CUDA) as on the host; "static": each batch's
+    decode steps on a static buffer set (runtime.graphs, what CUDA graphs replay), leased again as rows join and
+    leave and the buffer grows. With buffers that start at 8 positions ("growing"; 128, this model's context,
+    otherwise) the shared buffer doubles when a row would pass its end, alone and with rows that joined it, its
+    tokens kept."""
     from road_export.app.serving.engine import Engine, GenerationRequest, SamplingParams
     from road_export.runtime import kvcache
 
     monkeypatch.setattr(kvcache, "SMALLEST_BUFFER", smallest)
-    engine = Engine(built["llama"], threads=1, io_binding=io_binding)
+    engine = Engine(built["llama"], threads=1, io_binding=mode != "host", static_buffers=mode == "static" or None)
     assert engine.context_length == 128 and engine.eos_token_ids == {2}
     assert Engine(built["llama"], threads=1).io_binding  # the default for a shared buffer, on the CPU too
     asks = {"a": ([5, 6, 7, 8, 9], 10), "b": ([11, 12], 20), "c": ([40, 41, 42, 43, 44, 45, 46, 47], 3)}
@@ -217,6 +219,12 @@ def test_serve_engine_on_a_builder_directory(built, hf_llama, io_binding, smalle
         capacities |= {b.decoding.cache.capacity for b in engine._batches.values() if b.decoding is not None}
     assert not engine.has_work()
     assert capacities == ({128} if smallest == 128 else {8, 16, 32})  # b doubles the joined buffer again
+    if mode == "static":  # a set per (rows, capacity) the batch had, each given back when the batch moved on
+        sets = engine._pool.sets
+        assert len({s.key[:2] for s in sets}) == len(sets) >= (2 if smallest == 128 else 3)
+        assert all(s.holder is None or s.holder() is None for s in sets)
+    else:
+        assert engine._pool is None
     for rid, (prompt, new) in asks.items():
         ids = np.array([prompt])
         assert tokens[rid] == transformers_generate(hf_llama, ids, np.ones_like(ids), new)[0, len(prompt):].tolist()
@@ -331,6 +339,76 @@ def test_the_iobinding_loop_binds_the_shared_buffer_in_place(built, hf_llama, mo
     monkeypatch.undo()
     sampled = dict(do_sample=True, temperature=0.8, top_p=0.9, seed=3, max_new_tokens=NEW)
     np.testing.assert_array_equal(gpu.generate(session, ids, mask, **sampled), session.generate(ids, mask, **sampled))
+
+
+def test_static_buffers_give_the_same_tokens_and_are_leased_again(built, hf_llama, monkeypatch):
+    """runtime.graphs' static decode buffers (what CUDA graphs replay; here on a CPU session, unrecorded): the decode
+    steps copy the prefill's cache into a set's buffers once and run on them, with attention_mask [rows, capacity];
+    transformers' tokens, greedy and sampled as without them; a second call of the same shapes leases the same set
+    again (its graph would replay), another batch size makes a second set."""
+    from road_export.runtime import gpu
+    from road_export.runtime.graphs import GraphPool, graph_pool
+
+    session = RoadSession(built["llama"])
+    ids, mask = prompts(256)
+    copies = []
+    original = GraphPool.copy
+    monkeypatch.setattr(GraphPool, "copy", lambda self, source, target: (copies.append(1),
+                                                                         original(self, source, target)))
+    want = transformers_generate(hf_llama, ids, mask)
+    np.testing.assert_array_equal(gpu.generate(session, ids, mask, max_new_tokens=NEW, static_buffers=True), want)
+    pool = graph_pool(session, "cpu", 0)
+    assert not pool.capture and len(pool.sets) == 1 and len(copies) == 1  # copied in once, after the prefill
+    (step,) = pool.sets
+    assert step.key[:2] == (ids.shape[0], 128) and step.mask.shape == (ids.shape[0], 128)  # bucket(7 + 8 - 1)
+    np.testing.assert_array_equal(gpu.generate(session, ids, mask, max_new_tokens=NEW, static_buffers=True), want)
+    assert pool.sets == [step] and len(copies) == 2
+    sampled = dict(do_sample=True, temperature=0.8, top_p=0.9, seed=3, max_new_tokens=NEW)
+    np.testing.assert_array_equal(gpu.generate(session, ids, mask, static_buffers=True, **sampled),
+                                  session.generate(ids, mask, **sampled))
+    np.testing.assert_array_equal(gpu.generate(session, ids[:1], mask[:1], max_new_tokens=NEW, static_buffers=True),
+                                  transformers_generate(hf_llama, ids[:1], mask[:1]))
+    assert len(pool.sets) == 2
+
+
+def test_static_buffers_without_the_copy_give_other_tokens(built, hf_llama, monkeypatch):
+    """The check above can fail: static steps that skip copying the prefill's cache into their buffers attend to
+    zeros, and their tokens are not transformers'."""
+    from road_export.runtime import gpu
+    from road_export.runtime.graphs import GraphPool
+
+    monkeypatch.setattr(GraphPool, "copy", lambda self, source, target: None)
+    ids, mask = prompts(256)
+    got = gpu.generate(RoadSession(built["llama"]), ids, mask, max_new_tokens=NEW, static_buffers=True)
+    assert not np.array_equal(got, transformers_generate(hf_llama, ids, mask))
+
+
+def test_the_engine_asks_cuda_graphs_for_builder_directories_only(built, tmp_path):
+    """serve's engine opens a builder directory (genai_config.json sharing the past/present buffer) with CUDA graphs
+    on CUDA by default; a file without that flag, or the CPU, gets none, and asking for them on the CPU is one line."""
+    import shutil
+
+    from road_export.app.serving.engine import Engine, _shares_buffer
+
+    assert _shares_buffer(built["llama"])
+    shutil.copytree(built["llama"], tmp_path / "copy")
+    config = json.loads((tmp_path / "copy" / "genai_config.json").read_text())
+    config["search"]["past_present_share_buffer"] = False
+    (tmp_path / "copy" / "genai_config.json").write_text(json.dumps(config))
+    assert not _shares_buffer(tmp_path / "copy") and not _shares_buffer(tmp_path)
+    assert not Engine(built["llama"], threads=1).session.cuda_graph
+    with pytest.raises(RoadError, match="cuda_graph needs the CUDA execution provider"):
+        Engine(built["llama"], threads=1, cuda_graph=True)
+
+
+def test_static_buffers_need_a_shared_buffer(built):
+    from road_export.runtime import gpu
+
+    session = RoadSession(built["llama"])
+    session.cache_layout = with_share_buffer(session.cache_layout, False)
+    ids, mask = prompts(256)
+    with pytest.raises(RoadError, match="static_buffers needs a model builder graph's shared key/value buffer"):
+        gpu.generate(session, ids, mask, max_new_tokens=2, static_buffers=True)
 
 
 def test_the_greedy_selector_follows_the_batch(built):

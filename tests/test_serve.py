@@ -980,6 +980,7 @@ def test_serve_refuses_bad_input_in_one_line(example, tmp_path, monkeypatch):
     assert_bad_input(road_export("serve", example.model, "--max-queue", "-1"), says="must be >= 0")
     assert_bad_input(road_export("serve", example.model, "--body-timeout", "0"), says="must be above 0")
     assert_bad_input(road_export("serve", example.model, "--max-body-mb", "nan"), says="must be from 0.001")
+    assert_bad_input(road_export("serve", example.model, "--cuda-graph"), says="CUDA graphs need --device cuda")
     monkeypatch.setenv("ROAD_EXPORT_API_KEY", " ")
     assert_bad_input(road_export("serve", example.model), says="--api-key / ROAD_EXPORT_API_KEY: empty")
 

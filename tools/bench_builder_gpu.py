@@ -21,6 +21,8 @@ prompt 32, 64 new tokens, batch 1 and 8, rounds interleaved (every runner once a
     RoAd / mixed, engine      the same through `road-export serve`'s engine (continuous batching, the cache kept in
                               device memory), 8 rows on 8 adapters for the mixed directory; tokens compared with
                               genai's on the same directory
+    ... + graph (ours)        RoadSession and the engine on a session with onnxruntime's CUDA graphs: decode steps
+                              on static buffers, recorded and replayed (road_export.runtime.graphs)
 
     python tools/bench_builder_gpu.py prep W [--layers 22]   # torch + CPU: HF model, adapters, builder graphs, RoAd,
                                                              # our own export
@@ -197,9 +199,25 @@ COMPARISONS = [  # (what, batch, numerator, denominator, goal)
     ("fp16 RoAd, engine / builder base", 1, "fp16 RoAd, engine", "fp16 base", None),
     ("fp16 RoAd, engine / builder base", 8, "fp16 RoAd, engine", "fp16 base", None),
     ("fp16 mixed, engine / builder base", 8, "fp16 mixed, engine", "fp16 base", None),
+    ("fp16 RoAd, RoadSession + graph / builder base + graph", 1, "fp16 RoAd, RoadSession + graph",
+     "fp16 base + graph", None),
+    ("fp16 RoAd, RoadSession + graph / builder base", 8, "fp16 RoAd, RoadSession + graph", "fp16 base", None),
+    ("fp16 RoAd, engine + graph / builder base + graph", 1, "fp16 RoAd, engine + graph", "fp16 base + graph", None),
+    ("fp16 RoAd, engine + graph / builder base", 8, "fp16 RoAd, engine + graph", "fp16 base", None),
+    ("fp16 mixed, engine + graph / builder base", 8, "fp16 mixed, engine + graph", "fp16 base", None),
+    ("fp16 RoAd, RoadSession + graph / genai, same directory + graph", 1, "fp16 RoAd, RoadSession + graph",
+     "fp16 RoAd + graph", None),
+    ("fp16 RoAd, engine + graph / genai, same directory + graph", 1, "fp16 RoAd, engine + graph",
+     "fp16 RoAd + graph", None),
+    ("fp16 RoAd, engine + graph / genai, same directory", 8, "fp16 RoAd, engine + graph", "fp16 RoAd", None),
+    ("fp16 RoAd, engine / genai, same directory", 8, "fp16 RoAd, engine", "fp16 RoAd", None),
+    ("fp16 mixed, engine + graph / genai mixed, same directory", 8, "fp16 mixed, engine + graph", "fp16 mixed",
+     None),
 ]
 SAME_DIRECTORY = {"fp16 RoAd, RoadSession": "fp16 RoAd", "fp16 RoAd, engine": "fp16 RoAd",
-                  "fp16 mixed, engine": "fp16 mixed"}  # our runtime's row: genai's row on the same directory
+                  "fp16 mixed, engine": "fp16 mixed", "fp16 RoAd, RoadSession + graph": "fp16 RoAd",
+                  "fp16 RoAd, engine + graph": "fp16 RoAd",
+                  "fp16 mixed, engine + graph": "fp16 mixed"}  # our runtime's row: genai's on the same directory
 
 
 def peft_tokens(w: Path, ids: np.ndarray) -> np.ndarray:
@@ -220,7 +238,7 @@ def peft_tokens(w: Path, ids: np.ndarray) -> np.ndarray:
     return out[:, ids.shape[1]:].cpu().numpy()
 
 
-def bench(w: Path, out: Path, rounds: int) -> None:
+def bench(w: Path, out: Path, rounds: int, only: list[str] | None = None) -> None:
     import onnxruntime as ort
 
     from road_export.runtime.gpu import cuda_providers
@@ -231,6 +249,8 @@ def bench(w: Path, out: Path, rounds: int) -> None:
     for p, name in (("fp16", "gb16"), ("int4", "gb4")):
         makers |= {
             (f"{p} base", (1, 8)): lambda d=w / name: runner(d, False),
+            # genai's CUDA graphs take one row (GroupQueryAttention: "batch_size must be 1 when sequence_length > 1
+            # and past context is given" for a batch's prompt)
             (f"{p} base + graph", (1,)): lambda d=w / name: runner(d, True),
             (f"{p} RoAd", (1, 8)): lambda d=w / f"{name}_road": runner(d, False),
             (f"{p} RoAd + graph", (1,)): lambda d=w / f"{name}_road": runner(d, True),
@@ -240,9 +260,17 @@ def bench(w: Path, out: Path, rounds: int) -> None:
         makers[("fp16 own export", (1, 8))] = lambda: own_runner(w / "own" / "model.onnx")
     makers[("fp16 RoAd, RoadSession", (1, 8))] = lambda: own_runner(w / "gb16_road" / "model.onnx")
     makers[("fp16 RoAd, engine", (1, 8))] = lambda: engine_runner(w / "gb16_road", ["default"] * 8, NEW,
-                                                                  providers=cuda_providers())
+                                                                  providers=cuda_providers(), cuda_graph=False)
     makers[("fp16 mixed, engine", (8,))] = lambda: engine_runner(w / "gb16_mixed", [f"a{i}" for i in range(ADAPTERS)],
-                                                                 NEW, providers=cuda_providers())
+                                                                 NEW, providers=cuda_providers(), cuda_graph=False)
+    graphs = cuda_providers(cuda_graph=True)
+    makers[("fp16 RoAd, RoadSession + graph", (1, 8))] = lambda: own_runner(w / "gb16_road" / "model.onnx", graphs)
+    makers[("fp16 RoAd, engine + graph", (1, 8))] = lambda: engine_runner(w / "gb16_road", ["default"] * 8, NEW,
+                                                                          providers=graphs)
+    makers[("fp16 mixed, engine + graph", (8,))] = lambda: engine_runner(
+        w / "gb16_mixed", [f"a{i}" for i in range(ADAPTERS)], NEW, providers=graphs)
+    if only:
+        makers = {key: make for key, make in makers.items() if any(word in key[0] for word in only)}
     runners, errors = {}, {}
     for key, make in makers.items():
         try:
@@ -309,6 +337,8 @@ def main() -> None:
     parser.add_argument("out", type=Path, nargs="?", default=Path("."))
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", metavar="WORDS", help="bench: only the rows whose name holds one of these "
+                        "comma-separated words (e.g. 'fp16 base,fp16 RoAd')")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.phase in ("prep", "base"):
@@ -318,7 +348,7 @@ def main() -> None:
     if args.phase in ("prep", "own"):
         prep_own(args.workdir)
     if args.phase == "bench":
-        bench(args.workdir, args.out, args.rounds)
+        bench(args.workdir, args.out, args.rounds, args.only.split(",") if args.only else None)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,14 @@ def plan(model: ir.Model, adapters: dict[str, AdapterFile], where: str = "the ba
                 placement.modules.setdefault(name, []).append((module, offset, width, source))
         if problems:
             layers = sorted({f"{lin.block}/{lin.proj}" for lin in linears})
+            inside = [n for n in model.graph.all_nodes() if n.op_type == "Attention" and n.domain == "com.microsoft"]
+            if inside and all(".self_attn." in m for m in problems):
+                raise RoadError(f"{adapter.path}: cannot place {len(problems)} of {len(adapter.road)} adapted "
+                                f"module(s) on the model builder's graph {where}: its attention projections are "
+                                f"inside onnxruntime's Attention op ({inside[0].name}: the q/k/v weights are that "
+                                "op's input, with no product of their own to follow; the builder writes it for "
+                                "fp32 on CUDA), so no rotation can follow q/k/v. Build with -p fp16 or bf16 for "
+                                "CUDA (--dtype float16), or for the CPU. Nothing was written.")
             raise RoadError(f"{adapter.path}: cannot place {len(problems)} of {len(adapter.road)} adapted module(s) "
                             f"on the model builder's graph {where}: {', '.join(problems[:4])}"
                             + (f" and {len(problems) - 4} more" if len(problems) > 4 else "")

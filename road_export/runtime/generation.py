@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from road_export.core.errors import RoadError
-from road_export.runtime.kvcache import NUMPY_TYPES, KVCache, new_cache  # noqa: F401  (NUMPY_TYPES: re-exported)
+from road_export.runtime.kvcache import NUMPY_TYPES, KVCache, bucket, new_cache  # noqa: F401  (NUMPY_TYPES: re-exported)
 # (PAST, PRESENT: tools import them)
 from road_export.core.names import METADATA_ROPE, PAST, PRESENT, positions  # noqa: F401
 
@@ -350,11 +350,14 @@ def rope_switch(session: Session) -> int | None:
     return _rope_value(session, "original_max_position_embeddings")
 
 
-def decode_cache(session: Session, mask: np.ndarray, max_new_tokens: int, **options) -> KVCache | None:
+def decode_cache(session: Session, mask: np.ndarray, max_new_tokens: int, *, bucketed: bool = False,
+                 **options) -> KVCache | None:
     """The key/value cache strategy (`road_export.runtime.kvcache`) for generating `max_new_tokens` after prompts with
     attention `mask` [batch, prompt]; None for a file without a cache. A GroupQueryAttention graph's shared buffer
-    holds the longest prompt plus the new tokens; prompt + new tokens past the file's context length (its rotary
-    tables, genai_config.json's `context_length`) raise RoadError. `options` go to `kvcache.new_cache`."""
+    holds the longest prompt plus the new tokens (`bucketed`: that rounded up by `kvcache.bucket`, at most the
+    context length, so that calls of similar lengths share a size: a static buffer set's, `runtime.graphs`); prompt
+    + new tokens past the file's context length (its rotary tables, genai_config.json's `context_length`) raise
+    RoadError. `options` go to `kvcache.new_cache`."""
     layout = session.cache_layout  # required by the Session protocol: a missing one must not mean "no cache"
     if layout is None:
         return None
@@ -363,6 +366,8 @@ def decode_cache(session: Session, mask: np.ndarray, max_new_tokens: int, **opti
         raise RoadError(f"a prompt of {int(mask.sum(-1).max())} tokens and max_new_tokens {max_new_tokens} need "
                         f"{need} positions; {session.path.name} holds {layout.context_length} (its context length): "
                         "shorten the prompt or generate fewer tokens")
+    if bucketed:
+        need = max(need, min(layout.context_length or bucket(need), bucket(need)))
     return new_cache(layout, capacity=need if layout.share_buffer else None, **options)
 
 

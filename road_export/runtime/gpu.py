@@ -18,21 +18,23 @@ to the base model's step time; in a mixed-adapter export the per-row coefficient
 A swapped adapter (`.onnx_adapter`) is bound as inputs, its coefficients copied to the GPU once: onnxruntime
 applies `RunOptions.add_active_adapter` in `InferenceSession.run` only, not with IOBinding.
 
-CUDA graphs: onnxruntime's `enable_cuda_graph` replays a captured run only when every node runs on the CUDA
-provider and every input and output is bound to the same device buffer, with the same shape, on every run. Neither
-holds for road-export's decoder files: onnxruntime 1.31 places their shape computations (int64 Shape / Gather /
-Concat feeding the attention mask and cache) on the CPU provider and then refuses the session ("all compute graph
-nodes have not been partitioned to the CUDAExecutionProvider"), for the base model's export as for the adapted
-ones; and the cache grows by one position per step (`present` is `past` concatenated with the new key/value), so
-each decode step has new shapes. Generation therefore runs without graphs. The road kernels themselves are graph
-safe: after their first run on a context they allocate, synchronise and compile nothing, only launch on
-onnxruntime's stream. `cuda_providers(cuda_graph=True)` asks for graphs where a file allows them.
+CUDA graphs: onnxruntime's `enable_cuda_graph` (`cuda_providers(cuda_graph=True)`) replays a recorded run only
+when every node runs on the CUDA provider and every input and output is bound to the same device buffer, with the
+same shape, on every run. A model builder graph (GroupQueryAttention with a shared key/value buffer) allows it:
+`generate` (and serve's engine) then run its decode steps on static buffers that onnxruntime records and replays
+(`road_export.runtime.graphs`), as onnxruntime-genai does; the prefill runs without a graph. road-export's own decoder
+files do not: onnxruntime 1.31 places their shape computations (int64 Shape / Gather / Concat feeding the attention
+mask and cache) on the CPU provider and refuses such a session ("all compute graph nodes have not been partitioned
+to the CUDAExecutionProvider"), and their cache grows by one position per step, so each step has new shapes. The
+road kernels themselves are graph safe: after their first run on a context they allocate, synchronise and compile
+nothing, only launch on onnxruntime's stream.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -97,6 +99,17 @@ def cuda_providers(device_id: int = 0, *, cuda_graph: bool = False, tf32: bool =
     if not tf32:
         options["use_tf32"] = "0"
     return [(CUDA, options), "CPUExecutionProvider"]
+
+
+def with_cuda_graph(providers: list) -> list:
+    """`providers` (a CUDA provider first, by name or (name, options)) with onnxruntime's CUDA graphs on for it."""
+    from road_export.graph.ort_session import provider_name
+
+    first = providers[0]
+    options = dict(first[1]) if isinstance(first, tuple) else {}
+    if provider_name(first) != CUDA:
+        raise RoadError(f"CUDA graphs need the CUDA execution provider first, got {provider_name(first)}")
+    return [(CUDA, {**options, "enable_cuda_graph": "1"}), *providers[1:]]
 
 
 def device_id(session: Session) -> int:
@@ -173,7 +186,9 @@ def run_on_device(session: Session, inputs: Mapping[str, object], *, adapter: st
             io.bind_ortvalue_output(name, outputs[name])
         else:
             io.bind_output(name, "cuda", dev)
-    session.session.run_with_iobinding(io)
+    from road_export.runtime.graphs import without_graph
+
+    session.session.run_with_iobinding(io, without_graph() if getattr(session, "cuda_graph", False) else None)
     return dict(zip(wanted, io.get_outputs(), strict=True))
 
 
@@ -212,19 +227,34 @@ class GreedySelector:
         self.session = new_session(_selector_model(element), providers=providers, log_severity=3,
                                    what="the token selector").session
         self.io = self.session.io_binding()
+        self.lock = threading.Lock()  # one IOBinding: one call at a time
 
     def __call__(self, logits) -> np.ndarray:
-        self.io.bind_ortvalue_input("logits", logits)
-        self.io.clear_binding_outputs()  # a fresh host output each call: a bound one keeps its first call's shape
-        self.io.bind_output("tokens", "cpu")
-        self.session.run_with_iobinding(self.io)
-        return self.io.copy_outputs_to_cpu()[0][:, 0]
+        with self.lock:
+            self.io.bind_ortvalue_input("logits", logits)
+            self.io.clear_binding_outputs()  # a fresh host output each call: a bound one keeps its first call's shape
+            self.io.bind_output("tokens", "cpu")
+            self.session.run_with_iobinding(self.io)
+            return self.io.copy_outputs_to_cpu()[0][:, 0]
+
+
+_SELECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> GreedySelector
+
+
+def greedy_selector(session: Session) -> GreedySelector:
+    """The session's `GreedySelector`, made on first use (opening its onnxruntime session costs milliseconds, a
+    noticeable part of a short generation)."""
+    selector = _SELECTORS.get(session)
+    if selector is None:
+        selector = _SELECTORS[session] = GreedySelector(session)
+    return selector
 
 
 def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
              adapter: str | None = None, adapter_names: Sequence[str] | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> np.ndarray:
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
+             static_buffers: bool | None = None) -> np.ndarray:
     """`road_export.runtime.generation.generate` on the GPU: the prompt followed by the new tokens, [batch, prompt +
     new] int64, the same tokens (options as there), with the KV cache and logits kept in device memory. On a CPU
     session the same IOBinding loop runs in host memory (the shared buffer then is written in place too).
@@ -232,17 +262,34 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     The cache is `road_export.runtime.kvcache`'s strategy for the file (`generation.decode_cache`): a growing past whose
     `present.*` OrtValues are bound as the next step's past, or a model builder graph's shared buffer, allocated
     once in device memory and bound as both `past_key_values.*` and `present.*`, which GroupQueryAttention then
-    writes in place."""
-    from road_export.runtime.generation import Sampling, check_request, decode, new_decoding
+    writes in place.
+
+    `static_buffers`: run the decode steps on a static buffer set of the session's `runtime.graphs.GraphPool`, which
+    onnxruntime records and replays as CUDA graphs on a session opened with them (`cuda_providers(cuda_graph=True)`);
+    None (the default): when the session records CUDA graphs and the file is a builder graph with a shared buffer
+    (not a longrope file, whose cache is renewed mid-generation); True on any session with a shared buffer (on the
+    CPU: the same steps, not recorded), else RoadError. The shared buffer then holds prompt + new tokens rounded up
+    (`kvcache.bucket`), so that calls of similar lengths replay one graph."""
+    from road_export.runtime.generation import (Sampling, check_request, decode, new_decoding,
+                                                recompute_length)
+    from road_export.runtime.graphs import graph_pool, graphs_enabled
 
     ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
                                         eos_token_id)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     kind, dev = _memory(session)
+    layout = session.cache_layout
+    takes = layout is not None and layout.share_buffer and recompute_length(session) is None
+    if static_buffers is None:
+        static_buffers = takes and kind == "cuda" and graphs_enabled(session)
+    elif static_buffers and not takes:
+        raise RoadError(f"{session.path.name}: static_buffers needs a model builder graph's shared key/value buffer "
+                        "(GroupQueryAttention, no longrope recompute); leave static_buffers unset")
+    pool = graph_pool(session, kind, dev) if static_buffers else None
     selected = route(session, ids.shape[0], adapter=adapter, adapter_names=adapter_names)
-    decoding = new_decoding(session, bound_run(session, selected, kind, dev), mask, max_new_tokens,
-                            memory=DeviceMemory(session))
-    select = None if do_sample or kind != "cuda" else GreedySelector(session)
+    decoding = new_decoding(session, bound_run(session, selected, kind, dev, pool=pool), mask, max_new_tokens,
+                            memory=DeviceMemory(session), bucketed=pool is not None)
+    select = None if do_sample or kind != "cuda" else greedy_selector(session)
 
     def pick(outputs):
         if select is not None and decoding.aligned:
@@ -374,52 +421,104 @@ _ELEMENT_TYPES = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(bfloat16)":
 """onnxruntime's type strings (`OrtValue.data_type()`) of a cache -> ONNX element types (onnx.TensorProto)."""
 
 
-def bound_run(session: Session, selected: Mapping[str, object], kind: str | None = None, dev: int = 0):
-    """The decode loop's run (`road_export.runtime.generation.Run`) through one IOBinding: `selected` (the adapter
-    inputs, `route`) bound once; each run binds its feeds (OrtValues as they are, numpy arrays copied), the shared
-    outputs (the cache's past buffer, written in place) and fresh outputs in `kind` memory on device `dev` (default:
-    where the session runs), so the last step's present.* OrtValues, now the cache's past, stay untouched; an
-    OrtValue input or shared output that is the one already bound is not bound again (a shared buffer's 2 x layers
-    values a step); returns {output name: OrtValue}."""
-    import onnxruntime as ort
+class BoundRun:
+    """The decode loop's run (`road_export.runtime.generation.Run`) through one IOBinding (see `bound_run`); with a
+    `road_export.runtime.graphs.GraphPool`, decode steps run on a static buffer set leased from it (CUDA graphs where
+    the pool records them), and the prefill and anything the pool cannot take run as here."""
 
-    if kind is None:
-        kind, dev = _memory(session)
+    def __init__(self, session: Session, selected: Mapping[str, object], kind: str | None = None, dev: int = 0,
+                 pool=None):
+        import onnxruntime as ort
 
-    io = session.session.io_binding()
-    for name, value in selected.items():
-        if isinstance(value, ort.OrtValue):
-            io.bind_ortvalue_input(name, value)
-        else:
-            io.bind_cpu_input(name, value)
+        from road_export.runtime.graphs import graphs_enabled, without_graph
 
-    bound_inputs: dict[str, object] = {}  # the OrtValues bound now, by name: rebound only when another comes
-    bound_outputs: dict[str, object] = {}
+        if kind is None:
+            kind, dev = _memory(session)
+        self.session, self.selected, self.kind, self.dev, self.pool = session, dict(selected), kind, dev, pool
+        self.lease = None  # the pool's StaticStep this run holds
+        # on a session that records CUDA graphs, a run with default options would be recorded as graph 0
+        self.options = without_graph() if kind == "cuda" and graphs_enabled(session) else None
+        self.io = session.session.io_binding()
+        for name, value in self.selected.items():
+            if isinstance(value, ort.OrtValue):
+                self.io.bind_ortvalue_input(name, value)
+            else:
+                self.io.bind_cpu_input(name, value)
+        self.bound_inputs: dict[str, object] = {}  # the OrtValues bound now, by name: rebound only when another comes
+        self.bound_outputs: dict[str, object] = {}
 
-    def run(feeds, shared):
+    def __call__(self, feeds, shared) -> dict[str, object]:
+        if self.pool is not None and self._decode_step(feeds, shared):
+            if self.lease is not None and not self._fits(self.lease, feeds, shared):
+                self.pool.give_back(self.lease)
+                self.lease = None
+            if self.lease is None:
+                self.lease = self.pool.lease(self, feeds, shared, self.selected)
+            if self.lease is not None:
+                with self.pool.lock:
+                    return self.lease.run(feeds, shared)
+        return self._run(feeds, shared)
+
+    def close(self) -> None:
+        """Give the leased static buffer set back (it is also free once this run is garbage)."""
+        if self.lease is not None:
+            self.pool.give_back(self.lease)
+            self.lease = None
+
+    def _decode_step(self, feeds, shared) -> bool:
+        """Whether a run is a decode step a static set takes: one new token per row after at least one cached
+        (input_ids [rows, 1], a mask wider than 1), the shared buffer as OrtValues, and no output but the logits and
+        the buffer."""
+        import onnxruntime as ort
+
+        ids, mask = feeds.get("input_ids"), feeds.get("attention_mask")
+        return (isinstance(ids, np.ndarray) and ids.shape[1] == 1 and isinstance(mask, np.ndarray)
+                and mask.shape[1] > 1 and bool(shared) and all(isinstance(v, ort.OrtValue) for v in shared.values())
+                and set(self.session.output_names) == {"logits", *shared})
+
+    @staticmethod
+    def _fits(lease, feeds, shared) -> bool:
+        rows, capacity = lease.key[0], lease.key[1]
+        return feeds["input_ids"].shape[0] == rows and value_shape(next(iter(shared.values())))[2] == capacity
+
+    def _run(self, feeds, shared) -> dict[str, object]:
+        import onnxruntime as ort
+
+        io, session = self.io, self.session
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
-                if bound_inputs.get(name) is not value:
+                if self.bound_inputs.get(name) is not value:
                     io.bind_ortvalue_input(name, value)
-                    bound_inputs[name] = value
+                    self.bound_inputs[name] = value
             else:
                 io.bind_cpu_input(name, np.ascontiguousarray(value))
-                bound_inputs.pop(name, None)
+                self.bound_inputs.pop(name, None)
         for name in session.output_names:
             if name in shared:  # the past buffer, written in place: bound again only when it is another buffer
-                if bound_outputs.get(name) is not shared[name]:
+                if self.bound_outputs.get(name) is not shared[name]:
                     io.bind_ortvalue_output(name, shared[name])
-                    bound_outputs[name] = shared[name]
+                    self.bound_outputs[name] = shared[name]
             else:  # a fresh device output (binding the name again drops the last run's value, which a padded
                 # cache now holds as this run's past)
-                io.bind_output(name, kind, dev)
-                bound_outputs.pop(name, None)
+                io.bind_output(name, self.kind, self.dev)
+                self.bound_outputs.pop(name, None)
         try:
-            session.session.run_with_iobinding(io)
+            session.session.run_with_iobinding(io, self.options)
         except Exception as e:  # as RoadSession.run_feeds: the callers end that batch's rows, not every request
             if not is_onnxruntime_error(e):
                 raise
             raise run_failure(session.path.name, feeds, e) from e
-        return dict(zip(session.output_names, io.get_outputs(), strict=True))
+        outputs = dict(zip(session.output_names, io.get_outputs(), strict=True))
+        return outputs | {name: shared[name] for name in shared if name in outputs}  # the buffers themselves
 
-    return run
+
+def bound_run(session: Session, selected: Mapping[str, object], kind: str | None = None, dev: int = 0, *,
+              pool=None) -> BoundRun:
+    """The decode loop's run (`road_export.runtime.generation.Run`) through one IOBinding: `selected` (the adapter
+    inputs, `route`) bound once; each run binds its feeds (OrtValues as they are, numpy arrays copied), the shared
+    outputs (the cache's past buffer, written in place, and returned as the same objects) and fresh outputs in
+    `kind` memory on device `dev` (default: where the session runs), so the last step's present.* OrtValues, now the
+    cache's past, stay untouched; an OrtValue input or shared output that is the one already bound is not bound
+    again (a shared buffer's 2 x layers values a step); returns {output name: OrtValue}. `pool`: a
+    `road_export.runtime.graphs.GraphPool` whose static buffers (CUDA graphs) the decode steps run on."""
+    return BoundRun(session, selected, kind, dev, pool)

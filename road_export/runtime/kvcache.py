@@ -347,11 +347,12 @@ class GqaCache(KVCache):
 
     def update(self, outputs: Mapping[str, Any]) -> None:
         if self.layout.share_buffer:
-            # bound as the output (IOBinding, `shared_outputs`): the run wrote into the past buffer, which stays (the
-            # returned OrtValue is another handle on it; the allocated one keeps its host memory alive); from
-            # InferenceSession.run: a numpy copy of the written buffer, the next run's past
+            # bound as the output (IOBinding, `shared_outputs`): the run wrote into the past buffer and returns it (the
+            # same object: `road_export.runtime.gpu.bound_run`), or a static set's buffer it copied the past into and
+            # wrote (`road_export.runtime.graphs`), the past from now on; from InferenceSession.run: a numpy copy of
+            # the written buffer, the next run's past
             for past, present in self.layout.pairs:
-                if isinstance(outputs.get(present), np.ndarray):
+                if present in outputs:
                     self.past[past] = outputs[present]
             return
         super().update(outputs)

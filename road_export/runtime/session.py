@@ -63,6 +63,10 @@ class RoadSession:
                              session_config=session_config, rewrite=rewrite)
         self.session, self.native, self.fused = opened.session, opened.native, opened.rewritten
         self.device = "cuda" if on_cuda and "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        from road_export.runtime.graphs import graphs_enabled
+
+        # opened with onnxruntime's CUDA graphs: every run but a static decode step's (runtime.graphs) says "no graph"
+        self.cuda_graph = self.device == "cuda" and graphs_enabled(self)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.mode = meta.get(METADATA_MODE)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -150,6 +154,10 @@ class RoadSession:
 
     def run_feeds(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray], options=None) -> list:
         """onnxruntime's run on checked feeds; a failure becomes a RoadError naming the model and the feeds."""
+        if self.cuda_graph:
+            from road_export.runtime.graphs import without_graph
+
+            options = without_graph(options)
         try:
             return self.session.run(output_names, feeds, options)
         except Exception as e:

@@ -87,12 +87,14 @@ class RoadServer:
     def __init__(self, model_dir: str, max_batch_size: int = 16, batch_wait_ms: float = 0.0,
                  threads: int | None = None, served_model_name: str | None = None, native: bool | None = None,
                  session_config: dict[str, str] | None = None, device: str = "cpu", max_queue: int | None = None,
-                 api_key: str | None = None, body_timeout_s: float = 30.0, max_body_bytes: int = 16 * 2**20):
+                 api_key: str | None = None, body_timeout_s: float = 30.0, max_body_bytes: int = 16 * 2**20,
+                 cuda_graph: bool | None = None):
         replica_grpc_on_loopback()
         self.stats = Stats()
         self.engine = Engine(model_dir, max_batch_size=max_batch_size, threads=threads, native=native,
                              served_model_name=served_model_name, recorders=[self.stats],
-                             session_config=session_config, providers=providers_for(device))
+                             session_config=session_config, providers=providers_for(device),
+                             cuda_graph=cuda_graph if device == "cuda" else None)
         self.engine.recorders.append(RayMetrics(self.engine))
         self.loop = AsyncEngine(self.engine)
         self.admit.set_max_batch_size(max_batch_size)
@@ -163,14 +165,15 @@ def build_app(model_dir: str, *, replicas: int = 1, max_batch_size: int = 16, ba
               threads: int | None = None, num_cpus: float | None = None, served_model_name: str | None = None,
               native: bool | None = None, session_config: dict[str, str] | None = None, device: str = "cpu",
               max_queue: int | None = None, api_key: str | None = None, body_timeout_s: float = 30.0,
-              max_body_bytes: int = 16 * 2**20):
+              max_body_bytes: int = 16 * 2**20, cuda_graph: bool | None = None):
     """The bound application for `serve.run`: `replicas` copies of RoadServer, each taking `num_cpus` CPUs from
     Ray's scheduler (default: `threads`, else 1), with `device="cuda"` one GPU too (Ray sets the replica's
     CUDA_VISIBLE_DEVICES to it). Each admits max_batch_size running rows and `max_queue` (default 2 x
     max_batch_size) waiting requests, and answers 429 beyond; Ray lets UPLOAD_ROOM more requests in, whose bodies
     are read (within `body_timeout_s`, up to `max_body_bytes`) before admission. `api_key`: see `create_app`.
-    `session_config`: onnxruntime session config entries for each replica's session. Raises ValueError for a
-    device other than "cpu" and "cuda"."""
+    `session_config`: onnxruntime session config entries for each replica's session. `cuda_graph` (device "cuda"):
+    the engine's `cuda_graph` (None: on for a model builder directory). Raises ValueError for a device other than
+    "cpu" and "cuda"."""
     _check_device(device)  # before anything is deployed, not in a replica's crash loop
     options: dict[str, Any] = {"num_cpus": num_cpus if num_cpus is not None else (threads or 1)}
     if device == "cuda":
@@ -180,4 +183,4 @@ def build_app(model_dir: str, *, replicas: int = 1, max_batch_size: int = 16, ba
         num_replicas=replicas, max_ongoing_requests=max_batch_size + max_queue + UPLOAD_ROOM,
         ray_actor_options=options)
     return deployment.bind(str(model_dir), max_batch_size, batch_wait_ms, threads, served_model_name, native,
-                           session_config, device, max_queue, api_key, body_timeout_s, max_body_bytes)
+                           session_config, device, max_queue, api_key, body_timeout_s, max_body_bytes, cuda_graph)

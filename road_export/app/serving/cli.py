@@ -95,6 +95,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each replica runs its "
                         "model: cpu (default) or cuda (onnxruntime-gpu's CUDA execution provider; each replica "
                         "takes one GPU from Ray)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="with --device "
+                        "cuda: decode with onnxruntime's CUDA graphs (default: on for a model builder directory, "
+                        "whose graph they can replay; road-export's own files cannot)")
     parser.add_argument("--ingress", choices=INGRESSES, default="proxy", help="how HTTP reaches the replicas of "
                         "a local Ray instance: proxy (default: Ray Serve's proxy actor) or haproxy (Ray Serve's "
                         "HAProxy ingress, Ray >= 2.56: lower latency per request; starts its own local instance)")
@@ -397,6 +400,8 @@ def _serve(args: argparse.Namespace, model: Path, api_key: str | None, environme
     from road_export.app.serving.app import build_app
     from road_export.app.serving.engine import Engine
 
+    if args.cuda_graph and args.device != "cuda":
+        raise RoadError("--cuda-graph: CUDA graphs need --device cuda")
     if args.device == "cuda":
         import onnxruntime as ort
 
@@ -457,7 +462,8 @@ def _serve(args: argparse.Namespace, model: Path, api_key: str | None, environme
                         native=False if args.no_native else None,
                         session_config={"session.intra_op.allow_spinning": "1" if args.spin else "0"},
                         device=args.device, max_queue=max_queue, api_key=api_key,
-                        body_timeout_s=args.body_timeout, max_body_bytes=int(args.max_body_mb * 2**20))
+                        body_timeout_s=args.body_timeout, max_body_bytes=int(args.max_body_mb * 2**20),
+                        cuda_graph=args.cuda_graph)
         deployed = True  # from here on the application is this command's, even if serve.run fails half way
         serve.run(app, name=app_name, route_prefix="/")
         serving.set()

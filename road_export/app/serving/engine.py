@@ -165,6 +165,19 @@ class _Row:
     finish_reason: str | None = None
 
 
+def _shares_buffer(directory: Path) -> bool:
+    """Whether `directory`'s genai_config.json (a model builder directory) shares the past/present buffer
+    (`search.past_present_share_buffer`, as onnxruntime-genai reads it): a graph CUDA graphs can replay."""
+    import json
+
+    try:
+        config = json.loads((directory / "genai_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    search = config.get("search") if isinstance(config, dict) else None
+    return isinstance(search, dict) and search.get("past_present_share_buffer") is True
+
+
 @dataclass
 class _Batch:
     """Rows that run together and their decode state (`road_export.runtime.generation.Decoding` over the file's
@@ -190,18 +203,34 @@ class Engine:
     shared buffer on the CPU (`InferenceSession.run` would return a copy of the whole buffer each step: bound, the
     engine decodes 3-10% faster there, at genai's speed; tools/bench_builder.py --engine); off for road-export's own
     decoder files on the CPU, where binding costs 1-6% (it gives the same tokens either way).
+    `cuda_graph` (CUDA only): open the session with onnxruntime's CUDA graphs (`enable_cuda_graph`); None (the
+    default): for a model builder directory whose genai_config.json shares the past/present buffer
+    (`past_present_share_buffer`, GroupQueryAttention: 1.27-1.29x the tokens/s on an H100 at batch 1 and 8,
+    docs/builder.md), not for road-export's own files, which onnxruntime cannot record.
+    `static_buffers`: each batch's decode steps run on a static buffer set (`road_export.runtime.graphs`), which
+    onnxruntime records and replays as CUDA graphs when the session was opened with them; None (the default): on for
+    such a session over a builder graph's shared buffer; True elsewhere (the CPU) runs the same steps unrecorded.
     Raises RoadError when the directory cannot be served (one line saying why).
     """
 
     def __init__(self, model_dir: str | Path, *, max_batch_size: int = 16, threads: int | None = None,
                  native: bool | None = None, providers: Sequence[str] | None = None,
                  served_model_name: str | None = None, recorders: Sequence[Recorder] = (),
-                 session_config: dict[str, str] | None = None, io_binding: bool | None = None):
+                 session_config: dict[str, str] | None = None, io_binding: bool | None = None,
+                 static_buffers: bool | None = None, cuda_graph: bool | None = None):
+        from road_export.graph.ort_session import CUDA, provider_name
         from road_export.runtime.session import RoadSession
 
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise RoadError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.directory = Path(model_dir)
+        on_cuda = bool(providers) and provider_name(list(providers)[0]) == CUDA
+        if cuda_graph and not on_cuda:
+            raise RoadError("cuda_graph needs the CUDA execution provider first in providers (serve --device cuda)")
+        if on_cuda and (cuda_graph if cuda_graph is not None else _shares_buffer(self.directory)):
+            from road_export.runtime.gpu import with_cuda_graph
+
+            providers = with_cuda_graph(list(providers or []))
         self.session = RoadSession(self.directory, threads=threads, native=native, providers=providers,
                                    session_config=session_config)
         names = self.session.input_names
@@ -241,6 +270,18 @@ class Engine:
             self._memory = DeviceMemory(self.session)
         self._selector = None  # runtime.gpu.GreedySelector, made at the first all-greedy run on CUDA
         self._switch, self._recompute_at = rope_switch(self.session), recompute_length(self.session)
+        takes = bool(self.io_binding and self._layout and self._layout.share_buffer and self._switch is None)
+        if static_buffers is None:
+            static_buffers = takes and getattr(self.session, "cuda_graph", False)
+        elif static_buffers and not takes:
+            raise RoadError(f"{self.directory}: static_buffers needs a model builder graph's shared key/value buffer "
+                            "(no longrope) and io_binding; leave it unset")
+        self._pool = None  # runtime.graphs.GraphPool: each batch's decode steps on static buffers (CUDA graphs)
+        if static_buffers:
+            from road_export.runtime.graphs import graph_pool
+
+            assert self._memory is not None
+            self._pool = graph_pool(self.session, self._memory.kind, self._memory.device)
         self._waiting: deque[GenerationRequest] = deque()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -419,7 +460,7 @@ class Engine:
         from road_export.runtime.gpu import bound_run
 
         assert self._memory is not None
-        return extra, options, bound_run(self.session, extra, self._memory.kind, self._memory.device)
+        return extra, options, bound_run(self.session, extra, self._memory.kind, self._memory.device, pool=self._pool)
 
     def _adapter_name(self, model: str) -> str:
         return BASE_NAME if model == self.base_name else model
