@@ -232,6 +232,12 @@ def test_directory_command_writes_a_genai_directory(builder_dir):
     assert library is None or (out / library).is_file()
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # staging removed
+    # our runtime reads the directory's genai_config.json above onnx/: the shared buffer, the context length
+    from road_export.runtime.session import RoadSession
+
+    layout = RoadSession(out).cache_layout
+    assert layout is not None and layout.gqa and layout.share_buffer
+    assert layout.context_length == config["model"]["context_length"]
 
 
 def test_genai_generator_gives_peft_tokens_and_swaps_adapters(built, builder_dir, tmp_path):

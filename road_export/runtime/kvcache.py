@@ -76,7 +76,11 @@ class CacheLayout:
 
 
 def _genai_config(path: Path) -> dict:
+    """The genai_config.json of the model file at `path`: beside it (the builder's directory), or above its `onnx/`
+    folder (a model directory `road-export --graph builder` wrote, whose config names onnx/model.onnx); {} if none."""
     file = path.with_name(GENAI_CONFIG)
+    if not file.is_file() and path.parent.name == "onnx":
+        file = path.parent.with_name(GENAI_CONFIG)
     if not file.is_file():
         return {}
     try:
