@@ -371,6 +371,33 @@ def test_static_buffers_give_the_same_tokens_and_are_leased_again(built, hf_llam
     assert len(pool.sets) == 2
 
 
+def test_a_full_pool_decodes_without_a_static_set(built, hf_llama):
+    """Past `most` sets (recorded graphs, which onnxruntime never drops) a new shape decodes as before: the same
+    tokens."""
+    from road_export.runtime import gpu
+    from road_export.runtime.graphs import graph_pool
+
+    session = RoadSession(built["llama"])
+    ids, mask = prompts(256)
+    pool = graph_pool(session, "cpu", 0)
+    pool.most = 1
+    gpu.generate(session, ids, mask, max_new_tokens=NEW, static_buffers=True)
+    np.testing.assert_array_equal(gpu.generate(session, ids[1:], mask[1:], max_new_tokens=NEW, static_buffers=True),
+                                  transformers_generate(hf_llama, ids[1:], mask[1:]))
+    assert len(pool.sets) == 1 and pool.sets[0].key[0] == 2
+
+
+def test_with_cuda_graph_asks_the_cuda_provider_for_graphs():
+    from road_export.runtime.gpu import cuda_providers, with_cuda_graph
+
+    options = {"device_id": "1", "use_tf32": "0", "enable_cuda_graph": "1"}
+    want = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+    assert with_cuda_graph(cuda_providers(1, tf32=False)) == want
+    assert with_cuda_graph(["CUDAExecutionProvider"]) == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
+    with pytest.raises(RoadError, match="CUDA graphs need the CUDA execution provider first"):
+        with_cuda_graph(["CPUExecutionProvider"])
+
+
 def test_static_buffers_without_the_copy_give_other_tokens(built, hf_llama, monkeypatch):
     """The check above can fail: static steps that skip copying the prefill's cache into their buffers attend to
     zeros, and their tokens are not transformers'."""
