@@ -309,6 +309,23 @@ def test_mixed_and_swapped_adapters_on_an_attached_builder_graph(built, adapters
     got = mixed.generate(ids, mask, max_new_tokens=NEW, adapter_names=["two", "one"])
     np.testing.assert_array_equal(got[0], two[1][0])
     np.testing.assert_array_equal(got[1], one[1][1])
+    # the same on static buffers (runtime.graphs: CUDA graphs' form): a swapped adapter's bound coefficients are part
+    # of a set's key (a set per adapter), a mixed batch's adapter_ids are written into its set at each lease
+    from road_export.runtime import gpu
+    from road_export.runtime.graphs import graph_pool
+
+    assert _verify("adapter", one[0], "--like", tmp_path / "swap" / "model.onnx",
+                   tmp_path / "swap" / "model.uno.onnx_adapter")[0] == 0  # adapter one again, swapped in by file
+    swap = RoadSession(tmp_path / "swap")
+    for name, want in ((None, one[1]), ("two", two[1]), ("uno", one[1]), (None, one[1]), ("two", two[1])):
+        np.testing.assert_array_equal(gpu.generate(swap, ids, mask, max_new_tokens=NEW, adapter=name,
+                                                   static_buffers=True), want)
+    assert len(graph_pool(swap, "cpu", 0).sets) == 3
+    for names in (["two", "one"], ["one", "two"]):
+        got = gpu.generate(mixed, ids, mask, max_new_tokens=NEW, adapter_names=names, static_buffers=True)
+        for row, name in enumerate(names):
+            np.testing.assert_array_equal(got[row], adapters[name][1][row])
+    assert len(graph_pool(mixed, "cpu", 0).sets) == 1
 
 
 def test_the_iobinding_loop_binds_the_shared_buffer_in_place(built, hf_llama, monkeypatch):
