@@ -16,7 +16,9 @@ Each batch is the runtime's decode state (`road_export.runtime.generation.Decodi
 past) over its `road_export.runtime.kvcache` cache, in the file's layout: road-export's (past [batch, kv_heads, past,
 head_dim], attention_mask [batch, past + new] with 0 on left padding, positions from `names.positions`), or a model
 builder graph's GroupQueryAttention rows (each row's tokens from position 0, one shared buffer that grows by doubling
-up to the context length, `Engine._decoding`).
+up to the context length, `Engine._decoding`). On CUDA a builder graph's decode steps run on static buffers that
+onnxruntime records and replays as CUDA graphs (`road_export.runtime.graphs`; on by default there, `cuda_graph`):
+each batch leases a buffer set for its rows and buffer size, copied into once when its rows or size change.
 
 A longrope file (Phi-3; the `road_export.rope` record) chooses its rope factors from the largest position of a run,
 over the whole batch, as transformers does: every request is generated as transformers' `generate` would generate
