@@ -404,6 +404,33 @@ def test_a_full_pool_decodes_without_a_static_set(built, hf_llama):
     assert len(pool.sets) == 1 and pool.sets[0].key[0] == 2
 
 
+def test_static_buffers_from_several_threads(built, hf_llama):
+    """Generations on one session from four threads at once: each holds its own set while it runs (two of the same
+    shapes do not share one), and each gets transformers' tokens."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from road_export.runtime import gpu
+    from road_export.runtime.graphs import graph_pool
+
+    session = RoadSession(built["llama"], threads=1)
+    ids, mask = prompts(256)
+    new = 48
+    want = transformers_generate(hf_llama, ids, mask, new)
+    start = threading.Barrier(4)
+
+    def generate(_):
+        start.wait()
+        return gpu.generate(session, ids, mask, max_new_tokens=new, static_buffers=True)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(generate, range(4)))
+    for got in results:
+        np.testing.assert_array_equal(got, want)
+    sets = graph_pool(session, "cpu", 0).sets
+    assert 1 <= len(sets) <= 4 and all(s.key == sets[0].key for s in sets)
+
+
 def test_with_cuda_graph_asks_the_cuda_provider_for_graphs():
     from road_export.runtime.gpu import cuda_providers, with_cuda_graph
 

@@ -503,7 +503,11 @@ class BoundRun:
                 io.bind_output(name, self.kind, self.dev)
                 self.bound_outputs.pop(name, None)
         try:
-            session.session.run_with_iobinding(io, self.options)
+            if self.pool is not None:  # a session that replays graphs: one run at a time (the pool's steps too)
+                with self.pool.lock:
+                    session.session.run_with_iobinding(io, self.options)
+            else:
+                session.session.run_with_iobinding(io, self.options)
         except Exception as e:  # as RoadSession.run_feeds: the callers end that batch's rows, not every request
             if not is_onnxruntime_error(e):
                 raise
