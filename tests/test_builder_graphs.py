@@ -321,6 +321,12 @@ def test_mixed_and_swapped_adapters_on_an_attached_builder_graph(built, adapters
         np.testing.assert_array_equal(gpu.generate(swap, ids, mask, max_new_tokens=NEW, adapter=name,
                                                    static_buffers=True), want)
     assert len(graph_pool(swap, "cpu", 0).sets) == 3
+    for file, want in ((tmp_path / "swap" / "model.two.onnx_adapter", two[1]),
+                       (tmp_path / "swap" / "model.uno.onnx_adapter", one[1])):  # loaded again under one name
+        swap.load_adapter(file, "x")
+        np.testing.assert_array_equal(gpu.generate(swap, ids, mask, max_new_tokens=NEW, adapter="x",
+                                                   static_buffers=True), want)
+        np.testing.assert_array_equal(gpu.generate(swap, ids, mask, max_new_tokens=NEW, adapter="x"), want)
     for names in (["two", "one"], ["one", "two"]):
         got = gpu.generate(mixed, ids, mask, max_new_tokens=NEW, adapter_names=names, static_buffers=True)
         for row, name in enumerate(names):
@@ -388,20 +394,84 @@ def test_static_buffers_give_the_same_tokens_and_are_leased_again(built, hf_llam
     assert len(pool.sets) == 2
 
 
-def test_a_full_pool_decodes_without_a_static_set(built, hf_llama):
-    """Past `most` sets (recorded graphs, which onnxruntime never drops) a new shape decodes as before: the same
-    tokens."""
+def test_the_pool_drops_its_least_recently_used_set_and_stops_at_its_graph_budget(built, hf_llama):
+    """Past `most` sets the least recently used free one goes for a new shape; past `recorded` sets made (recorded
+    graphs, which onnxruntime never drops) a new shape decodes as before: the same tokens either way."""
     from road_export.runtime import gpu
     from road_export.runtime.graphs import graph_pool
 
     session = RoadSession(built["llama"])
     ids, mask = prompts(256)
     pool = graph_pool(session, "cpu", 0)
-    pool.most = 1
-    gpu.generate(session, ids, mask, max_new_tokens=NEW, static_buffers=True)
-    np.testing.assert_array_equal(gpu.generate(session, ids[1:], mask[1:], max_new_tokens=NEW, static_buffers=True),
-                                  transformers_generate(hf_llama, ids[1:], mask[1:]))
-    assert len(pool.sets) == 1 and pool.sets[0].key[0] == 2
+    pool.most, pool.recorded = 1, 2
+    for rows, made, kept in ((2, 1, 2), (1, 2, 1), (2, 2, 1)):  # the third: no set left to make
+        np.testing.assert_array_equal(gpu.generate(session, ids[:rows], mask[:rows], max_new_tokens=NEW,
+                                                   static_buffers=True),
+                                      transformers_generate(hf_llama, ids[:rows], mask[:rows]))
+        assert pool.made == made and [s.key[0] for s in pool.sets] == [kept]
+
+
+def test_a_pool_goes_with_its_session(built):
+    """The pool (its onnxruntime session, buffer sets) is the session's: it does not keep the session alive."""
+    import gc
+    import weakref
+
+    from road_export.runtime import gpu, graphs
+
+    session = RoadSession(built["llama"])
+    ids, mask = prompts(256)
+    gpu.generate(session, ids, mask, max_new_tokens=2, static_buffers=True)
+    gone = weakref.ref(session)
+    del session
+    gc.collect()
+    assert gone() is None and not len(graphs._POOLS)
+
+
+def test_one_pool_per_session_however_many_threads_ask(built, monkeypatch):
+    import threading
+    import time
+
+    from road_export.runtime import graphs
+
+    session = RoadSession(built["llama"])
+    made = []
+    original = graphs.GraphPool.__init__
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.2)
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(graphs.GraphPool, "__init__", slow)
+    threads = [threading.Thread(target=graphs.graph_pool, args=(session, "cpu", 0)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1
+
+
+def test_static_buffers_options_on_the_cpu(built, hf_llama, tmp_path):
+    """RoadSession.generate takes static_buffers on the CPU too (True runs the static loop there, False/None the
+    host loop); anything but a bool or None is refused; CUDA providers on an onnxruntime without them are refused
+    rather than run on the CPU."""
+    import onnxruntime as ort
+
+    from road_export.app.serving.engine import Engine
+    from road_export.runtime import gpu
+
+    session = RoadSession(built["llama"])
+    ids, mask = prompts(256)
+    want = transformers_generate(hf_llama, ids, mask)
+    for static in (True, False, None):
+        np.testing.assert_array_equal(session.generate(ids, mask, max_new_tokens=NEW, static_buffers=static), want)
+    with pytest.raises(RoadError, match="static_buffers must be True, False or None"):
+        gpu.generate(session, ids, mask, max_new_tokens=2, static_buffers="no")
+    with pytest.raises(RoadError, match="static_buffers must be True, False or None"):
+        Engine(built["llama"], threads=1, static_buffers="no")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RoadError, match="providers ask for CUDAExecutionProvider and this onnxruntime"):
+            RoadSession(built["llama"], providers=gpu.cuda_providers(cuda_graph=True))
 
 
 def test_static_buffers_from_several_threads(built, hf_llama):
@@ -438,8 +508,9 @@ def test_with_cuda_graph_asks_the_cuda_provider_for_graphs():
     want = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     assert with_cuda_graph(cuda_providers(1, tf32=False)) == want
     assert with_cuda_graph(["CUDAExecutionProvider"]) == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
-    with pytest.raises(RoadError, match="CUDA graphs need the CUDA execution provider first"):
-        with_cuda_graph(["CPUExecutionProvider"])
+    for wrong in (["CPUExecutionProvider"], []):
+        with pytest.raises(RoadError, match="CUDA graphs need the CUDA execution provider first"):
+            with_cuda_graph(wrong)
 
 
 def test_static_buffers_without_the_copy_give_other_tokens(built, hf_llama, monkeypatch):

@@ -105,10 +105,11 @@ def with_cuda_graph(providers: list) -> list:
     """`providers` (a CUDA provider first, by name or (name, options)) with onnxruntime's CUDA graphs on for it."""
     from road_export.graph.ort_session import provider_name
 
-    first = providers[0]
+    first = providers[0] if providers else None
     options = dict(first[1]) if isinstance(first, tuple) else {}
-    if provider_name(first) != CUDA:
-        raise RoadError(f"CUDA graphs need the CUDA execution provider first, got {provider_name(first)}")
+    if first is None or provider_name(first) != CUDA:
+        raise RoadError("CUDA graphs need the CUDA execution provider first, got "
+                        f"{provider_name(first) if first is not None else 'no providers'}")
     return [(CUDA, {**options, "enable_cuda_graph": "1"}), *providers[1:]]
 
 
@@ -121,7 +122,8 @@ def device_id(session: Session) -> int:
     return int(options.get("device_id", 0))
 
 
-_DEVICE_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> {adapter: {name: OrtValue}}
+_DEVICE_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""session -> {adapter: ((its file, mtime, size), {input name: OrtValue})}: read again when the name's file changes."""
 
 
 def route(session: Session, batch: int, *, adapter: str | None = None,
@@ -141,13 +143,16 @@ def route(session: Session, batch: int, *, adapter: str | None = None,
     if name == session.adapters[0] and session.adapter_file(name) == own:
         return extra  # the adapter the file was exported with: its initializers already hold these values
     cached = _DEVICE_ADAPTERS.setdefault(session, {})
-    if name not in cached:
+    file = session.adapter_file(name)
+    stat = file.stat() if file is not None else None
+    version = (str(file), stat.st_mtime_ns, stat.st_size) if stat is not None else None
+    if name not in cached or cached[name][0] != version:  # an adapter loaded again under its name: read it again
         kind, dev = _memory(session)
         from road_export.graph.swap import read_adapter_values
 
-        cached[name] = {k: ort.OrtValue.ortvalue_from_numpy(v, kind, dev)
-                        for k, v in read_adapter_values(session.adapter_file(name)).items()}
-    return {**extra, **cached[name]}
+        cached[name] = (version, {k: ort.OrtValue.ortvalue_from_numpy(v, kind, dev)
+                                  for k, v in read_adapter_values(file).items()})
+    return {**extra, **cached[name][1]}
 
 
 def _memory(session: Session) -> tuple[str, int]:
@@ -280,6 +285,8 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     kind, dev = _memory(session)
     layout = session.cache_layout
     takes = layout is not None and layout.share_buffer and recompute_length(session) is None
+    if static_buffers is not None and not isinstance(static_buffers, bool):
+        raise RoadError(f"static_buffers must be True, False or None, got {static_buffers!r}")
     if static_buffers is None:
         static_buffers = takes and kind == "cuda" and graphs_enabled(session)
     elif static_buffers and not takes:
@@ -436,6 +443,7 @@ class BoundRun:
             kind, dev = _memory(session)
         self.session, self.selected, self.kind, self.dev, self.pool = session, dict(selected), kind, dev, pool
         self.lease = None  # the pool's StaticStep this run holds
+        self.refused: tuple | None = None  # the (rows, capacity) the pool had no set for
         # on a session that records CUDA graphs, a run with default options would be recorded as graph 0
         self.options = without_graph() if kind == "cuda" and graphs_enabled(session) else None
         self.io = session.session.io_binding()
@@ -449,14 +457,15 @@ class BoundRun:
 
     def __call__(self, feeds, shared) -> dict[str, object]:
         if self.pool is not None and self._decode_step(feeds, shared):
-            if self.lease is not None and not self._fits(self.lease, feeds, shared):
+            shape = (feeds["input_ids"].shape[0], value_shape(next(iter(shared.values())))[2])  # rows, capacity
+            if self.lease is not None and self.lease.key[:2] != shape:
                 self.pool.give_back(self.lease)
                 self.lease = None
-            if self.lease is None:
+            if self.lease is None and self.refused != shape:
                 self.lease = self.pool.lease(self, feeds, shared, self.selected)
+                self.refused = None if self.lease is not None else shape  # a full pool: not asked again each step
             if self.lease is not None:
-                with self.pool.lock:
-                    return self.lease.run(feeds, shared)
+                return self.lease.run(feeds, shared)
         return self._run(feeds, shared)
 
     def close(self) -> None:
@@ -475,11 +484,6 @@ class BoundRun:
         return (isinstance(ids, np.ndarray) and ids.shape[1] == 1 and isinstance(mask, np.ndarray)
                 and mask.shape[1] > 1 and bool(shared) and all(isinstance(v, ort.OrtValue) for v in shared.values())
                 and set(self.session.output_names) == {"logits", *shared})
-
-    @staticmethod
-    def _fits(lease, feeds, shared) -> bool:
-        rows, capacity = lease.key[0], lease.key[1]
-        return feeds["input_ids"].shape[0] == rows and value_shape(next(iter(shared.values())))[2] == capacity
 
     def _run(self, feeds, shared) -> dict[str, object]:
         import onnxruntime as ort

@@ -25,9 +25,11 @@ one onnxruntime run of Identity nodes on the device), and from then on the set's
 On a CPU session (or CUDA without `enable_cuda_graph`), the same static-buffer steps run without recording
 (`capture=False`): the tests drive every step of this module on the CPU that way.
 
-The pool holds at most `most` buffer sets per session: onnxruntime keeps a recorded graph for the session's life
-(its CUDA provider has no call to drop one), so a set is never replaced; past `most`, new shapes decode without a
-graph. Thread safety: the pool serialises its steps (onnxruntime's graph replay is not thread safe).
+The pool keeps at most `most` buffer sets per session (16), dropping the least recently used free one for a new
+shape, and makes at most `recorded` sets in all (64): onnxruntime keeps a recorded graph for the session's life (its
+CUDA provider has no call to drop one), so a dropped set's graph stays recorded; past that, new shapes decode without
+a graph. Thread safety: the pool's lock serialises the runs of its session that go through `bound_run` (onnxruntime's
+graph replay is not thread safe), and a set is its holder's alone.
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ GRAPH_ID = "gpu_graph_id"
 """onnxruntime's run config key naming the CUDA graph a run records or replays; "-1" runs without one."""
 
 MOST_GRAPHS = 16
-"""The most static buffer sets (and so recorded CUDA graphs) a session's `GraphPool` makes."""
+"""The most static buffer sets a session's `GraphPool` keeps; past it, the least recently used free set is dropped."""
+
+MOST_RECORDED = 64
+"""The most sets (so recorded CUDA graphs) a session's `GraphPool` ever makes: onnxruntime's CUDA provider keeps a
+recorded graph for the session's life (it has no call to drop one), so a dropped set's graph stays recorded."""
 
 
 def graphs_enabled(session) -> bool:
@@ -96,16 +102,17 @@ class StaticStep:
                  selected: Mapping[str, Any], graph_id: int):
         import onnxruntime as ort
 
-        session, kind, dev = pool.session, pool.kind, pool.device
+        kind, dev = pool.kind, pool.device
         self.pool, self.key, self.graph_id = pool, key, graph_id
         self.holder: weakref.ref | None = None
+        self.used = 0  # the pool's lease count when it was last leased (least recently used goes first)
         rows, capacity = key[0], key[1]
-        types = {i.name: NUMPY_TYPES.get(i.type, np.int64) for i in session.session.get_inputs()}
+        types = pool.input_types
 
         def zeros(shape, dtype) -> Any:
             return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), kind, dev)
 
-        layout = session.cache_layout
+        layout = pool.layout
         self.pairs = list(layout.pairs)
         self.past = {present: zeros(value_shape(shared[present]), layout.dtype) for _, present in self.pairs}
         past_names = {past for past, _ in self.pairs}
@@ -115,10 +122,9 @@ class StaticStep:
         self.inputs |= {name: zeros(np.shape(value), types[name]) for name, value in selected.items()
                         if not isinstance(value, ort.OrtValue)}
         self.dtypes = {name: types[name] for name in self.inputs}
-        logits = session.session.get_outputs()[session.output_names.index("logits")]
-        self.logits = zeros((rows, 1, session.vocab_size), NUMPY_TYPES.get(logits.type, np.float32))
+        self.logits = zeros((rows, 1, pool.vocab_size), pool.logits_type)
         self.kept = [v for v in selected.values() if isinstance(v, ort.OrtValue)]  # their ids are in the key
-        self.io = session.session.io_binding()
+        self.io = pool.ort.io_binding()
         for name, value in self.inputs.items():
             self.io.bind_ortvalue_input(name, value)
         for name, value in selected.items():
@@ -152,11 +158,12 @@ class StaticStep:
             elif name in self.inputs:
                 self.inputs[name].update_inplace(np.ascontiguousarray(value, self.dtypes[name]))
         try:
-            self.pool.session.session.run_with_iobinding(self.io, self.options)
+            with self.pool.lock:
+                self.pool.ort.run_with_iobinding(self.io, self.options)
         except Exception as e:  # as bound_run: the callers end that batch's rows
             if not is_onnxruntime_error(e):
                 raise
-            raise run_failure(self.pool.session.path.name, dict(feeds), e) from e
+            raise run_failure(self.pool.name, dict(feeds), e) from e
         return {"logits": self.logits, **self.past}
 
 
@@ -166,7 +173,8 @@ class GraphPool:
     `device`: where the buffers live ("cuda" or "cpu", the device id), as `road_export.runtime.gpu.bound_run` takes
     them. `most`: the most sets (graphs) it makes."""
 
-    def __init__(self, session, kind: str, device: int, *, capture: bool, most: int = MOST_GRAPHS):
+    def __init__(self, session, kind: str, device: int, *, capture: bool, most: int = MOST_GRAPHS,
+                 recorded: int = MOST_RECORDED):
         layout = session.cache_layout
         if layout is None or not layout.share_buffer:
             raise RoadError(f"{session.path.name}: static decode buffers (CUDA graphs) need a model builder graph's "
@@ -174,8 +182,16 @@ class GraphPool:
         if "logits" not in session.output_names or session.vocab_size is None:
             raise RoadError(f"{session.path.name}: static decode buffers need a `logits` output of a fixed "
                             "vocabulary size")
-        self.session, self.kind, self.device, self.capture, self.most = session, kind, device, capture, most
+        # what the sets need of the RoadSession, not the session itself (`_POOLS` keys it weakly)
+        self.ort, self.name, self.layout, self.vocab_size = session.session, session.path.name, layout, \
+            session.vocab_size
+        self.input_types = {i.name: NUMPY_TYPES.get(i.type, np.int64) for i in self.ort.get_inputs()}
+        logits = self.ort.get_outputs()[session.output_names.index("logits")]
+        self.logits_type = NUMPY_TYPES.get(logits.type, np.float32)
+        self.kind, self.device, self.capture, self.most, self.recorded = kind, device, capture, most, recorded
         self.sets: list[StaticStep] = []
+        self.made = 0  # sets made (graph ids taken) so far
+        self._leases = 0
         self._past_names = {past for past, _ in layout.pairs}
         self.lock = threading.RLock()
         self._copier: Any = None  # an onnxruntime InferenceSession of `_copy_model`, made at the first copy
@@ -199,15 +215,20 @@ class GraphPool:
                     step.holder = None
             chosen = next((s for s in self.sets if s.key == key and s.holder is None), None)
             if chosen is None:
-                if len(self.sets) >= self.most:
+                free = sorted((s for s in self.sets if s.holder is None), key=lambda s: s.used)
+                if self.made >= self.recorded or (len(self.sets) >= self.most and not free):
                     if not self._warned:
-                        logger.info("%s: %d static decode buffer sets (CUDA graphs) made; other shapes decode "
-                                    "without a graph", self.session.path.name, self.most)
+                        logger.info("%s: %d static decode buffer sets (CUDA graphs) in use or %d recorded; this "
+                                    "shape decodes without a graph", self.name, len(self.sets), self.made)
                         self._warned = True
                     return None
-                chosen = StaticStep(self, key, feeds, shared, selected, len(self.sets) + 1)
+                if len(self.sets) >= self.most:  # the least recently used free set goes, and its graph with it
+                    self.sets.remove(free[0])
+                self.made += 1
+                chosen = StaticStep(self, key, feeds, shared, selected, self.made)
                 self.sets.append(chosen)
-            chosen.holder = weakref.ref(holder)
+            self._leases += 1
+            chosen.used, chosen.holder = self._leases, weakref.ref(holder)
             chosen.select(selected)
             return chosen
 
@@ -224,7 +245,7 @@ class GraphPool:
 
         names = list(target)
         if self._copier is None:
-            element = helper.np_dtype_to_tensor_dtype(np.dtype(self.session.cache_layout.dtype))
+            element = helper.np_dtype_to_tensor_dtype(np.dtype(self.layout.dtype))
             options = session_options(threads=1, log_severity=3)
             providers = ([(CUDA, {"device_id": str(self.device)})] if self.kind == "cuda"
                          else ["CPUExecutionProvider"])
@@ -238,13 +259,16 @@ class GraphPool:
 
 
 _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> GraphPool
+_POOLS_LOCK = threading.Lock()
 
 
 def graph_pool(session, kind: str, device: int, *, capture: bool | None = None) -> GraphPool:
-    """The session's `GraphPool` (made on first use); `capture` None: record CUDA graphs when the session was opened
-    with them (`graphs_enabled`). Raises RoadError for a file without a builder graph's shared buffer."""
-    pool = _POOLS.get(session)
-    if pool is None:
-        capture = graphs_enabled(session) and kind == "cuda" if capture is None else capture
-        pool = _POOLS[session] = GraphPool(session, kind, device, capture=bool(capture))
-    return pool
+    """The session's `GraphPool` (made on first use, once however many threads ask; it goes with the session);
+    `capture` None: record CUDA graphs when the session was opened with them (`graphs_enabled`). Raises RoadError
+    for a file without a builder graph's shared buffer."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(session)
+        if pool is None:
+            capture = graphs_enabled(session) and kind == "cuda" if capture is None else capture
+            pool = _POOLS[session] = GraphPool(session, kind, device, capture=bool(capture))
+        return pool

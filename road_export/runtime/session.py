@@ -51,6 +51,13 @@ class RoadSession:
             raise RoadError(f"{self.path}: no such ONNX file")
         providers = list(providers or ["CPUExecutionProvider"])
         on_cuda = provider_name(providers[0]) == CUDA
+        if on_cuda:
+            import onnxruntime as ort
+
+            if CUDA not in ort.get_available_providers():  # onnxruntime would run on the CPU, saying little
+                raise RoadError(f"providers ask for {CUDA} and this onnxruntime ({ort.__version__}) has none (it has "
+                                f"{', '.join(ort.get_available_providers())}); pip uninstall onnxruntime && pip "
+                                "install onnxruntime-gpu, or open the session on the CPU")
 
         def rewrite(options, native: bool):
             if not (on_cuda and native and fuse):
@@ -272,11 +279,13 @@ class RoadSession:
 
     def generate(self, input_ids, attention_mask=None, **options) -> np.ndarray:
         """Prompt plus new tokens, [batch, prompt + new]; see `road_export.runtime.generation.generate` for the options.
-        On the GPU (`self.device == "cuda"`) the cache and logits stay there: `road_export.runtime.gpu.generate`."""
-        if self.device == "cuda":
+        On the GPU (`self.device == "cuda"`) the cache and logits stay there: `road_export.runtime.gpu.generate`,
+        whose `static_buffers` (CUDA graphs' decode steps) this takes too (True on the CPU runs that loop there)."""
+        if self.device == "cuda" or options.get("static_buffers"):
             from road_export.runtime.gpu import generate
 
             return generate(self, input_ids, attention_mask, **options)
+        options.pop("static_buffers", None)  # None / False: the host loop has no static buffers to leave out
         return generation.generate(self, input_ids, attention_mask, **options)
 
     def stream(self, input_ids, attention_mask=None, **options):

@@ -273,6 +273,8 @@ class Engine:
         self._selector = None  # runtime.gpu.GreedySelector, made at the first all-greedy run on CUDA
         self._switch, self._recompute_at = rope_switch(self.session), recompute_length(self.session)
         takes = bool(self.io_binding and self._layout and self._layout.share_buffer and self._switch is None)
+        if static_buffers is not None and not isinstance(static_buffers, bool):
+            raise RoadError(f"static_buffers must be True, False or None, got {static_buffers!r}")
         if static_buffers is None:
             static_buffers = takes and getattr(self.session, "cuda_graph", False)
         elif static_buffers and not takes:
