@@ -453,8 +453,8 @@ def test_one_pool_per_session_however_many_threads_ask(built, monkeypatch):
 
 def test_static_buffers_options_on_the_cpu(built, hf_llama, tmp_path):
     """RoadSession.generate takes static_buffers on the CPU too (True runs the static loop there, False/None the
-    host loop); anything but a bool or None is refused; CUDA providers on an onnxruntime without them are refused
-    rather than run on the CPU."""
+    host loop); anything but a bool or None is refused; CUDA graphs asked of an onnxruntime without CUDA are refused
+    rather than run on the CPU without them."""
     import onnxruntime as ort
 
     from road_export.app.serving.engine import Engine
@@ -470,7 +470,7 @@ def test_static_buffers_options_on_the_cpu(built, hf_llama, tmp_path):
     with pytest.raises(RoadError, match="static_buffers must be True, False or None"):
         Engine(built["llama"], threads=1, static_buffers="no")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        with pytest.raises(RoadError, match="providers ask for CUDAExecutionProvider and this onnxruntime"):
+        with pytest.raises(RoadError, match="providers ask for CUDAExecutionProvider's CUDA graphs and this"):
             RoadSession(built["llama"], providers=gpu.cuda_providers(cuda_graph=True))
 
 

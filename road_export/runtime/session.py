@@ -51,13 +51,15 @@ class RoadSession:
             raise RoadError(f"{self.path}: no such ONNX file")
         providers = list(providers or ["CPUExecutionProvider"])
         on_cuda = provider_name(providers[0]) == CUDA
-        if on_cuda:
+        first = providers[0]
+        if on_cuda and isinstance(first, tuple) and str(dict(first[1]).get("enable_cuda_graph", "0")) in ("1", "true"):
             import onnxruntime as ort
 
-            if CUDA not in ort.get_available_providers():  # onnxruntime would run on the CPU, saying little
-                raise RoadError(f"providers ask for {CUDA} and this onnxruntime ({ort.__version__}) has none (it has "
-                                f"{', '.join(ort.get_available_providers())}); pip uninstall onnxruntime && pip "
-                                "install onnxruntime-gpu, or open the session on the CPU")
+            # onnxruntime would run on the CPU with a warning, and the graphs asked for would silently not be
+            if CUDA not in ort.get_available_providers():
+                raise RoadError(f"providers ask for {CUDA}'s CUDA graphs and this onnxruntime ({ort.__version__}) "
+                                f"has no {CUDA} (it has {', '.join(ort.get_available_providers())}); pip uninstall "
+                                "onnxruntime && pip install onnxruntime-gpu, or open the session without cuda_graph")
 
         def rewrite(options, native: bool):
             if not (on_cuda and native and fuse):

@@ -167,6 +167,13 @@ class _Row:
     finish_reason: str | None = None
 
 
+def _has_cuda() -> bool:
+    """Whether this onnxruntime has the CUDA execution provider (without it a CUDA session runs on the CPU)."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def _shares_buffer(directory: Path) -> bool:
     """Whether `directory`'s genai_config.json (a model builder directory) shares the past/present buffer
     (`search.past_present_share_buffer`, as onnxruntime-genai reads it): a graph CUDA graphs can replay."""
@@ -229,7 +236,7 @@ class Engine:
         on_cuda = bool(providers) and provider_name(list(providers)[0]) == CUDA
         if cuda_graph and not on_cuda:
             raise RoadError("cuda_graph needs the CUDA execution provider first in providers (serve --device cuda)")
-        if on_cuda and (cuda_graph if cuda_graph is not None else _shares_buffer(self.directory)):
+        if on_cuda and (cuda_graph if cuda_graph is not None else _shares_buffer(self.directory) and _has_cuda()):
             from road_export.runtime.gpu import with_cuda_graph
 
             providers = with_cuda_graph(list(providers or []))
