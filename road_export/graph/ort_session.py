@@ -103,8 +103,8 @@ def road_kernels(providers: Sequence, native: bool | None) -> bool | None:
         if native:
             raise RoadError(f"the road CUDA kernels are unavailable here ({why}); use native=None to run the "
                             "standard-op bodies on the GPU")
-        logger.warning(
-            "road CUDA kernels unavailable (%s); the road ops run their standard-op bodies on the GPU", why)
+        logger.warning("road CUDA kernels unavailable (%s); the road ops run their standard-op bodies on the CUDA "
+                       "provider (on the CPU where this onnxruntime has none)", why)
         return False
     if native is None and first != CPU:
         return False
