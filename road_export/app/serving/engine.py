@@ -214,7 +214,7 @@ class Engine:
     decoder files on the CPU, where binding costs 1-6% (it gives the same tokens either way).
     `cuda_graph` (CUDA only): open the session with onnxruntime's CUDA graphs (`enable_cuda_graph`); None (the
     default): for a model builder directory whose genai_config.json shares the past/present buffer
-    (`past_present_share_buffer`, GroupQueryAttention: 1.27-1.29x the tokens/s on an H100 at batch 1 and 8,
+    (`past_present_share_buffer`, GroupQueryAttention: 1.28-1.31x the tokens/s on an H100 at batch 1 and 8,
     docs/builder.md), not for road-export's own files, which onnxruntime cannot record.
     `static_buffers`: each batch's decode steps run on a static buffer set (`road_export.runtime.graphs`), which
     onnxruntime records and replays as CUDA graphs when the session was opened with them; None (the default): on for
