@@ -277,7 +277,7 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     (`kvcache.bucket`), so that calls of similar lengths replay one graph."""
     from road_export.runtime.generation import (Sampling, check_request, decode, new_decoding,
                                                 recompute_length)
-    from road_export.runtime.graphs import graph_pool, graphs_enabled
+    from road_export.runtime.graphs import graph_pool
 
     ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
                                         eos_token_id)
@@ -288,7 +288,7 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     if static_buffers is not None and not isinstance(static_buffers, bool):
         raise RoadError(f"static_buffers must be True, False or None, got {static_buffers!r}")
     if static_buffers is None:
-        static_buffers = takes and kind == "cuda" and graphs_enabled(session)
+        static_buffers = takes and getattr(session, "cuda_graph", False)
     elif static_buffers and not takes:
         raise RoadError(f"{session.path.name}: static_buffers needs a model builder graph's shared key/value buffer "
                         "(GroupQueryAttention, no longrope recompute); leave static_buffers unset")
@@ -437,7 +437,7 @@ class BoundRun:
                  pool=None):
         import onnxruntime as ort
 
-        from road_export.runtime.graphs import graphs_enabled, without_graph
+        from road_export.runtime.graphs import without_graph
 
         if kind is None:
             kind, dev = _memory(session)
@@ -445,7 +445,7 @@ class BoundRun:
         self.lease = None  # the pool's StaticStep this run holds
         self.refused: tuple | None = None  # the (rows, capacity) the pool had no set for
         # on a session that records CUDA graphs, a run with default options would be recorded as graph 0
-        self.options = without_graph() if kind == "cuda" and graphs_enabled(session) else None
+        self.options = without_graph() if getattr(session, "cuda_graph", False) else None
         self.io = session.session.io_binding()
         for name, value in self.selected.items():
             if isinstance(value, ort.OrtValue):
@@ -467,12 +467,6 @@ class BoundRun:
             if self.lease is not None:
                 return self.lease.run(feeds, shared)
         return self._run(feeds, shared)
-
-    def close(self) -> None:
-        """Give the leased static buffer set back (it is also free once this run is garbage)."""
-        if self.lease is not None:
-            self.pool.give_back(self.lease)
-            self.lease = None
 
     def _decode_step(self, feeds, shared) -> bool:
         """Whether a run is a decode step a static set takes: one new token per row after at least one cached

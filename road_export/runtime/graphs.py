@@ -59,11 +59,16 @@ MOST_RECORDED = 64
 recorded graph for the session's life (it has no call to drop one), so a dropped set's graph stays recorded."""
 
 
+def asks_graphs(options: Mapping[str, Any]) -> bool:
+    """Whether CUDA provider options ({name: value}, as given or as onnxruntime reports them) turn on its CUDA graphs
+    (`enable_cuda_graph`)."""
+    return str(options.get("enable_cuda_graph", "0")).lower() in ("1", "true")
+
+
 def graphs_enabled(session) -> bool:
     """Whether `session` (a RoadSession) was opened with onnxruntime's CUDA graphs (`enable_cuda_graph` in the CUDA
-    provider's options)."""
-    options = session.session.get_provider_options().get(CUDA) or {}
-    return str(options.get("enable_cuda_graph", "0")).lower() in ("1", "true")
+    provider's options); `RoadSession.cuda_graph` holds the answer for a session on CUDA."""
+    return asks_graphs(session.session.get_provider_options().get(CUDA) or {})
 
 
 def without_graph(options=None):
@@ -264,11 +269,11 @@ _POOLS_LOCK = threading.Lock()
 
 def graph_pool(session, kind: str, device: int, *, capture: bool | None = None) -> GraphPool:
     """The session's `GraphPool` (made on first use, once however many threads ask; it goes with the session);
-    `capture` None: record CUDA graphs when the session was opened with them (`graphs_enabled`). Raises RoadError
+    `capture` None: record CUDA graphs when the session records them (`RoadSession.cuda_graph`). Raises RoadError
     for a file without a builder graph's shared buffer."""
     with _POOLS_LOCK:
         pool = _POOLS.get(session)
         if pool is None:
-            capture = graphs_enabled(session) and kind == "cuda" if capture is None else capture
+            capture = getattr(session, "cuda_graph", False) if capture is None else capture
             pool = _POOLS[session] = GraphPool(session, kind, device, capture=bool(capture))
         return pool

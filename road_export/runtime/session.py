@@ -51,8 +51,10 @@ class RoadSession:
             raise RoadError(f"{self.path}: no such ONNX file")
         providers = list(providers or ["CPUExecutionProvider"])
         on_cuda = provider_name(providers[0]) == CUDA
+        from road_export.runtime.graphs import asks_graphs, graphs_enabled
+
         first = providers[0]
-        if on_cuda and isinstance(first, tuple) and str(dict(first[1]).get("enable_cuda_graph", "0")) in ("1", "true"):
+        if on_cuda and isinstance(first, tuple) and asks_graphs(dict(first[1])):
             import onnxruntime as ort
 
             # onnxruntime would run on the CPU with a warning, and the graphs asked for would silently not be
@@ -72,8 +74,6 @@ class RoadSession:
                              session_config=session_config, rewrite=rewrite)
         self.session, self.native, self.fused = opened.session, opened.native, opened.rewritten
         self.device = "cuda" if on_cuda and "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        from road_export.runtime.graphs import graphs_enabled
-
         # opened with onnxruntime's CUDA graphs: every run but a static decode step's (runtime.graphs) says "no graph"
         self.cuda_graph = self.device == "cuda" and graphs_enabled(self)
         meta = self.session.get_modelmeta().custom_metadata_map
