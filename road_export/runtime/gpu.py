@@ -277,7 +277,7 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     (`kvcache.bucket`), so that calls of similar lengths replay one graph."""
     from road_export.runtime.generation import (Sampling, check_request, decode, new_decoding,
                                                 recompute_length)
-    from road_export.runtime.graphs import graph_pool
+    from road_export.runtime.graphs import graph_pool, use_static_buffers
 
     ids, mask, rng, eos = check_request(session, input_ids, attention_mask, max_new_tokens, pad_token_id, seed,
                                         eos_token_id)
@@ -285,13 +285,10 @@ def generate(session: Session, input_ids, attention_mask=None, *, max_new_tokens
     kind, dev = _memory(session)
     layout = session.cache_layout
     takes = layout is not None and layout.share_buffer and recompute_length(session) is None
-    if static_buffers is not None and not isinstance(static_buffers, bool):
-        raise RoadError(f"static_buffers must be True, False or None, got {static_buffers!r}")
-    if static_buffers is None:
-        static_buffers = takes and getattr(session, "cuda_graph", False)
-    elif static_buffers and not takes:
-        raise RoadError(f"{session.path.name}: static_buffers needs a model builder graph's shared key/value buffer "
-                        "(GroupQueryAttention, no longrope recompute); leave static_buffers unset")
+    static_buffers = use_static_buffers(
+        static_buffers, takes, getattr(session, "cuda_graph", False),
+        f"{session.path.name}: static_buffers needs a model builder graph's shared key/value buffer "
+        "(GroupQueryAttention, no longrope recompute); leave static_buffers unset")
     pool = graph_pool(session, kind, dev) if static_buffers else None
     selected = route(session, ids.shape[0], adapter=adapter, adapter_names=adapter_names)
     decoding = new_decoding(session, bound_run(session, selected, kind, dev, pool=pool), mask, max_new_tokens,

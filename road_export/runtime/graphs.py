@@ -71,6 +71,19 @@ def graphs_enabled(session) -> bool:
     return asks_graphs(session.session.get_provider_options().get(CUDA) or {})
 
 
+def use_static_buffers(static_buffers: bool | None, takes: bool, records: bool, refusal: str) -> bool:
+    """Whether a decode loop runs on static buffer sets: `static_buffers` as asked (None: where the session `records`
+    CUDA graphs and the loop `takes` them). Raises RoadError for anything but a bool or None, and, with `refusal` (the
+    line saying what is missing), for True where the loop does not take them."""
+    if static_buffers is not None and not isinstance(static_buffers, bool):
+        raise RoadError(f"static_buffers must be True, False or None, got {static_buffers!r}")
+    if static_buffers is None:
+        return takes and records
+    if static_buffers and not takes:
+        raise RoadError(refusal)
+    return static_buffers
+
+
 def without_graph(options=None):
     """`options` (onnxruntime RunOptions, or None for new ones) set to run without recording or replaying a CUDA
     graph (`gpu_graph_id` -1): on a session with `enable_cuda_graph`, a run with default options is recorded as

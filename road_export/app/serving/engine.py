@@ -277,20 +277,16 @@ class Engine:
             from road_export.runtime.gpu import DeviceMemory
 
             self._memory = DeviceMemory(self.session)
-        self._selector = None  # runtime.gpu.GreedySelector, made at the first all-greedy run on CUDA
         self._switch, self._recompute_at = rope_switch(self.session), recompute_length(self.session)
         takes = bool(self.io_binding and self._layout and self._layout.share_buffer and self._switch is None)
-        if static_buffers is not None and not isinstance(static_buffers, bool):
-            raise RoadError(f"static_buffers must be True, False or None, got {static_buffers!r}")
-        if static_buffers is None:
-            static_buffers = takes and getattr(self.session, "cuda_graph", False)
-        elif static_buffers and not takes:
-            raise RoadError(f"{self.directory}: static_buffers needs a model builder graph's shared key/value buffer "
-                            "(no longrope) and io_binding; leave it unset")
+        from road_export.runtime.graphs import graph_pool, use_static_buffers
+
+        static_buffers = use_static_buffers(
+            static_buffers, takes, getattr(self.session, "cuda_graph", False),
+            f"{self.directory}: static_buffers needs a model builder graph's shared key/value buffer (no longrope) "
+            "and io_binding; leave it unset")
         self._pool = None  # runtime.graphs.GraphPool: each batch's decode steps on static buffers (CUDA graphs)
         if static_buffers:
-            from road_export.runtime.graphs import graph_pool
-
             assert self._memory is not None
             self._pool = graph_pool(self.session, self._memory.kind, self._memory.device)
         self._waiting: deque[GenerationRequest] = deque()
@@ -542,11 +538,9 @@ class Engine:
             return decoding.last_logits(outputs), None
         if (self._memory is not None and self._memory.kind == "cuda" and decoding.aligned
                 and all(r.sampling is None for r in rows)):
-            if self._selector is None:
-                from road_export.runtime.gpu import GreedySelector
+            from road_export.runtime.gpu import greedy_selector
 
-                self._selector = GreedySelector(self.session)
-            return None, self._selector(logits)
+            return None, greedy_selector(self.session)(logits)
         return decoding.last_logits({"logits": logits.numpy()}), None
 
     def _advance(self, rows: list[_Row], logits: np.ndarray | None, greedy: np.ndarray | None = None
